@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The figure of record for every GPU claim: the GPU-marked tests, then every benchmark, then one
+# summary table of ratios against baselines measured in this same run.
+#
+#   bash scripts/gpu_check.sh            # logs under $OUT (the device tool's folder) or /tmp/gpu_check
+#   BENCHES="saver fp8" bash scripts/gpu_check.sh   # only scripts/bench_saver.py and bench_fp8.py
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-/tmp/gpu_check}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 FP8MOE_SUMMARY="$out/summary.jsonl"
+rm -f "$FP8MOE_SUMMARY"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/card.txt"
+
+status=0
+echo "== GPU tests"
+python3 -m pytest -q -m "gpu" tests 2>&1 | tee "$out/gpu_tests.log" | tail -n 25 || status=1
+
+benches=${BENCHES:-$(ls scripts/bench_*.py | sed 's#scripts/bench_\(.*\)\.py#\1#')}
+for name in $benches; do
+    echo "== bench_$name"
+    python3 "scripts/bench_$name.py" 2>&1 | tee "$out/bench_$name.log" || status=1
+done
+
+echo "== summary ($(head -n1 "$out/card.txt"))"
+python3 scripts/summary.py table "$FP8MOE_SUMMARY" | tee "$out/summary.txt"
+exit $status
