@@ -1,0 +1,27 @@
+"""Settings of the FP8 conversion (the `fp8` config group).
+
+`recipe="off"` leaves the model in high precision; `recipe="blockwise"` is DeepSeek-V3's
+fine-grained scheme: activations and gradients in 1x128 tiles, weights in 128x128 blocks, E4M3,
+FP32 scales and FP32 accumulation. `models.fp8.convert(model, cfg)` consumes these.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+RECIPES = ("off", "blockwise")
+
+
+@dataclass
+class FP8Config:
+    recipe: str = "off"
+    """'off' (high precision everywhere) or 'blockwise' (DeepSeek-V3 1x128 / 128x128 scaling)."""
+    pow2_scales: bool = False
+    """Round every scale up to a power of two (DeepSeek's UE8M0), exact under transposition."""
+
+    def __post_init__(self) -> None:
+        if self.recipe not in RECIPES:
+            raise ValueError(f"fp8.recipe={self.recipe!r} is not a recipe; use one of {RECIPES}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.recipe != "off"
