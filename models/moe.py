@@ -1,0 +1,177 @@
+"""DeepSeekMoE: sigmoid router with an aux-loss-free correction bias, grouped routed experts,
+shared experts, and the sequence-wise balance loss.
+
+Routing, per token (DeepSeek-V3 eqs. 12-16):
+
+1. affinities s = sigmoid(x · W_gateᵀ), computed in fp32;
+2. the correction bias b (an fp32 buffer, moved by the trainer's balance update, never by the
+   optimizer) is added for *selection only*: s + b;
+3. group limit: experts are split into n_group groups, each group is ranked by the sum of its two
+   best biased scores, and only the topk_group best groups stay eligible (others get -inf);
+4. the top-k eligible experts are chosen; their gate weights are the *unbiased* affinities,
+   normalized to sum to 1, times routed_scaling_factor.
+
+The routed experts run as grouped GEMMs over the token copies sorted by expert: one GEMM per
+projection for all experts, never a Python loop over experts. `GroupedExperts.grouped_mm` is the
+one seam FP8 replaces (by swapping the whole module, see models/fp8).
+
+Sequence-wise balance loss (eqs. 17-20), per sequence of T tokens:
+f_i = E/(k·T) · #{t routed to i},  P_i = mean_t s_it / Σ_j s_jt,  L = Σ_i f_i P_i,
+averaged over sequences. It is ~1 when balanced; the model sums it over MoE layers and weights it
+by alpha.
+
+Shape legend: B batch, S sequence, T tokens (B·S), D model dim, E routed experts, F expert width,
+K experts per token, G groups.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.config import ModelConfig
+from models.layers import MLP
+
+
+@dataclass
+class Routing:
+    """One router call's decision for T tokens."""
+
+    expert_TK: torch.Tensor   # chosen experts (int64)
+    weight_TK: torch.Tensor   # gate weights (fp32): unbiased, normalized, scaled
+    scores_TE: torch.Tensor   # sigmoid affinities (fp32, with grad): for the balance loss
+    counts_E: torch.Tensor    # tokens routed to each expert (int64)
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.scale = cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(self.n_experts, cfg.hidden_size))
+        self.register_buffer("expert_bias", torch.zeros(self.n_experts, dtype=torch.float32))
+
+    def _apply(self, fn, recurse=True):
+        # Module-wide dtype casts (model.bfloat16(), an engine's cast) must not touch the bias: in
+        # bf16 it could no longer absorb 1e-3 updates once |b| exceeds ~0.25. Device moves apply.
+        bias_fp32 = self.expert_bias
+        super()._apply(fn, recurse)
+        moved = self.expert_bias
+        if moved.dtype != torch.float32:
+            self.expert_bias = moved.float() if bias_fp32.is_meta else bias_fp32.to(moved.device)
+        return self
+
+    def forward(self, x_TD: torch.Tensor) -> Routing:
+        scores_TE = torch.sigmoid(F.linear(x_TD.float(), self.weight.float()))
+        choice_TE = scores_TE.detach() + self.expert_bias
+        if self.n_group > 1:
+            choice_TE = self._mask_groups(choice_TE)
+        expert_TK = choice_TE.topk(self.top_k, dim=-1).indices
+        weight_TK = scores_TE.gather(1, expert_TK)
+        weight_TK = weight_TK / weight_TK.sum(-1, keepdim=True) * self.scale
+        counts_E = torch.bincount(expert_TK.flatten(), minlength=self.n_experts)
+        return Routing(expert_TK, weight_TK, scores_TE, counts_E)
+
+    def _mask_groups(self, choice_TE: torch.Tensor) -> torch.Tensor:
+        choice_TGX = choice_TE.unflatten(-1, (self.n_group, -1))
+        group_score_TG = choice_TGX.topk(2, dim=-1).values.sum(-1)
+        keep_TG = group_score_TG.topk(self.topk_group, dim=-1).indices
+        mask_TG = torch.ones_like(group_score_TG, dtype=torch.bool).scatter_(1, keep_TG, False)
+        return choice_TGX.masked_fill(mask_TG[..., None], float("-inf")).flatten(1)
+
+
+def grouped_mm(x_TK: torch.Tensor, w_ENK: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """y[t] = x[t] · w[e(t)]ᵀ for rows sorted by expert, `counts_E` rows per expert.
+
+    On a Hopper GPU in bf16 this is one `torch._grouped_mm` call; elsewhere the rows are scattered
+    into an [E, max_count, K] batch and multiplied with one `bmm` (correct anywhere, wasteful only
+    when the counts are very uneven).
+    """
+    if _native_grouped_mm_ok(x_TK, w_ENK):
+        offsets = counts_E.cumsum(0).to(torch.int32)
+        return torch._grouped_mm(x_TK, w_ENK.transpose(-2, -1), offs=offsets)
+    return _padded_grouped_mm(x_TK, w_ENK, counts_E)
+
+
+def _native_grouped_mm_ok(x_TK: torch.Tensor, w_ENK: torch.Tensor) -> bool:
+    return (x_TK.is_cuda and x_TK.dtype == torch.bfloat16 and w_ENK.dtype == torch.bfloat16
+            and hasattr(torch, "_grouped_mm")
+            and torch.cuda.get_device_capability(x_TK.device)[0] >= 9)
+
+
+def _padded_grouped_mm(x_TK, w_ENK, counts_E):
+    E, T = w_ENK.shape[0], x_TK.shape[0]
+    starts_E = counts_E.cumsum(0) - counts_E
+    expert_T = torch.repeat_interleave(torch.arange(E, device=x_TK.device), counts_E,
+                                       output_size=T)
+    slot_T = torch.arange(T, device=x_TK.device) - starts_E[expert_T]
+    width = int(counts_E.max()) if T else 0
+    x_EMK = x_TK.new_zeros(E, width, x_TK.shape[1])
+    x_EMK[expert_T, slot_T] = x_TK
+    y_EMN = torch.bmm(x_EMK, w_ENK.transpose(1, 2))
+    return y_EMN[expert_T, slot_T]
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts applied to tokens already sorted by expert (`counts_E` per expert)."""
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
+
+    def grouped_mm(self, x_TK, w_ENK, counts_E):
+        return grouped_mm(x_TK, w_ENK, counts_E)
+
+    def forward(self, x_TD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        h_TF = F.silu(self.grouped_mm(x_TD, self.w1, counts_E)) \
+            * self.grouped_mm(x_TD, self.w3, counts_E)
+        return self.grouped_mm(h_TF, self.w2, counts_E)
+
+
+class MoE(nn.Module):
+    """Routed experts (grouped GEMMs) plus shared experts; records this forward's routing."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        self.router = Router(cfg)
+        self.experts = GroupedExperts(cfg.n_routed_experts, cfg.hidden_size,
+                                      cfg.moe_intermediate_size)
+        self.shared = (MLP(cfg.hidden_size, cfg.n_shared_experts * cfg.moe_intermediate_size)
+                       if cfg.n_shared_experts else None)
+        self.last_routing: Routing | None = None
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        x_TD = x_BSD.flatten(0, 1)
+        routing = self.router(x_TD)
+        self.last_routing = routing
+        y_TD = self._routed(x_TD, routing)
+        if self.shared is not None:
+            y_TD = y_TD + self.shared(x_TD)
+        return y_TD.view_as(x_BSD)
+
+    def _routed(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
+        order = routing.expert_TK.flatten().argsort(stable=True)
+        token_of_slot = order // self.top_k
+        y_slots = self.experts(x_TD[token_of_slot], routing.counts_E)
+        gate = routing.weight_TK.flatten()[order].to(y_slots.dtype)
+        out_TD = torch.zeros_like(x_TD)
+        return out_TD.index_add_(0, token_of_slot, y_slots * gate[:, None])
+
+
+def sequence_balance_loss(routing: Routing, batch: int, top_k: int) -> torch.Tensor:
+    """DeepSeek-V3's complementary sequence-wise balance loss, averaged over the batch."""
+    scores_BSE = routing.scores_TE.unflatten(0, (batch, -1))
+    n_experts, seq = scores_BSE.shape[-1], scores_BSE.shape[1]
+    chosen_BSK = routing.expert_TK.unflatten(0, (batch, -1))
+    counts_BE = torch.zeros(batch, n_experts, device=scores_BSE.device)
+    counts_BE.scatter_add_(1, chosen_BSK.flatten(1), torch.ones_like(chosen_BSK.flatten(1),
+                                                                     dtype=counts_BE.dtype))
+    f_BE = counts_BE * (n_experts / (top_k * seq))
+    p_BE = (scores_BSE / scores_BSE.sum(-1, keepdim=True)).mean(1)
+    return (f_BE * p_BE).sum(-1).mean()
