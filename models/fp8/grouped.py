@@ -1,0 +1,347 @@
+"""Grouped block-scaled FP8 GEMMs for the routed experts (Triton), one kernel above each wrapper.
+
+The routed experts multiply T token rows, sorted by expert (`counts_E` rows per expert), by that
+expert's weight. Three GEMMs per projection, DeepSeek-V3's FP8 recipe (research/fp8.md 1.9):
+
+    grouped_gemm    y[t] = a[t] . b[e(t)]^T     grouped along M (tokens)   Fprop and Dgrad
+                    a [T, K] 1x128 scales, b [E, N, K] 128x128 scales, out [T, N] bf16/fp32
+    grouped_wgrad   out[e] = a_e^T . b_e        grouped along K (tokens)   Wgrad
+                    a [T, N], b [T, K], both 128x1 scales (per 128 tokens), out [E, N, K] fp32
+
+Every K step is 128 wide, exactly one scale group, so each step's FP32 partial product is scaled
+and added to an FP32 accumulator right away: DeepSeek's promotion every 128 elements of K
+(`acc += dot(a, b) * sa * sb`, the tensor core never accumulates across scale groups).
+
+Layout: the contiguous layout, padded in tile space rather than in memory. Each expert's rows
+start a fresh BLOCK_M tile (so a tile multiplies by exactly one expert's weight, DeepGEMM's
+contiguous layout), but the rows themselves stay packed: the last tile of an expert reads a few
+rows of the next expert, computes them, and does not store them. So no padded copy of the
+activations is ever made, any quantizer's plain [T, K] output feeds the kernel, and the tile
+count is bounded by ceil(T / BLOCK_M) + E, known on the host. Each program finds its expert from
+`counts_E` itself (a prefix sum over E values), so the router's counts stay on the GPU: no
+device-to-host sync per layer, no host-side tile table.
+
+Wgrad walks each expert's token range in 128-token steps aligned to the 128x1 scale groups of
+the whole sorted tensor; a group that straddles two experts is read by both, each masking the
+other's tokens out of its operand. Its scale is shared by both experts' tokens, which is exact
+(the scale is part of the quantized operand), just as a 128x1 tile of sorted tokens mixes tokens
+anyway. Operands are K-major (the reduction dimension has unit stride), what Hopper's FP8 tensor
+cores read: Dgrad takes the transposed weight copy, Wgrad takes token-major operands (views
+[T, N] of [N, T] storage, see `token_major`).
+
+Shape legend: T tokens (rows), E experts, N output columns, K reduction, BLOCK_* tile sizes.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+E4M3 = torch.float8_e4m3fn
+SCALE_BLOCK = 128
+"""K step of every kernel: one 1x128 / 128x1 / 128x128 scale group, i.e. the promotion interval."""
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Launch configuration of a grouped kernel (BLOCK_K is always SCALE_BLOCK)."""
+
+    block_m: int = 128
+    block_n: int = 128
+    group_m: int = 8
+    """Rows of tiles walked together so neighbouring programs share operand tiles in L2."""
+    num_warps: int = 8
+    num_stages: int = 4
+
+
+DEFAULT_GEMM_CONFIG = TileConfig()
+DEFAULT_WGRAD_CONFIG = TileConfig(block_m=128, block_n=128, group_m=8, num_warps=8, num_stages=3)
+
+
+def m_tiles_bound(rows: int, n_experts: int, block_m: int) -> int:
+    """Most M tiles `rows` rows can need when each of `n_experts` experts starts a fresh tile."""
+    return (rows + n_experts * (block_m - 1)) // block_m
+
+
+def token_major(q_TN: torch.Tensor) -> torch.Tensor:
+    """The same logical [T, N] tensor stored token-contiguous ([N, T] memory): the Wgrad layout."""
+    return q_TN if q_TN.stride(0) == 1 else q_TN.t().contiguous().t()
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation shared by the wrappers
+
+
+def _check_runnable(*tensors: torch.Tensor) -> None:
+    device = tensors[0].device
+    for t in tensors:
+        if t.device != device:
+            raise ValueError(f"all operands must be on one device, got {device} and {t.device}")
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("the grouped FP8 GEMMs are Triton kernels: pass CUDA tensors, or set "
+                           "TRITON_INTERPRET=1 before importing triton to run them on CPU (tests)")
+
+
+def _check_fp8(q: torch.Tensor, name: str, dims: int) -> None:
+    if not isinstance(q, torch.Tensor) or q.dtype != E4M3:
+        raise TypeError(f"{name} must be a float8_e4m3fn tensor (quantize it with models.fp8), "
+                        f"got {getattr(q, 'dtype', type(q).__name__)}")
+    if q.dim() != dims:
+        raise ValueError(f"{name} must be {dims}-D, got shape {tuple(q.shape)}")
+
+
+def _check_scales(s: torch.Tensor, name: str, shape: tuple) -> None:
+    if not isinstance(s, torch.Tensor) or s.dtype != torch.float32:
+        raise TypeError(f"{name} must be a float32 tensor of dequantization scales, "
+                        f"got {getattr(s, 'dtype', type(s).__name__)}")
+    if tuple(s.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(s.shape)}")
+
+
+def _check_counts(counts_E: torch.Tensor, n_experts: int, rows: int) -> None:
+    """counts_E: E non-negative integers summing to the rows; checked without a host sync on GPU."""
+    if not isinstance(counts_E, torch.Tensor) or counts_E.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"counts_E must be an int32/int64 tensor, got "
+                        f"{getattr(counts_E, 'dtype', type(counts_E).__name__)}")
+    if counts_E.shape != (n_experts,):
+        raise ValueError(f"counts_E must have shape ({n_experts},) (one count per expert), "
+                         f"got {tuple(counts_E.shape)}")
+    if counts_E.device.type == "cpu":
+        if bool((counts_E < 0).any()) or int(counts_E.sum()) != rows:
+            raise ValueError(f"counts_E must be non-negative and sum to the {rows} rows of the "
+                             f"input, got {counts_E.tolist()} (sum {int(counts_E.sum())})")
+    else:
+        torch._assert_async((counts_E.sum() == rows) & (counts_E.min() >= 0),
+                            "counts_E must be non-negative and sum to the input's rows")
+
+
+def _e_pow2(n_experts: int) -> int:
+    return max(triton.next_power_of_2(n_experts), 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Grouped along M: Fprop and Dgrad
+
+
+@triton.jit
+def _tile_rows(counts_ptr, n_experts, tile, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
+    """Expert owning M tile `tile` and the row range [row0, row_end) it covers (expert E: none)."""
+    e_idx = tl.arange(0, E_POW2)
+    counts = tl.load(counts_ptr + e_idx, mask=e_idx < n_experts, other=0).to(tl.int32)
+    tiles = (counts + BLOCK_M - 1) // BLOCK_M
+    tile_end = tl.cumsum(tiles, 0)
+    row_end_E = tl.cumsum(counts, 0)
+    expert = tl.sum((tile_end <= tile).to(tl.int32), 0)
+    mine = e_idx == expert
+    first_tile = tl.sum(tl.where(mine, tile_end - tiles, 0), 0)
+    row_end = tl.sum(tl.where(mine, row_end_E, 0), 0)
+    row0 = row_end - tl.sum(tl.where(mine, counts, 0), 0) + (tile - first_tile) * BLOCK_M
+    return expert, row0, row_end
+
+
+@triton.jit
+def _swizzle(pid, m_tiles, n_tiles, GROUP_M: tl.constexpr):
+    """Program id -> (tile_m, tile_n), GROUP_M rows of tiles at a time (L2 reuse of both operands)."""
+    per_group = GROUP_M * n_tiles
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(m_tiles - first_m, GROUP_M)
+    tile_m = first_m + (pid % per_group) % group_rows
+    tile_n = (pid % per_group) // group_rows
+    return tile_m, tile_n
+
+
+@triton.jit
+def grouped_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, counts_ptr,
+                        rows, N, K, n_experts, m_tiles,
+                        stride_am, stride_asm, stride_ask,
+                        stride_be, stride_bn, stride_bse, stride_bsn, stride_bsk, stride_cm,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        GROUP_M: tl.constexpr, E_POW2: tl.constexpr):
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    tile_m, tile_n = _swizzle(tl.program_id(0), m_tiles, n_tiles, GROUP_M)
+    expert, row0, row_end = _tile_rows(counts_ptr, n_experts, tile_m, BLOCK_M, E_POW2)
+    if expert >= n_experts:
+        return
+    row_end = tl.minimum(row_end, rows)
+    rm = row0 + tl.arange(0, BLOCK_M)
+    rm_load = tl.minimum(rm, row_end - 1).to(tl.int64)
+    rn = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn_load = tl.minimum(rn, N - 1).to(tl.int64)
+    rk = tl.arange(0, BLOCK_K)
+
+    a_ptrs = a_ptr + rm_load[:, None] * stride_am + rk[None, :]
+    b_ptrs = b_ptr + expert.to(tl.int64) * stride_be + rn_load[None, :] * stride_bn + rk[:, None]
+    as_ptrs = as_ptr + rm_load * stride_asm
+    bs_base = bs_ptr + expert * stride_bse
+    if BLOCK_N <= 128:
+        bs_ptrs = bs_base + (tile_n * BLOCK_N // 128) * stride_bsn
+    else:
+        bs_ptrs = bs_base + (rn_load // 128) * stride_bsn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, K // BLOCK_K):
+        a = tl.load(a_ptrs)
+        b = tl.load(b_ptrs)
+        sa = tl.load(as_ptrs + kb * stride_ask)
+        sb = tl.load(bs_ptrs + kb * stride_bsk)
+        if BLOCK_N <= 128:
+            acc += tl.dot(a, b) * (sa * sb)[:, None]
+        else:
+            acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+
+    c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
+    mask = (rm < row_end)[:, None] & (rn < N)[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+def grouped_gemm(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: torch.Tensor,
+                 counts_E: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16,
+                 config: TileConfig | None = None) -> torch.Tensor:
+    """out[t] = deq(a)[t] . deq(b[e(t)])^T for rows sorted by expert (Fprop; Dgrad with b = W^T).
+
+    a_q [T, K] e4m3 K-major, a_s [T, K/128] fp32 (any strides; MN-major reads fastest),
+    b_q [E, N, K] e4m3 K-major, b_s [E, N/128, K/128] fp32, counts_E [E] int: rows per expert.
+    K and N must be multiples of 128. Returns [T, N] in out_dtype (bf16 or fp32).
+    """
+    cfg = config or DEFAULT_GEMM_CONFIG
+    _check_fp8(a_q, "a_q", 2)
+    _check_fp8(b_q, "b_q", 3)
+    (rows, K), (E, N, Kb) = a_q.shape, b_q.shape
+    if K != Kb:
+        raise ValueError(f"a_q [T, K] and b_q [E, N, K] must share K, got {tuple(a_q.shape)} "
+                         f"and {tuple(b_q.shape)}")
+    if K % SCALE_BLOCK or N % SCALE_BLOCK:
+        raise ValueError(f"K={K} and N={N} must be multiples of {SCALE_BLOCK} (one scale per "
+                         f"128x128 weight block); pad the weight dimensions")
+    if a_q.stride(1) != 1 or b_q.stride(2) != 1:
+        raise ValueError("a_q and b_q must be K-major (unit stride along K, what FP8 tensor "
+                         "cores read); call .contiguous() (for Dgrad pass the transposed "
+                         "weight copy, not a .transpose() view)")
+    _check_scales(a_s, "a_s", (rows, K // SCALE_BLOCK))
+    _check_scales(b_s, "b_s", (E, N // SCALE_BLOCK, K // SCALE_BLOCK))
+    _check_counts(counts_E, E, rows)
+    if out_dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"out_dtype must be torch.bfloat16 or torch.float32, got {out_dtype}")
+    _check_runnable(a_q, a_s, b_q, b_s, counts_E)
+
+    out = torch.empty(rows, N, dtype=out_dtype, device=a_q.device)
+    m_tiles = m_tiles_bound(rows, E, cfg.block_m)
+    grid = (m_tiles * triton.cdiv(N, cfg.block_n),)
+    if rows == 0 or m_tiles == 0:
+        return out
+    grouped_gemm_kernel[grid](
+        a_q, a_s, b_q, b_s, out, counts_E, rows, N, K, E, m_tiles,
+        a_q.stride(0), a_s.stride(0), a_s.stride(1),
+        b_q.stride(0), b_q.stride(1), b_s.stride(0), b_s.stride(1), b_s.stride(2), out.stride(0),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=SCALE_BLOCK, GROUP_M=cfg.group_m,
+        E_POW2=_e_pow2(E), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Grouped along K: Wgrad
+
+
+@triton.jit
+def _expert_tokens(counts_ptr, n_experts, expert, E_POW2: tl.constexpr):
+    """Token range [start, end) of `expert` in the sorted rows."""
+    e_idx = tl.arange(0, E_POW2)
+    counts = tl.load(counts_ptr + e_idx, mask=e_idx < n_experts, other=0).to(tl.int32)
+    end = tl.sum(tl.where(e_idx == expert, tl.cumsum(counts, 0), 0), 0)
+    start = end - tl.sum(tl.where(e_idx == expert, counts, 0), 0)
+    return start, end
+
+
+@triton.jit
+def grouped_wgrad_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, out_ptr, counts_ptr,
+                         rows, N, K, n_experts,
+                         stride_an, stride_asg, stride_asn, stride_bk, stride_bsg, stride_bsk,
+                         stride_oe, stride_on,
+                         ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         GROUP_M: tl.constexpr, E_POW2: tl.constexpr):
+    m_tiles = tl.cdiv(N, BLOCK_M)
+    n_tiles = tl.cdiv(K, BLOCK_N)
+    pid = tl.program_id(0)
+    expert = pid // (m_tiles * n_tiles)
+    tile_m, tile_n = _swizzle(pid % (m_tiles * n_tiles), m_tiles, n_tiles, GROUP_M)
+    start, end = _expert_tokens(counts_ptr, n_experts, expert, E_POW2)
+    end = tl.minimum(end, rows)
+
+    rm = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rm_load = tl.minimum(rm, N - 1)
+    rn = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn_load = tl.minimum(rn, K - 1)
+    rk = tl.arange(0, BLOCK_K)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for t in range(start // BLOCK_K * BLOCK_K, end, BLOCK_K):
+        tok = t + rk
+        mine = (tok >= start) & (tok < end)
+        tok_b = tl.minimum(tok, end - 1).to(tl.int64)
+        a = tl.load(a_ptr + rm_load.to(tl.int64)[:, None] * stride_an + tok.to(tl.int64)[None, :],
+                    mask=mine[None, :], other=0.0)
+        b = tl.load(b_ptr + tok_b[:, None] + rn_load.to(tl.int64)[None, :] * stride_bk)
+        group = t // BLOCK_K
+        sa = tl.load(as_ptr + group * stride_asg + rm_load * stride_asn)
+        sb = tl.load(bs_ptr + group * stride_bsg + rn_load * stride_bsk)
+        acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])
+
+    out_ptrs = (out_ptr + expert.to(tl.int64) * stride_oe + rm.to(tl.int64)[:, None] * stride_on
+                + rn[None, :])
+    mask = (rm < N)[:, None] & (rn < K)[None, :]
+    if ACCUMULATE:
+        acc += tl.load(out_ptrs, mask=mask)
+    tl.store(out_ptrs, acc, mask=mask)
+
+
+def grouped_wgrad(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: torch.Tensor,
+                  counts_E: torch.Tensor, out: torch.Tensor | None = None,
+                  config: TileConfig | None = None) -> torch.Tensor:
+    """out[e] (+)= deq(a)[rows of e]^T . deq(b)[rows of e]: per-expert weight gradients, fp32.
+
+    a_q [T, N] and b_q [T, K] e4m3, token-major (unit stride along T: see `token_major`), with
+    128x1 scales a_s [ceil(T/128), N], b_s [ceil(T/128), K] fp32 (groups of 128 sorted rows);
+    counts_E [E] int. For dW = dy^T x: a = dy, b = x. Returns [E, N, K] fp32; when `out` is given
+    (fp32 [E, N, K], e.g. a main-grad buffer) the result is added into it and it is returned.
+    """
+    cfg = config or DEFAULT_WGRAD_CONFIG
+    _check_fp8(a_q, "a_q", 2)
+    _check_fp8(b_q, "b_q", 2)
+    (rows, N), (rows_b, K) = a_q.shape, b_q.shape
+    if rows != rows_b:
+        raise ValueError(f"a_q [T, N] and b_q [T, K] must have the same rows T, got "
+                         f"{tuple(a_q.shape)} and {tuple(b_q.shape)}")
+    if (a_q.stride(0) != 1 and N > 1) or (b_q.stride(0) != 1 and K > 1):
+        raise ValueError("a_q and b_q must be token-major (unit stride along T, the reduction "
+                         "dimension); wrap them in models.fp8.grouped.token_major()")
+    groups = triton.cdiv(rows, SCALE_BLOCK)
+    _check_scales(a_s, "a_s", (groups, N))
+    _check_scales(b_s, "b_s", (groups, K))
+    E = counts_E.shape[0] if isinstance(counts_E, torch.Tensor) and counts_E.dim() == 1 else -1
+    _check_counts(counts_E, E, rows)
+    if out is None:
+        out = torch.empty(E, N, K, dtype=torch.float32, device=a_q.device)
+        accumulate = False
+    else:
+        if out.dtype != torch.float32 or tuple(out.shape) != (E, N, K) or out.stride(2) != 1:
+            raise ValueError(f"out must be a float32 [{E}, {N}, {K}] tensor with unit stride "
+                             f"along K, got {out.dtype} {tuple(out.shape)}")
+        accumulate = True
+    _check_runnable(a_q, a_s, b_q, b_s, counts_E, out)
+    if E == 0:
+        return out
+    grid = (E * triton.cdiv(N, cfg.block_m) * triton.cdiv(K, cfg.block_n),)
+    grouped_wgrad_kernel[grid](
+        a_q, a_s, b_q, b_s, out, counts_E, rows, N, K, E,
+        a_q.stride(1), a_s.stride(0), a_s.stride(1), b_q.stride(1), b_s.stride(0), b_s.stride(1),
+        out.stride(0), out.stride(1),
+        ACCUMULATE=accumulate, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=SCALE_BLOCK,
+        GROUP_M=cfg.group_m, E_POW2=_e_pow2(E), num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
+    return out

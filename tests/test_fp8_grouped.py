@@ -1,0 +1,219 @@
+"""Grouped FP8 GEMMs (models/fp8/grouped.py) against the fp32 references on the same quantized
+operands: ragged and empty experts, several tile configs, Wgrad accumulation, bad input.
+
+On CPU the Triton kernels run under TRITON_INTERPRET=1 on tiny shapes; the `gpu` tests repeat the
+checks at DeepSeek-V3 / `small` expert shapes.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def allow_runtime_loop_bounds_in_interpreter() -> None:
+    """Triton 3.6's interpreter turns a loop bound into int() of a 1-element array, which NumPy 2
+    rejects; the kernels loop to runtime bounds (K, an expert's token range), so give the
+    interpreter's tensors an __index__ that takes the element. No effect on compiled kernels."""
+    import numpy as np
+    import triton.runtime.interpreter as interp
+    try:
+        int(np.array([1]))
+        return
+    except TypeError:
+        pass
+    original = interp._patch_lang_tensor
+    if getattr(original, "numpy2_fixed", False):
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+    patched.numpy2_fixed = True
+    interp._patch_lang_tensor = patched
+
+
+allow_runtime_loop_bounds_in_interpreter()
+
+from models.fp8 import reference as ref  # noqa: E402
+from models.fp8.grouped import (TileConfig, grouped_gemm, grouped_wgrad,  # noqa: E402
+                                m_tiles_bound, token_major)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def grouped_gemm_reference(a_q, a_s, b_q, b_s, counts_E):
+    """fp32 [T, N]: each expert's rows times its dequantized weight (1x128 x 128x128)."""
+    a = ref.dequantize_1x128(a_q, a_s)
+    out = a.new_empty(a.shape[0], b_q.shape[1])
+    start = 0
+    for e, c in enumerate(counts_E.tolist()):
+        out[start:start + c] = a[start:start + c] @ ref.dequantize_128x128(b_q[e], b_s[e]).t()
+        start += c
+    return out
+
+
+def grouped_wgrad_reference(a_q, a_s, b_q, b_s, counts_E):
+    """fp32 [E, N, K]: per expert deq(a)[rows]^T deq(b)[rows], both 128x1 along the rows."""
+    a, b = ref.dequantize_128x1(a_q, a_s), ref.dequantize_128x1(b_q, b_s)
+    outs, start = [], 0
+    for c in counts_E.tolist():
+        outs.append(a[start:start + c].t() @ b[start:start + c])
+        start += c
+    return torch.stack(outs)
+
+
+def _acts(rows, cols, gen):
+    """Activation-like data: rows of very different magnitude, a few outliers."""
+    x = torch.randn(rows, cols, generator=gen) * torch.rand(rows, 1, generator=gen).mul(4).exp()
+    x[torch.rand(rows, cols, generator=gen) < 0.001] *= 30
+    return x.to(torch.bfloat16)
+
+
+def _operands(counts, N, K, seed):
+    gen = torch.Generator().manual_seed(seed)
+    counts_E = torch.tensor(counts)
+    x = _acts(int(counts_E.sum()), K, gen)
+    w = (torch.randn(len(counts) * N, K, generator=gen) * 0.02).to(torch.bfloat16)
+    a_q, a_s = ref.quantize_1x128(x)
+    b_q, b_s = ref.quantize_128x128(w)
+    b_q, b_s = b_q.view(len(counts), N, K), b_s.view(len(counts), N // 128, K // 128)
+    return [t.to(DEVICE) for t in (a_q, a_s.t().contiguous().t(), b_q, b_s, counts_E)]
+
+
+GEMM_CASES = [  # counts per expert (ragged, empty experts, one expert), N, K, tile config
+    ([37, 0, 130, 5], 256, 256, TileConfig(block_m=64, block_n=128, num_warps=4)),
+    ([0, 200, 0], 384, 128, TileConfig(block_m=128, block_n=256)),
+    ([129], 128, 384, TileConfig(block_m=128, block_n=128, group_m=1)),
+]
+
+
+@pytest.mark.parametrize("counts,N,K,cfg", GEMM_CASES)
+def test_grouped_gemm_matches_reference(counts, N, K, cfg):
+    a_q, a_s, b_q, b_s, counts_E = _operands(counts, N, K, seed=sum(counts) + N)
+    out = grouped_gemm(a_q, a_s, b_q, b_s, counts_E, out_dtype=torch.float32, config=cfg)
+    expect = grouped_gemm_reference(a_q.cpu(), a_s.cpu(), b_q.cpu(), b_s.cpu(), counts_E.cpu())
+    assert ref.calc_diff(out.cpu(), expect) < 1e-3
+    torch.testing.assert_close(out.cpu(), expect, rtol=1e-4, atol=1e-3 * expect.abs().max().item())
+
+
+def test_grouped_gemm_bf16_output_and_dgrad_orientation():
+    """Dgrad is the same kernel on the transposed weight copy: dx = dy . W."""
+    counts = [50, 0, 77]
+    gen = torch.Generator().manual_seed(7)
+    E, N, K = 3, 256, 128
+    dy = _acts(sum(counts), N, gen)
+    w = (torch.randn(E * N, K, generator=gen) * 0.02).to(torch.bfloat16)
+    w_q, w_s = ref.quantize_128x128(w)
+    wT_q = w_q.view(E, N, K).transpose(1, 2).contiguous()
+    wT_s = w_s.view(E, N // 128, K // 128).transpose(1, 2).contiguous()
+    dy_q, dy_s = ref.quantize_1x128(dy)
+    counts_E = torch.tensor(counts, dtype=torch.int32)
+    out = grouped_gemm(*(t.to(DEVICE) for t in (dy_q, dy_s, wT_q, wT_s, counts_E)))
+    assert out.dtype == torch.bfloat16 and out.shape == (sum(counts), K)
+    deq_w = ref.dequantize_128x128(w_q, w_s).view(E, N, K)
+    deq_dy = ref.dequantize_1x128(dy_q, dy_s)
+    expect = torch.cat([deq_dy[:50] @ deq_w[0], deq_dy[50:] @ deq_w[2]])
+    assert ref.calc_diff(out.cpu().float(), expect) < 1e-3
+
+
+def _wgrad_operands(counts, N, K, seed):
+    gen = torch.Generator().manual_seed(seed)
+    rows = sum(counts)
+    a_q, a_s = ref.quantize_128x1(_acts(rows, N, gen))
+    b_q, b_s = ref.quantize_128x1(_acts(rows, K, gen))
+    counts_E = torch.tensor(counts)
+    return [t.to(DEVICE) for t in (token_major(a_q), a_s, token_major(b_q), b_s, counts_E)]
+
+
+WGRAD_CASES = [
+    ([37, 0, 130, 5], 128, 256, TileConfig(block_m=64, block_n=128, num_warps=4)),
+    ([300, 0], 256, 128, TileConfig(block_m=128, block_n=128)),
+    ([1, 255, 2], 192, 128, TileConfig(block_m=128, block_n=64, group_m=1)),
+]
+
+
+@pytest.mark.parametrize("counts,N,K,cfg", WGRAD_CASES)
+def test_grouped_wgrad_matches_reference(counts, N, K, cfg):
+    a_q, a_s, b_q, b_s, counts_E = _wgrad_operands(counts, N, K, seed=sum(counts) + K)
+    out = grouped_wgrad(a_q, a_s, b_q, b_s, counts_E, config=cfg)
+    expect = grouped_wgrad_reference(*(t.cpu() for t in (a_q, a_s, b_q, b_s, counts_E)))
+    assert out.shape == expect.shape and out.dtype == torch.float32
+    assert ref.calc_diff(out.cpu(), expect) < 1e-3
+    for e, c in enumerate(counts):  # every expert on its own, empty ones exactly zero
+        if c == 0:
+            assert bool((out[e] == 0).all())
+        else:
+            assert ref.calc_diff(out[e].cpu(), expect[e]) < 1e-3
+
+
+def test_grouped_wgrad_accumulates_into_out():
+    a_q, a_s, b_q, b_s, counts_E = _wgrad_operands([40, 90], 128, 128, seed=3)
+    main_grad = torch.randn(2, 128, 128, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    before = main_grad.clone()
+    got = grouped_wgrad(a_q, a_s, b_q, b_s, counts_E, out=main_grad)
+    assert got is main_grad
+    expect = before.cpu() + grouped_wgrad_reference(*(t.cpu() for t in (a_q, a_s, b_q, b_s,
+                                                                         counts_E)))
+    assert ref.calc_diff(main_grad.cpu(), expect) < 1e-5
+
+
+def test_tile_bound_covers_every_split():
+    for counts in ([0, 0, 1], [127, 1, 128], [64] * 5, [1] * 9):
+        tiles = sum(-(-c // 64) for c in counts)
+        assert tiles <= m_tiles_bound(sum(counts), len(counts), 64)
+
+
+def test_bad_input_is_a_clear_error():
+    a_q, a_s, b_q, b_s, counts_E = _operands([10, 20], 128, 256, seed=1)
+    with pytest.raises(TypeError, match="a_q must be a float8_e4m3fn"):
+        grouped_gemm(a_q.float(), a_s, b_q, b_s, counts_E)
+    with pytest.raises(ValueError, match="K-major"):
+        grouped_gemm(a_q.t().contiguous().t(), a_s, b_q, b_s, counts_E)
+    with pytest.raises(ValueError, match="multiples of 128"):
+        grouped_gemm(a_q[:, :200].contiguous(), a_s[:, :2], b_q[..., :200].contiguous(),
+                     b_s[..., :2], counts_E)
+    with pytest.raises(ValueError, match="sum to the 30 rows"):
+        grouped_gemm(a_q, a_s, b_q, b_s, torch.tensor([10, 19]))
+    with pytest.raises(ValueError, match=r"counts_E must have shape \(2,\)"):
+        grouped_gemm(a_q, a_s, b_q, b_s, torch.tensor([30]))
+    with pytest.raises(TypeError, match="counts_E must be an int32/int64"):
+        grouped_gemm(a_q, a_s, b_q, b_s, counts_E.float())
+    with pytest.raises(ValueError, match="a_s must have shape"):
+        grouped_gemm(a_q, a_s[:, :1], b_q, b_s, counts_E)
+    wa_q, wa_s, wb_q, wb_s, wc = _wgrad_operands([10, 20], 128, 128, seed=2)
+    with pytest.raises(ValueError, match="token-major"):
+        grouped_wgrad(wa_q.contiguous(), wa_s, wb_q, wb_s, wc)
+    with pytest.raises(ValueError, match="sum to the 30 rows"):
+        grouped_wgrad(wa_q, wa_s, wb_q, wb_s, torch.tensor([30, 1]))
+
+
+# ---------------------------------------------------------------------------------------------
+# The same checks at real expert shapes (DeepSeek-V3: D=7168, F=2048; `small`: D=4096, F=1024)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("E,m,N,K", [(8, 512, 4096, 7168), (8, 512, 7168, 2048),
+                                     (16, 300, 2048, 4096), (16, 300, 4096, 1024)])
+def test_grouped_gemm_real_shapes(E, m, N, K):
+    gen = torch.Generator().manual_seed(E * m)
+    counts = (torch.rand(E, generator=gen) * 2 * m).long()
+    counts[1] = 0
+    a_q, a_s, b_q, b_s, counts_E = _operands(counts.tolist(), N, K, seed=N + K)
+    out = grouped_gemm(a_q, a_s, b_q, b_s, counts_E)
+    expect = grouped_gemm_reference(*(t.cpu() for t in (a_q, a_s, b_q, b_s, counts_E)))
+    assert ref.calc_diff(out.float().cpu(), expect) < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("E,m,N,K", [(8, 512, 4096, 7168), (16, 300, 7168, 2048)])
+def test_grouped_wgrad_real_shapes(E, m, N, K):
+    gen = torch.Generator().manual_seed(E + m)
+    counts = (torch.rand(E, generator=gen) * 2 * m).long()
+    counts[-1] = 0
+    a_q, a_s, b_q, b_s, counts_E = _wgrad_operands(counts.tolist(), N, K, seed=N)
+    out = grouped_wgrad(a_q, a_s, b_q, b_s, counts_E)
+    expect = grouped_wgrad_reference(*(t.cpu() for t in (a_q, a_s, b_q, b_s, counts_E)))
+    assert ref.calc_diff(out.cpu(), expect) < 1e-3
