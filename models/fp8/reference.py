@@ -159,7 +159,7 @@ def dequantize_128x128(q_NK: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
     """DeepGEMM's global dissimilarity 1 - 2 sum(xy) / sum(x^2 + y^2), in float64 (0 = identical)."""
-    x, y = x.double(), y.double()
+    x, y = x.detach().double(), y.detach().double()
     denom = (x * x + y * y).sum()
     if denom == 0:
         return 0.0
