@@ -1,0 +1,121 @@
+"""FP8 grouped experts (models/fp8/experts.py) against the high-precision GroupedExperts:
+outputs and all gradients (cosine >= 0.99), ragged and empty experts, the weight cache, bad input.
+
+The reference is models.moe.GroupedExperts in fp32 on the same weights and tokens. On CPU every
+Triton kernel runs under TRITON_INTERPRET=1 on tiny shapes; `gpu` tests use real expert shapes.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from test_fp8_grouped import allow_runtime_loop_bounds_in_interpreter  # noqa: E402
+
+from models.fp8.experts import FP8GroupedExperts  # noqa: E402
+from models.moe import GroupedExperts  # noqa: E402
+
+allow_runtime_loop_bounds_in_interpreter()
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _experts(E, D, F, seed):
+    torch.manual_seed(seed)
+    ref = GroupedExperts(E, D, F).to(DEVICE)
+    with torch.no_grad():
+        for w in (ref.w1, ref.w3, ref.w2):
+            w.normal_(std=0.06)
+    return ref
+
+
+def _tokens(counts, D, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(sum(counts), D, generator=gen) * torch.rand(sum(counts), 1, generator=gen).add(0.5)
+    return x.to(DEVICE, dtype), torch.tensor(counts, device=DEVICE)
+
+
+def _cosine(a, b):
+    return torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), 0).item()
+
+
+def _forward_backward(module, x, counts, dy):
+    x = x.detach().clone().requires_grad_(True)
+    y = module(x, counts)
+    y.backward(dy)
+    return y, x.grad, module.w1.grad, module.w3.grad, module.w2.grad
+
+
+def _compare(E, D, F, counts, x_dtype, seed, cos_min=0.99):
+    ref = _experts(E, D, F, seed)
+    fp8 = FP8GroupedExperts.from_grouped(_experts(E, D, F, seed))
+    x, counts_E = _tokens(counts, D, x_dtype, seed + 1)
+    dy = torch.randn(sum(counts), D, generator=torch.Generator().manual_seed(seed + 2))
+    dy = dy.to(DEVICE, x_dtype)
+    expect = _forward_backward(ref, x.float(), counts_E, dy.float())
+    got = _forward_backward(fp8, x, counts_E, dy)
+    assert got[0].dtype == x_dtype and got[1].dtype == x_dtype
+    for name, g, e in zip(("y", "dx", "dw1", "dw3", "dw2"), got, expect):
+        assert g.shape == e.shape, name
+        assert _cosine(g, e) >= cos_min, f"{name}: cosine {_cosine(g, e):.5f}"
+    for i, c in enumerate(counts):  # an expert without tokens gets exactly zero gradient
+        if c == 0:
+            for w in (fp8.w1, fp8.w3, fp8.w2):
+                assert bool((w.grad[i] == 0).all())
+
+
+@pytest.mark.parametrize("counts,x_dtype", [([37, 0, 90, 5], torch.bfloat16),
+                                            ([130, 1], torch.float32)])
+def test_fp8_experts_match_high_precision(counts, x_dtype):
+    _compare(len(counts), 256, 128, counts, x_dtype, seed=len(counts))
+
+
+def test_from_grouped_shares_parameters_and_caches_weights():
+    ref = _experts(2, 128, 128, seed=5)
+    fp8 = FP8GroupedExperts.from_grouped(ref)
+    assert fp8.w1 is ref.w1 and fp8.w3 is ref.w3 and fp8.w2 is ref.w2
+    assert isinstance(fp8, GroupedExperts)
+    first = fp8.fp8_weights()
+    assert fp8.fp8_weights() is first                      # reused while unchanged
+    with torch.no_grad():
+        ref.w2.mul_(2.0)                                     # an optimizer-style in-place step
+    second = fp8.fp8_weights()
+    assert second is not first
+    torch.testing.assert_close(second.w2_s, first.w2_s * 2)  # re-quantized from the new weight
+    fp8.invalidate_fp8_cache()
+    assert fp8.fp8_weights() is not second
+
+
+def test_inference_without_weight_grads():
+    fp8 = FP8GroupedExperts.from_grouped(_experts(2, 128, 128, seed=6))
+    ref = _experts(2, 128, 128, seed=6)
+    x, counts = _tokens([20, 44], 128, torch.bfloat16, seed=7)
+    with torch.no_grad():
+        y = fp8(x, counts)
+        expect = ref(x.float(), counts)
+    assert _cosine(y, expect) >= 0.99
+
+
+def test_bad_input_is_a_clear_error():
+    with pytest.raises(ValueError, match="divisible by 128"):
+        FP8GroupedExperts(2, 200, 128)
+    with pytest.raises(ValueError, match="divisible by 128"):
+        FP8GroupedExperts.from_grouped(GroupedExperts(2, 128, 96))
+    fp8 = FP8GroupedExperts.from_grouped(_experts(2, 128, 128, seed=8))
+    x, counts = _tokens([3, 4], 128, torch.bfloat16, seed=9)
+    with pytest.raises(TypeError, match="bfloat16 or float32"):
+        fp8(x.half(), counts)
+    with pytest.raises(ValueError, match=r"x_TD \[tokens, 128\]"):
+        fp8(x[:, :64], counts)
+    with pytest.raises(ValueError, match="sum to the 7 rows"):
+        fp8(x, torch.tensor([3, 5], device=DEVICE))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("E,D,F,m", [(8, 2048, 1024, 512), (4, 7168, 2048, 256)])
+def test_fp8_experts_real_shapes(E, D, F, m):
+    gen = torch.Generator().manual_seed(E)
+    counts = (torch.rand(E, generator=gen) * 2 * m).long().tolist()
+    counts[1] = 0
+    _compare(E, D, F, counts, torch.bfloat16, seed=D)
