@@ -1,0 +1,149 @@
+"""Dense block-scaled FP8 GEMMs: cuBLAS's blockwise path (through torch._scaled_mm) on sm90, the
+fp32 reference elsewhere.
+
+Both GEMMs are "NT": out[M, N] = a[M, K] @ b[N, K]^T, both operands K-major (the only layout
+Hopper's FP8 WGMMA takes), FP32 accumulation with promotion at every 128 elements of K inside
+cuBLAS (research/fp8.md 3.3: cuBLASLt >= 12.9, VEC128_32F / BLK128x128_32F scale modes).
+
+    gemm_1x128_128x128(a, sa, b, sb, out_dtype)   Fprop (a = x, b = W) and Dgrad (a = dy, b = W^T)
+    gemm_1x128_1x128(a, sa, b, sb, out_dtype)     Wgrad (a = dy^T, b = x^T, K = tokens)
+
+Operands, exactly as models/fp8/quant.py writes them (Kb = K / 128):
+    a   [M, K] e4m3 contiguous;  sa [M, Kb] fp32 MN-major (strides (1, M)), i.e. sa.t() contiguous
+    b   [N, K] e4m3 contiguous;  sb [N/128, Kb] fp32 contiguous (128x128 blocks), or
+                                 sb [N, Kb] fp32 MN-major (1x128, Wgrad)
+so Fprop is gemm_1x128_128x128(*quantize_1x128(x), *quantize_128x128(W)); Dgrad takes the
+transposed weight copy (qt, st) of quantize_128x128(W, transpose=True); Wgrad takes
+(qt, st.t()) of quantize_dual for dy and for x (tokens padded to a multiple of 128 with zeros).
+
+How torch expresses this (torch 2.9-2.11, aten/src/ATen/native/cuda/ScaledBlas.cpp,
+PR #158037): `torch._scaled_mm(a, b_KN, scale_a, scale_b, out_dtype=...)` with b_KN column-major
+(we pass b.t()); the recipe is inferred from the scale shapes and strides, no ScalingType
+argument: scale_a [M, ceil(K/128)] with strides (1, M) is BlockWise1x128; scale_b is given for
+b_KN, so its transpose must be [ceil(N/128), ceil(K/128)] row-major (BlockWise128x128) or
+[N, ceil(K/128)] with strides (1, N) (BlockWise1x128): we pass sb.t() in both cases. out_dtype
+must be explicit (PR #164844). Only sm90 has these kernels (Blackwell emulates via MXFP8 in TE).
+
+Shape rules (checked, with the fix in the message): K % 128 == 0 (the reduction dimension is
+never padded here: a zero-padded K is correct only when the producer wrote the zeros, as
+quantize_dual does for tokens); N % 16 == 0 (cuBLAS); M is free: when M % 4 != 0 the operand
+and its scales are zero-padded to a multiple of 4 rows (cuBLAS needs 16-byte aligned scale
+columns) and the result is sliced back.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from . import reference
+from .reference import BLOCK, E4M3, ceil_div
+
+OUT_DTYPES = (torch.bfloat16, torch.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def has_blockwise_kernels(device: torch.device | str | None = None) -> bool:
+    """True where cuBLAS blockwise FP8 GEMMs run: a CUDA device of compute capability 9.0 (Hopper)."""
+    if device is None:
+        if not torch.cuda.is_available():
+            return False
+        device = torch.device("cuda", torch.cuda.current_device())
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False
+    return _capability(device.index if device.index is not None else torch.cuda.current_device()) == (9, 0)
+
+
+def _check_operand(q: torch.Tensor, name: str) -> None:
+    if not isinstance(q, torch.Tensor) or q.dim() != 2 or q.dtype != E4M3:
+        raise TypeError(f"{name} must be a 2-D float8_e4m3fn tensor (from models.fp8.quant), got "
+                        f"{getattr(q, 'dtype', type(q).__name__)} {tuple(getattr(q, 'shape', ()))}")
+    if not q.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (K-major rows), got strides {q.stride()}; "
+                         "use the transposed copy the quantization kernel writes, not a .t() view")
+
+
+def _check_mn_major(s: torch.Tensor, rows: int, kb: int, name: str) -> None:
+    ok = (s.dtype == torch.float32 and tuple(s.shape) == (rows, kb)
+          and (rows <= 1 or s.stride(0) == 1) and (kb <= 1 or s.stride(1) == rows))
+    if not ok:
+        raise ValueError(f"{name} must be float32 [{rows}, {kb}] MN-major (strides (1, {rows}), i.e. its "
+                         f".t() contiguous), got {s.dtype} {tuple(s.shape)} strides {s.stride()}; "
+                         "use the scales models.fp8.quant returns")
+
+
+def _check_blocks(s: torch.Tensor, nb: int, kb: int, name: str) -> None:
+    if s.dtype != torch.float32 or tuple(s.shape) != (nb, kb) or not s.is_contiguous():
+        raise ValueError(f"{name} must be float32 [{nb}, {kb}] contiguous (128x128 block scales), got "
+                         f"{s.dtype} {tuple(s.shape)} strides {s.stride()}")
+
+
+def _check_shapes(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> None:
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"a {tuple(a.shape)} and b {tuple(b.shape)} must share K (out = a @ b^T)")
+    if a.shape[1] % BLOCK:
+        raise ValueError(f"K={a.shape[1]} must be a multiple of 128 for block-scaled GEMMs; keep this "
+                         "layer in bf16 or pad the reduction dimension with zeros before quantizing")
+    if b.shape[0] % 16:
+        raise ValueError(f"N={b.shape[0]} must be a multiple of 16 (cuBLAS FP8); keep this layer in bf16")
+    if out_dtype not in OUT_DTYPES:
+        raise TypeError(f"out_dtype must be one of {OUT_DTYPES}, got {out_dtype}")
+    if a.device != b.device:
+        raise ValueError(f"a is on {a.device} but b is on {b.device}")
+
+
+def _pad_rows4(a: torch.Tensor, sa: torch.Tensor):
+    """Zero-pad a [M, K] and its MN-major scales to M % 4 == 0 (cuBLAS aligns scale columns to 16 B)."""
+    M, K = a.shape
+    M4 = ceil_div(M, 4) * 4
+    a4 = torch.zeros(M4, K, dtype=a.dtype, device=a.device)
+    a4[:M] = a
+    sa4 = torch.ones(sa.shape[1], M4, dtype=sa.dtype, device=sa.device)
+    sa4[:, :M] = sa.t()
+    return a4, sa4.t()
+
+
+def _scaled_mm(a, sa, b, sb, out_dtype):
+    M = a.shape[0]
+    if M == 0:
+        return torch.empty(0, b.shape[0], dtype=out_dtype, device=a.device)
+    if not has_blockwise_kernels(a.device):
+        raise RuntimeError(f"block-scaled FP8 GEMMs need an sm90 (Hopper) GPU; {a.device} is not one. "
+                           "Use fp8.recipe=off, or CPU tensors for the reference path")
+    if M % 4:
+        a, sa = _pad_rows4(a, sa)
+    out = torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb.t(), out_dtype=out_dtype)
+    return out[:M] if out.shape[0] != M else out
+
+
+def gemm_1x128_128x128(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor,
+                       out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """out[M, N] = (a, 1x128 scales) @ (b, 128x128 scales)^T: Fprop and Dgrad."""
+    _check_operand(a, "a")
+    _check_operand(b, "b")
+    _check_shapes(a, b, out_dtype)
+    kb = a.shape[1] // BLOCK
+    _check_mn_major(sa, a.shape[0], kb, "sa")
+    _check_blocks(sb, ceil_div(b.shape[0], BLOCK), kb, "sb")
+    if a.device.type == "cpu":
+        return reference.gemm_1x128_128x128(a, sa, b, sb).to(out_dtype)
+    return _scaled_mm(a, sa, b, sb, out_dtype)
+
+
+def gemm_1x128_1x128(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor,
+                     out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """out[M, N] = (a, 1x128 scales) @ (b, 1x128 scales)^T: Wgrad, K = tokens."""
+    _check_operand(a, "a")
+    _check_operand(b, "b")
+    _check_shapes(a, b, out_dtype)
+    kb = a.shape[1] // BLOCK
+    _check_mn_major(sa, a.shape[0], kb, "sa")
+    _check_mn_major(sb, b.shape[0], kb, "sb")
+    if a.device.type == "cpu":
+        return reference.gemm_1x128_1x128(a, sa, b, sb).to(out_dtype)
+    return _scaled_mm(a, sa, b, sb, out_dtype)
