@@ -1,0 +1,149 @@
+"""FP8 Linear (models/fp8/linear.py): forward and both gradients against nn.Linear, FP8-only saved
+activations, the per-step weight cache, fp32 gradient accumulation, bad input."""
+import os
+
+if not __import__("torch").cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel is defined
+
+import pytest
+import torch
+from torch import nn
+
+from models.fp8 import quant
+from models.fp8.linear import FP8Linear, invalidate_weight_caches
+from models.fp8.reference import calc_diff
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _cos(a, b):
+    return float(torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), 0))
+
+
+def _pair(K, N, seed, dtype=torch.float32, pow2=False):
+    torch.manual_seed(seed)
+    ref = nn.Linear(K, N, bias=False, device=DEVICE, dtype=dtype)
+    fp8 = FP8Linear(K, N, pow2_scales=pow2, device=DEVICE, dtype=dtype)
+    with torch.no_grad():
+        fp8.weight.copy_(ref.weight)
+    return ref, fp8
+
+
+def _compare(shape, N, x_dtype, w_dtype, pow2=False, seed=0):
+    ref, fp8 = _pair(shape[-1], N, seed, w_dtype, pow2)
+    x = torch.randn(shape, device=DEVICE).to(x_dtype)
+    x_ref, x_fp8 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ref = ref(x_ref if x_dtype == w_dtype else x_ref.to(w_dtype))
+    y = fp8(x_fp8)
+    assert y.shape == (*shape[:-1], N) and y.dtype == x_dtype
+    dy = torch.randn_like(y)
+    y_ref.backward(dy.to(y_ref.dtype))
+    y.backward(dy)
+    assert calc_diff(y.float(), y_ref.float()) < 2e-3
+    assert _cos(x_fp8.grad, x_ref.grad) >= 0.99
+    assert _cos(fp8.weight.grad, ref.weight.grad) >= 0.99
+    assert fp8.weight.grad.dtype == w_dtype
+
+
+@pytest.mark.parametrize("shape,N", [((2, 65, 256), 384), ((130, 128), 128)])
+@pytest.mark.parametrize("pow2", [False, True])
+def test_matches_linear_cpu(shape, N, pow2):
+    _compare(shape, N, torch.float32, torch.float32, pow2)
+
+
+def test_saved_activations_are_fp8():
+    _, fp8 = _pair(256, 128, 1)
+    x = torch.randn(256, 256, device=DEVICE, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = fp8(x)
+    assert saved, "the weight gradient needs saved activations"
+    assert {t.dtype for t in saved} <= {torch.float8_e4m3fn, torch.float32}
+    fp8_bytes = sum(t.numel() * t.element_size() for t in saved)
+    assert fp8_bytes < x.numel() * 2 * 0.6, "must be about half of a bf16 copy, not a bf16 copy"
+    y.sum().backward()
+
+
+def test_no_weight_grad_saves_nothing():
+    _, fp8 = _pair(256, 128, 2)
+    fp8.weight.requires_grad_(False)
+    x = torch.randn(4, 256, device=DEVICE, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = fp8(x)
+    assert not saved
+    y.sum().backward()
+    assert x.grad is not None and fp8.weight.grad is None
+    with torch.no_grad():
+        assert fp8(x).shape == (4, 128)
+
+
+def test_weight_quantized_once_per_step(monkeypatch):
+    calls = []
+    real = quant.quantize_128x128
+    monkeypatch.setattr(quant, "quantize_128x128", lambda *a, **k: calls.append(1) or real(*a, **k))
+    _, fp8 = _pair(128, 128, 3)
+    opt = torch.optim.SGD(fp8.parameters(), lr=0.1)
+    x = torch.randn(8, 128, device=DEVICE)
+    for _ in range(3):  # three micro-batches, one step
+        fp8(x).sum().backward()
+    assert len(calls) == 1
+    opt.step()  # in-place update bumps the version counter
+    y_new = fp8(x)
+    assert len(calls) == 2
+    with torch.no_grad():  # what DeepSpeed does: bypasses the version counter
+        fp8.weight.data.copy_(torch.randn(128, 128, device=DEVICE))
+    assert torch.equal(fp8(x), y_new), "the documented contract: .data writes need invalidation"
+    assert invalidate_weight_caches(nn.Sequential(fp8)) == 1
+    assert not torch.equal(fp8(x), y_new) and len(calls) == 3
+
+
+def test_weight_grad_accumulates_in_fp32():
+    _, fp8 = _pair(256, 128, 4)
+    xs = [torch.randn(64, 256, device=DEVICE) for _ in range(2)]
+    grads = []
+    for x in xs:
+        fp8.weight.grad = None
+        fp8(x).sum().backward()
+        grads.append(fp8.weight.grad.clone())
+    fp8.weight.grad = None
+    for x in xs:
+        fp8(x).sum().backward()
+    assert fp8.weight.grad.dtype == torch.float32
+    torch.testing.assert_close(fp8.weight.grad, grads[0] + grads[1], atol=0, rtol=0)
+
+
+def test_from_linear_shares_the_parameter():
+    lin = nn.Linear(256, 128, bias=False, device=DEVICE)
+    fp8 = FP8Linear.from_linear(lin)
+    assert fp8.weight is lin.weight
+    assert list(fp8.state_dict()) == ["weight"]
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="divisible by 128"):
+        FP8Linear(200, 128)
+    with pytest.raises(ValueError, match="bias"):
+        FP8Linear(128, 128, bias=True)
+    with pytest.raises(ValueError, match="bias"):
+        FP8Linear.from_linear(nn.Linear(128, 128))
+    fp8 = FP8Linear(128, 128, device=DEVICE)
+    with pytest.raises(ValueError, match=r"\[\.\.\., 128\]"):
+        fp8(torch.randn(4, 256, device=DEVICE))
+    with pytest.raises(TypeError, match="bfloat16 or float32"):
+        fp8(torch.randn(4, 128, device=DEVICE, dtype=torch.float16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,K,N", [(8192, 7168, 2048), (8192, 2048, 7168), (4097, 1536, 4096)])
+def test_gpu_matches_linear(T, K, N):
+    _compare((T, K), N, torch.bfloat16, torch.float32, seed=T)
+    _compare((T, K), N, torch.bfloat16, torch.bfloat16, pow2=True, seed=T + 1)
+
+
+@pytest.mark.gpu
+def test_gpu_cpu_contracts():
+    """The CPU contract tests, on the compiled kernels."""
+    test_saved_activations_are_fp8()
+    test_no_weight_grad_saves_nothing()
+    test_weight_grad_accumulates_in_fp32()
