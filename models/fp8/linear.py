@@ -22,9 +22,10 @@ are invisible to it, so the training loop must call `invalidate_weight_caches(mo
 every optimizer step. That call is cheap (it drops references) and is the explicit contract;
 it calls `invalidate_fp8_cache()` on every module that has one (the FP8 experts included).
 
-The weight gradient is the fp32 output of the Wgrad GEMM; with fp32 parameters (how
-`build_model` creates them) autograd accumulates micro-batches in fp32. For a bf16 parameter it
-is rounded to bf16 (autograd requires the parameter's dtype).
+The Wgrad GEMM accumulates in fp32 and writes the parameter's dtype: with fp32 parameters (how
+`build_model` creates them) the gradient and its accumulation over micro-batches are fp32; a
+bf16 parameter gets its gradient rounded to bf16 by the GEMM's epilogue (autograd requires the
+parameter's dtype), with no separate cast pass.
 
 Inputs: x must be bfloat16 or float32 (the GEMM output dtype follows x). Dimensions: K and N
 multiples of 128 (`FP8Linear.supports(in, out)`); models/fp8/convert.py leaves other layers in
@@ -37,7 +38,7 @@ import torch
 from torch import nn
 
 from . import quant
-from .gemm import gemm_1x128_128x128, gemm_1x128_1x128
+from .gemm import OUT_DTYPES, gemm_1x128_128x128, gemm_1x128_1x128
 from .reference import BLOCK
 
 INPUT_DTYPES = (torch.bfloat16, torch.float32)
@@ -82,8 +83,8 @@ class FP8LinearFunction(torch.autograd.Function):
             dx = gemm_1x128_128x128(q_dy, s_dy, qt_w, st_w, out_dtype=dy.dtype).view(x_shape)
         if need_dw:
             qt_x, st_x = ctx.saved_tensors
-            dw = gemm_1x128_1x128(qt_dy, st_dy.t(), qt_x, st_x.t(), out_dtype=torch.float32)
-            dw = dw.to(w_dtype)
+            out_dtype = w_dtype if w_dtype in OUT_DTYPES else torch.float32
+            dw = gemm_1x128_1x128(qt_dy, st_dy.t(), qt_x, st_x.t(), out_dtype=out_dtype).to(w_dtype)
         return dx, dw, None, None
 
 

@@ -1,0 +1,186 @@
+"""FP8 dense path on the GPU: GEMM TFLOPS, quantization GB/s, one Linear layer forward + backward.
+
+    python scripts/bench_fp8.py            # default run, about a minute on an H100
+    python scripts/bench_fp8.py --quick    # one shape per section
+
+Every figure is measured next to its baseline in this same run and recorded through
+scripts/summary.py:
+  gemm     our wrappers (gemm_1x128_128x128 for Fprop, gemm_1x128_1x128 for Wgrad) against bf16
+           torch.matmul and against a bare torch._scaled_mm call on the same operands (the cuBLAS
+           blockwise kernel without our validation: the ratio shows the wrapper's overhead);
+  quant    each quantization kernel's GB/s (bytes the operation must move: input read once,
+           FP8 copies and scales written) against a device-to-device copy of the same input;
+  linear   FP8Linear forward + backward (all quantization included; the FP8 weight cached as in a
+           step with several micro-batches, and again re-quantized every call as with one), against
+           bf16 nn.Linear and Transformer Engine's Linear under Float8BlockScaling when TE imports.
+Timing: median over 5 batches of back-to-back calls between CUDA events, random normal data.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from summary import record  # noqa: E402
+
+BENCH = "fp8"
+DEVICE = "cuda"
+
+
+def time_ms(fn, reps: int = 10, batches: int = 5) -> float:
+    """Median milliseconds per call of fn (reps calls per timed batch, after a warm-up batch)."""
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    per_call = []
+    for _ in range(batches):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        end.synchronize()
+        per_call.append(start.elapsed_time(end) / reps)
+    return statistics.median(per_call)
+
+
+def tflops(flops: float, ms: float) -> float:
+    return flops / ms / 1e9
+
+
+def bench_gemm(shapes) -> None:
+    from models.fp8 import quant
+    from models.fp8.gemm import gemm_1x128_128x128, gemm_1x128_1x128
+
+    print("\n== dense GEMM, TFLOPS (Fprop: x[M,K] @ W[N,K]^T; Wgrad: dy^T x over M tokens)")
+    print(f"{'case':<26}{'ours':>9}{'cuBLAS bw':>11}{'bf16':>9}{'ours/bf16':>11}")
+    for M, N, K in shapes:
+        x, w = torch.randn(M, K, device=DEVICE, dtype=torch.bfloat16), torch.randn(N, K, device=DEVICE, dtype=torch.bfloat16)
+        qx, sx = quant.quantize_1x128(x)
+        qw, sw = quant.quantize_128x128(w)
+        flops = 2 * M * N * K
+        ours = tflops(flops, time_ms(lambda: gemm_1x128_128x128(qx, sx, qw, sw)))
+        raw = tflops(flops, time_ms(lambda: torch._scaled_mm(qx, qw.t(), sx, sw.t(), out_dtype=torch.bfloat16)))
+        bf16 = tflops(flops, time_ms(lambda: torch.matmul(x, w.t())))
+        _report_gemm(f"fprop {M}x{N}x{K}", ours, raw, bf16)
+        dy = torch.randn(M, N, device=DEVICE, dtype=torch.bfloat16)
+        *_, qt_dy, st_dy = quant.quantize_dual(dy)
+        *_, qt_x, st_x = quant.quantize_dual(x)
+        ours = tflops(flops, time_ms(lambda: gemm_1x128_1x128(qt_dy, st_dy.t(), qt_x, st_x.t())))
+        raw = tflops(flops, time_ms(lambda: torch._scaled_mm(qt_dy, qt_x.t(), st_dy.t(), st_x, out_dtype=torch.float32)))
+        bf16 = tflops(flops, time_ms(lambda: torch.matmul(dy.t(), x)))
+        _report_gemm(f"wgrad {N}x{K} over {M}", ours, raw, bf16)
+
+
+def _report_gemm(case: str, ours: float, raw: float, bf16: float) -> None:
+    print(f"{case:<26}{ours:>9.0f}{raw:>11.0f}{bf16:>9.0f}{ours / bf16:>10.2f}x")
+    record(BENCH, f"gemm {case}", ours, "TFLOPS", "bf16 matmul", bf16)
+    record(BENCH, f"gemm {case}", ours, "TFLOPS", "cuBLAS blockwise _scaled_mm", raw)
+
+
+def bench_quant(M: int, K: int) -> None:
+    from models.fp8 import quant
+
+    print(f"\n== quantization of a [{M}, {K}] bf16 tensor, GB/s (bytes the operation must move)")
+    x = torch.randn(M, K, device=DEVICE, dtype=torch.bfloat16)
+    n = M * K
+    copy_gbs = 4 * n / time_ms(lambda: torch.empty_like(x).copy_(x)) / 1e6
+    scales = 4 * n // 128
+    gate, up = torch.randn(M, K, device=DEVICE, dtype=torch.bfloat16), torch.randn(M, K, device=DEVICE, dtype=torch.bfloat16)
+    w_norm = torch.ones(K, device=DEVICE, dtype=torch.bfloat16)
+    cases = [
+        ("1x128", 2 * n + n + scales, lambda: quant.quantize_1x128(x, check_finite=False)),
+        ("dual 1x128+128x1", 2 * n + 2 * n + 2 * scales, lambda: quant.quantize_dual(x, check_finite=False)),
+        ("128x128 + transpose", 2 * n + 2 * n, lambda: quant.quantize_128x128(x, transpose=True, check_finite=False)),
+        ("swiglu -> dual", 4 * n + 2 * n + 2 * scales, lambda: quant.swiglu_quantize(gate, up, check_finite=False)),
+        ("rmsnorm -> dual", 2 * n + 2 * n + 2 * scales, lambda: quant.rmsnorm_quantize(x, w_norm, check_finite=False)),
+    ]
+    print(f"{'kernel':<22}{'GB/s':>9}{'copy GB/s':>11}{'of copy':>9}")
+    for name, nbytes, fn in cases:
+        gbs = nbytes / time_ms(fn) / 1e6
+        print(f"{name:<22}{gbs:>9.0f}{copy_gbs:>11.0f}{gbs / copy_gbs:>8.0%}")
+        record(BENCH, f"quant {name} {M}x{K}", gbs, "GB/s", "D2D copy", copy_gbs)
+
+
+def _te_linear(K: int, N: int):
+    """TE Linear + a context factory for Float8BlockScaling, or (None, reason)."""
+    try:
+        import transformer_engine.pytorch as te
+        from transformer_engine.common.recipe import Float8BlockScaling
+    except Exception as e:  # TE is optional: any import failure means "absent"
+        return None, f"transformer_engine does not import ({type(e).__name__}: {e})"
+    layer = te.Linear(K, N, bias=False, params_dtype=torch.bfloat16, device=DEVICE)
+    recipe = Float8BlockScaling()
+    if hasattr(te, "autocast"):
+        return (layer, lambda: te.autocast(enabled=True, recipe=recipe)), None
+    return (layer, lambda: te.fp8_autocast(enabled=True, fp8_recipe=recipe)), None
+
+
+def _fwd_bwd(layer, x, dy, ctx=None):
+    def step():
+        if ctx is None:
+            y = layer(x)
+        else:
+            with ctx():
+                y = layer(x)
+        y.backward(dy)
+    return step
+
+
+def bench_linear(shapes) -> None:
+    from models.fp8.linear import FP8Linear
+
+    print("\n== one Linear, forward + backward (dx and dW), TFLOPS = 6 T K N / time")
+    print(f"{'T x K -> N':<22}{'fp8 cached W':>13}{'fp8 requant W':>14}{'bf16':>8}{'TE fp8':>8}{'ours/bf16':>10}")
+    te_note = None
+    for T, K, N in shapes:
+        base = torch.nn.Linear(K, N, bias=False, device=DEVICE, dtype=torch.bfloat16)
+        ours = FP8Linear.from_linear(torch.nn.Linear(K, N, bias=False, device=DEVICE, dtype=torch.bfloat16))
+        x = torch.randn(T, K, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+        dy = torch.randn(T, N, device=DEVICE, dtype=torch.bfloat16)
+        flops = 6 * T * K * N
+        cached = tflops(flops, time_ms(_fwd_bwd(ours, x, dy), reps=5))
+
+        def requant_step(step=_fwd_bwd(ours, x, dy)):
+            ours.invalidate_fp8_cache()
+            step()
+        requant = tflops(flops, time_ms(requant_step, reps=5))
+        bf16 = tflops(flops, time_ms(_fwd_bwd(base, x, dy), reps=5))
+        te, te_note = _te_linear(K, N)
+        te_tf = tflops(flops, time_ms(_fwd_bwd(te[0], x, dy, te[1]), reps=5)) if te else float("nan")
+        case = f"{T}x{K}->{N}"
+        print(f"{case:<22}{cached:>13.0f}{requant:>14.0f}{bf16:>8.0f}{te_tf:>8.0f}{cached / bf16:>9.2f}x")
+        record(BENCH, f"linear {case}", cached, "TFLOPS", "bf16 nn.Linear", bf16)
+        record(BENCH, f"linear {case} requant W", requant, "TFLOPS", "bf16 nn.Linear", bf16)
+        if te:
+            record(BENCH, f"linear {case}", cached, "TFLOPS", "TE Float8BlockScaling Linear", te_tf)
+    if te_note:
+        print(f"Transformer Engine absent: {te_note}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one shape per section")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_fp8: no CUDA device; nothing to measure")
+        return
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    gemm_shapes = [(8192, 7168, 2048), (8192, 2048, 7168), (8192, 8192, 8192), (8192, 24576, 1536),
+                   (8192, 1536, 7168), (16384, 4096, 4096)]
+    linear_shapes = [(8192, 7168, 2048), (8192, 2048, 7168), (16384, 4096, 4096), (8192, 4096, 1024)]
+    if args.quick:
+        gemm_shapes, linear_shapes = gemm_shapes[:1], linear_shapes[:1]
+    bench_gemm(gemm_shapes)
+    bench_quant(32768, 7168)
+    bench_linear(linear_shapes)
+
+
+if __name__ == "__main__":
+    main()
