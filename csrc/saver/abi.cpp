@@ -1,0 +1,188 @@
+// The C ABI that trainer/saver.py loads with ctypes, PyTorch's pluggable-allocator entry points,
+// and the cudaMalloc/cudaFree interposer used when the library is in LD_PRELOAD.
+//
+// Every function that can fail returns a saver::Code and leaves the message in a thread-local
+// string read by saver_last_error(); the allocator hooks, whose signatures cannot carry an error,
+// return null / an error code and print the message once to stderr when it is not a plain
+// out-of-memory (PyTorch retries those after emptying its cache).
+#include <cuda_runtime_api.h>
+#include <dlfcn.h>
+#include <sys/types.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "core.h"
+
+namespace {
+
+thread_local std::string t_error;
+
+int fail(const saver::Status& st) {
+  if (!st.ok()) t_error = st.message;
+  return st.code;
+}
+
+void complain(const saver::Status& st) {
+  fail(st);
+  if (st.code != saver::kOutOfMemory) std::fprintf(stderr, "[fp8moe saver] %s\n", st.message.c_str());
+}
+
+std::vector<std::string> one_or_none(const char* name) {
+  return name ? std::vector<std::string>{name} : std::vector<std::string>{};
+}
+
+using CudaMallocFn = cudaError_t (*)(void**, size_t);
+using CudaFreeFn = cudaError_t (*)(void*);
+
+CudaMallocFn real_malloc() {
+  static CudaMallocFn fn = reinterpret_cast<CudaMallocFn>(dlsym(RTLD_NEXT, "cudaMalloc"));
+  return fn;
+}
+
+CudaFreeFn real_free() {
+  static CudaFreeFn fn = reinterpret_cast<CudaFreeFn>(dlsym(RTLD_NEXT, "cudaFree"));
+  return fn;
+}
+
+// The device a raw cudaMalloc targets: the current context's, creating the runtime's primary
+// context first when this is the process's first CUDA call.
+saver::Status current_device(int* ordinal) {
+  SAVER_RETURN_IF_ERROR(saver::load_driver(nullptr));
+  CUcontext ctx = nullptr;
+  SAVER_RETURN_IF_ERROR(CU_CALL(cuCtxGetCurrent, &ctx));
+  if (ctx == nullptr && real_free()) real_free()(nullptr);
+  CUdevice dev = 0;
+  SAVER_RETURN_IF_ERROR(CU_CALL(cuCtxGetDevice, &dev));
+  *ordinal = static_cast<int>(dev);
+  return {};
+}
+
+}  // namespace
+
+extern "C" {
+
+struct SaverStats {
+  uint64_t released_bytes;
+  uint64_t restored_bytes;
+  uint64_t to_host_bytes;
+  uint64_t to_device_bytes;
+  double pin_seconds;
+};
+
+const char* saver_version(void) { return "fp8moe-saver 1"; }
+
+const char* saver_last_error(void) { return t_error.c_str(); }
+
+int saver_init(void) { return fail(saver::load_driver(nullptr)); }
+
+int saver_open_tag(const char* name, int cpu_backup) {
+  if (name == nullptr) return fail(saver::make_status(saver::kUsage, "tag name is null"));
+  return fail(saver::open_tag(name, cpu_backup != 0));
+}
+
+int saver_set_thread_tag(const char* name) { return fail(saver::set_thread_tag(name)); }
+
+int saver_set_chunk_bytes(uint64_t bytes) { return fail(saver::set_chunk_bytes(bytes)); }
+
+static int run_transition(const char* pause, bool pause_all, const char* resume, bool resume_all,
+                          SaverStats* out) {
+  saver::Stats stats;
+  saver::Status st = saver::transition(one_or_none(pause), pause_all, one_or_none(resume),
+                                       resume_all, &stats);
+  if (out) *out = SaverStats{stats.released_bytes, stats.restored_bytes, stats.to_host_bytes,
+                             stats.to_device_bytes, stats.pin_seconds};
+  return fail(st);
+}
+
+// name == NULL: every active tag.
+int saver_pause(const char* name, SaverStats* out) {
+  return run_transition(name, name == nullptr, nullptr, false, out);
+}
+
+// name == NULL: every paused tag.
+int saver_resume(const char* name, SaverStats* out) {
+  return run_transition(nullptr, false, name, name == nullptr, out);
+}
+
+// Pauses one tag while resuming another, overlapping their copies.
+int saver_swap(const char* pause, const char* resume, SaverStats* out) {
+  if (pause == nullptr || resume == nullptr) {
+    return fail(saver::make_status(saver::kUsage, "swap needs both tag names"));
+  }
+  return run_transition(pause, false, resume, false, out);
+}
+
+// Writes the JSON report (NUL-terminated) when it fits; returns the size it needs.
+size_t saver_report(char* buf, size_t capacity) {
+  const std::string json = saver::report_json();
+  if (buf && capacity > json.size()) std::memcpy(buf, json.c_str(), json.size() + 1);
+  return json.size() + 1;
+}
+
+// Raw allocation in the current thread's tag; its free waits for the whole device, as cudaFree does.
+int saver_alloc(uint64_t size, int device, void** out) {
+  return fail(saver::allocate(size, device, nullptr, true, out));
+}
+
+int saver_free(void* ptr) {
+  bool found = false;
+  saver::Status st = saver::release(ptr, &found);
+  if (st.ok() && !found) st = saver::make_status(saver::kUsage, "pointer was not allocated by the saver");
+  return fail(st);
+}
+
+// torch.cuda.memory.CUDAPluggableAllocator entry points.
+void* saver_torch_malloc(ssize_t size, int device, cudaStream_t stream) {
+  void* ptr = nullptr;
+  saver::Status st = size < 0 ? saver::make_status(saver::kUsage, "negative allocation size")
+                              : saver::allocate(size_t(size), device, stream, false, &ptr);
+  if (!st.ok()) complain(st);
+  return ptr;
+}
+
+void saver_torch_free(void* ptr, ssize_t, int, cudaStream_t) {
+  bool found = false;
+  saver::Status st = saver::release(ptr, &found);
+  if (st.ok() && !found) st = saver::make_status(saver::kUsage, "free of a pointer the saver does not own");
+  if (!st.ok()) complain(st);
+}
+
+// 1 when this library's cudaMalloc is the one the process resolves (it is in LD_PRELOAD).
+int saver_preload_active(void) {
+  return dlsym(RTLD_DEFAULT, "cudaMalloc") == reinterpret_cast<void*>(&cudaMalloc) ? 1 : 0;
+}
+
+// ---- LD_PRELOAD interposer ----
+
+cudaError_t cudaMalloc(void** ptr, size_t size) {
+  if (saver::has_thread_tag()) {
+    int ordinal = 0;
+    saver::Status st = current_device(&ordinal);
+    if (st.ok()) st = saver::allocate(size, ordinal, nullptr, true, ptr);
+    if (st.ok()) return cudaSuccess;
+    complain(st);
+    return st.code == saver::kOutOfMemory ? cudaErrorMemoryAllocation : cudaErrorUnknown;
+  }
+  CudaMallocFn fn = real_malloc();
+  return fn ? fn(ptr, size) : cudaErrorInitializationError;
+}
+
+cudaError_t cudaFree(void* ptr) {
+  if (ptr != nullptr) {
+    bool found = false;
+    saver::Status st = saver::release(ptr, &found);
+    if (found) {
+      if (st.ok()) return cudaSuccess;
+      complain(st);
+      return cudaErrorUnknown;
+    }
+  }
+  CudaFreeFn fn = real_free();
+  return fn ? fn(ptr) : cudaErrorInitializationError;
+}
+
+}  // extern "C"
