@@ -132,6 +132,7 @@ WGRAD_CASES = [
     ([37, 0, 130, 5], 128, 256, TileConfig(block_m=64, block_n=128, num_warps=4)),
     ([300, 0], 256, 128, TileConfig(block_m=128, block_n=128)),
     ([1, 255, 2], 192, 128, TileConfig(block_m=128, block_n=64, group_m=1)),
+    ([10, 40, 78, 0], 128, 128, TileConfig(block_m=64, block_n=64, num_warps=4)),
 ]
 
 

@@ -67,8 +67,14 @@ def m_tiles_bound(rows: int, n_experts: int, block_m: int) -> int:
 
 
 def token_major(q_TN: torch.Tensor) -> torch.Tensor:
-    """The same logical [T, N] tensor stored token-contiguous ([N, T] memory): the Wgrad layout."""
-    return q_TN if q_TN.stride(0) == 1 else q_TN.t().contiguous().t()
+    """The same logical [T, N] tensor stored token-contiguous, the Wgrad operand layout: a view of
+    [N, Tp] memory with the tokens zero-padded to Tp = ceil(T/128)*128 (what quantize_dual's
+    transposed copy already is), so whole 128-token groups can always be read."""
+    T, N = q_TN.shape
+    storage = torch.zeros(N, triton.cdiv(T, SCALE_BLOCK) * SCALE_BLOCK, dtype=q_TN.dtype,
+                          device=q_TN.device)
+    storage[:, :T] = q_TN.t()
+    return storage[:, :T].t()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,8 +124,20 @@ def _check_counts(counts_E: torch.Tensor, n_experts: int, rows: int) -> None:
                             "counts_E must be non-negative and sum to the input's rows")
 
 
+def _check_token_major(q: torch.Tensor, name: str, padded_rows: int) -> None:
+    """Unit stride along T and memory for whole 128-token groups (T padded to `padded_rows`)."""
+    rows, cols = q.shape
+    needed = q.storage_offset() + (cols - 1) * q.stride(1) + padded_rows
+    if (rows > 1 and q.stride(0) != 1) or (cols > 1 and q.stride(1) < padded_rows) \
+            or (rows and q.untyped_storage().nbytes() < needed):
+        raise ValueError(f"{name} must be token-major with its tokens padded to a multiple of "
+                         f"128 (unit stride along T, row stride >= {padded_rows}); use "
+                         "quantize_dual's transposed copy or models.fp8.grouped.token_major()")
+
+
 def _e_pow2(n_experts: int) -> int:
-    return max(triton.next_power_of_2(n_experts), 2)
+    """Vector width of the per-program expert scan; >= 64 so most E share one compiled kernel."""
+    return max(triton.next_power_of_2(n_experts), 64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,6 +276,21 @@ def _expert_tokens(counts_ptr, n_experts, expert, E_POW2: tl.constexpr):
 
 
 @triton.jit
+def _wgrad_step(acc, a_ptr, as_ptr, b_ptr, bs_ptr, group, rm_load, rn_load, start, end,
+                stride_an, stride_asg, stride_asn, stride_bk, stride_bsg, stride_bsk,
+                EDGE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc + one 128-token group's a^T b, scaled (promotion). EDGE: zero the other experts' tokens."""
+    tok = group * BLOCK_K + tl.arange(0, BLOCK_K)
+    a = tl.load(a_ptr + rm_load[:, None] * stride_an + tok[None, :])
+    if EDGE:
+        a = tl.where(((tok >= start) & (tok < end))[None, :], a, tl.zeros_like(a))
+    b = tl.load(b_ptr + tok[:, None] + rn_load[None, :] * stride_bk)
+    sa = tl.load(as_ptr + group * stride_asg + rm_load * stride_asn)
+    sb = tl.load(bs_ptr + group * stride_bsg + rn_load * stride_bsk)
+    return acc + tl.dot(a, b) * (sa[:, None] * sb[None, :])
+
+
+@triton.jit
 def grouped_wgrad_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, out_ptr, counts_ptr,
                          rows, N, K, n_experts,
                          stride_an, stride_asg, stride_asn, stride_bk, stride_bsg, stride_bsk,
@@ -271,26 +304,28 @@ def grouped_wgrad_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, out_ptr, counts_ptr,
     expert = pid // (m_tiles * n_tiles)
     tile_m, tile_n = _swizzle(pid % (m_tiles * n_tiles), m_tiles, n_tiles, GROUP_M)
     start, end = _expert_tokens(counts_ptr, n_experts, expert, E_POW2)
-    end = tl.minimum(end, rows)
+    start, end = tl.minimum(start, rows), tl.minimum(end, rows)
 
     rm = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rm_load = tl.minimum(rm, N - 1)
+    rm_load = tl.minimum(rm, N - 1).to(tl.int64)
     rn = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rn_load = tl.minimum(rn, K - 1)
-    rk = tl.arange(0, BLOCK_K)
+    rn_load = tl.minimum(rn, K - 1).to(tl.int64)
+    args = (a_ptr, as_ptr, b_ptr, bs_ptr)
+    strides = (stride_an, stride_asg, stride_asn, stride_bk, stride_bsg, stride_bsk)
 
+    # groups wholly inside [start, end) stream unmasked; the (at most two) groups the expert
+    # shares with a neighbour are loaded whole and masked in registers
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for t in range(start // BLOCK_K * BLOCK_K, end, BLOCK_K):
-        tok = t + rk
-        mine = (tok >= start) & (tok < end)
-        tok_b = tl.minimum(tok, end - 1).to(tl.int64)
-        a = tl.load(a_ptr + rm_load.to(tl.int64)[:, None] * stride_an + tok.to(tl.int64)[None, :],
-                    mask=mine[None, :], other=0.0)
-        b = tl.load(b_ptr + tok_b[:, None] + rn_load.to(tl.int64)[None, :] * stride_bk)
-        group = t // BLOCK_K
-        sa = tl.load(as_ptr + group * stride_asg + rm_load * stride_asn)
-        sb = tl.load(bs_ptr + group * stride_bsg + rn_load * stride_bsk)
-        acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])
+    for group in range((start + BLOCK_K - 1) // BLOCK_K, end // BLOCK_K):
+        acc = _wgrad_step(acc, *args, group, rm_load, rn_load, start, end, *strides,
+                          False, BLOCK_K)
+    first, last = start // BLOCK_K, (end - 1) // BLOCK_K
+    if (end > start) & (start % BLOCK_K != 0):
+        acc = _wgrad_step(acc, *args, first, rm_load, rn_load, start, end, *strides,
+                          True, BLOCK_K)
+    if (end > start) & (end % BLOCK_K != 0) & ((last > first) | (start % BLOCK_K == 0)):
+        acc = _wgrad_step(acc, *args, last, rm_load, rn_load, start, end, *strides,
+                          True, BLOCK_K)
 
     out_ptrs = (out_ptr + expert.to(tl.int64) * stride_oe + rm.to(tl.int64)[:, None] * stride_on
                 + rn[None, :])
@@ -317,10 +352,9 @@ def grouped_wgrad(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: 
     if rows != rows_b:
         raise ValueError(f"a_q [T, N] and b_q [T, K] must have the same rows T, got "
                          f"{tuple(a_q.shape)} and {tuple(b_q.shape)}")
-    if (a_q.stride(0) != 1 and N > 1) or (b_q.stride(0) != 1 and K > 1):
-        raise ValueError("a_q and b_q must be token-major (unit stride along T, the reduction "
-                         "dimension); wrap them in models.fp8.grouped.token_major()")
     groups = triton.cdiv(rows, SCALE_BLOCK)
+    _check_token_major(a_q, "a_q", groups * SCALE_BLOCK)
+    _check_token_major(b_q, "b_q", groups * SCALE_BLOCK)
     _check_scales(a_s, "a_s", (groups, N))
     _check_scales(b_s, "b_s", (groups, K))
     E = counts_E.shape[0] if isinstance(counts_E, torch.Tensor) and counts_E.dim() == 1 else -1
