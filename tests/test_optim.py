@@ -108,3 +108,21 @@ def test_schedule_errors_and_lambdalr_round_trip():
     restored = torch.optim.lr_scheduler.LambdaLR(opt, build_schedule(OptimConfig(warmup_steps=4, schedule="wsd"), 20))
     restored.load_state_dict(sched.state_dict())
     assert restored.last_epoch == 3 and restored.get_last_lr() == pytest.approx([1.0, 1.0])
+
+
+def test_state_dict_round_trip_keeps_bf16_moments_and_continues_identically():
+    params0, grads = _fresh(seed=4, steps=4)
+    straight, _ = _run(AdamW, params0, grads, moment_dtype=torch.bfloat16)
+    half, opt = _run(AdamW, params0, grads[:2], moment_dtype=torch.bfloat16)
+    state = opt.state_dict()
+    params = [p.detach().clone().requires_grad_(True) for p in half]
+    fresh = AdamW([dict(params=params[:1], weight_decay=0.1), dict(params=params[1:], weight_decay=0.0)],
+                  lr=1e-2, betas=(0.9, 0.95), eps=1e-8, moment_dtype=torch.bfloat16)
+    fresh.load_state_dict(state)
+    assert fresh.state[params[0]]["exp_avg"].dtype == torch.bfloat16
+    for step_grads in grads[2:]:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        fresh.step()
+    for a, b in zip(params, straight):
+        assert torch.equal(a, b)

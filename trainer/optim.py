@@ -53,6 +53,8 @@ class OptimConfig:
     """Clip the global gradient norm to this value (0 disables)."""
     moment_dtype: str = "bfloat16"
     """Storage dtype of both AdamW moments: 'bfloat16' (DeepSeek-V3) or 'float32'."""
+    bias_update_rate: float = 1e-3
+    """gamma of the aux-loss-free router-bias update, applied once per optimizer step (0 disables)."""
 
 
 class AdamW(torch.optim.Optimizer):
@@ -78,6 +80,14 @@ class AdamW(torch.optim.Optimizer):
                 if p.grad is not None:
                     self._update(p, group)
         return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch casts loaded moments to the parameter's dtype; put them back in moment_dtype (lossless)."""
+        super().load_state_dict(state_dict)
+        for state in self.state.values():
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key] = state[key].to(self.moment_dtype)
 
     def _update(self, p: torch.Tensor, group: dict) -> None:
         if p.dtype != torch.float32:

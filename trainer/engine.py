@@ -1,0 +1,220 @@
+"""The DeepSpeed engine and the one training step that pretraining and RL share.
+
+Every run, one process or many, goes through a DeepSpeed engine, so the code path on a laptop is
+the code path on a node:
+
+- `init_distributed()` starts torch.distributed from torchrun's environment (RANK, WORLD_SIZE,
+  MASTER_ADDR, ...), or fabricates a one-process environment when launched with plain `python`.
+  NCCL on GPUs; on a CPU-only machine DeepSpeed's CPU accelerator (DS_ACCELERATOR=cpu) with gloo.
+- `build_engine()` wraps the model with our AdamW as a client optimizer and the LR schedule as a
+  LambdaLR. ZeRO stage 1 by default: each rank keeps the FP32 master weights and AdamW moments of
+  1/N of the parameters; the client optimizer sees those flat FP32 partitions, which is why it
+  needs `zero_allow_untested_optimizer` (only torch's own Adam variants are on DeepSpeed's list).
+  Precision `auto` is BF16 on GPU (params and gradients BF16, FP32 masters inside ZeRO) and FP32
+  on CPU. Every buffer that was FP32 before wrapping (the routers' correction biases, rotary
+  tables) is FP32 after it: DeepSpeed before 0.19.2 cast buffers along with parameters, and a
+  BF16 bias could no longer absorb 1e-3 updates.
+- `train_step()` is the whole optimizer step: for each micro-batch forward (through `loss_fn`),
+  backward, `engine.step()` (DeepSpeed only steps at the accumulation boundary), token counts
+  into the balancer; then the router-bias update from the all-reduced counts, and the metrics
+  averaged over micro-batches and ranks. RL reuses it with its own `loss_fn`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from trainer.balance import LoadBalancer, all_reduce_sum, max_vio
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+@dataclass
+class ParallelConfig:
+    zero_stage: int = 1
+    """DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer state sharded) or 2 (+ gradients)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step on each rank."""
+    precision: str = "auto"
+    """'bf16', 'fp32', or 'auto' (bf16 on GPU, fp32 on CPU)."""
+
+
+@dataclass
+class Job:
+    """Where this process sits in the job."""
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _import_deepspeed():
+    """Import DeepSpeed with its accelerator chosen from what this machine has (one place)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    import deepspeed
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    return deepspeed
+
+
+def init_distributed() -> Job:
+    """Start (or join) the process group: torchrun's env, or a fabricated 1-process env."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    deepspeed = _import_deepspeed()
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    return Job(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"parallel.precision={precision!r} is unknown; use one of {PRECISIONS}")
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def deepspeed_config(parallel: ParallelConfig, grad_clip: float, micro_batch_size: int, world_size: int,
+                     precision: str) -> dict:
+    if parallel.zero_stage not in (0, 1, 2):
+        raise ValueError(f"parallel.zero_stage={parallel.zero_stage} is not supported; use 0, 1 or 2 "
+                         "(stage 3 partitions the expert weights, which the grouped GEMM needs whole)")
+    if parallel.grad_accum < 1 or micro_batch_size < 1:
+        raise ValueError("parallel.grad_accum and data.micro_batch_size must be >= 1")
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": parallel.grad_accum,
+        "train_batch_size": micro_batch_size * parallel.grad_accum * world_size,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": {"stage": parallel.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": precision == "bf16"},
+        "steps_per_print": 2 ** 62,
+        "wall_clock_breakdown": False,
+    }
+
+
+def keep_fp32_buffers(module: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Put back, bit for bit, every buffer that was FP32 before the engine cast the module."""
+    for name, value in saved.items():
+        owner_name, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        current = owner._buffers[leaf]
+        if current.dtype != torch.float32:
+            owner._buffers[leaf] = value.to(current.device)
+
+
+def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Callable[[int], float],
+                 ds_config: dict):
+    """Wrap model + client optimizer + LambdaLR(schedule) in a DeepSpeed engine."""
+    deepspeed = _import_deepspeed()
+    saved = {n: b.detach().clone() for n, b in model.named_buffers() if b.dtype == torch.float32}
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+    keep_fp32_buffers(engine.module, saved)
+    return engine
+
+
+class LossTerms(NamedTuple):
+    """What a loss function hands the step: the loss to backpropagate, the routed-token counts
+    [n_routers, n_experts] of this forward (None for a model without routers), scalar metrics."""
+    loss: torch.Tensor
+    expert_counts: Optional[torch.Tensor]
+    metrics: dict[str, torch.Tensor]
+
+
+def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> LossTerms:
+    """Pretraining: next-token loss plus MTP and balance terms, as the model's LossOutput defines."""
+    out = model(batch["tokens"], batch["labels"])
+    metrics = {"loss/total": out.loss, "loss/lm": out.lm_loss, "loss/mtp": out.mtp_loss,
+               "loss/balance": out.aux_loss}
+    for depth, loss in enumerate(out.mtp_losses, 1):
+        metrics[f"loss/mtp_depth{depth}"] = loss
+    return LossTerms(out.loss, out.expert_counts, metrics)
+
+
+def _mean_over_ranks(sums: dict[str, torch.Tensor], count: int) -> dict[str, float]:
+    keys = sorted(sums)
+    stacked = all_reduce_sum(torch.stack([sums[k].float() for k in keys]))
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return dict(zip(keys, (stacked / (count * world)).tolist()))
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def train_step(engine, micro_batches: list[dict[str, torch.Tensor]],
+               loss_fn: Callable[[nn.Module, dict], LossTerms], balancer: LoadBalancer) -> dict[str, float]:
+    """One optimizer step over this rank's micro-batches; returns metrics averaged over all ranks."""
+    if len(micro_batches) != engine.gradient_accumulation_steps():
+        raise ValueError(f"got {len(micro_batches)} micro-batches for an engine that accumulates "
+                         f"{engine.gradient_accumulation_steps()}; pass exactly one optimizer step's worth")
+    lr = engine.get_lr()[0]
+    steps_before = engine.global_steps
+    sums: dict[str, torch.Tensor] = {}
+    engine.train()
+    for batch in micro_batches:
+        terms = loss_fn(engine, _to_device(batch, engine.device))
+        engine.backward(terms.loss)
+        engine.step()
+        if terms.expert_counts is not None:
+            balancer.accumulate(terms.expert_counts)
+        for key, value in terms.metrics.items():
+            sums[key] = sums.get(key, 0) + value.detach().float()
+    assert engine.global_steps == steps_before + 1, "DeepSpeed did not step at the accumulation boundary"
+    metrics = _mean_over_ranks(sums, len(micro_batches))
+    metrics.update(balancer.step())
+    grad_norm = engine.get_global_grad_norm()
+    metrics["optim/lr"] = lr
+    metrics["optim/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device) -> dict[str, float]:
+    """Mean validation LM loss over all ranks' shares, and MaxVio_global from the summed loads."""
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    counts_LE = None
+    for batch in batches:
+        batch = _to_device(batch, device)
+        out = model(batch["tokens"], batch["labels"])
+        loss_sum += out.lm_loss.double()
+        if out.expert_counts is not None:
+            counts_LE = out.expert_counts.long() if counts_LE is None else counts_LE + out.expert_counts
+    model.train(was_training)
+    totals = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(len(batches)), dtype=torch.float64,
+                                                                 device=device)]))
+    metrics = {"val/loss": (totals[0] / totals[1]).item()}
+    if counts_LE is not None:
+        vio_L = max_vio(all_reduce_sum(counts_LE))
+        metrics["val/maxvio_global"] = vio_L.mean().item()
+        metrics.update({f"val/maxvio_global/layer{i}": v for i, v in enumerate(vio_L.tolist())})
+    return metrics
