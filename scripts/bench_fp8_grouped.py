@@ -1,0 +1,338 @@
+"""Grouped FP8 GEMMs and the FP8 grouped experts layer on the GPU, against their baselines.
+
+    python scripts/bench_fp8_grouped.py            # default run, about two minutes on an H100
+    python scripts/bench_fp8_grouped.py --quick    # one case per section, first configs only
+    python scripts/bench_fp8_grouped.py --full     # more cases and tile configs
+
+Sections (every figure next to a baseline measured in this run, recorded via scripts/summary.py):
+  gemm    grouped Fprop, Dgrad (models/fp8/grouped.grouped_gemm) and Wgrad (grouped_wgrad) in
+          TFLOPS, each the best of a small sweep of tile configs (the table of all configs is
+          printed, so this run also tunes), against
+            - a per-expert loop of cuBLAS blockwise FP8 calls (models/fp8/gemm.py, torch._scaled_mm)
+              with its split sizes already on the host (in training they come from the router on
+              the GPU, so the loop would add a device-to-host sync per layer; not counted here), and
+            - bf16 torch._grouped_mm on the same shapes.
+          Cases: DeepSeek-V3 experts (hidden 7168, width 2048: up 4096x7168 with gate|up fused,
+          down 7168x2048) and the `small` model's (hidden 4096, width 1024), 8-64 experts,
+          512-8192 tokens per expert.
+  layer   FP8GroupedExperts forward + backward (all quantization included) against bf16
+          models.moe.GroupedExperts and against Transformer Engine's GroupedLinear pair under
+          Float8BlockScaling when transformer_engine imports; FLOPs = 18 T D F. Two FP8 rows: FP8
+          weights cached (several micro-batches per optimizer step) and re-quantized every call.
+Timing: median over 5 batches of back-to-back calls between CUDA events, random normal data.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+from dataclasses import dataclass
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from summary import record  # noqa: E402
+
+BENCH = "fp8_grouped"
+DEVICE = "cuda"
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    experts: int
+    tokens: int   # per expert
+    N: int        # output features of the Fprop GEMM
+    K: int        # input features
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} E{self.experts}x{self.tokens} {self.N}x{self.K}"
+
+
+GEMM_CASES = [
+    Case("dsv3-up", 8, 4096, 4096, 7168),
+    Case("dsv3-down", 8, 4096, 7168, 2048),
+    Case("dsv3-up", 64, 512, 4096, 7168),
+    Case("small-up", 16, 2048, 2048, 4096),
+    Case("small-down", 16, 2048, 4096, 1024),
+]
+EXTRA_GEMM_CASES = [
+    Case("dsv3-down", 64, 512, 7168, 2048),
+    Case("dsv3-up", 4, 8192, 4096, 7168),
+    Case("small-up", 32, 1024, 4096, 4096),
+]
+LAYER_CASES = [  # (name, experts, tokens per expert, hidden D, width F)
+    ("dsv3", 8, 4096, 7168, 2048),
+    ("small", 16, 2048, 4096, 1024),
+]
+EXTRA_LAYER_CASES = [("dsv3", 32, 1024, 7168, 2048)]
+
+
+def gemm_configs(full: bool):
+    from models.fp8.grouped import TileConfig
+    configs = [TileConfig(128, 128, 8, 8, 4), TileConfig(128, 128, 8, 8, 3),
+               TileConfig(128, 256, 8, 8, 3), TileConfig(64, 128, 8, 4, 4)]
+    if full:
+        configs += [TileConfig(128, 256, 8, 16, 3), TileConfig(256, 128, 8, 16, 3),
+                    TileConfig(128, 128, 16, 8, 5), TileConfig(64, 256, 8, 4, 3)]
+    return configs
+
+
+def wgrad_configs(full: bool):
+    from models.fp8.grouped import TileConfig
+    configs = [TileConfig(128, 128, 8, 8, 3), TileConfig(128, 128, 8, 8, 4),
+               TileConfig(128, 256, 8, 8, 3), TileConfig(64, 128, 8, 4, 4)]
+    if full:
+        configs += [TileConfig(128, 256, 8, 16, 3), TileConfig(256, 128, 8, 16, 3)]
+    return configs
+
+
+def time_ms(fn, reps: int = 10, batches: int = 5) -> float:
+    """Median milliseconds per call of fn (reps calls per timed batch, after a warm-up batch)."""
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    per_call = []
+    for _ in range(batches):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        end.synchronize()
+        per_call.append(start.elapsed_time(end) / reps)
+    return statistics.median(per_call)
+
+
+def tflops(flops: float, ms: float) -> float:
+    return flops / ms / 1e9
+
+
+def sweep(name: str, run, configs) -> tuple[float, object]:
+    """Time run(config) for every config; print each; return (best ms, best config)."""
+    best = (float("inf"), None)
+    for cfg in configs:
+        try:
+            ms = time_ms(lambda: run(cfg), reps=5, batches=3)
+        except Exception as e:  # a config the compiler or the GPU rejects is skipped, not fatal
+            print(f"    {name} {cfg}: failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+            continue
+        print(f"    {name} BM{cfg.block_m} BN{cfg.block_n} G{cfg.group_m} "
+              f"w{cfg.num_warps} s{cfg.num_stages}: {ms:.3f} ms")
+        best = min(best, (ms, cfg), key=lambda t: t[0])
+    return best
+
+
+# ---------------------------------------------------------------------------------------------
+# Grouped GEMMs
+
+
+def _operands(case: Case):
+    """bf16 data, its FP8 copies as the layer makes them, and per-expert copies for the loop."""
+    from models.fp8 import quant
+    E, m, N, K = case.experts, case.tokens, case.N, case.K
+    T = E * m
+    x = torch.randn(T, K, device=DEVICE, dtype=torch.bfloat16)
+    dy = torch.randn(T, N, device=DEVICE, dtype=torch.bfloat16)
+    w = torch.randn(E, N, K, device=DEVICE, dtype=torch.bfloat16) * 0.02
+    ops = dict(x=x, dy=dy, w=w, counts=torch.full((E,), m, device=DEVICE, dtype=torch.int64))
+    ops["x8"] = quant.quantize_dual(x)
+    ops["dy8"] = quant.quantize_dual(dy)
+    ops["w8"] = quant.quantize_128x128(w, transpose=True)
+    ops["x8_e"] = [quant.quantize_dual(x[e * m:(e + 1) * m].contiguous()) for e in range(E)]
+    ops["dy8_e"] = [quant.quantize_dual(dy[e * m:(e + 1) * m].contiguous()) for e in range(E)]
+    return ops
+
+
+def _ours(ops, T: int):
+    from models.fp8.grouped import grouped_gemm, grouped_wgrad
+    q_x, s_x, qt_x, st_x = ops["x8"]
+    q_dy, s_dy, qt_dy, st_dy = ops["dy8"]
+    w_q, w_s, wt_q, wt_s = ops["w8"]
+    c = ops["counts"]
+    return dict(
+        fwd=lambda cfg: grouped_gemm(q_x, s_x, w_q, w_s, c, config=cfg),
+        dgrad=lambda cfg: grouped_gemm(q_dy, s_dy, wt_q, wt_s, c, config=cfg),
+        wgrad=lambda cfg: grouped_wgrad(qt_dy[:, :T].t(), st_dy, qt_x[:, :T].t(), st_x, c,
+                                        config=cfg))
+
+
+def _cublas_loop(ops, E: int):
+    from models.fp8.gemm import gemm_1x128_128x128, gemm_1x128_1x128
+    w_q, w_s, wt_q, wt_s = ops["w8"]
+    xe, dye = ops["x8_e"], ops["dy8_e"]
+    return dict(
+        fwd=lambda: [gemm_1x128_128x128(xe[e][0], xe[e][1], w_q[e], w_s[e]) for e in range(E)],
+        dgrad=lambda: [gemm_1x128_128x128(dye[e][0], dye[e][1], wt_q[e], wt_s[e])
+                       for e in range(E)],
+        wgrad=lambda: [gemm_1x128_1x128(dye[e][2], dye[e][3].t(), xe[e][2], xe[e][3].t())
+                       for e in range(E)])
+
+
+def _bf16_grouped(ops):
+    x, dy, w = ops["x"], ops["dy"], ops["w"]
+    offs = ops["counts"].cumsum(0).to(torch.int32)
+    return dict(
+        fwd=lambda: torch._grouped_mm(x, w.transpose(1, 2), offs=offs),
+        dgrad=lambda: torch._grouped_mm(dy, w, offs=offs),
+        wgrad=lambda: torch._grouped_mm(dy.t(), x, offs=offs))
+
+
+def _check_against_loop(ours, loop, op: str, cfg) -> float:
+    from models.fp8.reference import calc_diff
+    got = ours[op](cfg).float()
+    expect = loop[op]()
+    expect = torch.stack(expect) if op == "wgrad" else torch.cat(expect)
+    return calc_diff(got, expect.float())
+
+
+def _time_or_nan(fn) -> float:
+    try:
+        return time_ms(fn, reps=5, batches=3)
+    except Exception as e:
+        print(f"    baseline failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+        return float("nan")
+
+
+def bench_gemm(cases, full: bool, quick: bool = False) -> None:
+    print("\n== grouped GEMMs, TFLOPS (T = E x m tokens; Fprop [T,K]x[E,N,K]; Dgrad [T,N]x[E,K,N];"
+          " Wgrad [E,N,K] over tokens)")
+    configs = {"fwd": gemm_configs(full), "dgrad": gemm_configs(full), "wgrad": wgrad_configs(full)}
+    if quick:
+        configs = {op: c[:2] for op, c in configs.items()}
+    rows = []
+    for case in cases:
+        T = case.experts * case.tokens
+        flops = 2 * T * case.N * case.K
+        print(f"  {case.label}")
+        ops = _operands(case)
+        ours, loop, bf16 = _ours(ops, T), _cublas_loop(ops, case.experts), _bf16_grouped(ops)
+        for op in ("fwd", "dgrad", "wgrad"):
+            ms, cfg = sweep(op, ours[op], configs[op])
+            if cfg is None:
+                print(f"    {op}: every config failed")
+                continue
+            diff = _check_against_loop(ours, loop, op, cfg)
+            mine, base_loop = tflops(flops, ms), tflops(flops, _time_or_nan(loop[op]))
+            base_bf16 = tflops(flops, _time_or_nan(bf16[op]))
+            rows.append((case.label, op, mine, base_loop, base_bf16, cfg, diff))
+            record(BENCH, f"{op} {case.label}", mine, "TFLOPS", "cuBLAS blockwise loop", base_loop)
+            record(BENCH, f"{op} {case.label}", mine, "TFLOPS", "bf16 _grouped_mm", base_bf16)
+        del ops, ours, loop, bf16
+        torch.cuda.empty_cache()
+    print(f"\n{'case':<38}{'op':<7}{'ours':>7}{'loop':>7}{'bf16':>7}{'/loop':>7}{'/bf16':>7}"
+          f"  best config          calc_diff vs loop")
+    for label, op, mine, lp, bf, cfg, diff in rows:
+        print(f"{label:<38}{op:<7}{mine:>7.0f}{lp:>7.0f}{bf:>7.0f}{mine / lp:>6.2f}x{mine / bf:>6.2f}x"
+              f"  BM{cfg.block_m} BN{cfg.block_n} G{cfg.group_m} w{cfg.num_warps} "
+              f"s{cfg.num_stages}   {diff:.1e}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole experts layer
+
+
+def _te_experts(E: int, D: int, F: int):
+    """TE GroupedLinear up (D -> 2F) and down (F -> D) plus a Float8BlockScaling context, or a reason."""
+    try:
+        import transformer_engine.pytorch as te
+        from transformer_engine.common.recipe import Float8BlockScaling
+    except Exception as e:  # TE is optional: any import failure means "absent"
+        return None, f"transformer_engine does not import ({type(e).__name__}: {e})"
+    kw = dict(bias=False, params_dtype=torch.bfloat16, device=DEVICE)
+    up, down = te.GroupedLinear(E, D, 2 * F, **kw), te.GroupedLinear(E, F, D, **kw)
+    recipe = Float8BlockScaling()
+    if hasattr(te, "autocast"):
+        ctx = lambda: te.autocast(enabled=True, recipe=recipe)  # noqa: E731
+    else:
+        ctx = lambda: te.fp8_autocast(enabled=True, fp8_recipe=recipe)  # noqa: E731
+    return (up, down, ctx), None
+
+
+def _te_step(te_mods, x, dy, splits):
+    up, down, ctx = te_mods
+
+    def step():
+        with ctx():
+            gate, upv = up(x, splits).chunk(2, dim=-1)
+            y = down(torch.nn.functional.silu(gate) * upv, splits)
+        y.backward(dy)
+    return step
+
+
+def _layer_step(layer, x, counts, dy, before=None):
+    def step():
+        if before is not None:
+            before()
+        layer(x, counts).backward(dy)
+    return step
+
+
+def bench_layer(cases) -> None:
+    from models.fp8.experts import FP8GroupedExperts
+    from models.moe import GroupedExperts
+
+    print("\n== experts layer forward + backward (dx, dw1, dw3, dw2), TFLOPS = 18 T D F / time")
+    print(f"{'case':<30}{'fp8 cached W':>13}{'fp8 requant W':>14}{'bf16':>7}{'TE fp8':>8}"
+          f"{'cached/bf16':>12}{'requant/TE':>11}")
+    te_note = None
+    for name, E, m, D, F in cases:
+        T = E * m
+        base = GroupedExperts(E, D, F).to(DEVICE, torch.bfloat16)
+        with torch.no_grad():
+            for w in (base.w1, base.w3, base.w2):
+                w.normal_(std=0.02)
+        ours = FP8GroupedExperts.from_grouped(base)
+        x = torch.randn(T, D, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+        dy = torch.randn(T, D, device=DEVICE, dtype=torch.bfloat16)
+        counts = torch.full((E,), m, device=DEVICE, dtype=torch.int64)
+        flops = 18 * T * D * F
+        cached = tflops(flops, time_ms(_layer_step(ours, x, counts, dy), reps=3))
+        requant = tflops(flops, time_ms(_layer_step(ours, x, counts, dy, ours.invalidate_fp8_cache),
+                                        reps=3))
+        bf16 = tflops(flops, time_ms(_layer_step(base, x, counts, dy), reps=3))
+        te, te_note = _te_experts(E, D, F)
+        te_tf = float("nan")
+        if te:
+            try:
+                te_tf = tflops(flops, time_ms(_te_step(te, x, dy, [m] * E), reps=3))
+            except Exception as e:
+                te_note = f"TE GroupedLinear failed: {type(e).__name__}: {str(e).splitlines()[0]}"
+        case = f"{name} E{E}x{m} D{D} F{F}"
+        print(f"{case:<30}{cached:>13.0f}{requant:>14.0f}{bf16:>7.0f}{te_tf:>8.0f}"
+              f"{cached / bf16:>11.2f}x{requant / te_tf:>10.2f}x")
+        record(BENCH, f"layer {case}", cached, "TFLOPS", "bf16 GroupedExperts", bf16)
+        record(BENCH, f"layer {case} requant W", requant, "TFLOPS", "bf16 GroupedExperts", bf16)
+        if te_tf == te_tf:
+            record(BENCH, f"layer {case} requant W", requant, "TFLOPS",
+                   "TE Float8BlockScaling GroupedLinear", te_tf)
+        del base, ours, te, x, dy
+        torch.cuda.empty_cache()
+    if te_note:
+        print(f"Transformer Engine absent: {te_note}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one case per section, two configs")
+    parser.add_argument("--full", action="store_true", help="more cases and tile configs")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_fp8_grouped: no CUDA device; nothing to measure")
+        return
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    gemm_cases, layer_cases = GEMM_CASES, LAYER_CASES
+    if args.full:
+        gemm_cases, layer_cases = gemm_cases + EXTRA_GEMM_CASES, layer_cases + EXTRA_LAYER_CASES
+    if args.quick:
+        gemm_cases, layer_cases = gemm_cases[:1], layer_cases[:1]
+    bench_gemm(gemm_cases, args.full, args.quick)
+    bench_layer(layer_cases)
+
+
+if __name__ == "__main__":
+    main()
