@@ -21,7 +21,7 @@ def _write_corpus(tmp_path, seed=0, n_docs=80):
 
 
 def _cfg(tmp_path, paths, cache="cache", **kw):
-    return DataConfig(paths=paths, jsonl_key="body", vocab_size=300, seq_len=16, micro_batch_size=2,
+    return DataConfig(corpus="files", paths=paths, jsonl_key="body", vocab_size=300, seq_len=16, micro_batch_size=2,
                       val_fraction=0.2, cache_dir=str(tmp_path / cache), **kw)
 
 
@@ -62,7 +62,7 @@ def test_user_tokenizer_and_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="data.eos_token"):
         Corpus(_cfg(tmp_path, paths, "c3", tokenizer=str(first.tokenizer_path), eos_token="<eos>")).prepare()
     with pytest.raises(ValueError, match="jsonl_key"):
-        Corpus(DataConfig(paths=paths, jsonl_key="text", cache_dir=str(tmp_path / "c4"))).prepare()
+        Corpus(DataConfig(corpus="files", paths=paths, jsonl_key="text", cache_dir=str(tmp_path / "c4"))).prepare()
 
 
 def test_stdlib_corpus_has_no_tests():

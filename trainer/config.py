@@ -82,9 +82,8 @@ def register_configs() -> None:
 
 def to_dataclasses(cfg: DictConfig) -> PretrainConfig:
     """The config as dataclasses (each validates itself), typed against the schema first."""
-    cfg = OmegaConf.merge(OmegaConf.structured(PretrainConfig), cfg)
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ValueError(f"config value(s) {missing} must be given (they are ??? in conf/), e.g. "
                          f"`python -m trainer.pretrain {missing[0]}=...`")
-    return OmegaConf.to_object(cfg)
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(PretrainConfig), cfg))

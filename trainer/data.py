@@ -46,8 +46,10 @@ class DataConfig:
     """Tokens per training sequence (each packed row holds seq_len + 1 tokens)."""
     micro_batch_size: int = 8
     """Sequences per forward/backward on one rank."""
+    corpus: str = "stdlib"
+    """'stdlib' (this interpreter's standard-library sources) or 'files' (the files in `paths`)."""
     paths: List[str] = field(default_factory=list)
-    """Corpus files (.txt: one document each, .jsonl: one per line). Empty: the Python stdlib."""
+    """corpus=files: .txt files (one document each) and .jsonl files (one document per line)."""
     jsonl_key: str = "text"
     """Field of each JSONL line holding the document text."""
     tokenizer: Optional[str] = None
@@ -74,8 +76,14 @@ def stdlib_files() -> list[Path]:
 
 
 def corpus_files(cfg: DataConfig) -> list[Path]:
-    if not cfg.paths:
+    if cfg.corpus not in ("stdlib", "files"):
+        raise ValueError(f"data.corpus={cfg.corpus!r} is unknown; use 'stdlib' or 'files'")
+    if cfg.corpus == "stdlib":
+        if cfg.paths:
+            raise ValueError("data.paths is set but data.corpus=stdlib; select your files with data=files")
         return stdlib_files()
+    if not cfg.paths:
+        raise ValueError("data=files needs data.paths=[a.txt,b.jsonl,...] (files of your corpus)")
     files = [Path(p).expanduser() for p in cfg.paths]
     for p in files:
         if not p.is_file():

@@ -1,0 +1,120 @@
+"""conf/ against the schemas: every group option composes, YAML mirrors the dataclasses, bad overrides fail."""
+import dataclasses
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException, MissingConfigException
+
+from models.config import NAMED_SIZES, model_config
+from models.fp8.config import FP8Config
+from trainer import launch
+from trainer.config import GROUP_SCHEMAS, register_configs, to_dataclasses
+from trainer.data import Corpus, DataConfig
+from trainer.engine import ParallelConfig
+from trainer.optim import OptimConfig
+from trainer.tracking import LoggerConfig
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+FIXED = ["checkpoint.dir=/tmp/unused-checkpoints"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def hydra_conf():
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        yield
+
+
+def _compose(*overrides):
+    return compose("pretrain", overrides=[*FIXED, *overrides])
+
+
+def _options(group):
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def test_default_composes_to_the_debug_model_on_the_stdlib_corpus():
+    c = to_dataclasses(_compose())
+    assert c.model == model_config("debug")
+    assert c.fp8 == FP8Config() and not c.fp8.enabled
+    assert c.data.vocab_size == c.model.vocab_size and c.data.paths == []
+    assert c.logger.mode == "offline" and c.parallel.zero_stage == 1
+
+
+@pytest.mark.parametrize("group", sorted(GROUP_SCHEMAS))
+def test_every_option_of_every_group_composes(group):
+    options = _options(group)
+    assert options, f"conf/{group} is empty"
+    for option in options:
+        extra = ["data.paths=[a.txt]"] if (group, option) == ("data", "files") else []
+        cfg = _compose(f"{group}={option}", *extra)
+        c = to_dataclasses(cfg)
+        assert isinstance(getattr(c, group), GROUP_SCHEMAS[group])
+
+
+@pytest.mark.parametrize("name", sorted(NAMED_SIZES))
+def test_model_yaml_mirrors_the_named_size(name):
+    c = to_dataclasses(_compose(f"model={name}"))
+    assert dataclasses.asdict(c.model) == dataclasses.asdict(model_config(name))
+
+
+def test_group_defaults_mirror_the_dataclass_defaults():
+    c = to_dataclasses(_compose())
+    assert c.optim == OptimConfig()
+    assert c.parallel == ParallelConfig()
+    assert c.logger == LoggerConfig()
+    assert dataclasses.replace(c.data, vocab_size=DataConfig.vocab_size) == DataConfig()
+    assert to_dataclasses(_compose("fp8=blockwise")).fp8 == FP8Config(recipe="blockwise")
+
+
+def test_overrides_reach_the_dataclasses():
+    c = to_dataclasses(_compose("model=small", "model.num_hidden_layers=2", "optim.lr=1e-4",
+                                "optim=adamw_wsd", "parallel=zero2", "logger=off"))
+    assert c.model == model_config("small", num_hidden_layers=2)
+    assert c.optim.lr == 1e-4 and c.optim.schedule == "wsd"
+    assert c.parallel.zero_stage == 2 and c.logger.mode == "disabled"
+    assert c.data.vocab_size == 32768
+
+
+@pytest.mark.parametrize("override, error, words", [
+    ("optim.lrr=1", ConfigCompositionException, "optim.lrr"),
+    ("model.hiden_size=64", ConfigCompositionException, "model.hiden_size"),
+    ("optim.lr=fast", ConfigCompositionException, "optim.lr"),
+    ("train.steps=1.5", ConfigCompositionException, "train.steps"),
+    ("model=huge", MissingConfigException, "model/huge"),
+])
+def test_bad_overrides_fail_at_composition_naming_the_key(override, error, words):
+    with pytest.raises(error) as info:
+        _compose(override)
+    chain = str(info.value) + str(info.value.__cause__)
+    assert words in chain
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["fp8.recipe=fp4"], "fp8.recipe"),
+    (["model.n_group=3"], "n_group"),
+])
+def test_bad_values_fail_in_the_owning_dataclass(overrides, words):
+    with pytest.raises(ValueError, match=words.replace(".", r"\.")):
+        to_dataclasses(_compose(*overrides))
+
+
+def test_files_corpus_needs_paths():
+    c = to_dataclasses(_compose("data=files"))
+    with pytest.raises(ValueError, match=r"data\.paths"):
+        Corpus(c.data)
+
+
+def test_other_ranks_compose_quietly(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["pretrain", "optim.lr=1", "hydra.run.dir=/x"])
+    monkeypatch.setenv("RANK", "0")
+    launch.quiet_hydra_on_other_ranks()
+    assert sys.argv == ["pretrain", "optim.lr=1", "hydra.run.dir=/x"]
+    monkeypatch.setenv("RANK", "1")
+    launch.quiet_hydra_on_other_ranks()
+    assert sys.argv == ["pretrain", "optim.lr=1", *launch.QUIET_OVERRIDES]
+    cfg = compose("pretrain", overrides=[*FIXED, *launch.QUIET_OVERRIDES], return_hydra_config=True)
+    assert cfg.hydra.output_subdir is None
+    assert cfg.hydra.job_logging.root.level == "ERROR" and cfg.hydra.run.dir == "."
