@@ -392,10 +392,10 @@ class Saver:
     def swap(self, pause: str, resume: str) -> TransitionStats:
         """Pause one tag and resume another in one pass, overlapping their backup copies."""
         with self._lock:
-            self._check_pausable(pause)
-            self._check_resumable(resume)
             if pause == resume:
                 raise ValueError(f"swap: cannot pause and resume the same tag {pause!r}")
+            self._check_pausable(pause)
+            self._check_resumable(resume)
             return self._transition("saver_swap", (pause.encode(), resume.encode()), [pause], [resume])
 
     def report(self) -> dict:
