@@ -12,3 +12,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from .config import FP8Config  # noqa: E402
+from .convert import convert  # noqa: E402
+from .linear import FP8Linear, invalidate_weight_caches  # noqa: E402
+
+__all__ = ["FP8Config", "FP8Linear", "convert", "invalidate_weight_caches"]

@@ -1,0 +1,137 @@
+"""models.fp8.convert on the debug model: which modules become FP8 (and which stay high precision,
+with one log line each), shared parameters, the hardware check, and a converted model's loss and
+gradients against the unconverted one (CPU: interpreted kernels, reference GEMMs)."""
+import logging
+import os
+
+if not __import__("torch").cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel is defined
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models import build_model, model_config
+from models.fp8 import FP8Config, FP8Linear, convert
+from models.fp8.experts import FP8GroupedExperts
+from models.fp8.gemm import has_blockwise_kernels
+from models.moe import GroupedExperts, Router
+from test_fp8_grouped import allow_runtime_loop_bounds_in_interpreter
+
+allow_runtime_loop_bounds_in_interpreter()
+
+BLOCKWISE = FP8Config(recipe="blockwise")
+# every projection a multiple of 128, so that everything eligible is converted
+ALL_ELIGIBLE = dict(num_hidden_layers=2, n_routed_experts=4, n_group=1, topk_group=1,
+                    q_lora_rank=128, kv_lora_rank=128, qk_rope_head_dim=128, qk_nope_head_dim=128,
+                    v_head_dim=128, num_attention_heads=2, moe_intermediate_size=128)
+
+
+def _expected_fp8(model):
+    """Independently: every bias-free nn.Linear with both dims % 128 == 0 except the head, and
+    every GroupedExperts whose dim and width are multiples of 128."""
+    names = set()
+    for name, m in model.named_modules():
+        if type(m) is nn.Linear and name != "head" and m.in_features % 128 == 0 \
+                and m.out_features % 128 == 0:
+            names.add(name)
+        if type(m) is GroupedExperts and m.w1.shape[1] % 128 == 0 and m.w1.shape[2] % 128 == 0:
+            names.add(name)
+    return names
+
+
+def _fp8_names(model):
+    return {n for n, m in model.named_modules() if isinstance(m, (FP8Linear, FP8GroupedExperts))}
+
+
+def test_debug_model_conversion_picks_modules(caplog):
+    model = build_model(model_config("debug"))
+    expected = _expected_fp8(model)
+    linears = {n for n, m in model.named_modules() if type(m) is nn.Linear or type(m) is GroupedExperts}
+    params_before = {n: id(p) for n, p in model.named_parameters()}
+    with caplog.at_level(logging.INFO, logger="models.fp8.convert"):
+        assert convert(model, BLOCKWISE, emulate=True) is model
+    assert _fp8_names(model) == expected
+    assert {"layers.0.attn.wo", "layers.0.ffn.w1", "mtp.0.eh_proj", "mtp.0.block.attn.wo"} <= expected
+    assert type(model.head) is nn.Linear and type(model.embed) is nn.Embedding
+    assert all(type(r) is Router for r in model.routers())
+    kept = linears - expected - {"head"}
+    assert len(caplog.records) == len(kept)
+    assert all(any(k in r.getMessage() for r in caplog.records) for k in kept)
+    assert {n: id(p) for n, p in model.named_parameters()} == params_before, "parameters are shared"
+
+
+def test_all_eligible_model_converts_every_projection():
+    model = build_model(model_config("debug", **ALL_ELIGIBLE))
+    convert(model, BLOCKWISE, emulate=True)
+    for name, m in model.named_modules():
+        if name.endswith(("wq_a", "wq_b", "wkv_a", "wkv_b", "wo", "eh_proj")) or ".shared.w" in name:
+            assert isinstance(m, FP8Linear), name
+        if name.endswith(".experts"):
+            assert isinstance(m, FP8GroupedExperts), name
+    assert type(model.head) is nn.Linear
+
+
+def test_off_leaves_the_model_alone():
+    model = build_model(model_config("debug"))
+    convert(model, FP8Config(recipe="off"))
+    assert not _fp8_names(model)
+
+
+@pytest.mark.skipif(has_blockwise_kernels(), reason="this machine has the sm90 kernels")
+def test_blockwise_without_sm90_is_an_error():
+    with pytest.raises(RuntimeError, match="sm90"):
+        convert(build_model(model_config("debug")), BLOCKWISE)
+    with pytest.raises(TypeError, match="FP8Config"):
+        convert(build_model(model_config("debug")), {"recipe": "blockwise"})
+
+
+def _cos(a, b):
+    return float(F.cosine_similarity(a.double().flatten(), b.double().flatten(), 0))
+
+
+def _loss_and_grads(cfg, fp8_cfg, device, dtype, seed=0):
+    torch.manual_seed(seed)
+    ref = build_model(cfg).to(device=device, dtype=dtype)
+    fp8 = build_model(cfg).to(device=device, dtype=dtype)
+    fp8.load_state_dict(ref.state_dict())
+    convert(fp8, fp8_cfg, emulate=device == "cpu")
+    tokens = torch.randint(0, cfg.vocab_size, (2, 33), generator=torch.Generator().manual_seed(seed))
+    tokens = tokens.to(device)
+    out = []
+    for model in (ref, fp8):
+        loss = model(tokens[:, :-1], tokens[:, 1:]).loss
+        loss.backward()
+        out.append((loss.item(), dict((n, p.grad) for n, p in model.named_parameters()
+                                      if p.grad is not None)))
+    return out, _fp8_names(fp8)
+
+
+def _check_close(results, fp8_modules):
+    (loss_ref, g_ref), (loss_fp8, g_fp8) = results
+    assert abs(loss_fp8 - loss_ref) / loss_ref < 2e-3
+    assert g_ref.keys() == g_fp8.keys()
+    flat = lambda g: torch.cat([t.flatten().double() for t in g.values()])  # noqa: E731
+    assert _cos(flat(g_fp8), flat(g_ref)) >= 0.99
+    linear_weights = [n for n in g_ref if n.rsplit(".", 1)[0] in fp8_modules and "experts" not in n]
+    assert linear_weights
+    for n in linear_weights:
+        assert _cos(g_fp8[n], g_ref[n]) >= 0.99, n
+
+
+def test_converted_model_gradients_close_cpu():
+    results, fp8_modules = _loss_and_grads(model_config("debug", **ALL_ELIGIBLE), BLOCKWISE,
+                                           "cpu", torch.float32)
+    assert any(".experts" in n for n in fp8_modules)
+    _check_close(results, fp8_modules)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pow2", [False, True])
+def test_converted_model_gradients_close_gpu(pow2):
+    """On the real kernels, against the same model in bf16."""
+    results, fp8_modules = _loss_and_grads(model_config("debug", **ALL_ELIGIBLE),
+                                           FP8Config(recipe="blockwise", pow2_scales=pow2),
+                                           "cuda", torch.bfloat16)
+    _check_close(results, fp8_modules)
