@@ -426,3 +426,13 @@ def test_concurrent_allocation_and_free_from_threads(fake):
     assert not errors, errors
     assert all(r["segments"] == 0 for r in saver.report()["tags"].values())
     assert fake.stat("physical_bytes") == 0
+
+
+def test_preload_mode_is_detected_and_required(fake, built):
+    probe = "import ctypes, sys; print(ctypes.CDLL(sys.argv[1]).saver_preload_active())"
+    plain = subprocess.run([sys.executable, "-c", probe, str(fake.lib)], capture_output=True, text=True)
+    preloaded = subprocess.run([sys.executable, "-c", probe, str(fake.lib)], capture_output=True, text=True,
+                               env=dict(os.environ, LD_PRELOAD=str(fake.lib)))
+    assert (plain.stdout.strip(), preloaded.stdout.strip()) == ("0", "1"), plain.stderr + preloaded.stderr
+    with pytest.raises(RuntimeError, match=f"LD_PRELOAD={fake.lib}"):
+        fake.saver(mode="preload").enabled

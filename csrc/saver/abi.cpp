@@ -26,10 +26,15 @@ int fail(const saver::Status& st) {
   return st.code;
 }
 
+// Out-of-memory is PyTorch's to handle (it retries), and a driver already shut down at process
+// exit has taken the memory with it; anything else is worth a line on stderr.
 void complain(const saver::Status& st) {
   fail(st);
-  if (st.code != saver::kOutOfMemory) std::fprintf(stderr, "[fp8moe saver] %s\n", st.message.c_str());
+  if (st.code == saver::kOutOfMemory || st.cu == CUDA_ERROR_DEINITIALIZED) return;
+  std::fprintf(stderr, "[fp8moe saver] %s\n", st.message.c_str());
 }
+
+void anchor() {}
 
 std::vector<std::string> one_or_none(const char* name) {
   return name ? std::vector<std::string>{name} : std::vector<std::string>{};
@@ -153,7 +158,12 @@ void saver_torch_free(void* ptr, ssize_t, int, cudaStream_t) {
 
 // 1 when this library's cudaMalloc is the one the process resolves (it is in LD_PRELOAD).
 int saver_preload_active(void) {
-  return dlsym(RTLD_DEFAULT, "cudaMalloc") == reinterpret_cast<void*>(&cudaMalloc) ? 1 : 0;
+  // The main program's handle searches the global scope only (preloads come first there), not
+  // this library's own local scope, where our definition would always be found.
+  void* resolved = dlsym(dlopen(nullptr, RTLD_NOW), "cudaMalloc");
+  Dl_info theirs, ours;
+  if (!resolved || !dladdr(resolved, &theirs) || !dladdr(reinterpret_cast<void*>(&anchor), &ours)) return 0;
+  return theirs.dli_fbase == ours.dli_fbase ? 1 : 0;
 }
 
 // ---- LD_PRELOAD interposer ----

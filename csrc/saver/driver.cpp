@@ -70,8 +70,10 @@ std::string describe(CUresult result) {
 Status check_cu(CUresult result, const char* call, const char* file, int line) {
   if (result == CUDA_SUCCESS) return {};
   int code = result == CUDA_ERROR_OUT_OF_MEMORY ? kOutOfMemory : kDriver;
-  return make_status(code, std::string(call) + " failed at " + file + ":" + std::to_string(line) +
-                               ": " + describe(result));
+  Status st = make_status(code, std::string(call) + " failed at " + file + ":" + std::to_string(line) +
+                                    ": " + describe(result));
+  st.cu = result;
+  return st;
 }
 
 }  // namespace saver

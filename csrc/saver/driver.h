@@ -27,6 +27,7 @@ enum Code : int {
 
 struct Status {
   int code = kOk;
+  CUresult cu = CUDA_SUCCESS;  // the driver's result when a driver call failed
   std::string message;
   bool ok() const { return code == kOk; }
 };
