@@ -73,21 +73,26 @@ EXTRA_LAYER_CASES = [("dsv3", 32, 1024, 7168, 2048)]
 
 
 def gemm_configs(full: bool):
-    from models.fp8.grouped import TileConfig
-    configs = [TileConfig(128, 128, 8, 8, 4), TileConfig(128, 128, 8, 8, 3),
-               TileConfig(128, 256, 8, 8, 3), TileConfig(64, 128, 8, 4, 4)]
+    """Tile configs the grouped Fprop/Dgrad sweep tries (BLOCK_K is always 128: one scale group)."""
+    from models.fp8.grouped import TileConfig as C
+    configs = [C(128, 128, 8, 8, 4), C(128, 128, 8, 8, 4, tma=True),
+               C(128, 128, 8, 8, 4, tma=True, persistent=True), C(128, 256, 8, 16, 3, tma=True),
+               C(64, 128, 8, 4, 4, tma=True), C(128, 128, 8, 8, 3)]
     if full:
-        configs += [TileConfig(128, 256, 8, 16, 3), TileConfig(256, 128, 8, 16, 3),
-                    TileConfig(128, 128, 16, 8, 5), TileConfig(64, 256, 8, 4, 3)]
+        configs += [C(256, 128, 8, 16, 3, tma=True), C(128, 256, 8, 16, 3, tma=True, persistent=True),
+                    C(128, 128, 16, 8, 5, tma=True, persistent=True), C(128, 256, 8, 8, 3),
+                    C(64, 256, 8, 4, 3, tma=True), C(128, 128, 8, 4, 4, tma=True)]
     return configs
 
 
 def wgrad_configs(full: bool):
-    from models.fp8.grouped import TileConfig
-    configs = [TileConfig(128, 128, 8, 8, 3), TileConfig(128, 128, 8, 8, 4),
-               TileConfig(128, 256, 8, 8, 3), TileConfig(64, 128, 8, 4, 4)]
+    """Tile configs the grouped Wgrad sweep tries (rows = N of dW, columns = K of dW)."""
+    from models.fp8.grouped import TileConfig as C
+    configs = [C(128, 128, 8, 8, 3), C(128, 128, 8, 8, 4, tma=True),
+               C(128, 256, 8, 16, 3, tma=True), C(64, 128, 8, 4, 4, tma=True)]
     if full:
-        configs += [TileConfig(128, 256, 8, 16, 3), TileConfig(256, 128, 8, 16, 3)]
+        configs += [C(128, 128, 8, 8, 4), C(256, 128, 8, 16, 3, tma=True),
+                    C(128, 128, 16, 8, 5, tma=True)]
     return configs
 
 
@@ -112,6 +117,11 @@ def tflops(flops: float, ms: float) -> float:
     return flops / ms / 1e9
 
 
+def _short(cfg) -> str:
+    return (f"BM{cfg.block_m} BN{cfg.block_n} G{cfg.group_m} w{cfg.num_warps} s{cfg.num_stages}"
+            + (" tma" if cfg.tma else "") + (" pers" if cfg.persistent else ""))
+
+
 def sweep(name: str, run, configs) -> tuple[float, object]:
     """Time run(config) for every config; print each; return (best ms, best config)."""
     best = (float("inf"), None)
@@ -121,8 +131,7 @@ def sweep(name: str, run, configs) -> tuple[float, object]:
         except Exception as e:  # a config the compiler or the GPU rejects is skipped, not fatal
             print(f"    {name} {cfg}: failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
             continue
-        print(f"    {name} BM{cfg.block_m} BN{cfg.block_n} G{cfg.group_m} "
-              f"w{cfg.num_warps} s{cfg.num_stages}: {ms:.3f} ms")
+        print(f"    {name} {_short(cfg)}: {ms:.3f} ms")
         best = min(best, (ms, cfg), key=lambda t: t[0])
     return best
 
@@ -225,11 +234,10 @@ def bench_gemm(cases, full: bool, quick: bool = False) -> None:
         del ops, ours, loop, bf16
         torch.cuda.empty_cache()
     print(f"\n{'case':<38}{'op':<7}{'ours':>7}{'loop':>7}{'bf16':>7}{'/loop':>7}{'/bf16':>7}"
-          f"  best config          calc_diff vs loop")
+          f"  {'best config':<28}calc_diff vs loop")
     for label, op, mine, lp, bf, cfg, diff in rows:
         print(f"{label:<38}{op:<7}{mine:>7.0f}{lp:>7.0f}{bf:>7.0f}{mine / lp:>6.2f}x{mine / bf:>6.2f}x"
-              f"  BM{cfg.block_m} BN{cfg.block_n} G{cfg.group_m} w{cfg.num_warps} "
-              f"s{cfg.num_stages}   {diff:.1e}")
+              f"  {_short(cfg):<28}{diff:.1e}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -74,19 +74,22 @@ def _acts(rows, cols, gen):
 
 def _operands(counts, N, K, seed):
     gen = torch.Generator().manual_seed(seed)
-    counts_E = torch.tensor(counts)
-    x = _acts(int(counts_E.sum()), K, gen)
-    w = (torch.randn(len(counts) * N, K, generator=gen) * 0.02).to(torch.bfloat16)
+    counts_E = torch.tensor(counts, device=DEVICE)
+    x = _acts(sum(counts), K, gen).to(DEVICE)
+    w = (torch.randn(len(counts) * N, K, generator=gen) * 0.02).to(DEVICE, torch.bfloat16)
     a_q, a_s = ref.quantize_1x128(x)
     b_q, b_s = ref.quantize_128x128(w)
     b_q, b_s = b_q.view(len(counts), N, K), b_s.view(len(counts), N // 128, K // 128)
-    return [t.to(DEVICE) for t in (a_q, a_s.t().contiguous().t(), b_q, b_s, counts_E)]
+    return a_q, a_s.t().contiguous().t(), b_q, b_s, counts_E
 
 
 GEMM_CASES = [  # counts per expert (ragged, empty experts, one expert), N, K, tile config
     ([37, 0, 130, 5], 256, 256, TileConfig(block_m=64, block_n=128, num_warps=4)),
     ([0, 200, 0], 384, 128, TileConfig(block_m=128, block_n=256)),
     ([129], 128, 384, TileConfig(block_m=128, block_n=128, group_m=1)),
+    ([37, 0, 130, 5], 256, 256, TileConfig(block_m=64, block_n=128, tma=True)),
+    ([0, 200, 0, 3], 384, 128, TileConfig(block_m=64, block_n=256, persistent=True)),
+    ([70, 1, 0, 99], 256, 256, TileConfig(block_m=64, block_n=128, tma=True, persistent=True)),
 ]
 
 
@@ -122,10 +125,9 @@ def test_grouped_gemm_bf16_output_and_dgrad_orientation():
 def _wgrad_operands(counts, N, K, seed):
     gen = torch.Generator().manual_seed(seed)
     rows = sum(counts)
-    a_q, a_s = ref.quantize_128x1(_acts(rows, N, gen))
-    b_q, b_s = ref.quantize_128x1(_acts(rows, K, gen))
-    counts_E = torch.tensor(counts)
-    return [t.to(DEVICE) for t in (token_major(a_q), a_s, token_major(b_q), b_s, counts_E)]
+    a_q, a_s = ref.quantize_128x1(_acts(rows, N, gen).to(DEVICE))
+    b_q, b_s = ref.quantize_128x1(_acts(rows, K, gen).to(DEVICE))
+    return token_major(a_q), a_s, token_major(b_q), b_s, torch.tensor(counts, device=DEVICE)
 
 
 WGRAD_CASES = [
@@ -133,6 +135,7 @@ WGRAD_CASES = [
     ([300, 0], 256, 128, TileConfig(block_m=128, block_n=128)),
     ([1, 255, 2], 192, 128, TileConfig(block_m=128, block_n=64, group_m=1)),
     ([10, 40, 78, 0], 128, 128, TileConfig(block_m=64, block_n=64, num_warps=4)),
+    ([37, 0, 130, 5], 192, 256, TileConfig(block_m=128, block_n=128, tma=True)),
 ]
 
 
@@ -192,29 +195,38 @@ def test_bad_input_is_a_clear_error():
 
 
 # ---------------------------------------------------------------------------------------------
-# The same checks at real expert shapes (DeepSeek-V3: D=7168, F=2048; `small`: D=4096, F=1024)
+# The same checks at real expert shapes (DeepSeek-V3: D=7168, F=2048; `small`: D=4096, F=1024),
+# with the kernel variants the benchmark sweeps; references computed in fp32 on the GPU
+
+
+GPU_CONFIGS = [None, TileConfig(128, 128, 8, 8, 4, tma=True),
+               TileConfig(128, 128, 8, 8, 4, tma=True, persistent=True),
+               TileConfig(128, 256, 8, 16, 3, tma=True), TileConfig(64, 128, 8, 4, 4)]
+
+
+def _ragged_counts(E, m, seed, empty):
+    counts = (torch.rand(E, generator=torch.Generator().manual_seed(seed)) * 2 * m).long()
+    counts[empty] = 0
+    return counts.tolist()
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("cfg", GPU_CONFIGS)
 @pytest.mark.parametrize("E,m,N,K", [(8, 512, 4096, 7168), (8, 512, 7168, 2048),
                                      (16, 300, 2048, 4096), (16, 300, 4096, 1024)])
-def test_grouped_gemm_real_shapes(E, m, N, K):
-    gen = torch.Generator().manual_seed(E * m)
-    counts = (torch.rand(E, generator=gen) * 2 * m).long()
-    counts[1] = 0
-    a_q, a_s, b_q, b_s, counts_E = _operands(counts.tolist(), N, K, seed=N + K)
-    out = grouped_gemm(a_q, a_s, b_q, b_s, counts_E)
-    expect = grouped_gemm_reference(*(t.cpu() for t in (a_q, a_s, b_q, b_s, counts_E)))
-    assert ref.calc_diff(out.float().cpu(), expect) < 1e-3
+def test_grouped_gemm_real_shapes(E, m, N, K, cfg):
+    a_q, a_s, b_q, b_s, counts_E = _operands(_ragged_counts(E, m, E * m, 1), N, K, seed=N + K)
+    out = grouped_gemm(a_q, a_s, b_q, b_s, counts_E, config=cfg)
+    expect = grouped_gemm_reference(a_q, a_s, b_q, b_s, counts_E)
+    assert ref.calc_diff(out.float(), expect) < 1e-3
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("cfg", [None, TileConfig(128, 128, 8, 8, 4, tma=True),
+                                 TileConfig(128, 256, 8, 16, 3, tma=True)])
 @pytest.mark.parametrize("E,m,N,K", [(8, 512, 4096, 7168), (16, 300, 7168, 2048)])
-def test_grouped_wgrad_real_shapes(E, m, N, K):
-    gen = torch.Generator().manual_seed(E + m)
-    counts = (torch.rand(E, generator=gen) * 2 * m).long()
-    counts[-1] = 0
-    a_q, a_s, b_q, b_s, counts_E = _wgrad_operands(counts.tolist(), N, K, seed=N)
-    out = grouped_wgrad(a_q, a_s, b_q, b_s, counts_E)
-    expect = grouped_wgrad_reference(*(t.cpu() for t in (a_q, a_s, b_q, b_s, counts_E)))
-    assert ref.calc_diff(out.cpu(), expect) < 1e-3
+def test_grouped_wgrad_real_shapes(E, m, N, K, cfg):
+    a_q, a_s, b_q, b_s, counts_E = _wgrad_operands(_ragged_counts(E, m, E + m, -1), N, K, seed=N)
+    out = grouped_wgrad(a_q, a_s, b_q, b_s, counts_E, config=cfg)
+    expect = grouped_wgrad_reference(a_q, a_s, b_q, b_s, counts_E)
+    assert ref.calc_diff(out, expect) < 1e-3

@@ -33,12 +33,14 @@ Shape legend: T tokens (rows), E experts, N output columns, K reduction, BLOCK_*
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 E4M3 = torch.float8_e4m3fn
 SCALE_BLOCK = 128
@@ -55,6 +57,10 @@ class TileConfig:
     """Rows of tiles walked together so neighbouring programs share operand tiles in L2."""
     num_warps: int = 8
     num_stages: int = 4
+    tma: bool = False
+    """Load the FP8 operand tiles with TMA (tensor descriptors) instead of pointer loads."""
+    persistent: bool = False
+    """One program per SM walking the tiles (grouped_gemm only), instead of one per tile."""
 
 
 DEFAULT_GEMM_CONFIG = TileConfig()
@@ -172,26 +178,21 @@ def _swizzle(pid, m_tiles, n_tiles, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def grouped_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, counts_ptr,
-                        rows, N, K, n_experts, m_tiles,
-                        stride_am, stride_asm, stride_ask,
-                        stride_be, stride_bn, stride_bse, stride_bsn, stride_bsk, stride_cm,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        GROUP_M: tl.constexpr, E_POW2: tl.constexpr):
-    n_tiles = tl.cdiv(N, BLOCK_N)
-    tile_m, tile_n = _swizzle(tl.program_id(0), m_tiles, n_tiles, GROUP_M)
-    expert, row0, row_end = _tile_rows(counts_ptr, n_experts, tile_m, BLOCK_M, E_POW2)
-    if expert >= n_experts:
-        return
-    row_end = tl.minimum(row_end, rows)
+def _gemm_tile(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, expert, row0, row_end, tile_n, N, K,
+               stride_am, stride_asm, stride_ask, stride_be, stride_bn,
+               stride_bse, stride_bsn, stride_bsk, stride_cm,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               USE_TMA: tl.constexpr):
+    """One BLOCK_M x BLOCK_N output tile of `expert`: rows [row0, row_end) are stored."""
     rm = row0 + tl.arange(0, BLOCK_M)
     rm_load = tl.minimum(rm, row_end - 1).to(tl.int64)
     rn = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rn_load = tl.minimum(rn, N - 1).to(tl.int64)
-    rk = tl.arange(0, BLOCK_K)
-
-    a_ptrs = a_ptr + rm_load[:, None] * stride_am + rk[None, :]
-    b_ptrs = b_ptr + expert.to(tl.int64) * stride_be + rn_load[None, :] * stride_bn + rk[:, None]
+    if not USE_TMA:
+        rk = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + rm_load[:, None] * stride_am + rk[None, :]
+        b_ptrs = (b_ptr + expert.to(tl.int64) * stride_be + rn_load[None, :] * stride_bn
+                  + rk[:, None])
     as_ptrs = as_ptr + rm_load * stride_asm
     bs_base = bs_ptr + expert * stride_bse
     if BLOCK_N <= 128:
@@ -201,20 +202,84 @@ def grouped_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, counts_ptr,
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(0, K // BLOCK_K):
-        a = tl.load(a_ptrs)
-        b = tl.load(b_ptrs)
+        if USE_TMA:  # a_ptr, b_ptr are descriptors of a [T, K] and b [E*N, K]
+            a = a_ptr.load([row0, kb * BLOCK_K])
+            b = b_ptr.load([expert * N + tile_n * BLOCK_N, kb * BLOCK_K]).T
+        else:
+            a = tl.load(a_ptrs + kb * BLOCK_K)
+            b = tl.load(b_ptrs + kb * BLOCK_K)
         sa = tl.load(as_ptrs + kb * stride_ask)
         sb = tl.load(bs_ptrs + kb * stride_bsk)
         if BLOCK_N <= 128:
             acc += tl.dot(a, b) * (sa * sb)[:, None]
         else:
             acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
 
     c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
     mask = (rm < row_end)[:, None] & (rn < N)[None, :]
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _m_tiles(counts_ptr, n_experts, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
+    """M tiles the experts need, each starting a fresh tile."""
+    e_idx = tl.arange(0, E_POW2)
+    counts = tl.load(counts_ptr + e_idx, mask=e_idx < n_experts, other=0).to(tl.int32)
+    return tl.sum((counts + BLOCK_M - 1) // BLOCK_M, 0)
+
+
+@triton.jit
+def grouped_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, counts_ptr,
+                        rows, N, K, n_experts, m_tiles_bound,
+                        stride_am, stride_asm, stride_ask,
+                        stride_be, stride_bn, stride_bse, stride_bsn, stride_bsk, stride_cm,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        GROUP_M: tl.constexpr, E_POW2: tl.constexpr, USE_TMA: tl.constexpr,
+                        NUM_SMS: tl.constexpr):
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    strides = (stride_am, stride_asm, stride_ask, stride_be, stride_bn,
+               stride_bse, stride_bsn, stride_bsk, stride_cm)
+    if NUM_SMS == 0:  # one tile per program over the host's bound; tiles past the real count exit
+        tile_m, tile_n = _swizzle(tl.program_id(0), m_tiles_bound, n_tiles, GROUP_M)
+        expert, row0, row_end = _tile_rows(counts_ptr, n_experts, tile_m, BLOCK_M, E_POW2)
+        if expert >= n_experts:
+            return
+        _gemm_tile(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, expert, row0,
+                   tl.minimum(row_end, rows), tile_n, N, K, *strides,
+                   BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA)
+    else:  # persistent: NUM_SMS programs walk exactly the real tiles (count read on the GPU)
+        m_tiles = _m_tiles(counts_ptr, n_experts, BLOCK_M, E_POW2)
+        for tile in tl.range(tl.program_id(0), m_tiles * n_tiles, NUM_SMS, flatten=True):
+            tile_m, tile_n = _swizzle(tile, m_tiles, n_tiles, GROUP_M)
+            expert, row0, row_end = _tile_rows(counts_ptr, n_experts, tile_m, BLOCK_M, E_POW2)
+            _gemm_tile(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, expert, row0,
+                       tl.minimum(row_end, rows), tile_n, N, K, *strides,
+                       BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA)
+
+
+def _tma_ok(*tensors: torch.Tensor) -> bool:
+    """TMA needs 16-byte aligned bases and row strides and a unit last stride."""
+    return all(t.data_ptr() % 16 == 0 and t.stride(-1) == 1
+               and all(st % 16 == 0 for st in t.stride()[:-1]) for t in tensors)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: a few programs, so the persistent loop really loops
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _gemm_operands(a_q, b_q, cfg: TileConfig):
+    """What the kernel's a/b arguments are: the tensors, or TMA descriptors of them."""
+    if not cfg.tma:
+        return a_q, b_q
+    E, N, K = b_q.shape
+    a_desc = TensorDescriptor(a_q, list(a_q.shape), list(a_q.stride()),
+                              [cfg.block_m, SCALE_BLOCK])
+    b_flat = b_q.reshape(E * N, K)
+    b_desc = TensorDescriptor(b_flat, list(b_flat.shape), list(b_flat.stride()),
+                              [cfg.block_n, SCALE_BLOCK])
+    return a_desc, b_desc
 
 
 def grouped_gemm(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: torch.Tensor,
@@ -249,15 +314,21 @@ def grouped_gemm(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: t
 
     out = torch.empty(rows, N, dtype=out_dtype, device=a_q.device)
     m_tiles = m_tiles_bound(rows, E, cfg.block_m)
-    grid = (m_tiles * triton.cdiv(N, cfg.block_n),)
     if rows == 0 or m_tiles == 0:
         return out
+    if cfg.tma and not _tma_ok(a_q, b_q):
+        cfg = dataclasses.replace(cfg, tma=False)
+    n_tiles = triton.cdiv(N, cfg.block_n)
+    num_sms = _num_sms(a_q.device) if cfg.persistent else 0
+    grid = (min(num_sms, m_tiles * n_tiles) if num_sms else m_tiles * n_tiles,)
+    a_arg, b_arg = _gemm_operands(a_q, b_q, cfg)
     grouped_gemm_kernel[grid](
-        a_q, a_s, b_q, b_s, out, counts_E, rows, N, K, E, m_tiles,
+        a_arg, a_s, b_arg, b_s, out, counts_E, rows, N, K, E, m_tiles,
         a_q.stride(0), a_s.stride(0), a_s.stride(1),
         b_q.stride(0), b_q.stride(1), b_s.stride(0), b_s.stride(1), b_s.stride(2), out.stride(0),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=SCALE_BLOCK, GROUP_M=cfg.group_m,
-        E_POW2=_e_pow2(E), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        E_POW2=_e_pow2(E), USE_TMA=cfg.tma, NUM_SMS=num_sms, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
     return out
 
 
@@ -276,15 +347,19 @@ def _expert_tokens(counts_ptr, n_experts, expert, E_POW2: tl.constexpr):
 
 
 @triton.jit
-def _wgrad_step(acc, a_ptr, as_ptr, b_ptr, bs_ptr, group, rm_load, rn_load, start, end,
+def _wgrad_step(acc, a_ptr, as_ptr, b_ptr, bs_ptr, group, m0, n0, rm_load, rn_load, start, end,
                 stride_an, stride_asg, stride_asn, stride_bk, stride_bsg, stride_bsk,
-                EDGE: tl.constexpr, BLOCK_K: tl.constexpr):
+                EDGE: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr):
     """acc + one 128-token group's a^T b, scaled (promotion). EDGE: zero the other experts' tokens."""
     tok = group * BLOCK_K + tl.arange(0, BLOCK_K)
-    a = tl.load(a_ptr + rm_load[:, None] * stride_an + tok[None, :])
+    if USE_TMA:  # a_ptr, b_ptr are descriptors of the [N, T] and [K, T] token-major storage
+        a = a_ptr.load([m0, group * BLOCK_K])
+        b = b_ptr.load([n0, group * BLOCK_K]).T
+    else:
+        a = tl.load(a_ptr + rm_load[:, None] * stride_an + tok[None, :])
+        b = tl.load(b_ptr + tok[:, None] + rn_load[None, :] * stride_bk)
     if EDGE:
         a = tl.where(((tok >= start) & (tok < end))[None, :], a, tl.zeros_like(a))
-    b = tl.load(b_ptr + tok[:, None] + rn_load[None, :] * stride_bk)
     sa = tl.load(as_ptr + group * stride_asg + rm_load * stride_asn)
     sb = tl.load(bs_ptr + group * stride_bsg + rn_load * stride_bsk)
     return acc + tl.dot(a, b) * (sa[:, None] * sb[None, :])
@@ -297,7 +372,7 @@ def grouped_wgrad_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, out_ptr, counts_ptr,
                          stride_oe, stride_on,
                          ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         GROUP_M: tl.constexpr, E_POW2: tl.constexpr):
+                         GROUP_M: tl.constexpr, E_POW2: tl.constexpr, USE_TMA: tl.constexpr):
     m_tiles = tl.cdiv(N, BLOCK_M)
     n_tiles = tl.cdiv(K, BLOCK_N)
     pid = tl.program_id(0)
@@ -311,21 +386,19 @@ def grouped_wgrad_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, out_ptr, counts_ptr,
     rn = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rn_load = tl.minimum(rn, K - 1).to(tl.int64)
     args = (a_ptr, as_ptr, b_ptr, bs_ptr)
+    tile = (tile_m * BLOCK_M, tile_n * BLOCK_N, rm_load, rn_load, start, end)
     strides = (stride_an, stride_asg, stride_asn, stride_bk, stride_bsg, stride_bsk)
 
     # groups wholly inside [start, end) stream unmasked; the (at most two) groups the expert
     # shares with a neighbour are loaded whole and masked in registers
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for group in range((start + BLOCK_K - 1) // BLOCK_K, end // BLOCK_K):
-        acc = _wgrad_step(acc, *args, group, rm_load, rn_load, start, end, *strides,
-                          False, BLOCK_K)
+        acc = _wgrad_step(acc, *args, group, *tile, *strides, False, BLOCK_K, USE_TMA)
     first, last = start // BLOCK_K, (end - 1) // BLOCK_K
     if (end > start) & (start % BLOCK_K != 0):
-        acc = _wgrad_step(acc, *args, first, rm_load, rn_load, start, end, *strides,
-                          True, BLOCK_K)
+        acc = _wgrad_step(acc, *args, first, *tile, *strides, True, BLOCK_K, USE_TMA)
     if (end > start) & (end % BLOCK_K != 0) & ((last > first) | (start % BLOCK_K == 0)):
-        acc = _wgrad_step(acc, *args, last, rm_load, rn_load, start, end, *strides,
-                          True, BLOCK_K)
+        acc = _wgrad_step(acc, *args, last, *tile, *strides, True, BLOCK_K, USE_TMA)
 
     out_ptrs = (out_ptr + expert.to(tl.int64) * stride_oe + rm.to(tl.int64)[:, None] * stride_on
                 + rn[None, :])
@@ -333,6 +406,18 @@ def grouped_wgrad_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, out_ptr, counts_ptr,
     if ACCUMULATE:
         acc += tl.load(out_ptrs, mask=mask)
     tl.store(out_ptrs, acc, mask=mask)
+
+
+def _wgrad_operands(a_q, b_q, cfg: TileConfig):
+    """The kernel's a/b arguments: the token-major tensors, or TMA descriptors of their storage."""
+    if not (cfg.tma and _tma_ok(a_q.t(), b_q.t())):
+        return a_q, b_q
+    descs = []
+    for q, block in ((a_q, cfg.block_m), (b_q, cfg.block_n)):
+        storage = q.t()  # [N, T] with unit stride along T
+        descs.append(TensorDescriptor(storage, list(storage.shape), list(storage.stride()),
+                                      [block, SCALE_BLOCK]))
+    return descs
 
 
 def grouped_wgrad(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: torch.Tensor,
@@ -371,11 +456,12 @@ def grouped_wgrad(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: 
     if E == 0:
         return out
     grid = (E * triton.cdiv(N, cfg.block_m) * triton.cdiv(K, cfg.block_n),)
+    a_arg, b_arg = _wgrad_operands(a_q, b_q, cfg) if rows else (a_q, b_q)
     grouped_wgrad_kernel[grid](
-        a_q, a_s, b_q, b_s, out, counts_E, rows, N, K, E,
+        a_arg, a_s, b_arg, b_s, out, counts_E, rows, N, K, E,
         a_q.stride(1), a_s.stride(0), a_s.stride(1), b_q.stride(1), b_s.stride(0), b_s.stride(1),
         out.stride(0), out.stride(1),
         ACCUMULATE=accumulate, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=SCALE_BLOCK,
-        GROUP_M=cfg.group_m, E_POW2=_e_pow2(E), num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages)
+        GROUP_M=cfg.group_m, E_POW2=_e_pow2(E), USE_TMA=not isinstance(a_arg, torch.Tensor),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
