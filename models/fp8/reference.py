@@ -14,10 +14,14 @@ and `dequantize_*` (q, s) -> float32 inverts each one. A scale is a *dequantizat
     amax = max(|x|) over the tile, floored at AMAX_EPS   (an all-zero tile is then exact: q = 0)
     s    = amax / 448                                     (fp32, IEEE round-to-nearest division)
     s    = 2^ceil(log2(s))  if pow2_scales                (DeepSeek's UE8M0: round *up*, so no overflow)
-    q    = e4m3(clamp(x / s, -448, 448))                  (fp32 division, round-to-nearest-even cast)
+    q    = e4m3(clamp(x * (1 / s), -448, 448))            (fp32, round-to-nearest-even cast)
 
-Every step is done in fp32 with correctly rounded operations, so a Triton kernel that performs
-the same operations (`div_rn`, the same bit trick for the power of two) produces bitwise the same
+x is multiplied by the tile's reciprocal scale rather than divided by the scale: one correctly
+rounded division per tile instead of one per element keeps the quantization kernels memory-bound
+(with power-of-two scales both are exact and equal; otherwise they differ by at most one extra
+fp32 rounding, far below e4m3's resolution). Every step is done in fp32 with correctly rounded
+operations, so a Triton kernel that performs the same operations (`div_rn` for the reciprocal,
+the same bit trick for the power of two) produces bitwise the same
 q and s; that is what tests/test_fp8_quant.py checks. Power-of-two rounding is done on the bits
 (add 2^23 - 1 to the fp32 pattern, clear the mantissa), which is exact and identical everywhere.
 
@@ -87,9 +91,9 @@ def round_up_pow2(s: torch.Tensor) -> torch.Tensor:
     return bits.view(torch.float32)
 
 
-def _cast(x: torch.Tensor, s_full: torch.Tensor) -> torch.Tensor:
-    """e4m3(clamp(x / s)) with s already broadcast to x's shape; both fp32."""
-    return (x / s_full).clamp(-FP8_MAX, FP8_MAX).to(E4M3)
+def _cast(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """e4m3(clamp(x * (1/s))) with s broadcastable to x; both fp32."""
+    return (x * (1.0 / s)).clamp(-FP8_MAX, FP8_MAX).to(E4M3)
 
 
 def _pad_to(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
