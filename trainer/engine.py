@@ -17,7 +17,9 @@ the code path on a node:
 - `train_step()` is the whole optimizer step: for each micro-batch forward (through `loss_fn`),
   backward, `engine.step()` (DeepSpeed only steps at the accumulation boundary), token counts
   into the balancer; then the router-bias update from the all-reduced counts, and the metrics
-  averaged over micro-batches and ranks. RL reuses it with its own `loss_fn`.
+  averaged over micro-batches and ranks. RL reuses it with its own `loss_fn`. After the step the
+  FP8 layers' cached weight quantizations are dropped: ZeRO writes the new weights through
+  `.data`, which bumps no version counter, so the caches could not notice by themselves.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from models.fp8.linear import invalidate_weight_caches
 from trainer.balance import LoadBalancer, all_reduce_sum, max_vio
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -188,6 +191,7 @@ def train_step(engine, micro_batches: list[dict[str, torch.Tensor]],
         for key, value in terms.metrics.items():
             sums[key] = sums.get(key, 0) + value.detach().float()
     assert engine.global_steps == steps_before + 1, "DeepSpeed did not step at the accumulation boundary"
+    invalidate_weight_caches(engine.module)
     metrics = _mean_over_ranks(sums, len(micro_batches))
     metrics.update(balancer.step())
     grad_norm = engine.get_global_grad_norm()

@@ -1,0 +1,133 @@
+"""trainer.engine: the DeepSpeed-wrapped train step on CPU (gloo, one process).
+
+Checks against independent recomputation: gradient accumulation over two micro-batches equals one
+step on their concatenation; the router biases move once per optimizer step by gamma*sign computed
+from the counts of both micro-batches; bf16 wrapping leaves FP32 buffers FP32 and bit-identical.
+"""
+import copy
+import os
+
+import pytest
+import torch
+
+from models import build_model, model_config
+from trainer import engine as eng
+from trainer.balance import LoadBalancer, bias_delta, max_vio
+from trainer.optim import OptimConfig, build_optimizer, build_schedule
+
+TINY = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, first_k_dense=1, intermediate_size=128,
+            num_attention_heads=2, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+            v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_group=2,
+            topk_group=1, max_position_embeddings=64)
+
+
+ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture
+def job():
+    """One-process group for the whole session (DeepSpeed cannot re-initialize after a destroy); the
+    torchrun-style variables DeepSpeed reads exist only during each test, so no later test sees them."""
+    saved = {key: os.environ.pop(key) for key in ENV if key in os.environ}
+    yield eng.init_distributed()
+    for key in ENV:
+        os.environ.pop(key, None)
+    os.environ.update(saved)
+
+
+def _engine(grad_accum=1, micro=2, precision="fp32", seed=0, zero_stage=1):
+    torch.manual_seed(seed)
+    model = build_model(model_config("debug", **TINY))
+    optim = OptimConfig(lr=1e-2, warmup_steps=0)
+    ds = eng.deepspeed_config(eng.ParallelConfig(zero_stage=zero_stage, grad_accum=grad_accum), optim.grad_clip,
+                              micro, 1, precision)
+    engine = eng.build_engine(model, build_optimizer(model, optim), build_schedule(optim, 10), ds)
+    return engine, LoadBalancer(engine.module.routers(), 1e-3)
+
+
+def _batch(n, seed, seq=16):
+    rows = torch.randint(0, 256, (n, seq + 1), generator=torch.Generator().manual_seed(seed))
+    return {"tokens": rows[:, :-1], "labels": rows[:, 1:]}
+
+
+def test_accumulating_two_micro_batches_equals_one_step_on_both(job):
+    a, b = _batch(2, 1), _batch(2, 2)
+    both = {k: torch.cat([a[k], b[k]]) for k in a}
+    eng_acc, bal_acc = _engine(grad_accum=2, micro=2)
+    eng_one, bal_one = _engine(grad_accum=1, micro=4)
+    m_acc = eng.train_step(eng_acc, [a, b], eng.lm_loss, bal_acc)
+    m_one = eng.train_step(eng_one, [both], eng.lm_loss, bal_one)
+    assert eng_acc.global_steps == eng_one.global_steps == 1
+    assert m_acc["loss/total"] == pytest.approx(m_one["loss/total"], rel=1e-5)
+    assert m_acc["optim/grad_norm"] == pytest.approx(m_one["optim/grad_norm"], rel=1e-4)
+    for (name, p), q in zip(eng_acc.module.named_parameters(), eng_one.module.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=name)  # lr 1e-2: 0.1% of a step
+    for r, s in zip(eng_acc.module.routers(), eng_one.module.routers()):
+        assert torch.equal(r.expert_bias, s.expert_bias)
+
+
+def test_bias_moves_once_per_step_from_the_summed_counts(job):
+    engine, balancer = _engine(grad_accum=2, micro=2, seed=3)
+    a, b = _batch(2, 5), _batch(2, 6)
+    before = copy.deepcopy(engine.module)
+    with torch.no_grad():
+        counts = before(a["tokens"], a["labels"]).expert_counts + before(b["tokens"], b["labels"]).expert_counts
+    metrics = eng.train_step(engine, [a, b], eng.lm_loss, balancer)
+    for layer, (r, r0) in enumerate(zip(engine.module.routers(), before.routers())):
+        expected = r0.expert_bias + bias_delta(counts[layer], 1e-3)
+        assert torch.equal(r.expert_bias, expected)
+        assert r.expert_bias.dtype == torch.float32
+    assert metrics["balance/maxvio_batch"] == pytest.approx(max_vio(counts).mean().item())
+    assert counts.sum().item() == 2 * 2 * 16 * 2 * len(balancer.routers)  # tokens x top-k x routers
+    assert metrics["optim/lr"] == pytest.approx(1e-2)
+
+
+def test_bf16_engine_keeps_fp32_buffers_bit_identical_and_trains(job):
+    torch.manual_seed(0)
+    reference = build_model(model_config("debug", **TINY))
+    for r in reference.routers():
+        r.expert_bias.normal_(0, 0.3)
+    model = copy.deepcopy(reference)
+    optim = OptimConfig(lr=1e-2)
+    ds = eng.deepspeed_config(eng.ParallelConfig(), optim.grad_clip, 2, 1, "bf16")
+    engine = eng.build_engine(model, build_optimizer(model, optim), build_schedule(optim, 10), ds)
+    assert all(p.dtype == torch.bfloat16 for p in engine.module.parameters())
+    for r, r0 in zip(engine.module.routers(), reference.routers()):
+        assert r.expert_bias.dtype == torch.float32 and torch.equal(r.expert_bias, r0.expert_bias)
+    metrics = eng.train_step(engine, [_batch(2, 9)], eng.lm_loss, LoadBalancer(engine.module.routers(), 1e-3))
+    assert torch.isfinite(torch.tensor(metrics["loss/total"]))
+    assert all(r.expert_bias.dtype == torch.float32 for r in engine.module.routers())
+
+
+def test_keep_fp32_buffers_restores_a_cast_buffer():
+    module = torch.nn.Module()
+    module.sub = torch.nn.Module()
+    module.sub.register_buffer("expert_bias", torch.tensor([0.3001, -1.25e-3]))
+    saved = {"sub.expert_bias": module.sub.expert_bias.clone()}
+    module.sub.to(torch.bfloat16)
+    assert module.sub.expert_bias.dtype == torch.bfloat16
+    eng.keep_fp32_buffers(module, saved)
+    assert module.sub.expert_bias.dtype == torch.float32 and torch.equal(module.sub.expert_bias, saved["sub.expert_bias"])
+
+
+def test_evaluate_matches_direct_forward(job):
+    engine, _ = _engine(seed=4)
+    batches = [_batch(2, 11), _batch(2, 12)]
+    metrics = eng.evaluate(engine.module, batches, job.device)
+    with torch.no_grad():
+        outs = [engine.module(b["tokens"], b["labels"]) for b in batches]
+    expected = sum(o.lm_loss.item() for o in outs) / 2
+    assert metrics["val/loss"] == pytest.approx(expected, rel=1e-6)
+    counts = outs[0].expert_counts + outs[1].expert_counts
+    assert metrics["val/maxvio_global"] == pytest.approx(max_vio(counts).mean().item())
+
+
+def test_bad_engine_settings_are_refused(job):
+    with pytest.raises(ValueError, match="zero_stage"):
+        eng.deepspeed_config(eng.ParallelConfig(zero_stage=3), 1.0, 2, 1, "fp32")
+    with pytest.raises(ValueError, match="parallel.precision"):
+        eng.resolve_precision("fp16", torch.device("cpu"))
+    assert eng.resolve_precision("auto", torch.device("cpu")) == "fp32"
+    engine, balancer = _engine(grad_accum=2)
+    with pytest.raises(ValueError, match="micro-batches"):
+        eng.train_step(engine, [_batch(2, 1)], eng.lm_loss, balancer)
