@@ -9,6 +9,7 @@
 #include <dlfcn.h>
 #include <sys/types.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -43,15 +44,40 @@ std::vector<std::string> one_or_none(const char* name) {
 using CudaMallocFn = cudaError_t (*)(void**, size_t);
 using CudaFreeFn = cudaError_t (*)(void*);
 
-CudaMallocFn real_malloc() {
-  static CudaMallocFn fn = reinterpret_cast<CudaMallocFn>(dlsym(RTLD_NEXT, "cudaMalloc"));
+// The runtime's own definition of `name`: the next one in the global scope, or, when the process
+// loaded libcudart privately (RTLD_LOCAL), the one in whichever libcudart is mapped.
+void* runtime_symbol(const char* name) {
+  if (void* fn = dlsym(RTLD_NEXT, name)) return fn;
+  FILE* maps = std::fopen("/proc/self/maps", "r");
+  if (maps == nullptr) return nullptr;
+  void* fn = nullptr;
+  char line[4096];
+  while (fn == nullptr && std::fgets(line, sizeof(line), maps)) {
+    char* path = std::strchr(line, '/');
+    if (path == nullptr || std::strstr(path, "libcudart.so") == nullptr) continue;
+    path[std::strcspn(path, "\n")] = '\0';
+    if (void* lib = dlopen(path, RTLD_NOW | RTLD_NOLOAD)) fn = dlsym(lib, name);
+  }
+  std::fclose(maps);
   return fn;
 }
 
-CudaFreeFn real_free() {
-  static CudaFreeFn fn = reinterpret_cast<CudaFreeFn>(dlsym(RTLD_NEXT, "cudaFree"));
+template <typename Fn>
+Fn cached_runtime_symbol(std::atomic<Fn>& slot, const char* name) {
+  Fn fn = slot.load(std::memory_order_acquire);
+  if (fn == nullptr) {
+    fn = reinterpret_cast<Fn>(runtime_symbol(name));
+    slot.store(fn, std::memory_order_release);
+  }
   return fn;
 }
+
+std::atomic<CudaMallocFn> g_real_malloc{nullptr};
+std::atomic<CudaFreeFn> g_real_free{nullptr};
+
+CudaMallocFn real_malloc() { return cached_runtime_symbol(g_real_malloc, "cudaMalloc"); }
+
+CudaFreeFn real_free() { return cached_runtime_symbol(g_real_free, "cudaFree"); }
 
 // The device a raw cudaMalloc targets: the current context's, creating the runtime's primary
 // context first when this is the process's first CUDA call.
