@@ -24,11 +24,13 @@ b_KN, so its transpose must be [ceil(N/128), ceil(K/128)] row-major (BlockWise12
 [N, ceil(K/128)] with strides (1, N) (BlockWise1x128): we pass sb.t() in both cases. out_dtype
 must be explicit (PR #164844). Only sm90 has these kernels (Blackwell emulates via MXFP8 in TE).
 
-Shape rules (checked, with the fix in the message): K % 128 == 0 (the reduction dimension is
-never padded here: a zero-padded K is correct only when the producer wrote the zeros, as
-quantize_dual does for tokens); N % 16 == 0 (cuBLAS); M is free: when M % 4 != 0 the operand
+Shape rules (checked, with the fix in the message): K % 128 == 0 (the reduction dimension must
+arrive in whole 128-blocks: zero-padding K is correct only when the producer wrote the zeros,
+as quantize_dual does for tokens); N % 16 == 0 (cuBLAS); M is free: when M % 4 != 0 the operand
 and its scales are zero-padded to a multiple of 4 rows (cuBLAS needs 16-byte aligned scale
-columns) and the result is sliced back.
+columns) and the result is sliced back; when K/128 is not a multiple of 4 the 1x128 x 128x128
+operands are zero-padded along K (see `_pad_k4`). Both pads are exact and cost a copy only on
+such shapes.
 """
 from __future__ import annotations
 
@@ -97,24 +99,49 @@ def _check_shapes(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> N
         raise ValueError(f"a is on {a.device} but b is on {b.device}")
 
 
+def _padded(q: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """q zero-padded to [rows, cols] (zeros contribute nothing to a product)."""
+    out = torch.zeros(rows, cols, dtype=q.dtype, device=q.device)
+    out[:q.shape[0], :q.shape[1]] = q
+    return out
+
+
 def _pad_rows4(a: torch.Tensor, sa: torch.Tensor):
-    """Zero-pad a [M, K] and its MN-major scales to M % 4 == 0 (cuBLAS aligns scale columns to 16 B)."""
+    """a [M, K] and its MN-major scales with M rounded up to a multiple of 4 (cuBLAS aligns
+    scale columns to 16 bytes)."""
     M, K = a.shape
     M4 = ceil_div(M, 4) * 4
-    a4 = torch.zeros(M4, K, dtype=a.dtype, device=a.device)
-    a4[:M] = a
     sa4 = torch.ones(sa.shape[1], M4, dtype=sa.dtype, device=sa.device)
     sa4[:, :M] = sa.t()
-    return a4, sa4.t()
+    return _padded(a, M4, K), sa4.t()
 
 
-def _scaled_mm(a, sa, b, sb, out_dtype):
+def _pad_k4(a, sa, b, sb):
+    """Zero-pad K to a multiple of 512 for the 1x128 x 128x128 GEMM.
+
+    cuBLAS reads 128x128 scales with a leading dimension of round_up(K/128, 4) (its 16-byte
+    alignment; torch's v2 API spells it "L4"), and torch versions disagree on how the legacy
+    _scaled_mm call expresses that; with K/128 a multiple of 4 every version agrees. Padding the
+    FP8 operands with zero columns (scales 1) is exact. Only layers with such a K pay the copy.
+    """
+    (M, K), N = a.shape, b.shape[0]
+    kb, kb4 = K // BLOCK, ceil_div(K // BLOCK, 4) * 4
+    sa4 = torch.ones(kb4, M, dtype=sa.dtype, device=sa.device)
+    sa4[:kb] = sa.t()
+    sb4 = torch.ones(sb.shape[0], kb4, dtype=sb.dtype, device=sb.device)
+    sb4[:, :kb] = sb
+    return _padded(a, M, kb4 * BLOCK), sa4.t(), _padded(b, N, kb4 * BLOCK), sb4
+
+
+def _scaled_mm(a, sa, b, sb, out_dtype, blocks_128x128: bool):
     M = a.shape[0]
     if M == 0:
         return torch.empty(0, b.shape[0], dtype=out_dtype, device=a.device)
     if not has_blockwise_kernels(a.device):
         raise RuntimeError(f"block-scaled FP8 GEMMs need an sm90 (Hopper) GPU; {a.device} is not one. "
                            "Use fp8.recipe=off, or CPU tensors for the reference path")
+    if blocks_128x128 and (a.shape[1] // BLOCK) % 4:
+        a, sa, b, sb = _pad_k4(a, sa, b, sb)
     if M % 4:
         a, sa = _pad_rows4(a, sa)
     out = torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb.t(), out_dtype=out_dtype)
@@ -132,7 +159,7 @@ def gemm_1x128_128x128(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: t
     _check_blocks(sb, ceil_div(b.shape[0], BLOCK), kb, "sb")
     if a.device.type == "cpu":
         return reference.gemm_1x128_128x128(a, sa, b, sb).to(out_dtype)
-    return _scaled_mm(a, sa, b, sb, out_dtype)
+    return _scaled_mm(a, sa, b, sb, out_dtype, blocks_128x128=True)
 
 
 def gemm_1x128_1x128(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor,
@@ -146,4 +173,4 @@ def gemm_1x128_1x128(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: tor
     _check_mn_major(sb, b.shape[0], kb, "sb")
     if a.device.type == "cpu":
         return reference.gemm_1x128_1x128(a, sa, b, sb).to(out_dtype)
-    return _scaled_mm(a, sa, b, sb, out_dtype)
+    return _scaled_mm(a, sa, b, sb, out_dtype, blocks_128x128=False)
