@@ -14,7 +14,8 @@ if not torch.cuda.is_available():
 
 from test_fp8_grouped import allow_runtime_loop_bounds_in_interpreter  # noqa: E402
 
-from models.fp8.experts import FP8GroupedExperts  # noqa: E402
+from models.fp8 import reference as ref  # noqa: E402
+from models.fp8.experts import FP8GroupedExperts, swiglu_backward_quantize  # noqa: E402
 from models.moe import GroupedExperts  # noqa: E402
 
 allow_runtime_loop_bounds_in_interpreter()
@@ -69,6 +70,30 @@ def _compare(E, D, F, counts, x_dtype, seed, cos_min=0.99):
                                             ([130, 1], torch.float32)])
 def test_fp8_experts_match_high_precision(counts, x_dtype):
     _compare(len(counts), 256, 128, counts, x_dtype, seed=len(counts))
+
+
+@pytest.mark.parametrize("T,F,pow2", [(200, 128, False), (77, 256, True)])
+def test_swiglu_backward_quantize_matches_reference(T, F, pow2):
+    """The fused kernel's FP8 outputs equal the reference quantizers applied to fp32 math."""
+    gen = torch.Generator().manual_seed(T + F)
+    h = (torch.randn(T, 2 * F, generator=gen) * 2).to(DEVICE, torch.bfloat16)
+    da = torch.randn(T, F, generator=gen).to(DEVICE, torch.bfloat16)
+    q_h, s_h = ref.quantize_1x128(h)
+    (q_dh, s_dh, qt_dh, st_dh), (qt_a, st_a) = swiglu_backward_quantize(q_h, s_h, da, pow2)
+
+    g, u = ref.dequantize_1x128(q_h, s_h).chunk(2, dim=1)
+    sig = torch.sigmoid(g)
+    dh = torch.cat([da.float() * u * sig * (1 + g * (1 - sig)), da.float() * g * sig], dim=1)
+    a = g * sig * u
+    for (q, s), (q_ref, s_ref), deq in (
+            ((q_dh, s_dh), ref.quantize_1x128(dh, pow2), ref.dequantize_1x128),
+            ((qt_dh[:, :T].t(), st_dh), ref.quantize_128x1(dh, pow2), ref.dequantize_128x1),
+            ((qt_a[:, :T].t(), st_a), ref.quantize_128x1(a, pow2), ref.dequantize_128x1)):
+        torch.testing.assert_close(s, s_ref, rtol=1e-5, atol=0)
+        assert ref.calc_diff(deq(q.contiguous(), s), deq(q_ref, s_ref)) < 1e-6
+        mismatched = (q.float() != q_ref.float()).float().mean().item()
+        assert mismatched < 1e-3  # only last-bit ties of exp() may round the other way
+    assert bool((qt_dh[:, T:].float() == 0).all()) and bool((qt_a[:, T:].float() == 0).all())
 
 
 def test_from_grouped_shares_parameters_and_caches_weights():

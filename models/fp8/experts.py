@@ -10,8 +10,10 @@ w1 (gate) and w3 (up) [E, F, D], w2 (down) [E, D, F]:
               saved: qt_x (FP8), h as FP8 1x128 tiles (DeepSeek-V3 3.3.3 caches the SwiGLU input
               in FP8 and recomputes its output in backward), counts_E
     backward  dy  -> quantize_dual     q_dy (Dgrad operand), qt_dy (Wgrad operand)
-              da  = grouped_gemm(q_dy, w2^T)            [T, F]
-              a, dh = SwiGLU and its derivative, recomputed from the FP8 copy of h
+              da  = grouped_gemm(q_dy, w2^T)            [T, F] bf16
+              swiglu_backward_quantize(h8, da): one pass from the FP8 copy of h to q_dh, qt_dh
+                    (dh = [dgate | dup], both copies) and qt_a (a = silu(gate) * up recomputed,
+                    128x1 copy): neither dh nor a ever exists in bf16
               dw2 = grouped_wgrad(qt_dy, qt_a)          [E, D, F] fp32
               dx  = grouped_gemm(q_dh, w13^T)           [T, D]
               dw13= grouped_wgrad(qt_dh, qt_x)          [E, 2F, D] fp32 -> dw1, dw3
@@ -35,13 +37,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import triton
+import triton.language as tl
 from torch import nn
 
 from models.moe import GroupedExperts
 
 from . import quant
 from .grouped import grouped_gemm, grouped_wgrad
-from .reference import BLOCK
+from .quant import _INTERPRET, _cast, _scale  # the very rounding steps of every quantizer
+from .reference import BLOCK, E4M3, ceil_div
 
 INPUT_DTYPES = (torch.bfloat16, torch.float32)
 
@@ -73,19 +78,87 @@ def _token_major(qt_KMp: torch.Tensor, rows: int) -> torch.Tensor:
     return qt_KMp[:, :rows].t()
 
 
-def _dequantize_rows(q_TK: torch.Tensor, s_TKb: torch.Tensor) -> torch.Tensor:
-    T, K = q_TK.shape
-    return (q_TK.float().view(T, K // BLOCK, BLOCK) * s_TKb[:, :, None]).view(T, K)
+@triton.jit
+def _store_rowwise(x, q_ptr, s_ptr, rm, col0, M, K, POW2: tl.constexpr, EXACT: tl.constexpr):
+    """x [128 rows, 128 cols] at columns col0.. of an [M, K] tensor: 1x128 q and MN-major s."""
+    s = _scale(tl.max(tl.abs(x), axis=1), tl.sum(x * 0.0, axis=1), POW2)
+    cols = col0 + tl.arange(0, 128)
+    tl.store(q_ptr + rm.to(tl.int64)[:, None] * K + cols[None, :], _cast(x, s[:, None], EXACT),
+             mask=(rm < M)[:, None])
+    tl.store(s_ptr + (col0 // 128) * M + rm, s, mask=rm < M)
 
 
-def _swiglu_backward(h_T2F: torch.Tensor, da_TF: torch.Tensor):
-    """(a = silu(g) * u, dh = [dg | du]) in fp32 from h = [g | u] and da = dL/da."""
-    g, u = h_T2F.chunk(2, dim=1)
-    sig = torch.sigmoid(g)
+@triton.jit
+def _store_colwise(x, qt_ptr, st_ptr, rm, row_block, col0, Mp, K, POW2: tl.constexpr,
+                   EXACT: tl.constexpr):
+    """x [128 rows, 128 cols]: 128x1 copy, transposed qt [K, Mp] and st [Mb, K]."""
+    st = _scale(tl.max(tl.abs(x), axis=0), tl.sum(x * 0.0, axis=0), POW2)
+    cols = col0 + tl.arange(0, 128)
+    tl.store(qt_ptr + cols.to(tl.int64)[None, :] * Mp + rm[:, None], _cast(x, st[None, :], EXACT))
+    tl.store(st_ptr + row_block * K + cols, st)
+
+
+@triton.jit
+def swiglu_backward_kernel(qh_ptr, sh_ptr, da_ptr, qdh_ptr, sdh_ptr, qtdh_ptr, stdh_ptr,
+                           qta_ptr, sta_ptr, M, F, Mp, stride_shm, stride_shk, stride_dam,
+                           POW2: tl.constexpr, EXACT: tl.constexpr):
+    row_block, col_block = tl.program_id(0), tl.program_id(1)
+    rm = row_block * 128 + tl.arange(0, 128)
+    rf = col_block * 128 + tl.arange(0, 128)
+    rows = rm.to(tl.int64)[:, None]
+    ok = (rm < M)[:, None]
+    s_g = tl.load(sh_ptr + rm * stride_shm + col_block * stride_shk, mask=rm < M, other=0.0)
+    s_u = tl.load(sh_ptr + rm * stride_shm + (F // 128 + col_block) * stride_shk, mask=rm < M,
+                  other=0.0)
+    g = tl.load(qh_ptr + rows * (2 * F) + rf[None, :], mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(qh_ptr + rows * (2 * F) + F + rf[None, :], mask=ok, other=0.0).to(tl.float32)
+    g, u = g * s_g[:, None], u * s_u[:, None]
+    da = tl.load(da_ptr + rows * stride_dam + rf[None, :], mask=ok, other=0.0).to(tl.float32)
+    sig = 1.0 / (1.0 + tl.exp(-g))
     silu = g * sig
-    da = da_TF.float()
-    dg = da * u * sig * (1 + g * (1 - sig))
-    return silu * u, torch.cat([dg, da * silu], dim=1)
+    dg = da * u * sig * (1.0 + g * (1.0 - sig))
+    du = da * silu
+    _store_rowwise(dg, qdh_ptr, sdh_ptr, rm, col_block * 128, M, 2 * F, POW2, EXACT)
+    _store_colwise(dg, qtdh_ptr, stdh_ptr, rm, row_block, col_block * 128, Mp, 2 * F, POW2, EXACT)
+    _store_rowwise(du, qdh_ptr, sdh_ptr, rm, F + col_block * 128, M, 2 * F, POW2, EXACT)
+    _store_colwise(du, qtdh_ptr, stdh_ptr, rm, row_block, F + col_block * 128, Mp, 2 * F, POW2,
+                   EXACT)
+    _store_colwise(silu * u, qta_ptr, sta_ptr, rm, row_block, col_block * 128, Mp, F, POW2, EXACT)
+
+
+def swiglu_backward_quantize(q_h: torch.Tensor, s_h: torch.Tensor, da_TF: torch.Tensor,
+                             pow2_scales: bool = False):
+    """SwiGLU's backward from the FP8 copy of h = [gate | up], straight into FP8, in one pass.
+
+    With a = silu(gate) * up and da = dL/da (bf16/fp32 [T, F]), returns
+    dh = [dgate | dup] as quantize_dual lays it out (q [T, 2F], s MN-major, qt [2F, Tp], st) and
+    the 128x1 copy of the recomputed a (qt_a [F, Tp], st_a [Tb, F]) for the down projection's
+    Wgrad. All math in fp32 on the dequantized h; neither dh nor a is ever stored in bf16.
+    """
+    if q_h.dtype != E4M3 or q_h.dim() != 2 or not q_h.is_contiguous():
+        raise TypeError(f"q_h must be a contiguous 2-D float8_e4m3fn [T, 2F] tensor, got "
+                        f"{q_h.dtype} {tuple(q_h.shape)}")
+    M, F2 = q_h.shape
+    if F2 % (2 * BLOCK) or tuple(s_h.shape) != (M, F2 // BLOCK) or s_h.dtype != torch.float32:
+        raise ValueError(f"q_h [T, 2F] needs F % 128 == 0 and s_h float32 [T, 2F/128]; got "
+                         f"q_h {tuple(q_h.shape)}, s_h {s_h.dtype} {tuple(s_h.shape)}")
+    if tuple(da_TF.shape) != (M, F2 // 2) or da_TF.stride(1) != 1:
+        raise ValueError(f"da_TF must be [{M}, {F2 // 2}] with unit column stride, got "
+                         f"{tuple(da_TF.shape)} strides {da_TF.stride()}")
+    F, Mb = F2 // 2, ceil_div(M, BLOCK)
+    dev = q_h.device
+    q_dh = torch.empty(M, F2, dtype=E4M3, device=dev)
+    s_dh = torch.empty(F2 // BLOCK, M, dtype=torch.float32, device=dev).t()
+    qt_dh = torch.empty(F2, Mb * BLOCK, dtype=E4M3, device=dev)
+    st_dh = torch.empty(Mb, F2, dtype=torch.float32, device=dev)
+    qt_a = torch.empty(F, Mb * BLOCK, dtype=E4M3, device=dev)
+    st_a = torch.empty(Mb, F, dtype=torch.float32, device=dev)
+    if M:
+        swiglu_backward_kernel[(Mb, F // BLOCK)](
+            q_h, s_h, da_TF, q_dh, s_dh, qt_dh, st_dh, qt_a, st_a, M, F, Mb * BLOCK,
+            s_h.stride(0), s_h.stride(1), da_TF.stride(0), POW2=pow2_scales, EXACT=_INTERPRET,
+            num_warps=8)
+    return (q_dh, s_dh, qt_dh, st_dh), (qt_a, st_a)
 
 
 class FP8ExpertsFunction(torch.autograd.Function):
@@ -121,14 +194,12 @@ class FP8ExpertsFunction(torch.autograd.Function):
                                                            check_finite=False)
         else:
             q_dy, s_dy = quant.quantize_1x128(dy_TD.contiguous(), pow2, check_finite=False)
-        da_TF = grouped_gemm(q_dy, s_dy, wq.w2t_q, wq.w2t_s, counts_E, out_dtype=torch.float32)
-        a_TF, dh_T2F = _swiglu_backward(_dequantize_rows(q_h, s_h), da_TF)
-        q_dh, s_dh, qt_dh, st_dh = quant.quantize_dual(dh_T2F, pow2, check_finite=False)
+        da_TF = grouped_gemm(q_dy, s_dy, wq.w2t_q, wq.w2t_s, counts_E, out_dtype=torch.bfloat16)
+        (q_dh, s_dh, qt_dh, st_dh), (qt_a, st_a) = swiglu_backward_quantize(q_h, s_h, da_TF, pow2)
         dx = dw1 = dw3 = dw2 = None
         if need_dx:
             dx = grouped_gemm(q_dh, s_dh, wq.w13t_q, wq.w13t_s, counts_E, out_dtype=x_dtype)
         if need_wgrad:
-            _, _, qt_a, st_a = quant.quantize_dual(a_TF, pow2, check_finite=False)
             dw2 = grouped_wgrad(_token_major(qt_dy, T), st_dy, _token_major(qt_a, T), st_a,
                                 counts_E).to(w2_dtype)
             dw13 = grouped_wgrad(_token_major(qt_dh, T), st_dh, _token_major(qt_x, T), st_x,
