@@ -147,3 +147,23 @@ def test_gpu_cpu_contracts():
     test_saved_activations_are_fp8()
     test_no_weight_grad_saves_nothing()
     test_weight_grad_accumulates_in_fp32()
+
+
+def test_shared_input_is_quantized_once(monkeypatch):
+    """Two FP8 Linears reading one tensor (MLA's wq_a and wkv_a, an MLP's w1 and w3) quantize it once."""
+    calls = []
+    real = quant.quantize_dual
+    monkeypatch.setattr(quant, "quantize_dual", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    (ref_a, a), (ref_b, b) = _pair(256, 128, 5), _pair(256, 384, 6)
+    x = torch.randn(3, 40, 256, device=DEVICE, requires_grad=True)
+    ya, yb = a(x), b(x)
+    assert len(calls) == 1
+    (ya.sum() + yb.sum()).backward()
+    assert len(calls) == 3  # + one dy per layer
+    x_ref = x.detach().clone().requires_grad_()
+    (ref_a(x_ref).sum() + ref_b(x_ref).sum()).backward()
+    assert _cos(x.grad, x_ref.grad) >= 0.99
+    with torch.no_grad():
+        x.mul_(2)  # an in-place change must not reuse stale copies
+    a(x)
+    assert len(calls) == 4

@@ -3,6 +3,7 @@
 Per call, for x [..., K] (tokens T = prod of the leading dims) and W [N, K]:
 
     forward   x  -> quantize_dual   : q_x, s_x (1x128, Fprop operand)  and  qt_x, st_x (128x1, Wgrad)
+                                      (once per input tensor: see `_quantize_input`)
               y  = gemm_1x128_128x128(q_x, s_x, q_W, s_W)                     [T, N] in x's dtype
               saved for backward: qt_x, st_x only (FP8: 1 byte per element instead of bf16's 2)
     backward  dy -> quantize_dual   : q_dy, s_dy and qt_dy, st_dy
@@ -51,17 +52,33 @@ def _quantize_act(t2d: torch.Tensor, pow2_scales: bool, colwise: bool):
     return q, s, None, None
 
 
+def _quantize_input(x: torch.Tensor, pow2_scales: bool, colwise: bool):
+    """FP8 copies of a Linear's input, made once per input tensor.
+
+    A tensor that feeds several FP8 Linears (MLA's normed x feeds wq_a and wkv_a; an MLP's x
+    feeds w1 and w3) carries its copies as an attribute, keyed on its version counter, so the
+    second consumer reuses them; they are freed with the tensor.
+    """
+    key = (x._version, pow2_scales)
+    cached = getattr(x, "_fp8_copies", None)
+    if cached is not None and cached[0] == key and (cached[1][2] is not None or not colwise):
+        return cached[1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    copies = _quantize_act(x2, pow2_scales, colwise)
+    x._fp8_copies = (key, copies)
+    return copies
+
+
 class FP8LinearFunction(torch.autograd.Function):
     """apply(x, weight, w_fp8, pow2_scales): w_fp8 = (q_W, s_W, qt_W, st_W) of `weight`."""
 
     @staticmethod
     def forward(ctx, x, weight, w_fp8, pow2_scales):
-        x2 = x.reshape(-1, x.shape[-1])
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
         q_w, s_w, qt_w, st_w = w_fp8
         need_wgrad = ctx.needs_input_grad[1]
-        q_x, s_x, qt_x, st_x = _quantize_act(x2, pow2_scales, colwise=need_wgrad)
+        q_x, s_x, qt_x, st_x = _quantize_input(x, pow2_scales, colwise=need_wgrad)
         y = gemm_1x128_128x128(q_x, s_x, q_w, s_w, out_dtype=x.dtype)
         if need_wgrad:
             ctx.save_for_backward(qt_x, st_x)
