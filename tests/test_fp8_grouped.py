@@ -44,27 +44,6 @@ from models.fp8.grouped import (TileConfig, grouped_gemm, grouped_wgrad,  # noqa
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def grouped_gemm_reference(a_q, a_s, b_q, b_s, counts_E):
-    """fp32 [T, N]: each expert's rows times its dequantized weight (1x128 x 128x128)."""
-    a = ref.dequantize_1x128(a_q, a_s)
-    out = a.new_empty(a.shape[0], b_q.shape[1])
-    start = 0
-    for e, c in enumerate(counts_E.tolist()):
-        out[start:start + c] = a[start:start + c] @ ref.dequantize_128x128(b_q[e], b_s[e]).t()
-        start += c
-    return out
-
-
-def grouped_wgrad_reference(a_q, a_s, b_q, b_s, counts_E):
-    """fp32 [E, N, K]: per expert deq(a)[rows]^T deq(b)[rows], both 128x1 along the rows."""
-    a, b = ref.dequantize_128x1(a_q, a_s), ref.dequantize_128x1(b_q, b_s)
-    outs, start = [], 0
-    for c in counts_E.tolist():
-        outs.append(a[start:start + c].t() @ b[start:start + c])
-        start += c
-    return torch.stack(outs)
-
-
 def _acts(rows, cols, gen):
     """Activation-like data: rows of very different magnitude, a few outliers."""
     x = torch.randn(rows, cols, generator=gen) * torch.rand(rows, 1, generator=gen).mul(4).exp()
@@ -97,7 +76,7 @@ GEMM_CASES = [  # counts per expert (ragged, empty experts, one expert), N, K, t
 def test_grouped_gemm_matches_reference(counts, N, K, cfg):
     a_q, a_s, b_q, b_s, counts_E = _operands(counts, N, K, seed=sum(counts) + N)
     out = grouped_gemm(a_q, a_s, b_q, b_s, counts_E, out_dtype=torch.float32, config=cfg)
-    expect = grouped_gemm_reference(a_q.cpu(), a_s.cpu(), b_q.cpu(), b_s.cpu(), counts_E.cpu())
+    expect = ref.grouped_gemm_1x128_128x128(a_q.cpu(), a_s.cpu(), b_q.cpu(), b_s.cpu(), counts_E.cpu())
     assert ref.calc_diff(out.cpu(), expect) < 1e-3
     torch.testing.assert_close(out.cpu(), expect, rtol=1e-4, atol=1e-3 * expect.abs().max().item())
 
@@ -143,7 +122,7 @@ WGRAD_CASES = [
 def test_grouped_wgrad_matches_reference(counts, N, K, cfg):
     a_q, a_s, b_q, b_s, counts_E = _wgrad_operands(counts, N, K, seed=sum(counts) + K)
     out = grouped_wgrad(a_q, a_s, b_q, b_s, counts_E, config=cfg)
-    expect = grouped_wgrad_reference(*(t.cpu() for t in (a_q, a_s, b_q, b_s, counts_E)))
+    expect = ref.grouped_gemm_128x1_128x1(*(t.cpu() for t in (a_q, a_s, b_q, b_s, counts_E)))
     assert out.shape == expect.shape and out.dtype == torch.float32
     assert ref.calc_diff(out.cpu(), expect) < 1e-3
     for e, c in enumerate(counts):  # every expert on its own, empty ones exactly zero
@@ -159,7 +138,7 @@ def test_grouped_wgrad_accumulates_into_out():
     before = main_grad.clone()
     got = grouped_wgrad(a_q, a_s, b_q, b_s, counts_E, out=main_grad)
     assert got is main_grad
-    expect = before.cpu() + grouped_wgrad_reference(*(t.cpu() for t in (a_q, a_s, b_q, b_s,
+    expect = before.cpu() + ref.grouped_gemm_128x1_128x1(*(t.cpu() for t in (a_q, a_s, b_q, b_s,
                                                                          counts_E)))
     assert ref.calc_diff(main_grad.cpu(), expect) < 1e-5
 
@@ -217,7 +196,7 @@ def _ragged_counts(E, m, seed, empty):
 def test_grouped_gemm_real_shapes(E, m, N, K, cfg):
     a_q, a_s, b_q, b_s, counts_E = _operands(_ragged_counts(E, m, E * m, 1), N, K, seed=N + K)
     out = grouped_gemm(a_q, a_s, b_q, b_s, counts_E, config=cfg)
-    expect = grouped_gemm_reference(a_q, a_s, b_q, b_s, counts_E)
+    expect = ref.grouped_gemm_1x128_128x128(a_q, a_s, b_q, b_s, counts_E)
     assert ref.calc_diff(out.float(), expect) < 1e-3
 
 
@@ -228,5 +207,14 @@ def test_grouped_gemm_real_shapes(E, m, N, K, cfg):
 def test_grouped_wgrad_real_shapes(E, m, N, K, cfg):
     a_q, a_s, b_q, b_s, counts_E = _wgrad_operands(_ragged_counts(E, m, E + m, -1), N, K, seed=N)
     out = grouped_wgrad(a_q, a_s, b_q, b_s, counts_E, config=cfg)
-    expect = grouped_wgrad_reference(a_q, a_s, b_q, b_s, counts_E)
+    expect = ref.grouped_gemm_128x1_128x1(a_q, a_s, b_q, b_s, counts_E)
     assert ref.calc_diff(out, expect) < 1e-3
+
+
+def test_grouped_references_agree_with_dense_ones_and_reject_bad_counts():
+    a_q, a_s, b_q, b_s, counts_E = _operands([5, 0, 9], 128, 256, seed=11)
+    got = ref.grouped_gemm_1x128_128x128(a_q, a_s, b_q, b_s, counts_E)
+    assert bool((got[:5] == ref.gemm_1x128_128x128(a_q[:5], a_s[:5], b_q[0], b_s[0])).all())
+    assert bool((got[5:] == ref.gemm_1x128_128x128(a_q[5:], a_s[5:], b_q[2], b_s[2])).all())
+    with pytest.raises(ValueError, match="sum to the 14 rows"):
+        ref.grouped_gemm_1x128_128x128(a_q, a_s, b_q, b_s, torch.tensor([5, 0, 8]))

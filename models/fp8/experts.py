@@ -16,7 +16,8 @@ w1 (gate) and w3 (up) [E, F, D], w2 (down) [E, D, F]:
                     128x1 copy): neither dh nor a ever exists in bf16
               dw2 = grouped_wgrad(qt_dy, qt_a)          [E, D, F] fp32
               dx  = grouped_gemm(q_dh, w13^T)           [T, D]
-              dw13= grouped_wgrad(qt_dh, qt_x)          [E, 2F, D] fp32 -> dw1, dw3
+              dw1 = grouped_wgrad(qt_dgate, qt_x), dw3 = grouped_wgrad(qt_dup, qt_x)
+                                                        [E, F, D] fp32 each, written in place
 
 Every GEMM is a grouped kernel of models/fp8/grouped.py driven by counts_E on the GPU, so the
 layer never synchronizes with the host. Weight gradients come out of the Wgrad kernel in fp32
@@ -202,10 +203,11 @@ class FP8ExpertsFunction(torch.autograd.Function):
         if need_wgrad:
             dw2 = grouped_wgrad(_token_major(qt_dy, T), st_dy, _token_major(qt_a, T), st_a,
                                 counts_E).to(w2_dtype)
-            dw13 = grouped_wgrad(_token_major(qt_dh, T), st_dh, _token_major(qt_x, T), st_x,
-                                 counts_E)
-            dw1, dw3 = dw13.chunk(2, dim=1)
-            dw1, dw3 = dw1.to(w1_dtype), dw3.to(w3_dtype)
+            x_tm, F = _token_major(qt_x, T), qt_dh.shape[0] // 2
+            dw1 = grouped_wgrad(_token_major(qt_dh[:F], T), st_dh[:, :F], x_tm, st_x,
+                                counts_E).to(w1_dtype)
+            dw3 = grouped_wgrad(_token_major(qt_dh[F:], T), st_dh[:, F:], x_tm, st_x,
+                                counts_E).to(w3_dtype)
         return dx, None, dw1, dw3, dw2, None, None
 
 

@@ -196,3 +196,41 @@ def _check_k(a: torch.Tensor, b: torch.Tensor) -> None:
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
         raise ValueError(f"NT GEMM needs a [M, K] and b [N, K] with the same K, got "
                          f"{tuple(a.shape)} and {tuple(b.shape)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Grouped GEMMs of the routed experts (models/fp8/grouped.py), rows sorted by expert
+
+
+def _expert_rows(counts_E: torch.Tensor, rows: int) -> list[tuple[int, int]]:
+    counts = [int(c) for c in counts_E.tolist()]
+    if any(c < 0 for c in counts) or sum(counts) != rows:
+        raise ValueError(f"counts_E must be non-negative and sum to the {rows} rows, got {counts}")
+    bounds = torch.tensor([0] + counts).cumsum(0).tolist()
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def grouped_gemm_1x128_128x128(a_TK: torch.Tensor, sa: torch.Tensor, b_ENK: torch.Tensor,
+                               sb: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """Grouped Fprop/Dgrad reference: fp32 [T, N], rows of expert e times deq(b[e])^T.
+
+    a [T, K] with 1x128 scales [T, K/128]; b [E, N, K] with 128x128 scales [E, N/128, K/128];
+    counts_E [E] rows per expert, in order.
+    """
+    a = dequantize_1x128(a_TK, sa)
+    out = a.new_zeros(a.shape[0], b_ENK.shape[1])
+    for e, (lo, hi) in enumerate(_expert_rows(counts_E, a.shape[0])):
+        out[lo:hi] = a[lo:hi] @ dequantize_128x128(b_ENK[e], sb[e]).t()
+    return out
+
+
+def grouped_gemm_128x1_128x1(a_TN: torch.Tensor, sa: torch.Tensor, b_TK: torch.Tensor,
+                             sb: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """Grouped Wgrad reference: fp32 [E, N, K], per expert deq(a)[rows]^T deq(b)[rows].
+
+    a [T, N] and b [T, K] with 128x1 scales [ceil(T/128), N] and [ceil(T/128), K] (tiles of the
+    sorted rows; a tile may hold two experts' rows), the outputs of quantize_128x1 (dW = dy^T x).
+    """
+    a, b = dequantize_128x1(a_TN, sa), dequantize_128x1(b_TK, sb)
+    return torch.stack([a[lo:hi].t() @ b[lo:hi]
+                        for lo, hi in _expert_rows(counts_E, a.shape[0])])
