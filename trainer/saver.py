@@ -278,6 +278,11 @@ class Saver:
             pool = self._pool(lib, tag)
             with torch.cuda.use_mem_pool(pool) if pool is not None else contextlib.nullcontext():
                 yield
+        except RuntimeError as err:  # PyTorch's out-of-memory error does not say what the saver saw
+            note = lib.dll.saver_last_error().decode(errors="replace")
+            if note:
+                err.add_note(f"fp8-moe memory saver, region {tag!r}: {note}")
+            raise
         finally:
             stack.pop()
             lib.call("saver_set_thread_tag", _encode(stack[-1] if stack else None))

@@ -22,8 +22,9 @@ namespace {
 
 thread_local std::string t_error;
 
+// Every entry point leaves the outcome of its last call here: empty after a success.
 int fail(const saver::Status& st) {
-  if (!st.ok()) t_error = st.message;
+  t_error = st.ok() ? std::string() : st.message;
   return st.code;
 }
 
@@ -171,7 +172,8 @@ void* saver_torch_malloc(ssize_t size, int device, cudaStream_t stream) {
   void* ptr = nullptr;
   saver::Status st = size < 0 ? saver::make_status(saver::kUsage, "negative allocation size")
                               : saver::allocate(size_t(size), device, stream, false, &ptr);
-  if (!st.ok()) complain(st);
+  if (st.ok()) fail(st);
+  else complain(st);
   return ptr;
 }
 
