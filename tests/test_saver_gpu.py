@@ -276,6 +276,13 @@ def scenario_resume_out_of_memory_keeps_the_tag_paused():
     assert abs(_free() - free0) <= 2 * MiB  # nothing half-mapped
     row = saver.report()["tags"]["a"]
     assert row["paused"] and row["held_bytes"] == 0 and row["backed_up_bytes"] >= 8 * GiB
+    try:
+        with saver.region("too_big"):
+            torch.empty(6 * GiB, dtype=torch.uint8, device="cuda")
+    except torch.OutOfMemoryError as err:
+        assert "cuMemCreate failed" in "".join(getattr(err, "__notes__", [])), err
+    else:
+        raise AssertionError("allocating 6 GiB with 4 GiB free should fail")
     del filler
     torch.cuda.empty_cache()
     saver.resume("a")
