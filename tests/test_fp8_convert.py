@@ -15,6 +15,7 @@ from torch import nn
 from models import build_model, model_config
 from models.fp8 import FP8Config, FP8Linear, convert
 from models.fp8.experts import FP8GroupedExperts
+from models.fp8.linear import FP8MLP
 from models.fp8.gemm import has_blockwise_kernels
 from models.moe import GroupedExperts, Router
 from test_fp8_grouped import allow_runtime_loop_bounds_in_interpreter
@@ -54,6 +55,7 @@ def test_debug_model_conversion_picks_modules(caplog):
         assert convert(model, BLOCKWISE, emulate=True) is model
     assert _fp8_names(model) == expected
     assert {"layers.0.attn.wo", "layers.0.ffn.w1", "mtp.0.eh_proj", "mtp.0.block.attn.wo"} <= expected
+    assert isinstance(model.layers[0].ffn, FP8MLP), "an all-eligible SwiGLU MLP is fused"
     assert type(model.head) is nn.Linear and type(model.embed) is nn.Embedding
     assert all(type(r) is Router for r in model.routers())
     kept = linears - expected - {"head"}
@@ -68,6 +70,8 @@ def test_all_eligible_model_converts_every_projection():
     for name, m in model.named_modules():
         if name.endswith(("wq_a", "wq_b", "wkv_a", "wkv_b", "wo", "eh_proj")) or ".shared.w" in name:
             assert isinstance(m, FP8Linear), name
+        if name.endswith((".shared", "layers.0.ffn")):
+            assert isinstance(m, FP8MLP), name
         if name.endswith(".experts"):
             assert isinstance(m, FP8GroupedExperts), name
     assert type(model.head) is nn.Linear

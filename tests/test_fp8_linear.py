@@ -142,11 +142,19 @@ def test_gpu_matches_linear(T, K, N):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("T,D,F_", [(8192, 4096, 10240), (4097, 7168, 2048)])
+def test_gpu_mlp_matches_swiglu_mlp(T, D, F_):
+    _compare_mlp((T, D), F_, torch.bfloat16, torch.bfloat16, seed=T)
+    _compare_mlp((T, D), F_, torch.bfloat16, torch.float32, pow2=True, seed=T + 1)
+
+
+@pytest.mark.gpu
 def test_gpu_cpu_contracts():
     """The CPU contract tests, on the compiled kernels."""
     test_saved_activations_are_fp8()
     test_no_weight_grad_saves_nothing()
     test_weight_grad_accumulates_in_fp32()
+    test_mlp_matches_swiglu_mlp_cpu()
 
 
 def test_shared_input_is_quantized_once(monkeypatch):
@@ -167,3 +175,51 @@ def test_shared_input_is_quantized_once(monkeypatch):
         x.mul_(2)  # an in-place change must not reuse stale copies
     a(x)
     assert len(calls) == 4
+
+
+def _mlp_pair(D, F_, seed, dtype=torch.float32, pow2=False):
+    from models.layers import MLP
+    from models.fp8.linear import FP8MLP
+    torch.manual_seed(seed)
+    ref = MLP(D, F_).to(device=DEVICE, dtype=dtype)
+    fp8 = MLP(D, F_).to(device=DEVICE, dtype=dtype)
+    fp8.load_state_dict(ref.state_dict())
+    return ref, FP8MLP.from_mlp(fp8, pow2)
+
+
+def _compare_mlp(shape, F_, x_dtype, w_dtype, pow2=False, seed=0):
+    ref, fp8 = _mlp_pair(shape[-1], F_, seed, w_dtype, pow2)
+    assert list(fp8.state_dict()) == list(ref.state_dict())
+    x = torch.randn(shape, device=DEVICE).to(x_dtype)
+    x_ref, x_fp8 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ref, y = ref(x_ref.to(w_dtype)), fp8(x_fp8)
+    assert y.shape == shape and y.dtype == x_dtype
+    dy = torch.randn_like(y)
+    y_ref.backward(dy.to(y_ref.dtype))
+    y.backward(dy)
+    assert calc_diff(y.float(), y_ref.float()) < 3e-3
+    assert _cos(x_fp8.grad, x_ref.grad) >= 0.99
+    for name in ("w1", "w3", "w2"):
+        g, g_ref = getattr(fp8, name).weight.grad, getattr(ref, name).weight.grad
+        assert g.dtype == w_dtype and _cos(g, g_ref) >= 0.99, name
+
+
+def test_mlp_matches_swiglu_mlp_cpu():
+    _compare_mlp((2, 33, 256), 256, torch.float32, torch.float32, pow2=True)
+
+
+def test_mlp_swiglu_output_only_in_fp8(monkeypatch):
+    """The SwiGLU output comes from swiglu_quantize (never a bf16 tensor); saved: FP8 copies plus
+    the gate and up projections."""
+    calls = []
+    real = quant.swiglu_quantize
+    monkeypatch.setattr(quant, "swiglu_quantize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    _, fp8 = _mlp_pair(128, 256, 7)
+    x = torch.randn(256, 128, device=DEVICE, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = fp8(x)
+    assert calls == [1]
+    high = [t for t in saved if t.dtype != torch.float8_e4m3fn and t.numel() > 1024]  # not scales
+    assert [tuple(t.shape) for t in high] == [(256, 256)] * 2, "only gate and up in high precision"
+    y.sum().backward()

@@ -4,15 +4,16 @@ The model is written once, in high precision. With `fp8_cfg.recipe == "blockwise
 in place and sharing the very Parameter objects (optimizers, state dicts and checkpoints do not
 notice):
 
-    every nn.Linear except the output head   -> FP8Linear
-        (MLA projections wq_a, wq_b / wq, wkv_a, wkv_b, wo; dense MLPs; shared experts;
-         MTP eh_proj and the MTP blocks' projections)
-    models.moe.GroupedExperts                -> models.fp8.experts.FP8GroupedExperts
+    models.layers.MLP (dense MLPs, shared experts)  -> FP8MLP (SwiGLU fused with its quantization)
+    every other nn.Linear except the output head   -> FP8Linear
+        (MLA projections wq_a, wq_b / wq, wkv_a, wkv_b, wo; MTP eh_proj and the MTP blocks')
+    models.moe.GroupedExperts                       -> models.fp8.experts.FP8GroupedExperts
 
 and keeps in high precision what DeepSeek-V3 keeps there (section 3.3.1): the embedding, the
 output head, the router (a models.moe.Router, not an nn.Linear), the norms and the attention core
 (softmax(QK^T)V and the absorbed decode math). A module whose dimensions the FP8 kernels cannot
-take (a dimension not divisible by 128, a bias) stays as it is, with one log line saying why.
+take (a dimension not divisible by 128, a bias) stays as it is, with one log line saying why; an
+MLP with such a projection is converted Linear by Linear instead.
 
 Hardware: the blockwise recipe needs an sm90 GPU (cuBLAS blockwise GEMMs); without one `convert`
 raises. `emulate=True` skips that check for tests: the converted model then runs the Triton
@@ -24,12 +25,13 @@ import logging
 
 from torch import nn
 
+from models.layers import MLP
 from models.moe import GroupedExperts
 
 from .config import FP8Config
 from .experts import FP8GroupedExperts
 from .gemm import has_blockwise_kernels
-from .linear import FP8Linear
+from .linear import FP8Linear, FP8MLP
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +45,19 @@ def convert(model: nn.Module, fp8_cfg: FP8Config, emulate: bool = False) -> nn.M
     if not emulate and not has_blockwise_kernels():
         raise RuntimeError(f"fp8.recipe={fp8_cfg.recipe} needs an sm90 (Hopper) GPU for its "
                            "block-scaled GEMMs and none is visible; use fp8=off on this machine")
-    keep = {id(m) for m in _high_precision(model)}
-    for name, parent, attr, child in list(_children(model)):
-        if id(child) in keep:
-            continue
-        new = _fp8_version(name, child, fp8_cfg.pow2_scales)
+    _convert_children(model, "", {id(m) for m in _high_precision(model)}, fp8_cfg.pow2_scales)
+    return model
+
+
+def _convert_children(parent: nn.Module, prefix: str, keep: set, pow2_scales: bool) -> None:
+    """Replace convertible children of `parent`; recurse into the others."""
+    for attr, child in list(parent.named_children()):
+        name = f"{prefix}{attr}"
+        new = None if id(child) in keep else _fp8_version(name, child, pow2_scales)
         if new is not None:
             setattr(parent, attr, new)
-    return model
+        elif id(child) not in keep:
+            _convert_children(child, name + ".", keep, pow2_scales)
 
 
 def _high_precision(model: nn.Module) -> list[nn.Module]:
@@ -59,14 +66,9 @@ def _high_precision(model: nn.Module) -> list[nn.Module]:
     return [head] if isinstance(head, nn.Module) else []
 
 
-def _children(model: nn.Module):
-    """(qualified name, parent, attribute, child) for every submodule."""
-    for parent_name, parent in model.named_modules():
-        for attr, child in parent.named_children():
-            yield (f"{parent_name}.{attr}" if parent_name else attr), parent, attr, child
-
-
 def _fp8_version(name: str, module: nn.Module, pow2_scales: bool) -> nn.Module | None:
+    if type(module) is MLP and FP8MLP.supports(module):
+        return FP8MLP.from_mlp(module, pow2_scales)
     if type(module) is nn.Linear:
         if module.bias is not None:
             log.info("fp8: keeping %s in high precision: it has a bias", name)

@@ -1,4 +1,5 @@
-"""FP8 Linear: y = x W^T with Fprop, Dgrad and Wgrad all block-scaled FP8 GEMMs (DeepSeek-V3 3.3).
+"""FP8 Linear (and the SwiGLU MLP built from three of them): y = x W^T with Fprop, Dgrad and Wgrad
+all block-scaled FP8 GEMMs (DeepSeek-V3 3.3).
 
 Per call, for x [..., K] (tokens T = prod of the leading dims) and W [N, K]:
 
@@ -27,6 +28,10 @@ The Wgrad GEMM accumulates in fp32 and writes the parameter's dtype: with fp32 p
 `build_model` creates them) the gradient and its accumulation over micro-batches are fp32; a
 bf16 parameter gets its gradient rounded to bf16 by the GEMM's epilogue (autograd requires the
 parameter's dtype), with no separate cast pass.
+
+`FP8MLP` replaces models.layers.MLP: the same three FP8 Linears, but the SwiGLU output
+silu(w1 x) * w3 x is computed and quantized in one kernel (`swiglu_quantize`, both
+orientations), so the input of the down projection never exists in high precision.
 
 Inputs: x must be bfloat16 or float32 (the GEMM output dtype follows x). Dimensions: K and N
 multiples of 128 (`FP8Linear.supports(in, out)`); models/fp8/convert.py leaves other layers in
@@ -71,37 +76,48 @@ def _quantize_input(x: torch.Tensor, pow2_scales: bool, colwise: bool):
     return copies
 
 
+def _fprop(q_x, s_x, w_fp8, out_dtype):
+    """x W^T from x's 1x128 copy and W's 128x128 blocks."""
+    return gemm_1x128_128x128(q_x, s_x, w_fp8[0], w_fp8[1], out_dtype=out_dtype)
+
+
+def _dgrad(q_dy, s_dy, w_fp8, out_dtype):
+    """dy W from dy's 1x128 copy and the transposed weight blocks."""
+    return gemm_1x128_128x128(q_dy, s_dy, w_fp8[2], w_fp8[3], out_dtype=out_dtype)
+
+
+def _wgrad(qt_dy, st_dy, qt_x, st_x, w_dtype):
+    """dy^T x over tokens from both 128x1 copies, written in the parameter's dtype."""
+    out_dtype = w_dtype if w_dtype in OUT_DTYPES else torch.float32
+    return gemm_1x128_1x128(qt_dy, st_dy.t(), qt_x, st_x.t(), out_dtype=out_dtype).to(w_dtype)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
 class FP8LinearFunction(torch.autograd.Function):
     """apply(x, weight, w_fp8, pow2_scales): w_fp8 = (q_W, s_W, qt_W, st_W) of `weight`."""
 
     @staticmethod
     def forward(ctx, x, weight, w_fp8, pow2_scales):
-        q_w, s_w, qt_w, st_w = w_fp8
         need_wgrad = ctx.needs_input_grad[1]
         q_x, s_x, qt_x, st_x = _quantize_input(x, pow2_scales, colwise=need_wgrad)
-        y = gemm_1x128_128x128(q_x, s_x, q_w, s_w, out_dtype=x.dtype)
+        y = _fprop(q_x, s_x, w_fp8, x.dtype)
         if need_wgrad:
             ctx.save_for_backward(qt_x, st_x)
-        ctx.w_t = (qt_w, st_w)
+        ctx.w_fp8 = w_fp8
         ctx.meta = (x.shape, weight.dtype, pow2_scales)
-        return y.view(*x.shape[:-1], q_w.shape[0])
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
         x_shape, w_dtype, pow2_scales = ctx.meta
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        if dy2.stride(-1) != 1:
-            dy2 = dy2.contiguous()
-        q_dy, s_dy, qt_dy, st_dy = _quantize_act(dy2, pow2_scales, colwise=need_dw)
-        dx = dw = None
-        if need_dx:
-            qt_w, st_w = ctx.w_t
-            dx = gemm_1x128_128x128(q_dy, s_dy, qt_w, st_w, out_dtype=dy.dtype).view(x_shape)
-        if need_dw:
-            qt_x, st_x = ctx.saved_tensors
-            out_dtype = w_dtype if w_dtype in OUT_DTYPES else torch.float32
-            dw = gemm_1x128_1x128(qt_dy, st_dy.t(), qt_x, st_x.t(), out_dtype=out_dtype).to(w_dtype)
+        q_dy, s_dy, qt_dy, st_dy = _quantize_act(_rows(dy), pow2_scales, colwise=need_dw)
+        dx = _dgrad(q_dy, s_dy, ctx.w_fp8, dy.dtype).view(x_shape) if need_dx else None
+        dw = _wgrad(qt_dy, st_dy, *ctx.saved_tensors, w_dtype) if need_dw else None
         return dx, dw, None, None
 
 
@@ -162,18 +178,102 @@ class FP8Linear(nn.Module):
             self._w_key = key
         return self._w_fp8
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def check_input(self, x: torch.Tensor) -> None:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"FP8Linear expects input [..., {self.in_features}], got {tuple(x.shape)}")
         if x.dtype not in INPUT_DTYPES:
             raise TypeError(f"FP8Linear input must be bfloat16 or float32, got {x.dtype}")
         if x.device != self.weight.device:
             raise ValueError(f"input on {x.device} but weight on {self.weight.device}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
         return FP8LinearFunction.apply(x, self.weight, self.fp8_weight(), self.pow2_scales)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"pow2_scales={self.pow2_scales}")
+
+
+def _swiglu_backward(g, u, da):
+    """d/dg and d/du of silu(g) * u for the incoming gradient da (fp32 math, g's dtype out)."""
+    gf, uf, daf = g.float(), u.float(), da.float()
+    sig = torch.sigmoid(gf)
+    du = daf * gf * sig
+    dg = daf * uf * sig * (1 + gf * (1 - sig))
+    return dg.to(g.dtype), du.to(g.dtype)
+
+
+class FP8MLPFunction(torch.autograd.Function):
+    """apply(x, w1, w3, w2, w1_fp8, w3_fp8, w2_fp8, pow2_scales) = w2(silu(w1 x) * w3 x).
+
+    The SwiGLU output is never stored in high precision: `swiglu_quantize` computes it from the
+    gate and up projections and writes its 1x128 copy (Fprop of w2) and 128x1 copy (Wgrad of w2)
+    directly. Saved for backward: x's and the SwiGLU output's 128x1 FP8 copies, and the gate and
+    up projections (the SwiGLU backward needs them; no recomputation GEMMs).
+    """
+
+    @staticmethod
+    def forward(ctx, x, w1, w3, w2, w1_fp8, w3_fp8, w2_fp8, pow2_scales):
+        need_w13, need_w2 = ctx.needs_input_grad[1] or ctx.needs_input_grad[2], ctx.needs_input_grad[3]
+        q_x, s_x, qt_x, st_x = _quantize_input(x, pow2_scales, colwise=need_w13)
+        g, u = _fprop(q_x, s_x, w1_fp8, x.dtype), _fprop(q_x, s_x, w3_fp8, x.dtype)
+        q_a, s_a, *a_cols = quant.swiglu_quantize(g, u, pow2_scales, colwise=need_w2,
+                                                  check_finite=False)
+        y = _fprop(q_a, s_a, w2_fp8, x.dtype)
+        ctx.save_for_backward(g, u, qt_x, st_x, *(a_cols if need_w2 else (None, None)))
+        ctx.w_fp8 = (w1_fp8, w3_fp8, w2_fp8)
+        ctx.meta = (x.shape, (w1.dtype, w3.dtype, w2.dtype), pow2_scales)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x_shape, (t1, t3, t2), pow2 = ctx.meta
+        need_dx, need_w1, need_w3, need_w2 = ctx.needs_input_grad[:4]
+        g, u, qt_x, st_x, qt_a, st_a = ctx.saved_tensors
+        w1_fp8, w3_fp8, w2_fp8 = ctx.w_fp8
+        q_dy, s_dy, qt_dy, st_dy = _quantize_act(_rows(dy), pow2, colwise=need_w2)
+        dw2 = _wgrad(qt_dy, st_dy, qt_a, st_a, t2) if need_w2 else None
+        dg, du = _swiglu_backward(g, u, _dgrad(q_dy, s_dy, w2_fp8, dy.dtype))
+        q_dg, s_dg, qt_dg, st_dg = _quantize_act(dg, pow2, colwise=need_w1)
+        q_du, s_du, qt_du, st_du = _quantize_act(du, pow2, colwise=need_w3)
+        dx = None
+        if need_dx:
+            dx = (_dgrad(q_dg, s_dg, w1_fp8, dy.dtype) + _dgrad(q_du, s_du, w3_fp8, dy.dtype)).view(x_shape)
+        dw1 = _wgrad(qt_dg, st_dg, qt_x, st_x, t1) if need_w1 else None
+        dw3 = _wgrad(qt_du, st_du, qt_x, st_x, t3) if need_w3 else None
+        return dx, dw1, dw3, dw2, None, None, None, None
+
+
+class FP8MLP(nn.Module):
+    """Drop-in for models.layers.MLP (SwiGLU: w2(silu(w1 x) * w3 x)) with FP8 GEMMs and the
+    SwiGLU output quantized by the kernel that computes it. Children w1, w3, w2 are FP8Linear
+    (same parameters, same state-dict keys, their weight caches); see FP8MLPFunction."""
+
+    def __init__(self, w1: FP8Linear, w3: FP8Linear, w2: FP8Linear) -> None:
+        super().__init__()
+        if w1.out_features != w3.out_features or w2.in_features != w1.out_features \
+                or w1.in_features != w3.in_features:
+            raise ValueError(f"inconsistent SwiGLU shapes: w1 {w1.in_features}->{w1.out_features}, "
+                             f"w3 {w3.in_features}->{w3.out_features}, w2 {w2.in_features}->{w2.out_features}")
+        self.w1, self.w3, self.w2 = w1, w3, w2
+
+    @staticmethod
+    def supports(mlp: nn.Module) -> bool:
+        return all(l.bias is None and FP8Linear.supports(l.in_features, l.out_features)
+                   for l in (mlp.w1, mlp.w3, mlp.w2))
+
+    @classmethod
+    def from_mlp(cls, mlp: nn.Module, pow2_scales: bool = False) -> "FP8MLP":
+        """FP8 version of an MLP with nn.Linear w1, w3, w2, sharing their parameters."""
+        return cls(*(FP8Linear.from_linear(l, pow2_scales) for l in (mlp.w1, mlp.w3, mlp.w2)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.w1.check_input(x)
+        pow2 = self.w1.pow2_scales
+        return FP8MLPFunction.apply(x, self.w1.weight, self.w3.weight, self.w2.weight,
+                                    self.w1.fp8_weight(), self.w3.fp8_weight(),
+                                    self.w2.fp8_weight(), pow2)
 
 
 def invalidate_weight_caches(model: nn.Module) -> int:
