@@ -12,7 +12,9 @@ scripts/summary.py:
            FP8 copies and scales written) against a device-to-device copy of the same input;
   linear   FP8Linear forward + backward (all quantization included; the FP8 weight cached as in a
            step with several micro-batches, and again re-quantized every call as with one), against
-           bf16 nn.Linear and Transformer Engine's Linear under Float8BlockScaling when TE imports.
+           bf16 nn.Linear and Transformer Engine's Linear under Float8BlockScaling when TE imports;
+  mlp      FP8MLP (SwiGLU fused with its quantization) forward + backward against the bf16 MLP at
+           the `small` model's dense-MLP and shared-expert shapes.
 Timing: median over 5 batches of back-to-back calls between CUDA events, random normal data.
 """
 from __future__ import annotations
@@ -164,6 +166,25 @@ def bench_linear(shapes) -> None:
         print(f"Transformer Engine absent: {te_note}")
 
 
+def bench_mlp(shapes) -> None:
+    from models.fp8.linear import FP8MLP
+    from models.layers import MLP
+
+    print("\n== SwiGLU MLP w2(silu(w1 x) * w3 x), forward + backward, TFLOPS = 18 T D F / time")
+    print(f"{'T x D, F':<22}{'fp8 fused':>10}{'bf16':>8}{'ours/bf16':>10}")
+    for T, D, F_ in shapes:
+        base = MLP(D, F_).to(device=DEVICE, dtype=torch.bfloat16)
+        ours = FP8MLP.from_mlp(MLP(D, F_).to(device=DEVICE, dtype=torch.bfloat16))
+        x = torch.randn(T, D, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+        dy = torch.randn(T, D, device=DEVICE, dtype=torch.bfloat16)
+        flops = 18 * T * D * F_
+        fp8 = tflops(flops, time_ms(_fwd_bwd(ours, x, dy), reps=5))
+        bf16 = tflops(flops, time_ms(_fwd_bwd(base, x, dy), reps=5))
+        case = f"{T}x{D}, F={F_}"
+        print(f"{case:<22}{fp8:>10.0f}{bf16:>8.0f}{fp8 / bf16:>9.2f}x")
+        record(BENCH, f"mlp {case}", fp8, "TFLOPS", "bf16 MLP", bf16)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one shape per section")
@@ -175,11 +196,13 @@ def main() -> None:
     gemm_shapes = [(8192, 7168, 2048), (8192, 2048, 7168), (8192, 8192, 8192), (8192, 24576, 1536),
                    (8192, 1536, 7168), (16384, 4096, 4096)]
     linear_shapes = [(8192, 7168, 2048), (8192, 2048, 7168), (16384, 4096, 4096), (8192, 4096, 1024)]
+    mlp_shapes = [(8192, 4096, 10240), (8192, 4096, 1536)]  # `small`: dense MLP, shared expert
     if args.quick:
-        gemm_shapes, linear_shapes = gemm_shapes[:1], linear_shapes[:1]
+        gemm_shapes, linear_shapes, mlp_shapes = gemm_shapes[:1], linear_shapes[:1], mlp_shapes[:1]
     bench_gemm(gemm_shapes)
     bench_quant(32768, 7168)
     bench_linear(linear_shapes)
+    bench_mlp(mlp_shapes)
 
 
 if __name__ == "__main__":
