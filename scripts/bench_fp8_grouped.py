@@ -76,11 +76,14 @@ def gemm_configs(full: bool):
     """Tile configs the grouped Fprop/Dgrad sweep tries (BLOCK_K is always 128: one scale group)."""
     from models.fp8.grouped import TileConfig as C
     configs = [C(128, 128, 8, 8, 4), C(128, 128, 8, 8, 4, tma=True),
+               C(128, 128, 8, 8, 3, tma=True, k_groups=2),
                C(128, 128, 8, 8, 4, tma=True, persistent=True), C(128, 256, 8, 16, 3, tma=True),
-               C(64, 128, 8, 4, 4, tma=True), C(128, 128, 8, 8, 3)]
+               C(64, 128, 8, 4, 4, tma=True)]
     if full:
         configs += [C(256, 128, 8, 16, 3, tma=True), C(128, 256, 8, 16, 3, tma=True, persistent=True),
-                    C(128, 128, 16, 8, 5, tma=True, persistent=True), C(128, 256, 8, 8, 3),
+                    C(128, 128, 8, 8, 2, tma=True, k_groups=2),
+                    C(128, 128, 8, 8, 3, tma=True, persistent=True, k_groups=2),
+                    C(128, 128, 16, 8, 5, tma=True, persistent=True), C(128, 128, 8, 8, 3),
                     C(64, 256, 8, 4, 3, tma=True), C(128, 128, 8, 4, 4, tma=True)]
     return configs
 
@@ -89,10 +92,10 @@ def wgrad_configs(full: bool):
     """Tile configs the grouped Wgrad sweep tries (rows = N of dW, columns = K of dW)."""
     from models.fp8.grouped import TileConfig as C
     configs = [C(128, 128, 8, 8, 3), C(128, 128, 8, 8, 4, tma=True),
-               C(128, 256, 8, 16, 3, tma=True), C(64, 128, 8, 4, 4, tma=True)]
+               C(128, 128, 8, 8, 3, tma=True, k_groups=2), C(128, 256, 8, 16, 3, tma=True)]
     if full:
-        configs += [C(128, 128, 8, 8, 4), C(256, 128, 8, 16, 3, tma=True),
-                    C(128, 128, 16, 8, 5, tma=True)]
+        configs += [C(64, 128, 8, 4, 4, tma=True), C(256, 128, 8, 16, 3, tma=True),
+                    C(128, 128, 8, 8, 2, tma=True, k_groups=2), C(128, 128, 8, 8, 4)]
     return configs
 
 
@@ -119,7 +122,8 @@ def tflops(flops: float, ms: float) -> float:
 
 def _short(cfg) -> str:
     return (f"BM{cfg.block_m} BN{cfg.block_n} G{cfg.group_m} w{cfg.num_warps} s{cfg.num_stages}"
-            + (" tma" if cfg.tma else "") + (" pers" if cfg.persistent else ""))
+            + (" tma" if cfg.tma else "") + (" pers" if cfg.persistent else "")
+            + (f" k{cfg.k_groups}" if cfg.k_groups > 1 else ""))
 
 
 def sweep(name: str, run, configs) -> tuple[float, object]:

@@ -69,6 +69,8 @@ GEMM_CASES = [  # counts per expert (ragged, empty experts, one expert), N, K, t
     ([37, 0, 130, 5], 256, 256, TileConfig(block_m=64, block_n=128, tma=True)),
     ([0, 200, 0, 3], 384, 128, TileConfig(block_m=64, block_n=256, persistent=True)),
     ([70, 1, 0, 99], 256, 256, TileConfig(block_m=64, block_n=128, tma=True, persistent=True)),
+    ([70, 1, 0, 99], 256, 512, TileConfig(block_m=64, block_n=256, k_groups=2)),
+    ([3, 60], 128, 384, TileConfig(block_m=64, block_n=128, tma=True, k_groups=2)),
 ]
 
 
@@ -115,6 +117,8 @@ WGRAD_CASES = [
     ([1, 255, 2], 192, 128, TileConfig(block_m=128, block_n=64, group_m=1)),
     ([10, 40, 78, 0], 128, 128, TileConfig(block_m=64, block_n=64, num_warps=4)),
     ([37, 0, 130, 5], 192, 256, TileConfig(block_m=128, block_n=128, tma=True)),
+    ([300, 5, 390, 0, 257], 128, 128, TileConfig(block_m=64, block_n=128, k_groups=2)),
+    ([37, 0, 130, 5], 128, 256, TileConfig(block_m=64, block_n=128, tma=True, k_groups=2)),
 ]
 
 
@@ -180,6 +184,7 @@ def test_bad_input_is_a_clear_error():
 
 GPU_CONFIGS = [None, TileConfig(128, 128, 8, 8, 4, tma=True),
                TileConfig(128, 128, 8, 8, 4, tma=True, persistent=True),
+               TileConfig(128, 128, 8, 8, 3, tma=True, k_groups=2),
                TileConfig(128, 256, 8, 16, 3, tma=True), TileConfig(64, 128, 8, 4, 4)]
 
 
@@ -202,6 +207,7 @@ def test_grouped_gemm_real_shapes(E, m, N, K, cfg):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("cfg", [None, TileConfig(128, 128, 8, 8, 4, tma=True),
+                                 TileConfig(128, 128, 8, 8, 3, tma=True, k_groups=2),
                                  TileConfig(128, 256, 8, 16, 3, tma=True)])
 @pytest.mark.parametrize("E,m,N,K", [(8, 512, 4096, 7168), (16, 300, 7168, 2048)])
 def test_grouped_wgrad_real_shapes(E, m, N, K, cfg):

@@ -61,6 +61,9 @@ class TileConfig:
     """Load the FP8 operand tiles with TMA (tensor descriptors) instead of pointer loads."""
     persistent: bool = False
     """One program per SM walking the tiles (grouped_gemm only), instead of one per tile."""
+    k_groups: int = 1
+    """128-wide K groups per loop iteration (1 or 2): two independent MMAs let one group's
+    promotion overlap the other's MMA. Falls back to 1 where the group count is odd."""
 
 
 DEFAULT_GEMM_CONFIG = TileConfig()
@@ -178,17 +181,41 @@ def _swizzle(pid, m_tiles, n_tiles, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _k_group(a_ptr, b_ptr, a_ptrs, b_ptrs, as_ptrs, bs_ptrs, kb, row0, b_row0, stride_ask,
+             stride_bsk, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr):
+    """Operand tiles of K group `kb` and the scale that promotes their FP32 product."""
+    if USE_TMA:  # a_ptr, b_ptr are descriptors of a [T, K] and b [E*N, K]
+        a = a_ptr.load([row0, kb * BLOCK_K])
+        b = b_ptr.load([b_row0, kb * BLOCK_K]).T
+    else:
+        a = tl.load(a_ptrs + kb * BLOCK_K)
+        b = tl.load(b_ptrs + kb * BLOCK_K)
+    sa = tl.load(as_ptrs + kb * stride_ask)
+    sb = tl.load(bs_ptrs + kb * stride_bsk)
+    if BLOCK_N <= 128:  # one weight block across the tile: a per-row scale
+        scale = (sa * sb)[:, None]
+    else:
+        scale = sa[:, None] * sb[None, :]
+    return a, b, scale
+
+
+@triton.jit
 def _gemm_tile(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, expert, row0, row_end, tile_n, N, K,
                stride_am, stride_asm, stride_ask, stride_be, stride_bn,
                stride_bse, stride_bsn, stride_bsk, stride_cm,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               USE_TMA: tl.constexpr):
-    """One BLOCK_M x BLOCK_N output tile of `expert`: rows [row0, row_end) are stored."""
+               USE_TMA: tl.constexpr, K_GROUPS: tl.constexpr):
+    """One BLOCK_M x BLOCK_N output tile of `expert`: rows [row0, row_end) are stored.
+
+    K_GROUPS = 2 issues two 128-wide K groups per iteration (two independent MMAs), so one
+    group's promotion can overlap the other's MMA."""
     rm = row0 + tl.arange(0, BLOCK_M)
     rm_load = tl.minimum(rm, row_end - 1).to(tl.int64)
     rn = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rn_load = tl.minimum(rn, N - 1).to(tl.int64)
-    if not USE_TMA:
+    if USE_TMA:
+        a_ptrs, b_ptrs = a_ptr, b_ptr
+    else:
         rk = tl.arange(0, BLOCK_K)
         a_ptrs = a_ptr + rm_load[:, None] * stride_am + rk[None, :]
         b_ptrs = (b_ptr + expert.to(tl.int64) * stride_be + rn_load[None, :] * stride_bn
@@ -199,21 +226,19 @@ def _gemm_tile(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, expert, row0, row_end, tile_
         bs_ptrs = bs_base + (tile_n * BLOCK_N // 128) * stride_bsn
     else:
         bs_ptrs = bs_base + (rn_load // 128) * stride_bsn
+    group = (a_ptr, b_ptr, a_ptrs, b_ptrs, as_ptrs, bs_ptrs)
+    b_row0 = expert * N + tile_n * BLOCK_N
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(0, K // BLOCK_K):
-        if USE_TMA:  # a_ptr, b_ptr are descriptors of a [T, K] and b [E*N, K]
-            a = a_ptr.load([row0, kb * BLOCK_K])
-            b = b_ptr.load([expert * N + tile_n * BLOCK_N, kb * BLOCK_K]).T
+    for kb in range(0, K // BLOCK_K, K_GROUPS):
+        a, b, scale = _k_group(*group, kb, row0, b_row0, stride_ask, stride_bsk,
+                               BLOCK_N, BLOCK_K, USE_TMA)
+        if K_GROUPS == 2:
+            a1, b1, scale1 = _k_group(*group, kb + 1, row0, b_row0, stride_ask, stride_bsk,
+                                      BLOCK_N, BLOCK_K, USE_TMA)
+            acc += tl.dot(a, b) * scale + tl.dot(a1, b1) * scale1
         else:
-            a = tl.load(a_ptrs + kb * BLOCK_K)
-            b = tl.load(b_ptrs + kb * BLOCK_K)
-        sa = tl.load(as_ptrs + kb * stride_ask)
-        sb = tl.load(bs_ptrs + kb * stride_bsk)
-        if BLOCK_N <= 128:
-            acc += tl.dot(a, b) * (sa * sb)[:, None]
-        else:
-            acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])
+            acc += tl.dot(a, b) * scale
 
     c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
     mask = (rm < row_end)[:, None] & (rn < N)[None, :]
@@ -235,7 +260,7 @@ def grouped_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, counts_ptr,
                         stride_be, stride_bn, stride_bse, stride_bsn, stride_bsk, stride_cm,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         GROUP_M: tl.constexpr, E_POW2: tl.constexpr, USE_TMA: tl.constexpr,
-                        NUM_SMS: tl.constexpr):
+                        K_GROUPS: tl.constexpr, NUM_SMS: tl.constexpr):
     n_tiles = tl.cdiv(N, BLOCK_N)
     strides = (stride_am, stride_asm, stride_ask, stride_be, stride_bn,
                stride_bse, stride_bsn, stride_bsk, stride_cm)
@@ -246,7 +271,7 @@ def grouped_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, counts_ptr,
             return
         _gemm_tile(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, expert, row0,
                    tl.minimum(row_end, rows), tile_n, N, K, *strides,
-                   BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA)
+                   BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA, K_GROUPS)
     else:  # persistent: NUM_SMS programs walk exactly the real tiles (count read on the GPU)
         m_tiles = _m_tiles(counts_ptr, n_experts, BLOCK_M, E_POW2)
         for tile in tl.range(tl.program_id(0), m_tiles * n_tiles, NUM_SMS, flatten=True):
@@ -254,13 +279,19 @@ def grouped_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, counts_ptr,
             expert, row0, row_end = _tile_rows(counts_ptr, n_experts, tile_m, BLOCK_M, E_POW2)
             _gemm_tile(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, expert, row0,
                        tl.minimum(row_end, rows), tile_n, N, K, *strides,
-                       BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA)
+                       BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA, K_GROUPS)
 
 
 def _tma_ok(*tensors: torch.Tensor) -> bool:
     """TMA needs 16-byte aligned bases and row strides and a unit last stride."""
     return all(t.data_ptr() % 16 == 0 and t.stride(-1) == 1
                and all(st % 16 == 0 for st in t.stride()[:-1]) for t in tensors)
+
+
+def _k_groups(cfg: TileConfig, groups: int) -> int:
+    if cfg.k_groups not in (1, 2):
+        raise ValueError(f"TileConfig.k_groups must be 1 or 2, got {cfg.k_groups}")
+    return cfg.k_groups if groups % cfg.k_groups == 0 else 1
 
 
 def _num_sms(device: torch.device) -> int:
@@ -327,7 +358,8 @@ def grouped_gemm(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: t
         a_q.stride(0), a_s.stride(0), a_s.stride(1),
         b_q.stride(0), b_q.stride(1), b_s.stride(0), b_s.stride(1), b_s.stride(2), out.stride(0),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=SCALE_BLOCK, GROUP_M=cfg.group_m,
-        E_POW2=_e_pow2(E), USE_TMA=cfg.tma, NUM_SMS=num_sms, num_warps=cfg.num_warps,
+        E_POW2=_e_pow2(E), USE_TMA=cfg.tma, K_GROUPS=_k_groups(cfg, K // SCALE_BLOCK),
+        NUM_SMS=num_sms, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages)
     return out
 
@@ -347,10 +379,11 @@ def _expert_tokens(counts_ptr, n_experts, expert, E_POW2: tl.constexpr):
 
 
 @triton.jit
-def _wgrad_step(acc, a_ptr, as_ptr, b_ptr, bs_ptr, group, m0, n0, rm_load, rn_load, start, end,
-                stride_an, stride_asg, stride_asn, stride_bk, stride_bsg, stride_bsk,
-                EDGE: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr):
-    """acc + one 128-token group's a^T b, scaled (promotion). EDGE: zero the other experts' tokens."""
+def _wgrad_group(a_ptr, as_ptr, b_ptr, bs_ptr, group, m0, n0, rm_load, rn_load, start, end,
+                 stride_an, stride_asg, stride_asn, stride_bk, stride_bsg, stride_bsk,
+                 EDGE: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr):
+    """Operand tiles of one 128-token group and the scale promoting their product.
+    EDGE: the group holds other experts' tokens too; zero them in a."""
     tok = group * BLOCK_K + tl.arange(0, BLOCK_K)
     if USE_TMA:  # a_ptr, b_ptr are descriptors of the [N, T] and [K, T] token-major storage
         a = a_ptr.load([m0, group * BLOCK_K])
@@ -362,7 +395,7 @@ def _wgrad_step(acc, a_ptr, as_ptr, b_ptr, bs_ptr, group, m0, n0, rm_load, rn_lo
         a = tl.where(((tok >= start) & (tok < end))[None, :], a, tl.zeros_like(a))
     sa = tl.load(as_ptr + group * stride_asg + rm_load * stride_asn)
     sb = tl.load(bs_ptr + group * stride_bsg + rn_load * stride_bsk)
-    return acc + tl.dot(a, b) * (sa[:, None] * sb[None, :])
+    return a, b, sa[:, None] * sb[None, :]
 
 
 @triton.jit
@@ -372,7 +405,8 @@ def grouped_wgrad_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, out_ptr, counts_ptr,
                          stride_oe, stride_on,
                          ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         GROUP_M: tl.constexpr, E_POW2: tl.constexpr, USE_TMA: tl.constexpr):
+                         GROUP_M: tl.constexpr, E_POW2: tl.constexpr, USE_TMA: tl.constexpr,
+                         K_GROUPS: tl.constexpr):
     m_tiles = tl.cdiv(N, BLOCK_M)
     n_tiles = tl.cdiv(K, BLOCK_N)
     pid = tl.program_id(0)
@@ -389,16 +423,31 @@ def grouped_wgrad_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, out_ptr, counts_ptr,
     tile = (tile_m * BLOCK_M, tile_n * BLOCK_N, rm_load, rn_load, start, end)
     strides = (stride_an, stride_asg, stride_asn, stride_bk, stride_bsg, stride_bsk)
 
-    # groups wholly inside [start, end) stream unmasked; the (at most two) groups the expert
-    # shares with a neighbour are loaded whole and masked in registers
+    # groups wholly inside [start, end) stream unmasked (K_GROUPS at a time: independent MMAs);
+    # the (at most two) groups the expert shares with a neighbour are loaded whole and masked
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for group in range((start + BLOCK_K - 1) // BLOCK_K, end // BLOCK_K):
-        acc = _wgrad_step(acc, *args, group, *tile, *strides, False, BLOCK_K, USE_TMA)
+    full_lo, full_hi = (start + BLOCK_K - 1) // BLOCK_K, end // BLOCK_K
+    n_full = tl.maximum(full_hi - full_lo, 0)
+    for group in range(full_lo, full_lo + n_full // K_GROUPS * K_GROUPS, K_GROUPS):
+        a, b, scale = _wgrad_group(*args, group, *tile, *strides, False, BLOCK_K, USE_TMA)
+        if K_GROUPS == 2:
+            a1, b1, scale1 = _wgrad_group(*args, group + 1, *tile, *strides, False, BLOCK_K,
+                                          USE_TMA)
+            acc += tl.dot(a, b) * scale + tl.dot(a1, b1) * scale1
+        else:
+            acc += tl.dot(a, b) * scale
+    if K_GROUPS == 2:
+        if n_full % 2 == 1:
+            a, b, scale = _wgrad_group(*args, full_hi - 1, *tile, *strides, False, BLOCK_K,
+                                       USE_TMA)
+            acc += tl.dot(a, b) * scale
     first, last = start // BLOCK_K, (end - 1) // BLOCK_K
     if (end > start) & (start % BLOCK_K != 0):
-        acc = _wgrad_step(acc, *args, first, *tile, *strides, True, BLOCK_K, USE_TMA)
+        a, b, scale = _wgrad_group(*args, first, *tile, *strides, True, BLOCK_K, USE_TMA)
+        acc += tl.dot(a, b) * scale
     if (end > start) & (end % BLOCK_K != 0) & ((last > first) | (start % BLOCK_K == 0)):
-        acc = _wgrad_step(acc, *args, last, *tile, *strides, True, BLOCK_K, USE_TMA)
+        a, b, scale = _wgrad_group(*args, last, *tile, *strides, True, BLOCK_K, USE_TMA)
+        acc += tl.dot(a, b) * scale
 
     out_ptrs = (out_ptr + expert.to(tl.int64) * stride_oe + rm.to(tl.int64)[:, None] * stride_on
                 + rn[None, :])
@@ -463,5 +512,6 @@ def grouped_wgrad(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: 
         out.stride(0), out.stride(1),
         ACCUMULATE=accumulate, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=SCALE_BLOCK,
         GROUP_M=cfg.group_m, E_POW2=_e_pow2(E), USE_TMA=not isinstance(a_arg, torch.Tensor),
+        K_GROUPS=_k_groups(cfg, 2),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
