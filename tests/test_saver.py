@@ -436,3 +436,32 @@ def test_preload_mode_is_detected_and_required(fake, built):
     assert (plain.stdout.strip(), preloaded.stdout.strip()) == ("0", "1"), plain.stderr + preloaded.stderr
     with pytest.raises(RuntimeError, match=f"LD_PRELOAD={fake.lib}"):
         fake.saver(mode="preload").enabled
+
+
+def test_regions_nest_and_restore_the_outer_tag(fake):
+    saver = fake.saver()
+    with saver.region("outer"):
+        saver.raw_alloc(100)
+        with saver.region("inner", cpu_backup=True):
+            saver.raw_alloc(200)
+            saver.raw_alloc(300)
+        saver.raw_alloc(400)
+    tags = saver.report()["tags"]
+    assert (tags["outer"]["segments"], tags["inner"]["segments"]) == (2, 2)
+    with pytest.raises(RuntimeError, match="outside `with saver.region"):
+        saver.raw_alloc(100)
+
+
+def test_configure_only_before_first_use(monkeypatch, tmp_path):
+    from trainer import saver as module
+    monkeypatch.setattr(module, "_default", None)
+    monkeypatch.setenv("FP8MOE_SAVER", "off")
+    configured = module.configure(mode="preload", chunk_bytes=1 << 20)
+    assert module.default_saver() is configured and configured.mode == "preload"
+    with pytest.warns(SaverDisabledWarning):
+        with module.region("kv"):
+            pass
+    module.pause("kv")
+    assert module.report()["tags"] == {"kv": {"cpu_backup": False, "paused": True}}
+    with pytest.raises(RuntimeError, match=r"configure\(\) after the saver was first used"):
+        module.configure(mode="torch")
