@@ -465,3 +465,13 @@ def test_configure_only_before_first_use(monkeypatch, tmp_path):
     assert module.report()["tags"] == {"kv": {"cpu_backup": False, "paused": True}}
     with pytest.raises(RuntimeError, match=r"configure\(\) after the saver was first used"):
         module.configure(mode="torch")
+
+
+def test_growth_falls_back_to_the_exact_size_when_the_device_is_nearly_full(fake):
+    fake.config("capacity", 12 * GRAN)
+    saver = fake.saver()
+    with saver.region("t"):
+        ptrs = [saver.raw_alloc(GRAN) for _ in range(12)]  # the last chunks cannot grow, only fit
+        with pytest.raises(SaverOutOfMemoryError, match=r"cuMemCreate failed at csrc/saver/core\.cpp:\d+"):
+            saver.raw_alloc(GRAN)
+    assert len(set(ptrs)) == 12 and fake.stat("physical_bytes") == 12 * GRAN
