@@ -321,7 +321,8 @@ def scenario_preload_pauses_raw_cudamalloc_and_graph_pools():
     assert _free() - free0 >= 0.99 * (GiB + 256 * MiB)
     saver.resume("raw")
     host = (ctypes.c_uint8 * 4096)()
-    assert cudart.cudaMemcpy(host, ctypes.c_void_p(ptr.value + GiB + 6912 - 4096), 4096, 2) == 0
+    tail = ctypes.c_void_p(ptr.value + GiB + 6912 - 4096)
+    assert cudart.cudaMemcpy(ctypes.cast(host, ctypes.c_void_p), tail, 4096, 2) == 0  # device to host
     assert set(host) == {7} and torch.equal(t.cpu(), want)
     segments = saver.report()["tags"]["raw"]["segments"]
     assert hooked.cudaFree(ptr) == 0  # reaches the saver, not the runtime
