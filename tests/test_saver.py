@@ -475,3 +475,14 @@ def test_growth_falls_back_to_the_exact_size_when_the_device_is_nearly_full(fake
         with pytest.raises(SaverOutOfMemoryError, match=r"cuMemCreate failed at csrc/saver/core\.cpp:\d+"):
             saver.raw_alloc(GRAN)
     assert len(set(ptrs)) == 12 and fake.stat("physical_bytes") == 12 * GRAN
+
+
+def test_backup_copies_only_live_bytes_in_pieces(fake):
+    saver = fake.saver(chunk_bytes=256 << 20)
+    a, hole, c = alloc_many(saver, "t", [100 << 20, 5 << 20, 30 << 20])  # a spans two 64 MiB pieces
+    want = fill([a, c], seed=40)
+    saver.raw_free(hole[0])
+    stats = saver.pause("t")
+    assert stats.to_host_bytes == (100 << 20) + (30 << 20)
+    saver.resume("t")
+    assert read([a, c]) == want

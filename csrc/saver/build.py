@@ -110,8 +110,17 @@ def is_stale(out: Path = LIBRARY) -> bool:
 
 
 def ensure_built(out: Path = LIBRARY) -> Path:
-    """Build the library unless an up-to-date one is already there."""
-    return build_library(out) if is_stale(out) else out
+    """Build the library unless an up-to-date one is already there. A library that looks stale
+    (copied files get new times) is used as it is where nothing can build a new one."""
+    if not is_stale(out):
+        return out
+    try:
+        return build_library(out)
+    except BuildUnavailable as err:
+        if not out.exists():
+            raise
+        print(f"saver build: using the existing {out} ({err})", file=sys.stderr)
+        return out
 
 
 def main(argv: list[str]) -> None:
