@@ -209,3 +209,55 @@ def test_gpu_cast_and_non_finite():
     test_cast_rounds_to_nearest_even()
     test_non_finite_input(float("inf"))
     test_non_finite_input(float("nan"))
+
+
+_COMPILE_SM90 = r'''
+import json, os
+os.environ["TRITON_INTERPRET"] = "0"
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from models.fp8 import quant
+
+def build(fn, sig, consts, warps):
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(sig)  # what the JIT infers
+             if sig[n] != "constexpr" and n != "eps"}                     # for aligned tensors
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    ptx = k.asm["ptx"]
+    return dict(hw_cast="cvt.rn.satfinite.e4m3x2.f32" in ptx, vector_loads="ld.global.v4" in ptx)
+
+p = lambda n: "*" + n
+tile = dict(x_ptr=p("bf16"), u_ptr=p("bf16"), w_ptr=p("bf16"), rstd_ptr=p("fp32"), hp_ptr=p("fp32"),
+            q_ptr=p("fp8e4nv"), s_ptr=p("fp32"), qt_ptr=p("fp8e4nv"), st_ptr=p("fp32"), M="i32",
+            K="i32", Mp="i32", stride_xm="i32", stride_um="i32", PROLOGUE="constexpr",
+            COLWISE="constexpr", STORE_HP="constexpr", POW2="constexpr", EXACT_CAST="constexpr",
+            BLOCK_M="constexpr")
+weight = dict(w_ptr=p("bf16"), q_ptr=p("fp8e4nv"), s_ptr=p("fp32"), qt_ptr=p("fp8e4nv"),
+              st_ptr=p("fp32"), N="i32", K="i32", Nb="i32", Kb="i32", TRANSPOSE="constexpr",
+              POW2="constexpr", EXACT_CAST="constexpr")
+out = {}
+for pro, col, pow2 in [(0, True, False), (0, False, True), (1, True, False), (2, True, True)]:
+    consts = dict(PROLOGUE=pro, COLWISE=col, STORE_HP=False, POW2=pow2, EXACT_CAST=False,
+                  BLOCK_M=128 if col else 64)
+    out[f"tile{pro}{col}{pow2}"] = build(quant.quant_tile_kernel, tile, consts, 8 if col else 4)
+out["weight"] = build(quant.quant_128x128_kernel, weight,
+                      dict(TRANSPOSE=True, POW2=False, EXACT_CAST=False), 8)
+print(json.dumps(out))
+'''
+
+
+def test_kernels_compile_for_sm90(tmp_path):
+    """Compile the real (non-interpreted) kernels for sm90 on this machine, no GPU needed: they
+    must build, use the hardware e4m3 conversion and load with 16-byte vectors."""
+    import json
+    import subprocess
+    import sys
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    run = subprocess.run([sys.executable, "-c", _COMPILE_SM90], env=env, cwd=root,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for name, info in json.loads(run.stdout.strip().splitlines()[-1]).items():
+        assert info == dict(hw_cast=True, vector_loads=True), (name, info)

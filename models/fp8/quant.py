@@ -86,8 +86,7 @@ def _e4m3_rne(v):
 @triton.jit
 def _scale(amax, nonfinite, POW2: tl.constexpr):
     """amax/448 (floored, optionally rounded up to 2^k); NaN where the tile held inf/NaN."""
-    amax = tl.maximum(amax, _EPS)
-    s = tl.math.div_rn(amax, amax * 0.0 + _FMAX)  # div_rn does not broadcast: operands of one shape
+    s = tl.math.div_rn(tl.maximum(amax, _EPS), _FMAX)
     if POW2:
         bits = s.to(tl.int32, bitcast=True)
         s = ((bits + 0x7FFFFF) & -8388608).to(tl.float32, bitcast=True)
@@ -96,7 +95,7 @@ def _scale(amax, nonfinite, POW2: tl.constexpr):
 
 @triton.jit
 def _cast(x, s, EXACT_CAST: tl.constexpr):
-    q = x * tl.math.div_rn(s * 0.0 + 1.0, s)
+    q = x * tl.math.div_rn(1.0, s)
     q = tl.minimum(tl.maximum(q, -_FMAX), _FMAX)
     if EXACT_CAST:
         return _e4m3_rne(q)
