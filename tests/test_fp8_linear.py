@@ -74,8 +74,16 @@ def test_no_weight_grad_saves_nothing():
     assert not saved
     y.sum().backward()
     assert x.grad is not None and fp8.weight.grad is None
+
+
+def test_no_grad_writes_only_the_forward_copy(monkeypatch):
+    monkeypatch.setattr(quant, "quantize_dual", None)  # any call would fail
+    _, fp8 = _pair(256, 128, 2)
     with torch.no_grad():
-        assert fp8(x).shape == (4, 128)
+        assert fp8(torch.randn(4, 256, device=DEVICE)).shape == (4, 128)
+    _, mlp = _mlp_pair(128, 128, 3)
+    with torch.no_grad():
+        assert mlp(torch.randn(4, 128, device=DEVICE)).shape == (4, 128)
 
 
 def test_weight_quantized_once_per_step(monkeypatch):

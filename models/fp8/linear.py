@@ -98,11 +98,15 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 class FP8LinearFunction(torch.autograd.Function):
-    """apply(x, weight, w_fp8, pow2_scales): w_fp8 = (q_W, s_W, qt_W, st_W) of `weight`."""
+    """apply(x, weight, w_fp8, pow2_scales, grad_enabled): w_fp8 = (q_W, s_W, qt_W, st_W) of `weight`.
+
+    grad_enabled is torch.is_grad_enabled() at the call site (inside forward it is always False,
+    and needs_input_grad ignores it): without it no_grad calls would write backward-only copies.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, w_fp8, pow2_scales):
-        need_wgrad = ctx.needs_input_grad[1]
+    def forward(ctx, x, weight, w_fp8, pow2_scales, grad_enabled):
+        need_wgrad = ctx.needs_input_grad[1] and grad_enabled
         q_x, s_x, qt_x, st_x = _quantize_input(x, pow2_scales, colwise=need_wgrad)
         y = _fprop(q_x, s_x, w_fp8, x.dtype)
         if need_wgrad:
@@ -118,7 +122,7 @@ class FP8LinearFunction(torch.autograd.Function):
         q_dy, s_dy, qt_dy, st_dy = _quantize_act(_rows(dy), pow2_scales, colwise=need_dw)
         dx = _dgrad(q_dy, s_dy, ctx.w_fp8, dy.dtype).view(x_shape) if need_dx else None
         dw = _wgrad(qt_dy, st_dy, *ctx.saved_tensors, w_dtype) if need_dw else None
-        return dx, dw, None, None
+        return dx, dw, None, None, None
 
 
 class FP8Linear(nn.Module):
@@ -188,7 +192,8 @@ class FP8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        return FP8LinearFunction.apply(x, self.weight, self.fp8_weight(), self.pow2_scales)
+        return FP8LinearFunction.apply(x, self.weight, self.fp8_weight(), self.pow2_scales,
+                                       torch.is_grad_enabled())
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -205,7 +210,7 @@ def _swiglu_backward(g, u, da):
 
 
 class FP8MLPFunction(torch.autograd.Function):
-    """apply(x, w1, w3, w2, w1_fp8, w3_fp8, w2_fp8, pow2_scales) = w2(silu(w1 x) * w3 x).
+    """apply(x, w1, w3, w2, w1_fp8, w3_fp8, w2_fp8, pow2_scales, grad_enabled) = w2(silu(w1 x) * w3 x).
 
     The SwiGLU output is never stored in high precision: `swiglu_quantize` computes it from the
     gate and up projections and writes its 1x128 copy (Fprop of w2) and 128x1 copy (Wgrad of w2)
@@ -214,8 +219,9 @@ class FP8MLPFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w1, w3, w2, w1_fp8, w3_fp8, w2_fp8, pow2_scales):
-        need_w13, need_w2 = ctx.needs_input_grad[1] or ctx.needs_input_grad[2], ctx.needs_input_grad[3]
+    def forward(ctx, x, w1, w3, w2, w1_fp8, w3_fp8, w2_fp8, pow2_scales, grad_enabled):
+        need = [n and grad_enabled for n in ctx.needs_input_grad[1:4]]
+        need_w13, need_w2 = need[0] or need[1], need[2]
         q_x, s_x, qt_x, st_x = _quantize_input(x, pow2_scales, colwise=need_w13)
         g, u = _fprop(q_x, s_x, w1_fp8, x.dtype), _fprop(q_x, s_x, w3_fp8, x.dtype)
         q_a, s_a, *a_cols = quant.swiglu_quantize(g, u, pow2_scales, colwise=need_w2,
@@ -242,7 +248,7 @@ class FP8MLPFunction(torch.autograd.Function):
             dx = (_dgrad(q_dg, s_dg, w1_fp8, dy.dtype) + _dgrad(q_du, s_du, w3_fp8, dy.dtype)).view(x_shape)
         dw1 = _wgrad(qt_dg, st_dg, qt_x, st_x, t1) if need_w1 else None
         dw3 = _wgrad(qt_du, st_du, qt_x, st_x, t3) if need_w3 else None
-        return dx, dw1, dw3, dw2, None, None, None, None
+        return dx, dw1, dw3, dw2, None, None, None, None, None
 
 
 class FP8MLP(nn.Module):
@@ -273,7 +279,7 @@ class FP8MLP(nn.Module):
         pow2 = self.w1.pow2_scales
         return FP8MLPFunction.apply(x, self.w1.weight, self.w3.weight, self.w2.weight,
                                     self.w1.fp8_weight(), self.w3.fp8_weight(),
-                                    self.w2.fp8_weight(), pow2)
+                                    self.w2.fp8_weight(), pow2, torch.is_grad_enabled())
 
 
 def invalidate_weight_caches(model: nn.Module) -> int:
