@@ -4,6 +4,7 @@
 #
 #   bash scripts/gpu_check.sh            # logs under $OUT (the device tool's folder) or /tmp/gpu_check
 #   BENCHES="saver fp8" bash scripts/gpu_check.sh   # only scripts/bench_saver.py and bench_fp8.py
+#   BENCH_TIMEOUT=120 bash scripts/gpu_check.sh     # stop any one benchmark after 120 s
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/gpu_check}
@@ -14,12 +15,14 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 
 status=0
 echo "== GPU tests"
-python3 -m pytest -q -m "gpu" tests 2>&1 | tee "$out/gpu_tests.log" | tail -n 25 || status=1
+python3 -m pytest -q -m "gpu" -p no:cacheprovider --timeout=300 tests 2>&1 \
+    | tee "$out/gpu_tests.log" | tail -n 25 || status=1
 
 benches=${BENCHES:-$(ls scripts/bench_*.py | sed 's#scripts/bench_\(.*\)\.py#\1#')}
 for name in $benches; do
     echo "== bench_$name"
-    python3 "scripts/bench_$name.py" 2>&1 | tee "$out/bench_$name.log" || status=1
+    timeout "${BENCH_TIMEOUT:-0}" python3 "scripts/bench_$name.py" 2>&1 \
+        | tee "$out/bench_$name.log" || status=1
 done
 
 echo "== summary ($(head -n1 "$out/card.txt"))"
