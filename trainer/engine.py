@@ -196,7 +196,8 @@ def train_step(engine, micro_batches: list[dict[str, torch.Tensor]],
     metrics.update(balancer.step())
     grad_norm = engine.get_global_grad_norm()
     metrics["optim/lr"] = lr
-    metrics["optim/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+    if grad_norm is not None:
+        metrics["optim/grad_norm"] = float(grad_norm)
     return metrics
 
 

@@ -12,8 +12,8 @@ checkpoint there.
 
 The loop: global batch -> `engine.train_step` (forward/backward per micro-batch, optimizer step,
 router-bias update from the all-reduced loads) -> metrics -> periodic validation (loss and
-MaxVio_global) and checkpoint. A NaN/inf loss stops the run, naming the step and the last good
-checkpoint.
+MaxVio_global) and checkpoint. A NaN/inf loss (or gradient norm) stops the run, naming the step
+and the last good checkpoint.
 """
 from __future__ import annotations
 
@@ -105,12 +105,14 @@ def throughput(metrics: dict, seconds: float, tokens: int, flops_per_token: floa
 
 
 def check_finite(metrics: dict, step: int, ckpt: Checkpointer) -> None:
-    loss = metrics["loss/total"]
-    if not math.isfinite(loss):
-        last = ckpt.last_saved or ckpt.latest()
-        raise NonFiniteLoss(f"loss is {loss} at step {step}; stopping. Last good checkpoint: "
-                            f"{last if last else 'none (nothing saved yet)'}. Resume from it with a lower "
-                            "optim.lr or stronger optim.grad_clip")
+    """Stop on a NaN/inf loss, or gradient norm (DeepSpeed would silently skip such a step)."""
+    for key in ("loss/total", "optim/grad_norm"):
+        value = metrics.get(key, 0.0)
+        if not math.isfinite(value):
+            last = ckpt.last_saved or ckpt.latest()
+            raise NonFiniteLoss(f"{key.split('/')[1].replace('_', ' ')} is {value} at step {step}; stopping. "
+                                f"Last good checkpoint: {last if last else 'none (nothing saved yet)'}. Resume "
+                                "from it with a lower optim.lr or a stronger optim.grad_clip")
 
 
 def due(step: int, every: int, last: int) -> bool:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -110,7 +111,7 @@ def _open_wandb(cfg: LoggerConfig, run_dir: Path, config: dict):
         return None
     import wandb
     id_file = run_dir / "wandb_id"
-    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
     id_file.write_text(run_id)
     os.environ.setdefault("WANDB_SILENT", "true")
     return wandb.init(project=cfg.project, name=cfg.name or run_dir.name, dir=str(run_dir), mode=cfg.mode,
