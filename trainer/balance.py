@@ -91,15 +91,17 @@ class LoadBalancer:
 
 def balance_metrics(counts_LE: torch.Tensor, routers: list[torch.nn.Module]) -> dict[str, float]:
     """MaxVio_batch per layer and mean, expert-load fractions, and router-bias statistics."""
+    counts_LE = counts_LE.cpu()
+    bias_LE = torch.stack([r.expert_bias.detach().float() for r in routers]).cpu()
     vio_L = max_vio(counts_LE)
     frac_LE = counts_LE.double() / counts_LE.sum(dim=-1, keepdim=True).clamp_min(1)
+    std_L = bias_LE.std(dim=-1) if bias_LE.shape[-1] > 1 else torch.zeros(len(routers))
     metrics = {"balance/maxvio_batch": vio_L.mean().item()}
-    for layer, router in enumerate(routers):
-        bias_E = router.expert_bias.detach().float()
+    for layer in range(len(routers)):
         metrics[f"balance/maxvio_batch/layer{layer}"] = vio_L[layer].item()
-        metrics[f"balance/bias_min/layer{layer}"] = bias_E.min().item()
-        metrics[f"balance/bias_max/layer{layer}"] = bias_E.max().item()
-        metrics[f"balance/bias_std/layer{layer}"] = bias_E.std().item() if bias_E.numel() > 1 else 0.0
+        metrics[f"balance/bias_min/layer{layer}"] = bias_LE[layer].min().item()
+        metrics[f"balance/bias_max/layer{layer}"] = bias_LE[layer].max().item()
+        metrics[f"balance/bias_std/layer{layer}"] = std_L[layer].item()
         for e, frac in enumerate(frac_LE[layer].tolist()):
             metrics[f"load/layer{layer}/expert{e}"] = frac
     return metrics
