@@ -80,21 +80,28 @@ def _token_major(qt_KMp: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 @triton.jit
-def _store_rowwise(x, q_ptr, s_ptr, rm, col0, M, K, POW2: tl.constexpr, EXACT: tl.constexpr):
-    """x [128 rows, 128 cols] at columns col0.. of an [M, K] tensor: 1x128 q and MN-major s."""
-    s = _scale(tl.max(tl.abs(x), axis=1), tl.sum(x * 0.0, axis=1), POW2)
-    cols = col0 + tl.arange(0, 128)
-    tl.store(q_ptr + rm.to(tl.int64)[:, None] * K + cols[None, :], _cast(x, s[:, None], EXACT),
-             mask=(rm < M)[:, None])
-    tl.store(s_ptr + (col0 // 128) * M + rm, s, mask=rm < M)
+def _swiglu_grads(qh_ptr, sh_ptr, da_ptr, rm, cols, col_block, M, F, stride_shm, stride_shk,
+                  stride_dam):
+    """(dgate, dup, a) on rows rm and columns `cols` of one 128-column block, in fp32."""
+    ok = (rm < M)[:, None]
+    rows = rm.to(tl.int64)[:, None]
+    s_g = tl.load(sh_ptr + rm * stride_shm + col_block * stride_shk, mask=rm < M, other=0.0)
+    s_u = tl.load(sh_ptr + rm * stride_shm + (F // 128 + col_block) * stride_shk, mask=rm < M,
+                  other=0.0)
+    g = tl.load(qh_ptr + rows * (2 * F) + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(qh_ptr + rows * (2 * F) + F + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    g, u = g * s_g[:, None], u * s_u[:, None]
+    da = tl.load(da_ptr + rows * stride_dam + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    sig = 1.0 / (1.0 + tl.exp(-g))
+    silu = g * sig
+    return da * u * sig * (1.0 + g * (1.0 - sig)), da * silu, silu * u
 
 
 @triton.jit
-def _store_colwise(x, qt_ptr, st_ptr, rm, row_block, col0, Mp, K, POW2: tl.constexpr,
+def _store_colwise(x, qt_ptr, st_ptr, rm, row_block, cols, Mp, K, POW2: tl.constexpr,
                    EXACT: tl.constexpr):
-    """x [128 rows, 128 cols]: 128x1 copy, transposed qt [K, Mp] and st [Mb, K]."""
+    """x [128 rows, W cols]: its 128x1 copy into qt [K, Mp] (transposed) and st [Mb, K]."""
     st = _scale(tl.max(tl.abs(x), axis=0), tl.sum(x * 0.0, axis=0), POW2)
-    cols = col0 + tl.arange(0, 128)
     tl.store(qt_ptr + cols.to(tl.int64)[None, :] * Mp + rm[:, None], _cast(x, st[None, :], EXACT))
     tl.store(st_ptr + row_block * K + cols, st)
 
@@ -102,29 +109,40 @@ def _store_colwise(x, qt_ptr, st_ptr, rm, row_block, col0, Mp, K, POW2: tl.const
 @triton.jit
 def swiglu_backward_kernel(qh_ptr, sh_ptr, da_ptr, qdh_ptr, sdh_ptr, qtdh_ptr, stdh_ptr,
                            qta_ptr, sta_ptr, M, F, Mp, stride_shm, stride_shk, stride_dam,
-                           POW2: tl.constexpr, EXACT: tl.constexpr):
+                           POW2: tl.constexpr, EXACT: tl.constexpr, CHUNK: tl.constexpr):
+    # A program owns 128 rows x one 128-column block of F: every 128x1 group (columns) and
+    # every 1x128 group (rows) lies inside it. It walks the block in CHUNK-column slices to keep
+    # few registers live: pass 1 writes the column-wise copies and collects the row amaxes,
+    # pass 2 recomputes the slices (L1/L2 hits) and writes the row-wise copies.
     row_block, col_block = tl.program_id(0), tl.program_id(1)
     rm = row_block * 128 + tl.arange(0, 128)
-    rf = col_block * 128 + tl.arange(0, 128)
-    rows = rm.to(tl.int64)[:, None]
-    ok = (rm < M)[:, None]
-    s_g = tl.load(sh_ptr + rm * stride_shm + col_block * stride_shk, mask=rm < M, other=0.0)
-    s_u = tl.load(sh_ptr + rm * stride_shm + (F // 128 + col_block) * stride_shk, mask=rm < M,
-                  other=0.0)
-    g = tl.load(qh_ptr + rows * (2 * F) + rf[None, :], mask=ok, other=0.0).to(tl.float32)
-    u = tl.load(qh_ptr + rows * (2 * F) + F + rf[None, :], mask=ok, other=0.0).to(tl.float32)
-    g, u = g * s_g[:, None], u * s_u[:, None]
-    da = tl.load(da_ptr + rows * stride_dam + rf[None, :], mask=ok, other=0.0).to(tl.float32)
-    sig = 1.0 / (1.0 + tl.exp(-g))
-    silu = g * sig
-    dg = da * u * sig * (1.0 + g * (1.0 - sig))
-    du = da * silu
-    _store_rowwise(dg, qdh_ptr, sdh_ptr, rm, col_block * 128, M, 2 * F, POW2, EXACT)
-    _store_colwise(dg, qtdh_ptr, stdh_ptr, rm, row_block, col_block * 128, Mp, 2 * F, POW2, EXACT)
-    _store_rowwise(du, qdh_ptr, sdh_ptr, rm, F + col_block * 128, M, 2 * F, POW2, EXACT)
-    _store_colwise(du, qtdh_ptr, stdh_ptr, rm, row_block, F + col_block * 128, Mp, 2 * F, POW2,
-                   EXACT)
-    _store_colwise(silu * u, qta_ptr, sta_ptr, rm, row_block, col_block * 128, Mp, F, POW2, EXACT)
+    grads = (qh_ptr, sh_ptr, da_ptr, rm)
+    shape = (col_block, M, F, stride_shm, stride_shk, stride_dam)
+    amax_g = tl.zeros((128,), tl.float32)
+    amax_u = tl.zeros((128,), tl.float32)
+    bad_g = tl.zeros((128,), tl.float32)
+    bad_u = tl.zeros((128,), tl.float32)
+    for c in range(0, 128, CHUNK):
+        cols = col_block * 128 + c + tl.arange(0, CHUNK)
+        dg, du, a = _swiglu_grads(*grads, cols, *shape)
+        _store_colwise(dg, qtdh_ptr, stdh_ptr, rm, row_block, cols, Mp, 2 * F, POW2, EXACT)
+        _store_colwise(du, qtdh_ptr, stdh_ptr, rm, row_block, F + cols, Mp, 2 * F, POW2, EXACT)
+        _store_colwise(a, qta_ptr, sta_ptr, rm, row_block, cols, Mp, F, POW2, EXACT)
+        amax_g = tl.maximum(amax_g, tl.max(tl.abs(dg), axis=1))
+        amax_u = tl.maximum(amax_u, tl.max(tl.abs(du), axis=1))
+        bad_g += tl.sum(dg * 0.0, axis=1)
+        bad_u += tl.sum(du * 0.0, axis=1)
+    s_g, s_u = _scale(amax_g, bad_g, POW2), _scale(amax_u, bad_u, POW2)
+    tl.store(sdh_ptr + col_block * M + rm, s_g, mask=rm < M)
+    tl.store(sdh_ptr + (F // 128 + col_block) * M + rm, s_u, mask=rm < M)
+    rows = rm.to(tl.int64)[:, None] * (2 * F)
+    for c in range(0, 128, CHUNK):
+        cols = col_block * 128 + c + tl.arange(0, CHUNK)
+        dg, du, a = _swiglu_grads(*grads, cols, *shape)
+        tl.store(qdh_ptr + rows + cols[None, :], _cast(dg, s_g[:, None], EXACT),
+                 mask=(rm < M)[:, None])
+        tl.store(qdh_ptr + rows + F + cols[None, :], _cast(du, s_u[:, None], EXACT),
+                 mask=(rm < M)[:, None])
 
 
 def swiglu_backward_quantize(q_h: torch.Tensor, s_h: torch.Tensor, da_TF: torch.Tensor,
@@ -158,7 +176,7 @@ def swiglu_backward_quantize(q_h: torch.Tensor, s_h: torch.Tensor, da_TF: torch.
         swiglu_backward_kernel[(Mb, F // BLOCK)](
             q_h, s_h, da_TF, q_dh, s_dh, qt_dh, st_dh, qt_a, st_a, M, F, Mb * BLOCK,
             s_h.stride(0), s_h.stride(1), da_TF.stride(0), POW2=pow2_scales, EXACT=_INTERPRET,
-            num_warps=8)
+            CHUNK=8, num_warps=8)
     return (q_dh, s_dh, qt_dh, st_dh), (qt_a, st_a)
 
 

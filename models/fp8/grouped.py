@@ -29,6 +29,17 @@ anyway. Operands are K-major (the reduction dimension has unit stride), what Hop
 cores read: Dgrad takes the transposed weight copy, Wgrad takes token-major operands (views
 [T, N] of [N, T] storage, see `token_major`).
 
+Kernel variants (TileConfig; scripts/bench_fp8_grouped.py sweeps them on the GPU and prints the
+best per shape): BLOCK_M x BLOCK_N tiles with num_warps/num_stages; `tma` loads the FP8 operand
+tiles through TMA descriptors instead of pointer loads (scales stay pointer loads: a few hundred
+bytes per step); `persistent` runs one program per SM over exactly the real tiles (Fprop/Dgrad);
+`k_groups=2` issues two 128-wide K groups per iteration as two independent MMAs, so one group's
+promotion can overlap the other's MMA (Triton cannot warp-specialize that on Hopper the way
+DeepGEMM does). A 256-wide tile is two 128-wide accumulators, each inside one weight block.
+Defaults: 128x128 tiles, 8 warps, 4 stages, TMA (compiled for sm90 offline: no register spills;
+their speed is unmeasured here); set DEFAULT_GEMM_CONFIG / DEFAULT_WGRAD_CONFIG from the
+benchmark's winners.
+
 Shape legend: T tokens (rows), E experts, N output columns, K reduction, BLOCK_* tile sizes.
 """
 from __future__ import annotations
@@ -53,6 +64,7 @@ class TileConfig:
 
     block_m: int = 128
     block_n: int = 128
+    """Fprop/Dgrad: 64, 128 or 256 (two 128-column accumulators); Wgrad: any power of two."""
     group_m: int = 8
     """Rows of tiles walked together so neighbouring programs share operand tiles in L2."""
     num_warps: int = 8
@@ -66,8 +78,10 @@ class TileConfig:
     promotion overlap the other's MMA. Falls back to 1 where the group count is odd."""
 
 
-DEFAULT_GEMM_CONFIG = TileConfig()
-DEFAULT_WGRAD_CONFIG = TileConfig(block_m=128, block_n=128, group_m=8, num_warps=8, num_stages=3)
+DEFAULT_GEMM_CONFIG = TileConfig(block_m=128, block_n=128, group_m=8, num_warps=8, num_stages=4,
+                                 tma=True)
+DEFAULT_WGRAD_CONFIG = TileConfig(block_m=128, block_n=128, group_m=8, num_warps=8, num_stages=4,
+                                  tma=True)
 
 
 def m_tiles_bound(rows: int, n_experts: int, block_m: int) -> int:
@@ -181,22 +195,39 @@ def _swizzle(pid, m_tiles, n_tiles, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _k_group(a_ptr, b_ptr, a_ptrs, b_ptrs, as_ptrs, bs_ptrs, kb, row0, b_row0, stride_ask,
-             stride_bsk, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr):
-    """Operand tiles of K group `kb` and the scale that promotes their FP32 product."""
-    if USE_TMA:  # a_ptr, b_ptr are descriptors of a [T, K] and b [E*N, K]
+def _load_a(a_ptr, a_ptrs, as_ptrs, row0, kb, stride_ask, BLOCK_K: tl.constexpr,
+            USE_TMA: tl.constexpr):
+    """Rows of K group `kb` and their 1x128 scales."""
+    if USE_TMA:  # a_ptr is a descriptor of a [T, K]
         a = a_ptr.load([row0, kb * BLOCK_K])
-        b = b_ptr.load([b_row0, kb * BLOCK_K]).T
     else:
         a = tl.load(a_ptrs + kb * BLOCK_K)
-        b = tl.load(b_ptrs + kb * BLOCK_K)
-    sa = tl.load(as_ptrs + kb * stride_ask)
-    sb = tl.load(bs_ptrs + kb * stride_bsk)
-    if BLOCK_N <= 128:  # one weight block across the tile: a per-row scale
-        scale = (sa * sb)[:, None]
+    return a, tl.load(as_ptrs + kb * stride_ask)
+
+
+@triton.jit
+def _load_b(b_ptr, b_ptrs, bs_ptr, b_row0, kb, stride_bsk, BLOCK_K: tl.constexpr,
+            USE_TMA: tl.constexpr):
+    """One <=128-column slice of b^T for K group `kb` and its (single) 128x128 block scale."""
+    if USE_TMA:  # b_ptr is a descriptor of b [E*N, K]
+        b = b_ptr.load([b_row0, kb * BLOCK_K]).T
     else:
-        scale = sa[:, None] * sb[None, :]
-    return a, b, scale
+        b = tl.load(b_ptrs + kb * BLOCK_K)
+    return b, tl.load(bs_ptr + kb * stride_bsk)
+
+
+@triton.jit
+def _b_slice(b_ptr, bs_ptr, expert, col0, N, stride_be, stride_bn, stride_bse, stride_bsn,
+             SUB_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr):
+    """Pointers of the output columns [col0, col0 + SUB_N) of `expert`'s b (one weight block)."""
+    rn = tl.minimum(col0 + tl.arange(0, SUB_N), N - 1).to(tl.int64)
+    if USE_TMA:
+        b_ptrs = b_ptr
+    else:
+        b_ptrs = (b_ptr + expert.to(tl.int64) * stride_be + rn[None, :] * stride_bn
+                  + tl.arange(0, BLOCK_K)[:, None])
+    block = tl.minimum(col0, N - 1) // 128
+    return b_ptrs, bs_ptr + expert * stride_bse + block * stride_bsn, expert * N + col0
 
 
 @triton.jit
@@ -207,42 +238,58 @@ def _gemm_tile(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, expert, row0, row_end, tile_
                USE_TMA: tl.constexpr, K_GROUPS: tl.constexpr):
     """One BLOCK_M x BLOCK_N output tile of `expert`: rows [row0, row_end) are stored.
 
-    K_GROUPS = 2 issues two 128-wide K groups per iteration (two independent MMAs), so one
-    group's promotion can overlap the other's MMA."""
+    The tile is one or two column slices of at most 128 (a 256-wide tile is two accumulators,
+    each inside one weight block, so every promotion is a per-row scale; one 128x256 tile
+    would otherwise need a second register tile for its scales). K_GROUPS = 2 issues two
+    128-wide K groups per iteration: independent MMAs, so a promotion can overlap an MMA."""
+    SUB_N: tl.constexpr = 128 if BLOCK_N > 128 else BLOCK_N
     rm = row0 + tl.arange(0, BLOCK_M)
     rm_load = tl.minimum(rm, row_end - 1).to(tl.int64)
-    rn = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rn_load = tl.minimum(rn, N - 1).to(tl.int64)
     if USE_TMA:
-        a_ptrs, b_ptrs = a_ptr, b_ptr
+        a_ptrs = a_ptr
     else:
-        rk = tl.arange(0, BLOCK_K)
-        a_ptrs = a_ptr + rm_load[:, None] * stride_am + rk[None, :]
-        b_ptrs = (b_ptr + expert.to(tl.int64) * stride_be + rn_load[None, :] * stride_bn
-                  + rk[:, None])
+        a_ptrs = a_ptr + rm_load[:, None] * stride_am + tl.arange(0, BLOCK_K)[None, :]
     as_ptrs = as_ptr + rm_load * stride_asm
-    bs_base = bs_ptr + expert * stride_bse
-    if BLOCK_N <= 128:
-        bs_ptrs = bs_base + (tile_n * BLOCK_N // 128) * stride_bsn
-    else:
-        bs_ptrs = bs_base + (rn_load // 128) * stride_bsn
-    group = (a_ptr, b_ptr, a_ptrs, b_ptrs, as_ptrs, bs_ptrs)
-    b_row0 = expert * N + tile_n * BLOCK_N
+    col0 = tile_n * BLOCK_N
+    bstr = (stride_be, stride_bn, stride_bse, stride_bsn)
+    b0_ptrs, bs0_ptr, b0_row = _b_slice(b_ptr, bs_ptr, expert, col0, N, *bstr, SUB_N, BLOCK_K,
+                                        USE_TMA)
+    acc0 = tl.zeros((BLOCK_M, SUB_N), dtype=tl.float32)
+    if BLOCK_N > 128:
+        b1_ptrs, bs1_ptr, b1_row = _b_slice(b_ptr, bs_ptr, expert, col0 + 128, N, *bstr, SUB_N,
+                                            BLOCK_K, USE_TMA)
+        acc1 = tl.zeros((BLOCK_M, SUB_N), dtype=tl.float32)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(0, K // BLOCK_K, K_GROUPS):
-        a, b, scale = _k_group(*group, kb, row0, b_row0, stride_ask, stride_bsk,
-                               BLOCK_N, BLOCK_K, USE_TMA)
+        a, sa = _load_a(a_ptr, a_ptrs, as_ptrs, row0, kb, stride_ask, BLOCK_K, USE_TMA)
+        b, sb = _load_b(b_ptr, b0_ptrs, bs0_ptr, b0_row, kb, stride_bsk, BLOCK_K, USE_TMA)
         if K_GROUPS == 2:
-            a1, b1, scale1 = _k_group(*group, kb + 1, row0, b_row0, stride_ask, stride_bsk,
-                                      BLOCK_N, BLOCK_K, USE_TMA)
-            acc += tl.dot(a, b) * scale + tl.dot(a1, b1) * scale1
+            a2, sa2 = _load_a(a_ptr, a_ptrs, as_ptrs, row0, kb + 1, stride_ask, BLOCK_K, USE_TMA)
+            b2, sb2 = _load_b(b_ptr, b0_ptrs, bs0_ptr, b0_row, kb + 1, stride_bsk, BLOCK_K,
+                              USE_TMA)
+            acc0 += tl.dot(a, b) * (sa * sb)[:, None] + tl.dot(a2, b2) * (sa2 * sb2)[:, None]
         else:
-            acc += tl.dot(a, b) * scale
+            acc0 += tl.dot(a, b) * (sa * sb)[:, None]
+        if BLOCK_N > 128:
+            b, sb = _load_b(b_ptr, b1_ptrs, bs1_ptr, b1_row, kb, stride_bsk, BLOCK_K, USE_TMA)
+            if K_GROUPS == 2:
+                b2, sb2 = _load_b(b_ptr, b1_ptrs, bs1_ptr, b1_row, kb + 1, stride_bsk, BLOCK_K,
+                                  USE_TMA)
+                acc1 += tl.dot(a, b) * (sa * sb)[:, None] + tl.dot(a2, b2) * (sa2 * sb2)[:, None]
+            else:
+                acc1 += tl.dot(a, b) * (sa * sb)[:, None]
 
-    c_ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :]
+    _store_tile(acc0, c_ptr, rm, row_end, col0, N, stride_cm, SUB_N)
+    if BLOCK_N > 128:
+        _store_tile(acc1, c_ptr, rm, row_end, col0 + 128, N, stride_cm, SUB_N)
+
+
+@triton.jit
+def _store_tile(acc, c_ptr, rm, row_end, col0, N, stride_cm, SUB_N: tl.constexpr):
+    rn = col0 + tl.arange(0, SUB_N)
     mask = (rm < row_end)[:, None] & (rn < N)[None, :]
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+    tl.store(c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :],
+             acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -309,7 +356,7 @@ def _gemm_operands(a_q, b_q, cfg: TileConfig):
                               [cfg.block_m, SCALE_BLOCK])
     b_flat = b_q.reshape(E * N, K)
     b_desc = TensorDescriptor(b_flat, list(b_flat.shape), list(b_flat.stride()),
-                              [cfg.block_n, SCALE_BLOCK])
+                              [min(cfg.block_n, 128), SCALE_BLOCK])
     return a_desc, b_desc
 
 
@@ -347,6 +394,9 @@ def grouped_gemm(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: t
     m_tiles = m_tiles_bound(rows, E, cfg.block_m)
     if rows == 0 or m_tiles == 0:
         return out
+    if cfg.block_n not in (64, 128, 256):
+        raise ValueError(f"TileConfig.block_n must be 64, 128 or 256 for grouped_gemm, got "
+                         f"{cfg.block_n}")
     if cfg.tma and not _tma_ok(a_q, b_q):
         cfg = dataclasses.replace(cfg, tma=False)
     n_tiles = triton.cdiv(N, cfg.block_n)
@@ -395,7 +445,7 @@ def _wgrad_group(a_ptr, as_ptr, b_ptr, bs_ptr, group, m0, n0, rm_load, rn_load, 
         a = tl.where(((tok >= start) & (tok < end))[None, :], a, tl.zeros_like(a))
     sa = tl.load(as_ptr + group * stride_asg + rm_load * stride_asn)
     sb = tl.load(bs_ptr + group * stride_bsg + rn_load * stride_bsk)
-    return a, b, sa[:, None] * sb[None, :]
+    return a, b, sa, sb
 
 
 @triton.jit
@@ -429,25 +479,26 @@ def grouped_wgrad_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, out_ptr, counts_ptr,
     full_lo, full_hi = (start + BLOCK_K - 1) // BLOCK_K, end // BLOCK_K
     n_full = tl.maximum(full_hi - full_lo, 0)
     for group in range(full_lo, full_lo + n_full // K_GROUPS * K_GROUPS, K_GROUPS):
-        a, b, scale = _wgrad_group(*args, group, *tile, *strides, False, BLOCK_K, USE_TMA)
+        a, b, sa, sb = _wgrad_group(*args, group, *tile, *strides, False, BLOCK_K, USE_TMA)
         if K_GROUPS == 2:
-            a1, b1, scale1 = _wgrad_group(*args, group + 1, *tile, *strides, False, BLOCK_K,
-                                          USE_TMA)
-            acc += tl.dot(a, b) * scale + tl.dot(a1, b1) * scale1
+            a1, b1, sa1, sb1 = _wgrad_group(*args, group + 1, *tile, *strides, False, BLOCK_K,
+                                            USE_TMA)
+            acc += (tl.dot(a, b) * sa[:, None]) * sb[None, :] \
+                + (tl.dot(a1, b1) * sa1[:, None]) * sb1[None, :]
         else:
-            acc += tl.dot(a, b) * scale
+            acc += (tl.dot(a, b) * sa[:, None]) * sb[None, :]
     if K_GROUPS == 2:
         if n_full % 2 == 1:
-            a, b, scale = _wgrad_group(*args, full_hi - 1, *tile, *strides, False, BLOCK_K,
-                                       USE_TMA)
-            acc += tl.dot(a, b) * scale
+            a, b, sa, sb = _wgrad_group(*args, full_hi - 1, *tile, *strides, False, BLOCK_K,
+                                        USE_TMA)
+            acc += (tl.dot(a, b) * sa[:, None]) * sb[None, :]
     first, last = start // BLOCK_K, (end - 1) // BLOCK_K
     if (end > start) & (start % BLOCK_K != 0):
-        a, b, scale = _wgrad_group(*args, first, *tile, *strides, True, BLOCK_K, USE_TMA)
-        acc += tl.dot(a, b) * scale
+        a, b, sa, sb = _wgrad_group(*args, first, *tile, *strides, True, BLOCK_K, USE_TMA)
+        acc += (tl.dot(a, b) * sa[:, None]) * sb[None, :]
     if (end > start) & (end % BLOCK_K != 0) & ((last > first) | (start % BLOCK_K == 0)):
-        a, b, scale = _wgrad_group(*args, last, *tile, *strides, True, BLOCK_K, USE_TMA)
-        acc += tl.dot(a, b) * scale
+        a, b, sa, sb = _wgrad_group(*args, last, *tile, *strides, True, BLOCK_K, USE_TMA)
+        acc += (tl.dot(a, b) * sa[:, None]) * sb[None, :]
 
     out_ptrs = (out_ptr + expert.to(tl.int64) * stride_oe + rm.to(tl.int64)[:, None] * stride_on
                 + rn[None, :])
