@@ -181,11 +181,16 @@ def swiglu_backward_quantize(q_h: torch.Tensor, s_h: torch.Tensor, da_TF: torch.
 
 
 class FP8ExpertsFunction(torch.autograd.Function):
-    """apply(x_TD, counts_E, w1, w3, w2, weights_fp8, pow2_scales) -> y_TD."""
+    """apply(x_TD, counts_E, w1, w3, w2, weights_fp8, pow2_scales, grad_enabled) -> y_TD.
+
+    grad_enabled is torch.is_grad_enabled() at the call (forward itself runs without grad):
+    without it nothing is saved for backward and no column-wise copy is made."""
 
     @staticmethod
-    def forward(ctx, x_TD, counts_E, w1, w3, w2, wq: ExpertWeightsFP8, pow2_scales: bool):
-        need_wgrad = any(ctx.needs_input_grad[2:5])
+    def forward(ctx, x_TD, counts_E, w1, w3, w2, wq: ExpertWeightsFP8, pow2_scales: bool,
+                grad_enabled: bool):
+        training = grad_enabled and any(ctx.needs_input_grad)
+        need_wgrad = training and any(ctx.needs_input_grad[2:5])
         T, n_inter = x_TD.shape[0], w1.shape[1]
         if need_wgrad:
             q_x, s_x, qt_x, st_x = quant.quantize_dual(x_TD, pow2_scales, check_finite=False)
@@ -196,6 +201,8 @@ class FP8ExpertsFunction(torch.autograd.Function):
         q_a, s_a = quant.swiglu_quantize(h_T2F[:, :n_inter], h_T2F[:, n_inter:], pow2_scales,
                                          colwise=False, check_finite=False)
         y_TD = grouped_gemm(q_a, s_a, wq.w2_q, wq.w2_s, counts_E, out_dtype=x_TD.dtype)
+        if not training:  # inference: nothing to save for a backward
+            return y_TD
         q_h, s_h = quant.quantize_1x128(h_T2F, pow2_scales, check_finite=False)
         ctx.save_for_backward(counts_E, q_h, s_h, qt_x, st_x)
         ctx.wq, ctx.pow2_scales, ctx.rows = wq, pow2_scales, T
@@ -226,7 +233,7 @@ class FP8ExpertsFunction(torch.autograd.Function):
                                 counts_E).to(w1_dtype)
             dw3 = grouped_wgrad(_token_major(qt_dh[F:], T), st_dh[:, F:], x_tm, st_x,
                                 counts_E).to(w3_dtype)
-        return dx, None, dw1, dw3, dw2, None, None
+        return dx, None, dw1, dw3, dw2, None, None, None
 
 
 class FP8GroupedExperts(GroupedExperts):
@@ -285,7 +292,8 @@ class FP8GroupedExperts(GroupedExperts):
         if not x_TD.is_contiguous():
             x_TD = x_TD.contiguous()
         return FP8ExpertsFunction.apply(x_TD, counts_E, self.w1, self.w3, self.w2,
-                                        self.fp8_weights(), self.pow2_scales)
+                                        self.fp8_weights(), self.pow2_scales,
+                                        torch.is_grad_enabled())
 
     def extra_repr(self) -> str:
         E, F_, D = self.w1.shape
