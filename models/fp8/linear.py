@@ -29,9 +29,10 @@ The Wgrad GEMM accumulates in fp32 and writes the parameter's dtype: with fp32 p
 bf16 parameter gets its gradient rounded to bf16 by the GEMM's epilogue (autograd requires the
 parameter's dtype), with no separate cast pass.
 
-`FP8MLP` replaces models.layers.MLP: the same three FP8 Linears, but the SwiGLU output
-silu(w1 x) * w3 x is computed and quantized in one kernel (`swiglu_quantize`, both
-orientations), so the input of the down projection never exists in high precision.
+`FP8MLP` replaces models.layers.MLP: gate and up in one GEMM, the SwiGLU output computed and
+quantized in one kernel (`swiglu_quantize`) and its backward fused with the quantization of its
+gradient (`swiglu_backward_quantize`, shared with the FP8 experts), so neither the down
+projection's input nor the SwiGLU gradients ever exist in high precision.
 
 Inputs: x must be bfloat16 or float32 (the GEMM output dtype follows x). Dimensions: K and N
 multiples of 128 (`FP8Linear.supports(in, out)`); models/fp8/convert.py leaves other layers in
@@ -44,6 +45,7 @@ import torch
 from torch import nn
 
 from . import quant
+from .experts import swiglu_backward_quantize
 from .gemm import OUT_DTYPES, gemm_1x128_128x128, gemm_1x128_1x128
 from .reference import BLOCK
 
@@ -200,61 +202,63 @@ class FP8Linear(nn.Module):
                 f"pow2_scales={self.pow2_scales}")
 
 
-def _swiglu_backward(g, u, da):
-    """d/dg and d/du of silu(g) * u for the incoming gradient da (fp32 math, g's dtype out)."""
-    gf, uf, daf = g.float(), u.float(), da.float()
-    sig = torch.sigmoid(gf)
-    du = daf * gf * sig
-    dg = daf * uf * sig * (1 + gf * (1 - sig))
-    return dg.to(g.dtype), du.to(g.dtype)
-
-
 class FP8MLPFunction(torch.autograd.Function):
-    """apply(x, w1, w3, w2, w1_fp8, w3_fp8, w2_fp8, pow2_scales, grad_enabled) = w2(silu(w1 x) * w3 x).
+    """apply(x, w1, w3, w2, w13_fp8, w2_fp8, pow2_scales, grad_enabled) = w2(silu(w1 x) * w3 x).
 
-    The SwiGLU output is never stored in high precision: `swiglu_quantize` computes it from the
-    gate and up projections and writes its 1x128 copy (Fprop of w2) and 128x1 copy (Wgrad of w2)
-    directly. Saved for backward: x's and the SwiGLU output's 128x1 FP8 copies, and the gate and
-    up projections (the SwiGLU backward needs them; no recomputation GEMMs).
+    The dense twin of models/fp8/experts.py's FP8ExpertsFunction (same SwiGLU kernels, cuBLAS
+    dense GEMMs instead of grouped ones), DeepSeek-V3 3.3.3's recipe:
+
+        forward   h  = x [w1; w3]^T                  one GEMM for gate | up, [T, 2F]
+                  a  = swiglu_quantize(gate, up)     1x128 FP8 only: a never exists in bf16
+                  y  = a w2^T
+                  saved: x's 128x1 copy, h's 1x128 copy (FP8; the SwiGLU is recomputed)
+        backward da = dy w2
+                  swiglu_backward_quantize(h8, da)   dh = [dgate | dup] in both FP8 orientations
+                                                     and a's 128x1 copy, in one pass
+                  dx = dh [w1; w3],  dw2 = dy^T a,  [dw1; dw3] = dh^T x
     """
 
     @staticmethod
-    def forward(ctx, x, w1, w3, w2, w1_fp8, w3_fp8, w2_fp8, pow2_scales, grad_enabled):
-        need = [n and grad_enabled for n in ctx.needs_input_grad[1:4]]
-        need_w13, need_w2 = need[0] or need[1], need[2]
+    def forward(ctx, x, w1, w3, w2, w13_fp8, w2_fp8, pow2_scales, grad_enabled):
+        training = grad_enabled and any(ctx.needs_input_grad[:4])
+        need_w13 = training and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
         q_x, s_x, qt_x, st_x = _quantize_input(x, pow2_scales, colwise=need_w13)
-        g, u = _fprop(q_x, s_x, w1_fp8, x.dtype), _fprop(q_x, s_x, w3_fp8, x.dtype)
-        q_a, s_a, *a_cols = quant.swiglu_quantize(g, u, pow2_scales, colwise=need_w2,
-                                                  check_finite=False)
+        h = _fprop(q_x, s_x, w13_fp8, x.dtype)
+        F = h.shape[1] // 2
+        q_a, s_a = quant.swiglu_quantize(h[:, :F], h[:, F:], pow2_scales, colwise=False,
+                                         check_finite=False)
         y = _fprop(q_a, s_a, w2_fp8, x.dtype)
-        ctx.save_for_backward(g, u, qt_x, st_x, *(a_cols if need_w2 else (None, None)))
-        ctx.w_fp8 = (w1_fp8, w3_fp8, w2_fp8)
-        ctx.meta = (x.shape, (w1.dtype, w3.dtype, w2.dtype), pow2_scales)
+        if training:
+            q_h, s_h = quant.quantize_1x128(h, pow2_scales, check_finite=False)
+            ctx.save_for_backward(q_h, s_h, qt_x, st_x)
+            ctx.w_fp8 = (w13_fp8, w2_fp8)
+            ctx.meta = (x.shape, (w1.dtype, w3.dtype, w2.dtype), pow2_scales)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
         x_shape, (t1, t3, t2), pow2 = ctx.meta
         need_dx, need_w1, need_w3, need_w2 = ctx.needs_input_grad[:4]
-        g, u, qt_x, st_x, qt_a, st_a = ctx.saved_tensors
-        w1_fp8, w3_fp8, w2_fp8 = ctx.w_fp8
+        q_h, s_h, qt_x, st_x = ctx.saved_tensors
+        w13_fp8, w2_fp8 = ctx.w_fp8
         q_dy, s_dy, qt_dy, st_dy = _quantize_act(_rows(dy), pow2, colwise=need_w2)
+        da = _dgrad(q_dy, s_dy, w2_fp8, dy.dtype)
+        (q_dh, s_dh, qt_dh, st_dh), (qt_a, st_a) = swiglu_backward_quantize(q_h, s_h, da, pow2)
+        dx = _dgrad(q_dh, s_dh, w13_fp8, dy.dtype).view(x_shape) if need_dx else None
         dw2 = _wgrad(qt_dy, st_dy, qt_a, st_a, t2) if need_w2 else None
-        dg, du = _swiglu_backward(g, u, _dgrad(q_dy, s_dy, w2_fp8, dy.dtype))
-        q_dg, s_dg, qt_dg, st_dg = _quantize_act(dg, pow2, colwise=need_w1)
-        q_du, s_du, qt_du, st_du = _quantize_act(du, pow2, colwise=need_w3)
-        dx = None
-        if need_dx:
-            dx = (_dgrad(q_dg, s_dg, w1_fp8, dy.dtype) + _dgrad(q_du, s_du, w3_fp8, dy.dtype)).view(x_shape)
-        dw1 = _wgrad(qt_dg, st_dg, qt_x, st_x, t1) if need_w1 else None
-        dw3 = _wgrad(qt_du, st_du, qt_x, st_x, t3) if need_w3 else None
-        return dx, dw1, dw3, dw2, None, None, None, None, None
+        dw1 = dw3 = None
+        if need_w1 or need_w3:
+            dw13 = _wgrad(qt_dh, st_dh, qt_x, st_x, t1)
+            F = dw13.shape[0] // 2
+            dw1, dw3 = dw13[:F], dw13[F:].to(t3)
+        return dx, dw1, dw3, dw2, None, None, None, None
 
 
 class FP8MLP(nn.Module):
     """Drop-in for models.layers.MLP (SwiGLU: w2(silu(w1 x) * w3 x)) with FP8 GEMMs and the
-    SwiGLU output quantized by the kernel that computes it. Children w1, w3, w2 are FP8Linear
-    (same parameters, same state-dict keys, their weight caches); see FP8MLPFunction."""
+    SwiGLU fused with its quantization both ways; see FP8MLPFunction. Children w1, w3, w2 are
+    FP8Linear sharing the MLP's parameters (same state-dict keys); the gate and up weights are
+    quantized together, [w1; w3], into a cache of this module, keyed like FP8Linear's."""
 
     def __init__(self, w1: FP8Linear, w3: FP8Linear, w2: FP8Linear) -> None:
         super().__init__()
@@ -263,6 +267,7 @@ class FP8MLP(nn.Module):
             raise ValueError(f"inconsistent SwiGLU shapes: w1 {w1.in_features}->{w1.out_features}, "
                              f"w3 {w3.in_features}->{w3.out_features}, w2 {w2.in_features}->{w2.out_features}")
         self.w1, self.w3, self.w2 = w1, w3, w2
+        self._w13_fp8, self._w13_key = None, None
 
     @staticmethod
     def supports(mlp: nn.Module) -> bool:
@@ -274,12 +279,26 @@ class FP8MLP(nn.Module):
         """FP8 version of an MLP with nn.Linear w1, w3, w2, sharing their parameters."""
         return cls(*(FP8Linear.from_linear(l, pow2_scales) for l in (mlp.w1, mlp.w3, mlp.w2)))
 
+    def invalidate_fp8_cache(self) -> None:
+        self._w13_fp8, self._w13_key = None, None
+
+    def w13_fp8(self):
+        """Both orientations of [w1; w3] (2F x D), re-quantized only when w1 or w3 changed."""
+        w1, w3 = self.w1.weight, self.w3.weight
+        key = tuple((w._version, w.data_ptr(), w.device, w.dtype) for w in (w1, w3))
+        if self._w13_fp8 is None or self._w13_key != key:
+            with torch.no_grad():
+                self._w13_fp8 = quant.quantize_128x128(torch.cat([w1.detach(), w3.detach()]),
+                                                       self.w1.pow2_scales, transpose=True,
+                                                       check_finite=False)
+            self._w13_key = key
+        return self._w13_fp8
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.w1.check_input(x)
-        pow2 = self.w1.pow2_scales
         return FP8MLPFunction.apply(x, self.w1.weight, self.w3.weight, self.w2.weight,
-                                    self.w1.fp8_weight(), self.w3.fp8_weight(),
-                                    self.w2.fp8_weight(), pow2, torch.is_grad_enabled())
+                                    self.w13_fp8(), self.w2.fp8_weight(), self.w1.pow2_scales,
+                                    torch.is_grad_enabled())
 
 
 def invalidate_weight_caches(model: nn.Module) -> int:
