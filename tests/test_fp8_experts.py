@@ -144,3 +144,13 @@ def test_fp8_experts_real_shapes(E, D, F, m):
     counts = (torch.rand(E, generator=gen) * 2 * m).long().tolist()
     counts[1] = 0
     _compare(E, D, F, counts, torch.bfloat16, seed=D)
+
+
+def test_no_tokens_gives_empty_output_and_zero_weight_grads():
+    fp8 = FP8GroupedExperts.from_grouped(_experts(2, 128, 128, seed=10))
+    x = torch.zeros(0, 128, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    y = fp8(x, torch.zeros(2, dtype=torch.int64, device=DEVICE))
+    assert y.shape == (0, 128)
+    y.sum().backward()
+    for w in (fp8.w1, fp8.w3, fp8.w2):
+        assert w.grad is not None and bool((w.grad == 0).all())

@@ -207,6 +207,7 @@ class FP8ExpertsFunction(torch.autograd.Function):
         ctx.save_for_backward(counts_E, q_h, s_h, qt_x, st_x)
         ctx.wq, ctx.pow2_scales, ctx.rows = wq, pow2_scales, T
         ctx.dtypes = (x_TD.dtype, w1.dtype, w3.dtype, w2.dtype)
+        ctx.w_shapes = (w1.shape, w3.shape, w2.shape)
         return y_TD
 
     @staticmethod
@@ -215,6 +216,11 @@ class FP8ExpertsFunction(torch.autograd.Function):
         wq, pow2, T = ctx.wq, ctx.pow2_scales, ctx.rows
         x_dtype, w1_dtype, w3_dtype, w2_dtype = ctx.dtypes
         need_dx, need_wgrad = ctx.needs_input_grad[0], any(ctx.needs_input_grad[2:5])
+        if T == 0:  # no tokens reached these experts: nothing to multiply
+            dw1, dw3, dw2 = (torch.zeros(shape, dtype=dt, device=dy_TD.device)
+                             for shape, dt in zip(ctx.w_shapes, (w1_dtype, w3_dtype, w2_dtype)))
+            dx = dy_TD.new_zeros(0, ctx.w_shapes[0][2], dtype=x_dtype)
+            return dx, None, dw1, dw3, dw2, None, None, None
         if need_wgrad:
             q_dy, s_dy, qt_dy, st_dy = quant.quantize_dual(dy_TD.contiguous(), pow2,
                                                            check_finite=False)
