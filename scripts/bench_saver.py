@@ -1,6 +1,6 @@
 """Memory saver benchmark: ours against torch-memory-saver and plain pinned copies, in one run.
 
-    python scripts/bench_saver.py                      # the full run (about 1.5 min on an H100)
+    python scripts/bench_saver.py                      # the full run (at most 95 s: --budget)
     python scripts/bench_saver.py --sizes 1,16 --backup-gib 4
 
 What is measured (issue 4, item 7), each case in a fresh process so memory and timings of one
@@ -20,6 +20,12 @@ torch-memory-saver is the PyPI wheel (0.0.10): the GPU machine has no internet, 
 from .whl/ beforehand (`pip install --no-index --no-deps --target /tmp/site .whl/*.whl` and
 PYTHONPATH=/tmp/site:$PWD). Without it its column is skipped with a message. Headline rows go to
 scripts/summary.py's record().
+
+Each child prints every measurement as soon as it has it, so a child that dies later loses
+nothing, and the parent prints the table with whatever both savers produced ("-" where one did
+not). Children run with faulthandler and FP8MOE_SAVER_DEBUG=1, so a crash shows the Python line,
+the saver's last driver calls and a native backtrace. The whole run keeps to --budget seconds:
+a child still running when it is spent is stopped, and cases that no longer fit are skipped.
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,11 +99,12 @@ def _sync_time(fn) -> float:
 # child cases
 
 
-def case_nobackup(impl, layout: str, sizes_gib: list[int]) -> dict:
-    """Grow one tag through the sizes; at each, time pause and resume three times."""
+def case_nobackup(impl, layout: str, sizes_gib: list[int]):
+    """Grow one tag through the sizes; at each, time pause and resume three times. Yields
+    (size, row) as each size finishes."""
     import torch
     piece = LAYOUTS[layout]
-    tensors, out = [], {}
+    tensors = []
     for size in sizes_gib:
         free = torch.cuda.mem_get_info()[0] + len(tensors) * piece
         actual = min(size * GiB, (free - MARGIN) // GiB * GiB)
@@ -109,11 +117,10 @@ def case_nobackup(impl, layout: str, sizes_gib: list[int]) -> dict:
             pause = _sync_time(lambda: impl.pause("bench"))
             freed = torch.cuda.mem_get_info()[0] - free0
             times.append((pause, _sync_time(lambda: impl.resume("bench"))))
-        out[str(size)] = {"gib": actual / GiB, "tensors": len(tensors), "freed_gib": freed / GiB,
+        yield str(size), {"gib": actual / GiB, "tensors": len(tensors), "freed_gib": freed / GiB,
                           "pause_ms": 1e3 * statistics.median(t[0] for t in times),
                           "resume_ms": 1e3 * statistics.median(t[1] for t in times),
                           "total_ms": 1e3 * statistics.median(t[0] + t[1] for t in times)}
-    return out
 
 
 def _backed_tag(impl, tag: str, gib: int):
@@ -211,36 +218,70 @@ def case_alloc(impl) -> dict:
             "plain_warm_us": plain_warm}
 
 
-def child(impl_name: str, case: str, args: list[str]) -> dict:
+def emit(key: str, value) -> None:
+    """One finished measurement, printed at once: a later crash in the same child loses nothing."""
+    print("PART " + json.dumps({key: value}), flush=True)
+
+
+def child(impl_name: str, case: str, args: list[str]) -> None:
     impl = Ours() if impl_name == "ours" else Tms()
     if case == "nobackup":
-        return case_nobackup(impl, args[0], [int(s) for s in args[1].split(",")])
+        for size, row in case_nobackup(impl, args[0], [int(s) for s in args[1].split(",")]):
+            emit(size, row)
+        return
     gib = int(args[0])
-    out = {"backup": case_backup(impl, gib, cycles=3 if impl_name == "ours" else 1),
-           "alloc": case_alloc(impl)}
     if impl_name == "ours":
-        out["swap"] = case_swap(impl, gib // 2)
-        out["pinned"] = case_pinned_copies(gib)
-    return out
+        import torch
+        emit("pinned", case_pinned_copies(gib))  # the baseline first, so it exists whatever follows
+        torch.cuda.empty_cache()
+    emit("backup", case_backup(impl, gib, cycles=3 if impl_name == "ours" else 1))
+    emit("alloc", case_alloc(impl))
+    if impl_name == "ours":
+        emit("swap", case_swap(impl, gib // 2))
 
 
 # ---------------------------------------------------------------------------------------------
-# parent: run the children, print, record
+# parent: run the children against a time budget, print, record
 
 
-def run_child(impl: str, case: str, *args: str) -> dict | None:
-    cmd = [sys.executable, __file__, "--child", impl, case, *args]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    if not lines:
-        tail = (proc.stdout + proc.stderr).strip().splitlines()[-12:]
-        print(f"  {impl} {case} {' '.join(args)}: no result (rc={proc.returncode})\n    " + "\n    ".join(tail))
-        return None
-    result = json.loads(lines[-1][len("RESULT "):])
-    if "error" in result:
-        print(f"  {impl} {case}: {result['error']}")
-        return None
+class Budget:
+    """The whole run's time limit (gpu_check.sh runs every benchmark; this one stays short)."""
+
+    def __init__(self, seconds: float):
+        self.end = time.perf_counter() + seconds
+
+    def left(self) -> float:
+        return self.end - time.perf_counter()
+
+
+def _text(data) -> str:
+    return data.decode(errors="replace") if isinstance(data, bytes) else (data or "")
+
+
+def run_child(impl: str, case: str, *args: str, budget: Budget, min_seconds: float = 10) -> dict:
+    """The child's measurements (whatever it finished); {"failed": why} is added when it did not
+    finish. Children run with faulthandler and the saver's crash trace, so a crash says where."""
+    label = f"{impl} {case} {' '.join(args)}"
+    if budget.left() < min_seconds:
+        print(f"  {label}: skipped (time budget spent)")
+        return {"failed": "skipped: time budget spent"}
+    cmd = [sys.executable, "-X", "faulthandler", __file__, "--child", impl, case, *args]
+    env = dict(os.environ, FP8MOE_SAVER_DEBUG="1", PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=budget.left())
+        out, err, why = proc.stdout, proc.stderr, f"exit status {proc.returncode}"
+    except subprocess.TimeoutExpired as timeout:
+        out, err, why = _text(timeout.stdout), _text(timeout.stderr), "stopped: time budget spent"
+    result = {}
+    for line in out.splitlines():
+        if line.startswith("PART "):
+            result.update(json.loads(line[len("PART "):]))
+    if "DONE" not in out.splitlines():
+        result.setdefault("failed", why)
+    if "failed" in result:
+        tail = (out + err).strip().splitlines()[-60:]
+        print(f"  {label}: {result['failed']}\n    " + "\n    ".join(tail))
     return result
 
 
@@ -252,47 +293,70 @@ def tms_available() -> str | None:
     return None
 
 
-def report_nobackup(ours: dict, tms: dict | None, layout: str) -> None:
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def report_nobackup(layout: str, ours: dict, tms: dict, sizes: list[str]) -> None:
     from summary import record
-    for size, row in ours.items():
-        other = (tms or {}).get(size)
-        print(f"  {layout:5s} {row['gib']:5.1f} GiB in {row['tensors']:6d} tensors: ours pause "
-              f"{row['pause_ms']:7.2f} ms resume {row['resume_ms']:7.2f} ms (freed {row['freed_gib']:.2f} GiB)"
-              + (f" | tms pause {other['pause_ms']:7.2f} ms resume {other['resume_ms']:7.2f} ms "
-                 f"(freed {other['freed_gib']:.2f} GiB)" if other else ""))
+    print(f"  {'layout':6s} {'GiB':>5s} {'tensors':>7s} | {'ours pause':>10s} {'resume':>8s} {'freed':>6s} | "
+          f"{'tms pause':>10s} {'resume':>8s} {'freed':>6s}   (ms, GiB)")
+    for size in sizes:
+        o, t = ours.get(size), tms.get(size)
+        row = o or t
+        if row is None:
+            print(f"  {layout:6s} {size:>5s}: no result from either saver")
+            continue
+        print(f"  {layout:6s} {row['gib']:5.1f} {row['tensors']:7d} | "
+              f"{_fmt(o and o['pause_ms'], '10.2f')} {_fmt(o and o['resume_ms'], '8.2f')} "
+              f"{_fmt(o and o['freed_gib'], '6.2f')} | {_fmt(t and t['pause_ms'], '10.2f')} "
+              f"{_fmt(t and t['resume_ms'], '8.2f')} {_fmt(t and t['freed_gib'], '6.2f')}")
         if row["gib"] != float(size):
             print(f"    ({size} GiB case scaled to {row['gib']:.0f} GiB: the card has too little free memory)")
-        if other:
-            record("saver", f"pause+resume {row['gib']:.0f} GiB {layout} tensors, no backup",
-                   row["total_ms"], "ms", "torch-memory-saver", other["total_ms"], higher_is_better=False)
+        if o and t:
+            record("saver", f"pause+resume {o['gib']:.0f} GiB {layout} tensors, no backup",
+                   o["total_ms"], "ms", "torch-memory-saver", t["total_ms"], higher_is_better=False)
 
 
-def report_backup(ours: dict, tms: dict | None) -> None:
+def report_backup(ours: dict, tms: dict) -> None:
     from summary import record
-    b, p, s, a = ours["backup"], ours["pinned"], ours["swap"], ours["alloc"]
-    gib = b["gib"]
-    print(f"  backup {gib} GiB: ours pause {b['pause_gibs']:.1f} GiB/s (first, pinning: "
-          f"{b['first_pause_gibs']:.1f}), resume {b['resume_gibs']:.1f} GiB/s | pinned copy D2H "
-          f"{p['d2h_gibs']:.1f}, H2D {p['h2d_gibs']:.1f}, both {p['duplex_gibs']:.1f} GiB/s")
-    print(f"  swap 2 x {s['gib_each']} GiB: {s['aggregate_gibs']:.1f} GiB/s aggregate")
-    record("saver", f"backup pause {gib} GiB", b["pause_gibs"], "GiB/s", "pinned D2H copy", p["d2h_gibs"])
-    record("saver", f"backup resume {gib} GiB", b["resume_gibs"], "GiB/s", "pinned H2D copy", p["h2d_gibs"])
-    record("saver", f"swap 2x{s['gib_each']} GiB (D2H+H2D)", s["aggregate_gibs"], "GiB/s",
-           "pinned D2H+H2D, two streams", p["duplex_gibs"])
-    print(f"  alloc: 64 MiB fresh {a['cold_us']:.1f} us (caching allocator {a['plain_cold_us']:.1f}), "
-          f"1 MiB cached {a['warm_us']:.2f} us (caching allocator {a['plain_warm_us']:.2f})")
-    record("saver", "alloc 64 MiB fresh, in region", a["cold_us"], "us", "PyTorch caching allocator",
-           a["plain_cold_us"], higher_is_better=False)
-    record("saver", "alloc+free 1 MiB cached, in region", a["warm_us"], "us", "PyTorch caching allocator",
-           a["plain_warm_us"], higher_is_better=False)
-    if tms:
-        t, ta = tms["backup"], tms["alloc"]
-        print(f"  tms backup {gib} GiB: pause {t['pause_gibs']:.2f} GiB/s, resume {t['resume_gibs']:.2f} GiB/s; "
-              f"alloc 64 MiB fresh {ta['cold_us']:.1f} us, 1 MiB cached {ta['warm_us']:.2f} us")
-        record("saver", f"backup pause {gib} GiB vs tms", b["pause_gibs"], "GiB/s", "torch-memory-saver", t["pause_gibs"])
+    b, p, s, a = (ours.get(k) for k in ("backup", "pinned", "swap", "alloc"))
+    tb, ta = tms.get("backup"), tms.get("alloc")
+    if p:
+        print(f"  pinned cudaMemcpyAsync: D2H {p['d2h_gibs']:.1f}, H2D {p['h2d_gibs']:.1f}, "
+              f"both directions {p['duplex_gibs']:.1f} GiB/s")
+    for name, row in (("ours", b), ("tms", tb)):
+        if row:
+            print(f"  {name:4s} backup {row['gib']} GiB: pause {row['pause_gibs']:.2f} GiB/s (first, pinning: "
+                  f"{row['first_pause_gibs']:.2f}), resume {row['resume_gibs']:.2f} GiB/s")
+    if s:
+        print(f"  ours swap 2 x {s['gib_each']} GiB: {s['aggregate_gibs']:.1f} GiB/s aggregate")
+    for name, row in (("ours", a), ("tms", ta)):
+        if row:
+            print(f"  {name:4s} alloc: 64 MiB fresh {row['cold_us']:.1f} us (caching allocator "
+                  f"{row['plain_cold_us']:.1f}), 1 MiB cached {row['warm_us']:.2f} us (caching allocator "
+                  f"{row['plain_warm_us']:.2f})")
+    if b and p:
+        gib = b["gib"]
+        record("saver", f"backup pause {gib} GiB", b["pause_gibs"], "GiB/s", "pinned D2H copy", p["d2h_gibs"])
+        record("saver", f"backup resume {gib} GiB", b["resume_gibs"], "GiB/s", "pinned H2D copy", p["h2d_gibs"])
+    if s and p:
+        record("saver", f"swap 2x{s['gib_each']} GiB (D2H+H2D)", s["aggregate_gibs"], "GiB/s",
+               "pinned D2H+H2D, two streams", p["duplex_gibs"])
+    if a:
+        record("saver", "alloc 64 MiB fresh, in region", a["cold_us"], "us", "PyTorch caching allocator",
+               a["plain_cold_us"], higher_is_better=False)
+        record("saver", "alloc+free 1 MiB cached, in region", a["warm_us"], "us", "PyTorch caching allocator",
+               a["plain_warm_us"], higher_is_better=False)
+    if b and tb:
+        gib = b["gib"]
+        record("saver", f"backup pause {gib} GiB vs tms", b["pause_gibs"], "GiB/s", "torch-memory-saver",
+               tb["pause_gibs"])
         record("saver", f"backup first pause {gib} GiB (pins host)", b["first_pause_gibs"], "GiB/s",
-               "torch-memory-saver", t["first_pause_gibs"])
-        record("saver", f"backup resume {gib} GiB vs tms", b["resume_gibs"], "GiB/s", "torch-memory-saver", t["resume_gibs"])
+               "torch-memory-saver", tb["first_pause_gibs"])
+        record("saver", f"backup resume {gib} GiB vs tms", b["resume_gibs"], "GiB/s", "torch-memory-saver",
+               tb["resume_gibs"])
+    if a and ta:
         record("saver", "alloc 64 MiB fresh, in region vs tms", a["cold_us"], "us", "torch-memory-saver",
                ta["cold_us"], higher_is_better=False)
 
@@ -301,16 +365,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1,16,64", help="GiB held in the no-backup cases")
     parser.add_argument("--backup-gib", type=int, default=8, help="GiB in the backup case (even)")
+    parser.add_argument("--budget", type=float, default=95.0,
+                        help="seconds for the whole run; cases that no longer fit are skipped")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         try:
-            result = child(args.child[0], args.child[1], args.child[2:])
+            child(args.child[0], args.child[1], args.child[2:])
+            print("DONE", flush=True)
         except Exception as err:  # reported by the parent, which goes on with the other cases
-            result = {"error": f"{type(err).__name__}: {err}"}
-        print("RESULT " + json.dumps(result), flush=True)
+            traceback.print_exc()
+            emit("failed", f"{type(err).__name__}: {err}")
         os._exit(0)  # skip interpreter teardown: torch-memory-saver can abort in its free hook there
 
+    budget = Budget(args.budget)
     spec = importlib.util.spec_from_file_location("saver_build", ROOT / "csrc/saver/build.py")
     build = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build)
@@ -318,23 +386,21 @@ def main() -> None:
     missing_tms = tms_available()
     if missing_tms:
         print(missing_tms)
-    start, failed = time.perf_counter(), False
+    sizes = args.sizes.split(",")
+    results = {}
     for layout in LAYOUTS:
         print(f"== no backup, {layout} tensors (aim: pause+resume <= 10 ms per 16 GiB)")
-        ours = run_child("ours", "nobackup", layout, args.sizes)
-        tms = None if missing_tms else run_child("tms", "nobackup", layout, args.sizes)
-        if ours:
-            report_nobackup(ours, tms, layout)
-        failed |= ours is None
+        results[layout] = (run_child("ours", "nobackup", layout, args.sizes, budget=budget),
+                           {} if missing_tms else run_child("tms", "nobackup", layout, args.sizes, budget=budget))
+        report_nobackup(layout, *results[layout], sizes)
     print(f"== cpu backup {args.backup_gib} GiB (aim: >= 90% of a pinned copy), swap, allocation cost")
-    ours = run_child("ours", "backup", str(args.backup_gib))
-    tms = None if missing_tms else run_child("tms", "backup", str(args.backup_gib))
-    if ours:
-        report_backup(ours, tms)
-    failed |= ours is None
-    print(f"(bench_saver took {time.perf_counter() - start:.0f} s)")
+    results["backup"] = (run_child("ours", "backup", str(args.backup_gib), budget=budget),
+                         {} if missing_tms else run_child("tms", "backup", str(args.backup_gib), budget=budget))
+    report_backup(*results["backup"])
+    print(f"(bench_saver took {args.budget - budget.left():.0f} s of its {args.budget:.0f} s budget)")
+    failed = [key for key, (ours, _) in results.items() if "failed" in ours]
     if failed:
-        raise SystemExit("bench_saver: a case of our saver failed (see above)")
+        raise SystemExit(f"bench_saver: our saver did not finish the {', '.join(failed)} case(s) (see above)")
 
 
 if __name__ == "__main__":

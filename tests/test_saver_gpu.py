@@ -5,6 +5,11 @@ measure, `cudaMemGetInfo` free bytes and RSS, is per process too, so every scena
 `python tests/test_saver_gpu.py <scenario>` and the pytest function checks its exit status and
 that the library printed no error. The library is built first if it is missing or stale.
 
+A scenario that crashes says where: each child runs with Python's faulthandler (the Python stack)
+and FP8MOE_SAVER_DEBUG=1 (the library's last driver calls and a native backtrace, csrc/saver/
+trace.h), and prints a line per step, so the failure message below shows the step, the Python
+line and the driver call that died.
+
 Checked against the issue: pause returns >= 99% of the tag's bytes to the driver and leaves
 untagged memory alone; data_ptr() is stable; contents survive with cpu_backup=True (bitwise);
 tags pause and resume independently; allocation and free while another tag is paused; CUDA graph
@@ -13,6 +18,7 @@ out of memory leaves the tag paused and intact; the LD_PRELOAD mode pauses raw c
 and a CUDA graph's private pool; a second GPU when there is one; a clean exit with paused tags.
 """
 import ctypes
+import faulthandler
 import importlib.util
 import os
 import re
@@ -40,13 +46,23 @@ def library():
 
 
 def run_scenario(name: str, library: Path, env: dict | None = None, timeout: int = 600):
-    env = dict(os.environ, **(env or {}))
+    env = dict(os.environ, FP8MOE_SAVER_DEBUG="1", PYTHONUNBUFFERED="1", **(env or {}))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    result = subprocess.run([sys.executable, __file__, name], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=timeout)
-    assert result.returncode == 0, f"{name} failed:\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
+    try:
+        result = subprocess.run([sys.executable, __file__, name], cwd=ROOT, env=env, capture_output=True,
+                                text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as err:
+        out = (err.stdout or b"").decode(errors="replace") if isinstance(err.stdout, bytes) else err.stdout
+        raise AssertionError(f"{name} timed out after {timeout} s; its output:\n{(out or '')[-4000:]}")
+    assert result.returncode == 0, (f"{name} failed (exit status {result.returncode}):\n--- stdout\n"
+                                    f"{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-12000:]}")
     assert "[fp8moe saver]" not in result.stderr, result.stderr[-4000:]
     return result
+
+
+def step(what: str) -> None:
+    """Progress of a scenario, so a crash's output says how far it got."""
+    print(f"step: {what}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,21 +84,29 @@ def scenario_freed_bytes_and_stable_addresses():
     from trainer import saver
     outside = torch.randn(GiB // 4, device="cuda")
     outside_sum = outside.double().sum().item()
+    step("first allocation in a region")
     with saver.region("kv"):
-        tensors = [torch.randn(5 * MiB // 4, device="cuda") for _ in range(200)]
+        first = torch.randn(5 * MiB // 4, device="cuda")
+        step(f"allocated at {first.data_ptr():#x}; 200 more and a 2 GiB tensor")
+        tensors = [first] + [torch.randn(5 * MiB // 4, device="cuda") for _ in range(199)]
         tensors.append(torch.empty(2 * GiB, dtype=torch.uint8, device="cuda"))
     ptrs = [t.data_ptr() for t in tensors]
     tagged = sum(t.nbytes for t in tensors)
+    step("report")
     held = _held(saver, "kv")
+    print(saver.report(), flush=True)
     assert held >= tagged, (held, tagged)
     free0 = _free()
+    step("pause")
     stats = saver.pause("kv")
     free1 = _free()
     print(f"held {held / GiB:.3f} GiB, freed {(free1 - free0) / GiB:.3f} GiB, {stats}")
     assert free1 - free0 >= 0.99 * held and stats.released_bytes == held
     outside.mul_(2)  # untagged memory is untouched and usable
     assert abs(outside.double().sum().item() - 2 * outside_sum) <= 1e-6 * abs(outside_sum) + 1e-3
+    step("resume")
     saver.resume("kv")
+    step("check")
     assert abs(_free() - free0) <= 2 * MiB
     assert [t.data_ptr() for t in tensors] == ptrs
     for i, t in enumerate(tensors):
@@ -94,6 +118,7 @@ def scenario_cpu_backup_keeps_contents():
     import torch
     from trainer import saver
     g = torch.Generator(device="cuda").manual_seed(0)
+    step("allocate")
     with saver.region("weights", cpu_backup=True):
         tensors = [torch.randn(n, device="cuda", generator=g) for n in (1, 32, 1728, 3 * MiB + 1, 64 * MiB)]
         tensors += [torch.randint(0, 255, (6912,), dtype=torch.uint8, device="cuda", generator=g)]
@@ -103,7 +128,8 @@ def scenario_cpu_backup_keeps_contents():
     want_view = view.cpu()
     with saver.region("scratch"):
         scratch = torch.ones(256 * MiB, device="cuda")
-    for _ in range(3):
+    for cycle in range(3):
+        step(f"cycle {cycle}")
         saver.pause("weights")
         saver.pause("scratch")
         saver.resume("weights")
@@ -122,6 +148,7 @@ def scenario_tags_are_independent():
     with saver.region("b", cpu_backup=True):
         b = torch.randn(500 * MiB // 4, device="cuda")
     want_a, want_b = a.cpu(), b.cpu()
+    step("pause a")
     saver.pause("a")
     assert torch.equal(b.cpu(), want_b)
     b.add_(1)
@@ -135,6 +162,7 @@ def scenario_tags_are_independent():
     saver.resume("b")
     assert torch.equal(b.cpu(), want_b)
     saver.pause("b")
+    step("swap")
     saver.swap(pause="a", resume="b")
     assert torch.equal(b.cpu(), want_b)
     saver.resume("a")
@@ -149,9 +177,11 @@ def scenario_alloc_and_free_while_another_tag_is_paused():
         drop = torch.randn(64 * MiB, device="cuda")
         raw = saver.default_saver().raw_alloc(32 * MiB)
     want = keep.cpu()
+    step("pause a")
     saver.pause("a")
     del drop  # freed while paused: back to its (paused) pool
     saver.default_saver().raw_free(raw)  # released while paused: nothing mapped to give back
+    step("allocate in b while a is paused")
     for i in range(50):
         with saver.region("b"):
             x = torch.randn(1 + i * 97 * 1024, device="cuda")
@@ -159,6 +189,7 @@ def scenario_alloc_and_free_while_another_tag_is_paused():
         z = torch.randn(3 * MiB, device="cuda")
         assert torch.allclose(y, x.sum() * 2, rtol=1e-4, atol=1e-2)
         del x, z
+    step("resume a")
     saver.resume("a")
     assert torch.equal(keep.cpu(), want)
     with saver.region("a", cpu_backup=True):
@@ -182,11 +213,13 @@ def scenario_cuda_graph_replays_after_resume():
         torch.addmm(torch.ones(1, device="cuda"), x, w, out=y)
         torch.mul(u, 3, out=v)
     torch.cuda.current_stream().wait_stream(side)
+    step("capture")
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         torch.addmm(torch.ones(1, device="cuda"), x, w, out=y)
         torch.mul(u, 3, out=v)
-    for _ in range(2):
+    for cycle in range(2):
+        step(f"cycle {cycle}")
         saver.pause("kv")
         saver.pause("kept")
         saver.resume("kept")
@@ -216,6 +249,7 @@ def scenario_thousand_cycles_leak_nothing():
         saver.pause("state")
         saver.resume("state")
     free0, rss0 = _free(), _rss()
+    step("1000 cycles")
     for i in range(1000):
         if i % 2:
             saver.pause("cache")
@@ -243,13 +277,16 @@ def scenario_tensor_over_10_gib():
         g = torch.Generator(device="cuda").manual_seed(1234)
         return torch.randint(0, 256, (n,), dtype=torch.uint8, device="cuda", generator=g)
 
+    step("allocate 10.5 GiB")
     with saver.region("big", cpu_backup=True):
         big = pattern()
     free0 = _free()
+    step("pause")
     stats = saver.pause("big")
     freed = _free() - free0
     print(f"freed {freed / GiB:.2f} GiB of {n / GiB:.2f}, {stats}")
     assert freed >= 0.99 * n and stats.to_host_bytes >= n
+    step("resume")
     saver.resume("big")
     assert torch.equal(big, pattern())
 
@@ -261,9 +298,11 @@ def scenario_resume_out_of_memory_keeps_the_tag_paused():
     with saver.region("a", cpu_backup=True):
         a = torch.randint(0, 256, (8 * GiB,), dtype=torch.uint8, device="cuda", generator=g)
     want = a[::4096].cpu()
+    step("pause")
     saver.pause("a")
     filler = torch.empty(_free() - 4 * GiB, dtype=torch.uint8, device="cuda")
     free0 = _free()
+    step("resume with 4 GiB free")
     try:
         saver.resume("a")
     except saver.SaverOutOfMemoryError as err:
@@ -311,6 +350,7 @@ def scenario_preload_pauses_raw_cudamalloc_and_graph_pools():
     torch.cuda.init()
     hooked, cudart = _cudart()
     ptr = ctypes.c_void_p()
+    step("hooked cudaMalloc in a region")
     with saver.region("raw", cpu_backup=True):
         assert hooked.cudaMalloc(ctypes.byref(ptr), GiB + 6912) == 0
         t = torch.randn(256 * MiB // 4, device="cuda")
@@ -328,6 +368,7 @@ def scenario_preload_pauses_raw_cudamalloc_and_graph_pools():
     assert hooked.cudaFree(ptr) == 0  # reaches the saver, not the runtime
     assert saver.report()["tags"]["raw"]["segments"] == segments - 1
 
+    step("graph pool in a region")
     x = torch.randn(128 * MiB, device="cuda")
     graph = torch.cuda.CUDAGraph()
     torch.cuda.synchronize()
@@ -371,12 +412,19 @@ def scenario_exit_with_paused_and_live_tags():
     with saver.region("freed"):
         c = torch.randn(64 * MiB, device="cuda")
     del c
+    step("pause")
     saver.pause("paused")
-    print("exiting with", a.data_ptr(), b.data_ptr())
+    print("exiting with", a.data_ptr(), b.data_ptr(), flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
 # pytest entry points
+# (cheap scenarios first, so a time-limited run still covers the most ground)
+
+
+@pytest.mark.gpu
+def test_exit_with_paused_and_live_tags(library):
+    run_scenario("exit_with_paused_and_live_tags", library)
 
 
 @pytest.mark.gpu
@@ -405,21 +453,6 @@ def test_cuda_graph_replays_after_resume(library):
 
 
 @pytest.mark.gpu
-def test_thousand_cycles_leak_nothing(library):
-    run_scenario("thousand_cycles_leak_nothing", library)
-
-
-@pytest.mark.gpu
-def test_tensor_over_10_gib(library):
-    run_scenario("tensor_over_10_gib", library)
-
-
-@pytest.mark.gpu
-def test_resume_out_of_memory_keeps_the_tag_paused(library):
-    run_scenario("resume_out_of_memory_keeps_the_tag_paused", library)
-
-
-@pytest.mark.gpu
 def test_preload_pauses_raw_cudamalloc_and_graph_pools(library):
     run_scenario("preload_pauses_raw_cudamalloc_and_graph_pools", library,
                  env={"LD_PRELOAD": str(library), "FP8MOE_SAVER_MODE": "preload"})
@@ -432,9 +465,22 @@ def test_two_devices(library):
 
 
 @pytest.mark.gpu
-def test_exit_with_paused_and_live_tags(library):
-    run_scenario("exit_with_paused_and_live_tags", library)
+def test_resume_out_of_memory_keeps_the_tag_paused(library):
+    run_scenario("resume_out_of_memory_keeps_the_tag_paused", library)
+
+
+@pytest.mark.gpu
+def test_tensor_over_10_gib(library):
+    run_scenario("tensor_over_10_gib", library)
+
+
+@pytest.mark.gpu
+def test_thousand_cycles_leak_nothing(library):
+    run_scenario("thousand_cycles_leak_nothing", library)
 
 
 if __name__ == "__main__":
+    faulthandler.enable()
+    step(f"scenario {sys.argv[1]}")
     globals()["scenario_" + sys.argv[1]]()
+    step("scenario done; interpreter exit follows")

@@ -263,6 +263,9 @@ class Saver:
                 if self._allocator is None:
                     self._allocator = torch.cuda.memory.CUDAPluggableAllocator(
                         str(lib.path), "saver_torch_malloc", "saver_torch_free")
+                    # Never freed: a MemPool keeps only a raw pointer to its allocator and frees
+                    # its blocks through it, possibly during interpreter teardown.
+                    ctypes.pythonapi.Py_IncRef(ctypes.py_object(self._allocator.allocator()))
                 self._pools[key] = torch.cuda.MemPool(allocator=self._allocator.allocator())
             else:
                 self._pools[key] = torch.cuda.MemPool()

@@ -9,6 +9,7 @@
 #include <dlfcn.h>
 #include <sys/types.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstdio>
@@ -20,11 +21,16 @@
 
 namespace {
 
-thread_local std::string t_error;
+// Every entry point leaves the outcome of its last call here: empty after a success. A plain
+// array, not a std::string: PyTorch may free pool memory after this thread's thread_local
+// destructors have run at exit, and a destroyed string must not be written then.
+thread_local char t_error[4096];
 
-// Every entry point leaves the outcome of its last call here: empty after a success.
 int fail(const saver::Status& st) {
-  t_error = st.ok() ? std::string() : st.message;
+  const std::string& text = st.message;
+  const size_t n = st.ok() ? 0 : std::min(text.size(), sizeof(t_error) - 1);
+  std::memcpy(t_error, text.data(), n);
+  t_error[n] = '\0';
   return st.code;
 }
 
@@ -107,7 +113,7 @@ struct SaverStats {
 
 const char* saver_version(void) { return "fp8moe-saver 1"; }
 
-const char* saver_last_error(void) { return t_error.c_str(); }
+const char* saver_last_error(void) { return t_error; }
 
 int saver_init(void) { return fail(saver::load_driver(nullptr)); }
 
@@ -169,6 +175,7 @@ int saver_free(void* ptr) {
 
 // torch.cuda.memory.CUDAPluggableAllocator entry points.
 void* saver_torch_malloc(ssize_t size, int device, cudaStream_t stream) {
+  saver::trace("saver_torch_malloc(%zd, %d, %p)", size, device, static_cast<void*>(stream));
   void* ptr = nullptr;
   saver::Status st = size < 0 ? saver::make_status(saver::kUsage, "negative allocation size")
                               : saver::allocate(size_t(size), device, stream, false, &ptr);
@@ -177,7 +184,8 @@ void* saver_torch_malloc(ssize_t size, int device, cudaStream_t stream) {
   return ptr;
 }
 
-void saver_torch_free(void* ptr, ssize_t, int, cudaStream_t) {
+void saver_torch_free(void* ptr, ssize_t size, int device, cudaStream_t stream) {
+  saver::trace("saver_torch_free(%p, %zd, %d, %p)", ptr, size, device, static_cast<void*>(stream));
   bool found = false;
   saver::Status st = saver::release(ptr, &found);
   if (st.ok() && !found) st = saver::make_status(saver::kUsage, "free of a pointer the saver does not own");
@@ -198,6 +206,7 @@ int saver_preload_active(void) {
 
 cudaError_t cudaMalloc(void** ptr, size_t size) {
   if (saver::has_thread_tag()) {
+    saver::trace("cudaMalloc(%zu) in a region", size);
     int ordinal = 0;
     saver::Status st = current_device(&ordinal);
     if (st.ok()) st = saver::allocate(size, ordinal, nullptr, true, ptr);

@@ -25,8 +25,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-SOURCES = ("csrc/saver/driver.cpp", "csrc/saver/host.cpp", "csrc/saver/core.cpp", "csrc/saver/abi.cpp")
-HEADERS = ("csrc/saver/driver.h", "csrc/saver/host.h", "csrc/saver/core.h")
+SOURCES = ("csrc/saver/trace.cpp", "csrc/saver/driver.cpp", "csrc/saver/host.cpp", "csrc/saver/core.cpp",
+           "csrc/saver/abi.cpp")
+HEADERS = ("csrc/saver/trace.h", "csrc/saver/driver.h", "csrc/saver/host.h", "csrc/saver/core.h")
 FAKE_SOURCES = ("csrc/saver/fake_driver/fake_cuda.cpp",)
 LIBRARY = ROOT / "trainer" / "libfp8moe_saver.so"
 _NEEDED_HEADERS = ("cuda.h", "cuda_runtime_api.h")

@@ -98,7 +98,9 @@ class ScopedContext {
   }
   ~ScopedContext() {
     CUcontext popped;
-    if (pushed_) drv().cuCtxPopCurrent(&popped);
+    if (!pushed_) return;
+    trace("cuCtxPopCurrent");
+    drv().cuCtxPopCurrent(&popped);
   }
 
  private:
@@ -145,6 +147,7 @@ Status device(int ordinal, Device** out) {
 // ---- physical memory of one chunk: all-or-nothing map, and unmap ----
 
 Status map_chunk(const Device& d, Chunk* c) {
+  trace("map chunk 0x%llx + %zu on device %d", static_cast<unsigned long long>(c->base), c->size, c->device);
   CUmemAllocationProp prop = allocation_prop(d, c->device);
   CUmemGenericAllocationHandle handle = 0;
   SAVER_RETURN_IF_ERROR(CU_CALL(cuMemCreate, &handle, c->size, &prop, 0));
@@ -168,6 +171,7 @@ Status map_chunk(const Device& d, Chunk* c) {
 }
 
 Status unmap_chunk(Chunk* c) {
+  trace("unmap chunk 0x%llx + %zu", static_cast<unsigned long long>(c->base), c->size);
   SAVER_RETURN_IF_ERROR(CU_CALL(cuMemUnmap, c->base, c->size));
   c->mapped = false;
   Status st = CU_CALL(cuMemRelease, c->handle);
@@ -312,6 +316,8 @@ Status allocate(size_t size, int ordinal, CUstream stream, bool sync_device_on_f
   *out = nullptr;
   SAVER_RETURN_IF_ERROR(load_driver(nullptr));
   Tag* tag = t_tag;
+  trace("allocate %zu bytes on device %d, stream %p, tag '%s'", size, ordinal, static_cast<void*>(stream),
+        tag ? tag->name.c_str() : "(none)");
   if (tag == nullptr) return make_status(kUsage, "allocation outside a saver region");
   if (size == 0) return {};
   std::lock_guard<std::mutex> lock(reg().mu);
@@ -335,6 +341,7 @@ Status allocate(size_t size, int ordinal, CUstream stream, bool sync_device_on_f
   }
   const CUdeviceptr ptr = chunk->base + offset;
   reg().segments[ptr] = Segment{chunk, offset, bytes, stream, sync_device_on_free};
+  trace("  -> 0x%llx", static_cast<unsigned long long>(ptr));
   *out = reinterpret_cast<void*>(ptr);
   return {};
 }
@@ -360,6 +367,7 @@ Status release(void* ptr, bool* found) {
     std::lock_guard<std::mutex> lock(reg().mu);
     auto it = reg().segments.find(key);
     *found = it != reg().segments.end();
+    trace("release %p (%s)", ptr, *found ? "ours" : "not ours");
     if (!*found) return {};
     seg = it->second;
     mapped = seg.chunk->mapped;
@@ -634,6 +642,12 @@ Status transition(const std::vector<std::string>& pause, bool all_active,
     if (std::find(to_resume.begin(), to_resume.end(), t) != to_resume.end()) {
       return make_status(kUsage, "tag '" + t->name + "' cannot be paused and resumed at once");
     }
+  }
+  if (tracing()) {
+    std::string names;
+    for (Tag* t : to_pause) names += " pause '" + t->name + "'";
+    for (Tag* t : to_resume) names += " resume '" + t->name + "'";
+    trace("transition:%s", names.c_str());
   }
   return Transition(std::move(to_pause), std::move(to_resume), stats).run();
 }

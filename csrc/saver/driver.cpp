@@ -28,6 +28,8 @@ Status resolve_all(void* lib, const char* path) {
 Status load_once() {
   const char* env = std::getenv("FP8MOE_SAVER_LIBCUDA");
   const char* path = (env && *env) ? env : "libcuda.so.1";
+  trace_init();
+  trace("loading the driver from %s", path);
   void* lib = dlopen(path, RTLD_NOW | RTLD_LOCAL);
   if (lib == nullptr) {
     const char* why = dlerror();
@@ -72,6 +74,7 @@ Status check_cu(CUresult result, const char* call, const char* file, int line) {
   int code = result == CUDA_ERROR_OUT_OF_MEMORY ? kOutOfMemory : kDriver;
   Status st = make_status(code, std::string(call) + " failed at " + file + ":" + std::to_string(line) +
                                     ": " + describe(result));
+  trace("  %s", st.message.c_str());
   st.cu = result;
   return st;
 }

@@ -14,6 +14,8 @@
 
 #include <string>
 
+#include "trace.h"
+
 namespace saver {
 
 // Error classes returned through the C ABI; Python maps them to exception types.
@@ -85,10 +87,17 @@ std::string describe(CUresult result);
 
 Status check_cu(CUresult result, const char* call, const char* file, int line);
 
+// Notes a driver call in the trace ring before it is made (see trace.h).
+inline void trace_call(const char* call, const char* file, int line) {
+  if (tracing()) trace("%s at %s:%d", call, file, line);
+}
+
 }  // namespace saver
 
 // CU_CALL(cuMemMap, ptr, size, 0, handle, 0) -> Status.
-#define CU_CALL(fn, ...) ::saver::check_cu(::saver::drv().fn(__VA_ARGS__), #fn, __FILE__, __LINE__)
+#define CU_CALL(fn, ...)                                 \
+  (::saver::trace_call(#fn, __FILE__, __LINE__),         \
+   ::saver::check_cu(::saver::drv().fn(__VA_ARGS__), #fn, __FILE__, __LINE__))
 
 #define SAVER_RETURN_IF_ERROR(expr)      \
   do {                                   \
