@@ -117,6 +117,7 @@ def test_alignment_padding_is_exact():
 @pytest.mark.parametrize("N,K", [(2048, 7168), (7168, 2048), (4096, 4096), (1536, 7168), (640, 384)])
 def test_gpu_three_gemms(T, N, K):
     _fprop(T, N, K, pow2=False)
+    _fprop(T, N, K, pow2=True, out_dtype=torch.float32)
     _dgrad(T, N, K, pow2=False)
     _wgrad(T, N, K, pow2=T % 2 == 0)
 
