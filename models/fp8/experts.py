@@ -67,11 +67,19 @@ class ExpertWeightsFP8:
 
     @classmethod
     def quantize(cls, w1_EFD, w3_EFD, w2_EDF, pow2_scales: bool) -> "ExpertWeightsFP8":
-        with torch.no_grad():
-            w13 = quant.quantize_128x128(torch.cat([w1_EFD, w3_EFD], dim=1), pow2_scales,
-                                         transpose=True, check_finite=False)
+        with torch.no_grad():  # gate and up quantized apart, joined in FP8 (a quarter of the bytes)
+            gate, up = (quant.quantize_128x128(w, pow2_scales, transpose=True, check_finite=False)
+                        for w in (w1_EFD, w3_EFD))
+            w13 = [_cat(g, u, dim) for g, u, dim in zip(gate, up, (1, 1, 2, 2))]
             w2 = quant.quantize_128x128(w2_EDF, pow2_scales, transpose=True, check_finite=False)
         return cls(*w13, *w2)
+
+
+def _cat(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
+    """torch.cat that also takes float8 (joined as bytes)."""
+    if a.dtype != E4M3:
+        return torch.cat([a, b], dim=dim)
+    return torch.cat([a.view(torch.uint8), b.view(torch.uint8)], dim=dim).view(E4M3)
 
 
 def _token_major(qt_KMp: torch.Tensor, rows: int) -> torch.Tensor:
