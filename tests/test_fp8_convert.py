@@ -95,13 +95,13 @@ def _cos(a, b):
     return float(F.cosine_similarity(a.double().flatten(), b.double().flatten(), 0))
 
 
-def _loss_and_grads(cfg, fp8_cfg, device, dtype, seed=0):
+def _loss_and_grads(cfg, fp8_cfg, device, dtype, seed=0, shape=(2, 33)):
     torch.manual_seed(seed)
     ref = build_model(cfg).to(device=device, dtype=dtype)
     fp8 = build_model(cfg).to(device=device, dtype=dtype)
     fp8.load_state_dict(ref.state_dict())
     convert(fp8, fp8_cfg, emulate=device == "cpu")
-    tokens = torch.randint(0, cfg.vocab_size, (2, 33), generator=torch.Generator().manual_seed(seed))
+    tokens = torch.randint(0, cfg.vocab_size, shape, generator=torch.Generator().manual_seed(seed))
     tokens = tokens.to(device)
     out = []
     for model in (ref, fp8):
@@ -137,5 +137,5 @@ def test_converted_model_gradients_close_gpu(pow2):
     """On the real kernels, against the same model in bf16."""
     results, fp8_modules = _loss_and_grads(model_config("debug", **ALL_ELIGIBLE),
                                            FP8Config(recipe="blockwise", pow2_scales=pow2),
-                                           "cuda", torch.bfloat16)
+                                           "cuda", torch.bfloat16, shape=(8, 257))
     _check_close(results, fp8_modules)
