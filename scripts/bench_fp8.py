@@ -14,7 +14,8 @@ scripts/summary.py:
            step with several micro-batches, and again re-quantized every call as with one), against
            bf16 nn.Linear and Transformer Engine's Linear under Float8BlockScaling when TE imports;
   mlp      FP8MLP (SwiGLU fused with its quantization) forward + backward against the bf16 MLP at
-           the `small` model's dense-MLP and shared-expert shapes.
+           the `small` model's dense-MLP and shared-expert shapes;
+  memory   bytes autograd saves for backward (FP8 copies vs bf16 activations), Linear and MLP.
 Timing: median over 5 batches of back-to-back calls between CUDA events, random normal data.
 """
 from __future__ import annotations
@@ -166,6 +167,35 @@ def bench_linear(shapes) -> None:
         print(f"Transformer Engine absent: {te_note}")
 
 
+def saved_bytes(layer, x) -> int:
+    """Bytes autograd keeps for the backward of one forward of `layer` (activations, not weights)."""
+    params = {p.data_ptr() for p in layer.parameters()}
+    seen = {}
+
+    def pack(t):
+        if t.data_ptr() not in params:
+            seen[t.data_ptr()] = t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x)
+    return sum(seen.values())
+
+
+def bench_saved_memory(T: int, D: int, F_: int) -> None:
+    from models.fp8.linear import FP8Linear, FP8MLP
+    from models.layers import MLP
+
+    print(f"\n== activation memory saved for backward, T={T} (MB; lower is better)")
+    x = torch.randn(T, D, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    lin = torch.nn.Linear(D, F_, bias=False, device=DEVICE, dtype=torch.bfloat16)
+    mlp = MLP(D, F_).to(device=DEVICE, dtype=torch.bfloat16)
+    for name, base, ours in [(f"linear {D}->{F_}", lin, FP8Linear.from_linear(lin)),
+                             (f"mlp {D}, F={F_}", mlp, FP8MLP.from_mlp(mlp))]:
+        b, o = saved_bytes(base, x) / 2**20, saved_bytes(ours, x) / 2**20
+        print(f"{name:<22} fp8 {o:8.1f}   bf16 {b:8.1f}   ({o / b:.2f}x)")
+        record(BENCH, f"saved activations {name} T={T}", o, "MB", "bf16", b, higher_is_better=False)
+
+
 def bench_mlp(shapes) -> None:
     from models.fp8.linear import FP8MLP
     from models.layers import MLP
@@ -203,6 +233,7 @@ def main() -> None:
     bench_quant(32768, 7168)
     bench_linear(linear_shapes)
     bench_mlp(mlp_shapes)
+    bench_saved_memory(8192, 4096, 10240)
 
 
 if __name__ == "__main__":
