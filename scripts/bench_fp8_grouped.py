@@ -13,8 +13,8 @@ Sections (every figure next to a baseline measured in this run, recorded via scr
               the GPU, so the loop would add a device-to-host sync per layer; not counted here), and
             - bf16 torch._grouped_mm on the same shapes.
           Cases: DeepSeek-V3 experts (hidden 7168, width 2048: up 4096x7168 with gate|up fused,
-          down 7168x2048) and the `small` model's (hidden 4096, width 1024), 8-64 experts,
-          512-8192 tokens per expert.
+          down 7168x2048) and the `small` model's (hidden 4096, width 1536: up 3072x4096, down
+          4096x1536), 8-64 experts, 512-8192 tokens per expert.
   layer   FP8GroupedExperts forward + backward (all quantization included) against bf16
           models.moe.GroupedExperts and against Transformer Engine's GroupedLinear pair under
           Float8BlockScaling when transformer_engine imports; FLOPs = 18 T D F. Two FP8 rows: FP8
@@ -53,23 +53,25 @@ class Case:
         return f"{self.name} E{self.experts}x{self.tokens} {self.N}x{self.K}"
 
 
-GEMM_CASES = [
+GEMM_CASES = [  # DeepSeek-V3 experts: hidden 7168, width 2048; `small`: hidden 4096, width 1536
     Case("dsv3-up", 8, 4096, 4096, 7168),
     Case("dsv3-down", 8, 4096, 7168, 2048),
     Case("dsv3-up", 64, 512, 4096, 7168),
-    Case("small-up", 16, 2048, 2048, 4096),
-    Case("small-down", 16, 2048, 4096, 1024),
+    Case("dsv3-down", 8, 8192, 7168, 2048),
+    Case("small-up", 16, 2048, 3072, 4096),
+    Case("small-down", 16, 2048, 4096, 1536),
 ]
 EXTRA_GEMM_CASES = [
     Case("dsv3-down", 64, 512, 7168, 2048),
-    Case("dsv3-up", 4, 8192, 4096, 7168),
-    Case("small-up", 32, 1024, 4096, 4096),
+    Case("dsv3-up", 32, 1024, 4096, 7168),
+    Case("small-up", 16, 512, 3072, 4096),
+    Case("16b-up", 64, 1024, 2816, 2048),
 ]
 LAYER_CASES = [  # (name, experts, tokens per expert, hidden D, width F)
     ("dsv3", 8, 4096, 7168, 2048),
-    ("small", 16, 2048, 4096, 1024),
+    ("small", 16, 2048, 4096, 1536),
 ]
-EXTRA_LAYER_CASES = [("dsv3", 32, 1024, 7168, 2048)]
+EXTRA_LAYER_CASES = [("dsv3", 32, 1024, 7168, 2048), ("16b", 64, 512, 2048, 1408)]
 
 
 def gemm_configs(full: bool):

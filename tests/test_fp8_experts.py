@@ -138,7 +138,7 @@ def test_bad_input_is_a_clear_error():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("E,D,F,m", [(8, 2048, 1024, 512), (4, 7168, 2048, 256)])
+@pytest.mark.parametrize("E,D,F,m", [(16, 4096, 1536, 256), (4, 7168, 2048, 256)])
 def test_fp8_experts_real_shapes(E, D, F, m):
     gen = torch.Generator().manual_seed(E)
     counts = (torch.rand(E, generator=gen) * 2 * m).long().tolist()

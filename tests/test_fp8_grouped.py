@@ -178,7 +178,7 @@ def test_bad_input_is_a_clear_error():
 
 
 # ---------------------------------------------------------------------------------------------
-# The same checks at real expert shapes (DeepSeek-V3: D=7168, F=2048; `small`: D=4096, F=1024),
+# The same checks at real expert shapes (DeepSeek-V3: D=7168, F=2048; `small`: D=4096, F=1536),
 # with the kernel variants the benchmark sweeps; references computed in fp32 on the GPU
 
 
@@ -197,7 +197,7 @@ def _ragged_counts(E, m, seed, empty):
 @pytest.mark.gpu
 @pytest.mark.parametrize("cfg", GPU_CONFIGS)
 @pytest.mark.parametrize("E,m,N,K", [(8, 512, 4096, 7168), (8, 512, 7168, 2048),
-                                     (16, 300, 2048, 4096), (16, 300, 4096, 1024)])
+                                     (16, 300, 3072, 4096), (16, 300, 4096, 1536)])
 def test_grouped_gemm_real_shapes(E, m, N, K, cfg):
     a_q, a_s, b_q, b_s, counts_E = _operands(_ragged_counts(E, m, E * m, 1), N, K, seed=N + K)
     out = grouped_gemm(a_q, a_s, b_q, b_s, counts_E, config=cfg)
