@@ -27,9 +27,10 @@ micro-batches in fp32 too.
 Weights are quantized once per optimizer step: `FP8GroupedExperts` keeps w13 = [w1; w3] and w2
 in both orientations (Fprop and Dgrad operands, each weight read once by
 `quantize_128x128(transpose=True)`; gate and up are joined as FP8) and reuses them while the
-parameters are unchanged, keyed on their version counters and storage. Writes that bypass the version counter (`param.data.copy_`, as DeepSpeed does) are
-invisible to that key: the training loop calls `models.fp8.linear.invalidate_weight_caches(model)`
-after every optimizer step, which reaches `invalidate_fp8_cache()` here.
+parameters are unchanged, keyed on their version counters and storage. Writes that bypass the
+version counter (`param.data.copy_`, as DeepSpeed does) are invisible to that key: the training
+loop calls `models.fp8.linear.invalidate_weight_caches(model)` after every optimizer step, which
+reaches `invalidate_fp8_cache()` here.
 
 Shape legend: T tokens (sorted by expert), D model dim, F expert width, E experts.
 """
