@@ -14,8 +14,9 @@ and added to an FP32 accumulator right away: DeepSeek's promotion every 128 elem
 
 Layout: the contiguous layout, padded in tile space rather than in memory. Each expert's rows
 start a fresh BLOCK_M tile (so a tile multiplies by exactly one expert's weight, DeepGEMM's
-contiguous layout), but the rows themselves stay packed: the last tile of an expert reads a few
-rows of the next expert, computes them, and does not store them. So no padded copy of the
+contiguous layout), but the rows themselves stay packed: the last tile of an expert computes a
+few rows past the expert's end (the next expert's rows through TMA, its own last row again with
+pointer loads) and does not store them. So no padded copy of the
 activations is ever made, any quantizer's plain [T, K] output feeds the kernel, and the tile
 count is bounded by ceil(T / BLOCK_M) + E, known on the host. Each program finds its expert from
 `counts_E` itself (a prefix sum over E values), so the router's counts stay on the GPU: no
