@@ -27,7 +27,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 SOURCES = ("csrc/saver/trace.cpp", "csrc/saver/driver.cpp", "csrc/saver/host.cpp", "csrc/saver/core.cpp",
            "csrc/saver/abi.cpp")
-HEADERS = ("csrc/saver/trace.h", "csrc/saver/driver.h", "csrc/saver/host.h", "csrc/saver/core.h")
+HEADERS = ("csrc/saver/trace.h", "csrc/saver/driver.h", "csrc/saver/host.h", "csrc/saver/core.h",
+           "csrc/saver/exports.map")
+# The library exports its C ABI and nothing else (see exports.map for why).
+EXPORTS = "csrc/saver/exports.map"
 FAKE_SOURCES = ("csrc/saver/fake_driver/fake_cuda.cpp",)
 LIBRARY = ROOT / "trainer" / "libfp8moe_saver.so"
 _NEEDED_HEADERS = ("cuda.h", "cuda_runtime_api.h")
@@ -79,12 +82,12 @@ def find_compiler(env=None) -> str:
     raise BuildUnavailable("no C++ compiler found (set CXX)")
 
 
-def _compile(out: Path, sources, include: Path, env=None) -> Path:
+def _compile(out: Path, sources, include: Path, env=None, flags=()) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     cmd = [find_compiler(env), "-std=c++17", "-O2", "-g", "-fPIC", "-shared", "-Wall",
-           "-Wl,-z,defs", f"-I{include}", *sources, "-o", str(tmp), "-ldl", "-lpthread"]
+           "-Wl,-z,defs", f"-I{include}", *flags, *sources, "-o", str(tmp), "-ldl", "-lpthread"]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if result.returncode != 0:
         tmp.unlink(missing_ok=True)
@@ -93,9 +96,14 @@ def _compile(out: Path, sources, include: Path, env=None) -> Path:
     return out
 
 
-def build_library(out: Path = LIBRARY, env=None) -> Path:
-    """Compile the saver library to `out`; BuildUnavailable without compiler or headers."""
-    return _compile(out, SOURCES, find_cuda_include(env), env)
+def build_library(out: Path = LIBRARY, env=None, static_cxx_runtime: bool = False) -> Path:
+    """Compile the saver library to `out`; BuildUnavailable without compiler or headers.
+
+    The C++ runtime is linked the toolchain's way (shared libstdc++ where the toolchain has it;
+    the H100 image's links it statically). static_cxx_runtime=True forces the static case, which
+    the CPU tests use to check that such a build stays self-contained."""
+    flags = [f"-Wl,--version-script={EXPORTS}"] + (["-static-libstdc++"] if static_cxx_runtime else [])
+    return _compile(out, SOURCES, find_cuda_include(env), env, flags)
 
 
 def build_fake_driver(out: Path, env=None) -> Path:
