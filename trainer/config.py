@@ -31,13 +31,13 @@ from trainer.tracking import LoggerConfig
 
 @dataclass
 class TrainConfig:
-    steps: int = 300
+    steps: int = 200
     """Optimizer steps of the run (the LR schedule spans them)."""
     seed: int = 0
     """Seed of the model init and of every RNG the run uses."""
     eval_every: int = 50
     """Evaluate on the validation rows every this many steps (and after the last)."""
-    eval_rows: int = 256
+    eval_rows: int = 128
     """Validation rows (sequences) per evaluation, split over the ranks."""
 
 
