@@ -103,13 +103,20 @@ def test_alignment_padding_is_exact():
     qx, sx = quant.quantize_1x128(x)
     qw, sw = quant.quantize_128x128(w)
     want = R.gemm_1x128_128x128(qx, sx, qw, sw)
-    a, sa, b, sb = _pad_k4(qx, sx, qw, sw)
+    a, sa, b, sb = _pad_k4(qx, sx, qw, sw, b_blocks=True)
     assert a.shape == (7, 512) and b.shape == (256, 512) and sa.stride() == (1, 7)
     a, sa = _pad_rows4(a, sa)
     assert a.shape == (8, 512) and sa.stride() == (1, 8)
     got = R.gemm_1x128_128x128(a, sa, b, sb)
     torch.testing.assert_close(got[:7], want, atol=1e-4, rtol=1e-5)  # fp32 sums, other order
     assert not bool(got[7].any())
+    dy, x = _rand((130, 256), 16), _rand((130, 384), 17)  # Wgrad: K = 256 padded tokens
+    *_, qt_dy, st_dy = quant.quantize_dual(dy)
+    *_, qt_x, st_x = quant.quantize_dual(x)
+    want = R.gemm_1x128_1x128(qt_dy, st_dy.t(), qt_x, st_x.t())
+    a, sa, b, sb = _pad_k4(qt_dy, st_dy.t(), qt_x, st_x.t(), b_blocks=False)
+    assert a.shape == (256, 512) and sa.stride() == (1, 256) and sb.stride() == (1, 384)
+    torch.testing.assert_close(R.gemm_1x128_1x128(a, sa, b, sb), want, atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.gpu

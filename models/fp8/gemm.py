@@ -28,9 +28,8 @@ Shape rules (checked, with the fix in the message): K % 128 == 0 (the reduction 
 arrive in whole 128-blocks: zero-padding K is correct only when the producer wrote the zeros,
 as quantize_dual does for tokens); N % 16 == 0 (cuBLAS); M is free: when M % 4 != 0 the operand
 and its scales are zero-padded to a multiple of 4 rows (cuBLAS needs 16-byte aligned scale
-columns) and the result is sliced back; when K/128 is not a multiple of 4 the 1x128 x 128x128
-operands are zero-padded along K (see `_pad_k4`). Both pads are exact and cost a copy only on
-such shapes.
+columns) and the result is sliced back; when K/128 is not a multiple of 4 both operands are
+zero-padded along K (see `_pad_k4`). Both pads are exact and cost a copy only on such shapes.
 """
 from __future__ import annotations
 
@@ -116,23 +115,35 @@ def _pad_rows4(a: torch.Tensor, sa: torch.Tensor):
     return _padded(a, M4, K), sa4.t()
 
 
-def _pad_k4(a, sa, b, sb):
-    """Zero-pad K to a multiple of 512 for the 1x128 x 128x128 GEMM.
+def _pad_k4(a, sa, b, sb, b_blocks: bool):
+    """Zero-pad K to a multiple of 512 (K/128 to a multiple of 4).
 
     cuBLAS reads 128x128 scales with a leading dimension of round_up(K/128, 4) (its 16-byte
     alignment; torch's v2 API spells it "L4"), and torch versions disagree on how the legacy
     _scaled_mm call expresses that; with K/128 a multiple of 4 every version agrees. Without
     this, _scaled_mm's 1x128 x 128x128 result is silently wrong when K/128 is not a multiple of 4
-    (pytorch/ao PR #4209: fine at K/128 = 1000, SQNR -71 dB at 1001 and 1002). Padding the FP8
-    operands with zero columns (scales 1) is exact. Only layers with such a K pay the copy.
+    (pytorch/ao PR #4209: fine at K/128 = 1000, SQNR -71 dB at 1001 and 1002). The 1x128 x 1x128
+    (Wgrad) GEMM gets the same padding as insurance: there K is the token count, and it costs a
+    copy only when that is not a multiple of 512. Zero columns with scale 1 are exact.
     """
     (M, K), N = a.shape, b.shape[0]
     kb, kb4 = K // BLOCK, ceil_div(K // BLOCK, 4) * 4
-    sa4 = torch.ones(kb4, M, dtype=sa.dtype, device=sa.device)
-    sa4[:kb] = sa.t()
-    sb4 = torch.ones(sb.shape[0], kb4, dtype=sb.dtype, device=sb.device)
-    sb4[:, :kb] = sb
-    return _padded(a, M, kb4 * BLOCK), sa4.t(), _padded(b, N, kb4 * BLOCK), sb4
+    return (_padded(a, M, kb4 * BLOCK), _pad_mn_major(sa, kb4), _padded(b, N, kb4 * BLOCK),
+            _pad_blocks(sb, kb4) if b_blocks else _pad_mn_major(sb, kb4))
+
+
+def _pad_mn_major(s, kb4):
+    """MN-major scales [R, Kb] (strides (1, R)) widened to [R, kb4] with ones."""
+    out = torch.ones(kb4, s.shape[0], dtype=s.dtype, device=s.device)
+    out[:s.shape[1]] = s.t()
+    return out.t()
+
+
+def _pad_blocks(s, kb4):
+    """Contiguous 128x128 block scales [Nb, Kb] widened to [Nb, kb4] with ones."""
+    out = torch.ones(s.shape[0], kb4, dtype=s.dtype, device=s.device)
+    out[:, :s.shape[1]] = s
+    return out
 
 
 def _scaled_mm(a, sa, b, sb, out_dtype, blocks_128x128: bool):
@@ -142,8 +153,8 @@ def _scaled_mm(a, sa, b, sb, out_dtype, blocks_128x128: bool):
     if not has_blockwise_kernels(a.device):
         raise RuntimeError(f"block-scaled FP8 GEMMs need an sm90 (Hopper) GPU; {a.device} is not one. "
                            "Use fp8.recipe=off, or CPU tensors for the reference path")
-    if blocks_128x128 and (a.shape[1] // BLOCK) % 4:
-        a, sa, b, sb = _pad_k4(a, sa, b, sb)
+    if (a.shape[1] // BLOCK) % 4:
+        a, sa, b, sb = _pad_k4(a, sa, b, sb, b_blocks=blocks_128x128)
     if M % 4:
         a, sa = _pad_rows4(a, sa)
     out = torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb.t(), out_dtype=out_dtype)
