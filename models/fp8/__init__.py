@@ -1,8 +1,9 @@
 """FP8 block-scaled numerics (DeepSeek-V3 recipe), applied to a model by `convert`, never by `if fp8:`.
 
 reference.py (pure torch, the truth every kernel is tested against), quant.py (Triton
-quantization), gemm.py (dense block-scaled GEMMs), linear.py (FP8 Linear), convert.py (module
-swap). On a machine without CUDA the Triton kernels can only run under Triton's interpreter, so
+quantization), gemm.py (dense block-scaled GEMMs through cuBLAS), grouped.py (grouped GEMMs of
+the routed experts), linear.py (FP8Linear, FP8MLP), experts.py (FP8GroupedExperts), convert.py
+(the module swap). On a machine without CUDA the Triton kernels can only run under Triton's interpreter, so
 importing this package there sets TRITON_INTERPRET=1 (before any kernel is defined) unless the
 environment already says otherwise: that is what lets the CPU test suite run the real kernels.
 """
