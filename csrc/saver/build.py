@@ -102,7 +102,7 @@ def build_library(out: Path = LIBRARY, env=None, static_cxx_runtime: bool = Fals
     The C++ runtime is linked the toolchain's way (shared libstdc++ where the toolchain has it;
     the H100 image's links it statically). static_cxx_runtime=True forces the static case, which
     the CPU tests use to check that such a build stays self-contained."""
-    flags = [f"-Wl,--version-script={EXPORTS}"] + (["-static-libstdc++"] if static_cxx_runtime else [])
+    flags = [f"-Wl,--version-script={ROOT / EXPORTS}"] + (["-static-libstdc++"] if static_cxx_runtime else [])
     return _compile(out, SOURCES, find_cuda_include(env), env, flags)
 
 
@@ -114,7 +114,7 @@ def build_fake_driver(out: Path, env=None) -> Path:
 def is_stale(out: Path = LIBRARY) -> bool:
     if not out.exists():
         return True
-    newest = max((ROOT / s).stat().st_mtime for s in SOURCES + HEADERS)
+    newest = max((ROOT / s).stat().st_mtime for s in SOURCES + HEADERS + ("csrc/saver/build.py",))
     return out.stat().st_mtime < newest
 
 
