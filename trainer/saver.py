@@ -36,6 +36,9 @@ driver or device, or FP8MOE_SAVER=off. Turned off, `region()` is a plain context
 `resume()` only run the tag state machine (so misuse still raises), and `report()` gives the
 reason. FP8MOE_SAVER_LIB names another library file; FP8MOE_SAVER_LIBCUDA another driver library
 (the CPU tests load a fake driver that way, and then CUDA availability is not asked of torch).
+FP8MOE_SAVER_DEBUG=1 makes a crash (SIGSEGV ...) print the library's last driver calls and a
+native backtrace before Python's faulthandler, if enabled, prints the Python stack
+(csrc/saver/trace.h); the GPU tests and scripts/bench_saver.py run their children that way.
 """
 from __future__ import annotations
 
