@@ -12,7 +12,8 @@ namespace saver {
 namespace {
 
 Driver g_driver;
-Status g_load_status;
+// Never destroyed: PyTorch may free pool memory (and so call in here) late in process exit.
+Status& g_load_status = *new Status;
 std::once_flag g_load_once;
 
 Status resolve_all(void* lib, const char* path) {
