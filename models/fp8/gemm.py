@@ -70,8 +70,9 @@ def _check_operand(q: torch.Tensor, name: str) -> None:
 
 
 def _check_mn_major(s: torch.Tensor, rows: int, kb: int, name: str) -> None:
-    ok = (s.dtype == torch.float32 and tuple(s.shape) == (rows, kb)
-          and (rows <= 1 or s.stride(0) == 1) and (kb <= 1 or s.stride(1) == rows))
+    ok = s.dtype == torch.float32 and tuple(s.shape) == (rows, kb) and (
+        s.numel() == 0  # an empty tensor's strides carry no layout
+        or ((rows <= 1 or s.stride(0) == 1) and (kb <= 1 or s.stride(1) == rows)))
     if not ok:
         raise ValueError(f"{name} must be float32 [{rows}, {kb}] MN-major (strides (1, {rows}), i.e. its "
                          f".t() contiguous), got {s.dtype} {tuple(s.shape)} strides {s.stride()}; "
@@ -148,8 +149,8 @@ def _pad_blocks(s, kb4):
 
 def _scaled_mm(a, sa, b, sb, out_dtype, blocks_128x128: bool):
     M = a.shape[0]
-    if M == 0:
-        return torch.empty(0, b.shape[0], dtype=out_dtype, device=a.device)
+    if M == 0 or a.shape[1] == 0:  # no rows, or no tokens to reduce over (an empty Wgrad)
+        return torch.zeros(M, b.shape[0], dtype=out_dtype, device=a.device)
     if not has_blockwise_kernels(a.device):
         raise RuntimeError(f"block-scaled FP8 GEMMs need an sm90 (Hopper) GPU; {a.device} is not one. "
                            "Use fp8.recipe=off, or CPU tensors for the reference path")

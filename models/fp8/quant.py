@@ -48,6 +48,14 @@ With check_finite=True (default) the wrapper then raises ValueError; that check 
 with the GPU, so the training path (models/fp8/linear.py) passes check_finite=False and lets the
 NaN propagate to the loss, where the trainer sees it.
 
+The transposed weight copy is cast a second time, on the integer path (`_e4m3_rne`, bitwise the
+same bytes), instead of reusing the hardware-cast tile: with fp32 weights Triton stores that tile
+directly and also shuffles it through shared memory for the transposed store, and ptxas 12.x
+(Triton 3.6 bundles 12.8) miscompiles that pair, writing foreign bytes into the transposed copy
+(triton-lang/triton#11111; on the H100 this was NaN in every Dgrad). A value that is only
+shuffled (quantize_dual's column-wise copy has its own scales) is unaffected.
+tests/test_fp8_quant.py compiles every kernel for sm90 and rejects the pattern.
+
 Triton's CPU interpreter (TRITON_INTERPRET=1, used by the CPU tests) rounds fp32 -> e4m3 wrongly
 when rounding carries into the exponent (triton 3.6), so under the interpreter the kernels round
 with integer arithmetic (`_e4m3_rne`, exact round-to-nearest-even); on the GPU they use the
@@ -271,8 +279,9 @@ def quant_128x128_kernel(w_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, N, K, Nb, Kb,
     q = _cast(w, s, EXACT_CAST)
     tl.store(q_ptr + base + rn[:, None].to(tl.int64) * K + rk[None, :], q, mask=mask)
     tl.store(s_ptr + e * Nb * Kb + pid_n * Kb + pid_k, s)
-    if TRANSPOSE:
-        tl.store(qt_ptr + base + rk[None, :].to(tl.int64) * N + rn[:, None], q, mask=mask)
+    if TRANSPOSE:  # the same bytes, cast again on the integer path (see the module docstring)
+        qt = _cast(w, s, True)
+        tl.store(qt_ptr + base + rk[None, :].to(tl.int64) * N + rn[:, None], qt, mask=mask)
         tl.store(st_ptr + e * Nb * Kb + pid_k * Nb + pid_n, s)
 
 
