@@ -42,6 +42,7 @@ def test_fp8_blockwise_follows_bf16(tmp_path):
     assert losses["blockwise"] == pytest.approx(losses["off"], rel=0.03), losses
 
 
+@pytest.mark.gpu
 @pytest.mark.multigpu
 def test_two_nccl_ranks_match_one_rank(tmp_path):
     common = [*GPU_RUN, "train.steps=6", "train.eval_every=6", "checkpoint.every=0"]
