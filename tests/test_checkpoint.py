@@ -1,5 +1,7 @@
 """trainer.checkpoint: bitwise continuation after save/load, refusals, write-aside and pruning (CPU, 1 rank)."""
 import copy
+import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,8 +12,10 @@ from test_engine import TINY, job  # noqa: F401  (job: the module-scoped process
 from trainer import engine as eng
 from trainer.balance import LoadBalancer
 from trainer.checkpoint import CheckpointError, Checkpointer, complete_checkpoints
+from trainer.config import CheckpointConfig
 from trainer.data import TrainLoader
 from trainer.optim import OptimConfig, build_optimizer, build_schedule
+from trainer.pretrain import resume_point
 
 ROWS = np.random.default_rng(0).integers(0, 256, size=(64, 17)).astype(np.uint16)
 
@@ -90,3 +94,38 @@ def test_incomplete_saves_are_ignored_and_old_ones_pruned(job, tmp_path):
     assert (directory / "step_00000003" / "meta.json").is_file()
     assert {"config.yaml", "deepspeed", "meta.json", "rng_rank0.pt", "trainer_state.pt"} <= {
         p.name for p in (directory / "step_00000003").iterdir()}
+
+
+def test_other_rank_count_is_refused(job, tmp_path):
+    cfg, engine, balancer, loader = _setup(seed=0)
+    ckpt = Checkpointer(tmp_path / "ckpt", keep=2, job=job)
+    path = ckpt.save(engine, 0, loader, engine.module, cfg, "")
+    meta = json.loads((path / "meta.json").read_text())
+    (path / "meta.json").write_text(json.dumps({**meta, "world_size": 4}))
+    with pytest.raises(CheckpointError, match="--nproc_per_node=4"):
+        ckpt.load(path, engine, loader, engine.module, cfg)
+
+
+def _fake_checkpoint(directory, step):
+    path = directory / f"step_{step:08d}"
+    path.mkdir(parents=True)
+    (path / "meta.json").write_text("{}")
+    return path
+
+
+def test_resume_point_rules(job, tmp_path):
+    own, other = tmp_path / "own", tmp_path / "other"
+    ckpt = Checkpointer(own, keep=2, job=job)
+
+    def point(**kw):
+        return resume_point(SimpleNamespace(checkpoint=CheckpointConfig(dir=str(own), **kw)), ckpt)
+
+    assert point() is None and point(resume=False) is None
+    with pytest.raises(ValueError, match="no complete checkpoint"):
+        point(load_dir=str(other))
+    theirs = _fake_checkpoint(other, 6)
+    assert point(load_dir=str(other)) == theirs
+    mine = _fake_checkpoint(own, 2)
+    assert point() == mine and point(load_dir=str(other)) == mine, "own progress wins over the starting point"
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        point(resume=False)
