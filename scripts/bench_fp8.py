@@ -1,7 +1,10 @@
 """FP8 dense path on the GPU: GEMM TFLOPS, quantization GB/s, one Linear layer forward + backward.
 
-    python scripts/bench_fp8.py            # default run, about a minute on an H100
+    python scripts/bench_fp8.py            # default run, under a minute on an H100
     python scripts/bench_fp8.py --quick    # one shape per section
+
+No new shape starts once the time budget (--budget seconds, default 50) is spent; skipped shapes
+are named, so scripts/gpu_check.sh can give the script a fixed slot.
 
 Every figure is measured next to its baseline in this same run and recorded through
 scripts/summary.py:
@@ -24,6 +27,7 @@ import argparse
 import os
 import statistics
 import sys
+import time
 
 import torch
 
@@ -34,6 +38,15 @@ from summary import record  # noqa: E402
 
 BENCH = "fp8"
 DEVICE = "cuda"
+DEADLINE = [float("inf")]
+"""time.monotonic() after which no new shape starts (set from --budget in main)."""
+
+
+def over_budget(case: str) -> bool:
+    if time.monotonic() <= DEADLINE[0]:
+        return False
+    print(f"{case}: skipped (time budget spent; --budget to extend)")
+    return True
 
 
 def time_ms(fn, reps: int = 10, batches: int = 5) -> float:
@@ -64,6 +77,8 @@ def bench_gemm(shapes) -> None:
     print("\n== dense GEMM, TFLOPS (Fprop: x[M,K] @ W[N,K]^T; Wgrad: dy^T x over M tokens)")
     print(f"{'case':<26}{'ours':>9}{'cuBLAS bw':>11}{'bf16':>9}{'ours/bf16':>11}")
     for M, N, K in shapes:
+        if over_budget(f"gemm {M}x{N}x{K}"):
+            continue
         x, w = torch.randn(M, K, device=DEVICE, dtype=torch.bfloat16), torch.randn(N, K, device=DEVICE, dtype=torch.bfloat16)
         qx, sx = quant.quantize_1x128(x)
         qw, sw = quant.quantize_128x128(w)
@@ -79,6 +94,8 @@ def bench_gemm(shapes) -> None:
         raw = tflops(flops, time_ms(lambda: torch._scaled_mm(qt_dy, qt_x.t(), st_dy.t(), st_x, out_dtype=torch.float32)))
         bf16 = tflops(flops, time_ms(lambda: torch.matmul(dy.t(), x)))
         _report_gemm(f"wgrad {N}x{K} over {M}", ours, raw, bf16)
+        del x, w, qx, sx, qw, sw, dy, qt_dy, st_dy, qt_x, st_x
+        torch.cuda.empty_cache()
 
 
 def _report_gemm(case: str, ours: float, raw: float, bf16: float) -> None:
@@ -143,6 +160,8 @@ def bench_linear(shapes) -> None:
     print(f"{'T x K -> N':<22}{'fp8 cached W':>13}{'fp8 requant W':>14}{'bf16':>8}{'TE fp8':>8}{'ours/bf16':>10}")
     te_note = None
     for T, K, N in shapes:
+        if over_budget(f"linear {T}x{K}->{N}"):
+            continue
         base = torch.nn.Linear(K, N, bias=False, device=DEVICE, dtype=torch.bfloat16)
         ours = FP8Linear.from_linear(torch.nn.Linear(K, N, bias=False, device=DEVICE, dtype=torch.bfloat16))
         x = torch.randn(T, K, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
@@ -163,6 +182,8 @@ def bench_linear(shapes) -> None:
         record(BENCH, f"linear {case} requant W", requant, "TFLOPS", "bf16 nn.Linear", bf16)
         if te:
             record(BENCH, f"linear {case}", cached, "TFLOPS", "TE Float8BlockScaling Linear", te_tf)
+        del base, ours, te, x, dy
+        torch.cuda.empty_cache()
     if te_note:
         print(f"Transformer Engine absent: {te_note}")
 
@@ -203,6 +224,8 @@ def bench_mlp(shapes) -> None:
     print("\n== SwiGLU MLP w2(silu(w1 x) * w3 x), forward + backward, TFLOPS = 18 T D F / time")
     print(f"{'T x D, F':<22}{'fp8 fused':>10}{'bf16':>8}{'ours/bf16':>10}")
     for T, D, F_ in shapes:
+        if over_budget(f"mlp {T}x{D}, F={F_}"):
+            continue
         base = MLP(D, F_).to(device=DEVICE, dtype=torch.bfloat16)
         ours = FP8MLP.from_mlp(MLP(D, F_).to(device=DEVICE, dtype=torch.bfloat16))
         x = torch.randn(T, D, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
@@ -213,12 +236,18 @@ def bench_mlp(shapes) -> None:
         case = f"{T}x{D}, F={F_}"
         print(f"{case:<22}{fp8:>10.0f}{bf16:>8.0f}{fp8 / bf16:>9.2f}x")
         record(BENCH, f"mlp {case}", fp8, "TFLOPS", "bf16 MLP", bf16)
+        del base, ours, x, dy
+        torch.cuda.empty_cache()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one shape per section")
+    parser.add_argument("--budget", type=float, default=50.0,
+                        help="seconds after which no new shape starts (default 50)")
     args = parser.parse_args()
+    start = time.monotonic()
+    DEADLINE[0] = start + args.budget
     if not torch.cuda.is_available():
         print("bench_fp8: no CUDA device; nothing to measure")
         return
@@ -234,6 +263,7 @@ def main() -> None:
     bench_linear(linear_shapes)
     bench_mlp(mlp_shapes)
     bench_saved_memory(8192, 4096, 10240)
+    print(f"\nbench_fp8: {time.monotonic() - start:.0f} s")
 
 
 if __name__ == "__main__":

@@ -18,9 +18,6 @@ from models.fp8.experts import FP8GroupedExperts
 from models.fp8.linear import FP8MLP
 from models.fp8.gemm import has_blockwise_kernels
 from models.moe import GroupedExperts, Router
-from test_fp8_grouped import allow_runtime_loop_bounds_in_interpreter
-
-allow_runtime_loop_bounds_in_interpreter()
 
 BLOCKWISE = FP8Config(recipe="blockwise")
 # every projection a multiple of 128, so that everything eligible is converted

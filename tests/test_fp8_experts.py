@@ -12,13 +12,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from test_fp8_grouped import allow_runtime_loop_bounds_in_interpreter  # noqa: E402
-
 from models.fp8 import reference as ref  # noqa: E402
 from models.fp8.experts import FP8GroupedExperts, swiglu_backward_quantize  # noqa: E402
 from models.moe import GroupedExperts  # noqa: E402
 
-allow_runtime_loop_bounds_in_interpreter()
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 

@@ -12,31 +12,6 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-
-def allow_runtime_loop_bounds_in_interpreter() -> None:
-    """Triton 3.6's interpreter turns a loop bound into int() of a 1-element array, which NumPy 2
-    rejects; the kernels loop to runtime bounds (K, an expert's token range), so give the
-    interpreter's tensors an __index__ that takes the element. No effect on compiled kernels."""
-    import numpy as np
-    import triton.runtime.interpreter as interp
-    try:
-        int(np.array([1]))
-        return
-    except TypeError:
-        pass
-    original = interp._patch_lang_tensor
-    if getattr(original, "numpy2_fixed", False):
-        return
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-    patched.numpy2_fixed = True
-    interp._patch_lang_tensor = patched
-
-
-allow_runtime_loop_bounds_in_interpreter()
-
 from models.fp8 import reference as ref  # noqa: E402
 from models.fp8.grouped import (TileConfig, grouped_gemm, grouped_wgrad,  # noqa: E402
                                 m_tiles_bound, token_major)

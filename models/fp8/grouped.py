@@ -37,9 +37,10 @@ bytes per step); `persistent` runs one program per SM over exactly the real tile
 `k_groups=2` issues two 128-wide K groups per iteration as two independent MMAs, so one group's
 promotion can overlap the other's MMA (Triton cannot warp-specialize that on Hopper the way
 DeepGEMM does). A 256-wide tile is two 128-wide accumulators, each inside one weight block.
-Defaults: 128x128 tiles, 8 warps, 4 stages, TMA (compiled for sm90 offline: no register spills;
-their speed is unmeasured here); set DEFAULT_GEMM_CONFIG / DEFAULT_WGRAD_CONFIG from the
-benchmark's winners.
+Defaults are the H100 sweep's winners (run 1, 16 tile configs at DeepSeek-V3 expert shapes):
+Fprop/Dgrad 128x128 tiles, 8 warps, 4 stages, TMA (within 3% of two K groups per iteration, the
+runner-up); Wgrad 64x128 tiles, 4 warps, 4 stages, TMA (10-20% ahead of 128x128). Both compile
+for sm90 without register spills (tests/test_fp8_grouped.py).
 
 Shape legend: T tokens (rows), E experts, N output columns, K reduction, BLOCK_* tile sizes.
 """
@@ -81,7 +82,7 @@ class TileConfig:
 
 DEFAULT_GEMM_CONFIG = TileConfig(block_m=128, block_n=128, group_m=8, num_warps=8, num_stages=4,
                                  tma=True)
-DEFAULT_WGRAD_CONFIG = TileConfig(block_m=128, block_n=128, group_m=8, num_warps=8, num_stages=4,
+DEFAULT_WGRAD_CONFIG = TileConfig(block_m=64, block_n=128, group_m=8, num_warps=4, num_stages=4,
                                   tma=True)
 
 
