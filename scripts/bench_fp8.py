@@ -254,7 +254,8 @@ def main() -> None:
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
     gemm_shapes = [(8192, 7168, 2048), (8192, 2048, 7168), (8192, 8192, 8192), (8192, 24576, 1536),
                    (8192, 1536, 7168), (16384, 4096, 4096)]
-    linear_shapes = [(8192, 7168, 2048), (8192, 2048, 7168), (16384, 4096, 4096), (8192, 4096, 1024)]
+    linear_shapes = [(8192, 7168, 2048), (8192, 2048, 7168), (16384, 4096, 4096), (8192, 4096, 1024),
+                     (8192, 1024, 8192)]  # the last two: convert's skip_small evidence
     mlp_shapes = [(8192, 4096, 10240), (8192, 4096, 1536)]  # `small`: dense MLP, shared expert
     if args.quick:
         gemm_shapes, linear_shapes, mlp_shapes = gemm_shapes[:1], linear_shapes[:1], mlp_shapes[:1]

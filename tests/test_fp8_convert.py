@@ -17,9 +17,10 @@ from models.fp8 import FP8Config, FP8Linear, convert
 from models.fp8.experts import FP8GroupedExperts
 from models.fp8.linear import FP8MLP
 from models.fp8.gemm import has_blockwise_kernels
+from models.layers import MLP
 from models.moe import GroupedExperts, Router
 
-BLOCKWISE = FP8Config(recipe="blockwise")
+BLOCKWISE = FP8Config(recipe="blockwise", skip_small=False)  # the debug model is all small
 # every projection a multiple of 128, so that everything eligible is converted
 ALL_ELIGIBLE = dict(num_hidden_layers=2, n_routed_experts=4, n_group=1, topk_group=1,
                     q_lora_rank=128, kv_lora_rank=128, qk_rope_head_dim=128, qk_nope_head_dim=128,
@@ -72,6 +73,30 @@ def test_all_eligible_model_converts_every_projection():
         if name.endswith(".experts"):
             assert isinstance(m, FP8GroupedExperts), name
     assert type(model.head) is nn.Linear
+
+
+def test_small_modules_stay_bf16_in_the_small_model(caplog):
+    """skip_small (the default) keeps the narrow MLA projections and the F=1536 shared experts in
+    bf16, one log line each, and converts the rest; skip_small=False converts them too."""
+    model = build_model(model_config("small"), device="meta")  # shapes only
+    with caplog.at_level(logging.INFO, logger="models.fp8.convert"):
+        convert(model, FP8Config(recipe="blockwise"), emulate=True)
+    small = {n for n, m in model.named_modules() if n.endswith(("wq_a", "wq_b", "wkv_a", "wkv_b"))
+             or n.endswith(".shared")}
+    assert len(small) == 5 * 4 + 4  # 4 projections in 4 layers + the MTP block; 3 + 1 shared
+    for name in small:
+        kept = model.get_submodule(name)
+        assert type(kept) in (nn.Linear, MLP), name
+        assert all(type(m) is nn.Linear for m in kept.children()), name
+        assert sum(f"{name} in bf16" in r.getMessage() for r in caplog.records) == 1, name
+    for name in ("layers.0.attn.wo", "mtp.0.eh_proj"):
+        assert isinstance(model.get_submodule(name), FP8Linear)
+    assert isinstance(model.layers[0].ffn, FP8MLP) and model.layers[0].ffn.w1.out_features == 10240
+    assert isinstance(model.layers[1].ffn.experts, FP8GroupedExperts)
+    model = build_model(model_config("small"), device="meta")
+    convert(model, FP8Config(recipe="blockwise", skip_small=False), emulate=True)
+    assert isinstance(model.layers[1].attn.wq_b, FP8Linear)
+    assert isinstance(model.layers[1].ffn.shared, FP8MLP)
 
 
 def test_off_leaves_the_model_alone():
@@ -133,6 +158,7 @@ def test_converted_model_gradients_close_cpu():
 def test_converted_model_gradients_close_gpu(pow2):
     """On the real kernels, against the same model in bf16."""
     results, fp8_modules = _loss_and_grads(model_config("debug", **ALL_ELIGIBLE),
-                                           FP8Config(recipe="blockwise", pow2_scales=pow2),
+                                           FP8Config(recipe="blockwise", pow2_scales=pow2,
+                                                     skip_small=False),
                                            "cuda", torch.bfloat16, shape=(8, 257))
     _check_close(results, fp8_modules)

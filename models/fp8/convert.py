@@ -15,6 +15,17 @@ output head, the router (a models.moe.Router, not an nn.Linear), the norms and t
 take (a dimension not divisible by 128, a bias) stays as it is, with one log line saying why; an
 MLP with such a projection is converted Linear by Linear instead.
 
+Small modules stay in bf16 too (`fp8_cfg.skip_small`, on by default; torchtitan filters the same
+way, its auto_filter_small_kn), one log line each: FP8 pays a fixed quantization pass over each
+activation and gradient, and where one side of the GEMM is narrow the GEMM is too short for the
+faster FP8 math to repay it. Measured on the H100 (scripts/bench_fp8.py, forward + backward with
+all quantization, against bf16): a Linear 4096 -> 1024 ran at 0.75x (0.44x with the weight
+re-quantized), while 2048 <-> 7168 and 4096 -> 4096 ran at 1.12-1.46x; the SwiGLU MLP at
+D=4096 ran at 0.66x with width F=1536 (the `small` model's shared expert) and 0.98x at F=10240.
+So a Linear with min(in, out) <= SMALL_LINEAR_SIDE and an MLP with F < MIN_MLP_WIDTH stay bf16.
+In `small` that keeps the MLA down/up projections (wq_a, wq_b, wkv_a, wkv_b) and the shared
+experts in bf16; wo, the dense MLP, the routed experts and the MTP projection run in FP8.
+
 Hardware: the blockwise recipe needs an sm90 GPU (cuBLAS blockwise GEMMs); without one `convert`
 raises. `emulate=True` skips that check for tests: the converted model then runs the Triton
 kernels under the interpreter and the fp32 reference GEMMs on CPU (slow, exact in semantics).
@@ -35,6 +46,11 @@ from .linear import FP8Linear, FP8MLP
 
 log = logging.getLogger(__name__)
 
+SMALL_LINEAR_SIDE = 1024
+"""A Linear with in_features or out_features <= this stays bf16 under skip_small."""
+MIN_MLP_WIDTH = 2048
+"""A SwiGLU MLP whose width (w1's out_features) is below this stays bf16 under skip_small."""
+
 
 def convert(model: nn.Module, fp8_cfg: FP8Config, emulate: bool = False) -> nn.Module:
     """Swap eligible modules of `model` for FP8 ones (in place) and return it. See the module doc."""
@@ -45,19 +61,34 @@ def convert(model: nn.Module, fp8_cfg: FP8Config, emulate: bool = False) -> nn.M
     if not emulate and not has_blockwise_kernels():
         raise RuntimeError(f"fp8.recipe={fp8_cfg.recipe} needs an sm90 (Hopper) GPU for its "
                            "block-scaled GEMMs and none is visible; use fp8=off on this machine")
-    _convert_children(model, "", {id(m) for m in _high_precision(model)}, fp8_cfg.pow2_scales)
+    _convert_children(model, "", {id(m) for m in _high_precision(model)}, fp8_cfg)
     return model
 
 
-def _convert_children(parent: nn.Module, prefix: str, keep: set, pow2_scales: bool) -> None:
+def _convert_children(parent: nn.Module, prefix: str, keep: set, fp8_cfg: FP8Config) -> None:
     """Replace convertible children of `parent`; recurse into the others."""
     for attr, child in list(parent.named_children()):
         name = f"{prefix}{attr}"
-        new = None if id(child) in keep else _fp8_version(name, child, pow2_scales)
+        if id(child) in keep or (fp8_cfg.skip_small and _too_small(name, child)):
+            continue
+        new = _fp8_version(name, child, fp8_cfg.pow2_scales)
         if new is not None:
             setattr(parent, attr, new)
-        elif id(child) not in keep:
-            _convert_children(child, name + ".", keep, pow2_scales)
+        else:
+            _convert_children(child, name + ".", keep, fp8_cfg)
+
+
+def _too_small(name: str, module: nn.Module) -> bool:
+    """True (with a log line) for a module FP8 would slow down; see the module docstring."""
+    if type(module) is MLP and module.w1.out_features < MIN_MLP_WIDTH:
+        log.info("fp8: keeping %s in bf16: SwiGLU width %d < %d is faster in bf16", name,
+                 module.w1.out_features, MIN_MLP_WIDTH)
+        return True
+    if type(module) is nn.Linear and min(module.in_features, module.out_features) <= SMALL_LINEAR_SIDE:
+        log.info("fp8: keeping %s in bf16: %d -> %d has a side <= %d, faster in bf16", name,
+                 module.in_features, module.out_features, SMALL_LINEAR_SIDE)
+        return True
+    return False
 
 
 def _high_precision(model: nn.Module) -> list[nn.Module]:
