@@ -111,8 +111,9 @@ def _padded_grouped_mm(x_TK, w_ENK, counts_E):
     width = int(counts_E.max()) if T else 0
     x_EMK = x_TK.new_zeros(E, width, x_TK.shape[1])
     x_EMK[expert_T, slot_T] = x_TK
-    y_EMN = torch.bmm(x_EMK, w_ENK.transpose(1, 2))
-    return y_EMN[expert_T, slot_T]
+    # w · xᵀ rather than x · wᵀ: the weight gradient then comes out contiguous, like the weight.
+    y_ENM = torch.bmm(w_ENK, x_EMK.transpose(1, 2))
+    return y_ENM.transpose(1, 2)[expert_T, slot_T]
 
 
 class GroupedExperts(nn.Module):

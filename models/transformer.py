@@ -240,9 +240,15 @@ def shift_left(x_BS: torch.Tensor, k: int, fill: int) -> torch.Tensor:
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> Transformer:
-    """Build and initialize a model (on the meta device: shapes only, for counting)."""
-    with torch.device(device or "cpu"):
+    """Build and initialize a model (on the meta device: shapes only, for counting).
+
+    Modules are constructed on the meta device and materialized once, so each weight is written
+    only by `init_weights` (not first by nn.Linear's own default init).
+    """
+    device = torch.device(device or "cpu")
+    with torch.device("meta"):
         model = Transformer(cfg)
-    if torch.device(device or "cpu").type != "meta":
+    if device.type != "meta":
+        model.to_empty(device=device)
         model.init_weights()
     return model
