@@ -69,6 +69,16 @@ def test_group_defaults_mirror_the_dataclass_defaults():
     assert to_dataclasses(_compose("fp8=blockwise")).fp8 == FP8Config(recipe="blockwise")
 
 
+@pytest.mark.parametrize("group, schema", [("fp8", FP8Config), ("optim", OptimConfig), ("data", DataConfig),
+                                           ("logger", LoggerConfig), ("parallel", ParallelConfig)])
+def test_group_files_list_every_field(group, schema):
+    """Each group's base file spells out every field of its dataclass (so the YAML is the full picture)."""
+    base = {"fp8": "off", "optim": "adamw", "data": "stdlib", "logger": "wandb", "parallel": "default"}[group]
+    text = (CONF / group / f"{base}.yaml").read_text()
+    missing = [f.name for f in dataclasses.fields(schema) if f"\n{f.name}:" not in text]
+    assert not missing, f"conf/{group}/{base}.yaml lacks {missing}"
+
+
 def test_overrides_reach_the_dataclasses():
     c = to_dataclasses(_compose("model=small", "model.num_hidden_layers=2", "optim.lr=1e-4",
                                 "optim=adamw_wsd", "parallel=zero2", "logger=off"))
