@@ -64,9 +64,9 @@ GEMM_CASES = [  # DeepSeek-V3 experts: hidden 7168, width 2048; `small`: hidden 
     Case("dsv3-up", 64, 512, 4096, 7168),
     Case("small-up", 16, 2048, 3072, 4096),
     Case("small-down", 16, 2048, 4096, 1536),
+    Case("dsv3-down", 8, 8192, 7168, 2048),
 ]
 EXTRA_GEMM_CASES = [
-    Case("dsv3-down", 8, 8192, 7168, 2048),
     Case("dsv3-down", 64, 512, 7168, 2048),
     Case("dsv3-up", 32, 1024, 4096, 7168),
     Case("small-up", 16, 512, 3072, 4096),
@@ -75,8 +75,9 @@ EXTRA_GEMM_CASES = [
 LAYER_CASES = [  # (name, experts, tokens per expert, hidden D, width F)
     ("dsv3", 8, 4096, 7168, 2048),
     ("small", 16, 2048, 4096, 1536),
+    ("dsv3", 32, 1024, 7168, 2048),
 ]
-EXTRA_LAYER_CASES = [("dsv3", 32, 1024, 7168, 2048), ("16b", 64, 512, 2048, 1408)]
+EXTRA_LAYER_CASES = [("16b", 64, 512, 2048, 1408)]
 
 
 def gemm_configs(full: bool):

@@ -13,7 +13,7 @@ from models.fp8 import quant
 from models.fp8 import reference as R
 
 CPU_SHAPES = [(1, 128), (3, 200), (130, 260)]
-GPU_SHAPES = [(1, 7168), (4097, 2048), (8192, 7168), (16384, 1536)]
+GPU_SHAPES = [(1, 7168), (4097, 2048), (2048, 7168), (16384, 1536)]  # CPU references: keep them small
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
