@@ -126,3 +126,17 @@ def test_state_dict_round_trip_keeps_bf16_moments_and_continues_identically():
         fresh.step()
     for a, b in zip(params, straight):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("moment_dtype", [torch.float32, torch.bfloat16])
+def test_chunked_update_is_bitwise_the_whole_tensor_update(monkeypatch, moment_dtype):
+    import trainer.optim as optim_module
+    params0, grads = _fresh(seed=5, steps=3)
+    whole, _ = _run(AdamW, params0, grads, moment_dtype=moment_dtype)
+    monkeypatch.setattr(optim_module, "UPDATE_CHUNK", 100)  # 17x33 = 561 elements -> 6 chunks
+    chunked, _ = _run(AdamW, params0, grads, moment_dtype=moment_dtype)
+    for a, b in zip(chunked, whole):
+        assert torch.equal(a, b)
+    if moment_dtype == torch.float32:
+        ref, _ = _run(torch.optim.AdamW, params0, grads, foreach=False)
+        assert all(torch.equal(a, b) for a, b in zip(chunked, ref))

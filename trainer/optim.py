@@ -5,7 +5,8 @@ section 3.3.3): the moments are smooth running averages that lose nothing import
 bits, and halving them frees 4 bytes per parameter. `AdamW` below does exactly the update of
 `torch.optim.AdamW` (decoupled weight decay, bias-corrected moments, same operation order, so with
 `moment_dtype=float32` it matches torch bit for bit); with `moment_dtype=bfloat16` each moment is
-read into FP32, updated, used for this step's update, and stored back rounded to BF16.
+read into FP32, updated, used for this step's update, and stored back rounded to BF16. Large tensors are updated in chunks so those FP32 working copies stay
+small whatever the parameter size.
 
 The master weights are whatever tensors the optimizer is handed. Under DeepSpeed with bf16 the
 engine keeps an FP32 copy of every parameter (ZeRO's flat FP32 partitions) and gives those to the
@@ -29,6 +30,9 @@ import torch
 from torch import nn
 
 MOMENT_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+UPDATE_CHUNK = 1 << 26
+"""Elements updated at a time: ZeRO hands the optimizer one flat partition per group (1.9B elements
+for `small`), and BF16 moments need FP32 working copies, which chunking keeps to ~1 GiB."""
 SCHEDULES = ("cosine", "wsd", "constant")
 
 
@@ -99,21 +103,30 @@ class AdamW(torch.optim.Optimizer):
             state["exp_avg"] = torch.zeros_like(p, dtype=self.moment_dtype)
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.moment_dtype)
         state["step"] += 1
+        tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
+        if all(t.is_contiguous() for t in tensors):
+            chunks = zip(*(t.view(-1).split(UPDATE_CHUNK) for t in tensors))
+        else:
+            chunks = [tensors]
+        for p_c, grad_c, exp_avg_c, exp_avg_sq_c in chunks:
+            self._update_chunk(p_c, grad_c, exp_avg_c, exp_avg_sq_c, group, state["step"])
+
+    def _update_chunk(self, p, grad, exp_avg_stored, exp_avg_sq_stored, group: dict, step: int) -> None:
         lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
-        grad = p.grad.float()
-        exp_avg, exp_avg_sq = state["exp_avg"].float(), state["exp_avg_sq"].float()
+        grad = grad.float()
+        exp_avg, exp_avg_sq = exp_avg_stored.float(), exp_avg_sq_stored.float()
 
         p.mul_(1 - lr * group["weight_decay"])
         exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        bias_correction1 = 1 - beta1 ** state["step"]
-        bias_correction2_sqrt = (1 - beta2 ** state["step"]) ** 0.5
+        bias_correction1 = 1 - beta1 ** step
+        bias_correction2_sqrt = (1 - beta2 ** step) ** 0.5
         denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
         p.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
 
         if self.moment_dtype != torch.float32:
-            state["exp_avg"].copy_(exp_avg)
-            state["exp_avg_sq"].copy_(exp_avg_sq)
+            exp_avg_stored.copy_(exp_avg)
+            exp_avg_sq_stored.copy_(exp_avg_sq)
 
 
 @dataclass
