@@ -34,11 +34,14 @@ def test_fp8_blockwise_follows_bf16(tmp_path):
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("fp8=blockwise needs an sm90 GPU")
     pytest.importorskip("models.fp8.convert")
-    losses = {}
+    losses, curves = {}, {}
     for recipe in ("off", "blockwise"):
         run_dir = tmp_path / recipe
-        _ok(_pretrain([*GPU_RUN, f"fp8={recipe}", f"hydra.run.dir={run_dir}"], cwd=ROOT))
-        losses[recipe] = _metrics(run_dir)[40]["val/loss"]
+        _ok(_pretrain([*GPU_RUN, f"fp8={recipe}", "fp8.skip_small=false", f"hydra.run.dir={run_dir}"], cwd=ROOT))
+        rows = _metrics(run_dir)
+        losses[recipe] = rows[40]["val/loss"]
+        curves[recipe] = [rows[s]["loss/total"] for s in range(1, 41)]
+    assert curves["blockwise"] != curves["off"], "fp8=blockwise changed nothing: no module was converted"
     assert losses["blockwise"] == pytest.approx(losses["off"], rel=0.03), losses
 
 
