@@ -50,16 +50,18 @@ def _batch(n, seed, seq=16):
     return {"tokens": rows[:, :-1], "labels": rows[:, 1:]}
 
 
-def test_accumulating_two_micro_batches_equals_one_step_on_both(job):
+@pytest.mark.parametrize("zero_stage", [0, 1, 2])
+def test_accumulating_two_micro_batches_equals_one_step_on_both(job, zero_stage):
     a, b = _batch(2, 1), _batch(2, 2)
     both = {k: torch.cat([a[k], b[k]]) for k in a}
-    eng_acc, bal_acc = _engine(grad_accum=2, micro=2)
-    eng_one, bal_one = _engine(grad_accum=1, micro=4)
+    eng_acc, bal_acc = _engine(grad_accum=2, micro=2, zero_stage=zero_stage)
+    eng_one, bal_one = _engine(grad_accum=1, micro=4, zero_stage=zero_stage)
     m_acc = eng.train_step(eng_acc, [a, b], eng.lm_loss, bal_acc)
     m_one = eng.train_step(eng_one, [both], eng.lm_loss, bal_one)
     assert eng_acc.global_steps == eng_one.global_steps == 1
     assert m_acc["loss/total"] == pytest.approx(m_one["loss/total"], rel=1e-5)
-    assert m_acc["optim/grad_norm"] == pytest.approx(m_one["optim/grad_norm"], rel=1e-4)
+    if zero_stage > 0:  # DeepSpeed's stage-0 path clips without reporting the norm
+        assert m_acc["optim/grad_norm"] == pytest.approx(m_one["optim/grad_norm"], rel=1e-4)
     for (name, p), q in zip(eng_acc.module.named_parameters(), eng_one.module.parameters()):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=name)  # lr 1e-2: 0.1% of a step
     for r, s in zip(eng_acc.module.routers(), eng_one.module.routers()):

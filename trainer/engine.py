@@ -42,7 +42,8 @@ PRECISIONS = ("auto", "bf16", "fp32")
 @dataclass
 class ParallelConfig:
     zero_stage: int = 1
-    """DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer state sharded) or 2 (+ gradients)."""
+    """DeepSpeed ZeRO stage: 0 (plain data parallel; DeepSpeed then reports no gradient norm),
+    1 (optimizer state sharded) or 2 (+ gradients)."""
     grad_accum: int = 1
     """Micro-batches per optimizer step on each rank."""
     precision: str = "auto"
