@@ -5,6 +5,7 @@
 #   bash scripts/gpu_check.sh            # logs under $OUT (the device tool's folder) or /tmp/gpu_check
 #   BENCHES="saver fp8" bash scripts/gpu_check.sh   # only scripts/bench_saver.py and bench_fp8.py
 #   BENCH_TIMEOUT=120 bash scripts/gpu_check.sh     # stop any one benchmark after 120 s
+#   SKIP_BENCHES=1 bash scripts/gpu_check.sh        # the tests only; SKIP_TESTS=1: benchmarks only
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/gpu_check}
@@ -14,9 +15,12 @@ rm -f "$FP8MOE_SUMMARY"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/card.txt"
 
 status=0
-echo "== GPU tests"
-python3 -m pytest -q -m "gpu" -p no:cacheprovider --timeout=300 tests 2>&1 \
-    | tee "$out/gpu_tests.log" | tail -n 25 || status=1
+if [ -z "${SKIP_TESTS:-}" ]; then
+    echo "== GPU tests"
+    python3 -m pytest -q -m "gpu" -p no:cacheprovider --timeout=300 tests 2>&1 \
+        | tee "$out/gpu_tests.log" | tail -n 25 || status=1
+fi
+[ -n "${SKIP_BENCHES:-}" ] && exit $status
 
 benches=${BENCHES:-$(ls scripts/bench_*.py | sed 's#scripts/bench_\(.*\)\.py#\1#')}
 for name in $benches; do
