@@ -9,7 +9,9 @@ training loop calls `tracker.log(...)` unconditionally and never asks which rank
   config attached; the run id is kept in `<run_dir>/wandb_id` and reused on resume;
 - appends every logged row to `<run_dir>/metrics.jsonl` (exact floats, also with wandb disabled:
   it is what the resume and equivalence tests compare);
-- drives a tqdm bar showing loss and tokens/s.
+- drives a tqdm bar showing loss and tokens/s;
+- reports events (evaluations, checkpoints) through the `trainer` logger, which Hydra's job logging
+  sends to the console and to `<run dir>/pretrain.log` (routed around the bar while it is shown).
 
 MFU = achieved model FLOP/s / the card's dense BF16 peak. The model's training FLOPs per token
 (6 x activated parameters plus attention) come from `model.flops_per_token(seq_len)`; the peak is
@@ -18,6 +20,7 @@ known for H100/H200 (989 TFLOP/s dense BF16) and MFU is not reported on other de
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 from dataclasses import dataclass
@@ -28,6 +31,7 @@ import torch
 
 MODES = ("offline", "online", "disabled")
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}
+log = logging.getLogger("trainer")
 
 
 @dataclass
@@ -76,9 +80,12 @@ class Tracker(NullTracker):
             raise ValueError(f"logger.mode={cfg.mode!r} is unknown; use one of {MODES}")
         self.metrics_file = open(run_dir / "metrics.jsonl", "a")
         self.wandb_run = _open_wandb(cfg, run_dir, config)
-        self.bar = None
+        self.bar, self.redirect = None, None
         if cfg.progress:
             from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
+            self.redirect = logging_redirect_tqdm()
+            self.redirect.__enter__()
             self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, desc="pretrain")
 
     def log(self, metrics: dict, step: int) -> None:
@@ -93,14 +100,12 @@ class Tracker(NullTracker):
             self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=True)
 
     def print(self, message: str) -> None:
-        if self.bar is not None:
-            self.bar.write(message)
-        else:
-            print(message, flush=True)
+        log.info(message)
 
     def finish(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.redirect.__exit__(None, None, None)
         self.metrics_file.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
