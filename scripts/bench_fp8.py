@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -35,6 +34,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from summary import record  # noqa: E402
+from timing import tflops, time_ms  # noqa: E402
 
 BENCH = "fp8"
 DEVICE = "cuda"
@@ -47,27 +47,6 @@ def over_budget(case: str) -> bool:
         return False
     print(f"{case}: skipped (time budget spent; --budget to extend)")
     return True
-
-
-def time_ms(fn, reps: int = 10, batches: int = 5) -> float:
-    """Median milliseconds per call of fn (reps calls per timed batch, after a warm-up batch)."""
-    for _ in range(reps):
-        fn()
-    torch.cuda.synchronize()
-    per_call = []
-    for _ in range(batches):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        end.synchronize()
-        per_call.append(start.elapsed_time(end) / reps)
-    return statistics.median(per_call)
-
-
-def tflops(flops: float, ms: float) -> float:
-    return flops / ms / 1e9
 
 
 def bench_gemm(shapes) -> None:

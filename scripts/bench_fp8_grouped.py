@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from summary import record  # noqa: E402
+from timing import tflops, time_ms  # noqa: E402
 
 BENCH = "fp8_grouped"
 DEVICE = "cuda"
@@ -106,27 +106,6 @@ def wgrad_configs(full: bool):
                     C(128, 128, 8, 8, 3, tma=True, k_groups=2), C(128, 128, 16, 8, 5, tma=True),
                     C(128, 256, 8, 16, 3, tma=True), C(256, 128, 8, 16, 3, tma=True)]
     return configs
-
-
-def time_ms(fn, reps: int = 10, batches: int = 5) -> float:
-    """Median milliseconds per call of fn (reps calls per timed batch, after a warm-up batch)."""
-    for _ in range(reps):
-        fn()
-    torch.cuda.synchronize()
-    per_call = []
-    for _ in range(batches):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        end.synchronize()
-        per_call.append(start.elapsed_time(end) / reps)
-    return statistics.median(per_call)
-
-
-def tflops(flops: float, ms: float) -> float:
-    return flops / ms / 1e9
 
 
 def _short(cfg) -> str:

@@ -20,26 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from models import build_model, model_config  # noqa: E402
 from summary import record  # noqa: E402
-
-
-def matmul_peak_tflops(n: int = 8192, iters: int = 20) -> float:
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    return 2 * n ** 3 / _median_seconds(lambda: a @ b, iters) / 1e12
-
-
-def _median_seconds(fn, iters: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return sorted(times)[len(times) // 2]
+from timing import bf16_matmul_tflops, time_ms  # noqa: E402
 
 
 def main() -> None:
@@ -64,11 +45,11 @@ def main() -> None:
     step()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    seconds = _median_seconds(step, args.iters)
+    seconds = time_ms(step, reps=1, batches=args.iters) / 1e3
     peak_gib = torch.cuda.max_memory_allocated() / 2 ** 30
     n_tok = args.batch * args.seq
     tflops = model.flops_per_token(args.seq) * n_tok / seconds / 1e12
-    peak = matmul_peak_tflops()
+    peak = bf16_matmul_tflops()
     total, act = model.param_counts(include_mtp=True)
     print(f"{torch.cuda.get_device_name()} | {args.size}: {total / 1e9:.2f}B params "
           f"({act / 1e9:.2f}B activated), batch {args.batch} x {args.seq}")

@@ -28,25 +28,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from models import build_model, model_config  # noqa: E402
 from models.fp8.config import FP8Config  # noqa: E402
 from summary import record  # noqa: E402
+from timing import bf16_matmul_tflops  # noqa: E402
 from trainer import engine as eng  # noqa: E402
 from trainer.balance import LoadBalancer  # noqa: E402
 from trainer.optim import OptimConfig, build_optimizer, build_schedule  # noqa: E402
 from trainer.tracking import PEAK_BF16_FLOPS  # noqa: E402
 
 H100_PEAK = PEAK_BF16_FLOPS["H100"]
-
-
-def matmul_tflops(n: int = 8192, iters: int = 20) -> float:
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(iters):
-        a @ b
-    torch.cuda.synchronize()
-    return 2 * n ** 3 * iters / (time.perf_counter() - start) / 1e12
 
 
 def build(args, recipe: str, job: eng.Job):
@@ -108,7 +96,7 @@ def main() -> None:
         raise SystemExit("bench_train.py needs a CUDA GPU")
     job = eng.init_distributed()
     card = torch.cuda.get_device_name()
-    matmul = matmul_tflops()
+    matmul = bf16_matmul_tflops()
     results = [measure(args, "off", job)]
     if fp8_available():
         results.append(measure(args, "blockwise", job))
