@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import kernels
 from models.config import ModelConfig
 from models.layers import MLP
 
@@ -129,8 +130,9 @@ class GroupedExperts(nn.Module):
         return grouped_mm(x_TK, w_ENK, counts_E)
 
     def forward(self, x_TD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        h_TF = F.silu(self.grouped_mm(x_TD, self.w1, counts_E)) \
-            * self.grouped_mm(x_TD, self.w3, counts_E)
+        gate_TF = self.grouped_mm(x_TD, self.w1, counts_E)
+        up_TF = self.grouped_mm(x_TD, self.w3, counts_E)
+        h_TF = kernels.swiglu(gate_TF, up_TF) if kernels.fused(gate_TF) else F.silu(gate_TF) * up_TF
         return self.grouped_mm(h_TF, self.w2, counts_E)
 
 
@@ -157,12 +159,50 @@ class MoE(nn.Module):
         return y_TD.view_as(x_BSD)
 
     def _routed(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
-        order = routing.expert_TK.flatten().argsort(stable=True)
-        token_of_slot = order // self.top_k
-        y_slots = self.experts(x_TD[token_of_slot], routing.counts_E)
-        gate = routing.weight_TK.flatten()[order].to(y_slots.dtype)
-        out_TD = torch.zeros_like(x_TD)
-        return out_TD.index_add_(0, token_of_slot, y_slots * gate[:, None])
+        T, K = routing.expert_TK.shape
+        slot_to_pick = routing.expert_TK.flatten().argsort(stable=True)
+        pick_to_slot = torch.empty_like(slot_to_pick)
+        pick_to_slot[slot_to_pick] = torch.arange(T * K, device=x_TD.device)
+        x_slots = DispatchTokens.apply(x_TD, slot_to_pick, pick_to_slot, K)
+        y_slots = self.experts(x_slots, routing.counts_E)
+        y_TKD = PermuteRows.apply(y_slots, pick_to_slot, slot_to_pick).view(T, K, -1)
+        gate_T1K = routing.weight_TK.to(y_TKD.dtype)[:, None, :]
+        return torch.bmm(gate_T1K, y_TKD).squeeze(1)
+
+
+class DispatchTokens(torch.autograd.Function):
+    """Copies of the tokens sorted by expert: slot s holds token slot_to_pick[s] // K.
+
+    A pick is one (token, k) pair, numbered t*K + k; slot_to_pick sorts the picks by expert and
+    pick_to_slot is its inverse. Backward un-sorts the slots' gradients with that inverse (a
+    gather, not an atomic scatter) and sums each token's K copies: deterministic, no atomics.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD, slot_to_pick, pick_to_slot, top_k: int):
+        ctx.save_for_backward(pick_to_slot)
+        ctx.top_k = top_k
+        return x_TD[slot_to_pick // top_k]
+
+    @staticmethod
+    def backward(ctx, grad_slots):
+        (pick_to_slot,) = ctx.saved_tensors
+        grad_TKD = grad_slots[pick_to_slot].unflatten(0, (-1, ctx.top_k))
+        return grad_TKD.sum(1), None, None, None
+
+
+class PermuteRows(torch.autograd.Function):
+    """x[index] for a permutation `index` whose inverse is `inverse`; backward is grad[inverse]."""
+
+    @staticmethod
+    def forward(ctx, x, index, inverse):
+        ctx.save_for_backward(inverse)
+        return x[index]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad[inverse], None, None
 
 
 def sequence_balance_loss(routing: Routing, batch: int, top_k: int) -> torch.Tensor:
