@@ -45,6 +45,12 @@ class LatentCache:
                    torch.zeros(batch, max_len, cfg.qk_rope_head_dim, dtype=dtype, device=device))
 
 
+def _cudnn_attention_usable(q: torch.Tensor) -> bool:
+    """True where SDPA can pick cuDNN attention: enabled, cuDNN present, a Hopper GPU."""
+    return (torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cudnn.is_available()
+            and torch.cuda.get_device_capability(q.device)[0] == 9)
+
+
 class MLA(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -91,8 +97,9 @@ class MLA(nn.Module):
 
     def _sdpa(self, q_BHSK, k_BHSK, v_BHSV):
         K, V = q_BHSK.shape[-1], v_BHSV.shape[-1]
-        # Flash attention on GPU wants equal q/k/v head dims: pad V, then drop the padding.
-        pad = K - V if (q_BHSK.is_cuda and K > V) else 0
+        # cuDNN attention (PyTorch's choice on Hopper) takes a narrower V as it is, and is faster
+        # that way; flash attention, the fallback, wants equal head dims: pad V, then drop the pad.
+        pad = K - V if (q_BHSK.is_cuda and K > V and not _cudnn_attention_usable(q_BHSK)) else 0
         if pad:
             v_BHSV = F.pad(v_BHSV, (0, pad))
         o = F.scaled_dot_product_attention(q_BHSK, k_BHSK, v_BHSV, is_causal=True,
