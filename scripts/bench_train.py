@@ -1,17 +1,22 @@
 """A full training step of `small` on one GPU through the real engine: tokens/s, MFU, peak memory.
 
 "Step" is exactly what `python -m trainer.pretrain` runs per optimizer step: `trainer.engine.train_step`
-on a DeepSpeed ZeRO-1 bf16 engine (forward, backward, gradient clipping, our AdamW with bf16
-moments on FP32 masters, router-bias update, metric all-reduce). Inputs are random tokens, so
-nothing is read from disk.
+on a DeepSpeed ZeRO-1 bf16 engine (forward and backward of each micro-batch, gradient clipping, our
+AdamW with bf16 moments on FP32 masters, router-bias update, metric all-reduce). Inputs are random
+tokens, so nothing is read from disk.
+
+Two configurations by default: 4 x 2048 tokens with one micro-batch per step (the optimizer's
+share of the step is largest here; bf16 and FP8 side by side), and 4 x 4096 tokens with four
+micro-batches per optimizer step (64k tokens per step, still far below the ~1M-token batches
+MoE pretraining uses, so the optimizer's share is if anything overstated), bf16 only.
 
 MFU = model FLOPs per token (`Transformer.flops_per_token`: activated weights + causal attention,
 MTP included) x tokens/s / 989 TFLOP/s (H100 dense BF16). The achieved model TFLOP/s is also set
 against a bf16 8192^3 matmul measured in the same run. With `models.fp8.convert` present (and an
 sm90 GPU), the same step runs with fp8=blockwise and the FP8/bf16 tokens/s ratio is reported.
 
-    python scripts/bench_train.py                       # small, 4 x 2048 tokens per step
-    python scripts/bench_train.py --micro-batch 2 --seq-len 4096 --layers 2 --steps 6
+    python scripts/bench_train.py                       # small: 4x2048 x1 (bf16, fp8), 4x4096 x4 (bf16)
+    python scripts/bench_train.py --configs 2x4096x1 --layers 2 --steps 6 --recipes off
 """
 from __future__ import annotations
 
@@ -37,7 +42,7 @@ from trainer.tracking import PEAK_BF16_FLOPS  # noqa: E402
 H100_PEAK = PEAK_BF16_FLOPS["H100"]
 
 
-def build(args, recipe: str, job: eng.Job):
+def build(args, recipe: str, job: eng.Job, grad_accum: int = 1):
     torch.manual_seed(0)
     cfg = model_config(args.size, **({"num_hidden_layers": args.layers} if args.layers else {}))
     model = build_model(cfg, device=job.device)
@@ -45,16 +50,19 @@ def build(args, recipe: str, job: eng.Job):
         from models.fp8 import convert
         model = convert(model, FP8Config(recipe=recipe))
     optim = OptimConfig(lr=1e-4, warmup_steps=0)
-    ds = eng.deepspeed_config(eng.ParallelConfig(), optim.grad_clip, args.micro_batch, 1, "bf16")
+    ds = eng.deepspeed_config(eng.ParallelConfig(grad_accum=grad_accum), optim.grad_clip, args.micro_batch,
+                              1, "bf16")
     engine = eng.build_engine(model, build_optimizer(model, optim), build_schedule(optim, 10 ** 6), ds)
     return cfg, engine, LoadBalancer(engine.module.routers(), optim.bias_update_rate)
 
 
-def measure(args, recipe: str, job: eng.Job) -> dict:
-    cfg, engine, balancer = build(args, recipe, job)
+def measure(args, recipe: str, job: eng.Job, grad_accum: int) -> dict:
+    cfg, engine, balancer = build(args, recipe, job, grad_accum)
     gen = torch.Generator().manual_seed(1)
-    rows = torch.randint(0, cfg.vocab_size, (args.micro_batch, args.seq_len + 1), generator=gen)
-    batch = [{"tokens": rows[:, :-1], "labels": rows[:, 1:]}]
+    batch = []
+    for _ in range(grad_accum):
+        rows = torch.randint(0, cfg.vocab_size, (args.micro_batch, args.seq_len + 1), generator=gen)
+        batch.append({"tokens": rows[:, :-1], "labels": rows[:, 1:]})
     for _ in range(args.warmup):
         eng.train_step(engine, batch, eng.lm_loss, balancer)
     torch.cuda.synchronize()
@@ -64,10 +72,11 @@ def measure(args, recipe: str, job: eng.Job) -> dict:
         metrics = eng.train_step(engine, batch, eng.lm_loss, balancer)
     torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / args.steps
-    tokens_per_s = args.micro_batch * args.seq_len / seconds
+    tokens_per_s = args.micro_batch * args.seq_len * grad_accum / seconds
     flops = engine.module.flops_per_token(args.seq_len) * tokens_per_s
-    result = dict(recipe=recipe, step_ms=seconds * 1e3, tokens_per_s=tokens_per_s, tflops=flops / 1e12,
-                  mfu=flops / H100_PEAK, peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30,
+    result = dict(recipe=recipe, grad_accum=grad_accum, step_ms=seconds * 1e3, tokens_per_s=tokens_per_s,
+                  tflops=flops / 1e12, mfu=flops / H100_PEAK,
+                  peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30,
                   loss=metrics["loss/total"], params=engine.module.param_counts())
     del engine, balancer
     gc.collect()
@@ -83,12 +92,23 @@ def fp8_available() -> bool:
     return torch.cuda.get_device_capability() >= (9, 0)
 
 
+def parse_config(text: str) -> tuple[int, int, int]:
+    """'4x2048x1' -> (micro_batch, seq_len, grad_accum)."""
+    try:
+        micro, seq, accum = (int(v) for v in text.split("x"))
+    except ValueError:
+        raise SystemExit(f"--configs entry {text!r} is not MICROxSEQxACCUM, e.g. 4x2048x1") from None
+    return micro, seq, accum
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--size", default="small")
     p.add_argument("--layers", type=int, default=0, help="override num_hidden_layers (0: the size's own)")
-    p.add_argument("--micro-batch", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--configs", nargs="+", default=["4x2048x1", "4x4096x4"],
+                   help="micro-batch x sequence length x micro-batches per optimizer step")
+    p.add_argument("--recipes", nargs="+", default=["off", "blockwise"],
+                   help="fp8 recipes for the first config (later configs run bf16 only)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     args = p.parse_args()
@@ -97,27 +117,30 @@ def main() -> None:
     job = eng.init_distributed()
     card = torch.cuda.get_device_name()
     matmul = bf16_matmul_tflops()
-    results = [measure(args, "off", job)]
-    if fp8_available():
-        results.append(measure(args, "blockwise", job))
-    else:
-        print("fp8=blockwise not measured: models.fp8.convert is missing or the GPU is not sm90")
-    print(f"{card}: {args.size} ({results[0]['params']}), {args.micro_batch} x {args.seq_len} tokens per step; "
-          f"bf16 8192^3 matmul {matmul:.0f} TFLOP/s")
-    for r in results:
-        print(f"  fp8={r['recipe']:<9} step {r['step_ms']:8.1f} ms  {r['tokens_per_s']:10,.0f} tok/s  "
-              f"{r['tflops']:6.1f} TFLOP/s  MFU {100 * r['mfu']:5.1f}%  peak {r['peak_gib']:5.1f} GiB  "
-              f"loss {r['loss']:.3f}")
-    report(args, results, matmul)
+    print(f"{card}: {args.size}; bf16 8192^3 matmul {matmul:.0f} TFLOP/s")
+    for index, config in enumerate(args.configs):
+        args.micro_batch, args.seq_len, grad_accum = parse_config(config)
+        results = []
+        for recipe in (args.recipes if index == 0 else ["off"]):
+            if recipe != "off" and not fp8_available():
+                print(f"fp8={recipe} not measured: models.fp8.convert is missing or the GPU is not sm90")
+                continue
+            results.append(measure(args, recipe, job, grad_accum))
+        print(f"{args.micro_batch} x {args.seq_len} tokens x {grad_accum} micro-batches per step "
+              f"({results[0]['params']})")
+        for r in results:
+            print(f"  fp8={r['recipe']:<9} step {r['step_ms']:8.1f} ms  {r['tokens_per_s']:10,.0f} tok/s  "
+                  f"{r['tflops']:6.1f} TFLOP/s  MFU {100 * r['mfu']:5.1f}%  peak {r['peak_gib']:5.1f} GiB  "
+                  f"loss {r['loss']:.3f}")
+        report(args, results, matmul)
 
 
 def report(args, results: list[dict], matmul: float) -> None:
     bf16 = results[0]
-    case = f"{args.size} step {args.micro_batch}x{args.seq_len}"
+    case = f"{args.size} step {args.micro_batch}x{args.seq_len}x{bf16['grad_accum']}"
     record("train", f"{case} bf16 MFU", bf16["tflops"], "TFLOP/s", "H100 dense bf16 peak", H100_PEAK / 1e12)
     record("train", f"{case} bf16 model FLOP/s", bf16["tflops"], "TFLOP/s", "bf16 8192^3 matmul", matmul)
-    if len(results) > 1:
-        fp8 = results[1]
+    for fp8 in results[1:]:
         record("train", f"{case} fp8 tokens/s", fp8["tokens_per_s"], "tok/s", "bf16 tokens/s", bf16["tokens_per_s"])
         record("train", f"{case} fp8 peak memory", fp8["peak_gib"], "GiB", "bf16 peak memory", bf16["peak_gib"],
                higher_is_better=False)

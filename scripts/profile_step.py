@@ -1,0 +1,143 @@
+"""Where a training step's GPU time goes: phase timings and a kernel table, for bf16 and FP8.
+
+A step is `trainer.engine.train_step` on the same DeepSpeed ZeRO-1 engine `bench_train.py` builds.
+Two views of it:
+
+- phases: CUDA events around the forward, the backward and `engine.step()` (the optimizer, the
+  gradient norm and clipping, ZeRO's copies between BF16 and FP32), over a few steps;
+- kernels: torch.profiler over two steps, kernels summed by name and grouped into families
+  (GEMMs, attention, Triton kernels, elementwise and reductions, copies, communication), top
+  kernels listed with their share of GPU time.
+
+This is a diagnostic for developers, not a benchmark of record (it records nothing in the summary
+table): use it to decide what to fuse next.
+
+    python scripts/profile_step.py                     # small, 4 x 2048, bf16 then fp8
+    python scripts/profile_step.py --recipes off --seq-len 4096 --top 40
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_train import build, fp8_available  # noqa: E402
+from models.fp8.linear import invalidate_weight_caches  # noqa: E402
+from trainer import engine as eng  # noqa: E402
+
+FAMILIES = [
+    ("gemm", r"gemm|sm90_xmma|nvjet|cutlass|cublas|_scaled_mm|wgmma|grouped_gemm|grouped_wgrad"),
+    ("attention", r"flash|fmha|attention|sdpa"),
+    ("triton", r"^triton_|_kernel$"),
+    ("copy", r"memcpy|memset|copy|cat|fill"),
+    ("comm", r"nccl|all_reduce|allreduce|gloo"),
+    ("reduce", r"reduce|sum|norm|max|softmax|topk|sort|scan|cumsum|bincount|histogram"),
+    ("index", r"index|gather|scatter|embedding"),
+    ("elementwise", r"elementwise|vectorized|unrolled|foreach|multi_tensor"),
+]
+
+
+def family(name: str) -> str:
+    low = name.lower()
+    for label, pattern in FAMILIES:
+        if re.search(pattern, low):
+            return label
+    return "other"
+
+
+def phase_times(engine, batch, steps: int) -> dict[str, float]:
+    """Mean ms of forward, backward and engine.step over `steps` single-micro-batch steps."""
+    totals = defaultdict(float)
+    for _ in range(steps):
+        marks = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+        marks[0].record()
+        terms = eng.lm_loss(engine, {k: v.cuda() for k, v in batch.items()})
+        marks[1].record()
+        engine.backward(terms.loss)
+        marks[2].record()
+        engine.step()
+        marks[3].record()
+        torch.cuda.synchronize()
+        invalidate_weight_caches(engine.module)
+        for name, (a, b) in zip(("forward", "backward", "engine.step"), zip(marks, marks[1:])):
+            totals[name] += a.elapsed_time(b)
+    return {k: v / steps for k, v in totals.items()}
+
+
+def kernel_table(engine, batch, balancer, top: int) -> list[str]:
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            eng.train_step(engine, [batch], eng.lm_loss, balancer)
+        torch.cuda.synchronize()
+    per_name = defaultdict(lambda: [0.0, 0])
+    for evt in prof.events():
+        if evt.device_type == torch.autograd.DeviceType.CUDA:
+            per_name[evt.name][0] += evt.device_time_total / 2e3  # us over two steps -> ms per step
+            per_name[evt.name][1] += 1
+    total = sum(t for t, _ in per_name.values())
+    by_family = defaultdict(float)
+    for name, (ms, _) in per_name.items():
+        by_family[family(name)] += ms
+    lines = [f"GPU kernel time per step: {total:.1f} ms"]
+    for label, ms in sorted(by_family.items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {label:<12} {ms:8.2f} ms  {100 * ms / total:5.1f}%")
+    lines.append(f"top {top} kernels (ms per step, calls per step, family):")
+    ranked = sorted(per_name.items(), key=lambda kv: -kv[1][0])[:top]
+    for name, (ms, calls) in ranked:
+        lines.append(f"  {ms:8.2f} ms {calls // 2:5d}x  {family(name):<11} {name[:110]}")
+    return lines
+
+
+def op_table(engine, batch, top: int) -> str:
+    """Forward+backward only, GPU time per aten op and input shapes: which code the time is in."""
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+        terms = eng.lm_loss(engine, {k: v.cuda() for k, v in batch.items()})
+        engine.backward(terms.loss)
+        torch.cuda.synchronize()
+    averages = prof.key_averages(group_by_input_shape=True)
+    return averages.table(sort_by="self_device_time_total", row_limit=top, max_name_column_width=48,
+                          max_shapes_column_width=70)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--size", default="small")
+    p.add_argument("--layers", type=int, default=0)
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--recipes", nargs="+", default=["off", "blockwise"])
+    p.add_argument("--top", type=int, default=30)
+    p.add_argument("--ops", action="store_true", help="also a per-op table of forward+backward")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_step.py needs a CUDA GPU")
+    job = eng.init_distributed()
+    for recipe in args.recipes:
+        if recipe != "off" and not fp8_available():
+            print(f"fp8={recipe} skipped: needs models.fp8 and an sm90 GPU")
+            continue
+        cfg, engine, balancer = build(args, recipe, job)
+        gen = torch.Generator().manual_seed(1)
+        rows = torch.randint(0, cfg.vocab_size, (args.micro_batch, args.seq_len + 1), generator=gen)
+        batch = {"tokens": rows[:, :-1], "labels": rows[:, 1:]}
+        for _ in range(3):
+            eng.train_step(engine, [batch], eng.lm_loss, balancer)
+        phases = phase_times(engine, batch, steps=4)
+        print(f"\n=== {args.size} fp8={recipe} {args.micro_batch}x{args.seq_len}: "
+              + ", ".join(f"{k} {v:.1f} ms" for k, v in phases.items()))
+        print("\n".join(kernel_table(engine, batch, balancer, args.top)))
+        if args.ops:
+            print(op_table(engine, batch, args.top))
+        del engine, balancer
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
