@@ -1,11 +1,25 @@
-"""trainer.optim: AdamW against torch.optim.AdamW, the schedules against hand-computed values."""
+"""trainer.optim: AdamW against torch.optim.AdamW, the fused kernel against a float64-per-op
+reference (bitwise) and against the torch path (within stated roundings), the schedules against
+hand-computed values.
+
+The fused kernel runs under Triton's interpreter on the CPU (importing trainer.optim without CUDA
+sets TRITON_INTERPRET=1) and compiled on a GPU; `gpu` tests repeat the checks at 10M elements.
+"""
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from torch import nn
 
-from trainer.optim import AdamW, OptimConfig, Schedule, build_optimizer, build_schedule, param_groups
+from trainer.optim import (AdamW, OptimConfig, Schedule, adamw_update, build_optimizer, build_schedule,
+                           param_groups)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+RAGGED = 4133  # not a multiple of the kernel's block
 
 
 def _run(opt_cls, params0, grads, **kw):
@@ -140,3 +154,256 @@ def test_chunked_update_is_bitwise_the_whole_tensor_update(monkeypatch, moment_d
     if moment_dtype == torch.float32:
         ref, _ = _run(torch.optim.AdamW, params0, grads, foreach=False)
         assert all(torch.equal(a, b) for a, b in zip(chunked, ref))
+
+
+# ---------------------------------------------------------------------------------------------
+# the fused kernel
+
+
+def reference_step(p, grad, exp_avg, exp_avg_sq, *, lr, betas, eps, weight_decay, step):
+    """The fused kernel's arithmetic in torch: each operation done in float64 on FP32 values and rounded
+    to FP32, which is exactly the correctly rounded FP32 operation (53 >= 2 * 24 + 2 bits; Figueroa
+    1995), scalars rounded to FP32 like kernel arguments, moments stored with torch's bf16 rounding.
+    CPU only (CUDA divides by a CPU scalar through its reciprocal). Returns new (p, exp_avg, exp_avg_sq)."""
+    beta1, beta2 = betas
+    c = lambda x: torch.tensor(x, dtype=torch.float32).double()  # noqa: E731
+    r = lambda x: x.float().double()  # noqa: E731
+    moment_dtype = exp_avg.dtype
+    p, grad, m, v = (t.double() for t in (p, grad, exp_avg, exp_avg_sq))
+    p = r(p * c(1 - lr * weight_decay))
+    m = r(m + r(c(1 - beta1) * r(grad - m)))
+    v = r(r(v * c(beta2)) + r(r(c(1 - beta2) * grad) * grad))
+    denom = r(r(r(v.sqrt()) / c((1 - beta2 ** step) ** 0.5)) + c(eps))
+    p = r(p + r(r(c(-lr / (1 - beta1 ** step)) * m) / denom))
+    return p.float(), m.to(moment_dtype), v.to(moment_dtype)
+
+
+def _state(n, moment_dtype, seed, device="cpu"):
+    """Random p, grad and moments (grad and moments over several decades, v >= 0), as after a few steps."""
+    gen = torch.Generator().manual_seed(seed)
+    scale = 10 ** torch.empty(n).uniform_(-4, 1, generator=gen)
+    p = torch.randn(n, generator=gen)
+    grad = torch.randn(n, generator=gen) * scale
+    m = (0.3 * torch.randn(n, generator=gen) * scale).to(moment_dtype)
+    v = (torch.rand(n, generator=gen) * scale ** 2).to(moment_dtype)
+    return [t.to(device) for t in (p, grad, m, v)]
+
+
+HYPER = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
+
+
+def _grads(n, steps, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, generator=gen) * 10 ** torch.empty(n).uniform_(-4, 1, generator=gen)
+            for _ in range(steps)]
+
+
+def _fused_matches_reference(n, moment_dtype, weight_decay, steps=3):
+    """`steps` kernel calls on DEVICE, the reference beside them on the CPU: bitwise equal after each."""
+    ref = _state(n, moment_dtype, seed=n + 10)
+    p, grad, m, v = (t.to(DEVICE) for t in ref)
+    ref = (ref[0], ref[2], ref[3])
+    for step, grad in enumerate(_grads(n, steps, seed=n + 11), start=1):
+        ref = reference_step(ref[0], grad, *ref[1:], **HYPER, weight_decay=weight_decay, step=step)
+        adamw_update(p, grad.to(DEVICE), m, v, **HYPER, weight_decay=weight_decay, step=step)
+        for name, ours, want in zip(("p", "exp_avg", "exp_avg_sq"), (p, m, v), ref):
+            assert ours.dtype == want.dtype, name
+            assert torch.equal(ours.cpu(), want), f"{name} differs at step {step}"
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+@pytest.mark.parametrize("moment_dtype", [torch.float32, torch.bfloat16])
+def test_fused_kernel_is_bitwise_the_reference(moment_dtype, weight_decay):
+    _fused_matches_reference(RAGGED, moment_dtype, weight_decay)
+
+
+def _bits(t):
+    return t.view(torch.int16 if t.dtype == torch.bfloat16 else torch.int32).long()
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy meets inf and NaN
+def test_fused_bf16_rounding_is_torchs_round_to_nearest_even():
+    """beta1 = beta2 = 0 from zero moments makes the new moments g and g*g exactly, so the stored bf16
+    values must be torch's own rounding of them: ties to even both ways, carries into the exponent,
+    overflow to inf, subnormals, inf and NaN, then random bit patterns."""
+    special = torch.tensor([0x3F808000, 0x3F818000, 0x3F808001, 0x3F807FFF, 0x3FFFFFFF, 0x7F7FFFFF,
+                            0xBF808000, 0xBF818000, 0x00008000, 0x00018000, 0x00017FFF, 0x00800000,
+                            0x7F800000, 0xFF800000, 0x7FC00000, 0x3F800000], dtype=torch.int64)
+    gen = torch.Generator().manual_seed(12)
+    random_bits = torch.randint(0, 1 << 32, (RAGGED,), generator=gen, dtype=torch.int64)
+    bits = torch.cat([special, random_bits])
+    grad = (bits - (bits >= 1 << 31).long() * (1 << 32)).int().view(torch.float32)
+    grad = torch.where(grad == 0, 1.0, grad)  # -0.0 - 0 + 0 is +0.0: keep the signed zero out
+    p, m, v = (torch.zeros(grad.numel(), device=DEVICE, dtype=dt)
+               for dt in (torch.float32, torch.bfloat16, torch.bfloat16))
+    adamw_update(p, grad.to(DEVICE), m, v, lr=0.0, betas=(0.0, 0.0), eps=1e-8, weight_decay=0.0, step=1)
+    for ours, want in ((m.cpu(), grad.to(torch.bfloat16)), (v.cpu(), (grad * grad).to(torch.bfloat16))):
+        nan = want.isnan()
+        assert torch.equal(ours.isnan(), nan)
+        assert torch.equal(_bits(ours)[~nan], _bits(want)[~nan])
+
+
+def _params_and_grads(seed, steps=6, device=DEVICE):
+    gen = torch.Generator().manual_seed(seed)
+    params0 = [torch.randn(61, 67, generator=gen), torch.randn(RAGGED, generator=gen)]
+    grads = [[torch.randn(p.shape, generator=gen) * 10 ** torch.empty(()).uniform_(-3, 1, generator=gen)
+              for p in params0] for _ in range(steps)]
+    return [p.to(device) for p in params0], [[g.to(device) for g in gs] for gs in grads]
+
+
+def test_fused_fp32_moments_close_to_torch_adamw():
+    """Six steps, weight decay on one group and off on the other: every value within ~1e-6 of
+    torch.optim.AdamW (torch fuses two multiply-adds and its CPU sqrt is not correctly rounded)."""
+    params0, grads = _params_and_grads(seed=20)
+    ours, opt = _run(AdamW, params0, grads, moment_dtype=torch.float32, fused=True)
+    ref, ref_opt = _run(torch.optim.AdamW, params0, grads, foreach=False)
+    for a, b, p0 in zip(ours, ref, params0):
+        assert (b - p0).abs().max() > 1e-2
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        for key in ("exp_avg", "exp_avg_sq"):
+            want = ref_opt.state[b][key]
+            torch.testing.assert_close(opt.state[a][key], want, rtol=1e-6, atol=1e-6 * want.abs().max().item())
+
+
+def _one_step(state, moment_dtype, fused):
+    p0, grad, m, v = (t.to(DEVICE) for t in state)
+    p = p0.clone().requires_grad_(True)
+    p.grad = grad
+    opt = AdamW([p], **HYPER, weight_decay=0.1, moment_dtype=moment_dtype, fused=fused)
+    opt.state[p] = dict(step=3, exp_avg=m.clone(), exp_avg_sq=v.clone())
+    opt.step()
+    return p.detach().cpu(), opt.state[p]["exp_avg"].cpu(), opt.state[p]["exp_avg_sq"].cpu()
+
+
+def _fused_one_step_close_to_torch_path(n):
+    """From one random state, one step fused and one through torch ops: bf16 moments equal or one bf16
+    ulp apart (the FP32 values before rounding differ by an FP32 rounding), p within ~2 FP32 ulps."""
+    state = _state(n, torch.bfloat16, seed=30)
+    (p, m, v), (p_ref, m_ref, v_ref) = (_one_step(state, torch.bfloat16, fused) for fused in (True, False))
+    for ours, want in ((m, m_ref), (v, v_ref)):
+        apart = (_bits(ours) - _bits(want)).abs()
+        assert apart.max() <= 1 and apart.float().mean() < 1e-2
+    torch.testing.assert_close(p, p_ref, rtol=5e-7, atol=1e-9)
+
+
+def test_fused_bf16_one_step_within_one_bf16_ulp_of_torch_path():
+    _fused_one_step_close_to_torch_path(RAGGED)
+
+
+def test_fused_bf16_several_steps_close_to_torch_path():
+    """Over six steps a moment one bf16 ulp apart moves that element's update by ~0.4%: p stays
+    within 1% of one step's learning rate per step of the torch path."""
+    params0, grads = _params_and_grads(seed=21)
+    ours, _ = _run(AdamW, params0, grads, moment_dtype=torch.bfloat16, fused=True)
+    ref, _ = _run(AdamW, params0, grads, moment_dtype=torch.bfloat16, fused=False)
+    for a, b in zip(ours, ref):
+        assert (a - b).abs().max() <= 0.01 * 1e-2 * len(grads)
+
+
+def test_default_is_fused_on_cuda_only_and_non_contiguous_falls_back():
+    params0, grads = _params_and_grads(seed=22, steps=2)
+    default, _ = _run(AdamW, params0, grads, moment_dtype=torch.float32)
+    fused, _ = _run(AdamW, params0, grads, moment_dtype=torch.float32, fused=True)
+    plain, _ = _run(AdamW, params0, grads, moment_dtype=torch.float32, fused=False)
+    same_as = fused if DEVICE == "cuda" else plain
+    other = plain if DEVICE == "cuda" else fused
+    assert all(torch.equal(a, b) for a, b in zip(default, same_as))
+    assert not all(torch.equal(a, b) for a, b in zip(default, other))
+    transposed0 = [params0[0].t(), params0[1]]  # a non-contiguous leaf: the torch path takes it
+    transposed_grads = [[gs[0].t(), gs[1]] for gs in grads]
+    t_fused, _ = _run(AdamW, transposed0, transposed_grads, moment_dtype=torch.float32, fused=True)
+    t_plain, _ = _run(AdamW, transposed0, transposed_grads, moment_dtype=torch.float32, fused=False)
+    assert not t_fused[0].is_contiguous() and torch.equal(t_fused[0], t_plain[0])
+
+
+def test_fused_state_dict_round_trip_and_same_format_as_torch_path():
+    params0, grads = _params_and_grads(seed=23, steps=4)
+    straight, _ = _run(AdamW, params0, grads, moment_dtype=torch.bfloat16, fused=True)
+    half, opt = _run(AdamW, params0, grads[:2], moment_dtype=torch.bfloat16, fused=True)
+    _, torch_path = _run(AdamW, params0, grads[:2], moment_dtype=torch.bfloat16, fused=False)
+    state, plain_state = opt.state_dict(), torch_path.state_dict()
+    assert state["param_groups"] == plain_state["param_groups"]
+    for s, t in zip(state["state"].values(), plain_state["state"].values()):
+        assert s.keys() == t.keys() and s["step"] == t["step"] == 2
+        assert all(s[k].dtype == t[k].dtype == torch.bfloat16 for k in ("exp_avg", "exp_avg_sq"))
+    params = [p.detach().clone().requires_grad_(True) for p in half]
+    fresh = AdamW([dict(params=params[:1], weight_decay=0.1), dict(params=params[1:], weight_decay=0.0)],
+                  lr=1e-2, betas=(0.9, 0.95), eps=1e-8, moment_dtype=torch.bfloat16, fused=True)
+    fresh.load_state_dict(state)
+    for step_grads in grads[2:]:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        fresh.step()
+    assert all(torch.equal(a, b) for a, b in zip(params, straight))
+
+
+def test_fused_rejects_bad_operands(monkeypatch):
+    p, grad, m, v = _state(300, torch.bfloat16, seed=40, device=DEVICE)
+    kw = dict(**HYPER, weight_decay=0.0, step=1)
+    with pytest.raises(TypeError, match="FP32 p and grad"):
+        adamw_update(p.bfloat16(), grad, m, v, **kw)
+    with pytest.raises(TypeError, match="both moments"):
+        adamw_update(p, grad, m, v.float(), **kw)
+    with pytest.raises(ValueError, match="grad has shape"):
+        adamw_update(p, grad[:299], m, v, **kw)
+    with pytest.raises(ValueError, match="exp_avg is not contiguous"):
+        adamw_update(p.view(15, 20), grad.view(15, 20), m.view(20, 15).t(), v.view(15, 20), **kw)
+    with pytest.raises(ValueError, match="step=0"):
+        adamw_update(p, grad, m, v, **{**kw, "step": 0})
+    with pytest.raises(TypeError, match="fused="):
+        AdamW([p.requires_grad_(True)], fused="yes")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="CUDA tensors"):
+        adamw_update(*(t.cpu() for t in (p, grad, m, v)), **kw)
+
+
+_COMPILE_SM90 = r'''
+import json, os
+os.environ["TRITON_INTERPRET"] = "0"
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from trainer import optim
+
+out = {}
+for fusion in (False, True):
+    for moments in ("bf16", "fp32"):
+        sig = dict(p_ptr="*fp32", grad_ptr="*fp32", exp_avg_ptr="*" + moments, exp_avg_sq_ptr="*" + moments,
+                   n="i32", decay="fp32", one_minus_beta1="fp32", beta2="fp32", one_minus_beta2="fp32",
+                   bias_correction2_sqrt="fp32", eps="fp32", step_size="fp32",
+                   MOMENTS_BF16="constexpr", BLOCK="constexpr")
+        attrs = {(i,): [["tt.divisibility", 16]] for i in range(5)}  # aligned pointers, n % 16 == 0
+        src = ASTSource(fn=optim.adamw_kernel, signature=sig, attrs=attrs,
+                        constexprs=dict(MOMENTS_BF16=moments == "bf16", BLOCK=optim.FUSED_BLOCK))
+        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                             options=dict(num_warps=optim.FUSED_WARPS, enable_fp_fusion=fusion)).asm["ptx"]
+        out[f"{moments} fusion={fusion}"] = dict(fma="fma.rn.f32" in ptx, div_rn="div.rn.f32" in ptx,
+                                                 sqrt_rn="sqrt.rn.f32" in ptx, v4="ld.global.v4" in ptx)
+print(json.dumps(out))
+'''
+
+
+def test_kernel_compiles_for_sm90_without_fma(tmp_path):
+    """The compiled kernel (sm90 PTX, built here without a GPU) rounds every operation once: no fused
+    multiply-add (which it would have with Triton's default enable_fp_fusion=True: checked too),
+    correctly rounded division and sqrt, 16-byte vector loads."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path),
+               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    run = subprocess.run([sys.executable, "-c", _COMPILE_SM90], env=env, cwd=root,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for name, info in json.loads(run.stdout.strip().splitlines()[-1]).items():
+        fusion = name.endswith("True")
+        assert info == dict(fma=fusion, div_rn=True, sqrt_rn=True, v4=True), (name, info)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("moment_dtype", [torch.float32, torch.bfloat16])
+def test_gpu_fused_bitwise_reference_10m(moment_dtype):
+    _fused_matches_reference(10_000_000 + 123, moment_dtype, weight_decay=0.1, steps=2)
+
+
+@pytest.mark.gpu
+def test_gpu_fused_close_to_torch_cuda_path_10m():
+    _fused_one_step_close_to_torch_path(10_000_000 + 123)
