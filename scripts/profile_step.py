@@ -129,9 +129,13 @@ def main() -> None:
         batch = {"tokens": rows[:, :-1], "labels": rows[:, 1:]}
         for _ in range(3):
             eng.train_step(engine, [batch], eng.lm_loss, balancer)
+        resident = torch.cuda.memory_allocated() / 2 ** 30
+        torch.cuda.reset_peak_memory_stats()
         phases = phase_times(engine, batch, steps=4)
+        peak = torch.cuda.max_memory_allocated() / 2 ** 30
         print(f"\n=== {args.size} fp8={recipe} {args.micro_batch}x{args.seq_len}: "
-              + ", ".join(f"{k} {v:.1f} ms" for k, v in phases.items()))
+              + ", ".join(f"{k} {v:.1f} ms" for k, v in phases.items())
+              + f"; memory between steps {resident:.1f} GiB, peak {peak:.1f} GiB")
         print("\n".join(kernel_table(engine, batch, balancer, args.top)))
         if args.ops:
             print(op_table(engine, batch, args.top))
