@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import kernels
 from models.config import ModelConfig, yarn_mscale
 
 
@@ -29,6 +30,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.fused(x):
+            return kernels.rms_norm(x, self.weight, self.eps)
         x32 = x.float()
         y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * y.to(x.dtype)
@@ -79,6 +82,8 @@ def apply_rope(x: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor) -> t
     cos/sin are [S, R/2]; x is [B, S, R] or [B, S, H, R] (a head axis after S is broadcast).
     Computed in fp32, returned in x's dtype.
     """
+    if kernels.fused(x):
+        return kernels.rope(x, cos_SR, sin_SR)
     pairs = x.float().unflatten(-1, (-1, 2))
     if x.dim() == 4:
         cos_SR, sin_SR = cos_SR[:, None], sin_SR[:, None]
@@ -97,4 +102,5 @@ class MLP(nn.Module):
         self.w2 = nn.Linear(inter_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w1(x), self.w3(x)
+        return self.w2(kernels.swiglu(gate, up) if kernels.fused(gate) else F.silu(gate) * up)

@@ -1,0 +1,422 @@
+"""Fused RMSNorm, SwiGLU and rotary kernels (models/kernels.py) against independent pure-torch
+formulas, on fresh random data in bf16, fp16 and fp32.
+
+What "equal" means here, and why:
+- forward vs the eager formula of models/layers.py: rope is the same fp32 products rounded once, so
+  bitwise (on CPU; on the GPU an FMA may move the last fp32 bit, so at most one ulp there);
+  rms_norm differs only in the summation order of mean(x^2): at least 99% of the elements bitwise,
+  the rest within the rounding of one ulp of the normalized value; swiglu rounds silu(a) * b once
+  where eager rounds silu(a) first, so it is checked against the exact (fp64) value instead.
+- gradients vs torch.autograd of the eager formula run in fp64 on the same inputs (the exact
+  gradient): within one rounding to the output dtype plus fp32 arithmetic, and never further from
+  it than eager autograd in the input dtype is.
+Importing models.kernels on a machine without CUDA switches Triton to its interpreter, so the CPU
+tests run the real kernels on small shapes (ragged widths, strided views, empty inputs); the `gpu`
+tests repeat them at the `small` model's sizes, and test_kernels_compile_for_sm90 builds the
+compiled kernels for Hopper on any machine.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models import kernels
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11, torch.float32: 2.0 ** -24}
+ARITHMETIC = {torch.bfloat16: 2.0 ** -12, torch.float16: 2.0 ** -15, torch.float32: 2.0 ** -20}
+"""Allowance for the kernels' fp32 arithmetic (sums, cancellation), relative to the largest value."""
+
+
+def _rand(shape, dtype, seed, device=DEVICE):
+    """Normal data with rows of very different scale (activation-like)."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.exp(torch.randn(*shape[:-1], 1, generator=g)) if len(shape) > 1 else 1.0
+    return (torch.randn(shape, generator=g) * scale).to(dtype).to(device)
+
+
+def _eager_rms_norm(x, weight, eps):
+    x32 = x.float()
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _exact_rms_norm(eps, norm_dtype):
+    """The eager formula for fp64 inputs: the normalized value is still rounded to norm_dtype (the
+    model's input dtype) before the weight multiply, its gradient passed through as autograd does
+    for a cast (but without rounding the gradient on the way)."""
+    def fn(x, weight):
+        normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * (normed + (normed.to(norm_dtype).double() - normed).detach())
+    return fn
+
+
+def _eager_rope(x, cos, sin):
+    pairs = x.float().unflatten(-1, (-1, 2))
+    if x.dim() == 4:
+        cos, sin = cos[:, None], sin[:, None]
+    even, odd = pairs[..., 0], pairs[..., 1]
+    return torch.stack((even * cos - odd * sin, even * sin + odd * cos), -1).flatten(-2).to(x.dtype)
+
+
+def _exact_grads(fn, inputs, dy):
+    """torch.autograd of fn on the inputs and dy upcast to fp64: the exact gradient."""
+    inputs64 = [t.detach().double().requires_grad_() for t in inputs]
+    return torch.autograd.grad(fn(*inputs64), inputs64, dy.double())
+
+
+def _grads(fn, inputs, dy):
+    inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    return torch.autograd.grad(fn(*inputs), inputs, dy)
+
+
+def _error(ours, exact):
+    return (ours.double() - exact).abs()
+
+
+def _assert_rounded(ours, exact, dtype, what):
+    """ours is exact rounded once to dtype, up to the fp32 arithmetic that produced it."""
+    bound = UNIT_ROUNDOFF[dtype] * exact.abs() + ARITHMETIC[dtype] * exact.abs().max()
+    excess = (_error(ours, exact) - bound).max().item()
+    assert excess <= 0, f"{what}: beyond one rounding to {dtype} by {excess:.3g}"
+
+
+def _assert_grads_exact(exact_fn, eager_fn, ours, inputs, dy, names):
+    """Our gradients are within one rounding of the exact ones (exact_fn's in fp64), and no
+    further from them than eager autograd's (eager_fn's in the inputs' dtype) beyond fp32 noise."""
+    exact = _exact_grads(exact_fn, inputs, dy)
+    eager = _grads(eager_fn, inputs, dy)
+    for name, g, e, x, ref in zip(names, ours, exact, inputs, eager):
+        assert g.dtype == x.dtype and g.shape == x.shape, name
+        _assert_rounded(g, e, x.dtype, name)
+        noise = ARITHMETIC[x.dtype] * e.abs().max()
+        assert _error(g, e).max() <= max(_error(ref, e).max() * 1.001, noise), \
+            f"{name}: further from the exact gradient than eager autograd in {x.dtype}"
+
+
+def _assert_bitwise_mostly(ours, ref, share, max_rel, what):
+    assert ours.dtype == ref.dtype and ours.shape == ref.shape, what
+    same = (ours == ref).float().mean().item() if ours.numel() else 1.0
+    assert same >= share, f"{what}: only {same:.4f} of the elements bitwise equal"
+    torch.testing.assert_close(ours, ref, rtol=max_rel, atol=0, msg=what)
+
+
+# -- RMSNorm -------------------------------------------------------------------------------------
+
+NORM_CASES = [(torch.bfloat16, torch.bfloat16, 576), (torch.bfloat16, torch.float32, 1536),
+              (torch.float32, torch.float32, 576), (torch.float16, torch.float32, 100),
+              (torch.bfloat16, torch.bfloat16, 7)]
+
+
+def _check_rms_norm(shape, x_dtype, w_dtype, seed):
+    D, eps = shape[-1], 1e-6
+    x = _rand(shape, x_dtype, seed)
+    w = (1 + 0.3 * _rand((D,), torch.float32, seed + 1)).to(w_dtype)
+    y = kernels.rms_norm(x, w, eps)
+    # fp32: every element carries rstd's last-bit difference; lower precision mostly rounds it away
+    share, rel = (0.0, 2e-6) if x_dtype == torch.float32 else (0.99, 2 * UNIT_ROUNDOFF[x_dtype])
+    _assert_bitwise_mostly(y, _eager_rms_norm(x, w, eps), share, rel, "rms_norm forward")
+    dy = _rand(y.shape, y.dtype, seed + 2)
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    ours = torch.autograd.grad(kernels.rms_norm(xg, wg, eps), (xg, wg), dy)
+    _assert_grads_exact(_exact_rms_norm(eps, x_dtype), lambda a, b: _eager_rms_norm(a, b, eps),
+                        ours, (x, w), dy, ("dx", "dw"))
+
+
+@pytest.mark.parametrize("x_dtype,w_dtype,D", NORM_CASES)
+def test_rms_norm_matches_eager_forward_and_exact_gradients(x_dtype, w_dtype, D):
+    _check_rms_norm((3, 5, D), x_dtype, w_dtype, seed=D)
+
+
+def test_rms_norm_weight_gradient_over_many_programs(monkeypatch):
+    """Several row tiles per program (the weight gradient's partial sums), ragged last tile."""
+    monkeypatch.setattr(kernels, "NORM_BWD_PROGRAMS", 3)
+    _check_rms_norm((50, 576), torch.bfloat16, torch.float32, seed=11)
+
+
+def test_rms_norm_strided_input_and_empty_rows():
+    """A column slice (MLA normalizes the latent part of wkv_a's output) and zero rows."""
+    full = _rand((2, 6, 600), torch.bfloat16, 3).requires_grad_()
+    c = full[..., :512]
+    w = (1 + 0.3 * _rand((512,), torch.float32, 4)).requires_grad_()
+    y = kernels.rms_norm(c, w, 1e-6)
+    assert torch.equal(y, _eager_rms_norm(c.detach().contiguous(), w.detach(), 1e-6))
+    y.sum().backward()
+    assert full.grad[..., 512:].abs().sum() == 0
+    torch.testing.assert_close(full.grad[..., :512], torch.autograd.grad(
+        _eager_rms_norm(c, w, 1e-6).sum(), full)[0][..., :512], rtol=2 ** -7, atol=1e-3)
+    empty = torch.empty(0, 4, 512, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
+    out = kernels.rms_norm(empty, w, 1e-6)
+    assert out.shape == (0, 4, 512) and out.dtype == torch.float32
+    dx, dw = torch.autograd.grad(out.sum(), (empty, w))
+    assert dx.shape == empty.shape and torch.equal(dw, torch.zeros_like(w))
+
+
+def test_rms_norm_rejects_bad_input():
+    x = _rand((4, 64), torch.bfloat16, 5)
+    with pytest.raises(ValueError, match="weight has shape"):
+        kernels.rms_norm(x, torch.ones(32, device=DEVICE), 1e-6)
+    with pytest.raises(ValueError, match="last dim of 1..16384"):
+        wide = torch.ones(1, 16385, device=DEVICE)
+        kernels.rms_norm(wide, torch.ones(16385, device=DEVICE), 1e-6)
+    with pytest.raises(TypeError, match="bfloat16, float16 or float32"):
+        kernels.rms_norm(x.to(torch.int32), torch.ones(64, device=DEVICE), 1e-6)
+    with pytest.raises(ValueError, match="move it to the input's device"):
+        kernels.rms_norm(x, torch.ones(64, device="meta"), 1e-6)
+
+
+# -- SwiGLU --------------------------------------------------------------------------------------
+
+def _eager_swiglu(a, b):
+    return F.silu(a) * b
+
+
+def _check_swiglu(shape, dtype, seed):
+    a, b = _rand(shape, dtype, seed), _rand(shape, dtype, seed + 1)
+    y = kernels.swiglu(a, b)
+    assert y.dtype == dtype and y.shape == a.shape
+    _assert_rounded(y, _eager_swiglu(a.double(), b.double()), dtype, "swiglu forward")
+    torch.testing.assert_close(y, _eager_swiglu(a, b), rtol=2 * UNIT_ROUNDOFF[dtype],
+                               atol=UNIT_ROUNDOFF[dtype] * float(y.abs().max()))
+    dy = _rand(shape, dtype, seed + 2)
+    ag, bg = a.clone().requires_grad_(), b.clone().requires_grad_()
+    ours = torch.autograd.grad(kernels.swiglu(ag, bg), (ag, bg), dy)
+    _assert_grads_exact(_eager_swiglu, _eager_swiglu, ours, (a, b), dy, ("da", "db"))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_swiglu_exact_forward_and_gradients(dtype):
+    _check_swiglu((37, 1536), dtype, seed=1)
+
+
+def test_swiglu_ragged_strided_and_empty():
+    """Size not a multiple of the block, non-contiguous inputs (made contiguous), zero tokens."""
+    _check_swiglu((3, 1001), torch.bfloat16, seed=2)
+    a = _rand((64, 40), torch.bfloat16, 3).t()
+    b = _rand((40, 64), torch.bfloat16, 4)
+    _assert_rounded(kernels.swiglu(a, b), _eager_swiglu(a.double(), b.double()), torch.bfloat16,
+                    "transposed gate")
+    a0 = torch.empty(0, 1536, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
+    y0 = kernels.swiglu(a0, a0)
+    assert y0.shape == (0, 1536)
+    assert torch.autograd.grad(y0.sum(), a0)[0].shape == (0, 1536)
+
+
+def test_swiglu_rejects_mismatched_inputs():
+    a = _rand((4, 64), torch.bfloat16, 5)
+    with pytest.raises(ValueError, match="same shape and dtype"):
+        kernels.swiglu(a, a[:, :32])
+    with pytest.raises(ValueError, match="same shape and dtype"):
+        kernels.swiglu(a, a.float())
+
+
+# -- Rotary embedding ----------------------------------------------------------------------------
+
+def _tables(S, R, seed):
+    angles = _rand((S, R // 2), torch.float32, seed).abs() * 10
+    return angles.cos(), angles.sin()
+
+
+def _check_rope(x, seed, share):
+    """Forward and backward against the eager rotation in x's dtype: bitwise on the CPU."""
+    cos, sin = _tables(x.shape[1], x.shape[-1], seed)
+    y = kernels.rope(x, cos, sin)
+    rel = 2 * UNIT_ROUNDOFF[x.dtype] if x.dtype != torch.float32 else 1e-6
+    _assert_bitwise_mostly(y, _eager_rope(x, cos, sin), share, rel, "rope forward")
+    dy = _rand(y.shape, y.dtype, seed + 1)
+    xg = x.detach().clone().requires_grad_()
+    (ours,) = torch.autograd.grad(kernels.rope(xg, cos, sin), xg, dy)
+    (eager,) = _grads(lambda t: _eager_rope(t, cos, sin), (x,), dy)
+    _assert_bitwise_mostly(ours, eager, share, rel, "rope backward")
+
+
+FULL_SHARE = 1.0 if DEVICE == "cpu" else 0.99
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rope_matches_eager_queries_and_keys(dtype):
+    """Queries [B, S, H, R] as MLA makes them (the rope slice of [B, S, H, N + R]), keys [B, S, R]."""
+    q = _rand((2, 7, 3, 48 + 64), dtype, 1)[..., 48:]
+    _check_rope(q, seed=2, share=FULL_SHARE)
+    _check_rope(_rand((2, 7, 64), dtype, 3), seed=4, share=FULL_SHARE)
+
+
+def test_rope_ragged_pairs_and_empty():
+    """R/2 not a power of two, and empty batch / sequence."""
+    _check_rope(_rand((1, 5, 2, 24), torch.bfloat16, 5), seed=6, share=FULL_SHARE)
+    for shape in [(0, 4, 2, 64), (2, 0, 64)]:
+        x = torch.empty(shape, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
+        cos, sin = _tables(shape[1], 64, 7)
+        y = kernels.rope(x, cos, sin)
+        assert y.shape == shape and torch.autograd.grad(y.sum(), x)[0].shape == shape
+
+
+def test_rope_rejects_bad_tables():
+    x = _rand((2, 5, 64), torch.bfloat16, 8)
+    cos, sin = _tables(5, 64, 9)
+    with pytest.raises(ValueError, match=r"tables must be \[S, R/2\]"):
+        kernels.rope(x, cos[:4], sin[:4])
+    with pytest.raises(ValueError, match="R even"):
+        kernels.rope(x[..., :63], cos, sin)
+
+
+# -- Dispatch in the model -----------------------------------------------------------------------
+
+def test_fused_only_for_compiled_cuda_tensors():
+    assert not kernels.fused(torch.ones(2))
+    if torch.cuda.is_available():
+        assert kernels.fused(torch.ones(2, device="cuda")) == (not kernels.INTERPRET)
+
+
+def test_model_runs_the_kernels_when_dispatched(monkeypatch):
+    """The debug model with every norm, rotation and SwiGLU on the kernels (forced on CPU through
+    the interpreter) gives the eager model's loss and gradients."""
+    from models import build_model, model_config
+    torch.manual_seed(0)
+    cfg = model_config("debug", num_hidden_layers=2)
+    model = build_model(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 17))
+
+    def loss_and_grads():
+        model.zero_grad()
+        out = model(tokens[:, :-1], tokens[:, 1:])
+        out.loss.backward()
+        return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    eager_loss, eager_grads = loss_and_grads()
+    calls = []
+    for name in ("rms_norm", "swiglu", "rope"):
+        original = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    monkeypatch.setattr(kernels, "fused", lambda x: True)
+    fused_loss, fused_grads = loss_and_grads()
+    assert {"rms_norm", "swiglu", "rope"} <= set(calls)
+    torch.testing.assert_close(fused_loss, eager_loss, rtol=1e-5, atol=0)
+    for name, g in eager_grads.items():
+        torch.testing.assert_close(fused_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# -- Compiled kernels ----------------------------------------------------------------------------
+
+_COMPILE_SM90 = r'''
+import json, os, re, subprocess, tempfile
+os.environ["TRITON_INTERPRET"] = "0"
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from models import kernels
+
+ALIGNED = ("D", "N", "HALF")  # besides pointers and strides: what a launch at model shapes has
+
+def build(fn, sig, consts, warps):
+    sig = dict(sig, **{n: "constexpr" for n in consts})
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(sig)
+             if sig[n].startswith("*") or n.startswith("stride") or n in ALIGNED}
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(k.asm["cubin"])
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
+                           text=True).stdout
+    loads = set(re.findall(r"ld\.global(?:\.\w+)*?\.(v[248])\.", k.asm["ptx"]))
+    return dict(stack=int(usage.split("STACK:")[1].split()[0]), vector_loads=sorted(loads))
+
+p = lambda n: "*" + n
+out = {}
+for D in (512, 1536, 4096, 8192, 16384):
+    bm, bd = kernels._norm_tiles(D)
+    warps = kernels._warps(bm * bd)
+    for x, w in (("bf16", "bf16"), ("bf16", "fp32"), ("fp32", "fp32")):
+        y = "fp32" if "fp32" in (x, w) else x
+        out[f"rms_norm D{D} {x}/{w}"] = build(kernels.rms_norm_kernel, dict(
+            x_ptr=p(x), w_ptr=p(w), y_ptr=p(y), rstd_ptr=p("fp32"), M="i32", D="i32",
+            stride_xm="i32", eps="fp32"), dict(BLOCK_M=bm, BLOCK_D=bd), warps)
+        out[f"rms_norm_backward D{D} {x}/{w}"] = build(kernels.rms_norm_backward_kernel, dict(
+            x_ptr=p(x), w_ptr=p(w), rstd_ptr=p("fp32"), dy_ptr=p(y), dx_ptr=p(x),
+            dw_ptr=p("fp32"), M="i32", D="i32", stride_xm="i32"),
+            dict(TILES=32, BLOCK_M=bm, BLOCK_D=bd), warps)
+for dt in ("bf16", "fp32"):
+    elem = dict(a_ptr=p(dt), b_ptr=p(dt), N="i32")
+    block = dict(BLOCK=kernels.ELEM_BLOCK)
+    out[f"swiglu {dt}"] = build(kernels.swiglu_kernel, dict(elem, y_ptr=p(dt)), block,
+                                kernels.ELEM_WARPS)
+    out[f"swiglu_backward {dt}"] = build(kernels.swiglu_backward_kernel, dict(
+        elem, dy_ptr=p(dt), da_ptr=p(dt), db_ptr=p(dt)), block, kernels.ELEM_WARPS)
+    block_rows = kernels.TILE_ELEMS // 64
+    for inverse in (False, True):
+        out[f"rope {dt} inverse={inverse}"] = build(kernels.rope_kernel, dict(
+            x_ptr=p(dt), cos_ptr=p("fp32"), sin_ptr=p("fp32"), y_ptr=p(dt), n_rows="i32",
+            S="i32", H="i32", stride_xb="i32", stride_xs="i32", stride_xh="i32", stride_cs="i32",
+            HALF="i32"), dict(INVERSE=inverse, BLOCK_ROWS=block_rows, BLOCK_HALF=32),
+            kernels._warps(block_rows * 64))
+print(json.dumps(out))
+'''
+
+
+def test_kernels_compile_for_sm90(tmp_path):
+    """The compiled (not interpreted) kernels build for Hopper without a GPU, at the launch
+    configurations the wrappers pick: 16-byte global loads, and no register spills (stack 0) up
+    to rows of 8192 (DeepSeek-V3's 7168); the 16384-wide backward spills a few registers."""
+    import triton
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    if not os.path.exists(os.path.join(tools, "cuobjdump")):
+        pytest.skip("this Triton build ships no NVIDIA toolchain (ptxas, cuobjdump)")
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    run = subprocess.run([sys.executable, "-c", _COMPILE_SM90], env=env, cwd=root,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for name, info in json.loads(run.stdout.strip().splitlines()[-1]).items():
+        assert "v4" in info["vector_loads"], (name, info)
+        assert info["stack"] == 0 or "D16384" in name, (name, info)
+
+
+# -- GPU, at the `small` model's sizes -----------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [4096, 1536, 512])
+def test_gpu_rms_norm_small_model_sizes(D):
+    _check_rms_norm((16384, D), torch.bfloat16, torch.bfloat16, seed=D)
+    _check_rms_norm((4, 1024, D), torch.bfloat16, torch.float32, seed=D + 1)
+
+
+@pytest.mark.gpu
+def test_gpu_swiglu_expert_sizes():
+    _check_swiglu((65536, 1536), torch.bfloat16, seed=3)
+
+
+@pytest.mark.gpu
+def test_gpu_rope_attention_sizes():
+    q = _rand((4, 4096, 32, 128 + 64), torch.bfloat16, 1)[..., 128:]
+    _check_rope(q, seed=2, share=0.99)
+    _check_rope(_rand((4, 4096, 64), torch.bfloat16, 3), seed=4, share=0.99)
+
+
+@pytest.mark.gpu
+def test_gpu_model_dispatches_to_kernels(monkeypatch):
+    """A bf16 debug model on the GPU: fused (the default there) against eager (dispatch off)."""
+    from models import build_model, model_config
+    torch.manual_seed(0)
+    cfg = model_config("debug")
+    model = build_model(cfg).to(device="cuda", dtype=torch.bfloat16)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 257), device="cuda")
+
+    def loss_and_grads():
+        model.zero_grad()
+        out = model(tokens[:, :-1], tokens[:, 1:])
+        out.loss.backward()
+        return out.loss.detach().float(), [p.grad.float() for p in model.parameters()]
+
+    assert kernels.fused(tokens)
+    fused_loss, fused_grads = loss_and_grads()
+    monkeypatch.setattr(kernels, "fused", lambda x: False)
+    eager_loss, eager_grads = loss_and_grads()
+    torch.testing.assert_close(fused_loss, eager_loss, rtol=1e-2, atol=0)
+    num = sum((f - e).norm() ** 2 for f, e in zip(fused_grads, eager_grads)) ** 0.5
+    den = sum(e.norm() ** 2 for e in eager_grads) ** 0.5
+    assert num / den < 2e-2, f"fused vs eager gradient relative difference {num / den:.3g}"
