@@ -12,7 +12,8 @@ scripts/summary.py:
            torch.matmul and against a bare torch._scaled_mm call on the same operands (the cuBLAS
            blockwise kernel without our validation: the ratio shows the wrapper's overhead);
   quant    each quantization kernel's GB/s (bytes the operation must move: input read once,
-           FP8 copies and scales written) against a device-to-device copy of the same input;
+           FP8 copies and scales written) against a device-to-device copy of the same input, with
+           the default launch of each (scripts/sweep_quant.py times the alternatives);
   linear   FP8Linear forward + backward (all quantization included; the FP8 weight cached as in a
            step with several micro-batches, and again re-quantized every call as with one), against
            bf16 nn.Linear and Transformer Engine's Linear under Float8BlockScaling when TE imports;
@@ -98,6 +99,8 @@ def bench_quant(M: int, K: int) -> None:
         ("dual 1x128+128x1", 2 * n + 2 * n + 2 * scales, lambda: quant.quantize_dual(x, check_finite=False)),
         ("128x128 + transpose", 2 * n + 2 * n, lambda: quant.quantize_128x128(x, transpose=True, check_finite=False)),
         ("swiglu -> dual", 4 * n + 2 * n + 2 * scales, lambda: quant.swiglu_quantize(gate, up, check_finite=False)),
+        ("swiglu -> 1x128", 4 * n + n + scales,
+         lambda: quant.swiglu_quantize(gate, up, colwise=False, check_finite=False)),
         ("rmsnorm -> dual", 2 * n + 2 * n + 2 * scales, lambda: quant.rmsnorm_quantize(x, w_norm, check_finite=False)),
     ]
     print(f"{'kernel':<22}{'GB/s':>9}{'copy GB/s':>11}{'of copy':>9}")

@@ -46,21 +46,21 @@ def _check_col(qt, st, x, pow2):
     assert _same(st, cs)
 
 
-def _quant_1x128(shape, dtype, pow2):
+def _quant_1x128(shape, dtype, pow2, tiling=None):
     x = _rand(shape, shape[0] + shape[1], dtype)
-    _check_row(*quant.quantize_1x128(x, pow2), x, pow2)
+    _check_row(*quant.quantize_1x128(x, pow2, tiling=tiling), x, pow2)
 
 
-def _quant_dual(shape, dtype, pow2):
+def _quant_dual(shape, dtype, pow2, tiling=None):
     x = _rand(shape, shape[0] * 3 + shape[1], dtype)
-    q, s, qt, st = quant.quantize_dual(x, pow2)
+    q, s, qt, st = quant.quantize_dual(x, pow2, tiling=tiling)
     _check_row(q, s, x, pow2)
     _check_col(qt, st, x, pow2)
 
 
-def _quant_weight(shape, pow2, dtype=torch.bfloat16):
+def _quant_weight(shape, pow2, dtype=torch.bfloat16, tiling=None):
     w = _rand(shape, 11, dtype)
-    q, s, qt, st = quant.quantize_128x128(w, pow2, transpose=True)
+    q, s, qt, st = quant.quantize_128x128(w, pow2, transpose=True, tiling=tiling)
     rq, rs = R.quantize_128x128(w.cpu(), pow2)
     assert _same(_bits(q), _bits(rq)) and _same(s, rs)
     assert _same(_bits(qt), _bits(rq.t().contiguous())) and _same(st, rs.t().contiguous())
@@ -111,12 +111,12 @@ def test_cast_rounds_to_nearest_even():
     assert _same(_bits(q), _bits(x.cpu().to(R.E4M3)))
 
 
-def _swiglu(shape, pow2, colwise):
+def _swiglu(shape, pow2, colwise, tiling=None):
     M, F = shape
     h = _rand((M, 2 * F), 21)  # a fused up-projection output: gate and up are column slices
     gate, up = h[:, :F], h[:, F:]
     hp = torch.empty(M, F, device=DEVICE)
-    out = quant.swiglu_quantize(gate, up, pow2, colwise=colwise, hp_out=hp)
+    out = quant.swiglu_quantize(gate, up, pow2, colwise=colwise, hp_out=hp, tiling=tiling)
     want = torch.nn.functional.silu(gate.float()) * up.float()
     torch.testing.assert_close(hp, want, atol=1e-5, rtol=1e-5)
     _check_row(out[0], out[1], hp, pow2)
@@ -124,11 +124,11 @@ def _swiglu(shape, pow2, colwise):
         _check_col(out[2], out[3], hp, pow2)
 
 
-def _rmsnorm(shape, pow2, colwise):
+def _rmsnorm(shape, pow2, colwise, tiling=None):
     x = _rand(shape, 31)
     w = (1 + 0.1 * torch.randn(shape[1])).to(torch.bfloat16).to(DEVICE)
     hp = torch.empty(shape, device=DEVICE)
-    out = quant.rmsnorm_quantize(x, w, 1e-6, pow2, colwise=colwise, hp_out=hp)
+    out = quant.rmsnorm_quantize(x, w, 1e-6, pow2, colwise=colwise, hp_out=hp, tiling=tiling)
     rstd_want = torch.rsqrt(x.float().pow(2).mean(-1) + 1e-6)
     torch.testing.assert_close(out[-1], rstd_want, atol=0, rtol=1e-5)
     torch.testing.assert_close(hp, x.float() * rstd_want[:, None] * w.float(), atol=1e-5, rtol=1e-5)
@@ -147,6 +147,53 @@ def test_swiglu_quantize(shape, pow2, colwise):
 @pytest.mark.parametrize("pow2,colwise", [(False, True), (True, False)])
 def test_rmsnorm_quantize(shape, pow2, colwise):
     _rmsnorm(shape, pow2, colwise)
+
+
+# Every class of launch a Tiling selects (a Tiling never changes a result): several tiles per
+# program, with and without prefetching the next one, a partial last group (K = 5 tiles here), row
+# blocks of the row-wise kernel, the fused rmsnorm with the shortest and the longest lag and the
+# two-pass form, the weight kernel's two transposed casts.
+TILE_VARIANTS = [quant.Tiling(tiles=2), quant.Tiling(tiles=3, prefetch=True),
+                 quant.Tiling(warps=4, stages=2, tiles=4, prefetch=True)]
+ROW_VARIANTS = [quant.Tiling(warps=4, block_m=32, tiles=2), quant.Tiling(block_m=128, prefetch=True, tiles=3)]
+NORM_VARIANTS = [quant.Tiling(warps=16, lag=1), quant.Tiling(lag=10 ** 6),
+                 quant.Tiling(fused=False, warps=4, tiles=2, prefetch=True)]
+WEIGHT_VARIANTS = [quant.Tiling(hw_transpose=False), quant.Tiling(warps=4, tiles=2)]
+
+
+@pytest.mark.parametrize("tiling", TILE_VARIANTS)
+def test_tile_variants_bitwise(tiling):
+    _quant_dual((130, 520), torch.bfloat16, False, tiling)
+    _swiglu((3, 640), True, True, tiling)
+
+
+@pytest.mark.parametrize("tiling", ROW_VARIANTS)
+def test_rowwise_variants_bitwise(tiling):
+    _quant_1x128((130, 520), torch.float32, True, tiling)
+    _swiglu((67, 384), False, False, tiling)
+
+
+@pytest.mark.parametrize("tiling", NORM_VARIANTS)
+def test_rmsnorm_variants(tiling):
+    _rmsnorm((300, 520), False, True, tiling)
+    _rmsnorm((5, 128), True, False, tiling)
+
+
+@pytest.mark.parametrize("tiling", WEIGHT_VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_weight_variants_bitwise(tiling, dtype):
+    _quant_weight((300, 650), False, dtype, tiling)
+
+
+def test_bad_tiling():
+    with pytest.raises(ValueError, match="warps"):
+        quant.Tiling(warps=3)
+    with pytest.raises(ValueError, match="block_m"):
+        quant.Tiling(block_m=100)
+    with pytest.raises(ValueError, match="tiles"):
+        quant.Tiling(tiles=0)
+    with pytest.raises(TypeError, match="Tiling"):
+        quant.quantize_dual(_rand((4, 128), 1), tiling={"warps": 4})
 
 
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
@@ -198,6 +245,46 @@ def test_gpu_real_shapes(shape, pow2):
 
 
 @pytest.mark.gpu
+def test_gpu_variants(shape=(4097, 2048)):
+    """Every class of launch the sweep (scripts/sweep_quant.py) can pick, compiled, at a real shape
+    (ragged M; K = 16 tiles, so tiles=3 leaves a partial group)."""
+    for tiling in TILE_VARIANTS + [quant.Tiling(warps=16, tiles=4, prefetch=True)]:
+        _quant_dual(shape, torch.bfloat16, False, tiling)
+        _swiglu((shape[0], 1536), True, True, tiling)
+    for tiling in ROW_VARIANTS:
+        _quant_1x128(shape, torch.bfloat16, False, tiling)
+        _swiglu((shape[0], 1536), False, False, tiling)
+    for tiling in NORM_VARIANTS + [quant.Tiling(warps=8, ctas_per_sm=2)]:
+        _rmsnorm(shape, False, True, tiling)
+        _rmsnorm(shape, True, False, tiling)
+    for tiling in WEIGHT_VARIANTS:
+        _quant_weight(shape, False, torch.bfloat16, tiling)
+        _quant_weight(shape, False, torch.float32, tiling)
+
+
+@pytest.mark.gpu
+def test_gpu_rmsnorm_fused_at_scale():
+    """The persistent rmsnorm kernel with every SM busy (thousands of items, spinning quant items):
+    three runs bitwise equal (rstd's partial sums are added in a fixed order, whoever finishes
+    last), and the copies bitwise the reference quantization of the normalized value it wrote."""
+    M, K = 16384, 7168
+    x = _rand((M, K), 61)
+    w = (1 + 0.1 * torch.randn(K)).to(torch.bfloat16).to(DEVICE)
+    hp = torch.empty(M, K, device=DEVICE)
+    runs = [quant.rmsnorm_quantize(x, w, hp_out=hp if i == 0 else None) for i in range(3)]
+    for out in runs[1:]:
+        assert all(torch.equal(a.view(torch.uint8) if a.dtype == R.E4M3 else a,
+                               b.view(torch.uint8) if b.dtype == R.E4M3 else b)
+                   for a, b in zip(runs[0], out))
+    q, s, qt, st, rstd = runs[0]
+    rq, rs = R.quantize_1x128(hp)
+    cq, cs = R.quantize_128x1(hp)
+    assert torch.equal(_bits(q), _bits(rq)) and torch.equal(s, rs)
+    assert torch.equal(_bits(qt[:, :M]), _bits(cq.t())) and torch.equal(st, cs)
+    torch.testing.assert_close(rstd, torch.rsqrt(x.float().pow(2).mean(-1) + 1e-6), atol=0, rtol=1e-5)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(7168, 2048), (2048, 7168), (576, 7168)])
 def test_gpu_weights(shape):
     """Both orientations bitwise, from bf16 and from fp32 weights (the master weights of training
@@ -225,21 +312,23 @@ from triton.compiler import ASTSource
 from models.fp8 import quant
 
 def cast_stored_and_shuffled(ttgir):
-    """Names of hardware-cast fp8 values that are stored as they are AND layout-converted
-    (through shared memory) for a second store: the pattern ptxas 12.x miscompiles
-    (triton-lang/triton#11111: the converted copy gets foreign bytes, NaN in e4m3)."""
+    # Names of hardware-cast fp8 values that are stored as they are AND layout-converted
+    # (through shared memory) for a second store: the pattern ptxas 12.x miscompiles
+    # (triton-lang/triton#11111: the converted copy gets foreign bytes, NaN in e4m3).
     casts = re.findall(r"(%[\w.]+) = tt.fp_to_fp", ttgir)
     return [c for c in casts if re.search(rf"tt.store %[\w.]+, {re.escape(c)}[ ,]", ttgir)
             and re.search(rf"ttg.convert_layout {re.escape(c)} ", ttgir)]
 
-def build(fn, sig, consts, warps):
+def build(fn, sig, consts, warps, hw_casts=None):
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(sig)  # what the JIT infers
-             if sig[n] != "constexpr" and n != "eps"}                     # for aligned tensors
+             if sig[n] != "constexpr" and n not in ("eps", "lag")}        # for aligned tensors
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     ptx = k.asm["ptx"]
-    return dict(hw_cast="cvt.rn.satfinite.e4m3x2.f32" in ptx, vector_loads="ld.global.v4" in ptx,
-                cast_stored_and_shuffled=cast_stored_and_shuffled(k.asm["ttgir"]))
+    cvts = ptx.count("cvt.rn.satfinite.e4m3x2.f32")
+    return dict(hw_cast=cvts > 0, vector_loads="ld.global.v4" in ptx,
+                cast_stored_and_shuffled=cast_stored_and_shuffled(k.asm["ttgir"]),
+                casts_kept_apart=hw_casts is None or cvts == hw_casts)
 
 p = lambda n: "*" + n
 out = {}
@@ -248,17 +337,32 @@ for dt in ("bf16", "fp32"):  # activations arrive in either; master weights are 
                 q_ptr=p("fp8e4nv"), s_ptr=p("fp32"), qt_ptr=p("fp8e4nv"), st_ptr=p("fp32"),
                 M="i32", K="i32", Mp="i32", stride_xm="i32", stride_um="i32", PROLOGUE="constexpr",
                 COLWISE="constexpr", STORE_HP="constexpr", POW2="constexpr",
-                EXACT_CAST="constexpr", BLOCK_M="constexpr")
+                EXACT_CAST="constexpr", BLOCK_M="constexpr", TILES="constexpr", PREFETCH="constexpr")
     weight = dict(w_ptr=p(dt), q_ptr=p("fp8e4nv"), s_ptr=p("fp32"), qt_ptr=p("fp8e4nv"),
                   st_ptr=p("fp32"), N="i32", K="i32", Nb="i32", Kb="i32", TRANSPOSE="constexpr",
-                  POW2="constexpr", EXACT_CAST="constexpr")
-    for pro, col, pow2 in [(0, True, False), (0, False, True), (1, True, False), (2, True, True)]:
+                  POW2="constexpr", EXACT_CAST="constexpr", HW_TRANSPOSE="constexpr",
+                  TILES="constexpr")
+    norm = dict(x_ptr=p(dt), w_ptr=p("bf16"), rstd_ptr=p("fp32"), part_ptr=p("fp32"),
+                sync_ptr=p("i32"), hp_ptr=p("fp32"), q_ptr=p("fp8e4nv"), s_ptr=p("fp32"),
+                qt_ptr=p("fp8e4nv"), st_ptr=p("fp32"), M="i32", K="i32", Mp="i32",
+                stride_xm="i32", eps="fp32", lag="i32", COLWISE="constexpr", STORE_HP="constexpr",
+                POW2="constexpr", EXACT_CAST="constexpr", PARTS="constexpr")
+    for pro, col, pow2, tiles, pre in [(0, True, False, 1, False), (0, False, True, 2, True),
+                                       (1, True, False, 4, True), (2, True, True, 1, False)]:
         consts = dict(PROLOGUE=pro, COLWISE=col, STORE_HP=False, POW2=pow2, EXACT_CAST=False,
-                      BLOCK_M=128 if col else 64)
-        out[f"tile{pro}{col}{pow2} {dt}"] = build(quant.quant_tile_kernel, tile, consts,
-                                                  8 if col else 4)
-    out[f"weight {dt}"] = build(quant.quant_128x128_kernel, weight,
-                                dict(TRANSPOSE=True, POW2=False, EXACT_CAST=False), 8)
+                      BLOCK_M=128 if col else 64, TILES=tiles, PREFETCH=pre)
+        out[f"tile{pro}{col}{pow2}{tiles}{pre} {dt}"] = build(quant.quant_tile_kernel, tile, consts,
+                                                             8 if col else 4)
+    for col in (True, False):
+        out[f"norm{col} {dt}"] = build(quant.rmsnorm_quant_kernel, norm, dict(
+            COLWISE=col, STORE_HP=False, POW2=False, EXACT_CAST=False, PARTS=64), 16)
+    for hw in (True, False):  # the wrapper never asks fp32 weights for the hardware transpose
+        if hw and dt == "fp32":
+            continue
+        out[f"weight hw={hw} {dt}"] = build(
+            quant.quant_128x128_kernel, weight, dict(TRANSPOSE=True, POW2=False, EXACT_CAST=False,
+                                                     HW_TRANSPOSE=hw, TILES=1), 8,
+            hw_casts=(2 if hw else 1) * 128 * 128 // (2 * 32 * 8))  # e4m3x2: two values each
 print(json.dumps(out))
 '''
 
@@ -267,7 +371,8 @@ def test_kernels_compile_for_sm90(tmp_path):
     """Compile the real (non-interpreted) kernels for sm90 on this machine, no GPU needed: they
     must build, use the hardware e4m3 conversion, load with 16-byte vectors, and never hand one
     hardware-cast value to both a direct store and a layout conversion (the ptxas miscompile
-    behind run 1's NaN Dgrad: quantize_128x128's transposed copy of fp32 weights)."""
+    behind run 1's NaN Dgrad: quantize_128x128's transposed copy of fp32 weights), neither in
+    the TTGIR nor after LLVM (the weight kernel's two casts must stay two sets of conversions)."""
     import json
     import subprocess
     import sys
@@ -278,4 +383,5 @@ def test_kernels_compile_for_sm90(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     for name, info in json.loads(run.stdout.strip().splitlines()[-1]).items():
-        assert info == dict(hw_cast=True, vector_loads=True, cast_stored_and_shuffled=[]), (name, info)
+        assert info == dict(hw_cast=True, vector_loads=True, cast_stored_and_shuffled=[],
+                            casts_kept_apart=True), (name, info)

@@ -4,8 +4,7 @@ Every kernel computes exactly what `models.fp8.reference` computes (same fp32 op
 correctly rounded reciprocal `div_rn(1, s)` once per tile times x, the same power-of-two bit
 trick), so on identical input the outputs are bitwise equal to the reference;
 tests/test_fp8_quant.py checks that, and that the kernels compile for sm90 with the hardware
-e4m3 conversion and 16-byte vector loads. They are memory-bound: the figure of merit is GB/s
-against a device-to-device copy (scripts/bench_fp8.py).
+e4m3 conversion and 16-byte vector loads.
 
 Wrappers (x_MK: 2-D bf16/fp16/fp32 with unit column stride; all return fresh tensors)
 -------------------------------------------------------------------------------------
@@ -17,6 +16,8 @@ Wrappers (x_MK: 2-D bf16/fp16/fp32 with unit column stride; all return fresh ten
                      hp_out=None) -> (q, s[, qt, st], rstd_M);  value quantized: x * rstd * weight in fp32
     quantize_128x128(w_NK or w_ENK, pow2_scales=False, transpose=False, check_finite=True)
         -> (q, s) or (q, s, qt, st)
+Every wrapper also takes `tiling=` (a `Tiling`; default `DEFAULT_TILING[kernel]`): how the launch
+cuts the work. It never changes a result, only the speed; scripts/sweep_quant.py times them.
 
 Layouts (Mb = ceil(M/128), Kb = ceil(K/128), Mp = Mb * 128):
     q_MK   [M, K] e4m3, row-major: the 1x128 (row-wise) copy, left operand of Fprop/Dgrad.
@@ -35,37 +36,78 @@ Layouts (Mb = ceil(M/128), Kb = ceil(K/128), Mp = Mb * 128):
 Why these kernels and not more: DeepSeek-V3 (section 3.5.2) measures the cost of online
 quantization as an extra HBM round trip, and on Hopper the FP8 WGMMA takes only K-major operands,
 so every activation and gradient needs a row-wise and a column-wise copy. `quantize_dual` reads
-the bf16 tensor once and writes both (one 128x128 tile per program: row amax over the tile's
-columns, column amax over its rows). The fused producers compute the value they quantize
+the bf16 tensor once and writes both. The fused producers compute the value they quantize
 (SwiGLU of the up-projection output, RMSNorm of the residual stream) so it never goes to HBM in
-bf16. RMSNorm needs each row's full sum of squares before any tile can be scaled, so it runs
-as a small per-row pass (`rms_kernel`, rstd is also what the norm's backward needs) followed by
-the tile kernel with the norm as its prologue.
+bf16.
 
-Non-finite input: a tile holding inf/NaN gets a NaN scale (the kernel adds sum(x * 0) to the
-scale: 0 for finite tiles, NaN otherwise), so it can never produce a silently wrong value.
-With check_finite=True (default) the wrapper then raises ValueError; that check synchronizes
-with the GPU, so the training path (models/fp8/linear.py) passes check_finite=False and lets the
-NaN propagate to the loss, where the trainer sees it.
+What each kernel moves, and why it is tiled the way it is
+---------------------------------------------------------
+All of them are memory-bound in principle: the figure of merit is GB/s (input read once, FP8
+copies and scales written) against a device-to-device copy (scripts/bench_fp8.py). But an H100
+SM's share of HBM is about 13 bytes per clock, and it issues at most 128 thread-instructions per
+clock: the dual kernel moves 4 bytes per element (2 in, 1 + 1 out), so it has about 40
+instructions per element before the SM, not HBM, sets the pace, and latency hiding needs slack
+below that. The first dual kernel compiled to about 36 (SASS per element, sm90); the integer-path
+transposed weight cast alone costs about 13. So these kernels are designed around instructions:
+  * the clamp to +-448 is not executed on the GPU: the hardware conversion
+    (cvt.rn.satfinite.e4m3x2.f32) saturates finite values to +-448 exactly as clamp-then-cast does;
+  * a tile's inf/NaN check rides on its max-abs (a NaN-propagating max, then amax - amax is 0 for
+    finite tiles and NaN otherwise) instead of a second reduction over x * 0;
+  * the reciprocal of a scale is one correctly rounded division per scale a thread holds.
 
-The transposed weight copy is cast a second time, on the integer path (`_e4m3_rne`, bitwise the
-same bytes), instead of reusing the hardware-cast tile: with fp32 weights Triton stores that tile
-directly and also shuffles it through shared memory for the transposed store, and ptxas 12.x
-(Triton 3.6 bundles 12.8) miscompiles that pair, writing foreign bytes into the transposed copy
-(triton-lang/triton#11111; on the H100 this was NaN in every Dgrad). A value that is only
-shuffled (quantize_dual's column-wise copy has its own scales) is unaffected.
-tests/test_fp8_quant.py compiles every kernel for sm90 and rejects the pattern.
+`quant_tile_kernel` (1x128, dual, SwiGLU): a tile is BLOCK_M rows x 128 columns, the smallest
+shape that holds whole 1x128 groups and, with BLOCK_M = 128, whole 128x1 groups: the row-wise
+scales are a reduction along the tile's columns (within a thread and its warp), the column-wise
+scales one along its rows (across warps, through shared memory). The column-wise copy is stored
+transposed, so Triton shuffles that FP8 tile through shared memory to write 128-byte rows of
+qt_KMp. A program handles `tiles` consecutive tiles of one row block (prefetching the next
+tile's input while it quantizes the current one when `prefetch`), which amortizes its set-up and
+keeps loads in flight during the arithmetic; the 1-D grid runs along K fastest, so neighbouring
+programs read neighbouring bytes of the same rows.
+
+`rmsnorm_quant_kernel`: a row's scale depends on its full sum of squares, and with the 128x1
+copy a tile needs the sums of all its 128 rows. Computing them in a separate pass over x reads x
+twice from HBM (1.5x the bytes). Instead one persistent kernel walks a sequence of work items,
+claimed in order from an atomic counter: for each 128-row block, Kb "sum" items (one tile each:
+partial sums of squares of its 128 rows over its 128 columns) and, at least `lag` tiles later
+(rounded up to whole row blocks), Kb "quant" items that re-read the same tiles, by then still in L2 (the gap is a few MB; L2 is 50 MB), and
+quantize them. The last sum item of a row block (the one whose atomic increment completes the
+count) adds the Kb partials in a fixed order, writes rstd and raises the row block's flag; a
+quant item spins on that flag. Items are claimed in order, so the item a spinner waits for was
+claimed earlier by a running program that waits on nothing later: no deadlock, whatever the
+number of resident programs (and under the interpreter, which runs programs one after another,
+every flag is already up when it is read). `Tiling(fused=False)` keeps the two-pass form (rms
+pass, then the tile kernel with the norm as prologue) for comparison.
+
+`quant_128x128_kernel`: one 128x128 weight block per program, one scale; with transpose=True the
+same block is also written transposed. What must never happen is one hardware-cast value stored
+directly and also shuffled through shared memory for the transposed store: ptxas 12.x (Triton
+3.6 bundles 12.8) miscompiles that pair, writing foreign bytes into the transposed copy
+(triton-lang/triton#11111; on the H100 this was NaN in every Dgrad with fp32 weights). A value
+that is only shuffled (quantize_dual's column-wise copy has its own scales) is unaffected. So the
+transposed copy is cast separately: for bf16/fp16 weights in hardware from tl.trans(w) (a
+register relabelling; the PTX keeps it a second set of conversions, then shuffles it), for fp32
+weights, or with `Tiling(hw_transpose=False)`, a second time on the integer path (`_e4m3_rne`,
+bitwise the same bytes; about twice the instructions). With fp32 the hardware form is unsafe:
+LLVM merges the two casts into one, which is the miscompiled pair again.
+tests/test_fp8_quant.py compiles every kernel for sm90 and rejects both patterns (in the TTGIR,
+and by counting the e4m3 conversions in the PTX).
+
+Non-finite input: a tile holding inf/NaN gets a NaN scale, so it can never produce a silently
+wrong value. With check_finite=True (default) the wrapper then raises ValueError; that check
+synchronizes with the GPU, so the training path (models/fp8/linear.py) passes check_finite=False
+and lets the NaN propagate to the loss, where the trainer sees it.
 
 Triton's CPU interpreter (TRITON_INTERPRET=1, used by the CPU tests) rounds fp32 -> e4m3 wrongly
-when rounding carries into the exponent (triton 3.6), so under the interpreter the kernels round
-with integer arithmetic (`_e4m3_rne`, exact round-to-nearest-even); on the GPU they use the
-hardware conversion. Both are checked bitwise against torch's cast. The same interpreter (with
-numpy 2.4) cannot run a `for` loop whose bound is a runtime integer, so the kernels here have no
-runtime-bounded loops (rms_kernel holds a whole row: BLOCK_K = next_power_of_2(K)).
+when rounding carries into the exponent (triton 3.6), so under the interpreter the kernels clamp
+and round with integer arithmetic (`_e4m3_rne`, exact round-to-nearest-even); on the GPU they use
+the hardware conversion. Both are checked bitwise against torch's cast.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 import triton
@@ -74,9 +116,58 @@ import triton.language as tl
 from .reference import AMAX_EPS, BLOCK, E4M3, FP8_MAX, ceil_div
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRETED = tl.constexpr(_INTERPRET)
 _PLAIN, _SWIGLU, _RMSNORM = 0, 1, 2
 _EPS = tl.constexpr(AMAX_EPS)
 _FMAX = tl.constexpr(FP8_MAX)
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How one launch cuts its work; any choice gives bitwise the same result.
+
+    warps        num_warps of each program (every kernel)
+    stages       num_stages, the software pipelining of a program's loop (tile kernels)
+    tiles        consecutive 128-column tiles of one row block a program quantizes (tile kernels),
+                 or consecutive 128x128 blocks along K (weight kernel)
+    prefetch     load the next tile while quantizing the current one (tile kernels)
+    block_m      rows per tile of the row-wise-only tile kernel (the 128x1 copy needs 128)
+    fused        rmsnorm: one persistent kernel (True) or an rms pass, then the tile kernel
+    ctas_per_sm  fused rmsnorm: programs launched per SM
+    lag          fused rmsnorm: tiles between a tile's sum-of-squares read and its quantizing re-read
+    hw_transpose weight kernel: cast the transposed copy in hardware from tl.trans(w) (True; bf16
+                 and fp16 weights only, fp32 always takes the integer path) or on the integer path
+    """
+
+    warps: int = 8
+    stages: int = 1
+    tiles: int = 1
+    prefetch: bool = False
+    block_m: int = 128
+    fused: bool = True
+    ctas_per_sm: int = 2
+    lag: int = 512
+    hw_transpose: bool = True
+
+    def __post_init__(self):
+        for name in ("warps", "stages", "tiles", "ctas_per_sm", "lag"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"Tiling.{name} must be a positive int, got {getattr(self, name)!r}")
+        if self.warps not in (1, 2, 4, 8, 16, 32):
+            raise ValueError(f"Tiling.warps must be a power of two up to 32, got {self.warps}")
+        if self.block_m not in (16, 32, 64, 128):
+            raise ValueError(f"Tiling.block_m must be 16, 32, 64 or 128, got {self.block_m}")
+
+
+DEFAULT_TILING = MappingProxyType({
+    "1x128": Tiling(warps=4, block_m=64),
+    "dual": Tiling(warps=8),
+    "swiglu": Tiling(warps=8),
+    "swiglu 1x128": Tiling(warps=4, block_m=64),
+    "rmsnorm": Tiling(warps=16, ctas_per_sm=1),
+    "128x128": Tiling(warps=8),
+})
+"""The launch each wrapper uses unless given `tiling=` (chosen with scripts/sweep_quant.py)."""
 
 
 @triton.jit
@@ -93,8 +184,24 @@ def _e4m3_rne(v):
 
 
 @triton.jit
+def _nanmax(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _amax(x, axis: tl.constexpr):
+    """max |x| along axis; NaN (GPU) or inf (interpreter) if any element is NaN, inf if any is inf.
+    Either way amax - amax is NaN exactly for non-finite tiles. (The interpreter runs a custom
+    combine function element by element, ~10x slower than its own max; NaN -> inf keeps it fast.)"""
+    if _INTERPRETED:
+        return tl.max(tl.where(x == x, tl.abs(x), float("inf")), axis)
+    return tl.reduce(tl.abs(x), axis, _nanmax)
+
+
+@triton.jit
 def _scale(amax, nonfinite, POW2: tl.constexpr):
-    """amax/448 (floored, optionally rounded up to 2^k); NaN where the tile held inf/NaN."""
+    """amax/448 (floored, optionally rounded up to 2^k); NaN where `nonfinite` is (amax - amax
+    of a NaN-propagating amax, or sum(x * 0)): 0 for finite tiles, NaN otherwise."""
     s = tl.math.div_rn(tl.maximum(amax, _EPS), _FMAX)
     if POW2:
         bits = s.to(tl.int32, bitcast=True)
@@ -104,10 +211,10 @@ def _scale(amax, nonfinite, POW2: tl.constexpr):
 
 @triton.jit
 def _cast(x, s, EXACT_CAST: tl.constexpr):
+    """e4m3(clamp(x * (1/s), -448, 448)); the hardware cvt's satfinite is that clamp."""
     q = x * tl.math.div_rn(1.0, s)
-    q = tl.minimum(tl.maximum(q, -_FMAX), _FMAX)
     if EXACT_CAST:
-        return _e4m3_rne(q)
+        return _e4m3_rne(tl.minimum(tl.maximum(q, -_FMAX), _FMAX))
     return q.to(tl.float8e4nv)
 
 
@@ -120,34 +227,74 @@ def rms_kernel(x_ptr, rstd_ptr, K, stride_xm, eps, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def quant_tile_kernel(x_ptr, u_ptr, w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st_ptr,
-                      M, K, Mp, stride_xm, stride_um,
-                      PROLOGUE: tl.constexpr, COLWISE: tl.constexpr, STORE_HP: tl.constexpr,
-                      POW2: tl.constexpr, EXACT_CAST: tl.constexpr, BLOCK_M: tl.constexpr):
-    pid_m, pid_k = tl.program_id(0), tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rk = pid_k * 128 + tl.arange(0, 128)
-    rm64 = rm.to(tl.int64)
+def _load_tile(x_ptr, u_ptr, rm, rk, M, k_end, stride_xm, stride_um, PROLOGUE: tl.constexpr):
+    """The raw input of one tile (and the up projection for SwiGLU); zeros outside M x k_end."""
+    mask = (rm[:, None] < M) & (rk[None, :] < k_end)
+    rows = rm.to(tl.int64)[:, None]
+    x = tl.load(x_ptr + rows * stride_xm + rk[None, :], mask=mask, other=0.0)
+    u = x
+    if PROLOGUE == 1:
+        u = tl.load(u_ptr + rows * stride_um + rk[None, :], mask=mask, other=0.0)
+    return x, u
+
+
+@triton.jit
+def _quant_tile(x, u, w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, rm, rk, row_block, k_blk,
+                M, K, Mp, PROLOGUE: tl.constexpr, COLWISE: tl.constexpr, STORE_HP: tl.constexpr,
+                POW2: tl.constexpr, EXACT_CAST: tl.constexpr):
+    """Prologue, then the 1x128 copy of the tile [and its 128x1 copy, stored transposed]."""
     mask = (rm[:, None] < M) & (rk[None, :] < K)
-    x = tl.load(x_ptr + rm64[:, None] * stride_xm + rk[None, :], mask=mask, other=0.0).to(tl.float32)
+    rows = rm.to(tl.int64)[:, None]
+    x = x.to(tl.float32)
     if PROLOGUE == 1:  # SwiGLU: x is the gate, u the up projection
-        u = tl.load(u_ptr + rm64[:, None] * stride_um + rk[None, :], mask=mask, other=0.0)
         x = x / (1.0 + tl.exp(-x)) * u.to(tl.float32)
     if PROLOGUE == 2:  # RMSNorm: x * rstd[row] * w[col]
         rstd = tl.load(rstd_ptr + rm, mask=rm < M, other=0.0)
         w = tl.load(w_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)
         x = x * rstd[:, None] * w[None, :]
     if STORE_HP:
-        tl.store(hp_ptr + rm64[:, None] * K + rk[None, :], x, mask=mask)
-    s = _scale(tl.max(tl.abs(x), axis=1), tl.sum(x * 0.0, axis=1), POW2)
-    q = _cast(x, s[:, None], EXACT_CAST)
-    tl.store(q_ptr + rm64[:, None] * K + rk[None, :], q, mask=mask)
-    tl.store(s_ptr + pid_k * M + rm, s, mask=rm < M)
+        tl.store(hp_ptr + rows * K + rk[None, :], x, mask=mask)
+    amax = _amax(x, 1)
+    s = _scale(amax, amax - amax, POW2)
+    tl.store(q_ptr + rows * K + rk[None, :], _cast(x, s[:, None], EXACT_CAST), mask=mask)
+    tl.store(s_ptr + k_blk * M + rm, s, mask=(rm < M) & (k_blk * 128 < K))
     if COLWISE:  # BLOCK_M == 128: this tile is also one row of 128x1 tiles
-        st = _scale(tl.max(tl.abs(x), axis=0), tl.sum(x * 0.0, axis=0), POW2)
+        amax_t = _amax(x, 0)
+        st = _scale(amax_t, amax_t - amax_t, POW2)
         qt = _cast(x, st[None, :], EXACT_CAST)
         tl.store(qt_ptr + rk[None, :].to(tl.int64) * Mp + rm[:, None], qt, mask=(rk[None, :] < K))
-        tl.store(st_ptr + pid_m * K + rk, st, mask=rk < K)
+        tl.store(st_ptr + row_block * K + rk, st, mask=rk < K)
+
+
+@triton.jit
+def quant_tile_kernel(x_ptr, u_ptr, w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st_ptr,
+                      M, K, Mp, stride_xm, stride_um,
+                      PROLOGUE: tl.constexpr, COLWISE: tl.constexpr, STORE_HP: tl.constexpr,
+                      POW2: tl.constexpr, EXACT_CAST: tl.constexpr, BLOCK_M: tl.constexpr,
+                      TILES: tl.constexpr, PREFETCH: tl.constexpr):
+    # program -> (row block, group of TILES consecutive 128-column tiles), K fastest
+    groups = tl.cdiv(tl.cdiv(K, 128), TILES)
+    pid = tl.program_id(0)
+    row_block, k0 = pid // groups, (pid % groups) * TILES
+    rm = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, 128)
+    k_end = tl.minimum(K, (k0 + TILES) * 128)
+    args = (w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st_ptr)
+    if PREFETCH:
+        x, u = _load_tile(x_ptr, u_ptr, rm, k0 * 128 + cols, M, k_end, stride_xm, stride_um, PROLOGUE)
+        for t in range(TILES):
+            rk = (k0 + t) * 128 + cols
+            x_next, u_next = _load_tile(x_ptr, u_ptr, rm, rk + 128, M, k_end, stride_xm, stride_um,
+                                        PROLOGUE)
+            _quant_tile(x, u, *args, rm, rk, row_block, k0 + t, M, K, Mp,
+                        PROLOGUE, COLWISE, STORE_HP, POW2, EXACT_CAST)
+            x, u = x_next, u_next
+    else:
+        for t in range(TILES):
+            rk = (k0 + t) * 128 + cols
+            x, u = _load_tile(x_ptr, u_ptr, rm, rk, M, k_end, stride_xm, stride_um, PROLOGUE)
+            _quant_tile(x, u, *args, rm, rk, row_block, k0 + t, M, K, Mp,
+                        PROLOGUE, COLWISE, STORE_HP, POW2, EXACT_CAST)
 
 
 def _check_input(x: torch.Tensor, name: str) -> None:
@@ -162,6 +309,14 @@ def _check_input(x: torch.Tensor, name: str) -> None:
     if not x.is_cuda and not _INTERPRET:
         raise ValueError(f"{name} is on {x.device}: the Triton kernels need a CUDA tensor "
                          "(use models.fp8.reference on CPU, or TRITON_INTERPRET=1 in tests)")
+
+
+def _tiling(tiling: Tiling | None, kernel: str) -> Tiling:
+    if tiling is None:
+        return DEFAULT_TILING[kernel]
+    if not isinstance(tiling, Tiling):
+        raise TypeError(f"tiling must be a models.fp8.quant.Tiling, got {type(tiling).__name__}")
+    return tiling
 
 
 def _raise_if_nonfinite(name: str, *scales: torch.Tensor) -> None:
@@ -182,18 +337,19 @@ def _alloc_outputs(M: int, K: int, colwise: bool, device):
     return q, s, qt, st
 
 
-def _launch_tiles(prologue, x, u, w, rstd, hp_out, colwise, pow2_scales):
+def _launch_tiles(prologue, x, u, w, rstd, hp_out, colwise, pow2_scales, tiling: Tiling):
     M, K = x.shape
     q, s, qt, st = _alloc_outputs(M, K, colwise, x.device)
-    block_m = BLOCK if colwise else 64
+    block_m = BLOCK if colwise else tiling.block_m
     if M and K:
-        grid = (ceil_div(M, block_m), ceil_div(K, BLOCK))
+        grid = (ceil_div(M, block_m) * ceil_div(ceil_div(K, BLOCK), tiling.tiles),)
         quant_tile_kernel[grid](
             x, x if u is None else u, x if w is None else w, s if rstd is None else rstd,
             q if hp_out is None else hp_out, q, s, qt, st,
             M, K, qt.shape[1] if colwise else 0, x.stride(0), 0 if u is None else u.stride(0),
             PROLOGUE=prologue, COLWISE=colwise, STORE_HP=hp_out is not None, POW2=pow2_scales,
-            EXACT_CAST=_INTERPRET, BLOCK_M=block_m, num_warps=8 if colwise else 4)
+            EXACT_CAST=_INTERPRET, BLOCK_M=block_m, TILES=tiling.tiles, PREFETCH=tiling.prefetch,
+            num_warps=tiling.warps, num_stages=tiling.stages)
     return (q, s, qt, st) if colwise else (q, s)
 
 
@@ -204,26 +360,31 @@ def _check_hp_out(hp_out, M: int, K: int) -> None:
                          f"{hp_out.dtype} {tuple(hp_out.shape)}")
 
 
-def quantize_1x128(x_MK: torch.Tensor, pow2_scales: bool = False, check_finite: bool = True):
+def quantize_1x128(x_MK: torch.Tensor, pow2_scales: bool = False, check_finite: bool = True,
+                   tiling: Tiling | None = None):
     """Row-wise 1x128 quantization: (q_MK e4m3, s_MKb fp32 MN-major). See the module docstring."""
     _check_input(x_MK, "x_MK")
-    out = _launch_tiles(_PLAIN, x_MK, None, None, None, None, False, pow2_scales)
+    out = _launch_tiles(_PLAIN, x_MK, None, None, None, None, False, pow2_scales,
+                        _tiling(tiling, "1x128"))
     if check_finite:
         _raise_if_nonfinite("x_MK", out[1])
     return out
 
 
-def quantize_dual(x_MK: torch.Tensor, pow2_scales: bool = False, check_finite: bool = True):
+def quantize_dual(x_MK: torch.Tensor, pow2_scales: bool = False, check_finite: bool = True,
+                  tiling: Tiling | None = None):
     """One read, both copies: (q_MK, s_MKb MN-major, qt_KMp transposed 128x1 copy, st_MbK)."""
     _check_input(x_MK, "x_MK")
-    out = _launch_tiles(_PLAIN, x_MK, None, None, None, None, True, pow2_scales)
+    out = _launch_tiles(_PLAIN, x_MK, None, None, None, None, True, pow2_scales,
+                        _tiling(tiling, "dual"))
     if check_finite:
         _raise_if_nonfinite("x_MK", out[1], out[3])
     return out
 
 
 def swiglu_quantize(gate_MF: torch.Tensor, up_MF: torch.Tensor, pow2_scales: bool = False,
-                    colwise: bool = True, check_finite: bool = True, hp_out: torch.Tensor | None = None):
+                    colwise: bool = True, check_finite: bool = True, hp_out: torch.Tensor | None = None,
+                    tiling: Tiling | None = None):
     """Quantize h = silu(gate) * up (computed in fp32, never stored in bf16) as 1x128 [and 128x1].
 
     gate and up may be column slices of one fused [M, 2F] up-projection output. hp_out, when
@@ -235,15 +396,99 @@ def swiglu_quantize(gate_MF: torch.Tensor, up_MF: torch.Tensor, pow2_scales: boo
         raise ValueError(f"gate_MF {tuple(gate_MF.shape)} and up_MF {tuple(up_MF.shape)} must have "
                          "the same shape and device")
     _check_hp_out(hp_out, *gate_MF.shape)
-    out = _launch_tiles(_SWIGLU, gate_MF, up_MF, None, None, hp_out, colwise, pow2_scales)
+    tiling = _tiling(tiling, "swiglu" if colwise else "swiglu 1x128")
+    out = _launch_tiles(_SWIGLU, gate_MF, up_MF, None, None, hp_out, colwise, pow2_scales, tiling)
     if check_finite:
         _raise_if_nonfinite("silu(gate_MF) * up_MF", *out[1::2])
     return out
 
 
+@triton.jit
+def _norm_item(b, Mb, lag):
+    """Block b of the item sequence -> (row block, is a quant block). The sequence is
+    S_0 .. S_{lag-1}, then S_{lag} Q_0 S_{lag+1} Q_1 ..., then the last lag Q blocks."""
+    t = b - lag
+    mid_quant = (t % 2) == 1
+    tail = b >= 2 * Mb - lag
+    is_quant = tail | ((b >= lag) & mid_quant)
+    r = tl.where(b < lag, b, tl.where(tail, b - Mb, t // 2 + tl.where(mid_quant, 0, lag)))
+    return r, is_quant
+
+
+@triton.jit
+def _norm_sum_item(x_ptr, rstd_ptr, part_ptr, count_ptr, flag_ptr, r, j, M, K, Kb, stride_xm, eps,
+                   PARTS: tl.constexpr):
+    """Partial sums of squares of row block r over column tile j; the last of the row block's Kb
+    items adds the partials (in tile order, whoever finishes last) and publishes rstd."""
+    rm = r * 128 + tl.arange(0, 128)
+    x, _ = _load_tile(x_ptr, x_ptr, rm, j * 128 + tl.arange(0, 128), M, K, stride_xm, 0, 0)
+    x = x.to(tl.float32)
+    tl.store(part_ptr + (r * Kb + j).to(tl.int64) * 128 + tl.arange(0, 128), tl.sum(x * x, axis=1))
+    tl.debug_barrier()  # every thread's partial is written before the count releases them
+    if tl.atomic_add(count_ptr + r, 1, sem="acq_rel") == Kb - 1:
+        ss = tl.zeros((128,), tl.float32)
+        for j0 in range(0, Kb, PARTS):
+            jj = j0 + tl.arange(0, PARTS)
+            offs = (r * Kb + jj).to(tl.int64)[:, None] * 128 + tl.arange(0, 128)[None, :]
+            ss += tl.sum(tl.load(part_ptr + offs, mask=(jj < Kb)[:, None], other=0.0,
+                                 cache_modifier=".cg"), axis=0)
+        tl.store(rstd_ptr + rm, 1.0 / tl.sqrt_rn(ss / K + eps), mask=rm < M)
+        tl.debug_barrier()
+        tl.atomic_xchg(flag_ptr + r, 1, sem="release")
+
+
+@triton.jit
+def rmsnorm_quant_kernel(x_ptr, w_ptr, rstd_ptr, part_ptr, sync_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr,
+                         st_ptr, M, K, Mp, stride_xm, eps, lag,
+                         COLWISE: tl.constexpr, STORE_HP: tl.constexpr, POW2: tl.constexpr,
+                         EXACT_CAST: tl.constexpr, PARTS: tl.constexpr):
+    # sync_ptr: [0] the item counter, [1 + r] row block r's finished sum items, [1 + Mb + r] its flag
+    Mb, Kb = tl.cdiv(M, 128), tl.cdiv(K, 128)
+    count_ptr, flag_ptr = sync_ptr + 1, sync_ptr + 1 + Mb
+    item = tl.atomic_add(sync_ptr, 1, sem="relaxed")
+    while item < 2 * Mb * Kb:
+        r, is_quant = _norm_item(item // Kb, Mb, lag)
+        j = item % Kb
+        if is_quant:
+            ready = tl.atomic_add(flag_ptr + r, 0, sem="acquire")
+            while ready == 0:
+                ready = tl.atomic_add(flag_ptr + r, 0, sem="acquire")
+            rm = r * 128 + tl.arange(0, 128)
+            rk = j * 128 + tl.arange(0, 128)
+            x, _ = _load_tile(x_ptr, x_ptr, rm, rk, M, K, stride_xm, 0, 0)
+            _quant_tile(x, x, w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, rm, rk, r, j,
+                        M, K, Mp, 2, COLWISE, STORE_HP, POW2, EXACT_CAST)
+        else:
+            _norm_sum_item(x_ptr, rstd_ptr, part_ptr, count_ptr, flag_ptr, r, j, M, K, Kb,
+                           stride_xm, eps, PARTS)
+        item = tl.atomic_add(sync_ptr, 1, sem="relaxed")
+
+
+def _programs(device: torch.device, per_sm: int) -> int:
+    if _INTERPRET:
+        return 2  # the interpreter runs programs one after another: the first does every item
+    return torch.cuda.get_device_properties(device).multi_processor_count * per_sm
+
+
+def _launch_norm(x, w, rstd, hp_out, colwise, pow2_scales, eps, tiling: Tiling):
+    """One persistent launch: sum items and quant items of every row block (module docstring)."""
+    M, K = x.shape
+    q, s, qt, st = _alloc_outputs(M, K, colwise, x.device)
+    Mb, Kb = ceil_div(M, BLOCK), ceil_div(K, BLOCK)
+    part = torch.empty(Mb * Kb * BLOCK, dtype=torch.float32, device=x.device)
+    sync = torch.zeros(1 + 2 * Mb, dtype=torch.int32, device=x.device)
+    lag = min(Mb, ceil_div(tiling.lag, Kb))
+    rmsnorm_quant_kernel[(min(_programs(x.device, tiling.ctas_per_sm), 2 * Mb * Kb),)](
+        x, w, rstd, part, sync, q if hp_out is None else hp_out, q, s, qt, st,
+        M, K, qt.shape[1] if colwise else 0, x.stride(0), eps, lag,
+        COLWISE=colwise, STORE_HP=hp_out is not None, POW2=pow2_scales, EXACT_CAST=_INTERPRET,
+        PARTS=min(64, triton.next_power_of_2(Kb)), num_warps=tiling.warps)
+    return (q, s, qt, st) if colwise else (q, s)
+
+
 def rmsnorm_quantize(x_MK: torch.Tensor, weight_K: torch.Tensor, eps: float = 1e-6,
                      pow2_scales: bool = False, colwise: bool = True, check_finite: bool = True,
-                     hp_out: torch.Tensor | None = None):
+                     hp_out: torch.Tensor | None = None, tiling: Tiling | None = None):
     """Quantize y = x * rsqrt(mean(x^2) + eps) * weight (fp32) as 1x128 [and 128x1]; also returns rstd_M.
 
     Returns (q, s[, qt, st], rstd_M float32 [M]); rstd is what the norm's backward reuses.
@@ -254,12 +499,18 @@ def rmsnorm_quantize(x_MK: torch.Tensor, weight_K: torch.Tensor, eps: float = 1e
         raise ValueError(f"weight_K must be a [{K}] tensor on {x_MK.device}, got "
                          f"{tuple(weight_K.shape)} on {weight_K.device}")
     _check_hp_out(hp_out, M, K)
+    tiling = _tiling(tiling, "rmsnorm")
     rstd = torch.empty(M, dtype=torch.float32, device=x_MK.device)
-    if M and K:
+    w = weight_K.contiguous()
+    if not (M and K):
+        out = _alloc_outputs(M, K, colwise, x_MK.device)
+        out = out if colwise else out[:2]
+    elif tiling.fused:
+        out = _launch_norm(x_MK, w, rstd, hp_out, colwise, pow2_scales, eps, tiling)
+    else:
         rms_kernel[(M,)](x_MK, rstd, K, x_MK.stride(0), eps, BLOCK_K=triton.next_power_of_2(K),
                          num_warps=8)
-    out = _launch_tiles(_RMSNORM, x_MK, None, weight_K.contiguous(), rstd, hp_out, colwise,
-                        pow2_scales)
+        out = _launch_tiles(_RMSNORM, x_MK, None, w, rstd, hp_out, colwise, pow2_scales, tiling)
     if check_finite:
         _raise_if_nonfinite("rmsnorm(x_MK)", *out[1::2])
     return (*out, rstd)
@@ -267,26 +518,36 @@ def rmsnorm_quantize(x_MK: torch.Tensor, weight_K: torch.Tensor, eps: float = 1e
 
 @triton.jit
 def quant_128x128_kernel(w_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, N, K, Nb, Kb,
-                         TRANSPOSE: tl.constexpr, POW2: tl.constexpr, EXACT_CAST: tl.constexpr):
-    pid_n, pid_k, e = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+                         TRANSPOSE: tl.constexpr, POW2: tl.constexpr, EXACT_CAST: tl.constexpr,
+                         HW_TRANSPOSE: tl.constexpr, TILES: tl.constexpr):
+    pid_n, e = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    groups = tl.cdiv(Kb, TILES)
+    pid_n, k0 = pid_n // groups, (pid_n % groups) * TILES
     rn = pid_n * 128 + tl.arange(0, 128)
-    rk = pid_k * 128 + tl.arange(0, 128)
-    mask = (rn[:, None] < N) & (rk[None, :] < K)
     base = e * N * K
-    w = tl.load(w_ptr + base + rn[:, None].to(tl.int64) * K + rk[None, :], mask=mask, other=0.0)
-    w = w.to(tl.float32)
-    s = _scale(tl.max(tl.max(tl.abs(w), axis=1), axis=0), tl.sum(tl.sum(w * 0.0, axis=1), axis=0), POW2)
-    q = _cast(w, s, EXACT_CAST)
-    tl.store(q_ptr + base + rn[:, None].to(tl.int64) * K + rk[None, :], q, mask=mask)
-    tl.store(s_ptr + e * Nb * Kb + pid_n * Kb + pid_k, s)
-    if TRANSPOSE:  # the same bytes, cast again on the integer path (see the module docstring)
-        qt = _cast(w, s, True)
-        tl.store(qt_ptr + base + rk[None, :].to(tl.int64) * N + rn[:, None], qt, mask=mask)
-        tl.store(st_ptr + e * Nb * Kb + pid_k * Nb + pid_n, s)
+    for t in range(TILES):
+        pid_k = k0 + t
+        rk = pid_k * 128 + tl.arange(0, 128)
+        mask = (rn[:, None] < N) & (rk[None, :] < K)
+        w = tl.load(w_ptr + base + rn[:, None].to(tl.int64) * K + rk[None, :], mask=mask, other=0.0)
+        wf = w.to(tl.float32)
+        amax = _amax(_amax(wf, 1), 0)
+        s = _scale(amax, amax - amax, POW2)
+        tl.store(q_ptr + base + rn[:, None].to(tl.int64) * K + rk[None, :], _cast(wf, s, EXACT_CAST),
+                 mask=mask)
+        tl.store(s_ptr + e * Nb * Kb + pid_n * Kb + pid_k, s, mask=pid_k < Kb)
+        if TRANSPOSE:  # never the hardware-cast q shuffled (see the module docstring)
+            if HW_TRANSPOSE:
+                qt = _cast(tl.trans(w).to(tl.float32), s, EXACT_CAST)
+            else:
+                qt = tl.trans(_cast(wf, s, True))
+            tl.store(qt_ptr + base + rk[:, None].to(tl.int64) * N + rn[None, :], qt,
+                     mask=(rk[:, None] < K) & (rn[None, :] < N))
+            tl.store(st_ptr + e * Nb * Kb + pid_k * Nb + pid_n, s, mask=pid_k < Kb)
 
 
 def quantize_128x128(w_NK: torch.Tensor, pow2_scales: bool = False, transpose: bool = False,
-                     check_finite: bool = True):
+                     check_finite: bool = True, tiling: Tiling | None = None):
     """128x128 block quantization of a weight [N, K] (or stacked experts [E, N, K], N % 128 == 0).
 
     Returns (q, s) or, with transpose=True, (q, s, qt, st) where qt is q's transpose and st is s's
@@ -298,6 +559,7 @@ def quantize_128x128(w_NK: torch.Tensor, pow2_scales: bool = False, transpose: b
         raise ValueError(f"stacked weights [E, N, K] need N % 128 == 0 (got N={w_NK.shape[1]}): a "
                          "128x128 block must not straddle two experts")
     _check_input(w_NK.reshape(-1, w_NK.shape[-1]), "w_NK")
+    tiling = _tiling(tiling, "128x128")
     w = w_NK.contiguous()
     E, (N, K) = (w.shape[0] if w.dim() == 3 else 1), w.shape[-2:]
     Nb, Kb = ceil_div(N, BLOCK), ceil_div(K, BLOCK)
@@ -307,8 +569,12 @@ def quantize_128x128(w_NK: torch.Tensor, pow2_scales: bool = False, transpose: b
     qt = torch.empty(*lead, K, N, dtype=E4M3, device=w.device) if transpose else q
     st = torch.empty(*lead, Kb, Nb, dtype=torch.float32, device=w.device) if transpose else s
     if w.numel():
-        quant_128x128_kernel[(Nb, Kb, E)](w, q, s, qt, st, N, K, Nb, Kb, TRANSPOSE=transpose,
-                                          POW2=pow2_scales, EXACT_CAST=_INTERPRET, num_warps=8)
+        grid = (Nb * ceil_div(Kb, tiling.tiles), E)
+        quant_128x128_kernel[grid](w, q, s, qt, st, N, K, Nb, Kb, TRANSPOSE=transpose,
+                                   POW2=pow2_scales, EXACT_CAST=_INTERPRET,
+                                   HW_TRANSPOSE=tiling.hw_transpose and w.element_size() == 2,
+                                   TILES=tiling.tiles,
+                                   num_warps=tiling.warps)
     if check_finite:
         _raise_if_nonfinite("w_NK", s)
     return (q, s, qt, st) if transpose else (q, s)

@@ -1,0 +1,175 @@
+"""Sweep the launch variants (`models.fp8.quant.Tiling`) of every quantization kernel on the GPU.
+
+    python scripts/sweep_quant.py                      # both shapes, every kernel (~2-3 min, H100)
+    python scripts/sweep_quant.py --shapes 8192x4096 --kernels dual,rmsnorm
+
+For each shape (bf16 [M, K]) it times a device-to-device copy of the input, then, kernel by
+kernel, every variant at every shape, in this same run. Before a variant is timed its output is checked: bitwise equal to
+the default variant's (DEFAULT_TILING) for every kernel but rmsnorm; rmsnorm variants may sum
+squares in another order (rstd may differ in the last bit), so each is checked bitwise against
+the reference quantization (models/fp8/reference.py, on the GPU) of the normalized value it wrote
+itself, and its rstd against torch's. A variant that fails is reported and not timed.
+
+GB/s counts the bytes the operation must move: input read once, FP8 copies and scales written
+(the bookkeeping of scripts/bench_fp8.py). The table shows each variant's GB/s and its fraction
+of the copy's; the end lists the best variant per kernel, to be set in quant.DEFAULT_TILING. Not
+a bench_* script: scripts/gpu_check.sh does not run it (scripts/bench_fp8.py reports the defaults).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from timing import time_ms  # noqa: E402
+
+def variants(kernel: str) -> list:
+    """The launches tried for one kernel; the default comes first."""
+    from models.fp8.quant import DEFAULT_TILING, Tiling
+    if kernel in ("dual", "swiglu"):
+        grid = [Tiling(warps=w, tiles=t, prefetch=p) for w in (4, 8, 16)
+                for t, p in ((1, False), (2, False), (2, True), (4, True), (8, True))]
+    elif kernel in ("1x128", "swiglu 1x128"):
+        grid = [Tiling(warps=w, block_m=b, tiles=t, prefetch=p) for w in (4, 8) for b in (32, 64, 128)
+                for t, p in ((1, False), (4, True))]
+    elif kernel == "rmsnorm":
+        grid = [Tiling(warps=w, ctas_per_sm=c, lag=lag) for w in (8, 16) for c in (1, 2)
+                for lag in (256, 1024)] + [Tiling(fused=False)]
+    else:
+        grid = [Tiling(warps=w, tiles=t, hw_transpose=h) for w in (4, 8, 16) for t in (1, 2)
+                for h in (True, False)]
+    default = DEFAULT_TILING[kernel]
+    return [default] + [v for v in grid if v != default]
+
+
+def describe(t) -> str:
+    from models.fp8.quant import Tiling
+    base = Tiling()
+    return " ".join(f"{f}={getattr(t, f)}" for f in t.__dataclass_fields__
+                    if getattr(t, f) != getattr(base, f) or f == "warps")
+
+
+def cases(M: int, K: int):
+    """kernel -> (bytes moved, fn(tiling) -> outputs); inputs shared by all variants."""
+    from models.fp8 import quant
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    gate, up = torch.randn_like(x), torch.randn_like(x)
+    w_norm = (1 + 0.1 * torch.randn(K, device="cuda")).to(torch.bfloat16)
+    n, scales = M * K, 4 * M * K // 128
+    return {
+        "1x128": (3 * n + scales, lambda t: quant.quantize_1x128(x, check_finite=False, tiling=t)),
+        "dual": (4 * n + 2 * scales, lambda t: quant.quantize_dual(x, check_finite=False, tiling=t)),
+        "128x128": (4 * n, lambda t: quant.quantize_128x128(x, transpose=True, check_finite=False,
+                                                            tiling=t)),
+        "swiglu": (6 * n + 2 * scales,
+                   lambda t: quant.swiglu_quantize(gate, up, check_finite=False, tiling=t)),
+        "swiglu 1x128": (5 * n + scales, lambda t: quant.swiglu_quantize(
+            gate, up, colwise=False, check_finite=False, tiling=t)),
+        "rmsnorm": (4 * n + 2 * scales,
+                    lambda t: quant.rmsnorm_quantize(x, w_norm, check_finite=False, tiling=t)),
+    }, (x, w_norm)
+
+
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.element_size() == 1 else t
+
+
+def same(a, b) -> bool:
+    return all(x.shape == y.shape and torch.equal(_raw(x), _raw(y)) for x, y in zip(a, b))
+
+
+def rmsnorm_ok(t, x, w_norm) -> bool:
+    """Bitwise the reference quantization of the value this variant normalized; rstd close."""
+    from models.fp8 import quant
+    from models.fp8 import reference as R
+    M, K = x.shape
+    hp = torch.empty(M, K, device="cuda")
+    q, s, qt, st, rstd = quant.rmsnorm_quantize(x, w_norm, check_finite=False, hp_out=hp, tiling=t)
+    rq, rs = R.quantize_1x128(hp)
+    ok = torch.equal(_raw(q), _raw(rq)) and torch.equal(s, rs)
+    del rq, rs
+    cq, cs = R.quantize_128x1(hp)
+    ok = ok and torch.equal(_raw(qt[:, :M]), _raw(cq.t())) and torch.equal(st, cs)
+    want = torch.rsqrt(x.float().pow(2).mean(-1) + 1e-6)
+    return ok and bool(torch.allclose(rstd, want, atol=0, rtol=1e-5))
+
+
+def sweep_kernel(kernel: str, shapes: dict, rows: list, deadline: float) -> None:
+    """Every variant of one kernel at every shape; shapes: "MxK" -> (copy GB/s, cases, inputs)."""
+    for shape, (copy, fns, (x, w_norm)) in shapes.items():
+        nbytes, fn = fns[kernel]
+        want = None
+        for t in variants(kernel):
+            label = f"{kernel:<14}{shape:<12}{describe(t):<52}"
+            if time.monotonic() > deadline:
+                print(f"{label}  skipped (time budget spent; --budget to extend)")
+                continue
+            out = fn(t)
+            if kernel == "rmsnorm":
+                ok = rmsnorm_ok(t, x, w_norm)
+            else:
+                want = out if want is None else want
+                ok = same(out, want)
+            del out
+            if not ok:
+                print(f"{label}  WRONG OUTPUT: not timed")
+                continue
+            gbs = nbytes / time_ms(lambda: fn(t), reps=10, batches=3) / 1e6
+            rows.append((shape, kernel, t, gbs, gbs / copy))
+            print(f"{label}{gbs:>7.0f}{gbs / copy:>8.0%}", flush=True)
+        del want
+        torch.cuda.empty_cache()
+
+
+def report_best(rows: list) -> None:
+    """Per kernel: the variant with the best worst-case fraction of copy over the shapes."""
+    print("\n== best variant per kernel (highest minimum fraction of copy over the shapes)")
+    shapes = sorted({r[0] for r in rows})
+    for kernel in dict.fromkeys(r[1] for r in rows):
+        frac = {}
+        for shape, k, t, _, f in rows:
+            if k == kernel:
+                frac.setdefault(t, {})[shape] = f
+        most = max(len(v) for v in frac.values())  # variants cut by the budget do not compete
+        full = {t: min(v.values()) for t, v in frac.items() if len(v) == most}
+        best = max(full, key=full.get)
+        per = "  ".join(f"{s}: {frac[best][s]:.0%}" for s in shapes if s in frac[best])
+        default = next(t for s, k, t, _, _ in rows if k == kernel)
+        print(f"{kernel:<14}{describe(best):<58} {per}   (default: {min(frac[default].values()):.0%})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="32768x7168,8192x4096", help="MxK,... (bf16 inputs)")
+    parser.add_argument("--kernels", default="1x128,dual,swiglu,swiglu 1x128,rmsnorm,128x128")
+    parser.add_argument("--budget", type=float, default=170.0,
+                        help="seconds after which no new variant starts (default 170)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("sweep_quant: no CUDA device; nothing to measure")
+        return
+    start = time.monotonic()
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    shapes = {}
+    for shape in args.shapes.split(","):
+        M, K = (int(v) for v in shape.lower().split("x"))
+        fns, inputs = cases(M, K)
+        copy = 4 * M * K / time_ms(lambda: torch.empty_like(inputs[0]).copy_(inputs[0])) / 1e6
+        print(f"[{M}, {K}] bf16: D2D copy {copy:.0f} GB/s")
+        shapes[f"{M}x{K}"] = (copy, fns, inputs)
+    print(f"\n{'kernel':<14}{'shape':<12}{'variant':<52}{'GB/s':>7}{'of copy':>9}")
+    rows = []
+    for kernel in (k.strip() for k in args.kernels.split(",")):
+        sweep_kernel(kernel, shapes, rows, start + args.budget)
+    report_best(rows)
+    print(f"\nsweep_quant: {time.monotonic() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
