@@ -59,7 +59,7 @@ MAX_NORM_DIM = 16384
 """Widest row rms_norm takes: a program holds a whole row in registers (16 warps). Up to 8192
 (DeepSeek-V3's 7168) nothing spills; the 16384-wide backward spills a few registers."""
 TILE_ELEMS = 4096
-"""Elements a row-tile program handles: narrow rows are stacked until a tile holds about this many."""
+"""Elements a row-tile program handles: narrow rows are stacked until a tile holds this many."""
 NORM_BWD_PROGRAMS = 512
 """Programs of the RMSNorm backward, hence rows of fp32 weight-gradient partials (fixed, so the
 reduction order, and the result, does not depend on the card)."""
@@ -67,8 +67,9 @@ ELEM_BLOCK, ELEM_WARPS = 4096, 8
 
 
 def fused(x: torch.Tensor) -> bool:
-    """True when the model should call the Triton kernels for x: a CUDA tensor and compiled Triton."""
-    return x.is_cuda and not INTERPRET
+    """The one dispatch rule: the model calls the Triton kernels for x when x is a CUDA tensor of
+    a dtype they take and Triton compiles (is not the interpreter)."""
+    return x.is_cuda and x.dtype in FLOAT_DTYPES and not INTERPRET
 
 
 def _check_float(name: str, t: torch.Tensor) -> None:
@@ -117,7 +118,8 @@ def rms_norm_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, M, D, stride_xm, eps,
     normed = _cast(x32 * rstd[:, None], x.dtype).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
     y = normed * w[None, :]
-    tl.store(y_ptr + rows[:, None] * D + cols[None, :], _cast(y, y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + rows[:, None] * D + cols[None, :], _cast(y, y_ptr.dtype.element_ty),
+             mask=mask)
     tl.store(rstd_ptr + rows, rstd, mask=rows < M)
 
 
@@ -127,7 +129,7 @@ def _norm_tiles(D: int) -> tuple[int, int]:
 
 
 def rms_norm_forward(x_MD: torch.Tensor, weight_D: torch.Tensor, eps: float):
-    """(y_MD in the promoted dtype of x and weight, rstd_M fp32) for a 2-D x with unit column stride."""
+    """(y_MD in the promoted dtype of x and weight, rstd_M fp32); x_MD has unit column stride."""
     M, D = x_MD.shape
     y_MD = torch.empty((M, D), dtype=torch.promote_types(x_MD.dtype, weight_D.dtype),
                        device=x_MD.device)
@@ -201,8 +203,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     _check_device("rms_norm weight", weight, x)
     D = x.shape[-1] if x.dim() else 0
     if weight.dim() != 1 or weight.numel() != D:
-        raise ValueError(f"rms_norm weight has shape {tuple(weight.shape)} but the input's last dim "
-                         f"is {D}; pass a 1-D weight of that size")
+        raise ValueError(f"rms_norm weight has shape {tuple(weight.shape)} but the input's last "
+                         f"dim is {D}; pass a 1-D weight of that size")
     if not 1 <= D <= MAX_NORM_DIM:
         raise ValueError(f"rms_norm normalizes a last dim of 1..{MAX_NORM_DIM}, got {D}; use the "
                          f"eager RMSNorm for wider rows")
@@ -224,6 +226,15 @@ def swiglu_kernel(a_ptr, b_ptr, y_ptr, N, BLOCK: tl.constexpr):
     tl.store(y_ptr + offs, _cast(y, y_ptr.dtype.element_ty), mask=mask)
 
 
+def swiglu_forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """silu(a) * b for contiguous a, b of one shape and dtype."""
+    y = torch.empty_like(a)
+    if a.numel():
+        swiglu_kernel[(triton.cdiv(a.numel(), ELEM_BLOCK),)](
+            a, b, y, a.numel(), BLOCK=ELEM_BLOCK, num_warps=ELEM_WARPS)
+    return y
+
+
 @triton.jit
 def swiglu_backward_kernel(a_ptr, b_ptr, dy_ptr, da_ptr, db_ptr, N, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -238,38 +249,34 @@ def swiglu_backward_kernel(a_ptr, b_ptr, dy_ptr, da_ptr, db_ptr, N, BLOCK: tl.co
     tl.store(db_ptr + offs, _cast(dy * silu, db_ptr.dtype.element_ty), mask=mask)
 
 
-def _elementwise_grid(N: int):
-    return (triton.cdiv(N, ELEM_BLOCK),)
+def swiglu_backward(a: torch.Tensor, b: torch.Tensor, dy: torch.Tensor):
+    """(da, db) of y = silu(a) * b from the saved a, b (silu recomputed); all contiguous."""
+    da, db = torch.empty_like(a), torch.empty_like(b)
+    if a.numel():
+        swiglu_backward_kernel[(triton.cdiv(a.numel(), ELEM_BLOCK),)](
+            a, b, dy, da, db, a.numel(), BLOCK=ELEM_BLOCK, num_warps=ELEM_WARPS)
+    return da, db
 
 
 class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b):
-        y = torch.empty_like(a)
-        if a.numel():
-            swiglu_kernel[_elementwise_grid(a.numel())](a, b, y, a.numel(), BLOCK=ELEM_BLOCK,
-                                                        num_warps=ELEM_WARPS)
         ctx.save_for_backward(a, b)
-        return y
+        return swiglu_forward(a, b)
 
     @staticmethod
     def backward(ctx, dy):
         a, b = ctx.saved_tensors
-        dy = dy.contiguous()
-        da, db = torch.empty_like(a), torch.empty_like(b)
-        if a.numel():
-            swiglu_backward_kernel[_elementwise_grid(a.numel())](a, b, dy, da, db, a.numel(),
-                                                                 BLOCK=ELEM_BLOCK, num_warps=ELEM_WARPS)
-        return da, db
+        return swiglu_backward(a, b, dy.contiguous())
 
 
 def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """silu(a) * b elementwise (a: the gate projection, b: the up projection), same shape and dtype."""
+    """silu(a) * b elementwise: a the gate projection, b the up projection (same shape, dtype)."""
     _check_float("swiglu gate", a)
     _check_device("swiglu up", b, a)
     if a.shape != b.shape or a.dtype != b.dtype:
-        raise ValueError(f"swiglu gate {tuple(a.shape)} {a.dtype} and up {tuple(b.shape)} {b.dtype} "
-                         f"must have the same shape and dtype")
+        raise ValueError(f"swiglu gate {tuple(a.shape)} {a.dtype} and up {tuple(b.shape)} "
+                         f"{b.dtype} must have the same shape and dtype")
     return SwiGLUFunction.apply(a.contiguous(), b.contiguous())
 
 

@@ -1,4 +1,4 @@
-"""Fused RMSNorm, SwiGLU and rotary kernels (models/kernels.py) against the model's eager torch code.
+"""Fused RMSNorm, SwiGLU and rotary kernels (models/kernels.py) against the model's eager code.
 
     python scripts/bench_kernels.py            # the `small` model's shapes, well under a minute
 
