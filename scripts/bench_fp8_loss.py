@@ -19,7 +19,6 @@ four minutes for this script (BENCH_TIMEOUT unset or >= 240).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import sys
@@ -31,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from models import build_model, model_config  # noqa: E402
 from models.fp8.config import FP8Config  # noqa: E402
+from isolate import in_fresh_process  # noqa: E402
 from summary import record  # noqa: E402
 from trainer import engine as eng  # noqa: E402
 from trainer.balance import LoadBalancer  # noqa: E402
@@ -46,7 +46,15 @@ def ema(values: list[float], decay: float = 0.9) -> list[float]:
     return out
 
 
-def train(args, recipe: str, rows, job: eng.Job) -> dict:
+def corpus_of(args) -> Corpus:
+    vocab = model_config(args.size).vocab_size
+    return Corpus(DataConfig(seq_len=args.seq_len, micro_batch_size=args.micro_batch, vocab_size=vocab))
+
+
+def train(args, recipe: str) -> dict:
+    """One whole run, in its own process (scripts/isolate.py) so its peak memory is its own."""
+    job = eng.init_distributed()
+    rows = corpus_of(args).load().train_rows
     torch.manual_seed(args.seed)
     overrides = {"num_hidden_layers": args.layers} if args.layers else {}
     cfg = model_config(args.size, max_position_embeddings=max(args.seq_len, 4096), **overrides)
@@ -70,12 +78,8 @@ def train(args, recipe: str, rows, job: eng.Job) -> dict:
         times.append(time.perf_counter() - t0)
         losses.append(metrics["loss/total"])
     steady = sorted(times[5:] or times)
-    result = dict(recipe=recipe, losses=losses, step_s=steady[len(steady) // 2],
-                  peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
-    del engine, balancer, model
-    gc.collect()
-    torch.cuda.empty_cache()
-    return result
+    return dict(recipe=recipe, losses=losses, step_s=steady[len(steady) // 2],
+                peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
 
 
 def main() -> None:
@@ -91,12 +95,8 @@ def main() -> None:
     args = p.parse_args()
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
         raise SystemExit("bench_fp8_loss.py needs an sm90 GPU (H100/H200)")
-    job = eng.init_distributed()
-    vocab = model_config(args.size).vocab_size
-    corpus = Corpus(DataConfig(seq_len=args.seq_len, micro_batch_size=args.micro_batch, vocab_size=vocab))
-    corpus.prepare()
-    rows = corpus.load().train_rows
-    runs = [train(args, "off", rows, job), train(args, "blockwise", rows, job)]
+    corpus_of(args).prepare()  # tokenizer and token rows cached on disk for both runs
+    runs = [in_fresh_process(train, args, recipe) for recipe in ("off", "blockwise")]
     report(args, runs)
 
 

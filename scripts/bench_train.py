@@ -21,7 +21,6 @@ sm90 GPU), the same step runs with fp8=blockwise and the FP8/bf16 tokens/s ratio
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import sys
 import time
@@ -32,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from models import build_model, model_config  # noqa: E402
 from models.fp8.config import FP8Config  # noqa: E402
+from isolate import in_fresh_process  # noqa: E402
 from summary import record  # noqa: E402
 from timing import bf16_matmul_tflops  # noqa: E402
 from trainer import engine as eng  # noqa: E402
@@ -56,7 +56,9 @@ def build(args, recipe: str, job: eng.Job, grad_accum: int = 1):
     return cfg, engine, LoadBalancer(engine.module.routers(), optim.bias_update_rate)
 
 
-def measure(args, recipe: str, job: eng.Job, grad_accum: int) -> dict:
+def measure(args, recipe: str, grad_accum: int) -> dict:
+    """One configuration's step time and peak memory; run in its own process (scripts/isolate.py)."""
+    job = eng.init_distributed()
     cfg, engine, balancer = build(args, recipe, job, grad_accum)
     gen = torch.Generator().manual_seed(1)
     batch = []
@@ -77,10 +79,7 @@ def measure(args, recipe: str, job: eng.Job, grad_accum: int) -> dict:
     result = dict(recipe=recipe, grad_accum=grad_accum, step_ms=seconds * 1e3, tokens_per_s=tokens_per_s,
                   tflops=flops / 1e12, mfu=flops / H100_PEAK,
                   peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30,
-                  loss=metrics["loss/total"], params=engine.module.param_counts())
-    del engine, balancer
-    gc.collect()
-    torch.cuda.empty_cache()
+                  loss=metrics["loss/total"], params=tuple(engine.module.param_counts()))
     return result
 
 
@@ -114,10 +113,10 @@ def main() -> None:
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_train.py needs a CUDA GPU")
-    job = eng.init_distributed()
     card = torch.cuda.get_device_name()
     matmul = bf16_matmul_tflops()
-    print(f"{card}: {args.size}; bf16 8192^3 matmul {matmul:.0f} TFLOP/s")
+    torch.cuda.empty_cache()  # the children below need the whole card
+    print(f"{card}: {args.size}; bf16 8192^3 matmul {matmul:.0f} TFLOP/s; each engine in its own process")
     for index, config in enumerate(args.configs):
         args.micro_batch, args.seq_len, grad_accum = parse_config(config)
         results = []
@@ -125,9 +124,10 @@ def main() -> None:
             if recipe != "off" and not fp8_available():
                 print(f"fp8={recipe} not measured: models.fp8.convert is missing or the GPU is not sm90")
                 continue
-            results.append(measure(args, recipe, job, grad_accum))
+            results.append(in_fresh_process(measure, args, recipe, grad_accum))
+        total, activated = results[0]["params"]
         print(f"{args.micro_batch} x {args.seq_len} tokens x {grad_accum} micro-batches per step "
-              f"({results[0]['params']})")
+              f"({total / 1e9:.2f}B parameters, {activated / 1e9:.2f}B activated)")
         for r in results:
             print(f"  fp8={r['recipe']:<9} step {r['step_ms']:8.1f} ms  {r['tokens_per_s']:10,.0f} tok/s  "
                   f"{r['tflops']:6.1f} TFLOP/s  MFU {100 * r['mfu']:5.1f}%  peak {r['peak_gib']:5.1f} GiB  "

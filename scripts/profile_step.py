@@ -29,6 +29,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_train import build, fp8_available  # noqa: E402
+from isolate import in_fresh_process  # noqa: E402
 from models.fp8.linear import invalidate_weight_caches  # noqa: E402
 from trainer import engine as eng  # noqa: E402
 
@@ -118,29 +119,32 @@ def main() -> None:
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_step.py needs a CUDA GPU")
-    job = eng.init_distributed()
     for recipe in args.recipes:
         if recipe != "off" and not fp8_available():
             print(f"fp8={recipe} skipped: needs models.fp8 and an sm90 GPU")
             continue
-        cfg, engine, balancer = build(args, recipe, job)
-        gen = torch.Generator().manual_seed(1)
-        rows = torch.randint(0, cfg.vocab_size, (args.micro_batch, args.seq_len + 1), generator=gen)
-        batch = {"tokens": rows[:, :-1], "labels": rows[:, 1:]}
-        for _ in range(3):
-            eng.train_step(engine, [batch], eng.lm_loss, balancer)
-        resident = torch.cuda.memory_allocated() / 2 ** 30
-        torch.cuda.reset_peak_memory_stats()
-        phases = phase_times(engine, batch, steps=4)
-        peak = torch.cuda.max_memory_allocated() / 2 ** 30
-        print(f"\n=== {args.size} fp8={recipe} {args.micro_batch}x{args.seq_len}: "
-              + ", ".join(f"{k} {v:.1f} ms" for k, v in phases.items())
-              + f"; memory between steps {resident:.1f} GiB, peak {peak:.1f} GiB")
-        print("\n".join(kernel_table(engine, batch, balancer, args.top)))
-        if args.ops:
-            print(op_table(engine, batch, args.top))
-        del engine, balancer
-        torch.cuda.empty_cache()
+        in_fresh_process(profile_recipe, args, recipe)
+
+
+def profile_recipe(args, recipe: str) -> None:
+    """Phases, memory and kernels of one recipe's step, printed; run in its own process."""
+    job = eng.init_distributed()
+    cfg, engine, balancer = build(args, recipe, job)
+    gen = torch.Generator().manual_seed(1)
+    rows = torch.randint(0, cfg.vocab_size, (args.micro_batch, args.seq_len + 1), generator=gen)
+    batch = {"tokens": rows[:, :-1], "labels": rows[:, 1:]}
+    for _ in range(3):
+        eng.train_step(engine, [batch], eng.lm_loss, balancer)
+    resident = torch.cuda.memory_allocated() / 2 ** 30
+    torch.cuda.reset_peak_memory_stats()
+    phases = phase_times(engine, batch, steps=4)
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30
+    print(f"\n=== {args.size} fp8={recipe} {args.micro_batch}x{args.seq_len}: "
+          + ", ".join(f"{k} {v:.1f} ms" for k, v in phases.items())
+          + f"; memory between steps {resident:.1f} GiB, peak {peak:.1f} GiB")
+    print("\n".join(kernel_table(engine, batch, balancer, args.top)))
+    if args.ops:
+        print(op_table(engine, batch, args.top), flush=True)
 
 
 if __name__ == "__main__":
