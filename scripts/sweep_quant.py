@@ -39,8 +39,8 @@ def variants(kernel: str) -> list:
         grid = [Tiling(warps=w, block_m=b, tiles=t, prefetch=p) for w in (4, 8) for b in (32, 64, 128)
                 for t, p in ((1, False), (4, True))]
     elif kernel == "rmsnorm":
-        grid = [Tiling(warps=w, ctas_per_sm=c, lag=lag) for w in (8, 16) for c in (1, 2)
-                for lag in (256, 1024)] + [Tiling(fused=False)]
+        grid = [Tiling(warps=w, ctas_per_sm=1, prefetch=p, lag=lag) for w in (8, 16)
+                for p in (False, True) for lag in (256, 1024)] + [Tiling(fused=False)]
     else:
         grid = [Tiling(warps=w, tiles=t, hw_transpose=h) for w in (4, 8, 16) for t in (1, 2)
                 for h in (True, False)]

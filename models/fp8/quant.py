@@ -128,9 +128,10 @@ class Tiling:
 
     warps        num_warps of each program (every kernel)
     stages       num_stages, the software pipelining of a program's loop (tile kernels)
-    tiles        consecutive 128-column tiles of one row block a program quantizes (tile kernels),
-                 or consecutive 128x128 blocks along K (weight kernel)
-    prefetch     load the next tile while quantizing the current one (tile kernels)
+    tiles        consecutive 128-column tiles of one row block a program quantizes (tile kernels
+                 and the two-pass rmsnorm), or consecutive 128x128 blocks along K (weight kernel)
+    prefetch     load the next tile while quantizing the current one (tile kernels; the fused
+                 rmsnorm claims two items at once and loads both tiles first)
     block_m      rows per tile of the row-wise-only tile kernel (the 128x1 copy needs 128)
     fused        rmsnorm: one persistent kernel (True) or an rms pass, then the tile kernel
     ctas_per_sm  fused rmsnorm: programs launched per SM
@@ -267,6 +268,32 @@ def _quant_tile(x, u, w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, rm,
 
 
 @triton.jit
+def _quant_group(x_ptr, u_ptr, w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, rm, row_block,
+                 k0, M, K, Mp, stride_xm, stride_um, PROLOGUE: tl.constexpr, COLWISE: tl.constexpr,
+                 STORE_HP: tl.constexpr, POW2: tl.constexpr, EXACT_CAST: tl.constexpr,
+                 TILES: tl.constexpr, PREFETCH: tl.constexpr):
+    """Quantize tiles k0 .. k0 + TILES - 1 of row block rm (those inside K)."""
+    cols = tl.arange(0, 128)
+    k_end = tl.minimum(K, (k0 + TILES) * 128)
+    outs = (w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st_ptr)
+    if PREFETCH:
+        x, u = _load_tile(x_ptr, u_ptr, rm, k0 * 128 + cols, M, k_end, stride_xm, stride_um, PROLOGUE)
+        for t in range(TILES):
+            rk = (k0 + t) * 128 + cols
+            x_next, u_next = _load_tile(x_ptr, u_ptr, rm, rk + 128, M, k_end, stride_xm, stride_um,
+                                        PROLOGUE)
+            _quant_tile(x, u, *outs, rm, rk, row_block, k0 + t, M, K, Mp,
+                        PROLOGUE, COLWISE, STORE_HP, POW2, EXACT_CAST)
+            x, u = x_next, u_next
+    else:
+        for t in range(TILES):
+            rk = (k0 + t) * 128 + cols
+            x, u = _load_tile(x_ptr, u_ptr, rm, rk, M, k_end, stride_xm, stride_um, PROLOGUE)
+            _quant_tile(x, u, *outs, rm, rk, row_block, k0 + t, M, K, Mp,
+                        PROLOGUE, COLWISE, STORE_HP, POW2, EXACT_CAST)
+
+
+@triton.jit
 def quant_tile_kernel(x_ptr, u_ptr, w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st_ptr,
                       M, K, Mp, stride_xm, stride_um,
                       PROLOGUE: tl.constexpr, COLWISE: tl.constexpr, STORE_HP: tl.constexpr,
@@ -277,24 +304,9 @@ def quant_tile_kernel(x_ptr, u_ptr, w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_pt
     pid = tl.program_id(0)
     row_block, k0 = pid // groups, (pid % groups) * TILES
     rm = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, 128)
-    k_end = tl.minimum(K, (k0 + TILES) * 128)
-    args = (w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st_ptr)
-    if PREFETCH:
-        x, u = _load_tile(x_ptr, u_ptr, rm, k0 * 128 + cols, M, k_end, stride_xm, stride_um, PROLOGUE)
-        for t in range(TILES):
-            rk = (k0 + t) * 128 + cols
-            x_next, u_next = _load_tile(x_ptr, u_ptr, rm, rk + 128, M, k_end, stride_xm, stride_um,
-                                        PROLOGUE)
-            _quant_tile(x, u, *args, rm, rk, row_block, k0 + t, M, K, Mp,
-                        PROLOGUE, COLWISE, STORE_HP, POW2, EXACT_CAST)
-            x, u = x_next, u_next
-    else:
-        for t in range(TILES):
-            rk = (k0 + t) * 128 + cols
-            x, u = _load_tile(x_ptr, u_ptr, rm, rk, M, k_end, stride_xm, stride_um, PROLOGUE)
-            _quant_tile(x, u, *args, rm, rk, row_block, k0 + t, M, K, Mp,
-                        PROLOGUE, COLWISE, STORE_HP, POW2, EXACT_CAST)
+    _quant_group(x_ptr, u_ptr, w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, rm, row_block,
+                 k0, M, K, Mp, stride_xm, stride_um, PROLOGUE, COLWISE, STORE_HP, POW2, EXACT_CAST,
+                 TILES, PREFETCH)
 
 
 def _check_input(x: torch.Tensor, name: str) -> None:
@@ -416,20 +428,21 @@ def _norm_item(b, Mb, lag):
 
 
 @triton.jit
-def _norm_sum_item(x_ptr, rstd_ptr, part_ptr, count_ptr, flag_ptr, r, j, M, K, Kb, stride_xm, eps,
+def _norm_sum_item(x, rstd_ptr, part_ptr, count_ptr, flag_ptr, r, j, M, K, Kb, eps,
                    PARTS: tl.constexpr):
-    """Partial sums of squares of row block r over column tile j; the last of the row block's Kb
-    items adds the partials (in tile order, whoever finishes last) and publishes rstd."""
+    """Partial sums of squares of row block r over tile j (x: that tile); the last of the row
+    block's Kb sum items adds the partials (in tile order, whoever finishes last) and publishes
+    rstd."""
     rm = r * 128 + tl.arange(0, 128)
-    x, _ = _load_tile(x_ptr, x_ptr, rm, j * 128 + tl.arange(0, 128), M, K, stride_xm, 0, 0)
+    cols = tl.arange(0, 128)
     x = x.to(tl.float32)
-    tl.store(part_ptr + (r * Kb + j).to(tl.int64) * 128 + tl.arange(0, 128), tl.sum(x * x, axis=1))
+    tl.store(part_ptr + (r * Kb + j).to(tl.int64) * 128 + cols, tl.sum(x * x, axis=1))
     tl.debug_barrier()  # every thread's partial is written before the count releases them
     if tl.atomic_add(count_ptr + r, 1, sem="acq_rel") == Kb - 1:
         ss = tl.zeros((128,), tl.float32)
         for j0 in range(0, Kb, PARTS):
             jj = j0 + tl.arange(0, PARTS)
-            offs = (r * Kb + jj).to(tl.int64)[:, None] * 128 + tl.arange(0, 128)[None, :]
+            offs = (r * Kb + jj).to(tl.int64)[:, None] * 128 + cols[None, :]
             ss += tl.sum(tl.load(part_ptr + offs, mask=(jj < Kb)[:, None], other=0.0,
                                  cache_modifier=".cg"), axis=0)
         tl.store(rstd_ptr + rm, 1.0 / tl.sqrt_rn(ss / K + eps), mask=rm < M)
@@ -438,30 +451,57 @@ def _norm_sum_item(x_ptr, rstd_ptr, part_ptr, count_ptr, flag_ptr, r, j, M, K, K
 
 
 @triton.jit
+def _norm_load(x_ptr, item, Mb, Kb, lag, M, K, stride_xm):
+    """The input tile of an item (an all-masked load past the last item)."""
+    r, _ = _norm_item(item // Kb, Mb, lag)
+    k_end = tl.where(item < 2 * Mb * Kb, K, 0)
+    x, _ = _load_tile(x_ptr, x_ptr, r * 128 + tl.arange(0, 128), (item % Kb) * 128 + tl.arange(0, 128),
+                      M, k_end, stride_xm, 0, 0)
+    return x
+
+
+@triton.jit
+def _norm_work(x, item, w_ptr, rstd_ptr, part_ptr, sync_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st_ptr,
+               Mb, Kb, lag, M, K, Mp, eps, COLWISE: tl.constexpr, STORE_HP: tl.constexpr,
+               POW2: tl.constexpr, EXACT_CAST: tl.constexpr, PARTS: tl.constexpr):
+    """One item of rmsnorm_quant_kernel, its tile x already loaded."""
+    count_ptr, flag_ptr = sync_ptr + 1, sync_ptr + 1 + Mb
+    r, is_quant = _norm_item(item // Kb, Mb, lag)
+    j = item % Kb
+    if is_quant:
+        ready = tl.atomic_add(flag_ptr + r, 0, sem="acquire")
+        while ready == 0:
+            ready = tl.atomic_add(flag_ptr + r, 0, sem="acquire")
+        _quant_tile(x, x, w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st_ptr,
+                    r * 128 + tl.arange(0, 128), j * 128 + tl.arange(0, 128), r, j, M, K, Mp,
+                    2, COLWISE, STORE_HP, POW2, EXACT_CAST)
+    else:
+        _norm_sum_item(x, rstd_ptr, part_ptr, count_ptr, flag_ptr, r, j, M, K, Kb, eps, PARTS)
+
+
+@triton.jit
 def rmsnorm_quant_kernel(x_ptr, w_ptr, rstd_ptr, part_ptr, sync_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr,
                          st_ptr, M, K, Mp, stride_xm, eps, lag,
                          COLWISE: tl.constexpr, STORE_HP: tl.constexpr, POW2: tl.constexpr,
-                         EXACT_CAST: tl.constexpr, PARTS: tl.constexpr):
-    # sync_ptr: [0] the item counter, [1 + r] row block r's finished sum items, [1 + Mb + r] its flag
+                         EXACT_CAST: tl.constexpr, PREFETCH: tl.constexpr, PARTS: tl.constexpr):
+    # sync_ptr: [0] the item counter, [1 + r] row block r's finished sum items, [1 + Mb + r] its
+    # flag. With PREFETCH a program claims two consecutive items at once and loads both tiles
+    # before working on the first, so the second tile is in flight meanwhile.
     Mb, Kb = tl.cdiv(M, 128), tl.cdiv(K, 128)
-    count_ptr, flag_ptr = sync_ptr + 1, sync_ptr + 1 + Mb
-    item = tl.atomic_add(sync_ptr, 1, sem="relaxed")
+    CLAIM: tl.constexpr = 2 if PREFETCH else 1
+    item = tl.atomic_add(sync_ptr, CLAIM, sem="relaxed")
     while item < 2 * Mb * Kb:
-        r, is_quant = _norm_item(item // Kb, Mb, lag)
-        j = item % Kb
-        if is_quant:
-            ready = tl.atomic_add(flag_ptr + r, 0, sem="acquire")
-            while ready == 0:
-                ready = tl.atomic_add(flag_ptr + r, 0, sem="acquire")
-            rm = r * 128 + tl.arange(0, 128)
-            rk = j * 128 + tl.arange(0, 128)
-            x, _ = _load_tile(x_ptr, x_ptr, rm, rk, M, K, stride_xm, 0, 0)
-            _quant_tile(x, x, w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, rm, rk, r, j,
-                        M, K, Mp, 2, COLWISE, STORE_HP, POW2, EXACT_CAST)
-        else:
-            _norm_sum_item(x_ptr, rstd_ptr, part_ptr, count_ptr, flag_ptr, r, j, M, K, Kb,
-                           stride_xm, eps, PARTS)
-        item = tl.atomic_add(sync_ptr, 1, sem="relaxed")
+        x = _norm_load(x_ptr, item, Mb, Kb, lag, M, K, stride_xm)
+        if PREFETCH:
+            x2 = _norm_load(x_ptr, item + 1, Mb, Kb, lag, M, K, stride_xm)
+        _norm_work(x, item, w_ptr, rstd_ptr, part_ptr, sync_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr,
+                   st_ptr, Mb, Kb, lag, M, K, Mp, eps, COLWISE, STORE_HP, POW2, EXACT_CAST, PARTS)
+        if PREFETCH:
+            if item + 1 < 2 * Mb * Kb:
+                _norm_work(x2, item + 1, w_ptr, rstd_ptr, part_ptr, sync_ptr, hp_ptr, q_ptr, s_ptr,
+                           qt_ptr, st_ptr, Mb, Kb, lag, M, K, Mp, eps, COLWISE, STORE_HP, POW2,
+                           EXACT_CAST, PARTS)
+        item = tl.atomic_add(sync_ptr, CLAIM, sem="relaxed")
 
 
 def _programs(device: torch.device, per_sm: int) -> int:
@@ -482,7 +522,8 @@ def _launch_norm(x, w, rstd, hp_out, colwise, pow2_scales, eps, tiling: Tiling):
         x, w, rstd, part, sync, q if hp_out is None else hp_out, q, s, qt, st,
         M, K, qt.shape[1] if colwise else 0, x.stride(0), eps, lag,
         COLWISE=colwise, STORE_HP=hp_out is not None, POW2=pow2_scales, EXACT_CAST=_INTERPRET,
-        PARTS=min(64, triton.next_power_of_2(Kb)), num_warps=tiling.warps)
+        PREFETCH=tiling.prefetch, PARTS=min(64, triton.next_power_of_2(Kb)),
+        num_warps=tiling.warps)
     return (q, s, qt, st) if colwise else (q, s)
 
 
