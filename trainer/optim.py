@@ -12,10 +12,11 @@ Why a fused kernel. The update is memory-bound: per parameter it must read the F
 gradient and the two moments and write the weight and the moments back, 20 bytes with BF16 moments
 (4 + 4 + 2 + 2 in, 4 + 2 + 2 out; 28 with FP32 moments). Done as torch ops it is ~12 elementwise
 kernels (the moments' casts to FP32, lerp, mul, addcmul, sqrt, div, add, addcdiv, the copies back),
-each a full pass over its operands: ~100 bytes per parameter, an estimated ~70 ms per step for the
-1.89B-parameter `small` model on an H100 against ~13 ms for one pass at HBM speed. So on CUDA tensors
-`adamw_kernel` does the whole update in one pass; scripts/bench_optim.py measures it against the
-torch-ops path and torch's own fused AdamW.
+each a full pass over its operands: ~100 bytes per parameter. So on CUDA tensors `adamw_kernel` does
+the whole update in one pass. scripts/bench_optim.py on an H100, one step over 1.9e9 parameters (the
+`small` model): 12.6 ms at 3.03 TB/s, as fast as a device-to-device copy moves bytes, against 70.1 ms
+for the torch-ops path and 20.4 ms for torch.optim.AdamW(fused=True) (FP32 moments, 28 bytes; our
+kernel with FP32 moments takes 17.7 ms).
 
 Arithmetic of the kernel: torch's operations in torch's order, each rounded once to FP32
 (correctly rounded sqrt and division; no fused multiply-add: the kernel is compiled with
