@@ -32,18 +32,28 @@ from timing import time_ms  # noqa: E402
 def variants(kernel: str) -> list:
     """The launches tried for one kernel; the default comes first."""
     from models.fp8.quant import DEFAULT_TILING, Tiling
-    if kernel in ("dual", "swiglu"):
-        grid = [Tiling(warps=w, tiles=t, prefetch=p) for w in (4, 8, 16)
-                for t, p in ((1, False), (2, False), (2, True), (4, True), (8, True))]
+    if kernel in ("dual", "swiglu"):  # (warps, maxnreg, compact_scales, tiles, prefetch)
+        grid = [Tiling(warps=w, maxnreg=r, compact_scales=c, tiles=t, prefetch=p)
+                for w, r, c, t, p in [(8, 0, False, 1, False), (8, 0, True, 1, False),
+                                      (8, 128, True, 1, False), (8, 128, True, 2, True),
+                                      (8, 128, True, 4, True), (8, 128, False, 1, False),
+                                      (8, 0, False, 4, True), (16, 0, True, 1, False),
+                                      (16, 0, True, 2, True), (16, 0, False, 1, False),
+                                      (16, 0, False, 4, True), (4, 0, True, 1, False)]]
     elif kernel in ("1x128", "swiglu 1x128"):
-        grid = [Tiling(warps=w, block_m=b, tiles=t, prefetch=p) for w in (4, 8) for b in (32, 64, 128)
-                for t, p in ((1, False), (4, True))]
-    elif kernel == "rmsnorm":
-        grid = [Tiling(warps=w, ctas_per_sm=1, prefetch=p, lag=lag) for w in (8, 16)
-                for p in (False, True) for lag in (256, 1024)] + [Tiling(fused=False)]
+        grid = [Tiling(warps=w, block_m=b, compact_scales=c) for w, b in
+                [(4, 32), (4, 64), (4, 128), (8, 64), (8, 128)] for c in (False, True)]
+        grid.append(Tiling(warps=4, block_m=64, tiles=4, prefetch=True))
+    elif kernel == "rmsnorm":  # (warps, maxnreg, compact_scales, prefetch, lag)
+        grid = [Tiling(warps=w, maxnreg=r, compact_scales=c, prefetch=p, lag=lag, ctas_per_sm=1)
+                for w, r, c, p, lag in [(16, 0, True, False, 256), (16, 0, True, False, 2048),
+                                        (16, 0, False, False, 512), (8, 128, True, False, 512),
+                                        (8, 0, True, False, 512), (8, 0, True, True, 512),
+                                        (8, 0, False, True, 512)]]
+        grid += [Tiling(fused=False, compact_scales=True, maxnreg=128), Tiling(fused=False)]
     else:
-        grid = [Tiling(warps=w, tiles=t, hw_transpose=h) for w in (4, 8, 16) for t in (1, 2)
-                for h in (True, False)]
+        grid = [Tiling(warps=w, hw_transpose=h) for w in (4, 8, 16) for h in (True, False)]
+        grid.append(Tiling(warps=8, tiles=2))
     default = DEFAULT_TILING[kernel]
     return [default] + [v for v in grid if v != default]
 

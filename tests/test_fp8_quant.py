@@ -153,11 +153,13 @@ def test_rmsnorm_quantize(shape, pow2, colwise):
 # program, with and without prefetching the next one, a partial last group (K = 5 tiles here), row
 # blocks of the row-wise kernel, the fused rmsnorm with the shortest and the longest lag and the
 # two-pass form, the weight kernel's two transposed casts.
-TILE_VARIANTS = [quant.Tiling(tiles=2), quant.Tiling(tiles=3, prefetch=True),
+TILE_VARIANTS = [quant.Tiling(tiles=2), quant.Tiling(tiles=3, prefetch=True, compact_scales=True),
                  quant.Tiling(warps=4, stages=2, tiles=4, prefetch=True)]
-ROW_VARIANTS = [quant.Tiling(warps=4, block_m=32, tiles=2), quant.Tiling(block_m=128, prefetch=True, tiles=3)]
-NORM_VARIANTS = [quant.Tiling(warps=16, lag=1), quant.Tiling(lag=10 ** 6, prefetch=True),
-                 quant.Tiling(fused=False, warps=4, tiles=2, prefetch=True)]
+ROW_VARIANTS = [quant.Tiling(warps=4, block_m=32, tiles=2, compact_scales=True),
+                quant.Tiling(block_m=128, prefetch=True, tiles=3)]
+NORM_VARIANTS = [quant.Tiling(warps=16, lag=1, compact_scales=True),
+                 quant.Tiling(lag=10 ** 6, prefetch=True),
+                 quant.Tiling(fused=False, warps=4, tiles=2, prefetch=True, compact_scales=True)]
 WEIGHT_VARIANTS = [quant.Tiling(hw_transpose=False), quant.Tiling(warps=4, tiles=2)]
 
 
@@ -192,6 +194,8 @@ def test_bad_tiling():
         quant.Tiling(block_m=100)
     with pytest.raises(ValueError, match="tiles"):
         quant.Tiling(tiles=0)
+    with pytest.raises(ValueError, match="maxnreg"):
+        quant.Tiling(maxnreg=8)
     with pytest.raises(TypeError, match="Tiling"):
         quant.quantize_dual(_rand((4, 128), 1), tiling={"warps": 4})
 
@@ -248,10 +252,12 @@ def test_gpu_real_shapes(shape, pow2):
 def test_gpu_variants(shape=(4097, 2048)):
     """Every class of launch the sweep (scripts/sweep_quant.py) can pick, compiled, at a real shape
     (ragged M; K = 16 tiles, so tiles=3 leaves a partial group)."""
-    for tiling in TILE_VARIANTS + [quant.Tiling(warps=16, tiles=4, prefetch=True)]:
+    for tiling in TILE_VARIANTS + [quant.Tiling(warps=16, tiles=4, prefetch=True),
+                                   quant.Tiling(warps=16, compact_scales=True),
+                                   quant.Tiling(maxnreg=128, compact_scales=True, tiles=2, prefetch=True)]:
         _quant_dual(shape, torch.bfloat16, False, tiling)
         _swiglu((shape[0], 1536), True, True, tiling)
-    for tiling in ROW_VARIANTS:
+    for tiling in ROW_VARIANTS + [quant.Tiling(warps=4, block_m=64, compact_scales=True)]:
         _quant_1x128(shape, torch.bfloat16, False, tiling)
         _swiglu((shape[0], 1536), False, False, tiling)
     for tiling in NORM_VARIANTS + [quant.Tiling(warps=8, ctas_per_sm=2, prefetch=True, lag=1)]:
@@ -337,7 +343,8 @@ for dt in ("bf16", "fp32"):  # activations arrive in either; master weights are 
                 q_ptr=p("fp8e4nv"), s_ptr=p("fp32"), qt_ptr=p("fp8e4nv"), st_ptr=p("fp32"),
                 M="i32", K="i32", Mp="i32", stride_xm="i32", stride_um="i32", PROLOGUE="constexpr",
                 COLWISE="constexpr", STORE_HP="constexpr", POW2="constexpr",
-                EXACT_CAST="constexpr", BLOCK_M="constexpr", TILES="constexpr", PREFETCH="constexpr")
+                EXACT_CAST="constexpr", BLOCK_M="constexpr", TILES="constexpr", PREFETCH="constexpr",
+                COMPACT="constexpr")
     weight = dict(w_ptr=p(dt), q_ptr=p("fp8e4nv"), s_ptr=p("fp32"), qt_ptr=p("fp8e4nv"),
                   st_ptr=p("fp32"), N="i32", K="i32", Nb="i32", Kb="i32", TRANSPOSE="constexpr",
                   POW2="constexpr", EXACT_CAST="constexpr", HW_TRANSPOSE="constexpr",
@@ -346,16 +353,21 @@ for dt in ("bf16", "fp32"):  # activations arrive in either; master weights are 
                 sync_ptr=p("i32"), hp_ptr=p("fp32"), q_ptr=p("fp8e4nv"), s_ptr=p("fp32"),
                 qt_ptr=p("fp8e4nv"), st_ptr=p("fp32"), M="i32", K="i32", Mp="i32",
                 stride_xm="i32", eps="fp32", lag="i32", COLWISE="constexpr", STORE_HP="constexpr",
-                POW2="constexpr", EXACT_CAST="constexpr", PREFETCH="constexpr", PARTS="constexpr")
-    for pro, col, pow2, tiles, pre in [(0, True, False, 1, False), (0, False, True, 2, True),
-                                       (1, True, False, 4, True), (2, True, True, 1, False)]:
+                POW2="constexpr", EXACT_CAST="constexpr", PREFETCH="constexpr", COMPACT="constexpr",
+                PARTS="constexpr")
+    for pro, col, pow2, tiles, pre, cmp in [(0, True, False, 1, False, False),
+                                            (0, True, False, 1, False, True),
+                                            (0, False, True, 2, True, False),
+                                            (1, True, False, 4, True, True),
+                                            (2, True, True, 1, False, False)]:
         consts = dict(PROLOGUE=pro, COLWISE=col, STORE_HP=False, POW2=pow2, EXACT_CAST=False,
-                      BLOCK_M=128 if col else 64, TILES=tiles, PREFETCH=pre)
-        out[f"tile{pro}{col}{pow2}{tiles}{pre} {dt}"] = build(quant.quant_tile_kernel, tile, consts,
-                                                             8 if col else 4)
+                      BLOCK_M=128 if col else 64, TILES=tiles, PREFETCH=pre, COMPACT=cmp)
+        out[f"tile{pro}{col}{pow2}{tiles}{pre}{cmp} {dt}"] = build(
+            quant.quant_tile_kernel, tile, consts, 8 if col else 4)
     for col, pre in ((True, False), (False, True)):
         out[f"norm{col}{pre} {dt}"] = build(quant.rmsnorm_quant_kernel, norm, dict(
-            COLWISE=col, STORE_HP=False, POW2=False, EXACT_CAST=False, PREFETCH=pre, PARTS=64), 8)
+            COLWISE=col, STORE_HP=False, POW2=False, EXACT_CAST=False, PREFETCH=pre, COMPACT=col,
+            PARTS=64), 8)
     for hw in (True, False):  # the wrapper never asks fp32 weights for the hardware transpose
         if hw and dt == "fp32":
             continue

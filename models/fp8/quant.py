@@ -53,7 +53,14 @@ transposed weight cast alone costs about 13. So these kernels are designed aroun
     (cvt.rn.satfinite.e4m3x2.f32) saturates finite values to +-448 exactly as clamp-then-cast does;
   * a tile's inf/NaN check rides on its max-abs (a NaN-propagating max, then amax - amax is 0 for
     finite tiles and NaN otherwise) instead of a second reduction over x * 0;
-  * the reciprocal of a scale is one correctly rounded division per scale a thread holds.
+  * the reciprocal of a scale is one correctly rounded division per scale a thread holds. A
+    scale and its reciprocal cost about 14 instructions, and Triton computes a column's 128x1
+    scale in every thread holding that column (32 threads of a 128x128 tile with 8 warps, each
+    holding 16 columns: a fifth of the dual kernel's instructions). `Tiling(compact_scales=True)`
+    passes the column amaxes through the st buffer (store, CTA barrier, load), so they come back
+    one column per thread; Triton then casts the column-wise copy in the layout of its store
+    (shuffling the bf16 input instead of the FP8 output). Fewer instructions, more registers per
+    thread: scripts/sweep_quant.py decides.
 
 `quant_tile_kernel` (1x128, dual, SwiGLU): a tile is BLOCK_M rows x 128 columns, the smallest
 shape that holds whole 1x128 groups and, with BLOCK_M = 128, whole 128x1 groups: the row-wise
@@ -136,6 +143,10 @@ class Tiling:
     fused        rmsnorm: one persistent kernel (True) or an rms pass, then the tile kernel
     ctas_per_sm  fused rmsnorm: programs launched per SM
     lag          fused rmsnorm: tiles between a tile's sum-of-squares read and its quantizing re-read
+    compact_scales  128x1 copies (dual, SwiGLU, rmsnorm): compute each column's scale once, from its
+                 amax passed through the st buffer, instead of in every thread holding the column
+    maxnreg      register cap per thread (0: the compiler's choice); 128 lets two 8-warp programs
+                 share an SM (tile kernels, fused rmsnorm)
     hw_transpose weight kernel: cast the transposed copy in hardware from tl.trans(w) (True; bf16
                  and fp16 weights only, fp32 always takes the integer path) or on the integer path
     """
@@ -149,6 +160,8 @@ class Tiling:
     ctas_per_sm: int = 2
     lag: int = 512
     hw_transpose: bool = True
+    compact_scales: bool = False
+    maxnreg: int = 0
 
     def __post_init__(self):
         for name in ("warps", "stages", "tiles", "ctas_per_sm", "lag"):
@@ -156,16 +169,18 @@ class Tiling:
                 raise ValueError(f"Tiling.{name} must be a positive int, got {getattr(self, name)!r}")
         if self.warps not in (1, 2, 4, 8, 16, 32):
             raise ValueError(f"Tiling.warps must be a power of two up to 32, got {self.warps}")
+        if self.maxnreg and not 24 <= self.maxnreg <= 255:
+            raise ValueError(f"Tiling.maxnreg must be 0 (no cap) or 24..255, got {self.maxnreg}")
         if self.block_m not in (16, 32, 64, 128):
             raise ValueError(f"Tiling.block_m must be 16, 32, 64 or 128, got {self.block_m}")
 
 
 DEFAULT_TILING = MappingProxyType({
     "1x128": Tiling(warps=4, block_m=64),
-    "dual": Tiling(warps=8),
-    "swiglu": Tiling(warps=8),
+    "dual": Tiling(warps=8, compact_scales=True, maxnreg=128),
+    "swiglu": Tiling(warps=8, compact_scales=True, maxnreg=128),
     "swiglu 1x128": Tiling(warps=4, block_m=64),
-    "rmsnorm": Tiling(warps=16, ctas_per_sm=1),
+    "rmsnorm": Tiling(warps=16, ctas_per_sm=1, compact_scales=True),
     "128x128": Tiling(warps=8),
 })
 """The launch each wrapper uses unless given `tiling=` (chosen with scripts/sweep_quant.py)."""
@@ -220,6 +235,32 @@ def _cast(x, s, EXACT_CAST: tl.constexpr):
 
 
 @triton.jit
+def _cast_compact(x, amax, s_ptrs, mask, AXIS: tl.constexpr, POW2: tl.constexpr,
+                  EXACT_CAST: tl.constexpr):
+    """_cast(x, s) with s = _scale(amax) (amax reduced over AXIS of x) stored at s_ptrs, the
+    divisions done once per scale: amax goes out through the scale buffer and comes back one
+    scale per thread (a plain 1-D load), the reciprocal goes out and comes back in whatever layout
+    the cast wants, then s overwrites it. Each round trip is a CTA barrier; the scale bytes are
+    the kernel's output anyway."""
+    tl.store(s_ptrs, amax, mask=mask)
+    tl.debug_barrier()
+    a = tl.load(s_ptrs, mask=mask, other=1.0)
+    s = _scale(a, a - a, POW2)
+    tl.store(s_ptrs, tl.math.div_rn(1.0, s), mask=mask)
+    tl.debug_barrier()
+    inv = tl.load(s_ptrs, mask=mask, other=1.0)
+    tl.debug_barrier()
+    tl.store(s_ptrs, s, mask=mask)
+    if AXIS == 0:
+        q = x * inv[None, :]
+    else:
+        q = x * inv[:, None]
+    if EXACT_CAST:
+        return _e4m3_rne(tl.minimum(tl.maximum(q, -_FMAX), _FMAX))
+    return q.to(tl.float8e4nv)
+
+
+@triton.jit
 def rms_kernel(x_ptr, rstd_ptr, K, stride_xm, eps, BLOCK_K: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     rk = tl.arange(0, BLOCK_K)
@@ -242,7 +283,7 @@ def _load_tile(x_ptr, u_ptr, rm, rk, M, k_end, stride_xm, stride_um, PROLOGUE: t
 @triton.jit
 def _quant_tile(x, u, w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, rm, rk, row_block, k_blk,
                 M, K, Mp, PROLOGUE: tl.constexpr, COLWISE: tl.constexpr, STORE_HP: tl.constexpr,
-                POW2: tl.constexpr, EXACT_CAST: tl.constexpr):
+                POW2: tl.constexpr, EXACT_CAST: tl.constexpr, COMPACT: tl.constexpr):
     """Prologue, then the 1x128 copy of the tile [and its 128x1 copy, stored transposed]."""
     mask = (rm[:, None] < M) & (rk[None, :] < K)
     rows = rm.to(tl.int64)[:, None]
@@ -256,22 +297,31 @@ def _quant_tile(x, u, w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, rm,
     if STORE_HP:
         tl.store(hp_ptr + rows * K + rk[None, :], x, mask=mask)
     amax = _amax(x, 1)
-    s = _scale(amax, amax - amax, POW2)
-    tl.store(q_ptr + rows * K + rk[None, :], _cast(x, s[:, None], EXACT_CAST), mask=mask)
-    tl.store(s_ptr + k_blk * M + rm, s, mask=(rm < M) & (k_blk * 128 < K))
+    s_ptrs = s_ptr + k_blk * M + rm
+    if COMPACT:
+        q = _cast_compact(x, amax, s_ptrs, (rm < M) & (k_blk * 128 < K), 1, POW2, EXACT_CAST)
+    else:
+        s = _scale(amax, amax - amax, POW2)
+        tl.store(s_ptrs, s, mask=(rm < M) & (k_blk * 128 < K))
+        q = _cast(x, s[:, None], EXACT_CAST)
+    tl.store(q_ptr + rows * K + rk[None, :], q, mask=mask)
     if COLWISE:  # BLOCK_M == 128: this tile is also one row of 128x1 tiles
         amax_t = _amax(x, 0)
-        st = _scale(amax_t, amax_t - amax_t, POW2)
-        qt = _cast(x, st[None, :], EXACT_CAST)
+        st_ptrs = st_ptr + row_block * K + rk
+        if COMPACT:
+            qt = _cast_compact(x, amax_t, st_ptrs, rk < K, 0, POW2, EXACT_CAST)
+        else:
+            st = _scale(amax_t, amax_t - amax_t, POW2)
+            tl.store(st_ptrs, st, mask=rk < K)
+            qt = _cast(x, st[None, :], EXACT_CAST)
         tl.store(qt_ptr + rk[None, :].to(tl.int64) * Mp + rm[:, None], qt, mask=(rk[None, :] < K))
-        tl.store(st_ptr + row_block * K + rk, st, mask=rk < K)
 
 
 @triton.jit
 def _quant_group(x_ptr, u_ptr, w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, rm, row_block,
                  k0, M, K, Mp, stride_xm, stride_um, PROLOGUE: tl.constexpr, COLWISE: tl.constexpr,
                  STORE_HP: tl.constexpr, POW2: tl.constexpr, EXACT_CAST: tl.constexpr,
-                 TILES: tl.constexpr, PREFETCH: tl.constexpr):
+                 COMPACT: tl.constexpr, TILES: tl.constexpr, PREFETCH: tl.constexpr):
     """Quantize tiles k0 .. k0 + TILES - 1 of row block rm (those inside K)."""
     cols = tl.arange(0, 128)
     k_end = tl.minimum(K, (k0 + TILES) * 128)
@@ -283,14 +333,14 @@ def _quant_group(x_ptr, u_ptr, w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st
             x_next, u_next = _load_tile(x_ptr, u_ptr, rm, rk + 128, M, k_end, stride_xm, stride_um,
                                         PROLOGUE)
             _quant_tile(x, u, *outs, rm, rk, row_block, k0 + t, M, K, Mp,
-                        PROLOGUE, COLWISE, STORE_HP, POW2, EXACT_CAST)
+                        PROLOGUE, COLWISE, STORE_HP, POW2, EXACT_CAST, COMPACT)
             x, u = x_next, u_next
     else:
         for t in range(TILES):
             rk = (k0 + t) * 128 + cols
             x, u = _load_tile(x_ptr, u_ptr, rm, rk, M, k_end, stride_xm, stride_um, PROLOGUE)
             _quant_tile(x, u, *outs, rm, rk, row_block, k0 + t, M, K, Mp,
-                        PROLOGUE, COLWISE, STORE_HP, POW2, EXACT_CAST)
+                        PROLOGUE, COLWISE, STORE_HP, POW2, EXACT_CAST, COMPACT)
 
 
 @triton.jit
@@ -298,7 +348,7 @@ def quant_tile_kernel(x_ptr, u_ptr, w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_pt
                       M, K, Mp, stride_xm, stride_um,
                       PROLOGUE: tl.constexpr, COLWISE: tl.constexpr, STORE_HP: tl.constexpr,
                       POW2: tl.constexpr, EXACT_CAST: tl.constexpr, BLOCK_M: tl.constexpr,
-                      TILES: tl.constexpr, PREFETCH: tl.constexpr):
+                      TILES: tl.constexpr, PREFETCH: tl.constexpr, COMPACT: tl.constexpr):
     # program -> (row block, group of TILES consecutive 128-column tiles), K fastest
     groups = tl.cdiv(tl.cdiv(K, 128), TILES)
     pid = tl.program_id(0)
@@ -306,7 +356,7 @@ def quant_tile_kernel(x_ptr, u_ptr, w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_pt
     rm = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
     _quant_group(x_ptr, u_ptr, w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, rm, row_block,
                  k0, M, K, Mp, stride_xm, stride_um, PROLOGUE, COLWISE, STORE_HP, POW2, EXACT_CAST,
-                 TILES, PREFETCH)
+                 COMPACT, TILES, PREFETCH)
 
 
 def _check_input(x: torch.Tensor, name: str) -> None:
@@ -329,6 +379,13 @@ def _tiling(tiling: Tiling | None, kernel: str) -> Tiling:
     if not isinstance(tiling, Tiling):
         raise TypeError(f"tiling must be a models.fp8.quant.Tiling, got {type(tiling).__name__}")
     return tiling
+
+
+def _launch_options(tiling: Tiling) -> dict:
+    options = dict(num_warps=tiling.warps, num_stages=tiling.stages)
+    if tiling.maxnreg:
+        options["maxnreg"] = tiling.maxnreg
+    return options
 
 
 def _raise_if_nonfinite(name: str, *scales: torch.Tensor) -> None:
@@ -361,7 +418,7 @@ def _launch_tiles(prologue, x, u, w, rstd, hp_out, colwise, pow2_scales, tiling:
             M, K, qt.shape[1] if colwise else 0, x.stride(0), 0 if u is None else u.stride(0),
             PROLOGUE=prologue, COLWISE=colwise, STORE_HP=hp_out is not None, POW2=pow2_scales,
             EXACT_CAST=_INTERPRET, BLOCK_M=block_m, TILES=tiling.tiles, PREFETCH=tiling.prefetch,
-            num_warps=tiling.warps, num_stages=tiling.stages)
+            COMPACT=tiling.compact_scales, **_launch_options(tiling))
     return (q, s, qt, st) if colwise else (q, s)
 
 
@@ -463,7 +520,8 @@ def _norm_load(x_ptr, item, Mb, Kb, lag, M, K, stride_xm):
 @triton.jit
 def _norm_work(x, item, w_ptr, rstd_ptr, part_ptr, sync_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st_ptr,
                Mb, Kb, lag, M, K, Mp, eps, COLWISE: tl.constexpr, STORE_HP: tl.constexpr,
-               POW2: tl.constexpr, EXACT_CAST: tl.constexpr, PARTS: tl.constexpr):
+               POW2: tl.constexpr, EXACT_CAST: tl.constexpr, COMPACT: tl.constexpr,
+               PARTS: tl.constexpr):
     """One item of rmsnorm_quant_kernel, its tile x already loaded."""
     count_ptr, flag_ptr = sync_ptr + 1, sync_ptr + 1 + Mb
     r, is_quant = _norm_item(item // Kb, Mb, lag)
@@ -474,7 +532,7 @@ def _norm_work(x, item, w_ptr, rstd_ptr, part_ptr, sync_ptr, hp_ptr, q_ptr, s_pt
             ready = tl.atomic_add(flag_ptr + r, 0, sem="acquire")
         _quant_tile(x, x, w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st_ptr,
                     r * 128 + tl.arange(0, 128), j * 128 + tl.arange(0, 128), r, j, M, K, Mp,
-                    2, COLWISE, STORE_HP, POW2, EXACT_CAST)
+                    2, COLWISE, STORE_HP, POW2, EXACT_CAST, COMPACT)
     else:
         _norm_sum_item(x, rstd_ptr, part_ptr, count_ptr, flag_ptr, r, j, M, K, Kb, eps, PARTS)
 
@@ -483,7 +541,8 @@ def _norm_work(x, item, w_ptr, rstd_ptr, part_ptr, sync_ptr, hp_ptr, q_ptr, s_pt
 def rmsnorm_quant_kernel(x_ptr, w_ptr, rstd_ptr, part_ptr, sync_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr,
                          st_ptr, M, K, Mp, stride_xm, eps, lag,
                          COLWISE: tl.constexpr, STORE_HP: tl.constexpr, POW2: tl.constexpr,
-                         EXACT_CAST: tl.constexpr, PREFETCH: tl.constexpr, PARTS: tl.constexpr):
+                         EXACT_CAST: tl.constexpr, PREFETCH: tl.constexpr, COMPACT: tl.constexpr,
+                         PARTS: tl.constexpr):
     # sync_ptr: [0] the item counter, [1 + r] row block r's finished sum items, [1 + Mb + r] its
     # flag. With PREFETCH a program claims two consecutive items at once and loads both tiles
     # before working on the first, so the second tile is in flight meanwhile.
@@ -495,12 +554,13 @@ def rmsnorm_quant_kernel(x_ptr, w_ptr, rstd_ptr, part_ptr, sync_ptr, hp_ptr, q_p
         if PREFETCH:
             x2 = _norm_load(x_ptr, item + 1, Mb, Kb, lag, M, K, stride_xm)
         _norm_work(x, item, w_ptr, rstd_ptr, part_ptr, sync_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr,
-                   st_ptr, Mb, Kb, lag, M, K, Mp, eps, COLWISE, STORE_HP, POW2, EXACT_CAST, PARTS)
+                   st_ptr, Mb, Kb, lag, M, K, Mp, eps, COLWISE, STORE_HP, POW2, EXACT_CAST, COMPACT,
+                   PARTS)
         if PREFETCH:
             if item + 1 < 2 * Mb * Kb:
                 _norm_work(x2, item + 1, w_ptr, rstd_ptr, part_ptr, sync_ptr, hp_ptr, q_ptr, s_ptr,
                            qt_ptr, st_ptr, Mb, Kb, lag, M, K, Mp, eps, COLWISE, STORE_HP, POW2,
-                           EXACT_CAST, PARTS)
+                           EXACT_CAST, COMPACT, PARTS)
         item = tl.atomic_add(sync_ptr, CLAIM, sem="relaxed")
 
 
@@ -522,8 +582,8 @@ def _launch_norm(x, w, rstd, hp_out, colwise, pow2_scales, eps, tiling: Tiling):
         x, w, rstd, part, sync, q if hp_out is None else hp_out, q, s, qt, st,
         M, K, qt.shape[1] if colwise else 0, x.stride(0), eps, lag,
         COLWISE=colwise, STORE_HP=hp_out is not None, POW2=pow2_scales, EXACT_CAST=_INTERPRET,
-        PREFETCH=tiling.prefetch, PARTS=min(64, triton.next_power_of_2(Kb)),
-        num_warps=tiling.warps)
+        PREFETCH=tiling.prefetch, COMPACT=tiling.compact_scales,
+        PARTS=min(64, triton.next_power_of_2(Kb)), **_launch_options(tiling))
     return (q, s, qt, st) if colwise else (q, s)
 
 
