@@ -36,7 +36,7 @@ def variants(kernel: str) -> list:
         grid = [Tiling(warps=w, maxnreg=r, compact_scales=c, tiles=t, prefetch=p)
                 for w, r, c, t, p in [(8, 0, False, 1, False), (8, 0, True, 1, False),
                                       (8, 128, True, 1, False), (8, 128, True, 2, True),
-                                      (8, 128, True, 4, True), (8, 128, False, 1, False),
+                                      (16, 0, True, 4, True), (8, 128, False, 1, False),
                                       (8, 0, False, 4, True), (16, 0, True, 1, False),
                                       (16, 0, True, 2, True), (16, 0, False, 1, False),
                                       (16, 0, False, 4, True), (4, 0, True, 1, False)]]
