@@ -60,6 +60,8 @@ MAX_NORM_DIM = 16384
 (DeepSeek-V3's 7168) nothing spills; the 16384-wide backward spills a few registers."""
 TILE_ELEMS = 4096
 """Elements a row-tile program handles: narrow rows are stacked until a tile holds this many."""
+WARP_ELEMS = 512
+"""Tile elements per warp (16 per thread), hence a tile's warps (4 to 16)."""
 NORM_BWD_PROGRAMS = 512
 """Programs of the RMSNorm backward, hence rows of fp32 weight-gradient partials (fixed, so the
 reduction order, and the result, does not depend on the card)."""
@@ -85,7 +87,7 @@ def _check_device(name: str, t: torch.Tensor, ref: torch.Tensor) -> None:
 
 
 def _warps(tile_elems: int) -> int:
-    return max(4, min(16, tile_elems // 512))
+    return max(4, min(16, tile_elems // WARP_ELEMS))
 
 
 _EXACT_BF16 = tl.constexpr(INTERPRET)

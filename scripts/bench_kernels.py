@@ -11,7 +11,8 @@ dispatch to the kernels switched off), so the ratio is what the fused path saves
 
 GB/s counts the bytes each fused op must move forward + backward (b bytes per element, N elements):
 rms_norm 5Nb (x, y; x, dy, dx), swiglu 8Nb (a, b, y; a, b, dy, da, db), rope 4Nb (x, y; dy, dx),
-set against a device-to-device copy of the same size (what HBM gives a pure stream).
+set against a device-to-device copy (what HBM gives a pure stream). "saved MB" is what autograd
+keeps for backward after one forward (distinct storages, inputs included), fused against eager.
 Timing: scripts/timing.py (median over batches of back-to-back calls between CUDA events).
 """
 from __future__ import annotations
@@ -82,8 +83,22 @@ def _fwd_bwd(op, inputs):
     return lambda: torch.autograd.grad(op(*inputs), inputs, dy)
 
 
+def saved_mb(op, inputs) -> float:
+    """MB of the distinct storages autograd saves for backward in one forward (inputs included:
+    the ones saved stay alive until backward, whatever else holds them)."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        op(*inputs)
+    return sum(storages.values()) / 2 ** 20
+
+
 def bench(name: str, case, copy_gbs: float) -> None:
     op, inputs, nbytes = case
+    saved_fused = saved_mb(op, inputs)
     with torch.no_grad():
         fwd_fused = time_ms(lambda: op(*inputs))
     bwd_fused = time_ms(_fwd_bwd(op, inputs))
@@ -91,10 +106,14 @@ def bench(name: str, case, copy_gbs: float) -> None:
         with torch.no_grad():
             fwd_eager = time_ms(lambda: op(*inputs))
         bwd_eager = time_ms(_fwd_bwd(op, inputs))
+        saved_eager = saved_mb(op, inputs)
     gbs = nbytes / bwd_fused / 1e6
     print(f"{name:<34}{fwd_fused:>8.3f}{fwd_eager:>8.3f}{bwd_fused:>9.3f}{bwd_eager:>9.3f}"
-          f"{bwd_eager / bwd_fused:>8.2f}x{gbs:>8.0f}{gbs / copy_gbs:>8.0%}")
+          f"{bwd_eager / bwd_fused:>8.2f}x{gbs:>8.0f}{gbs / copy_gbs:>8.0%}"
+          f"{saved_fused:>8.0f}{saved_eager:>8.0f}")
     record(BENCH, f"{name} fwd+bwd", bwd_fused, "ms", "eager torch", bwd_eager,
+           higher_is_better=False)
+    record(BENCH, f"{name} saved for bwd", saved_fused, "MB", "eager torch", saved_eager,
            higher_is_better=False)
 
 
@@ -103,6 +122,37 @@ def copy_bandwidth(n: int = 1 << 26) -> float:
     src = torch.empty(n, device=DEVICE, dtype=DTYPE)
     dst = torch.empty_like(src)
     return 2 * n * src.element_size() / time_ms(lambda: dst.copy_(src)) / 1e6
+
+
+TUNING = [  # (case, knob of models.kernels, values): printed only, the defaults are marked
+    ("rms_norm 16384x4096", lambda: norm_case(16384, 4096, 4096), "NORM_BWD_PROGRAMS",
+     (256, 512, 1024)),
+    ("rms_norm 16384x4096", lambda: norm_case(16384, 4096, 4096), "WARP_ELEMS", (256, 512, 1024)),
+    ("rms_norm 16384x512", lambda: norm_case(16384, 512, 512), "TILE_ELEMS", (2048, 4096, 8192)),
+    ("swiglu 65536x1536", lambda: swiglu_case(65536, 1536), "ELEM_BLOCK", (1024, 2048, 4096)),
+    ("swiglu 65536x1536", lambda: swiglu_case(65536, 1536), "ELEM_WARPS", (4, 8, 16)),
+    ("rope q 4x4096x32x128", lambda: rope_case((4, 4096, 32, 128), 256), "TILE_ELEMS",
+     (2048, 4096, 8192)),
+]
+
+
+def tuning() -> None:
+    """Fused forward + backward ms as one launch parameter moves (for choosing the defaults)."""
+    print("\n== tuning: fused fwd+bwd ms per value of a launch parameter (* = default)")
+    for name, make, knob, values in TUNING:
+        op, inputs, _ = make()
+        default = getattr(kernels, knob)
+        cells = []
+        for value in values:
+            setattr(kernels, knob, value)
+            try:
+                cells.append(f"{value}{'*' if value == default else ''}: "
+                             f"{time_ms(_fwd_bwd(op, inputs)):.3f}")
+            finally:
+                setattr(kernels, knob, default)
+        print(f"{name:<24}{knob:<19}" + "   ".join(cells))
+        del op, inputs
+        torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -125,10 +175,11 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}, bf16; ms per call; fwd+bwd GB/s of the fused op, "
           f"against a D2D copy's {copy_gbs:.0f} GB/s")
     print(f"{'op':<34}{'fwd':>8}{'eager':>8}{'fwd+bwd':>9}{'eager':>9}{'speedup':>9}{'GB/s':>8}"
-          f"{'of copy':>8}")
+          f"{'of copy':>8}{'saved MB':>8}{'eager':>8}")
     for name, make in cases:
         bench(name, make(), copy_gbs)
         torch.cuda.empty_cache()
+    tuning()
 
 
 if __name__ == "__main__":
