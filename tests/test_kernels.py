@@ -106,7 +106,11 @@ def _assert_bitwise_mostly(ours, ref, share, max_rel, what):
     same = (ours == ref).float().mean().item()
     assert same >= share, f"{what}: only {same:.4f} of the elements bitwise equal"
     atol = ARITHMETIC[ref.dtype] * ref.abs().max().item()
-    torch.testing.assert_close(ours, ref, rtol=max_rel, atol=atol, msg=what)
+    diff = (ours.double() - ref.double()).abs()
+    rel = torch.where(diff <= atol, 0.0, diff / ref.double().abs())
+    assert rel.max() <= max_rel, (f"{what}: {same:.5f} bitwise equal, but relative difference up "
+                                  f"to {rel.max().item():.3g} (> {max_rel:.3g}) at "
+                                  f"{(rel > max_rel).sum().item()} elements")
 
 
 # -- RMSNorm -------------------------------------------------------------------------------------
@@ -121,8 +125,9 @@ def _check_rms_norm(shape, x_dtype, w_dtype, seed):
     x = _rand(shape, x_dtype, seed)
     w = (1 + 0.3 * _rand((D,), torch.float32, seed + 1)).to(w_dtype)
     y = kernels.rms_norm(x, w, eps)
-    # fp32: every element carries rstd's last-bit difference; lower precision mostly rounds it away
-    share, rel = (0.0, 2e-6) if x_dtype == torch.float32 else (0.99, 2 * UNIT_ROUNDOFF[x_dtype])
+    # fp32: every element carries rstd's last-bit difference; lower precision mostly rounds it
+    # away, and where not, one ulp of the normalized value then the product's rounding: 4u at most
+    share, rel = (0.0, 2e-6) if x_dtype == torch.float32 else (0.99, 4 * UNIT_ROUNDOFF[x_dtype])
     _assert_bitwise_mostly(y, _eager_rms_norm(x, w, eps), share, rel, "rms_norm forward")
     dy = _rand(y.shape, y.dtype, seed + 2)
     xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
@@ -148,7 +153,7 @@ def _check_rms_norm_slice(lead, D, full, seed):
     w = (1 + 0.3 * _rand((D,), torch.float32, seed + 1)).requires_grad_()
     y = kernels.rms_norm(whole[..., :D], w, 1e-6)
     _assert_bitwise_mostly(y, _eager_rms_norm(whole[..., :D].detach(), w.detach(), 1e-6), 0.99,
-                           2 * UNIT_ROUNDOFF[torch.bfloat16], "rms_norm of a slice")
+                           4 * UNIT_ROUNDOFF[torch.bfloat16], "rms_norm of a slice")
     dy = _rand(y.shape, y.dtype, seed + 2)
     dwhole, dw = torch.autograd.grad(y, (whole, w), dy)
     assert not dwhole[..., D:].any()
