@@ -158,7 +158,7 @@ TILE_VARIANTS = [quant.Tiling(tiles=2), quant.Tiling(tiles=3, prefetch=True, com
 ROW_VARIANTS = [quant.Tiling(warps=4, block_m=32, tiles=2, compact_scales=True),
                 quant.Tiling(block_m=128, prefetch=True, tiles=3)]
 NORM_VARIANTS = [quant.Tiling(warps=16, lag=1, compact_scales=True),
-                 quant.Tiling(lag=10 ** 6, prefetch=True),
+                 quant.Tiling(lag=10 ** 6, tiles=3),
                  quant.Tiling(fused=False, warps=4, tiles=2, prefetch=True, compact_scales=True)]
 WEIGHT_VARIANTS = [quant.Tiling(hw_transpose=False), quant.Tiling(warps=4, tiles=2)]
 
@@ -260,7 +260,7 @@ def test_gpu_variants(shape=(4097, 2048)):
     for tiling in ROW_VARIANTS + [quant.Tiling(warps=4, block_m=64, compact_scales=True)]:
         _quant_1x128(shape, torch.bfloat16, False, tiling)
         _swiglu((shape[0], 1536), False, False, tiling)
-    for tiling in NORM_VARIANTS + [quant.Tiling(warps=8, ctas_per_sm=2, prefetch=True, lag=1)]:
+    for tiling in NORM_VARIANTS + [quant.Tiling(warps=8, ctas_per_sm=2, tiles=8, lag=1)]:
         _rmsnorm(shape, False, True, tiling)
         _rmsnorm(shape, True, False, tiling)
     for tiling in WEIGHT_VARIANTS:
@@ -353,8 +353,8 @@ for dt in ("bf16", "fp32"):  # activations arrive in either; master weights are 
                 sync_ptr=p("i32"), hp_ptr=p("fp32"), q_ptr=p("fp8e4nv"), s_ptr=p("fp32"),
                 qt_ptr=p("fp8e4nv"), st_ptr=p("fp32"), M="i32", K="i32", Mp="i32",
                 stride_xm="i32", eps="fp32", lag="i32", COLWISE="constexpr", STORE_HP="constexpr",
-                POW2="constexpr", EXACT_CAST="constexpr", PREFETCH="constexpr", COMPACT="constexpr",
-                PARTS="constexpr")
+                POW2="constexpr", EXACT_CAST="constexpr", COMPACT="constexpr",
+                SUM_TILES="constexpr", PARTS="constexpr")
     for pro, col, pow2, tiles, pre, cmp in [(0, True, False, 1, False, False),
                                             (0, True, False, 1, False, True),
                                             (0, False, True, 2, True, False),
@@ -364,10 +364,10 @@ for dt in ("bf16", "fp32"):  # activations arrive in either; master weights are 
                       BLOCK_M=128 if col else 64, TILES=tiles, PREFETCH=pre, COMPACT=cmp)
         out[f"tile{pro}{col}{pow2}{tiles}{pre}{cmp} {dt}"] = build(
             quant.quant_tile_kernel, tile, consts, 8 if col else 4)
-    for col, pre in ((True, False), (False, True)):
-        out[f"norm{col}{pre} {dt}"] = build(quant.rmsnorm_quant_kernel, norm, dict(
-            COLWISE=col, STORE_HP=False, POW2=False, EXACT_CAST=False, PREFETCH=pre, COMPACT=col,
-            PARTS=64), 8)
+    for col, tiles in ((True, 4), (False, 1)):
+        out[f"norm{col}{tiles} {dt}"] = build(quant.rmsnorm_quant_kernel, norm, dict(
+            COLWISE=col, STORE_HP=False, POW2=False, EXACT_CAST=False, COMPACT=col,
+            SUM_TILES=tiles, PARTS=64), 16)
     for hw in (True, False):  # the wrapper never asks fp32 weights for the hardware transpose
         if hw and dt == "fp32":
             continue

@@ -75,16 +75,22 @@ programs read neighbouring bytes of the same rows.
 `rmsnorm_quant_kernel`: a row's scale depends on its full sum of squares, and with the 128x1
 copy a tile needs the sums of all its 128 rows. Computing them in a separate pass over x reads x
 twice from HBM (1.5x the bytes). Instead one persistent kernel walks a sequence of work items,
-claimed in order from an atomic counter: for each 128-row block, Kb "sum" items (one tile each:
-partial sums of squares of its 128 rows over its 128 columns) and, at least `lag` tiles later
-(rounded up to whole row blocks), Kb "quant" items that re-read the same tiles, by then still in L2 (the gap is a few MB; L2 is 50 MB), and
-quantize them. The last sum item of a row block (the one whose atomic increment completes the
-count) adds the Kb partials in a fixed order, writes rstd and raises the row block's flag; a
-quant item spins on that flag. Items are claimed in order, so the item a spinner waits for was
-claimed earlier by a running program that waits on nothing later: no deadlock, whatever the
-number of resident programs (and under the interpreter, which runs programs one after another,
-every flag is already up when it is read). `Tiling(fused=False)` keeps the two-pass form (rms
-pass, then the tile kernel with the norm as prologue) for comparison.
+claimed in order from an atomic counter: for each 128-row block, "sum" items (`tiles` tiles
+each, read at once so that more bytes are in flight: partial sums of squares of its 128 rows
+over each 128 columns) and, at least `lag` tiles later
+(rounded up to whole row blocks), Kb "quant" items that re-read the same tiles, by then still in
+L2 (the gap is a few MB; L2 is 50 MB), and quantize them; only sum items read HBM. The last sum
+item of a row block (the one whose atomic increment completes the count) adds the Kb partials
+in tile order, whoever it
+is, so rstd is deterministic; it writes rstd and raises the row block's flag, on which a quant
+item spins. Items are claimed in order, so the item a spinner waits for was claimed earlier by
+a running program that waits on nothing later: no deadlock, whatever the number of resident
+programs (and under the interpreter, which runs programs one after another, every flag is
+already up when it is read). The sum of squares is thus added in another order than a
+whole-row reduction: rstd may differ from the two-pass form's in the last bit, and the copies
+are bitwise the reference quantization of the normalized value this kernel computed (hp_out).
+`Tiling(fused=False)` keeps the two-pass form (rms pass, then the tile kernel with the norm as
+prologue) for comparison.
 
 `quant_128x128_kernel`: one 128x128 weight block per program, one scale; with transpose=True the
 same block is also written transposed. What must never happen is one hardware-cast value stored
@@ -136,9 +142,10 @@ class Tiling:
     warps        num_warps of each program (every kernel)
     stages       num_stages, the software pipelining of a program's loop (tile kernels)
     tiles        consecutive 128-column tiles of one row block a program quantizes (tile kernels
-                 and the two-pass rmsnorm), or consecutive 128x128 blocks along K (weight kernel)
-    prefetch     load the next tile while quantizing the current one (tile kernels; the fused
-                 rmsnorm claims two items at once and loads both tiles first)
+                 and the two-pass rmsnorm), tiles one sum item of the fused rmsnorm reads at once
+                 (rounded up to a power of two), or consecutive 128x128 blocks along K (weight
+                 kernel)
+    prefetch     load the next tile while quantizing the current one (tile kernels)
     block_m      rows per tile of the row-wise-only tile kernel (the 128x1 copy needs 128)
     fused        rmsnorm: one persistent kernel (True) or an rms pass, then the tile kernel
     ctas_per_sm  fused rmsnorm: programs launched per SM
@@ -180,7 +187,7 @@ DEFAULT_TILING = MappingProxyType({
     "dual": Tiling(warps=8, compact_scales=True, maxnreg=128),
     "swiglu": Tiling(warps=8, compact_scales=True, maxnreg=128),
     "swiglu 1x128": Tiling(warps=4, block_m=64),
-    "rmsnorm": Tiling(warps=16, ctas_per_sm=1, compact_scales=True),
+    "rmsnorm": Tiling(warps=16, ctas_per_sm=1, compact_scales=True, tiles=4),
     "128x128": Tiling(warps=8),
 })
 """The launch each wrapper uses unless given `tiling=` (chosen with scripts/sweep_quant.py)."""
@@ -473,29 +480,41 @@ def swiglu_quantize(gate_MF: torch.Tensor, up_MF: torch.Tensor, pow2_scales: boo
 
 
 @triton.jit
-def _norm_item(b, Mb, lag):
-    """Block b of the item sequence -> (row block, is a quant block). The sequence is
+def _norm_item(item, Mb, Kb, Ls, lag):
+    """item -> (row block r, index j within its block, is a quant item). Row block r has Ls sum
+    items S_r (SUM_TILES tiles each) and Kb quant items Q_r (one tile each), in the sequence
     S_0 .. S_{lag-1}, then S_{lag} Q_0 S_{lag+1} Q_1 ..., then the last lag Q blocks."""
-    t = b - lag
-    mid_quant = (t % 2) == 1
-    tail = b >= 2 * Mb - lag
-    is_quant = tail | ((b >= lag) & mid_quant)
-    r = tl.where(b < lag, b, tl.where(tail, b - Mb, t // 2 + tl.where(mid_quant, 0, lag)))
-    return r, is_quant
+    head = lag * Ls
+    pair = Ls + Kb
+    body = head + (Mb - lag) * pair
+    t = item - head
+    o = t % pair
+    mid_quant = o >= Ls
+    tail = item >= body
+    is_quant = tail | ((item >= head) & mid_quant)
+    r = tl.where(item < head, item // Ls,
+                 tl.where(tail, Mb - lag + (item - body) // Kb, t // pair + tl.where(mid_quant, 0, lag)))
+    j = tl.where(item < head, item % Ls, tl.where(tail, (item - body) % Kb, tl.where(mid_quant, o - Ls, o)))
+    return r, j, is_quant
 
 
 @triton.jit
-def _norm_sum_item(x, rstd_ptr, part_ptr, count_ptr, flag_ptr, r, j, M, K, Kb, eps,
-                   PARTS: tl.constexpr):
-    """Partial sums of squares of row block r over tile j (x: that tile); the last of the row
-    block's Kb sum items adds the partials (in tile order, whoever finishes last) and publishes
-    rstd."""
+def _norm_sum_item(x_ptr, rstd_ptr, part_ptr, count_ptr, flag_ptr, r, j, M, K, Kb, Ls, stride_xm,
+                   eps, SUM_TILES: tl.constexpr, PARTS: tl.constexpr):
+    """Partial sums of squares of row block r over each of its tiles j * SUM_TILES + t (one load
+    for all of them); the last of the row block's Ls sum items adds the Kb partials (in tile
+    order, whoever finishes last) and publishes rstd."""
     rm = r * 128 + tl.arange(0, 128)
     cols = tl.arange(0, 128)
+    x, _ = _load_tile(x_ptr, x_ptr, rm, j * SUM_TILES * 128 + tl.arange(0, SUM_TILES * 128), M, K,
+                      stride_xm, 0, 0)
     x = x.to(tl.float32)
-    tl.store(part_ptr + (r * Kb + j).to(tl.int64) * 128 + cols, tl.sum(x * x, axis=1))
-    tl.debug_barrier()  # every thread's partial is written before the count releases them
-    if tl.atomic_add(count_ptr + r, 1, sem="acq_rel") == Kb - 1:
+    part = tl.sum(tl.reshape(x * x, (128, SUM_TILES, 128)), axis=2)
+    tile = j * SUM_TILES + tl.arange(0, SUM_TILES)
+    tl.store(part_ptr + (r * Kb + tile).to(tl.int64)[None, :] * 128 + cols[:, None], part,
+             mask=(tile < Kb)[None, :])
+    tl.debug_barrier()  # every thread's partials are written before the count releases them
+    if tl.atomic_add(count_ptr + r, 1, sem="acq_rel") == Ls - 1:
         ss = tl.zeros((128,), tl.float32)
         for j0 in range(0, Kb, PARTS):
             jj = j0 + tl.arange(0, PARTS)
@@ -508,60 +527,33 @@ def _norm_sum_item(x, rstd_ptr, part_ptr, count_ptr, flag_ptr, r, j, M, K, Kb, e
 
 
 @triton.jit
-def _norm_load(x_ptr, item, Mb, Kb, lag, M, K, stride_xm):
-    """The input tile of an item (an all-masked load past the last item)."""
-    r, _ = _norm_item(item // Kb, Mb, lag)
-    k_end = tl.where(item < 2 * Mb * Kb, K, 0)
-    x, _ = _load_tile(x_ptr, x_ptr, r * 128 + tl.arange(0, 128), (item % Kb) * 128 + tl.arange(0, 128),
-                      M, k_end, stride_xm, 0, 0)
-    return x
-
-
-@triton.jit
-def _norm_work(x, item, w_ptr, rstd_ptr, part_ptr, sync_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st_ptr,
-               Mb, Kb, lag, M, K, Mp, eps, COLWISE: tl.constexpr, STORE_HP: tl.constexpr,
-               POW2: tl.constexpr, EXACT_CAST: tl.constexpr, COMPACT: tl.constexpr,
-               PARTS: tl.constexpr):
-    """One item of rmsnorm_quant_kernel, its tile x already loaded."""
-    count_ptr, flag_ptr = sync_ptr + 1, sync_ptr + 1 + Mb
-    r, is_quant = _norm_item(item // Kb, Mb, lag)
-    j = item % Kb
-    if is_quant:
-        ready = tl.atomic_add(flag_ptr + r, 0, sem="acquire")
-        while ready == 0:
-            ready = tl.atomic_add(flag_ptr + r, 0, sem="acquire")
-        _quant_tile(x, x, w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st_ptr,
-                    r * 128 + tl.arange(0, 128), j * 128 + tl.arange(0, 128), r, j, M, K, Mp,
-                    2, COLWISE, STORE_HP, POW2, EXACT_CAST, COMPACT)
-    else:
-        _norm_sum_item(x, rstd_ptr, part_ptr, count_ptr, flag_ptr, r, j, M, K, Kb, eps, PARTS)
-
-
-@triton.jit
 def rmsnorm_quant_kernel(x_ptr, w_ptr, rstd_ptr, part_ptr, sync_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr,
                          st_ptr, M, K, Mp, stride_xm, eps, lag,
                          COLWISE: tl.constexpr, STORE_HP: tl.constexpr, POW2: tl.constexpr,
-                         EXACT_CAST: tl.constexpr, PREFETCH: tl.constexpr, COMPACT: tl.constexpr,
-                         PARTS: tl.constexpr):
+                         EXACT_CAST: tl.constexpr, COMPACT: tl.constexpr,
+                         SUM_TILES: tl.constexpr, PARTS: tl.constexpr):
     # sync_ptr: [0] the item counter, [1 + r] row block r's finished sum items, [1 + Mb + r] its
-    # flag. With PREFETCH a program claims two consecutive items at once and loads both tiles
-    # before working on the first, so the second tile is in flight meanwhile.
+    # flag. Sum items read HBM (SUM_TILES tiles at once, to keep more bytes in flight); quant
+    # items re-read their tile from L2.
     Mb, Kb = tl.cdiv(M, 128), tl.cdiv(K, 128)
-    CLAIM: tl.constexpr = 2 if PREFETCH else 1
-    item = tl.atomic_add(sync_ptr, CLAIM, sem="relaxed")
-    while item < 2 * Mb * Kb:
-        x = _norm_load(x_ptr, item, Mb, Kb, lag, M, K, stride_xm)
-        if PREFETCH:
-            x2 = _norm_load(x_ptr, item + 1, Mb, Kb, lag, M, K, stride_xm)
-        _norm_work(x, item, w_ptr, rstd_ptr, part_ptr, sync_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr,
-                   st_ptr, Mb, Kb, lag, M, K, Mp, eps, COLWISE, STORE_HP, POW2, EXACT_CAST, COMPACT,
-                   PARTS)
-        if PREFETCH:
-            if item + 1 < 2 * Mb * Kb:
-                _norm_work(x2, item + 1, w_ptr, rstd_ptr, part_ptr, sync_ptr, hp_ptr, q_ptr, s_ptr,
-                           qt_ptr, st_ptr, Mb, Kb, lag, M, K, Mp, eps, COLWISE, STORE_HP, POW2,
-                           EXACT_CAST, COMPACT, PARTS)
-        item = tl.atomic_add(sync_ptr, CLAIM, sem="relaxed")
+    Ls = tl.cdiv(Kb, SUM_TILES)
+    count_ptr, flag_ptr = sync_ptr + 1, sync_ptr + 1 + Mb
+    item = tl.atomic_add(sync_ptr, 1, sem="relaxed")
+    while item < Mb * (Ls + Kb):
+        r, j, is_quant = _norm_item(item, Mb, Kb, Ls, lag)
+        rm = r * 128 + tl.arange(0, 128)
+        if is_quant:
+            ready = tl.atomic_add(flag_ptr + r, 0, sem="acquire")
+            while ready == 0:
+                ready = tl.atomic_add(flag_ptr + r, 0, sem="acquire")
+            rk = j * 128 + tl.arange(0, 128)
+            x, _ = _load_tile(x_ptr, x_ptr, rm, rk, M, K, stride_xm, 0, 0)
+            _quant_tile(x, x, w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, rm, rk, r, j,
+                        M, K, Mp, 2, COLWISE, STORE_HP, POW2, EXACT_CAST, COMPACT)
+        else:
+            _norm_sum_item(x_ptr, rstd_ptr, part_ptr, count_ptr, flag_ptr, r, j, M, K, Kb, Ls,
+                           stride_xm, eps, SUM_TILES, PARTS)
+        item = tl.atomic_add(sync_ptr, 1, sem="relaxed")
 
 
 def _programs(device: torch.device, per_sm: int) -> int:
@@ -578,11 +570,13 @@ def _launch_norm(x, w, rstd, hp_out, colwise, pow2_scales, eps, tiling: Tiling):
     part = torch.empty(Mb * Kb * BLOCK, dtype=torch.float32, device=x.device)
     sync = torch.zeros(1 + 2 * Mb, dtype=torch.int32, device=x.device)
     lag = min(Mb, ceil_div(tiling.lag, Kb))
-    rmsnorm_quant_kernel[(min(_programs(x.device, tiling.ctas_per_sm), 2 * Mb * Kb),)](
+    sum_tiles = min(triton.next_power_of_2(tiling.tiles), triton.next_power_of_2(Kb))
+    items = Mb * (ceil_div(Kb, sum_tiles) + Kb)
+    rmsnorm_quant_kernel[(min(_programs(x.device, tiling.ctas_per_sm), items),)](
         x, w, rstd, part, sync, q if hp_out is None else hp_out, q, s, qt, st,
         M, K, qt.shape[1] if colwise else 0, x.stride(0), eps, lag,
         COLWISE=colwise, STORE_HP=hp_out is not None, POW2=pow2_scales, EXACT_CAST=_INTERPRET,
-        PREFETCH=tiling.prefetch, COMPACT=tiling.compact_scales,
+        COMPACT=tiling.compact_scales, SUM_TILES=sum_tiles,
         PARTS=min(64, triton.next_power_of_2(Kb)), **_launch_options(tiling))
     return (q, s, qt, st) if colwise else (q, s)
 
