@@ -137,7 +137,8 @@ _FMAX = tl.constexpr(FP8_MAX)
 
 @dataclass(frozen=True)
 class Tiling:
-    """How one launch cuts its work; any choice gives bitwise the same result.
+    """How one launch cuts its work; any choice gives bitwise the same copies and scales (for
+    rmsnorm, of the normalized value: rstd may move in its last bit, see the module docstring).
 
     warps        num_warps of each program (every kernel)
     stages       num_stages, the software pipelining of a program's loop (tile kernels)
@@ -233,12 +234,17 @@ def _scale(amax, nonfinite, POW2: tl.constexpr):
 
 
 @triton.jit
-def _cast(x, s, EXACT_CAST: tl.constexpr):
-    """e4m3(clamp(x * (1/s), -448, 448)); the hardware cvt's satfinite is that clamp."""
-    q = x * tl.math.div_rn(1.0, s)
+def _to_e4m3(q, EXACT_CAST: tl.constexpr):
+    """e4m3(clamp(q, -448, 448)); the hardware cvt's satfinite is that clamp."""
     if EXACT_CAST:
         return _e4m3_rne(tl.minimum(tl.maximum(q, -_FMAX), _FMAX))
     return q.to(tl.float8e4nv)
+
+
+@triton.jit
+def _cast(x, s, EXACT_CAST: tl.constexpr):
+    """e4m3(clamp(x * (1/s), -448, 448))."""
+    return _to_e4m3(x * tl.math.div_rn(1.0, s), EXACT_CAST)
 
 
 @triton.jit
@@ -259,12 +265,8 @@ def _cast_compact(x, amax, s_ptrs, mask, AXIS: tl.constexpr, POW2: tl.constexpr,
     tl.debug_barrier()
     tl.store(s_ptrs, s, mask=mask)
     if AXIS == 0:
-        q = x * inv[None, :]
-    else:
-        q = x * inv[:, None]
-    if EXACT_CAST:
-        return _e4m3_rne(tl.minimum(tl.maximum(q, -_FMAX), _FMAX))
-    return q.to(tl.float8e4nv)
+        return _to_e4m3(x * inv[None, :], EXACT_CAST)
+    return _to_e4m3(x * inv[:, None], EXACT_CAST)
 
 
 @triton.jit
