@@ -31,11 +31,11 @@ from torch import nn
 from models.attention import LatentCache
 from models.block import Block
 from models.config import ModelConfig
+from models.cross_entropy import IGNORE, cross_entropy_sum
+from models import kernels
 from models.layers import RMSNorm, rope_tables
 from models.moe import GroupedExperts, MoE, Router, sequence_balance_loss
 from models.mtp import MTPModule
-
-IGNORE = -100
 
 
 @dataclass
@@ -223,9 +223,16 @@ class Transformer(nn.Module):
 
 
 def cross_entropy(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
-    """Mean token cross-entropy in fp32 over labels != -100 (0 when every label is ignored)."""
-    losses = F.cross_entropy(logits_BSV.flatten(0, 1).float(), labels_BS.flatten(),
-                             ignore_index=IGNORE, reduction="sum")
+    """Mean token cross-entropy in fp32 over labels != -100 (0 when every label is ignored).
+
+    On the GPU one fused kernel each way (models/cross_entropy.py) reads the bf16 logits as they
+    are; elsewhere the eager fp32 formula.
+    """
+    if kernels.fused(logits_BSV):
+        losses = cross_entropy_sum(logits_BSV.flatten(0, 1), labels_BS.flatten())
+    else:
+        losses = F.cross_entropy(logits_BSV.flatten(0, 1).float(), labels_BS.flatten(),
+                                 ignore_index=IGNORE, reduction="sum")
     return losses / (labels_BS != IGNORE).sum().clamp_min(1)
 
 
