@@ -160,7 +160,7 @@ ROW_VARIANTS = [quant.Tiling(warps=4, block_m=32, tiles=2, compact_scales=True),
 NORM_VARIANTS = [quant.Tiling(warps=16, lag=1, compact_scales=True),
                  quant.Tiling(lag=10 ** 6, tiles=3),
                  quant.Tiling(fused=False, warps=4, tiles=2, prefetch=True, compact_scales=True)]
-WEIGHT_VARIANTS = [quant.Tiling(hw_transpose=False), quant.Tiling(warps=4, tiles=2)]
+WEIGHT_VARIANTS = [quant.Tiling(hw_transpose=False), quant.Tiling(warps=4, tiles=4)]
 
 
 @pytest.mark.parametrize("tiling", TILE_VARIANTS)
