@@ -5,6 +5,8 @@
 #   bash scripts/gpu_check.sh            # logs under $OUT (the device tool's folder) or /tmp/gpu_check
 #   BENCHES="saver fp8" bash scripts/gpu_check.sh   # only scripts/bench_saver.py and bench_fp8.py
 #   BENCH_TIMEOUT=120 bash scripts/gpu_check.sh     # stop any one benchmark after 120 s
+#   BENCH_DEADLINE=540 bash scripts/gpu_check.sh    # all benchmarks within 540 s, then the table
+#                                                   # (the last one is cut short, later ones skipped)
 #   SKIP_BENCHES=1 bash scripts/gpu_check.sh        # the tests only; SKIP_TESTS=1: benchmarks only
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,9 +25,16 @@ fi
 [ -n "${SKIP_BENCHES:-}" ] && exit $status
 
 benches=${BENCHES:-$(ls scripts/bench_*.py | sed 's#scripts/bench_\(.*\)\.py#\1#')}
+deadline=$(( SECONDS + ${BENCH_DEADLINE:-1000000} ))
 for name in $benches; do
-    echo "== bench_$name"
-    timeout "${BENCH_TIMEOUT:-0}" python3 "scripts/bench_$name.py" 2>&1 \
+    left=$(( deadline - SECONDS ))
+    if [ "$left" -le 5 ]; then
+        echo "== bench_$name skipped: BENCH_DEADLINE reached"; status=1; continue
+    fi
+    limit=${BENCH_TIMEOUT:-0}
+    if [ "$limit" = 0 ] || [ "$limit" -gt "$left" ]; then limit=$left; fi
+    echo "== bench_$name (at most ${limit} s)"
+    timeout "$limit" python3 "scripts/bench_$name.py" 2>&1 \
         | tee "$out/bench_$name.log" || status=1
 done
 
