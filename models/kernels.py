@@ -290,20 +290,21 @@ def rope_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, n_rows, S, H, stride_xb, stride_
                 BLOCK_HALF: tl.constexpr):
     rows = (tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
     h, s, b = rows % H, (rows // H) % S, rows // (H * S)
-    pair = tl.arange(0, BLOCK_HALF)
-    lane = pair[None, :, None] * 2 + tl.arange(0, 2)[None, None, :]
-    mask = (rows[:, None, None] < n_rows) & (lane < 2 * HALF)
-    x_off = (b * stride_xb + s * stride_xs + h * stride_xh)[:, None, None] + lane
+    lane = tl.arange(0, 2 * BLOCK_HALF)
+    mask = (rows[:, None] < n_rows) & (lane[None, :] < 2 * HALF)
+    x_off = (b * stride_xb + s * stride_xs + h * stride_xh)[:, None] + lane[None, :]
     x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(tl.float32)
-    even, odd = tl.split(x)
+    even, odd = tl.split(tl.reshape(x, [BLOCK_ROWS, BLOCK_HALF, 2]))
+    pair = tl.arange(0, BLOCK_HALF)
     cs_mask = (rows[:, None] < n_rows) & (pair[None, :] < HALF)
     cs_off = s[:, None] * stride_cs + pair[None, :]
     cos = tl.load(cos_ptr + cs_off, mask=cs_mask, other=0.0).to(tl.float32)
     sin = tl.load(sin_ptr + cs_off, mask=cs_mask, other=0.0).to(tl.float32)
     if INVERSE:
         sin = -sin
-    y = tl.join(even * cos - odd * sin, even * sin + odd * cos)
-    tl.store(y_ptr + rows[:, None, None] * (2 * HALF) + lane, _cast(y, y_ptr.dtype.element_ty),
+    y = tl.reshape(tl.join(even * cos - odd * sin, even * sin + odd * cos),
+                   [BLOCK_ROWS, 2 * BLOCK_HALF])
+    tl.store(y_ptr + rows[:, None] * (2 * HALF) + lane[None, :], _cast(y, y_ptr.dtype.element_ty),
              mask=mask)
 
 
