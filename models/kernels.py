@@ -149,7 +149,7 @@ def rms_norm_backward_kernel(x_ptr, w_ptr, rstd_ptr, dy_ptr, dx_ptr, dw_ptr, M, 
                              TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
-    dw = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dw = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # reduced over rows once, at the end
     for t in range(TILES):
         rows = ((pid * TILES + t) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         mask = (rows[:, None] < M) & (cols[None, :] < D)
@@ -158,13 +158,13 @@ def rms_norm_backward_kernel(x_ptr, w_ptr, rstd_ptr, dy_ptr, dx_ptr, dw_ptr, M, 
         rstd = tl.load(rstd_ptr + rows, mask=rows < M, other=0.0)
         normed = x.to(tl.float32) * rstd[:, None]
         dy32 = dy.to(tl.float32)
-        dw += tl.sum(dy32 * _cast(normed, x.dtype).to(tl.float32), axis=0)
+        dw += dy32 * _cast(normed, x.dtype).to(tl.float32)
         dn = dy32 * tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
         dot = tl.sum(dn * normed, axis=1) / D
         dx = rstd[:, None] * (dn - normed * dot[:, None])
         tl.store(dx_ptr + rows[:, None] * D + cols[None, :], _cast(dx, dx_ptr.dtype.element_ty),
                  mask=mask)
-    tl.store(dw_ptr + pid * D + cols, dw, mask=cols < D)
+    tl.store(dw_ptr + pid * D + cols, tl.sum(dw, axis=0), mask=cols < D)
 
 
 def rms_norm_backward(x_MD, weight_D, rstd_M, dy_MD):
