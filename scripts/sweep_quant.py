@@ -46,10 +46,10 @@ def variants(kernel: str) -> list:
         grid.append(Tiling(warps=4, block_m=64, tiles=4, prefetch=True))
     elif kernel == "rmsnorm":  # (warps, maxnreg, compact_scales, tiles per sum item, lag)
         grid = [Tiling(warps=w, maxnreg=r, compact_scales=c, tiles=t, lag=lag, ctas_per_sm=1)
-                for w, r, c, t, lag in [(16, 0, True, 1, 512), (16, 0, True, 8, 512),
-                                        (16, 0, True, 4, 256), (16, 0, True, 4, 2048),
-                                        (16, 0, False, 4, 512), (8, 128, True, 4, 512),
-                                        (8, 0, True, 4, 512), (8, 0, False, 1, 512)]]
+                for w, r, c, t, lag in [(16, 0, True, 1, 256), (16, 0, True, 8, 256),
+                                        (16, 0, True, 4, 128), (16, 0, True, 4, 1024),
+                                        (16, 0, False, 4, 256), (8, 128, True, 4, 256),
+                                        (8, 0, True, 4, 256), (8, 0, False, 1, 256)]]
         grid += [Tiling(fused=False, compact_scales=True, maxnreg=128), Tiling(fused=False)]
     else:
         grid = [Tiling(warps=w, hw_transpose=h) for w in (4, 8, 16) for h in (True, False)]

@@ -166,7 +166,7 @@ class Tiling:
     block_m: int = 128
     fused: bool = True
     ctas_per_sm: int = 2
-    lag: int = 512
+    lag: int = 256
     hw_transpose: bool = True
     compact_scales: bool = False
     maxnreg: int = 0
