@@ -4,11 +4,12 @@
     python scripts/sweep_quant.py --shapes 8192x4096 --kernels dual,rmsnorm
 
 For each shape (bf16 [M, K]) it times a device-to-device copy of the input, then, kernel by
-kernel, every variant at every shape, in this same run. Before a variant is timed its output is checked: bitwise equal to
-the default variant's (DEFAULT_TILING) for every kernel but rmsnorm; rmsnorm variants may sum
-squares in another order (rstd may differ in the last bit), so each is checked bitwise against
-the reference quantization (models/fp8/reference.py, on the GPU) of the normalized value it wrote
-itself, and its rstd against torch's. A variant that fails is reported and not timed.
+kernel, every variant at every shape, in this same run. Before a variant is timed its output is checked: the default variant
+(DEFAULT_TILING) bitwise against models/fp8/reference.py (run on the GPU; SwiGLU and rmsnorm on
+the fp32 value they computed, itself checked against torch), every other variant bitwise against
+the default's output, except rmsnorm's: they may add squares in another order (rstd may differ in
+the last bit), so each is checked against the reference like the default. A variant that fails
+is reported and not timed.
 
 GB/s counts the bytes the operation must move: input read once, FP8 copies and scales written
 (the bookkeeping of scripts/bench_fp8.py). The table shows each variant's GB/s and its fraction
@@ -83,7 +84,7 @@ def cases(M: int, K: int):
             gate, up, colwise=False, check_finite=False, tiling=t)),
         "rmsnorm": (4 * n + 2 * scales,
                     lambda t: quant.rmsnorm_quantize(x, w_norm, check_finite=False, tiling=t)),
-    }, (x, w_norm)
+    }, (x, gate, up, w_norm)
 
 
 def _raw(t: torch.Tensor) -> torch.Tensor:
@@ -94,25 +95,51 @@ def same(a, b) -> bool:
     return all(x.shape == y.shape and torch.equal(_raw(x), _raw(y)) for x, y in zip(a, b))
 
 
-def rmsnorm_ok(t, x, w_norm) -> bool:
-    """Bitwise the reference quantization of the value this variant normalized; rstd close."""
+def matches_reference(out, value: torch.Tensor, colwise: bool) -> bool:
+    """(q, s[, qt, st]) bitwise reference.py's quantization of `value` (computed on the GPU)."""
+    from models.fp8 import reference as R
+    rq, rs = R.quantize_1x128(value)
+    ok = torch.equal(_raw(out[0]), _raw(rq)) and torch.equal(out[1], rs)
+    del rq, rs
+    if colwise and ok:
+        cq, cs = R.quantize_128x1(value)
+        ok = torch.equal(_raw(out[2][:, :value.shape[0]]), _raw(cq.t())) and torch.equal(out[3], cs)
+    return ok
+
+
+def reference_ok(kernel: str, t, inputs) -> bool:
+    """The variant's outputs against reference.py on the GPU; SwiGLU and rmsnorm quantize the
+    fp32 value they computed themselves (hp_out), which is checked against torch first."""
     from models.fp8 import quant
     from models.fp8 import reference as R
+    x, gate, up, w_norm = inputs
     M, K = x.shape
+    if kernel in ("1x128", "dual"):
+        out = (quant.quantize_1x128 if kernel == "1x128" else quant.quantize_dual)(x, tiling=t)
+        return matches_reference(out, x, kernel == "dual")
+    if kernel == "128x128":
+        q, s, qt, st = quant.quantize_128x128(x, transpose=True, tiling=t)
+        rq, rs = R.quantize_128x128(x)
+        return (torch.equal(_raw(q), _raw(rq)) and torch.equal(s, rs)
+                and torch.equal(_raw(qt), _raw(rq.t().contiguous())) and torch.equal(st, rs.t()))
     hp = torch.empty(M, K, device="cuda")
-    q, s, qt, st, rstd = quant.rmsnorm_quantize(x, w_norm, check_finite=False, hp_out=hp, tiling=t)
-    rq, rs = R.quantize_1x128(hp)
-    ok = torch.equal(_raw(q), _raw(rq)) and torch.equal(s, rs)
-    del rq, rs
-    cq, cs = R.quantize_128x1(hp)
-    ok = ok and torch.equal(_raw(qt[:, :M]), _raw(cq.t())) and torch.equal(st, cs)
-    want = torch.rsqrt(x.float().pow(2).mean(-1) + 1e-6)
-    return ok and bool(torch.allclose(rstd, want, atol=0, rtol=1e-5))
+    if kernel == "rmsnorm":
+        out = quant.rmsnorm_quantize(x, w_norm, hp_out=hp, tiling=t)
+        rstd = torch.rsqrt(x.float().pow(2).mean(-1) + 1e-6)
+        want = x.float() * rstd[:, None] * w_norm.float()
+        ok = bool(torch.allclose(out[-1], rstd, atol=0, rtol=1e-5))
+    else:
+        out = quant.swiglu_quantize(gate, up, colwise=kernel == "swiglu", hp_out=hp, tiling=t)
+        want = torch.nn.functional.silu(gate.float()) * up.float()
+        ok = True
+    ok = ok and bool(torch.allclose(hp, want, atol=1e-5, rtol=1e-5))
+    del want
+    return ok and matches_reference(out, hp, kernel != "swiglu 1x128")
 
 
 def sweep_kernel(kernel: str, shapes: dict, rows: list, deadline: float) -> None:
     """Every variant of one kernel at every shape; shapes: "MxK" -> (copy GB/s, cases, inputs)."""
-    for shape, (copy, fns, (x, w_norm)) in shapes.items():
+    for shape, (copy, fns, inputs) in shapes.items():
         nbytes, fn = fns[kernel]
         want = None
         for t in variants(kernel):
@@ -121,11 +148,11 @@ def sweep_kernel(kernel: str, shapes: dict, rows: list, deadline: float) -> None
                 print(f"{label}  skipped (time budget spent; --budget to extend)")
                 continue
             out = fn(t)
-            if kernel == "rmsnorm":
-                ok = rmsnorm_ok(t, x, w_norm)
+            if want is None or kernel == "rmsnorm":  # the default, and every rmsnorm variant
+                ok = reference_ok(kernel, t, inputs)
             else:
-                want = out if want is None else want
                 ok = same(out, want)
+            want = out if want is None else want
             del out
             if not ok:
                 print(f"{label}  WRONG OUTPUT: not timed")
