@@ -111,6 +111,28 @@ def test_cast_rounds_to_nearest_even():
     assert _same(_bits(q), _bits(x.cpu().to(R.E4M3)))
 
 
+def test_cast_saturates():
+    """Tiles whose amax times the rounded reciprocal of its scale exceeds 448 in fp32: the
+    reference clamps before the cast; the GPU leaves that to the conversion's satfinite. Every
+    tiling class must give +-448 there, in both orientations."""
+    g = torch.Generator().manual_seed(71)
+    amax = torch.rand(4096, generator=g) * 1000 + 1
+    over = amax[amax * (1.0 / (amax / R.FP8_MAX)) > R.FP8_MAX][:128]
+    assert len(over) == 128
+    x = torch.randn(128, 128, generator=g).clamp(-1, 1) * over[:, None] / 2
+    x[:, 0] = -over  # row r's amax: over[r], at column 0
+    xt = x.t().contiguous()  # the same for the columns of x.t()
+    x, xt = x.to(DEVICE), xt.to(DEVICE)
+    for tiling in (quant.Tiling(), quant.Tiling(compact_scales=True)):
+        q, s, qt, st = quant.quantize_dual(x, tiling=tiling)
+        _check_row(q, s, x, False)
+        _check_col(qt, st, x, False)
+        assert bool((q.view(torch.uint8)[:, 0] == 0xFE).all())
+        q, s, qt, st = quant.quantize_dual(xt, tiling=tiling)
+        _check_col(qt, st, xt, False)
+        assert bool((qt.view(torch.uint8)[:, 0] == 0xFE).all())
+
+
 def _swiglu(shape, pow2, colwise, tiling=None):
     M, F = shape
     h = _rand((M, 2 * F), 21)  # a fused up-projection output: gate and up are column slices
@@ -305,6 +327,7 @@ def test_gpu_cast_and_non_finite():
     """The hardware e4m3 conversion (not the interpreter's integer rounding) and the NaN-scale
     propagation of the compiled kernels."""
     test_cast_rounds_to_nearest_even()
+    test_cast_saturates()
     test_non_finite_input(float("inf"))
     test_non_finite_input(float("nan"))
 
