@@ -187,11 +187,11 @@ def report_best(rows: list, header: bool = True) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="32768x7168,8192x4096", help="MxK,... (bf16 inputs)")
-    parser.add_argument("--kernels", default="1x128,dual,swiglu,swiglu 1x128,128x128,rmsnorm",
-                        help="comma-separated (rmsnorm last by default: the only kernel whose "
-                             "programs wait on each other)")
-    parser.add_argument("--budget", type=float, default=200.0,
-                        help="seconds after which no new variant starts (default 200)")
+    parser.add_argument("--kernels", default="dual,rmsnorm,swiglu,128x128,swiglu 1x128,1x128",
+                        help="comma-separated, farthest from the copy's bandwidth first (the "
+                             "budget may cut the last)")
+    parser.add_argument("--budget", type=float, default=170.0,
+                        help="seconds after which no new variant starts (default 170)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("sweep_quant: no CUDA device; nothing to measure")
