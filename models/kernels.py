@@ -60,6 +60,8 @@ MAX_NORM_DIM = 16384
 (DeepSeek-V3's 7168) nothing spills; the 16384-wide backward spills a few registers."""
 TILE_ELEMS = 4096
 """Elements a row-tile program handles: narrow rows are stacked until a tile holds this many."""
+ROPE_TILE_ELEMS = 4096
+"""Elements a rope program rotates: rows of R stacked until a tile holds this many."""
 WARP_ELEMS = 512
 """Tile elements per warp (16 per thread), hence a tile's warps (4 to 16)."""
 NORM_BWD_PROGRAMS = 512
@@ -317,7 +319,7 @@ def rope_rotate(x_BSHR: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor
     n_rows = B * S * H
     if n_rows:
         block_half = triton.next_power_of_2(R // 2)
-        block_rows = max(1, TILE_ELEMS // (2 * block_half))
+        block_rows = max(1, ROPE_TILE_ELEMS // (2 * block_half))
         sb, ss, sh, _ = x_BSHR.stride()
         rope_kernel[(triton.cdiv(n_rows, block_rows),)](
             x_BSHR, cos_SR, sin_SR, y_BSHR, n_rows, S, H, sb, ss, sh, cos_SR.stride(0), R // 2,

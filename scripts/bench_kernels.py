@@ -149,34 +149,54 @@ def copy_bandwidth(n: int = 1 << 26) -> float:
     return 2 * n * src.element_size() / time_ms(lambda: dst.copy_(src)) / 1e6
 
 
-TUNING = [  # (case, knob of models.kernels, values): printed only, the defaults are marked
-    ("rms_norm 16384x4096", lambda: norm_case(16384, 4096, 4096), "NORM_BWD_PROGRAMS",
+def norm_launches(rows: int, D: int) -> dict:
+    """The RMSNorm forward and backward launches alone (no autograd), bf16."""
+    x, dy, w = _randn(rows, D), _randn(rows, D), torch.ones(D, device=DEVICE, dtype=DTYPE)
+    rstd = kernels.rms_norm_forward(x, w, 1e-6)[1]
+    return dict(fwd=lambda: kernels.rms_norm_forward(x, w, 1e-6),
+                bwd=lambda: kernels.rms_norm_backward(x, w, rstd, dy))
+
+
+def rope_launches(shape, full_last: int) -> dict:
+    """One rotation of the rope slice (forward and backward are the same kernel)."""
+    x = _randn(*shape[:-1], full_last)[..., full_last - shape[-1]:]
+    angles = torch.rand(shape[1], shape[-1] // 2, device=DEVICE)
+    cos, sin = angles.cos(), angles.sin()
+    return dict(fwd=lambda: kernels.rope_rotate(x, cos, sin))
+
+
+TUNING = [  # (case, launches, knob of models.kernels, values): printed only
+    ("rms_norm 16384x4096", lambda: norm_launches(16384, 4096), "WARP_ELEMS",
+     (256, 512, 1024, 2048)),
+    ("rms_norm 16384x4096", lambda: norm_launches(16384, 4096), "NORM_BWD_PROGRAMS",
+     (264, 528, 1056, 2112)),
+    ("rms_norm 16384x1536", lambda: norm_launches(16384, 1536), "WARP_ELEMS",
+     (256, 512, 1024, 2048)),
+    ("rms_norm 16384x512", lambda: norm_launches(16384, 512), "WARP_ELEMS", (256, 512, 1024)),
+    ("rms_norm 16384x512", lambda: norm_launches(16384, 512), "TILE_ELEMS", (2048, 4096, 8192)),
+    ("rope q 4x4096x32x128", lambda: rope_launches((4, 4096, 32, 128), 256), "ROPE_TILE_ELEMS",
+     (1024, 2048, 4096, 8192)),
+    ("rope q 4x4096x32x128", lambda: rope_launches((4, 4096, 32, 128), 256), "WARP_ELEMS",
      (256, 512, 1024)),
-    ("rms_norm 16384x4096", lambda: norm_case(16384, 4096, 4096), "WARP_ELEMS", (256, 512, 1024)),
-    ("rms_norm 16384x512", lambda: norm_case(16384, 512, 512), "TILE_ELEMS", (2048, 4096, 8192)),
-    ("swiglu 65536x1536", lambda: swiglu_case(65536, 1536), "ELEM_BLOCK", (1024, 2048, 4096)),
-    ("swiglu 65536x1536", lambda: swiglu_case(65536, 1536), "ELEM_WARPS", (4, 8, 16)),
-    ("rope q 4x4096x32x128", lambda: rope_case((4, 4096, 32, 128), 256), "TILE_ELEMS",
-     (2048, 4096, 8192)),
 ]
 
 
 def tuning() -> None:
-    """Fused forward + backward GPU kernel ms as one launch parameter moves (for the defaults)."""
-    print("\n== tuning: fused fwd+bwd GPU kernel ms per value of a launch parameter (* = default)")
+    """GPU kernel ms of each launch as one launch parameter moves (for choosing the defaults)."""
+    print("\n== tuning: GPU kernel ms per launch, per value of a parameter (* = default)")
     for name, make, knob, values in TUNING:
-        op, inputs, _ = make()
+        launches = make()
         default = getattr(kernels, knob)
         cells = []
         for value in values:
             setattr(kernels, knob, value)
             try:
-                cells.append(f"{value}{'*' if value == default else ''}: "
-                             f"{kernel_ms(_fwd_bwd(op, inputs)):.3f}")
+                times = " ".join(f"{k} {kernel_ms(fn):.3f}" for k, fn in launches.items())
             finally:
                 setattr(kernels, knob, default)
-        print(f"{name:<24}{knob:<19}" + "   ".join(cells))
-        del op, inputs
+            cells.append(f"{value}{'*' if value == default else ''}: {times}")
+        print(f"{name:<22}{knob:<18}" + " | ".join(cells))
+        del launches
         torch.cuda.empty_cache()
 
 

@@ -126,8 +126,9 @@ def _check_rms_norm(shape, x_dtype, w_dtype, seed):
     w = (1 + 0.3 * _rand((D,), torch.float32, seed + 1)).to(w_dtype)
     y = kernels.rms_norm(x, w, eps)
     # fp32: every element carries rstd's last-bit difference; lower precision mostly rounds it
-    # away, and where not, one ulp of the normalized value then the product's rounding: 4u at most
-    share, rel = (0.0, 2e-6) if x_dtype == torch.float32 else (0.99, 4 * UNIT_ROUNDOFF[x_dtype])
+    # away, and where not, one ulp of the normalized value then the product's rounding: 4u and
+    # a hair (the rounded product can sit below the exact one), so 5u
+    share, rel = (0.0, 2e-6) if x_dtype == torch.float32 else (0.99, 5 * UNIT_ROUNDOFF[x_dtype])
     _assert_bitwise_mostly(y, _eager_rms_norm(x, w, eps), share, rel, "rms_norm forward")
     dy = _rand(y.shape, y.dtype, seed + 2)
     xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
@@ -153,7 +154,7 @@ def _check_rms_norm_slice(lead, D, full, seed):
     w = (1 + 0.3 * _rand((D,), torch.float32, seed + 1)).requires_grad_()
     y = kernels.rms_norm(whole[..., :D], w, 1e-6)
     _assert_bitwise_mostly(y, _eager_rms_norm(whole[..., :D].detach(), w.detach(), 1e-6), 0.99,
-                           4 * UNIT_ROUNDOFF[torch.bfloat16], "rms_norm of a slice")
+                           5 * UNIT_ROUNDOFF[torch.bfloat16], "rms_norm of a slice")
     dy = _rand(y.shape, y.dtype, seed + 2)
     dwhole, dw = torch.autograd.grad(y, (whole, w), dy)
     assert not dwhole[..., D:].any()
@@ -389,7 +390,7 @@ for dt in ("bf16", "fp32"):
                                 kernels.ELEM_WARPS)
     out[f"swiglu_backward {dt}"] = build(kernels.swiglu_backward_kernel, dict(
         elem, dy_ptr=p(dt), da_ptr=p(dt), db_ptr=p(dt)), block, kernels.ELEM_WARPS)
-    block_rows = kernels.TILE_ELEMS // 64
+    block_rows = kernels.ROPE_TILE_ELEMS // 64
     for inverse in (False, True):
         out[f"rope {dt} inverse={inverse}"] = build(kernels.rope_kernel, dict(
             x_ptr=p(dt), cos_ptr=p("fp32"), sin_ptr=p("fp32"), y_ptr=p(dt), n_rows="i32",
