@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 
 import torch
 
@@ -39,6 +40,8 @@ from models.layers import RMSNorm, apply_rope  # noqa: E402
 BENCH = "kernels"
 DEVICE = "cuda"
 DTYPE = torch.bfloat16
+BUDGET_S = 50
+"""Seconds after which the tuning sweep starts no new row (the bench should fit a minute)."""
 
 
 @contextlib.contextmanager
@@ -181,10 +184,14 @@ TUNING = [  # (case, launches, knob of models.kernels, values): printed only
 ]
 
 
-def tuning() -> None:
-    """GPU kernel ms of each launch as one launch parameter moves (for choosing the defaults)."""
+def tuning(deadline: float) -> None:
+    """GPU kernel ms of each launch as one launch parameter moves (for choosing the defaults);
+    no new row starts after `deadline` (time.monotonic())."""
     print("\n== tuning: GPU kernel ms per launch, per value of a parameter (* = default)")
     for name, make, knob, values in TUNING:
+        if time.monotonic() > deadline:
+            print(f"{name:<22}{knob:<18}skipped (time budget of the benchmark spent)")
+            continue
         launches = make()
         default = getattr(kernels, knob)
         cells = []
@@ -204,6 +211,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels.py needs a CUDA GPU")
     assert kernels.fused(torch.empty(1, device=DEVICE)), "the kernels are not dispatched on CUDA"
+    deadline = time.monotonic() + BUDGET_S
     torch.manual_seed(0)
     T = 4 * 4096
     cases = [
@@ -224,7 +232,7 @@ def main() -> None:
     for name, make in cases:
         bench(name, make(), copy_gbs)
         torch.cuda.empty_cache()
-    tuning()
+    tuning(deadline)
 
 
 if __name__ == "__main__":
