@@ -45,12 +45,13 @@ def variants(kernel: str) -> list:
                 [(4, 32), (4, 64), (8, 64), (8, 128)] for c in (False, True)]
         grid += [Tiling(warps=4, block_m=b, tiles=4, prefetch=True) for b in (32, 64)]
     elif kernel == "rmsnorm":  # (warps, maxnreg, compact_scales, tiles per sum item, lag)
-        grid = [Tiling(warps=w, maxnreg=r, compact_scales=c, tiles=t, lag=lag, ctas_per_sm=1)
-                for w, r, c, t, lag in [(16, 0, True, 1, 256), (16, 0, True, 8, 256),
-                                        (16, 0, True, 4, 128), (16, 0, True, 4, 1024),
-                                        (16, 0, False, 4, 256), (8, 128, True, 4, 256),
-                                        (8, 0, True, 4, 256), (8, 0, False, 1, 256)]]
-        grid += [Tiling(fused=False, compact_scales=True, maxnreg=128), Tiling(fused=False)]
+        grid = [Tiling(warps=w, maxnreg=r, compact_scales=c, tiles=t, lag=lag)
+                for w, r, c, t, lag in [(8, 0, False, 4, 256), (8, 0, False, 2, 256),
+                                        (8, 0, False, 8, 256), (8, 0, False, 4, 128),
+                                        (8, 0, False, 4, 1024), (8, 128, True, 4, 256),
+                                        (8, 0, True, 4, 256), (4, 0, False, 4, 256)]]
+        grid += [Tiling(warps=16, compact_scales=True, tiles=4, persistent=True, ctas_per_sm=1),
+                 Tiling(fused=False, warps=4, compact_scales=True), Tiling(fused=False)]
     else:
         grid = [Tiling(warps=w, hw_transpose=h) for w in (4, 8, 16) for h in (True, False)]
         grid.append(Tiling(warps=8, tiles=2))

@@ -179,7 +179,7 @@ TILE_VARIANTS = [quant.Tiling(tiles=2), quant.Tiling(tiles=3, prefetch=True, com
                  quant.Tiling(warps=4, stages=2, tiles=4, prefetch=True)]
 ROW_VARIANTS = [quant.Tiling(warps=4, block_m=32, tiles=2, compact_scales=True),
                 quant.Tiling(block_m=128, prefetch=True, tiles=3)]
-NORM_VARIANTS = [quant.Tiling(warps=16, lag=1, compact_scales=True),
+NORM_VARIANTS = [quant.Tiling(warps=16, lag=1, compact_scales=True, persistent=True),
                  quant.Tiling(lag=10 ** 6, tiles=3),
                  quant.Tiling(fused=False, warps=4, tiles=2, prefetch=True, compact_scales=True)]
 WEIGHT_VARIANTS = [quant.Tiling(hw_transpose=False), quant.Tiling(warps=4, tiles=4)]
@@ -282,7 +282,9 @@ def test_gpu_variants(shape=(4097, 2048)):
     for tiling in ROW_VARIANTS + [quant.Tiling(warps=4, block_m=64, compact_scales=True)]:
         _quant_1x128(shape, torch.bfloat16, False, tiling)
         _swiglu((shape[0], 1536), False, False, tiling)
-    for tiling in NORM_VARIANTS + [quant.Tiling(warps=8, ctas_per_sm=2, tiles=8, lag=1)]:
+    for tiling in NORM_VARIANTS + [quant.Tiling(warps=8, ctas_per_sm=2, tiles=8, lag=1,
+                                                persistent=True),
+                                   quant.Tiling(warps=4, tiles=8, lag=1, compact_scales=True)]:
         _rmsnorm(shape, False, True, tiling)
         _rmsnorm(shape, True, False, tiling)
     for tiling in WEIGHT_VARIANTS:
@@ -384,7 +386,7 @@ for dt in ("bf16", "fp32"):  # activations arrive in either; master weights are 
                 qt_ptr=p("fp8e4nv"), st_ptr=p("fp32"), M="i32", K="i32", Mp="i32",
                 stride_xm="i32", eps="fp32", lag="i32", COLWISE="constexpr", STORE_HP="constexpr",
                 POW2="constexpr", EXACT_CAST="constexpr", COMPACT="constexpr",
-                SUM_TILES="constexpr", PARTS="constexpr")
+                SUM_TILES="constexpr", PARTS="constexpr", PERSISTENT="constexpr")
     for pro, col, pow2, tiles, pre, cmp, warps in [(0, True, False, 1, False, False, 8),
                                                    (0, True, False, 1, False, True, 4),
                                                    (0, False, True, 4, True, False, 4),
@@ -397,7 +399,7 @@ for dt in ("bf16", "fp32"):  # activations arrive in either; master weights are 
     for col, tiles in ((True, 4), (False, 1)):
         out[f"norm{col}{tiles} {dt}"] = build(quant.rmsnorm_quant_kernel, norm, dict(
             COLWISE=col, STORE_HP=False, POW2=False, EXACT_CAST=False, COMPACT=col,
-            SUM_TILES=tiles, PARTS=64), 16)
+            SUM_TILES=tiles, PARTS=64, PERSISTENT=col), 16 if col else 8)
     for hw in (True, False):  # the wrapper never asks fp32 weights for the hardware transpose
         if hw and dt == "fp32":
             continue

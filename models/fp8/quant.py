@@ -74,23 +74,23 @@ programs read neighbouring bytes of the same rows.
 
 `rmsnorm_quant_kernel`: a row's scale depends on its full sum of squares, and with the 128x1
 copy a tile needs the sums of all its 128 rows. Computing them in a separate pass over x reads x
-twice from HBM (1.5x the bytes). Instead one persistent kernel walks a sequence of work items,
-claimed in order from an atomic counter: for each 128-row block, "sum" items (`tiles` tiles
-each, read at once so that more bytes are in flight: partial sums of squares of its 128 rows
-over each 128 columns) and, at least `lag` tiles later
-(rounded up to whole row blocks), Kb "quant" items that re-read the same tiles, by then still in
-L2 (the gap is a few MB; L2 is 50 MB), and quantize them; only sum items read HBM. The last sum
-item of a row block (the one whose atomic increment completes the count) adds the Kb partials
-in tile order, whoever it
-is, so rstd is deterministic; it writes rstd and raises the row block's flag, on which a quant
-item spins. Items are claimed in order, so the item a spinner waits for was claimed earlier by
-a running program that waits on nothing later: no deadlock, whatever the number of resident
-programs (and under the interpreter, which runs programs one after another, every flag is
-already up when it is read). The sum of squares is thus added in another order than a
-whole-row reduction: rstd may differ from the two-pass form's in the last bit, and the copies
-are bitwise the reference quantization of the normalized value this kernel computed (hp_out).
-`Tiling(fused=False)` keeps the two-pass form (rms pass, then the tile kernel with the norm as
-prologue) for comparison.
+twice from HBM (1.5x the bytes). Instead one launch runs a sequence of work items, each program
+claiming the next item from an atomic counter: for each 128-row block, "sum" items (`tiles`
+tiles each, read at once so that more bytes are in flight: partial sums of squares of its 128
+rows over each 128 columns) and, at least `lag` tiles later (rounded up to whole row blocks),
+Kb "quant" items that re-read the same tiles, by then still in L2 (the gap is a few MB; L2 is
+50 MB), and quantize them; only sum items read HBM. The last sum item of a row block (the one
+whose atomic increment completes the count) adds the Kb partials in tile order, whoever it is,
+so rstd is deterministic; it writes rstd and raises the row block's flag, on which a quant item
+spins. Items are claimed in order by programs already running, so the item a spinner waits for
+belongs to a running program that waits on nothing later: no deadlock, whatever order the GPU
+starts programs in and however many are resident (and under the interpreter, which runs
+programs one after another, every flag is already up when it is read). By default a program
+does one item (grid = items); `persistent` programs loop over items instead. The sum of
+squares is thus added in another order than a whole-row reduction: rstd may differ from the
+two-pass form's in the last bit, and the copies are bitwise the reference quantization of the
+normalized value this kernel computed (hp_out). `Tiling(fused=False)` keeps the two-pass form
+(rms pass, then the tile kernel with the norm as prologue) for comparison.
 
 `quant_128x128_kernel`: one 128x128 weight block per program, one scale; with transpose=True the
 same block is also written transposed. What must never happen is one hardware-cast value stored
@@ -149,7 +149,10 @@ class Tiling:
     prefetch     load the next tile while quantizing the current one (tile kernels)
     block_m      rows per tile of the row-wise-only tile kernel (the 128x1 copy needs 128)
     fused        rmsnorm: one persistent kernel (True) or an rms pass, then the tile kernel
-    ctas_per_sm  fused rmsnorm: programs launched per SM
+    persistent   fused rmsnorm: a program per SM slot walking items in a loop (True), or a
+                 program per item (False; a loop costs ~60 registers per thread here, and fewer
+                 programs per SM hide less latency)
+    ctas_per_sm  persistent fused rmsnorm: programs launched per SM
     lag          fused rmsnorm: tiles between a tile's sum-of-squares read and its quantizing re-read
     compact_scales  128x1 copies (dual, SwiGLU, rmsnorm): compute each column's scale once, from its
                  amax passed through the st buffer, instead of in every thread holding the column
@@ -165,6 +168,7 @@ class Tiling:
     prefetch: bool = False
     block_m: int = 128
     fused: bool = True
+    persistent: bool = False
     ctas_per_sm: int = 2
     lag: int = 256
     hw_transpose: bool = True
@@ -188,7 +192,7 @@ DEFAULT_TILING = MappingProxyType({  # H100 sweep (fraction of a D2D copy, 32768
     "dual": Tiling(warps=4, compact_scales=True),                   # 92% / 83%
     "swiglu": Tiling(warps=8, compact_scales=True),                 # 85% / 75%
     "swiglu 1x128": Tiling(warps=4, block_m=32),                    # 98% / 87%
-    "rmsnorm": Tiling(warps=16, ctas_per_sm=1, compact_scales=True, tiles=4),  # not yet measured
+    "rmsnorm": Tiling(warps=8, tiles=4),                            # not yet measured
     "128x128": Tiling(warps=8),                                     # 93% / 73%
 })
 """The launch each wrapper uses unless given `tiling=` (chosen with scripts/sweep_quant.py)."""
@@ -529,33 +533,50 @@ def _norm_sum_item(x_ptr, rstd_ptr, part_ptr, count_ptr, flag_ptr, r, j, M, K, K
 
 
 @triton.jit
+def _norm_work(x_ptr, w_ptr, rstd_ptr, part_ptr, count_ptr, flag_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr,
+               st_ptr, item, Mb, Kb, Ls, lag, M, K, Mp, stride_xm, eps, COLWISE: tl.constexpr,
+               STORE_HP: tl.constexpr, POW2: tl.constexpr, EXACT_CAST: tl.constexpr,
+               COMPACT: tl.constexpr, SUM_TILES: tl.constexpr, PARTS: tl.constexpr):
+    """One item: wait for the row block's rstd and quantize a tile, or sum squares."""
+    r, j, is_quant = _norm_item(item, Mb, Kb, Ls, lag)
+    rm = r * 128 + tl.arange(0, 128)
+    if is_quant:
+        ready = tl.atomic_add(flag_ptr + r, 0, sem="acquire")
+        while ready == 0:
+            ready = tl.atomic_add(flag_ptr + r, 0, sem="acquire")
+        rk = j * 128 + tl.arange(0, 128)
+        x, _ = _load_tile(x_ptr, x_ptr, rm, rk, M, K, stride_xm, 0, 0)
+        _quant_tile(x, x, w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, rm, rk, r, j,
+                    M, K, Mp, 2, COLWISE, STORE_HP, POW2, EXACT_CAST, COMPACT)
+    else:
+        _norm_sum_item(x_ptr, rstd_ptr, part_ptr, count_ptr, flag_ptr, r, j, M, K, Kb, Ls,
+                       stride_xm, eps, SUM_TILES, PARTS)
+
+
+@triton.jit
 def rmsnorm_quant_kernel(x_ptr, w_ptr, rstd_ptr, part_ptr, sync_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr,
                          st_ptr, M, K, Mp, stride_xm, eps, lag,
                          COLWISE: tl.constexpr, STORE_HP: tl.constexpr, POW2: tl.constexpr,
                          EXACT_CAST: tl.constexpr, COMPACT: tl.constexpr,
-                         SUM_TILES: tl.constexpr, PARTS: tl.constexpr):
+                         SUM_TILES: tl.constexpr, PARTS: tl.constexpr, PERSISTENT: tl.constexpr):
     # sync_ptr: [0] the item counter, [1 + r] row block r's finished sum items, [1 + Mb + r] its
     # flag. Sum items read HBM (SUM_TILES tiles at once, to keep more bytes in flight); quant
     # items re-read their tile from L2.
     Mb, Kb = tl.cdiv(M, 128), tl.cdiv(K, 128)
     Ls = tl.cdiv(Kb, SUM_TILES)
     count_ptr, flag_ptr = sync_ptr + 1, sync_ptr + 1 + Mb
-    item = tl.atomic_add(sync_ptr, 1, sem="relaxed")
-    while item < Mb * (Ls + Kb):
-        r, j, is_quant = _norm_item(item, Mb, Kb, Ls, lag)
-        rm = r * 128 + tl.arange(0, 128)
-        if is_quant:
-            ready = tl.atomic_add(flag_ptr + r, 0, sem="acquire")
-            while ready == 0:
-                ready = tl.atomic_add(flag_ptr + r, 0, sem="acquire")
-            rk = j * 128 + tl.arange(0, 128)
-            x, _ = _load_tile(x_ptr, x_ptr, rm, rk, M, K, stride_xm, 0, 0)
-            _quant_tile(x, x, w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, rm, rk, r, j,
-                        M, K, Mp, 2, COLWISE, STORE_HP, POW2, EXACT_CAST, COMPACT)
-        else:
-            _norm_sum_item(x_ptr, rstd_ptr, part_ptr, count_ptr, flag_ptr, r, j, M, K, Kb, Ls,
-                           stride_xm, eps, SUM_TILES, PARTS)
+    if PERSISTENT:
         item = tl.atomic_add(sync_ptr, 1, sem="relaxed")
+        while item < Mb * (Ls + Kb):
+            _norm_work(x_ptr, w_ptr, rstd_ptr, part_ptr, count_ptr, flag_ptr, hp_ptr, q_ptr, s_ptr,
+                       qt_ptr, st_ptr, item, Mb, Kb, Ls, lag, M, K, Mp, stride_xm, eps, COLWISE,
+                       STORE_HP, POW2, EXACT_CAST, COMPACT, SUM_TILES, PARTS)
+            item = tl.atomic_add(sync_ptr, 1, sem="relaxed")
+    else:  # one item per program, still claimed in order (not by program id)
+        _norm_work(x_ptr, w_ptr, rstd_ptr, part_ptr, count_ptr, flag_ptr, hp_ptr, q_ptr, s_ptr,
+                   qt_ptr, st_ptr, tl.atomic_add(sync_ptr, 1, sem="relaxed"), Mb, Kb, Ls, lag, M,
+                   K, Mp, stride_xm, eps, COLWISE, STORE_HP, POW2, EXACT_CAST, COMPACT, SUM_TILES,
+                   PARTS)
 
 
 def _programs(device: torch.device, per_sm: int) -> int:
@@ -574,12 +595,14 @@ def _launch_norm(x, w, rstd, hp_out, colwise, pow2_scales, eps, tiling: Tiling):
     lag = min(Mb, ceil_div(tiling.lag, Kb))
     sum_tiles = min(triton.next_power_of_2(tiling.tiles), triton.next_power_of_2(Kb))
     items = Mb * (ceil_div(Kb, sum_tiles) + Kb)
-    rmsnorm_quant_kernel[(min(_programs(x.device, tiling.ctas_per_sm), items),)](
+    grid = min(_programs(x.device, tiling.ctas_per_sm), items) if tiling.persistent else items
+    rmsnorm_quant_kernel[(grid,)](
         x, w, rstd, part, sync, q if hp_out is None else hp_out, q, s, qt, st,
         M, K, qt.shape[1] if colwise else 0, x.stride(0), eps, lag,
         COLWISE=colwise, STORE_HP=hp_out is not None, POW2=pow2_scales, EXACT_CAST=_INTERPRET,
         COMPACT=tiling.compact_scales, SUM_TILES=sum_tiles,
-        PARTS=min(64, triton.next_power_of_2(Kb)), **_launch_options(tiling))
+        PARTS=min(64, triton.next_power_of_2(Kb)), PERSISTENT=tiling.persistent,
+        **_launch_options(tiling))
     return (q, s, qt, st) if colwise else (q, s)
 
 
