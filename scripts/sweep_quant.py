@@ -39,7 +39,7 @@ def variants(kernel: str) -> list:
                                       (4, 0, True, 2, False), (4, 0, True, 4, False),
                                       (8, 0, True, 1, False), (8, 128, True, 1, False),
                                       (8, 0, False, 1, False), (8, 128, False, 1, False),
-                                      (16, 0, True, 1, False)]]
+                                      (16, 0, True, 1, False), (4, 168, True, 1, False)]]
     elif kernel in ("1x128", "swiglu 1x128"):
         grid = [Tiling(warps=w, block_m=b, compact_scales=c) for w, b in
                 [(4, 32), (4, 64), (8, 64), (8, 128)] for c in (False, True)]
@@ -54,7 +54,7 @@ def variants(kernel: str) -> list:
                  Tiling(fused=False, warps=4, compact_scales=True), Tiling(fused=False)]
     else:
         grid = [Tiling(warps=w, hw_transpose=h) for w in (4, 8, 16) for h in (True, False)]
-        grid.append(Tiling(warps=8, tiles=2))
+        grid += [Tiling(warps=w, tiles=2) for w in (4, 8, 16)]
     default = DEFAULT_TILING[kernel]
     return [default] + [v for v in grid if v != default]
 
