@@ -8,6 +8,7 @@
 #   BENCH_DEADLINE=540 bash scripts/gpu_check.sh    # all benchmarks within 540 s, then the table
 #                                                   # (the last one is cut short, later ones skipped)
 #   SKIP_BENCHES=1 bash scripts/gpu_check.sh        # the tests only; SKIP_TESTS=1: benchmarks only
+#   TESTS="tests --ignore=tests/test_saver_gpu.py" bash scripts/gpu_check.sh   # a subset of the tests
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/gpu_check}
@@ -19,8 +20,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 status=0
 if [ -z "${SKIP_TESTS:-}" ]; then
     echo "== GPU tests"
-    python3 -m pytest -q -m "gpu" -p no:cacheprovider --timeout=300 tests 2>&1 \
-        | tee "$out/gpu_tests.log" | tail -n 25 || status=1
+    python3 -m pytest -q -m "gpu" -p no:cacheprovider --timeout=300 --durations=10 ${TESTS:-tests} 2>&1 \
+        | tee "$out/gpu_tests.log" | tail -n 40 || status=1
 fi
 [ -n "${SKIP_BENCHES:-}" ] && exit $status
 
