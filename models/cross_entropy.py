@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from models import kernels  # noqa: F401  (sets TRITON_INTERPRET on CUDA-less machines first)
+from models import kernels  # imports models.triton_env first: the interpreter on CPU-only machines
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 

@@ -32,28 +32,22 @@ Numerics, matching the eager formulas in models/layers.py:
 
 `fused(x)` is the one dispatch rule: the model calls these kernels for CUDA tensors and keeps its
 eager torch code everywhere else, so CPU results (and the HF parity and exact-resume tests) do not
-depend on this module. On a machine without CUDA, importing this module switches Triton to its
-interpreter (TRITON_INTERPRET=1, unless the environment already says otherwise), the same rule as
-models/fp8: that is what lets tests/test_kernels.py run these very kernels on CPU tensors.
-Every kernel holds whole rows, so its loops have compile-time bounds (the interpreter of Triton 3.6
-with NumPy 2 cannot run a loop to a runtime bound).
+depend on this module. On a machine without CUDA the kernels run under Triton's interpreter
+(models/triton_env.py picks it, as for every kernel module): that is what lets tests/test_kernels.py
+run these very kernels on CPU tensors. Every kernel holds whole rows, so its loops have
+compile-time bounds.
 
 Shape legend: M rows (all leading dims flattened), D normalized width, N elements,
 B batch, S sequence, H heads, R rotary dims (R/2 pairs).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel below is defined
-
+from models.triton_env import INTERPRET  # before triton: picks the interpreter on CPU-only machines
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MAX_NORM_DIM = 16384
 """Widest row rms_norm takes: a program holds a whole row in registers (16 warps). Up to 8192

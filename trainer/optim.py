@@ -47,22 +47,19 @@ Parameter groups: matrices (embedding, projections, experts) get weight decay, v
 weights) do not. The router's correction bias is a buffer, never a parameter; a model that makes
 it one is refused here because the optimizer would then move it by gradient.
 
-Triton kernels run on the CPU only under its interpreter, so, as models/fp8 does, importing this
-module on a machine without CUDA sets TRITON_INTERPRET=1 (unless the environment says otherwise)
-before the kernel is defined; the CPU path still uses torch ops unless `AdamW(fused=True)` asks.
+Triton kernels run on the CPU only under its interpreter (models/triton_env.py picks it on a
+machine without CUDA, before the kernel is defined); the CPU path still uses torch ops unless
+`AdamW(fused=True)` asks.
 """
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel is defined
-
+from models.triton_env import INTERPRET  # before triton: picks the interpreter on CPU-only machines
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
@@ -178,7 +175,7 @@ def _check_fused_operands(p, grad, exp_avg, exp_avg_sq) -> None:
                              "torch path, which takes any strides")
         if t.device != p.device:
             raise ValueError(f"adamw_update: {name} is on {t.device}, p on {p.device}; keep all four together")
-    if p.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if p.device.type != "cuda" and not INTERPRET:
         raise RuntimeError(f"the fused AdamW kernel runs on CUDA tensors (or on the CPU under "
                            f"TRITON_INTERPRET=1), got a {p.device} tensor; use AdamW(fused=None) on the CPU")
 

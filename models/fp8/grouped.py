@@ -47,12 +47,13 @@ Shape legend: T tokens (rows), E experts, N output columns, K reduction, BLOCK_*
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 
 import torch
-import triton
-import triton.language as tl
+
+from models.triton_env import INTERPRET  # before triton: the interpreter on CPU-only machines
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 E4M3 = torch.float8_e4m3fn
@@ -111,7 +112,7 @@ def _check_runnable(*tensors: torch.Tensor) -> None:
     for t in tensors:
         if t.device != device:
             raise ValueError(f"all operands must be on one device, got {device} and {t.device}")
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if device.type != "cuda" and not INTERPRET:
         raise RuntimeError("the grouped FP8 GEMMs are Triton kernels: pass CUDA tensors, or set "
                            "TRITON_INTERPRET=1 before importing triton to run them on CPU (tests)")
 

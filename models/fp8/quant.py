@@ -121,17 +121,18 @@ the hardware conversion. Both are checked bitwise against torch's cast.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from types import MappingProxyType
 
 import torch
-import triton
-import triton.language as tl
+
+from models.triton_env import INTERPRET  # before triton: the interpreter on CPU-only machines
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 from .reference import AMAX_EPS, BLOCK, E4M3, FP8_MAX, ceil_div
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET = INTERPRET
 _INTERPRETED = tl.constexpr(_INTERPRET)
 _PLAIN, _SWIGLU, _RMSNORM = 0, 1, 2
 _EPS = tl.constexpr(AMAX_EPS)
