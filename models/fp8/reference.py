@@ -78,7 +78,10 @@ def check_quantizable(x: torch.Tensor, name: str = "x") -> None:
 
 def scale_from_amax(amax: torch.Tensor, pow2_scales: bool = False) -> torch.Tensor:
     """fp32 dequantization scale of a tile with max-abs `amax`: amax/448, optionally rounded up to 2^k."""
-    s = amax.float().clamp_min(AMAX_EPS) / FP8_MAX
+    amax = amax.float().clamp_min(AMAX_EPS)
+    # Divide by a tensor, not a Python number: CUDA turns division by a scalar into a multiply by
+    # its reciprocal, which is not the correctly rounded amax/448 the kernels compute.
+    s = amax / torch.full_like(amax, FP8_MAX)
     if pow2_scales:
         s = round_up_pow2(s)
     return s
