@@ -1,6 +1,32 @@
-"""Shared test set-up: GPU-marked tests skip themselves on machines without CUDA."""
+"""Shared test set-up: GPU-marked tests skip themselves on machines without CUDA, and the
+`compiled_sm90` fixture runs a kernel-compiling script outside the Triton interpreter."""
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def compiled_sm90(tmp_path):
+    """run(script, timeout=300) -> the JSON object the script prints on its last line.
+
+    The script runs in a fresh interpreter with TRITON_INTERPRET=0 (so Triton compiles for real;
+    sm90 needs no GPU, only Triton's bundled ptxas), the project on PYTHONPATH and a private
+    Triton cache, and must exit cleanly."""
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path),
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+    def run(script: str, timeout: int = 300) -> dict:
+        done = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=timeout)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    return run
 
 
 def pytest_collection_modifyitems(config, items):

@@ -262,21 +262,12 @@ print(json.dumps(out))
 '''
 
 
-def test_default_kernels_compile_for_sm90_without_spills():
-    import json
-    import subprocess
-    import sys
-
+def test_default_kernels_compile_for_sm90_without_spills(compiled_sm90):
     import triton
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     if not os.path.exists(os.path.join(tools, "cuobjdump")):
         pytest.skip("this Triton build ships no NVIDIA toolchain (ptxas, cuobjdump)")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=root)
-    run = subprocess.run([sys.executable, "-c", _SM90_COMPILE], capture_output=True, text=True,
-                         env=env, cwd=root, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    usage = json.loads(run.stdout.strip().splitlines()[-1])
+    usage = compiled_sm90(_SM90_COMPILE, timeout=600)
     for kernel, (stack_bytes, smem) in usage.items():
         assert smem <= 227 * 1024, f"{kernel} needs {smem} bytes of shared memory"
         if kernel not in ("gemm persistent", "wgrad accumulate"):  # these only have to compile

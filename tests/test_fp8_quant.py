@@ -411,21 +411,12 @@ print(json.dumps(out))
 '''
 
 
-def test_kernels_compile_for_sm90(tmp_path):
+def test_kernels_compile_for_sm90(compiled_sm90):
     """Compile the real (non-interpreted) kernels for sm90 on this machine, no GPU needed: they
     must build, use the hardware e4m3 conversion, load with 16-byte vectors, and never hand one
     hardware-cast value to both a direct store and a layout conversion (the ptxas miscompile
     behind run 1's NaN Dgrad: quantize_128x128's transposed copy of fp32 weights), neither in
     the TTGIR nor after LLVM (the weight kernel's two casts must stay two sets of conversions)."""
-    import json
-    import subprocess
-    import sys
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path))
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    run = subprocess.run([sys.executable, "-c", _COMPILE_SM90], env=env, cwd=root,
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    for name, info in json.loads(run.stdout.strip().splitlines()[-1]).items():
+    for name, info in compiled_sm90(_COMPILE_SM90).items():
         assert info == dict(hw_cast=True, vector_loads=True, cast_stored_and_shuffled=[],
                             casts_kept_apart=True), (name, info)

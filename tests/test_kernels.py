@@ -16,10 +16,7 @@ tests run the real kernels on small shapes (ragged widths, strided views, empty 
 tests repeat them at the `small` model's sizes, and test_kernels_compile_for_sm90 builds the
 compiled kernels for Hopper on any machine.
 """
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -410,7 +407,7 @@ print(json.dumps(out))
 '''
 
 
-def test_kernels_compile_for_sm90(tmp_path):
+def test_kernels_compile_for_sm90(compiled_sm90):
     """The compiled (not interpreted) kernels build for Hopper without a GPU, at the launch
     configurations the wrappers pick: every large global load and store coalesced in 16-byte
     vectors per thread (the first rope kernel spread a warp over 32 rows: 14% of HBM bandwidth on
@@ -420,13 +417,7 @@ def test_kernels_compile_for_sm90(tmp_path):
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     if not os.path.exists(os.path.join(tools, "cuobjdump")):
         pytest.skip("this Triton build ships no NVIDIA toolchain (ptxas, cuobjdump)")
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path))
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    run = subprocess.run([sys.executable, "-c", _COMPILE_SM90], env=env, cwd=root,
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    for name, info in json.loads(run.stdout.strip().splitlines()[-1]).items():
+    for name, info in compiled_sm90(_COMPILE_SM90).items():
         assert not info["narrow"], (name, info)
         assert info["stack"] == 0 or "D16384" in name, (name, info)
 

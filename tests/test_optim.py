@@ -5,11 +5,8 @@ hand-computed values.
 The fused kernel runs under Triton's interpreter on the CPU (importing trainer.optim without CUDA
 sets TRITON_INTERPRET=1) and compiled on a GPU; `gpu` tests repeat the checks at 10M elements.
 """
-import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -393,17 +390,11 @@ print(json.dumps(out))
 '''
 
 
-def test_kernel_compiles_for_sm90_without_fma(tmp_path):
+def test_kernel_compiles_for_sm90_without_fma(compiled_sm90):
     """The compiled kernel (sm90 PTX, built here without a GPU) rounds every operation once: no fused
     multiply-add (which it would have with Triton's default enable_fp_fusion=True: checked too),
     correctly rounded division and sqrt, 16-byte vector loads."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path),
-               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    run = subprocess.run([sys.executable, "-c", _COMPILE_SM90], env=env, cwd=root,
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    for name, info in json.loads(run.stdout.strip().splitlines()[-1]).items():
+    for name, info in compiled_sm90(_COMPILE_SM90).items():
         fusion = name.endswith("True")
         assert info == dict(fma=fusion, div_rn=True, sqrt_rn=True, v4=True), (name, info)
 
