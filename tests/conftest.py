@@ -1,5 +1,7 @@
-"""Shared test set-up: GPU-marked tests skip themselves on machines without CUDA, and the
-`compiled_sm90` fixture runs a kernel-compiling script outside the Triton interpreter."""
+"""Shared test set-up: GPU-marked tests skip themselves on machines without CUDA, the
+`compiled_sm90` fixture runs a kernel-compiling script outside the Triton interpreter, and
+`saver_builder` is csrc/saver/build.py loaded as a module (it is a build script, not a package)."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -9,6 +11,14 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def saver_builder():
+    spec = importlib.util.spec_from_file_location("saver_build", os.path.join(ROOT, "csrc/saver/build.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture

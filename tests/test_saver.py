@@ -10,7 +10,6 @@ test loads private copies of both libraries, so every test starts with an empty 
 What needs a real GPU (PyTorch's allocator, CUDA graphs, copy speed) is in test_saver_gpu.py.
 """
 import ctypes
-import importlib.util
 import json
 import os
 import random
@@ -30,18 +29,11 @@ ROOT = Path(__file__).resolve().parents[1]
 GRAN = 1 << 16  # the fake driver's allocation granularity
 
 
-def _builder():
-    spec = importlib.util.spec_from_file_location("saver_build", ROOT / "csrc/saver/build.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="session")
-def built(tmp_path_factory):
+def built(tmp_path_factory, saver_builder):
     out = tmp_path_factory.mktemp("saver_build")
-    builder = _builder()
-    return builder.build_library(out / "libsaver.so"), builder.build_fake_driver(out / "libfakecuda.so")
+    return (saver_builder.build_library(out / "libsaver.so"),
+            saver_builder.build_fake_driver(out / "libfakecuda.so"))
 
 
 class Fake:
@@ -134,15 +126,15 @@ print(json.dumps(row))
 """
 
 
-def test_a_static_cxx_runtime_stays_inside_the_library(tmp_path, built):
+def test_a_static_cxx_runtime_stays_inside_the_library(tmp_path, built, saver_builder):
     """The H100 image's toolchain links libstdc++ statically. Exported, that copy mixed with the
     process's own and the report's number formatting crashed (or printed garbage); the version
     script keeps it private. Here the same build runs next to torch's libstdc++."""
-    archive = subprocess.run([_builder().find_compiler(), "-print-file-name=libstdc++.a"],
+    archive = subprocess.run([saver_builder.find_compiler(), "-print-file-name=libstdc++.a"],
                              capture_output=True, text=True).stdout.strip()
     if not os.path.isabs(archive):
         pytest.skip("no static libstdc++ on this machine")
-    library = _builder().build_library(tmp_path / "libstatic.so", static_cxx_runtime=True)
+    library = saver_builder.build_library(tmp_path / "libstatic.so", static_cxx_runtime=True)
     readelf = subprocess.run(["readelf", "-d", str(library)], capture_output=True, text=True).stdout
     assert "libstdc++" not in readelf
     if shutil.which("nm"):
@@ -173,10 +165,9 @@ def test_setup_py_builds_the_library_and_installs_without_cuda_headers(tmp_path)
     assert "trainer.saver will be disabled" in without.stdout + without.stderr
 
 
-def test_find_cuda_include_names_where_it_looked(tmp_path):
-    builder = _builder()
-    with pytest.raises(builder.BuildUnavailable, match="nowhere"):
-        builder.find_cuda_include({"FP8MOE_SAVER_CUDA_HOME": str(tmp_path / "nowhere")})
+def test_find_cuda_include_names_where_it_looked(tmp_path, saver_builder):
+    with pytest.raises(saver_builder.BuildUnavailable, match="nowhere"):
+        saver_builder.find_cuda_include({"FP8MOE_SAVER_CUDA_HOME": str(tmp_path / "nowhere")})
 
 
 # ---------------------------------------------------------------------------------------------

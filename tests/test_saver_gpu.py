@@ -19,7 +19,6 @@ and a CUDA graph's private pool; a second GPU when there is one; a clean exit wi
 """
 import ctypes
 import faulthandler
-import importlib.util
 import os
 import re
 import subprocess
@@ -33,16 +32,9 @@ GiB = 1 << 30
 MiB = 1 << 20
 
 
-def _build():
-    spec = importlib.util.spec_from_file_location("saver_build", ROOT / "csrc/saver/build.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def library():
-    return _build().ensure_built()
+def library(saver_builder):
+    return saver_builder.ensure_built()
 
 
 def run_scenario(name: str, library: Path, env: dict | None = None, timeout: int = 600):
