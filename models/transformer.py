@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import kernels
 from models.attention import LatentCache
 from models.block import Block
 from models.config import ModelConfig
 from models.cross_entropy import IGNORE, cross_entropy_sum
-from models import kernels
 from models.layers import RMSNorm, rope_tables
 from models.moe import GroupedExperts, MoE, Router, sequence_balance_loss
 from models.mtp import MTPModule
