@@ -80,11 +80,19 @@ LAYER_CASES = [  # (name, experts, tokens per expert, hidden D, width F)
 EXTRA_LAYER_CASES = [("16b", 64, 512, 2048, 1408)]
 
 
+CUDA = "cuda"
+"""The sweep's name for the CUDA kernels of csrc/fp8_grouped (grouped.py's backend='cuda')."""
+
+
+def _backend(cfg) -> dict:
+    return dict(config=None, backend="cuda") if cfg == CUDA else dict(config=cfg, backend="triton")
+
+
 def gemm_configs(full: bool):
     """Tile configs the grouped Fprop/Dgrad sweep tries (BLOCK_K is always 128: one scale group):
     the default (the H100 winner) and the runner-up within 3-7%; --full adds the rest."""
     from models.fp8.grouped import TileConfig as C
-    configs = [C(128, 128, 8, 8, 4, tma=True), C(128, 128, 8, 8, 3, tma=True, k_groups=2)]
+    configs = [CUDA, C(128, 128, 8, 8, 4, tma=True), C(128, 128, 8, 8, 3, tma=True, k_groups=2)]
     if full:
         configs += [C(128, 128, 8, 8, 4), C(128, 128, 8, 8, 4, tma=True, persistent=True),
                     C(128, 256, 8, 8, 3, tma=True),  # two 128-column accumulators; spills a little
@@ -100,7 +108,7 @@ def wgrad_configs(full: bool):
     """Tile configs the grouped Wgrad sweep tries (rows = N of dW, columns = K of dW): the default
     (the H100 winner) and the runner-up; --full adds the rest."""
     from models.fp8.grouped import TileConfig as C
-    configs = [C(64, 128, 8, 4, 4, tma=True), C(128, 128, 8, 8, 3, tma=True)]
+    configs = [CUDA, C(64, 128, 8, 4, 4, tma=True), C(128, 128, 8, 8, 3, tma=True)]
     if full:
         configs += [C(128, 128, 8, 8, 4, tma=True), C(128, 128, 8, 8, 3),
                     C(128, 128, 8, 8, 3, tma=True, k_groups=2), C(128, 128, 16, 8, 5, tma=True),
@@ -109,6 +117,8 @@ def wgrad_configs(full: bool):
 
 
 def _short(cfg) -> str:
+    if cfg == CUDA:
+        return "CUDA (csrc/fp8_grouped)"
     return (f"BM{cfg.block_m} BN{cfg.block_n} G{cfg.group_m} w{cfg.num_warps} s{cfg.num_stages}"
             + (" tma" if cfg.tma else "") + (" pers" if cfg.persistent else "")
             + (f" k{cfg.k_groups}" if cfg.k_groups > 1 else ""))
@@ -156,10 +166,10 @@ def _ours(ops, T: int):
     w_q, w_s, wt_q, wt_s = ops["w8"]
     c = ops["counts"]
     return dict(
-        fwd=lambda cfg: grouped_gemm(q_x, s_x, w_q, w_s, c, config=cfg),
-        dgrad=lambda cfg: grouped_gemm(q_dy, s_dy, wt_q, wt_s, c, config=cfg),
+        fwd=lambda cfg: grouped_gemm(q_x, s_x, w_q, w_s, c, **_backend(cfg)),
+        dgrad=lambda cfg: grouped_gemm(q_dy, s_dy, wt_q, wt_s, c, **_backend(cfg)),
         wgrad=lambda cfg: grouped_wgrad(qt_dy[:, :T].t(), st_dy, qt_x[:, :T].t(), st_x, c,
-                                        config=cfg))
+                                        **_backend(cfg)))
 
 
 def _cublas_one(ops):

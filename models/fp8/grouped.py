@@ -42,6 +42,11 @@ Fprop/Dgrad 128x128 tiles, 8 warps, 4 stages, TMA (within 3% of two K groups per
 runner-up); Wgrad 64x128 tiles, 4 warps, 4 stages, TMA (10-20% ahead of 128x128). Both compile
 for sm90 without register spills (tests/test_fp8_grouped.py).
 
+Backends: on an sm90 GPU both wrappers run, by default, the hand-written CUDA kernels of
+csrc/fp8_grouped (models/fp8/grouped_cuda.py: TMA producer warpgroup, two WGMMA consumer
+warpgroups, persistent) where the operands fit them; `backend="triton"` or a TileConfig selects
+the Triton kernels below, which are also the CPU path (interpreter) and the fallback.
+
 Shape legend: T tokens (rows), E experts, N output columns, K reduction, BLOCK_* tile sizes.
 """
 from __future__ import annotations
@@ -55,6 +60,8 @@ from models.triton_env import INTERPRET  # before triton: the interpreter on CPU
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.tools.tensor_descriptor import TensorDescriptor
+
+from models.fp8 import grouped_cuda
 
 E4M3 = torch.float8_e4m3fn
 SCALE_BLOCK = 128
@@ -332,6 +339,29 @@ def grouped_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, counts_ptr,
                        BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA, K_GROUPS)
 
 
+BACKENDS = ("auto", "cuda", "triton")
+
+
+def _use_cuda(backend: str, device: torch.device, config, fits) -> bool:
+    """Whether this call runs the CUDA kernels (csrc/fp8_grouped): `auto` takes them on an sm90
+    GPU when the operands fit them and no Triton TileConfig was asked for; `cuda` insists."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "triton" or (backend == "auto" and config is not None):
+        return False
+    if backend == "auto":
+        return grouped_cuda.available(device) and fits()
+    if device.type != "cuda" or grouped_cuda.unavailable_reason(device.index or 0):
+        reason = "CPU tensors" if device.type != "cuda" else \
+            grouped_cuda.unavailable_reason(device.index or 0)
+        raise RuntimeError(f"backend='cuda' cannot run here ({reason}); use backend='triton'")
+    if not fits():
+        raise ValueError("backend='cuda' needs 16-byte aligned operands and row strides, N and K "
+                         "multiples of 128 and unit-stride scales along N/K; use backend='triton' "
+                         "or .contiguous() operands")
+    return True
+
+
 def _tma_ok(*tensors: torch.Tensor) -> bool:
     """TMA needs 16-byte aligned bases and row strides and a unit last stride."""
     return all(t.data_ptr() % 16 == 0 and t.stride(-1) == 1
@@ -365,12 +395,13 @@ def _gemm_operands(a_q, b_q, cfg: TileConfig):
 
 def grouped_gemm(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: torch.Tensor,
                  counts_E: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16,
-                 config: TileConfig | None = None) -> torch.Tensor:
+                 config: TileConfig | None = None, backend: str = "auto") -> torch.Tensor:
     """out[t] = deq(a)[t] . deq(b[e(t)])^T for rows sorted by expert (Fprop; Dgrad with b = W^T).
 
     a_q [T, K] e4m3 K-major, a_s [T, K/128] fp32 (any strides; MN-major reads fastest),
     b_q [E, N, K] e4m3 K-major, b_s [E, N/128, K/128] fp32, counts_E [E] int: rows per expert.
     K and N must be multiples of 128. Returns [T, N] in out_dtype (bf16 or fp32).
+    backend: `auto` (the CUDA kernels on sm90 where they fit, else Triton), `cuda`, `triton`.
     """
     cfg = config or DEFAULT_GEMM_CONFIG
     _check_fp8(a_q, "a_q", 2)
@@ -397,6 +428,8 @@ def grouped_gemm(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: t
     m_tiles = m_tiles_bound(rows, E, cfg.block_m)
     if rows == 0 or m_tiles == 0:
         return out
+    if _use_cuda(backend, a_q.device, config, lambda: grouped_cuda.fits_gemm(a_q, b_q)):
+        return grouped_cuda.gemm(a_q, a_s, b_q, b_s, counts_E, out, m_tiles)
     if cfg.block_n not in (64, 128, 256):
         raise ValueError(f"TileConfig.block_n must be 64, 128 or 256 for grouped_gemm, got "
                          f"{cfg.block_n}")
@@ -525,13 +558,14 @@ def _wgrad_operands(a_q, b_q, cfg: TileConfig):
 
 def grouped_wgrad(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: torch.Tensor,
                   counts_E: torch.Tensor, out: torch.Tensor | None = None,
-                  config: TileConfig | None = None) -> torch.Tensor:
+                  config: TileConfig | None = None, backend: str = "auto") -> torch.Tensor:
     """out[e] (+)= deq(a)[rows of e]^T . deq(b)[rows of e]: per-expert weight gradients, fp32.
 
     a_q [T, N] and b_q [T, K] e4m3, token-major (unit stride along T: see `token_major`), with
     128x1 scales a_s [ceil(T/128), N], b_s [ceil(T/128), K] fp32 (groups of 128 sorted rows);
     counts_E [E] int. For dW = dy^T x: a = dy, b = x. Returns [E, N, K] fp32; when `out` is given
     (fp32 [E, N, K], e.g. a main-grad buffer) the result is added into it and it is returned.
+    backend: as for grouped_gemm.
     """
     cfg = config or DEFAULT_WGRAD_CONFIG
     _check_fp8(a_q, "a_q", 2)
@@ -558,6 +592,9 @@ def grouped_wgrad(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: 
     _check_runnable(a_q, a_s, b_q, b_s, counts_E, out)
     if E == 0:
         return out
+    if rows and _use_cuda(backend, a_q.device, config,
+                          lambda: grouped_cuda.fits_wgrad(a_q, a_s, b_q, b_s, E)):
+        return grouped_cuda.wgrad(a_q, a_s, b_q, b_s, counts_E, out, accumulate)
     grid = (E * triton.cdiv(N, cfg.block_m) * triton.cdiv(K, cfg.block_n),)
     a_arg, b_arg = _wgrad_operands(a_q, b_q, cfg) if rows else (a_q, b_q)
     grouped_wgrad_kernel[grid](

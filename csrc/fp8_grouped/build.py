@@ -1,0 +1,74 @@
+"""Compile csrc/fp8_grouped/grouped.cu (the Hopper grouped FP8 GEMMs) into a ctypes library.
+
+The kernels use sm_90a-only instructions (WGMMA, TMA, setmaxnreg), so they are compiled for
+exactly that target, on first use, by the CUDA toolkit's `nvcc`, like DeepGEMM's JIT builds:
+an install needs no GPU and no compiler, and the GPU machine builds the library in a few
+seconds the first time `models.fp8.grouped_cuda` is used. The library links only the static
+CUDA runtime (it reaches the driver's cuTensorMapEncodeTiled through cudaGetDriverEntryPoint),
+so it also compiles on machines with the toolkit but no driver: the CPU tests compile it and
+check that ptxas spills nothing.
+
+    python csrc/fp8_grouped/build.py          # build models/fp8/libfp8moe_grouped.so, print ptxas -v
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SOURCE = ROOT / "csrc" / "fp8_grouped" / "grouped.cu"
+LIBRARY = ROOT / "models" / "fp8" / "libfp8moe_grouped.so"
+NVCC_FLAGS = ("-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-shared",
+              "-Xcompiler", "-fPIC", "-Xptxas", "-v", "--cudart", "static")
+
+
+class BuildUnavailable(RuntimeError):
+    """No nvcc on this machine."""
+
+
+def find_nvcc(env=None) -> str:
+    env = os.environ if env is None else env
+    candidates = [shutil.which("nvcc", path=env.get("PATH"))]
+    candidates += [str(Path(r) / "bin" / "nvcc") for r in (env.get("CUDA_HOME"), env.get("CUDA_PATH"),
+                                                            "/usr/local/cuda") if r]
+    for nvcc in candidates:
+        if nvcc and os.access(nvcc, os.X_OK):
+            return nvcc
+    raise BuildUnavailable("nvcc not found on PATH, in $CUDA_HOME/bin or /usr/local/cuda/bin: the "
+                           "CUDA grouped FP8 kernels are compiled on first use; install the CUDA "
+                           "toolkit or set CUDA_HOME (the Triton kernels need none of this)")
+
+
+def build_library(out: Path = LIBRARY, env=None) -> tuple[Path, str]:
+    """Compile to `out` (atomically); returns the path and ptxas' resource report."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    cmd = [find_nvcc(env), *NVCC_FLAGS, str(SOURCE), "-o", str(tmp)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"compiling {SOURCE.name} failed:\n{' '.join(cmd)}\n{result.stderr}")
+    os.replace(tmp, out)
+    return out, result.stderr
+
+
+def is_stale(out: Path = LIBRARY) -> bool:
+    if not out.exists():
+        return True
+    newest = max(SOURCE.stat().st_mtime, Path(__file__).stat().st_mtime)
+    return out.stat().st_mtime < newest
+
+
+def ensure_built(out: Path = LIBRARY) -> Path:
+    """The library, built now unless an up-to-date one is there."""
+    return build_library(out)[0] if is_stale(out) else out
+
+
+if __name__ == "__main__":
+    path, report = build_library()
+    print(report, file=sys.stderr)
+    print(path)

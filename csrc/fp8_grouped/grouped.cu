@@ -1,0 +1,766 @@
+// Grouped block-scaled FP8 GEMMs for the routed experts, written for Hopper (sm_90a).
+//
+// Two kernels, the CUDA counterparts of models/fp8/grouped.py's Triton kernels (same operands,
+// same layouts, same results up to fp32 summation order):
+//
+//   grouped_fprop   out[t] = deq(a)[t] . deq(b[e(t)])^T     grouped along M (tokens): Fprop, Dgrad
+//                   a [T, K] e4m3, 1x128 scales sa[t, k/128]; b [E, N, K] e4m3, 128x128 scales
+//   grouped_wgrad   out[e] (+)= deq(a)[rows of e]^T . deq(b)[rows of e]   grouped along K: Wgrad
+//                   a [T, N], b [T, K] e4m3 stored token-major, 128x1 scales per 128 tokens
+//
+// Why a hand-written kernel: Triton issues each FP8 MMA and then waits for it before it can
+// apply the 1x128 scales (DeepSeek-V3's promotion every 128 elements of K), so the tensor cores
+// sit idle while the CUDA cores scale. Here the work is split the way DeepGEMM splits it:
+//
+//   - one producer warpgroup: a single thread streams 128x128 operand tiles into a ring of
+//     shared-memory stages with the Tensor Memory Accelerator (TMA), each stage guarded by a
+//     "full" mbarrier (the TMA's byte count completes it) and an "empty" mbarrier (the consumers
+//     release it);
+//   - two consumer warpgroups, 64 rows of the 128x128 output tile each: per 128-wide K block
+//     they issue four m64n128k32 WGMMAs into a scratch accumulator, wait, release the stage, and
+//     fold the scratch into the fp32 accumulator scaled by the block's scales. While one
+//     warpgroup scales, the other's MMAs keep the tensor cores busy.
+//
+// Both kernels are persistent: one CTA per SM walks the tiles, so the producer is already
+// loading the next tile while the consumers store the previous one. The router's counts stay
+// on the GPU: every CTA turns counts_E into per-expert tile and row offsets in shared memory
+// (a scan over E values), so there is no host-side tile table and no device-to-host sync.
+//
+// The contiguous layout is padded in tile space, not in memory (as in grouped.py): an expert's
+// rows start a fresh 128-row tile; the last tile of an expert reads past its end (the next
+// expert's rows, or TMA's zero fill past T) and stores only its own rows. Wgrad walks each
+// expert's tokens in the 128-token groups of the whole sorted tensor (the groups its 128x1 scales
+// belong to); a group shared with a neighbouring expert has the other expert's tokens zeroed in
+// the shared-memory copy of `a` before the MMA.
+//
+// Shared-memory layout: TMA writes each 128-byte row of a tile with the 128-byte swizzle (16-byte
+// chunk c of row r lands at chunk c ^ (r % 8)), which is the layout the WGMMA descriptors below
+// name, so the tensor cores read it without bank conflicts. Accumulator layout of m64nN (PTX ISA,
+// "wgmma register fragments"): thread t of the warpgroup holds, for j < N/8, the four values
+// rows {16 w + l/4, +8} x cols {8 j + 2 (l%4), +1} at d[4j .. 4j+3] (w = warp, l = lane).
+//
+// Shape legend: T tokens, E experts, N output columns, K reduction, BM/BN/BK tile sizes.
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include <algorithm>
+
+namespace {
+
+constexpr int BM = 128;             // output rows per tile (two consumer warpgroups x 64)
+constexpr int BN = 128;             // output columns per tile (one 128x128 weight block)
+constexpr int BK = 128;             // K per stage: one scale group, the promotion interval
+constexpr int STAGES = 6;
+constexpr int CONSUMERS = 2;
+constexpr int THREADS = 128 * (CONSUMERS + 1);
+constexpr int MAX_EXPERTS = 1024;
+constexpr uint32_t TILE_BYTES = (BM + BN) * BK;
+constexpr uint32_t SCALE_BYTES = BM * sizeof(float);
+constexpr int SCALE_BOX = BM + 4;  // Fprop: a's scales from row0 & ~3, so BM + 3 rows at most
+
+struct alignas(1024) Stage {  // 1024-byte alignment: the 128-byte swizzle's repeat
+  uint8_t a[BM * BK];
+  uint8_t b[BN * BK];
+  float sa[BM + 4];  // the K block's scales of a's rows (Fprop, from a 16-byte aligned row
+                     // rounded down: TMA boxes start 16-byte aligned) / of dW's rows (Wgrad)
+  float sb[BN];      // Wgrad: the group's scales of dW's columns
+};
+
+struct SharedStorage {
+  Stage stage[STAGES];
+  uint64_t full[STAGES];
+  uint64_t empty[STAGES];
+  int tile_start[MAX_EXPERTS + 1];  // grouped_fprop: first M tile of each expert
+  int row_start[MAX_EXPERTS + 1];   // first sorted row (token) of each expert
+};
+
+// ---------------------------------------------------------------------------------------------
+// PTX wrappers: mbarriers, TMA, WGMMA
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t arrivals) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(arrivals));
+}
+
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
+               ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
+}
+
+// Spin until the phase with this parity has completed. A fresh barrier is in phase 0, so
+// waiting for parity 1 returns at once: that is how the producer sees every stage empty at first.
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred ready;\n"
+      "WAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 ready, [%0], %1;\n"
+      "@!ready bra WAIT;\n}\n" ::"r"(smem_addr(bar)), "r"(parity) : "memory");
+}
+
+// A contiguous run of global memory (16-byte aligned, a multiple of 16 bytes) into shared memory.
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+      ::"r"(smem_addr(dst)), "l"(reinterpret_cast<uint64_t>(src)), "r"(bytes),
+      "r"(smem_addr(bar)) : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive_remote(uint64_t* bar, uint32_t cta_rank) {
+  asm volatile(
+      "{\n.reg .b32 remote;\n"
+      "mapa.shared::cluster.u32 remote, %0, %1;\n"
+      "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n}\n"
+      ::"r"(smem_addr(bar)), "r"(cta_rank) : "memory");
+}
+
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;" ::: "memory");
+}
+
+// The same tile into the same shared-memory offset of every CTA in `cta_mask`, completing each
+// one's mbarrier at `bar`'s offset.
+__device__ __forceinline__ void tma_load_multicast(void* dst, const CUtensorMap* map, uint64_t* bar,
+                                                   int inner, int outer, uint16_t cta_mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      ".multicast::cluster [%0], [%1, {%3, %4}], [%2], %5;"
+      ::"r"(smem_addr(dst)), "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(bar)),
+      "r"(inner), "r"(outer), "h"(cta_mask) : "memory");
+}
+
+__device__ __forceinline__ void tma_load_tile(void* dst, const CUtensorMap* map, uint64_t* bar,
+                                              int inner, int outer) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%3, %4}], [%2];"
+      ::"r"(smem_addr(dst)), "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(bar)),
+      "r"(inner), "r"(outer) : "memory");
+}
+
+// Shared-memory matrix descriptor of a K-major tile with 128-byte rows and the 128-byte swizzle:
+// start address (>> 4), leading offset 1 (unused by swizzled K-major layouts), stride 1024 bytes
+// between groups of 8 rows, swizzle mode 1 (128B) in bits 62-63. Advancing K by 32 FP8 values
+// inside the swizzle atom adds 32 bytes to the start address.
+__device__ __forceinline__ uint64_t smem_desc(const uint8_t* tile) {
+  uint64_t desc = (smem_addr(tile) & 0x3FFFF) >> 4;
+  desc |= uint64_t(1) << 16;
+  desc |= uint64_t(1024 >> 4) << 32;
+  desc |= uint64_t(1) << 62;
+  return desc;
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_wait_all() {
+  asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+}
+
+// Keeps the compiler from moving accumulator reads/writes across the asynchronous MMA.
+__device__ __forceinline__ void fence_registers(float (&d)[64]) {
+#pragma unroll
+  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// Generated shape: one m64n128k32 FP8 (e4m3 x e4m3 -> f32) warpgroup MMA, operands in shared
+// memory, 64 accumulator registers per thread. `accumulate` = 0 overwrites d (scale-d false).
+__device__ __forceinline__ void wgmma_m64n128k32(float (&d)[64], uint64_t desc_a, uint64_t desc_b,
+                                                 int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63},"
+      " %64, %65, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+      "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+      "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),
+      "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]),
+      "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+      "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]),
+      "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]),
+      "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]),
+      "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+      "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]),
+      "+f"(d[62]), "+f"(d[63])
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pieces both kernels share
+
+struct Counts {
+  const void* ptr;
+  int is_int64;
+  __device__ __forceinline__ int operator[](int e) const {
+    return is_int64 ? int(static_cast<const int64_t*>(ptr)[e]) : static_cast<const int*>(ptr)[e];
+  }
+};
+
+// Warp 0 turns the router's counts into per-expert offsets: row_start (exclusive scan of the
+// counts) and tile_start (exclusive scan of ceil(count / BM)); entry E holds the totals. Each
+// lane scans a contiguous slice of experts, then the lanes' totals are scanned with shuffles.
+__device__ void scan_counts(SharedStorage& s, Counts counts, int E) {
+  const int lane = threadIdx.x % 32;
+  const int per_lane = (E + 31) / 32;
+  const int lo = min(lane * per_lane, E), hi = min(lo + per_lane, E);
+  int rows = 0, tiles = 0;
+  for (int e = lo; e < hi; ++e) {
+    const int c = counts[e];
+    rows += c;
+    tiles += (c + BM - 1) / BM;
+  }
+  int rows_incl = rows, tiles_incl = tiles;
+#pragma unroll
+  for (int offset = 1; offset < 32; offset *= 2) {
+    const int r = __shfl_up_sync(0xffffffffu, rows_incl, offset);
+    const int t = __shfl_up_sync(0xffffffffu, tiles_incl, offset);
+    if (lane >= offset) {
+      rows_incl += r;
+      tiles_incl += t;
+    }
+  }
+  int row = rows_incl - rows, tile = tiles_incl - tiles;
+  for (int e = lo; e < hi; ++e) {
+    s.row_start[e] = row;
+    s.tile_start[e] = tile;
+    const int c = counts[e];
+    row += c;
+    tile += (c + BM - 1) / BM;
+  }
+  if (lane == 31) {
+    s.row_start[E] = rows_incl;
+    s.tile_start[E] = tiles_incl;
+  }
+}
+
+// Where this CTA sits in its thread-block cluster. Clusters of 2 CTAs work on two tiles side by
+// side (same rows, neighbouring columns), so they share the `a` tile: each loads half of its rows
+// and multicasts them into both CTAs, which halves the L2 traffic for `a`.
+struct Cluster {
+  int size, rank, index, count;  // CTAs per cluster, rank in it, cluster index, clusters
+};
+
+__device__ __forceinline__ Cluster cluster_position(int size) {
+  uint32_t rank = 0;
+  if (size > 1) asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+  return Cluster{size, int(rank), int(blockIdx.x) / size, int(gridDim.x) / size};
+}
+
+__device__ void init_barriers(SharedStorage& s, int cluster_size) {
+  for (int i = 0; i < STAGES; ++i) {
+    mbar_init(&s.full[i], 1);  // the producer's expect_tx arrival
+    // lane 0 of every consumer warp of every CTA of the cluster: a stage is refilled (by
+    // multicast, also from the other CTA) only once every CTA has finished reading it
+    mbar_init(&s.empty[i], CONSUMERS * 4 * cluster_size);
+  }
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+}
+
+// Position in the stage ring; producer and consumers walk the same sequence of K blocks.
+struct Ring {
+  int stage = 0;
+  uint32_t phase = 0;
+  __device__ __forceinline__ void advance() {
+    if (++stage == STAGES) {
+      stage = 0;
+      phase ^= 1;
+    }
+  }
+};
+
+// Tile t of a band-major walk over m_tiles x n_tiles: bands of GROUP_M tile rows, column by
+// column inside a band, so the CTAs running at one time share operand tiles in L2.
+constexpr int GROUP_M = 8;
+__device__ __forceinline__ void band_order(int t, int m_tiles, int n_tiles, int& m, int& n) {
+  const int per_band = GROUP_M * n_tiles;
+  const int first_m = (t / per_band) * GROUP_M;
+  const int band_rows = min(m_tiles - first_m, GROUP_M);
+  m = first_m + (t % per_band) % band_rows;
+  n = (t % per_band) / band_rows;
+}
+
+// One 128-wide K block of this warpgroup's 64 rows: four MMAs into `scratch` (overwritten).
+__device__ __forceinline__ void mma_k_block(float (&scratch)[64], const Stage& st, int wg_row0) {
+  const uint64_t desc_a = smem_desc(st.a + wg_row0 * BK);
+  const uint64_t desc_b = smem_desc(st.b);
+  fence_registers(scratch);
+  wgmma_fence();
+#pragma unroll
+  for (int k = 0; k < BK / 32; ++k)  // +32 bytes of K = +2 in the descriptor's address field
+    wgmma_m64n128k32(scratch, desc_a + 2 * k, desc_b + 2 * k, k > 0);
+  wgmma_commit();
+  wgmma_wait_all();
+  fence_registers(scratch);
+}
+
+__device__ __forceinline__ void release_stage(SharedStorage& s, int stage, const Cluster& c) {
+  if (threadIdx.x % 32 != 0) return;
+  if (c.size == 1) {
+    mbar_arrive(&s.empty[stage]);
+  } else {
+    for (int r = 0; r < c.size; ++r) mbar_arrive_remote(&s.empty[stage], r);
+  }
+}
+
+// The `a` tile: this CTA's share of its rows, multicast to the cluster (all rows when alone).
+__device__ __forceinline__ void load_a_tile(uint8_t* dst, const CUtensorMap* map, uint64_t* bar,
+                                            int k0, int row0, const Cluster& c) {
+  if (c.size == 1) {
+    tma_load_tile(dst, map, bar, k0, row0);
+  } else {
+    const int rows = BM / c.size;
+    tma_load_multicast(dst + c.rank * rows * BK, map, bar, k0, row0 + c.rank * rows,
+                       uint16_t((1 << c.size) - 1));
+  }
+}
+
+// Register budget: the producer warpgroup needs few, the consumers hold 2 x 64 accumulators.
+__device__ __forceinline__ void producer_registers() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+}
+__device__ __forceinline__ void consumer_registers() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+}
+
+__device__ __forceinline__ SharedStorage& shared_storage() {
+  extern __shared__ uint8_t dynamic_smem[];
+  const uintptr_t base = reinterpret_cast<uintptr_t>(dynamic_smem);
+  return *reinterpret_cast<SharedStorage*>((base + 1023) & ~uintptr_t(1023));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Grouped along M (Fprop, Dgrad): out[t] = deq(a)[t] . deq(b[e(t)])^T
+
+struct FpropArgs {  // a and its scales come through TMA maps
+  int cluster_size;
+  const float* sb;  // [E, N/128, K/128]
+  int64_t sb_e, sb_n, sb_kb;
+  void* out;        // [T, N] bf16 or fp32, row stride ld_out
+  int64_t ld_out;
+  int out_fp32;
+  Counts counts;
+  int T, N, K, E;
+};
+
+struct MTile {
+  int expert, row0, row_end, col0;
+};
+
+// Tile t of the cluster's walk (its share of the pairs of side-by-side tiles).
+__device__ __forceinline__ MTile fprop_tile(const SharedStorage& s, const FpropArgs& p, int t,
+                                            int m_tiles, int n_tiles, const Cluster& c) {
+  int m, n;
+  band_order(t, m_tiles, n_tiles / c.size, m, n);
+  n = n * c.size + c.rank;
+  int lo = 0, hi = p.E - 1;  // the last expert whose first tile is <= m
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (s.tile_start[mid] <= m) lo = mid; else hi = mid - 1;
+  }
+  MTile tile;
+  tile.expert = lo;
+  tile.row0 = s.row_start[lo] + (m - s.tile_start[lo]) * BM;
+  tile.row_end = s.row_start[lo + 1];
+  tile.col0 = n * BN;
+  return tile;
+}
+
+__device__ void fprop_producer(SharedStorage& s, const CUtensorMap* map_a, const CUtensorMap* map_b,
+                               const CUtensorMap* map_sa, const FpropArgs& p, int m_tiles,
+                               int n_tiles, const Cluster& c) {
+  Ring ring;
+  for (int t = c.index; t < m_tiles * (n_tiles / c.size); t += c.count) {
+    const MTile tile = fprop_tile(s, p, t, m_tiles, n_tiles, c);
+    for (int kb = 0; kb < p.K / BK; ++kb, ring.advance()) {
+      mbar_wait(&s.empty[ring.stage], ring.phase ^ 1);
+      Stage& st = s.stage[ring.stage];
+      mbar_arrive_expect_tx(&s.full[ring.stage], TILE_BYTES + SCALE_BOX * sizeof(float));
+      load_a_tile(st.a, map_a, &s.full[ring.stage], kb * BK, tile.row0, c);
+      tma_load_tile(st.b, map_b, &s.full[ring.stage], kb * BK, tile.expert * p.N + tile.col0);
+      tma_load_tile(st.sa, map_sa, &s.full[ring.stage], tile.row0 & ~3, kb);
+    }
+  }
+}
+
+__device__ __forceinline__ void store_pair(const FpropArgs& p, int row, int col, float x, float y) {
+  if (p.out_fp32) {
+    *reinterpret_cast<float2*>(static_cast<float*>(p.out) + int64_t(row) * p.ld_out + col) =
+        make_float2(x, y);
+  } else {
+    *reinterpret_cast<__nv_bfloat162*>(static_cast<__nv_bfloat16*>(p.out) +
+                                       int64_t(row) * p.ld_out + col) = __floats2bfloat162_rn(x, y);
+  }
+}
+
+__device__ void fprop_consumer(SharedStorage& s, const FpropArgs& p, int m_tiles, int n_tiles,
+                               int wg_row0, const Cluster& c) {
+  const int warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
+  const int row_in_tile = wg_row0 + warp * 16 + lane / 4;
+  const int col_in_tile = 2 * (lane % 4);
+  float acc[64], scratch[64];
+  Ring ring;
+  for (int t = c.index; t < m_tiles * (n_tiles / c.size); t += c.count) {
+    const MTile tile = fprop_tile(s, p, t, m_tiles, n_tiles, c);
+    const int r0 = tile.row0 + row_in_tile, r1 = r0 + 8;
+    const float* sb = p.sb + int64_t(tile.expert) * p.sb_e + int64_t(tile.col0 / BN) * p.sb_n;
+    const int k_blocks = p.K / BK;
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+    float next_scale_b = __ldg(sb);  // one K block ahead: its latency hides behind the MMAs
+    for (int kb = 0; kb < k_blocks; ++kb, ring.advance()) {
+      const float scale_b = next_scale_b;
+      if (kb + 1 < k_blocks) next_scale_b = __ldg(sb + (kb + 1) * p.sb_kb);
+      mbar_wait(&s.full[ring.stage], ring.phase);
+      const Stage& st = s.stage[ring.stage];
+      const float* sa = st.sa + (tile.row0 & 3) + row_in_tile;
+      const float s0 = sa[0] * scale_b, s1 = sa[8] * scale_b;
+      mma_k_block(scratch, st, wg_row0);
+      release_stage(s, ring.stage, c);
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {
+        acc[4 * j + 0] += scratch[4 * j + 0] * s0;
+        acc[4 * j + 1] += scratch[4 * j + 1] * s0;
+        acc[4 * j + 2] += scratch[4 * j + 2] * s1;
+        acc[4 * j + 3] += scratch[4 * j + 3] * s1;
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      const int col = tile.col0 + 8 * j + col_in_tile;
+      if (r0 < tile.row_end) store_pair(p, r0, col, acc[4 * j + 0], acc[4 * j + 1]);
+      if (r1 < tile.row_end) store_pair(p, r1, col, acc[4 * j + 2], acc[4 * j + 3]);
+    }
+  }
+}
+
+__global__ void __launch_bounds__(THREADS, 1)
+grouped_fprop_kernel(const __grid_constant__ CUtensorMap map_a,
+                     const __grid_constant__ CUtensorMap map_b,
+                     const __grid_constant__ CUtensorMap map_sa, const FpropArgs p) {
+  SharedStorage& s = shared_storage();
+  const Cluster c = cluster_position(p.cluster_size);
+  if (threadIdx.x < 32) scan_counts(s, p.counts, p.E);
+  if (threadIdx.x == 32) init_barriers(s, c.size);
+  __syncthreads();
+  if (c.size > 1) cluster_sync();  // the other CTA's barriers exist before anything reaches them
+  const int m_tiles = s.tile_start[p.E], n_tiles = p.N / BN;
+  const int wg = threadIdx.x / 128;
+  if (wg == 0) {
+    producer_registers();
+    if (threadIdx.x == 0) fprop_producer(s, &map_a, &map_b, &map_sa, p, m_tiles, n_tiles, c);
+  } else {
+    consumer_registers();
+    fprop_consumer(s, p, m_tiles, n_tiles, (wg - 1) * 64, c);
+  }
+  if (c.size > 1) cluster_sync();  // nobody exits while the other CTA may still signal it
+}
+
+// ---------------------------------------------------------------------------------------------
+// Grouped along K (Wgrad): out[e] (+)= deq(a)[rows of e]^T . deq(b)[rows of e]
+
+struct WgradArgs {
+  int cluster_size;
+  const float* sa;  // [ceil(T/128), N], unit stride along N
+  int64_t sa_g;
+  const float* sb;  // [ceil(T/128), K], unit stride along K
+  int64_t sb_g;
+  float* out;       // [E, N, K] fp32, unit stride along K
+  int64_t out_e, out_n;
+  int accumulate;
+  Counts counts;
+  int T, N, K, E;
+};
+
+struct KTile {
+  int expert, row0, col0, start, end, group_lo, groups;
+};
+
+__device__ __forceinline__ int wgrad_walk_length(const WgradArgs& p, const Cluster& c) {
+  return p.E * (p.N / BM) * (p.K / BN / c.size);
+}
+
+__device__ __forceinline__ KTile wgrad_tile(const SharedStorage& s, const WgradArgs& p, int t,
+                                            const Cluster& c) {
+  const int m_tiles = p.N / BM, n_tiles = p.K / BN / c.size, per_expert = m_tiles * n_tiles;
+  KTile tile;
+  tile.expert = t / per_expert;
+  int m, n;
+  band_order(t % per_expert, m_tiles, n_tiles, m, n);
+  n = n * c.size + c.rank;
+  tile.row0 = m * BM;
+  tile.col0 = n * BN;
+  tile.start = s.row_start[tile.expert];
+  tile.end = s.row_start[tile.expert + 1];
+  tile.group_lo = tile.start / BK;
+  tile.groups = tile.end > tile.start ? (tile.end - 1) / BK - tile.group_lo + 1 : 0;
+  return tile;
+}
+
+__device__ void wgrad_producer(SharedStorage& s, const CUtensorMap* map_a, const CUtensorMap* map_b,
+                               const WgradArgs& p, const Cluster& c) {
+  Ring ring;
+  for (int t = c.index; t < wgrad_walk_length(p, c); t += c.count) {
+    const KTile tile = wgrad_tile(s, p, t, c);
+    for (int g = tile.group_lo; g < tile.group_lo + tile.groups; ++g, ring.advance()) {
+      mbar_wait(&s.empty[ring.stage], ring.phase ^ 1);
+      Stage& st = s.stage[ring.stage];
+      mbar_arrive_expect_tx(&s.full[ring.stage], TILE_BYTES + 2 * SCALE_BYTES);
+      load_a_tile(st.a, map_a, &s.full[ring.stage], g * BK, tile.row0, c);
+      tma_load_tile(st.b, map_b, &s.full[ring.stage], g * BK, tile.col0);
+      bulk_load(st.sa, p.sa + int64_t(g) * p.sa_g + tile.row0, SCALE_BYTES, &s.full[ring.stage]);
+      bulk_load(st.sb, p.sb + int64_t(g) * p.sb_g + tile.col0, SCALE_BYTES, &s.full[ring.stage]);
+    }
+  }
+}
+
+// In this warpgroup's 64 rows of the swizzled `a` tile, zero the tokens of the 128-token group
+// starting at token0 that lie outside [start, end): they belong to a neighbouring expert.
+__device__ void mask_other_experts(uint8_t* rows, int token0, int start, int end) {
+  for (int i = threadIdx.x % 128; i < 64 * 8; i += 128) {
+    const int r = i / 8, chunk = i % 8;
+    const int first = token0 + 16 * (chunk ^ (r % 8));  // the chunk's first token
+    if (first >= start && first + 16 <= end) continue;
+    uint8_t* bytes = rows + r * BK + 16 * chunk;
+    for (int b = 0; b < 16; ++b)
+      if (first + b < start || first + b >= end) bytes[b] = 0;
+  }
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // visible to the tensor cores
+}
+
+__device__ __forceinline__ void warpgroup_sync(int wg) {
+  asm volatile("bar.sync %0, 128;" ::"r"(wg) : "memory");
+}
+
+__device__ void wgrad_consumer(SharedStorage& s, const WgradArgs& p, int wg, const Cluster& c) {
+  const int wg_row0 = (wg - 1) * 64;
+  const int warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
+  const int row_in_tile = wg_row0 + warp * 16 + lane / 4;
+  const int col_in_tile = 2 * (lane % 4);
+  float acc[64], scratch[64];
+  Ring ring;
+  for (int t = c.index; t < wgrad_walk_length(p, c); t += c.count) {
+    const KTile tile = wgrad_tile(s, p, t, c);
+    const int r0 = tile.row0 + row_in_tile;
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+    for (int g = tile.group_lo; g < tile.group_lo + tile.groups; ++g, ring.advance()) {
+      mbar_wait(&s.full[ring.stage], ring.phase);
+      Stage& st = s.stage[ring.stage];
+      if (g * BK < tile.start || (g + 1) * BK > tile.end) {
+        mask_other_experts(st.a + wg_row0 * BK, g * BK, tile.start, tile.end);
+        warpgroup_sync(wg);
+      }
+      mma_k_block(scratch, st, wg_row0);
+      const float s0 = st.sa[row_in_tile], s1 = st.sa[row_in_tile + 8];
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {
+        const float2 scale_b = *reinterpret_cast<const float2*>(&st.sb[8 * j + col_in_tile]);
+        acc[4 * j + 0] += scratch[4 * j + 0] * s0 * scale_b.x;
+        acc[4 * j + 1] += scratch[4 * j + 1] * s0 * scale_b.y;
+        acc[4 * j + 2] += scratch[4 * j + 2] * s1 * scale_b.x;
+        acc[4 * j + 3] += scratch[4 * j + 3] * s1 * scale_b.y;
+      }
+      release_stage(s, ring.stage, c);  // after the scale reads: the stage's scales are in it
+    }
+    float* out = p.out + int64_t(tile.expert) * p.out_e + tile.col0 + col_in_tile;
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      float2* o0 = reinterpret_cast<float2*>(out + int64_t(r0) * p.out_n + 8 * j);
+      float2* o1 = reinterpret_cast<float2*>(out + int64_t(r0 + 8) * p.out_n + 8 * j);
+      float2 v0 = make_float2(acc[4 * j + 0], acc[4 * j + 1]);
+      float2 v1 = make_float2(acc[4 * j + 2], acc[4 * j + 3]);
+      if (p.accumulate) {
+        const float2 old0 = *o0, old1 = *o1;
+        v0.x += old0.x; v0.y += old0.y;
+        v1.x += old1.x; v1.y += old1.y;
+      }
+      *o0 = v0;
+      *o1 = v1;
+    }
+  }
+}
+
+__global__ void __launch_bounds__(THREADS, 1)
+grouped_wgrad_kernel(const __grid_constant__ CUtensorMap map_a,
+                     const __grid_constant__ CUtensorMap map_b,
+                     const __grid_constant__ CUtensorMap /* unused: scales come by bulk copy */,
+                     const WgradArgs p) {
+  SharedStorage& s = shared_storage();
+  const Cluster c = cluster_position(p.cluster_size);
+  if (threadIdx.x < 32) scan_counts(s, p.counts, p.E);
+  if (threadIdx.x == 32) init_barriers(s, c.size);
+  __syncthreads();
+  if (c.size > 1) cluster_sync();
+  const int wg = threadIdx.x / 128;
+  if (wg == 0) {
+    producer_registers();
+    if (threadIdx.x == 0) wgrad_producer(s, &map_a, &map_b, p, c);
+  } else {
+    consumer_registers();
+    wgrad_consumer(s, p, wg, c);
+  }
+  if (c.size > 1) cluster_sync();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side: TMA descriptors, launch, and a C ABI for ctypes (models/fp8/grouped_cuda.py)
+
+using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
+                                   const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
+                                   const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
+                                   CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+// The driver's cuTensorMapEncodeTiled, reached through the runtime: nothing links libcuda.
+EncodeTiledFn encode_tiled() {
+  static EncodeTiledFn fn = nullptr;
+  if (fn == nullptr) {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult found;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault,
+                                         &found) == cudaSuccess &&
+        found == cudaDriverEntryPointSuccess)
+      fn = reinterpret_cast<EncodeTiledFn>(ptr);
+  }
+  return fn;
+}
+
+int fail(char* err, int err_len, const char* message) {
+  snprintf(err, err_len, "%s", message);
+  return 1;
+}
+
+// A row-major [rows, cols] matrix with row stride ld bytes, read in box_rows x box_cols boxes.
+int tile_map(CUtensorMap* map, CUtensorMapDataType dtype, CUtensorMapSwizzle swizzle,
+             const void* base, int64_t rows, int64_t cols, int64_t ld, int box_cols, int box_rows,
+             char* err, int err_len) {
+  EncodeTiledFn encode = encode_tiled();
+  if (encode == nullptr) return fail(err, err_len, "cuTensorMapEncodeTiled is not available");
+  const cuuint64_t dims[2] = {cuuint64_t(cols), cuuint64_t(rows)};
+  const cuuint64_t strides[1] = {cuuint64_t(ld)};
+  const cuuint32_t box[2] = {cuuint32_t(box_cols), cuuint32_t(box_rows)};
+  const cuuint32_t elem_strides[2] = {1, 1};
+  const CUresult r = encode(map, dtype, 2, const_cast<void*>(base), dims, strides, box,
+                            elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle,
+                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) {
+    snprintf(err, err_len, "cuTensorMapEncodeTiled failed (CUresult %d) for a [%lld, %lld] "
+             "operand with row stride %lld: bases and row strides must be 16-byte aligned",
+             int(r), (long long)rows, (long long)cols, (long long)ld);
+    return 1;
+  }
+  return 0;
+}
+
+// An FP8 [rows, 128 k] operand with row stride ld bytes, read in box_rows x 128-byte swizzled
+// tiles.
+int fp8_tile_map(CUtensorMap* map, const void* base, int64_t rows, int64_t cols, int64_t ld,
+                 int box_rows, char* err, int err_len) {
+  return tile_map(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, CU_TENSOR_MAP_SWIZZLE_128B, base, rows, cols,
+                  ld, BK, box_rows, err, err_len);
+}
+
+constexpr size_t SMEM_BYTES = sizeof(SharedStorage) + 1024;  // + alignment slack
+
+// Launch `kernel` persistently over `work` tiles: as many CTAs as can be resident at once (one
+// per SM; in whole clusters), each cluster walking its share of the tiles.
+template <typename Args>
+int launch(void (*kernel)(CUtensorMap, CUtensorMap, CUtensorMap, Args), const CUtensorMap& map_a,
+           const CUtensorMap& map_b, const CUtensorMap& map_sa, const Args& args, int work,
+           void* stream, char* err, int err_len) {
+  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       int(SMEM_BYTES));
+  if (e == cudaSuccess && args.cluster_size > 1)
+    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+  if (e != cudaSuccess) return fail(err, err_len, cudaGetErrorString(e));
+  cudaLaunchAttribute cluster_dim;
+  cluster_dim.id = cudaLaunchAttributeClusterDimension;
+  cluster_dim.val.clusterDim.x = args.cluster_size;
+  cluster_dim.val.clusterDim.y = 1;
+  cluster_dim.val.clusterDim.z = 1;
+  cudaLaunchConfig_t config = {};
+  config.blockDim = dim3(THREADS);
+  config.dynamicSmemBytes = SMEM_BYTES;
+  config.stream = static_cast<cudaStream_t>(stream);
+  config.attrs = &cluster_dim;
+  config.numAttrs = 1;
+  int device = 0, sms = 0, clusters = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  config.gridDim = dim3(sms / args.cluster_size * args.cluster_size);
+  e = cudaOccupancyMaxActiveClusters(&clusters, kernel, &config);
+  if (e != cudaSuccess || clusters < 1) clusters = sms / args.cluster_size;
+  const int walks = (work + args.cluster_size - 1) / args.cluster_size;
+  config.gridDim = dim3(std::max(1, std::min(clusters, walks)) * args.cluster_size);
+  e = cudaLaunchKernelEx(&config, kernel, map_a, map_b, map_sa, args);
+  if (e != cudaSuccess) return fail(err, err_len, cudaGetErrorString(e));
+  return 0;
+}
+
+int finish(char* err, int err_len) {
+  const cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) return fail(err, err_len, cudaGetErrorString(e));
+  return 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+// Shared memory one CTA needs (bytes): the caller checks it against the device's limit.
+size_t fp8moe_grouped_smem_bytes() { return SMEM_BYTES; }
+
+// cluster: 2 pairs CTAs on side-by-side tiles sharing the `a` tile (multicast); 1 does not.
+// Pairs need an even number of 128-column tiles; otherwise the kernel runs unpaired.
+int fp8moe_grouped_fprop(const void* a, int64_t lda, const float* sa, int64_t sa_kb,
+                         const void* b, int64_t ldb, const float* sb, int64_t sb_e,
+                         int64_t sb_n, int64_t sb_kb, void* out, int64_t ld_out, int out_fp32,
+                         const void* counts, int counts_int64, int T, int N, int K, int E,
+                         int m_tiles_bound, int cluster, void* stream, char* err, int err_len) {
+  if (E < 1 || E > MAX_EXPERTS) return fail(err, err_len, "expert count out of range (1..1024)");
+  if (N % BN || K % BK) return fail(err, err_len, "N and K must be multiples of 128");
+  if ((N / BN) % cluster) cluster = 1;
+  CUtensorMap map_a, map_b, map_sa;
+  if (fp8_tile_map(&map_a, a, T, K, lda, BM / cluster, err, err_len)) return 1;
+  if (fp8_tile_map(&map_b, b, int64_t(E) * N, K, ldb, BN, err, err_len)) return 1;
+  // MN-major scales: row kb holds the T tokens' scales of K block kb
+  if (tile_map(&map_sa, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, CU_TENSOR_MAP_SWIZZLE_NONE, sa, K / BK, T,
+               sa_kb * int64_t(sizeof(float)), SCALE_BOX, 1, err, err_len))
+    return 1;
+  const FpropArgs args{cluster, sb, sb_e, sb_n, sb_kb, out, ld_out, out_fp32,
+                       Counts{counts, counts_int64}, T, N, K, E};
+  return launch(grouped_fprop_kernel, map_a, map_b, map_sa, args, m_tiles_bound * (N / BN),
+                stream, err, err_len);
+}
+
+int fp8moe_grouped_wgrad(const void* a, int64_t lda, const float* sa, int64_t sa_g, const void* b,
+                         int64_t ldb, const float* sb, int64_t sb_g, float* out, int64_t out_e,
+                         int64_t out_n, int accumulate, const void* counts, int counts_int64,
+                         int T, int padded_T, int N, int K, int E, int cluster, void* stream,
+                         char* err, int err_len) {
+  if (E < 1 || E > MAX_EXPERTS) return fail(err, err_len, "expert count out of range (1..1024)");
+  if (N % BM || K % BN) return fail(err, err_len, "N and K must be multiples of 128");
+  if ((K / BN) % cluster) cluster = 1;
+  CUtensorMap map_a, map_b;
+  if (fp8_tile_map(&map_a, a, N, padded_T, lda, BM / cluster, err, err_len)) return 1;
+  if (fp8_tile_map(&map_b, b, K, padded_T, ldb, BN, err, err_len)) return 1;
+  const WgradArgs args{cluster, sa, sa_g, sb, sb_g, out, out_e, out_n, accumulate,
+                       Counts{counts, counts_int64}, T, N, K, E};
+  return launch(grouped_wgrad_kernel, map_a, map_b, map_b, args, E * (N / BM) * (K / BN), stream,
+                err, err_len);
+}
+
+}  // extern "C"

@@ -1,0 +1,133 @@
+"""ctypes binding of the Hopper grouped FP8 GEMMs in csrc/fp8_grouped/grouped.cu.
+
+Same operands and layouts as the Triton kernels in models/fp8/grouped.py, which validates them
+and calls `gemm` / `wgrad` here when `available()` (an sm90 GPU and a CUDA toolkit to build the
+library with). What the CUDA kernels add over the Triton ones, and why: see grouped.cu's header.
+
+Extra conditions of this path (grouped.py falls back to Triton when one fails, see `fits_*`):
+operand bases and row strides 16-byte aligned (TMA), N and K multiples of 128, at most 1024
+experts, Wgrad scales with unit stride along N / K.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.util
+from pathlib import Path
+
+import torch
+
+_ROOT = Path(__file__).resolve().parents[2]
+MAX_EXPERTS = 1024
+_ERR_LEN = 512
+
+
+def _build_module():
+    spec = importlib.util.spec_from_file_location("fp8_grouped_build",
+                                                  _ROOT / "csrc" / "fp8_grouped" / "build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@functools.lru_cache(maxsize=None)
+def _library() -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(_build_module().ensure_built()))
+    i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+    lib.fp8moe_grouped_fprop.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, i64, i64, i64,
+                                         ptr, i64, i32, ptr, i32, i32, i32, i32, i32, i32, i32,
+                                         ptr, ctypes.c_char_p, i32]
+    lib.fp8moe_grouped_wgrad.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, i64, ptr, i64, i64,
+                                         i32, ptr, i32, i32, i32, i32, i32, i32, i32, ptr,
+                                         ctypes.c_char_p, i32]
+    lib.fp8moe_grouped_smem_bytes.restype = ctypes.c_size_t
+    return lib
+
+
+@functools.lru_cache(maxsize=None)
+def unavailable_reason(index: int) -> str | None:
+    """None when device `index` can run the CUDA kernels, else why not (cached per device)."""
+    if torch.cuda.get_device_capability(index) != (9, 0):
+        return "the CUDA grouped kernels need an sm90 (Hopper) GPU"
+    try:
+        lib = _library()
+    except Exception as err:  # no nvcc, or the build failed: say why, use Triton
+        return f"building csrc/fp8_grouped failed: {err}"
+    limit = torch.cuda.get_device_properties(index).shared_memory_per_block_optin
+    if lib.fp8moe_grouped_smem_bytes() > limit:
+        return f"needs {lib.fp8moe_grouped_smem_bytes()} bytes of shared memory, device has {limit}"
+    return None
+
+
+def available(device: torch.device) -> bool:
+    return device.type == "cuda" and unavailable_reason(device.index or 0) is None
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    return t.data_ptr() % 16 == 0
+
+
+def fits_gemm(a_q: torch.Tensor, b_q: torch.Tensor) -> bool:
+    E, N, K = b_q.shape
+    return (_aligned(a_q) and _aligned(b_q) and a_q.stride(0) % 16 == 0 and b_q.stride(1) % 16 == 0
+            and b_q.stride(0) == N * b_q.stride(1) and N % 128 == 0 and K % 128 == 0
+            and 1 <= E <= MAX_EXPERTS)
+
+
+def fits_wgrad(a_q, a_s, b_q, b_s, n_experts: int) -> bool:
+    (_, N), (_, K) = a_q.shape, b_q.shape
+    return (_aligned(a_q) and _aligned(b_q) and a_q.stride(1) % 16 == 0 and b_q.stride(1) % 16 == 0
+            and N % 128 == 0 and K % 128 == 0 and 1 <= n_experts <= MAX_EXPERTS
+            and all(s.stride(1) == 1 and s.stride(0) % 4 == 0 and _aligned(s) for s in (a_s, b_s)))
+
+
+def _call(fn, *args) -> None:
+    err = ctypes.create_string_buffer(_ERR_LEN)
+    if fn(*args, err, _ERR_LEN) != 0:
+        raise RuntimeError(f"{fn.__name__}: {err.value.decode()}")
+
+
+CLUSTER = 1
+"""CTAs per cluster. 2 pairs CTAs that share the `a` tile through TMA multicast (grouped.cu): it
+is correct (the GPU tests pass with it) but measured about 3x slower on an H100 (320 against 930
+TFLOPS, cause not found yet), so it is off."""
+
+
+def _mn_major(a_s: torch.Tensor) -> torch.Tensor:
+    """The [T, K/128] scales as the kernel's TMA reads them: unit stride along T and a 16-byte
+    aligned stride between K blocks (what the quantizers write; anything else is copied)."""
+    if a_s.stride(0) == 1 and a_s.stride(1) % 4 == 0 and _aligned(a_s):
+        return a_s
+    T, kb = a_s.shape
+    padded = torch.empty(kb, -(-T // 4) * 4, dtype=a_s.dtype, device=a_s.device)
+    padded[:, :T] = a_s.t()
+    return padded[:, :T].t()
+
+
+def gemm(a_q, a_s, b_q, b_s, counts_E, out, m_tiles_bound: int) -> torch.Tensor:
+    """out[t] = deq(a)[t] . deq(b[e(t)])^T into `out` [T, N] (bf16 or fp32); operands validated
+    by grouped.grouped_gemm."""
+    (T, K), (E, N, _) = a_q.shape, b_q.shape
+    a_s = _mn_major(a_s)
+    stream = torch.cuda.current_stream(a_q.device).cuda_stream
+    _call(_library().fp8moe_grouped_fprop,
+          a_q.data_ptr(), a_q.stride(0), a_s.data_ptr(), a_s.stride(1),
+          b_q.data_ptr(), b_q.stride(1), b_s.data_ptr(), b_s.stride(0), b_s.stride(1),
+          b_s.stride(2), out.data_ptr(), out.stride(0), int(out.dtype == torch.float32),
+          counts_E.data_ptr(), int(counts_E.dtype == torch.int64), T, N, K, E, m_tiles_bound,
+          CLUSTER, stream)
+    return out
+
+
+def wgrad(a_q, a_s, b_q, b_s, counts_E, out, accumulate: bool) -> torch.Tensor:
+    """out[e] (+)= deq(a)[rows of e]^T . deq(b)[rows of e], fp32 [E, N, K]; operands (token-major)
+    validated by grouped.grouped_wgrad."""
+    (T, N), (_, K), E = a_q.shape, b_q.shape, counts_E.shape[0]
+    padded_T = -(-T // 128) * 128
+    stream = torch.cuda.current_stream(a_q.device).cuda_stream
+    _call(_library().fp8moe_grouped_wgrad,
+          a_q.data_ptr(), a_q.stride(1), a_s.data_ptr(), a_s.stride(0), b_q.data_ptr(),
+          b_q.stride(1), b_s.data_ptr(), b_s.stride(0), out.data_ptr(), out.stride(0),
+          out.stride(1), int(accumulate), counts_E.data_ptr(), int(counts_E.dtype == torch.int64),
+          T, padded_T, N, K, E, CLUSTER, stream)
+    return out
