@@ -51,12 +51,23 @@ def test_matches_linear_cpu(shape, N, pow2):
     _compare(shape, N, torch.float32, torch.float32, pow2)
 
 
+def _activations(saved, fp8):
+    """Saved tensors other than the module's own cached weight copies (no memory of their own)."""
+    cached = {t.data_ptr() for t in fp8.fp8_weight()}
+    return [t for t in saved if t.data_ptr() not in cached]
+
+
 def test_saved_activations_are_fp8():
     _, fp8 = _pair(256, 128, 1)
     x = torch.randn(256, 256, device=DEVICE, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         y = fp8(x)
+    q_w, s_w, qt_w, st_w = fp8.fp8_weight()
+    weights = [t for t in saved if t.data_ptr() in {q_w.data_ptr(), qt_w.data_ptr(), st_w.data_ptr()}]
+    assert [t.data_ptr() for t in weights] == [qt_w.data_ptr(), st_w.data_ptr()], \
+        "backward keeps only the transposed weight copy (Dgrad), never the forward one"
+    saved = _activations(saved, fp8)
     assert saved, "the weight gradient needs saved activations"
     assert {t.dtype for t in saved} <= {torch.float8_e4m3fn, torch.float32}
     fp8_bytes = sum(t.numel() * t.element_size() for t in saved)
@@ -71,7 +82,7 @@ def test_no_weight_grad_saves_nothing():
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         y = fp8(x)
-    assert not saved
+    assert not _activations(saved, fp8)
     y.sum().backward()
     assert x.grad is not None and fp8.weight.grad is None
 
@@ -228,6 +239,9 @@ def test_mlp_saves_only_fp8(monkeypatch):
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         y = fp8(x)
     assert calls == [1]
+    weights = {t.data_ptr() for t in (*fp8.w13_fp8()[2:], *fp8.w2.fp8_weight()[2:])}
+    assert len([t for t in saved if t.data_ptr() in weights]) == 4, "the transposed weight copies"
+    saved = [t for t in saved if t.data_ptr() not in weights]
     fp8_shapes = sorted(tuple(t.shape) for t in saved if t.dtype == torch.float8_e4m3fn)
     assert fp8_shapes == [(128, 256), (256, 512)], "x^T 128x1 copy and h's 1x128 copy"
     assert all(t.dtype == torch.float32 and t.numel() <= 256 * 4 for t in saved

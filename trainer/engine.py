@@ -17,9 +17,13 @@ the code path on a node:
 - `train_step()` is the whole optimizer step: for each micro-batch forward (through `loss_fn`),
   backward, `engine.step()` (DeepSpeed only steps at the accumulation boundary), token counts
   into the balancer; then the router-bias update from the all-reduced counts, and the metrics
-  averaged over micro-batches and ranks. RL reuses it with its own `loss_fn`. After the step the
-  FP8 layers' cached weight quantizations are dropped: ZeRO writes the new weights through
-  `.data`, which bumps no version counter, so the caches could not notice by themselves.
+  averaged over micro-batches and ranks. RL reuses it with its own `loss_fn`. The FP8 layers'
+  cached weight quantizations are dropped after the step's last forward, before its backward: the
+  backward keeps only each layer's transposed copy, freed as soon as that layer's gradient is
+  done, so no FP8 copy lives through the end of backward and the optimizer step, where the
+  step's memory peaks (the `small` model's copies are 2.7 GiB). They are dropped again after the
+  step: ZeRO writes the new weights through `.data`, which bumps no version counter, so a copy
+  made in between (none is, today) could not notice by itself.
 """
 from __future__ import annotations
 
@@ -183,8 +187,10 @@ def train_step(engine, micro_batches: list[dict[str, torch.Tensor]],
     steps_before = engine.global_steps
     sums: dict[str, torch.Tensor] = {}
     engine.train()
-    for batch in micro_batches:
+    for i, batch in enumerate(micro_batches):
         terms = loss_fn(engine, _to_device(batch, engine.device))
+        if i == len(micro_batches) - 1:  # the FP8 weight copies' last use before the weights change
+            invalidate_weight_caches(engine.module)
         engine.backward(terms.loss)
         engine.step()
         if terms.expert_counts is not None:

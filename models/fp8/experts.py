@@ -29,8 +29,9 @@ in both orientations (Fprop and Dgrad operands, each weight read once by
 `quantize_128x128(transpose=True)`; gate and up are joined as FP8) and reuses them while the
 parameters are unchanged, keyed on their version counters and storage. Writes that bypass the
 version counter (`param.data.copy_`, as DeepSpeed does) are invisible to that key: the training
-loop calls `models.fp8.linear.invalidate_weight_caches(model)` after every optimizer step, which
-reaches `invalidate_fp8_cache()` here.
+loop calls `models.fp8.linear.invalidate_weight_caches(model)` after each step's last forward,
+which reaches `invalidate_fp8_cache()` here. Backward holds only the transposed copies, as saved
+tensors, so they are freed as soon as this layer's backward has run (models/fp8/linear.py).
 
 Shape legend: T tokens (sorted by expert), D model dim, F expert width, E experts.
 """
@@ -185,7 +186,7 @@ def swiglu_backward_quantize(q_h: torch.Tensor, s_h: torch.Tensor, da_TF: torch.
         swiglu_backward_kernel[(Mb, F // BLOCK)](
             q_h, s_h, da_TF, q_dh, s_dh, qt_dh, st_dh, qt_a, st_a, M, F, Mb * BLOCK,
             s_h.stride(0), s_h.stride(1), da_TF.stride(0), POW2=pow2_scales, EXACT=_INTERPRET,
-            CHUNK=8, num_warps=8)
+            CHUNK=128 if _INTERPRET else 8, num_warps=8)
     return (q_dh, s_dh, qt_dh, st_dh), (qt_a, st_a)
 
 
@@ -213,16 +214,19 @@ class FP8ExpertsFunction(torch.autograd.Function):
         if not training:  # inference: nothing to save for a backward
             return y_TD
         q_h, s_h = quant.quantize_1x128(h_T2F, pow2_scales, check_finite=False)
-        ctx.save_for_backward(counts_E, q_h, s_h, qt_x, st_x)
-        ctx.wq, ctx.pow2_scales, ctx.rows = wq, pow2_scales, T
+        # Only the transposed weight copies go to backward, as saved tensors (freed once this
+        # backward has run, unlike a ctx attribute): see models/fp8/linear.py `_dgrad_copy`.
+        ctx.save_for_backward(counts_E, q_h, s_h, qt_x, st_x, wq.w13t_q, wq.w13t_s, wq.w2t_q,
+                              wq.w2t_s)
+        ctx.pow2_scales, ctx.rows = pow2_scales, T
         ctx.dtypes = (x_TD.dtype, w1.dtype, w3.dtype, w2.dtype)
         ctx.w_shapes = (w1.shape, w3.shape, w2.shape)
         return y_TD
 
     @staticmethod
     def backward(ctx, dy_TD):
-        counts_E, q_h, s_h, qt_x, st_x = ctx.saved_tensors
-        wq, pow2, T = ctx.wq, ctx.pow2_scales, ctx.rows
+        counts_E, q_h, s_h, qt_x, st_x, w13t_q, w13t_s, w2t_q, w2t_s = ctx.saved_tensors
+        pow2, T = ctx.pow2_scales, ctx.rows
         x_dtype, w1_dtype, w3_dtype, w2_dtype = ctx.dtypes
         need_dx, need_wgrad = ctx.needs_input_grad[0], any(ctx.needs_input_grad[2:5])
         if T == 0:  # no tokens reached these experts: nothing to multiply
@@ -235,11 +239,11 @@ class FP8ExpertsFunction(torch.autograd.Function):
                                                            check_finite=False)
         else:
             q_dy, s_dy = quant.quantize_1x128(dy_TD.contiguous(), pow2, check_finite=False)
-        da_TF = grouped_gemm(q_dy, s_dy, wq.w2t_q, wq.w2t_s, counts_E, out_dtype=torch.bfloat16)
+        da_TF = grouped_gemm(q_dy, s_dy, w2t_q, w2t_s, counts_E, out_dtype=torch.bfloat16)
         (q_dh, s_dh, qt_dh, st_dh), (qt_a, st_a) = swiglu_backward_quantize(q_h, s_h, da_TF, pow2)
         dx = dw1 = dw3 = dw2 = None
         if need_dx:
-            dx = grouped_gemm(q_dh, s_dh, wq.w13t_q, wq.w13t_s, counts_E, out_dtype=x_dtype)
+            dx = grouped_gemm(q_dh, s_dh, w13t_q, w13t_s, counts_E, out_dtype=x_dtype)
         if need_wgrad:
             dw2 = grouped_wgrad(_token_major(qt_dy, T), st_dy, _token_major(qt_a, T), st_a,
                                 counts_E).to(w2_dtype)

@@ -6,7 +6,8 @@ Per call, for x [..., K] (tokens T = prod of the leading dims) and W [N, K]:
     forward   x  -> quantize_dual   : q_x, s_x (1x128, Fprop operand)  and  qt_x, st_x (128x1, Wgrad)
                                       (once per input tensor: see `_quantize_input`)
               y  = gemm_1x128_128x128(q_x, s_x, q_W, s_W)                     [T, N] in x's dtype
-              saved for backward: qt_x, st_x only (FP8: 1 byte per element instead of bf16's 2)
+              saved for backward: qt_x, st_x (FP8: 1 byte per element instead of bf16's 2)
+              and the weight's transposed copy qt_W, st_W (the cache's own tensors, no new bytes)
     backward  dy -> quantize_dual   : q_dy, s_dy and qt_dy, st_dy
               dx = gemm_1x128_128x128(q_dy, s_dy, qt_W, st_W)                 [T, K] (W^T blocks)
               dW = gemm_1x128_1x128(qt_dy, st_dy^T, qt_x, st_x^T)            [N, K] fp32, K = tokens
@@ -20,9 +21,15 @@ pass) and reuses them while the weight is unchanged. "Unchanged" is keyed on the
 autograd version counter and storage pointer, which every in-place update through the parameter
 bumps (a torch optimizer's step, `with no_grad(): w.add_()`). Updates that bypass the version
 counter - `param.data.copy_(...)`, which is how DeepSpeed writes its bf16/fp32 master copy back -
-are invisible to it, so the training loop must call `invalidate_weight_caches(model)` once after
-every optimizer step. That call is cheap (it drops references) and is the explicit contract;
-it calls `invalidate_fp8_cache()` on every module that has one (the FP8 experts included).
+are invisible to it, so the training loop must call `invalidate_weight_caches(model)` between
+the step's last forward and the next one. That call is cheap (it drops references) and is the
+explicit contract; it calls `invalidate_fp8_cache()` on every module that has one (the FP8
+experts included). Where it is called decides the memory: backward reads only the transposed
+copy, which autograd holds as a saved tensor and frees once the layer's backward has run, so
+`trainer.engine.train_step` drops the caches right after the step's last forward. Then the
+forward copies die at once and the transposed ones layer by layer during backward, and none is
+alive at the end of backward and through the optimizer step (kept there, the `small` model's
+copies are 2.7 GiB, as much as the FP8 run's peak exceeded bf16's on the H200).
 
 The Wgrad GEMM accumulates in fp32 and writes the parameter's dtype: with fp32 parameters (how
 `build_model` creates them) the gradient and its accumulation over micro-batches are fp32; a
@@ -83,9 +90,19 @@ def _fprop(q_x, s_x, w_fp8, out_dtype):
     return gemm_1x128_128x128(q_x, s_x, w_fp8[0], w_fp8[1], out_dtype=out_dtype)
 
 
-def _dgrad(q_dy, s_dy, w_fp8, out_dtype):
+def _dgrad_copy(w_fp8):
+    """The part of a weight's FP8 copies that backward reads: the transposed blocks (qt_W, st_W).
+
+    Saved with save_for_backward, never kept as a ctx attribute: autograd frees saved tensors as
+    soon as the node's backward has run, so once the training loop drops the module caches
+    (`invalidate_weight_caches`, before the step's last backward) each layer's copy dies with its
+    backward instead of living through the optimizer step."""
+    return w_fp8[2], w_fp8[3]
+
+
+def _dgrad(q_dy, s_dy, qt_w, st_w, out_dtype):
     """dy W from dy's 1x128 copy and the transposed weight blocks."""
-    return gemm_1x128_128x128(q_dy, s_dy, w_fp8[2], w_fp8[3], out_dtype=out_dtype)
+    return gemm_1x128_128x128(q_dy, s_dy, qt_w, st_w, out_dtype=out_dtype)
 
 
 def _wgrad(qt_dy, st_dy, qt_x, st_x, w_dtype):
@@ -111,9 +128,7 @@ class FP8LinearFunction(torch.autograd.Function):
         need_wgrad = ctx.needs_input_grad[1] and grad_enabled
         q_x, s_x, qt_x, st_x = _quantize_input(x, pow2_scales, colwise=need_wgrad)
         y = _fprop(q_x, s_x, w_fp8, x.dtype)
-        if need_wgrad:
-            ctx.save_for_backward(qt_x, st_x)
-        ctx.w_fp8 = w_fp8
+        ctx.save_for_backward(*_dgrad_copy(w_fp8), qt_x, st_x)
         ctx.meta = (x.shape, weight.dtype, pow2_scales)
         return y.view(*x.shape[:-1], y.shape[-1])
 
@@ -121,9 +136,10 @@ class FP8LinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x_shape, w_dtype, pow2_scales = ctx.meta
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        qt_w, st_w, qt_x, st_x = ctx.saved_tensors
         q_dy, s_dy, qt_dy, st_dy = _quantize_act(_rows(dy), pow2_scales, colwise=need_dw)
-        dx = _dgrad(q_dy, s_dy, ctx.w_fp8, dy.dtype).view(x_shape) if need_dx else None
-        dw = _wgrad(qt_dy, st_dy, *ctx.saved_tensors, w_dtype) if need_dw else None
+        dx = _dgrad(q_dy, s_dy, qt_w, st_w, dy.dtype).view(x_shape) if need_dx else None
+        dw = _wgrad(qt_dy, st_dy, qt_x, st_x, w_dtype) if need_dw else None
         return dx, dw, None, None, None
 
 
@@ -230,8 +246,7 @@ class FP8MLPFunction(torch.autograd.Function):
         y = _fprop(q_a, s_a, w2_fp8, x.dtype)
         if training:
             q_h, s_h = quant.quantize_1x128(h, pow2_scales, check_finite=False)
-            ctx.save_for_backward(q_h, s_h, qt_x, st_x)
-            ctx.w_fp8 = (w13_fp8, w2_fp8)
+            ctx.save_for_backward(q_h, s_h, qt_x, st_x, *_dgrad_copy(w13_fp8), *_dgrad_copy(w2_fp8))
             ctx.meta = (x.shape, (w1.dtype, w3.dtype, w2.dtype), pow2_scales)
         return y.view(*x.shape[:-1], y.shape[-1])
 
@@ -239,12 +254,11 @@ class FP8MLPFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x_shape, (t1, t3, t2), pow2 = ctx.meta
         need_dx, need_w1, need_w3, need_w2 = ctx.needs_input_grad[:4]
-        q_h, s_h, qt_x, st_x = ctx.saved_tensors
-        w13_fp8, w2_fp8 = ctx.w_fp8
+        q_h, s_h, qt_x, st_x, qt_w13, st_w13, qt_w2, st_w2 = ctx.saved_tensors
         q_dy, s_dy, qt_dy, st_dy = _quantize_act(_rows(dy), pow2, colwise=need_w2)
-        da = _dgrad(q_dy, s_dy, w2_fp8, dy.dtype)
+        da = _dgrad(q_dy, s_dy, qt_w2, st_w2, dy.dtype)
         (q_dh, s_dh, qt_dh, st_dh), (qt_a, st_a) = swiglu_backward_quantize(q_h, s_h, da, pow2)
-        dx = _dgrad(q_dh, s_dh, w13_fp8, dy.dtype).view(x_shape) if need_dx else None
+        dx = _dgrad(q_dh, s_dh, qt_w13, st_w13, dy.dtype).view(x_shape) if need_dx else None
         dw2 = _wgrad(qt_dy, st_dy, qt_a, st_a, t2) if need_w2 else None
         dw1 = dw3 = None
         if need_w1 or need_w3:
