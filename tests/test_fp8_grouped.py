@@ -201,7 +201,7 @@ CUDA_COUNTS = [  # ragged, empty first/last experts, experts inside one 128-row 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("counts", CUDA_COUNTS)
-@pytest.mark.parametrize("N,K", [(256, 384), (2048, 7168), (7168, 2048)])
+@pytest.mark.parametrize("N,K", [(512, 384), (2048, 7168), (7168, 2048)])
 def test_cuda_grouped_gemm_matches_reference(counts, N, K):
     """The CUDA kernels (csrc/fp8_grouped) on ragged splits, both output dtypes, int32 and
     int64 counts."""
@@ -218,7 +218,7 @@ def test_cuda_grouped_gemm_matches_reference(counts, N, K):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("counts", CUDA_COUNTS)
-@pytest.mark.parametrize("N,K", [(256, 384), (2048, 7168)])
+@pytest.mark.parametrize("N,K", [(384, 512), (2048, 7168)])
 def test_cuda_grouped_wgrad_matches_reference(counts, N, K):
     a_q, a_s, b_q, b_s, counts_E = _wgrad_operands(counts, N, K, seed=len(counts) + K)
     expect = ref.grouped_gemm_128x1_128x1(a_q, a_s, b_q, b_s, counts_E)
@@ -233,6 +233,17 @@ def test_cuda_grouped_wgrad_matches_reference(counts, N, K):
     before = main_grad.clone()
     grouped_wgrad(a_q, a_s, b_q, b_s, counts_E.int(), out=main_grad, backend="cuda")
     assert ref.calc_diff(main_grad, before + expect) < 1e-5
+
+
+@pytest.mark.gpu
+def test_auto_backend_falls_back_to_triton_where_the_cuda_tiles_do_not_fit():
+    """N = 384 is not a whole number of 256-column tiles: `auto` runs Triton, still correct."""
+    a_q, a_s, b_q, b_s, counts_E = _operands([100, 0, 300], 384, 256, seed=5)
+    out = grouped_gemm(a_q, a_s, b_q, b_s, counts_E, out_dtype=torch.float32)
+    expect = ref.grouped_gemm_1x128_128x128(a_q, a_s, b_q, b_s, counts_E)
+    assert ref.calc_diff(out, expect) < 1e-3
+    with pytest.raises(ValueError, match="128 x 256"):
+        grouped_gemm(a_q, a_s, b_q, b_s, counts_E, backend="cuda")
 
 
 def test_cuda_kernels_compile_for_sm90a(tmp_path):

@@ -12,14 +12,22 @@
 // apply the 1x128 scales (DeepSeek-V3's promotion every 128 elements of K), so the tensor cores
 // sit idle while the CUDA cores scale. Here the work is split the way DeepGEMM splits it:
 //
-//   - one producer warpgroup: a single thread streams 128x128 operand tiles into a ring of
-//     shared-memory stages with the Tensor Memory Accelerator (TMA), each stage guarded by a
-//     "full" mbarrier (the TMA's byte count completes it) and an "empty" mbarrier (the consumers
-//     release it);
-//   - two consumer warpgroups, 64 rows of the 128x128 output tile each: per 128-wide K block
-//     they issue four m64n128k32 WGMMAs into a scratch accumulator, wait, release the stage, and
-//     fold the scratch into the fp32 accumulator scaled by the block's scales. While one
-//     warpgroup scales, the other's MMAs keep the tensor cores busy.
+//   - one producer warpgroup: a single thread streams the 128 x 128 `a` tile and the 256 x 128
+//     `b` tile of each 128-wide K block (plus their scales) into a ring of four shared-memory
+//     stages with the Tensor Memory Accelerator (TMA), each stage guarded by a "full" mbarrier
+//     (the TMA's byte count completes it) and an "empty" mbarrier (the consumers release it);
+//   - two consumer warpgroups, 64 rows of the 128 x 256 output tile each. Per K block and per
+//     128-column half they issue four m64n128k32 WGMMAs into a scratch accumulator, wait, and
+//     fold the scratch into that half's fp32 accumulator scaled by the block's scales. While one
+//     warpgroup scales, the other's MMAs keep the tensor cores busy. Registers: 2 x 64
+//     accumulators + 64 scratch per thread, which setmaxnreg (232 for the consumers, 40 for the
+//     producer) makes room for.
+//
+// Measured on an H100 while choosing this shape (DeepSeek-V3 expert GEMMs, TFLOPS): 128 x 128
+// tiles 930 (Fprop); the same with each warpgroup double-buffering its scratch so its own MMAs
+// overlap its promotion 820; 128 x 256 tiles 1010. Pairs of CTAs in a cluster sharing the `a`
+// tile through TMA multicast (Cluster below, `grouped_cuda.CLUSTER`) measured 5-10% slower, so
+// they are off; with `.release.cluster` on the remote empty-barrier arrivals they were 3x slower.
 //
 // Both kernels are persistent: one CTA per SM walks the tiles, so the producer is already
 // loading the next tile while the consumers store the previous one. The router's counts stay
@@ -39,6 +47,7 @@
 // "wgmma register fragments"): thread t of the warpgroup holds, for j < N/8, the four values
 // rows {16 w + l/4, +8} x cols {8 j + 2 (l%4), +1} at d[4j .. 4j+3] (w = warp, l = lane).
 //
+// Shape conditions: Fprop/Dgrad N a multiple of 256 and K of 128; Wgrad N of 128 and K of 256.
 // Shape legend: T tokens, E experts, N output columns, K reduction, BM/BN/BK tile sizes.
 #include <cuda.h>
 #include <cuda_bf16.h>
@@ -51,14 +60,15 @@
 namespace {
 
 constexpr int BM = 128;             // output rows per tile (two consumer warpgroups x 64)
-constexpr int BN = 128;             // output columns per tile (one 128x128 weight block)
+constexpr int BN = 256;             // output columns per tile: two 128-column halves
+constexpr int HALF = 128;           // one half: one 128x128 weight block, one m64n128 WGMMA
+constexpr int HALVES = BN / HALF;
 constexpr int BK = 128;             // K per stage: one scale group, the promotion interval
-constexpr int STAGES = 6;
+constexpr int STAGES = 4;
 constexpr int CONSUMERS = 2;
 constexpr int THREADS = 128 * (CONSUMERS + 1);
 constexpr int MAX_EXPERTS = 1024;
 constexpr uint32_t TILE_BYTES = (BM + BN) * BK;
-constexpr uint32_t SCALE_BYTES = BM * sizeof(float);
 constexpr int SCALE_BOX = BM + 4;  // Fprop: a's scales from row0 & ~3, so BM + 3 rows at most
 
 struct alignas(1024) Stage {  // 1024-byte alignment: the 128-byte swizzle's repeat
@@ -119,7 +129,7 @@ __device__ __forceinline__ void mbar_arrive_remote(uint64_t* bar, uint32_t cta_r
   asm volatile(
       "{\n.reg .b32 remote;\n"
       "mapa.shared::cluster.u32 remote, %0, %1;\n"
-      "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n}\n"
+      "mbarrier.arrive.shared::cluster.b64 _, [remote];\n}\n"
       ::"r"(smem_addr(bar)), "r"(cta_rank) : "memory");
 }
 
@@ -284,7 +294,7 @@ struct Ring {
 
 // Tile t of a band-major walk over m_tiles x n_tiles: bands of GROUP_M tile rows, column by
 // column inside a band, so the CTAs running at one time share operand tiles in L2.
-constexpr int GROUP_M = 8;
+constexpr int GROUP_M = 8;  // 4, 16 and 32 measured no better on an H100
 __device__ __forceinline__ void band_order(int t, int m_tiles, int n_tiles, int& m, int& n) {
   const int per_band = GROUP_M * n_tiles;
   const int first_m = (t / per_band) * GROUP_M;
@@ -294,9 +304,10 @@ __device__ __forceinline__ void band_order(int t, int m_tiles, int n_tiles, int&
 }
 
 // One 128-wide K block of this warpgroup's 64 rows: four MMAs into `scratch` (overwritten).
-__device__ __forceinline__ void mma_k_block(float (&scratch)[64], const Stage& st, int wg_row0) {
-  const uint64_t desc_a = smem_desc(st.a + wg_row0 * BK);
-  const uint64_t desc_b = smem_desc(st.b);
+__device__ __forceinline__ void mma_k_block(float (&scratch)[64], const uint8_t* a_rows,
+                                            const uint8_t* b_rows) {
+  const uint64_t desc_a = smem_desc(a_rows);
+  const uint64_t desc_b = smem_desc(b_rows);
   fence_registers(scratch);
   wgmma_fence();
 #pragma unroll
@@ -406,44 +417,67 @@ __device__ __forceinline__ void store_pair(const FpropArgs& p, int row, int col,
   }
 }
 
+__device__ __forceinline__ void promote(float (&acc)[64], float (&buf)[64], float s0, float s1) {
+  fence_registers(buf);
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
+    acc[4 * j + 0] += buf[4 * j + 0] * s0;
+    acc[4 * j + 1] += buf[4 * j + 1] * s0;
+    acc[4 * j + 2] += buf[4 * j + 2] * s1;
+    acc[4 * j + 3] += buf[4 * j + 3] * s1;
+  }
+}
+
+__device__ __forceinline__ void store_tile(const FpropArgs& p, const float (&acc)[64], int r0,
+                                           int row_end, int col0) {
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
+    const int col = col0 + 8 * j;
+    if (r0 < row_end) store_pair(p, r0, col, acc[4 * j + 0], acc[4 * j + 1]);
+    if (r0 + 8 < row_end) store_pair(p, r0 + 8, col, acc[4 * j + 2], acc[4 * j + 3]);
+  }
+}
+
 __device__ void fprop_consumer(SharedStorage& s, const FpropArgs& p, int m_tiles, int n_tiles,
                                int wg_row0, const Cluster& c) {
   const int warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
   const int row_in_tile = wg_row0 + warp * 16 + lane / 4;
   const int col_in_tile = 2 * (lane % 4);
-  float acc[64], scratch[64];
+  float acc[HALVES][64], scratch[64];
   Ring ring;
   for (int t = c.index; t < m_tiles * (n_tiles / c.size); t += c.count) {
     const MTile tile = fprop_tile(s, p, t, m_tiles, n_tiles, c);
-    const int r0 = tile.row0 + row_in_tile, r1 = r0 + 8;
-    const float* sb = p.sb + int64_t(tile.expert) * p.sb_e + int64_t(tile.col0 / BN) * p.sb_n;
+    const float* sb = p.sb + int64_t(tile.expert) * p.sb_e + int64_t(tile.col0 / HALF) * p.sb_n;
     const int k_blocks = p.K / BK;
 #pragma unroll
-    for (int i = 0; i < 64; ++i) acc[i] = 0.f;
-    float next_scale_b = __ldg(sb);  // one K block ahead: its latency hides behind the MMAs
+    for (int h = 0; h < HALVES; ++h)
+#pragma unroll
+      for (int i = 0; i < 64; ++i) acc[h][i] = 0.f;
+    float next_scale_b[HALVES];  // one K block ahead: the latency hides behind the MMAs
+#pragma unroll
+    for (int h = 0; h < HALVES; ++h) next_scale_b[h] = __ldg(sb + h * p.sb_n);
     for (int kb = 0; kb < k_blocks; ++kb, ring.advance()) {
-      const float scale_b = next_scale_b;
-      if (kb + 1 < k_blocks) next_scale_b = __ldg(sb + (kb + 1) * p.sb_kb);
+      float scale_b[HALVES];
+#pragma unroll
+      for (int h = 0; h < HALVES; ++h) {
+        scale_b[h] = next_scale_b[h];
+        if (kb + 1 < k_blocks) next_scale_b[h] = __ldg(sb + h * p.sb_n + (kb + 1) * p.sb_kb);
+      }
       mbar_wait(&s.full[ring.stage], ring.phase);
       const Stage& st = s.stage[ring.stage];
       const float* sa = st.sa + (tile.row0 & 3) + row_in_tile;
-      const float s0 = sa[0] * scale_b, s1 = sa[8] * scale_b;
-      mma_k_block(scratch, st, wg_row0);
-      release_stage(s, ring.stage, c);
+      const float sa0 = sa[0], sa1 = sa[8];
 #pragma unroll
-      for (int j = 0; j < 16; ++j) {
-        acc[4 * j + 0] += scratch[4 * j + 0] * s0;
-        acc[4 * j + 1] += scratch[4 * j + 1] * s0;
-        acc[4 * j + 2] += scratch[4 * j + 2] * s1;
-        acc[4 * j + 3] += scratch[4 * j + 3] * s1;
+      for (int h = 0; h < HALVES; ++h) {
+        mma_k_block(scratch, st.a + wg_row0 * BK, st.b + h * HALF * BK);
+        if (h == HALVES - 1) release_stage(s, ring.stage, c);
+        promote(acc[h], scratch, sa0 * scale_b[h], sa1 * scale_b[h]);
       }
     }
 #pragma unroll
-    for (int j = 0; j < 16; ++j) {
-      const int col = tile.col0 + 8 * j + col_in_tile;
-      if (r0 < tile.row_end) store_pair(p, r0, col, acc[4 * j + 0], acc[4 * j + 1]);
-      if (r1 < tile.row_end) store_pair(p, r1, col, acc[4 * j + 2], acc[4 * j + 3]);
-    }
+    for (int h = 0; h < HALVES; ++h)
+      store_tile(p, acc[h], tile.row0 + row_in_tile, tile.row_end,
+                 tile.col0 + h * HALF + col_in_tile);
   }
 }
 
@@ -518,11 +552,13 @@ __device__ void wgrad_producer(SharedStorage& s, const CUtensorMap* map_a, const
     for (int g = tile.group_lo; g < tile.group_lo + tile.groups; ++g, ring.advance()) {
       mbar_wait(&s.empty[ring.stage], ring.phase ^ 1);
       Stage& st = s.stage[ring.stage];
-      mbar_arrive_expect_tx(&s.full[ring.stage], TILE_BYTES + 2 * SCALE_BYTES);
+      mbar_arrive_expect_tx(&s.full[ring.stage], TILE_BYTES + (BM + BN) * sizeof(float));
       load_a_tile(st.a, map_a, &s.full[ring.stage], g * BK, tile.row0, c);
       tma_load_tile(st.b, map_b, &s.full[ring.stage], g * BK, tile.col0);
-      bulk_load(st.sa, p.sa + int64_t(g) * p.sa_g + tile.row0, SCALE_BYTES, &s.full[ring.stage]);
-      bulk_load(st.sb, p.sb + int64_t(g) * p.sb_g + tile.col0, SCALE_BYTES, &s.full[ring.stage]);
+      bulk_load(st.sa, p.sa + int64_t(g) * p.sa_g + tile.row0, BM * sizeof(float),
+                &s.full[ring.stage]);
+      bulk_load(st.sb, p.sb + int64_t(g) * p.sb_g + tile.col0, BN * sizeof(float),
+                &s.full[ring.stage]);
     }
   }
 }
@@ -545,18 +581,53 @@ __device__ __forceinline__ void warpgroup_sync(int wg) {
   asm volatile("bar.sync %0, 128;" ::"r"(wg) : "memory");
 }
 
+// acc += scratch scaled by its rows' and columns' 128x1 scales (both operands scaled per token group).
+__device__ __forceinline__ void promote_outer(float (&acc)[64], float (&scratch)[64], float s0,
+                                              float s1, const float* col_scales) {
+  fence_registers(scratch);
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
+    const float2 sb = *reinterpret_cast<const float2*>(col_scales + 8 * j);
+    acc[4 * j + 0] += scratch[4 * j + 0] * (s0 * sb.x);
+    acc[4 * j + 1] += scratch[4 * j + 1] * (s0 * sb.y);
+    acc[4 * j + 2] += scratch[4 * j + 2] * (s1 * sb.x);
+    acc[4 * j + 3] += scratch[4 * j + 3] * (s1 * sb.y);
+  }
+}
+
+__device__ void store_wgrad(const WgradArgs& p, const float (&acc)[64], int expert, int r0, int col0) {
+  float* out = p.out + int64_t(expert) * p.out_e + col0;
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
+    float2* o0 = reinterpret_cast<float2*>(out + int64_t(r0) * p.out_n + 8 * j);
+    float2* o1 = reinterpret_cast<float2*>(out + int64_t(r0 + 8) * p.out_n + 8 * j);
+    float2 v0 = make_float2(acc[4 * j + 0], acc[4 * j + 1]);
+    float2 v1 = make_float2(acc[4 * j + 2], acc[4 * j + 3]);
+    if (p.accumulate) {
+      const float2 old0 = *o0, old1 = *o1;
+      v0.x += old0.x;
+      v0.y += old0.y;
+      v1.x += old1.x;
+      v1.y += old1.y;
+    }
+    *o0 = v0;
+    *o1 = v1;
+  }
+}
+
 __device__ void wgrad_consumer(SharedStorage& s, const WgradArgs& p, int wg, const Cluster& c) {
   const int wg_row0 = (wg - 1) * 64;
   const int warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
   const int row_in_tile = wg_row0 + warp * 16 + lane / 4;
   const int col_in_tile = 2 * (lane % 4);
-  float acc[64], scratch[64];
+  float acc[HALVES][64], scratch[64];
   Ring ring;
   for (int t = c.index; t < wgrad_walk_length(p, c); t += c.count) {
     const KTile tile = wgrad_tile(s, p, t, c);
-    const int r0 = tile.row0 + row_in_tile;
 #pragma unroll
-    for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+    for (int h = 0; h < HALVES; ++h)
+#pragma unroll
+      for (int i = 0; i < 64; ++i) acc[h][i] = 0.f;
     for (int g = tile.group_lo; g < tile.group_lo + tile.groups; ++g, ring.advance()) {
       mbar_wait(&s.full[ring.stage], ring.phase);
       Stage& st = s.stage[ring.stage];
@@ -564,33 +635,17 @@ __device__ void wgrad_consumer(SharedStorage& s, const WgradArgs& p, int wg, con
         mask_other_experts(st.a + wg_row0 * BK, g * BK, tile.start, tile.end);
         warpgroup_sync(wg);
       }
-      mma_k_block(scratch, st, wg_row0);
       const float s0 = st.sa[row_in_tile], s1 = st.sa[row_in_tile + 8];
 #pragma unroll
-      for (int j = 0; j < 16; ++j) {
-        const float2 scale_b = *reinterpret_cast<const float2*>(&st.sb[8 * j + col_in_tile]);
-        acc[4 * j + 0] += scratch[4 * j + 0] * s0 * scale_b.x;
-        acc[4 * j + 1] += scratch[4 * j + 1] * s0 * scale_b.y;
-        acc[4 * j + 2] += scratch[4 * j + 2] * s1 * scale_b.x;
-        acc[4 * j + 3] += scratch[4 * j + 3] * s1 * scale_b.y;
+      for (int h = 0; h < HALVES; ++h) {
+        mma_k_block(scratch, st.a + wg_row0 * BK, st.b + h * HALF * BK);
+        promote_outer(acc[h], scratch, s0, s1, st.sb + h * HALF + col_in_tile);
       }
       release_stage(s, ring.stage, c);  // after the scale reads: the stage's scales are in it
     }
-    float* out = p.out + int64_t(tile.expert) * p.out_e + tile.col0 + col_in_tile;
 #pragma unroll
-    for (int j = 0; j < 16; ++j) {
-      float2* o0 = reinterpret_cast<float2*>(out + int64_t(r0) * p.out_n + 8 * j);
-      float2* o1 = reinterpret_cast<float2*>(out + int64_t(r0 + 8) * p.out_n + 8 * j);
-      float2 v0 = make_float2(acc[4 * j + 0], acc[4 * j + 1]);
-      float2 v1 = make_float2(acc[4 * j + 2], acc[4 * j + 3]);
-      if (p.accumulate) {
-        const float2 old0 = *o0, old1 = *o1;
-        v0.x += old0.x; v0.y += old0.y;
-        v1.x += old1.x; v1.y += old1.y;
-      }
-      *o0 = v0;
-      *o1 = v1;
-    }
+    for (int h = 0; h < HALVES; ++h)
+      store_wgrad(p, acc[h], tile.expert, tile.row0 + row_in_tile, tile.col0 + h * HALF + col_in_tile);
   }
 }
 
@@ -731,7 +786,7 @@ int fp8moe_grouped_fprop(const void* a, int64_t lda, const float* sa, int64_t sa
                          const void* counts, int counts_int64, int T, int N, int K, int E,
                          int m_tiles_bound, int cluster, void* stream, char* err, int err_len) {
   if (E < 1 || E > MAX_EXPERTS) return fail(err, err_len, "expert count out of range (1..1024)");
-  if (N % BN || K % BK) return fail(err, err_len, "N and K must be multiples of 128");
+  if (N % BN || K % BK) return fail(err, err_len, "N must be a multiple of 256 and K of 128");
   if ((N / BN) % cluster) cluster = 1;
   CUtensorMap map_a, map_b, map_sa;
   if (fp8_tile_map(&map_a, a, T, K, lda, BM / cluster, err, err_len)) return 1;
@@ -752,7 +807,7 @@ int fp8moe_grouped_wgrad(const void* a, int64_t lda, const float* sa, int64_t sa
                          int T, int padded_T, int N, int K, int E, int cluster, void* stream,
                          char* err, int err_len) {
   if (E < 1 || E > MAX_EXPERTS) return fail(err, err_len, "expert count out of range (1..1024)");
-  if (N % BM || K % BN) return fail(err, err_len, "N and K must be multiples of 128");
+  if (N % BM || K % BN) return fail(err, err_len, "N must be a multiple of 128 and K of 256");
   if ((K / BN) % cluster) cluster = 1;
   CUtensorMap map_a, map_b;
   if (fp8_tile_map(&map_a, a, N, padded_T, lda, BM / cluster, err, err_len)) return 1;

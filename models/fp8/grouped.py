@@ -356,9 +356,10 @@ def _use_cuda(backend: str, device: torch.device, config, fits) -> bool:
             grouped_cuda.unavailable_reason(device.index or 0)
         raise RuntimeError(f"backend='cuda' cannot run here ({reason}); use backend='triton'")
     if not fits():
-        raise ValueError("backend='cuda' needs 16-byte aligned operands and row strides, N and K "
-                         "multiples of 128 and unit-stride scales along N/K; use backend='triton' "
-                         "or .contiguous() operands")
+        raise ValueError("backend='cuda' needs 16-byte aligned operands and row strides, 128 x 256 "
+                         "output tiles (Fprop/Dgrad N a multiple of 256; Wgrad K a multiple of "
+                         "256) and unit-stride scales along N/K; use backend='triton' or "
+                         ".contiguous() operands")
     return True
 
 
