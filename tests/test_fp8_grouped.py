@@ -111,6 +111,22 @@ def test_grouped_wgrad_matches_reference(counts, N, K, cfg):
             assert ref.calc_diff(out[e].cpu(), expect[e]) < 1e-3
 
 
+def test_grouped_wgrad_writes_bf16_and_accumulates_into_bf16():
+    """bf16 parameters get their gradient rounded once from the fp32 accumulator."""
+    a_q, a_s, b_q, b_s, counts_E = _wgrad_operands([40, 0, 90], 128, 128, seed=8)
+    expect = ref.grouped_gemm_128x1_128x1(*(t.cpu() for t in (a_q, a_s, b_q, b_s, counts_E)))
+    out = grouped_wgrad(a_q, a_s, b_q, b_s, counts_E, out_dtype=torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.cpu(), expect.to(torch.bfloat16), rtol=1e-2, atol=1e-3)
+    grad = torch.randn(3, 128, 128, generator=torch.Generator().manual_seed(9)).to(torch.bfloat16)
+    grad = grad.to(DEVICE)
+    summed = grad.cpu().float() + expect
+    grouped_wgrad(a_q, a_s, b_q, b_s, counts_E, out=grad)
+    assert ref.calc_diff(grad.cpu().float(), summed) < 1e-4
+    with pytest.raises(ValueError, match="out_dtype"):
+        grouped_wgrad(a_q, a_s, b_q, b_s, counts_E, out_dtype=torch.float16)
+
+
 def test_grouped_wgrad_accumulates_into_out():
     a_q, a_s, b_q, b_s, counts_E = _wgrad_operands([40, 90], 128, 128, seed=3)
     main_grad = torch.randn(2, 128, 128, generator=torch.Generator().manual_seed(4)).to(DEVICE)
@@ -233,6 +249,12 @@ def test_cuda_grouped_wgrad_matches_reference(counts, N, K):
     before = main_grad.clone()
     grouped_wgrad(a_q, a_s, b_q, b_s, counts_E.int(), out=main_grad, backend="cuda")
     assert ref.calc_diff(main_grad, before + expect) < 1e-5
+    bf16 = grouped_wgrad(a_q, a_s, b_q, b_s, counts_E, backend="cuda", out_dtype=torch.bfloat16)
+    assert bf16.dtype == torch.bfloat16 and ref.calc_diff(bf16.float(), expect) < 1e-3
+    grad = torch.randn_like(bf16)
+    summed = grad.float() + expect
+    grouped_wgrad(a_q, a_s, b_q, b_s, counts_E, out=grad, backend="cuda")
+    assert ref.calc_diff(grad.float(), summed) < 1e-3
 
 
 @pytest.mark.gpu

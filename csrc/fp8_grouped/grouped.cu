@@ -512,9 +512,10 @@ struct WgradArgs {
   int64_t sa_g;
   const float* sb;  // [ceil(T/128), K], unit stride along K
   int64_t sb_g;
-  float* out;       // [E, N, K] fp32, unit stride along K
+  void* out;        // [E, N, K] fp32 or bf16, unit stride along K
   int64_t out_e, out_n;
-  int accumulate;
+  int out_bf16;
+  int accumulate;   // out += result (fp32 arithmetic) instead of out = result
   Counts counts;
   int T, N, K, E;
 };
@@ -587,7 +588,9 @@ __device__ __forceinline__ void promote_outer(float (&acc)[64], float (&scratch)
   fence_registers(scratch);
 #pragma unroll
   for (int j = 0; j < 16; ++j) {
-    const float2 sb = *reinterpret_cast<const float2*>(col_scales + 8 * j);
+    float2 sb;  // loaded where it is used: hoisting all 16 pairs costs 32 registers and spills
+    asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];"
+                 : "=f"(sb.x), "=f"(sb.y) : "r"(smem_addr(col_scales + 8 * j)));
     acc[4 * j + 0] += scratch[4 * j + 0] * (s0 * sb.x);
     acc[4 * j + 1] += scratch[4 * j + 1] * (s0 * sb.y);
     acc[4 * j + 2] += scratch[4 * j + 2] * (s1 * sb.x);
@@ -595,23 +598,33 @@ __device__ __forceinline__ void promote_outer(float (&acc)[64], float (&scratch)
   }
 }
 
+__device__ __forceinline__ void store_wgrad_pair(const WgradArgs& p, int64_t offset, float x,
+                                                 float y) {
+  if (p.out_bf16) {
+    __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(static_cast<__nv_bfloat16*>(p.out) + offset);
+    if (p.accumulate) {
+      const float2 old = __bfloat1622float2(*o);
+      x += old.x;
+      y += old.y;
+    }
+    *o = __floats2bfloat162_rn(x, y);
+  } else {
+    float2* o = reinterpret_cast<float2*>(static_cast<float*>(p.out) + offset);
+    if (p.accumulate) {
+      const float2 old = *o;
+      x += old.x;
+      y += old.y;
+    }
+    *o = make_float2(x, y);
+  }
+}
+
 __device__ void store_wgrad(const WgradArgs& p, const float (&acc)[64], int expert, int r0, int col0) {
-  float* out = p.out + int64_t(expert) * p.out_e + col0;
+  const int64_t base = int64_t(expert) * p.out_e + col0;
 #pragma unroll
   for (int j = 0; j < 16; ++j) {
-    float2* o0 = reinterpret_cast<float2*>(out + int64_t(r0) * p.out_n + 8 * j);
-    float2* o1 = reinterpret_cast<float2*>(out + int64_t(r0 + 8) * p.out_n + 8 * j);
-    float2 v0 = make_float2(acc[4 * j + 0], acc[4 * j + 1]);
-    float2 v1 = make_float2(acc[4 * j + 2], acc[4 * j + 3]);
-    if (p.accumulate) {
-      const float2 old0 = *o0, old1 = *o1;
-      v0.x += old0.x;
-      v0.y += old0.y;
-      v1.x += old1.x;
-      v1.y += old1.y;
-    }
-    *o0 = v0;
-    *o1 = v1;
+    store_wgrad_pair(p, base + int64_t(r0) * p.out_n + 8 * j, acc[4 * j + 0], acc[4 * j + 1]);
+    store_wgrad_pair(p, base + int64_t(r0 + 8) * p.out_n + 8 * j, acc[4 * j + 2], acc[4 * j + 3]);
   }
 }
 
@@ -802,8 +815,9 @@ int fp8moe_grouped_fprop(const void* a, int64_t lda, const float* sa, int64_t sa
 }
 
 int fp8moe_grouped_wgrad(const void* a, int64_t lda, const float* sa, int64_t sa_g, const void* b,
-                         int64_t ldb, const float* sb, int64_t sb_g, float* out, int64_t out_e,
-                         int64_t out_n, int accumulate, const void* counts, int counts_int64,
+                         int64_t ldb, const float* sb, int64_t sb_g, void* out, int64_t out_e,
+                         int64_t out_n, int out_bf16, int accumulate, const void* counts,
+                         int counts_int64,
                          int T, int padded_T, int N, int K, int E, int cluster, void* stream,
                          char* err, int err_len) {
   if (E < 1 || E > MAX_EXPERTS) return fail(err, err_len, "expert count out of range (1..1024)");
@@ -812,7 +826,7 @@ int fp8moe_grouped_wgrad(const void* a, int64_t lda, const float* sa, int64_t sa
   CUtensorMap map_a, map_b;
   if (fp8_tile_map(&map_a, a, N, padded_T, lda, BM / cluster, err, err_len)) return 1;
   if (fp8_tile_map(&map_b, b, K, padded_T, ldb, BN, err, err_len)) return 1;
-  const WgradArgs args{cluster, sa, sa_g, sb, sb_g, out, out_e, out_n, accumulate,
+  const WgradArgs args{cluster, sa, sa_g, sb, sb_g, out, out_e, out_n, out_bf16, accumulate,
                        Counts{counts, counts_int64}, T, N, K, E};
   return launch(grouped_wgrad_kernel, map_a, map_b, map_b, args, E * (N / BM) * (K / BN), stream,
                 err, err_len);

@@ -542,7 +542,7 @@ def grouped_wgrad_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, out_ptr, counts_ptr,
     mask = (rm < N)[:, None] & (rn < K)[None, :]
     if ACCUMULATE:
         acc += tl.load(out_ptrs, mask=mask)
-    tl.store(out_ptrs, acc, mask=mask)
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _wgrad_operands(a_q, b_q, cfg: TileConfig):
@@ -559,13 +559,16 @@ def _wgrad_operands(a_q, b_q, cfg: TileConfig):
 
 def grouped_wgrad(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: torch.Tensor,
                   counts_E: torch.Tensor, out: torch.Tensor | None = None,
-                  config: TileConfig | None = None, backend: str = "auto") -> torch.Tensor:
+                  config: TileConfig | None = None, backend: str = "auto",
+                  out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """out[e] (+)= deq(a)[rows of e]^T . deq(b)[rows of e]: per-expert weight gradients, fp32.
 
     a_q [T, N] and b_q [T, K] e4m3, token-major (unit stride along T: see `token_major`), with
     128x1 scales a_s [ceil(T/128), N], b_s [ceil(T/128), K] fp32 (groups of 128 sorted rows);
-    counts_E [E] int. For dW = dy^T x: a = dy, b = x. Returns [E, N, K] fp32; when `out` is given
-    (fp32 [E, N, K], e.g. a main-grad buffer) the result is added into it and it is returned.
+    counts_E [E] int. For dW = dy^T x: a = dy, b = x. Returns [E, N, K] in out_dtype (fp32, or
+    bf16 for bf16 parameters: rounded once from the fp32 accumulator, no fp32 copy made); when
+    `out` is given (fp32 or bf16 [E, N, K], e.g. a main-grad buffer) the result is added into it
+    (in fp32 arithmetic) and it is returned.
     backend: as for grouped_gemm.
     """
     cfg = config or DEFAULT_WGRAD_CONFIG
@@ -583,12 +586,15 @@ def grouped_wgrad(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: 
     E = counts_E.shape[0] if isinstance(counts_E, torch.Tensor) and counts_E.dim() == 1 else -1
     _check_counts(counts_E, E, rows)
     if out is None:
-        out = torch.empty(E, N, K, dtype=torch.float32, device=a_q.device)
+        if out_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"out_dtype must be torch.float32 or torch.bfloat16, got {out_dtype}")
+        out = torch.empty(E, N, K, dtype=out_dtype, device=a_q.device)
         accumulate = False
     else:
-        if out.dtype != torch.float32 or tuple(out.shape) != (E, N, K) or out.stride(2) != 1:
-            raise ValueError(f"out must be a float32 [{E}, {N}, {K}] tensor with unit stride "
-                             f"along K, got {out.dtype} {tuple(out.shape)}")
+        if out.dtype not in (torch.float32, torch.bfloat16) or tuple(out.shape) != (E, N, K) \
+                or out.stride(2) != 1:
+            raise ValueError(f"out must be a float32 or bfloat16 [{E}, {N}, {K}] tensor with unit "
+                             f"stride along K, got {out.dtype} {tuple(out.shape)}")
         accumulate = True
     _check_runnable(a_q, a_s, b_q, b_s, counts_E, out)
     if E == 0:

@@ -39,7 +39,7 @@ def load_library(path) -> ctypes.CDLL:
                                          ptr, i64, i32, ptr, i32, i32, i32, i32, i32, i32, i32,
                                          ptr, ctypes.c_char_p, i32]
     lib.fp8moe_grouped_wgrad.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, i64, ptr, i64, i64,
-                                         i32, ptr, i32, i32, i32, i32, i32, i32, i32, ptr,
+                                         i32, i32, ptr, i32, i32, i32, i32, i32, i32, i32, ptr,
                                          ctypes.c_char_p, i32]
     lib.fp8moe_grouped_smem_bytes.restype = ctypes.c_size_t
     return lib
@@ -125,14 +125,14 @@ def gemm(a_q, a_s, b_q, b_s, counts_E, out, m_tiles_bound: int) -> torch.Tensor:
 
 
 def wgrad(a_q, a_s, b_q, b_s, counts_E, out, accumulate: bool) -> torch.Tensor:
-    """out[e] (+)= deq(a)[rows of e]^T . deq(b)[rows of e], fp32 [E, N, K]; operands (token-major)
-    validated by grouped.grouped_wgrad."""
+    """out[e] (+)= deq(a)[rows of e]^T . deq(b)[rows of e] into `out` [E, N, K] (fp32 or bf16);
+    operands (token-major) validated by grouped.grouped_wgrad."""
     (T, N), (_, K), E = a_q.shape, b_q.shape, counts_E.shape[0]
     padded_T = -(-T // 128) * 128
     stream = torch.cuda.current_stream(a_q.device).cuda_stream
     _call(_library().fp8moe_grouped_wgrad,
           a_q.data_ptr(), a_q.stride(1), a_s.data_ptr(), a_s.stride(0), b_q.data_ptr(),
           b_q.stride(1), b_s.data_ptr(), b_s.stride(0), out.data_ptr(), out.stride(0),
-          out.stride(1), int(accumulate), counts_E.data_ptr(), int(counts_E.dtype == torch.int64),
+          out.stride(1), int(out.dtype == torch.bfloat16), int(accumulate), counts_E.data_ptr(), int(counts_E.dtype == torch.int64),
           T, padded_T, N, K, E, CLUSTER, stream)
     return out
