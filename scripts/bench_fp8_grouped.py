@@ -9,9 +9,10 @@ spent, and says which it skipped, so scripts/gpu_check.sh can give it a fixed sl
 
 Sections (every figure next to a baseline measured in this run, recorded via scripts/summary.py):
   gemm    grouped Fprop, Dgrad (models/fp8/grouped.grouped_gemm) and Wgrad (grouped_wgrad) in
-          TFLOPS, each the best of the tile configs tried (the defaults of grouped.py and the
-          runner-up of the full sweep; --full sweeps them all and prints which config won most
-          often, to set the defaults from), against
+          TFLOPS, each the best of the kernels tried: the CUDA kernels of csrc/fp8_grouped
+          (what grouped.py runs on sm90 by default) and the Triton tile configs (the defaults of
+          grouped.py and the runner-up of the full sweep; --full sweeps them all and prints which
+          won most often, to set the defaults from); the table names the winner. Against
             - a per-expert loop of cuBLAS blockwise FP8 calls (models/fp8/gemm.py, torch._scaled_mm)
               with its split sizes already on the host (in training they come from the router on
               the GPU, so the loop would add a device-to-host sync per layer; not counted here), and
