@@ -107,7 +107,7 @@ def main() -> None:
     p.add_argument("--configs", nargs="+", default=["4x2048x1", "4x4096x4"],
                    help="micro-batch x sequence length x micro-batches per optimizer step")
     p.add_argument("--recipes", nargs="+", default=["off", "blockwise"],
-                   help="fp8 recipes for the first config (later configs run bf16 only)")
+                   help="fp8 recipes, each measured on every config")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     args = p.parse_args()
@@ -117,10 +117,10 @@ def main() -> None:
     matmul = bf16_matmul_tflops()
     torch.cuda.empty_cache()  # the children below need the whole card
     print(f"{card}: {args.size}; bf16 8192^3 matmul {matmul:.0f} TFLOP/s; each engine in its own process")
-    for index, config in enumerate(args.configs):
+    for config in args.configs:
         args.micro_batch, args.seq_len, grad_accum = parse_config(config)
         results = []
-        for recipe in (args.recipes if index == 0 else ["off"]):
+        for recipe in args.recipes:
             if recipe != "off" and not fp8_available():
                 print(f"fp8={recipe} not measured: models.fp8.convert is missing or the GPU is not sm90")
                 continue
