@@ -5,17 +5,17 @@ on a DeepSpeed ZeRO-1 bf16 engine (forward and backward of each micro-batch, gra
 AdamW with bf16 moments on FP32 masters, router-bias update, metric all-reduce). Inputs are random
 tokens, so nothing is read from disk.
 
-Two configurations by default: 4 x 2048 tokens with one micro-batch per step (the optimizer's
-share of the step is largest here; bf16 and FP8 side by side), and 4 x 4096 tokens with four
+Two configurations by default, each in bf16 and FP8: 4 x 2048 tokens with one micro-batch per
+step (the optimizer's share of the step is largest here), and 4 x 4096 tokens with four
 micro-batches per optimizer step (64k tokens per step, still far below the ~1M-token batches
-MoE pretraining uses, so the optimizer's share is if anything overstated), bf16 only.
+MoE pretraining uses, so the optimizer's share is if anything overstated).
 
 MFU = model FLOPs per token (`Transformer.flops_per_token`: activated weights + causal attention,
 MTP included) x tokens/s / 989 TFLOP/s (H100 dense BF16). The achieved model TFLOP/s is also set
 against a bf16 8192^3 matmul measured in the same run. With `models.fp8.convert` present (and an
 sm90 GPU), the same step runs with fp8=blockwise and the FP8/bf16 tokens/s ratio is reported.
 
-    python scripts/bench_train.py                       # small: 4x2048 x1 (bf16, fp8), 4x4096 x4 (bf16)
+    python scripts/bench_train.py                       # small: 4x2048 x1 and 4x4096 x4, bf16 and fp8
     python scripts/bench_train.py --configs 2x4096x1 --layers 2 --steps 6 --recipes off
 """
 from __future__ import annotations
