@@ -18,7 +18,8 @@ steps of 128 tokens at lr 1e-3): the control ended 0.19% from bf16 (up to 0.59% 
 50 steps) and FP8 0.11% (up to 0.28%); tests/test_fp8_convert.py checks one step in depth (loss,
 every parameter's gradient direction and norm against the unconverted model).
 
-Reported: training tokens/s of each (the FP8/bf16 ratio), peak memory of each, and the loss
+Reported: training tokens/s of each (the FP8/bf16 ratio), peak memory of each (and what is
+allocated as the optimizer step starts: the FP8 weight copies must be gone by then), and the loss
 curves compared as DeepSeek-V3 does: EMA(0.9)-smoothed training loss, first and last value of
 each run and the relative gap at the end (aim: within 0.25%), for the total loss and for its
 next-token (lm) and MTP parts, FP8 and control alike.
@@ -98,6 +99,7 @@ def train(args, run: str) -> dict:
     ds = eng.deepspeed_config(eng.ParallelConfig(), optim.grad_clip, args.micro_batch, 1, "bf16")
     engine = eng.build_engine(model, build_optimizer(model, optim), build_schedule(optim, args.steps), ds)
     balancer = LoadBalancer(engine.module.routers(), optim.bias_update_rate)
+    at_step = watch_optimizer_step(engine)
     loader = TrainLoader(rows, args.micro_batch, 1, 0, 1, seed=args.seed)
     curves, times = {key: [] for key in LOSSES}, []
     torch.cuda.reset_peak_memory_stats()
@@ -112,7 +114,20 @@ def train(args, run: str) -> dict:
             curves[key].append(metrics[key])
     steady = sorted(times[5:] or times)
     return dict(run=run, curves=curves, step_s=steady[len(steady) // 2],
-                peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
+                peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30,
+                at_step_gib=sorted(at_step)[len(at_step) // 2] / 2 ** 30)
+
+
+def watch_optimizer_step(engine) -> list[int]:
+    """Bytes allocated as each optimizer step starts (the end of backward: every gradient is
+    there, no activation is), collected into the returned list."""
+    marks, step = [], engine.optimizer.step
+
+    def step_and_mark(*args, **kwargs):
+        marks.append(torch.cuda.memory_allocated())
+        return step(*args, **kwargs)
+    engine.optimizer.step = step_and_mark
+    return marks
 
 
 
@@ -152,7 +167,8 @@ def report(args, results: list[dict]) -> None:
           f"{args.seq_len} tokens, same seed and batches")
     for r in results:
         e = ema(r["curves"]["loss/total"])
-        print(f"  {r['run']:<9} {tokens / r['step_s']:9,.0f} tok/s  peak {r['peak_gib']:5.1f} GiB  "
+        print(f"  {r['run']:<9} {tokens / r['step_s']:9,.0f} tok/s  peak {r['peak_gib']:5.1f} GiB "
+              f"(at the optimizer step {r['at_step_gib']:5.1f})  "
               f"EMA loss first {e[0]:.4f} last {e[-1]:.4f}")
     print(f"  FP8/bf16 tokens/s {bf16['step_s'] / fp8['step_s']:.2f}x; EMA loss gaps to bf16 "
           f"(aim for FP8: within 0.25%), final and max |gap| over the last 100 steps:")
