@@ -20,9 +20,9 @@ w1 (gate) and w3 (up) [E, F, D], w2 (down) [E, D, F]:
                                                         [E, F, D] fp32 each, written in place
 
 Every GEMM is a grouped kernel of models/fp8/grouped.py driven by counts_E on the GPU, so the
-layer never synchronizes with the host. Weight gradients come out of the Wgrad kernel in fp32
-(accumulated over all of an expert's tokens in fp32); with fp32 parameters autograd accumulates
-micro-batches in fp32 too.
+layer never synchronizes with the host. Weight gradients are accumulated over all of an expert's
+tokens in fp32 inside the Wgrad kernel, which writes the parameter's dtype (bf16 parameters: one
+rounding at the end); with fp32 parameters autograd accumulates micro-batches in fp32 too.
 
 Weights are quantized once per optimizer step: `FP8GroupedExperts` keeps w13 = [w1; w3] and w2
 in both orientations (Fprop and Dgrad operands, each weight read once by
@@ -82,6 +82,12 @@ def _cat(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
     if a.dtype != E4M3:
         return torch.cat([a, b], dim=dim)
     return torch.cat([a.view(torch.uint8), b.view(torch.uint8)], dim=dim).view(E4M3)
+
+
+def _wgrad_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """What the Wgrad kernel writes for a parameter of this dtype: bf16 parameters get their
+    gradient rounded once from the fp32 accumulator, without an fp32 copy; others get fp32."""
+    return torch.bfloat16 if param_dtype == torch.bfloat16 else torch.float32
 
 
 def _token_major(qt_KMp: torch.Tensor, rows: int) -> torch.Tensor:
@@ -246,12 +252,12 @@ class FP8ExpertsFunction(torch.autograd.Function):
             dx = grouped_gemm(q_dh, s_dh, w13t_q, w13t_s, counts_E, out_dtype=x_dtype)
         if need_wgrad:
             dw2 = grouped_wgrad(_token_major(qt_dy, T), st_dy, _token_major(qt_a, T), st_a,
-                                counts_E).to(w2_dtype)
+                                counts_E, out_dtype=_wgrad_dtype(w2_dtype)).to(w2_dtype)
             x_tm, F = _token_major(qt_x, T), qt_dh.shape[0] // 2
             dw1 = grouped_wgrad(_token_major(qt_dh[:F], T), st_dh[:, :F], x_tm, st_x,
-                                counts_E).to(w1_dtype)
+                                counts_E, out_dtype=_wgrad_dtype(w1_dtype)).to(w1_dtype)
             dw3 = grouped_wgrad(_token_major(qt_dh[F:], T), st_dh[:, F:], x_tm, st_x,
-                                counts_E).to(w3_dtype)
+                                counts_E, out_dtype=_wgrad_dtype(w3_dtype)).to(w3_dtype)
         return dx, None, dw1, dw3, dw2, None, None, None
 
 
