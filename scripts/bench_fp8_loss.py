@@ -10,11 +10,11 @@ Why the control. A 500-step run of 2048-token steps is early, steep training of 
 decisions flip on tiny differences and the two runs' trajectories soon decorrelate, so the gap
 between them is partly run-to-run randomness, which DeepSeek-V3's 0.25% criterion (measured on
 ~1T-token runs) leaves out. The control is the bf16 run again with every initial weight
-multiplied by 1 + 2^-8 N(0, 1), i.e. moved by at most about one bf16 ulp (half of them not at
-all after the cast): the smallest change a run can see. Its gap to the bf16 run is the
-randomness floor; an FP8 gap well beyond it points at a difference in what is computed, one
-within it does not. CPU evidence (2-layer debug model with 128-multiple dims, bf16 engine, 150
-steps of 128 tokens at lr 1e-3): the control ended 0.19% from bf16 (up to 0.59% over the last
+multiplied by 1 + 2^-8 N(0, 1): after the cast to bf16 about half the weights are one ulp off,
+a few two or three, the rest unchanged; about the smallest change a run can see. Its gap to the
+bf16 run is the randomness floor; an FP8 gap well beyond it points at a difference in what is
+computed, one within it does not. CPU evidence (2-layer debug model with 128-multiple dims,
+bf16 engine, 150 steps of 128 tokens at lr 1e-3): the control ended 0.19% from bf16 (up to 0.59% over the last
 50 steps) and FP8 0.11% (up to 0.28%); tests/test_fp8_convert.py checks one step in depth (loss,
 every parameter's gradient direction and norm against the unconverted model).
 
@@ -75,7 +75,7 @@ LOSSES = ("loss/total", "loss/lm", "loss/mtp")
 
 @torch.no_grad()
 def nudge(model: torch.nn.Module, seed: int) -> None:
-    """Multiply every parameter by 1 + 2^-8 N(0, 1) (about one bf16 ulp at most), from its own
+    """Multiply every parameter by 1 + 2^-8 N(0, 1) (mostly one bf16 ulp or none), from its own
     generator so the rest of the run draws exactly what the bf16 run draws."""
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed + 1)
     for p in model.parameters():
