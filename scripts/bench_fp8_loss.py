@@ -14,9 +14,9 @@ multiplied by 1 + 2^-8 N(0, 1): after the cast to bf16 about half the weights ar
 a few two or three, the rest unchanged; about the smallest change a run can see. Its gap to the
 bf16 run is the randomness floor; an FP8 gap well beyond it points at a difference in what is
 computed, one within it does not. CPU evidence (2-layer debug model with 128-multiple dims,
-bf16 engine, 150 steps of 128 tokens at lr 1e-3): the control ended 0.19% from bf16 (up to 0.59% over the last
-50 steps) and FP8 0.11% (up to 0.28%); tests/test_fp8_convert.py checks one step in depth (loss,
-every parameter's gradient direction and norm against the unconverted model).
+bf16 engine, 150 steps of 128 tokens at lr 1e-3): the control ended 0.19% from bf16 (up to
+0.59% over the last 50 steps) and FP8 0.11% (up to 0.28%); tests/test_fp8_convert.py checks one
+step in depth (loss, every parameter's gradient direction and norm against the unconverted model).
 
 Reported: training tokens/s of each (the FP8/bf16 ratio), peak memory of each (and what is
 allocated as the optimizer step starts: the FP8 weight copies must be gone by then), and the loss
@@ -141,7 +141,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--runs", default=",".join(RUNS),
-                   help=f"comma-separated, the first two 'off,blockwise', then optionally 'control'")
+                   help="comma-separated, the first two 'off,blockwise', then optionally 'control'")
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="where losses.json goes")
     args = p.parse_args()
     runs = args.runs.split(",")
