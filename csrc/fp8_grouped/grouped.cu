@@ -25,7 +25,10 @@
 //
 // Measured on an H100 while choosing this shape (DeepSeek-V3 expert GEMMs, TFLOPS): 128 x 128
 // tiles 930 (Fprop); the same with each warpgroup double-buffering its scratch so its own MMAs
-// overlap its promotion 820; 128 x 256 tiles 1010. Pairs of CTAs in a cluster sharing the `a`
+// overlap its promotion 820; 128 x 256 tiles 1010; with 16-byte epilogue stores 1050. Where the
+// time still goes (variants timed on an H100): skipping the promotion gains 6-8%, skipping the
+// epilogue's stores 15-19% at K = 2048-4096 (they are not overlapped with the next tile's MMAs),
+// while operands that always hit in L2 gain nothing: the kernel is not waiting on memory. Pairs of CTAs in a cluster sharing the `a`
 // tile through TMA multicast (Cluster below, `grouped_cuda.CLUSTER`) measured 5-10% slower, so
 // they are off; with `.release.cluster` on the remote empty-barrier arrivals they were 3x slower.
 //
@@ -428,13 +431,48 @@ __device__ __forceinline__ void promote(float (&acc)[64], float (&buf)[64], floa
   }
 }
 
+__device__ __forceinline__ uint32_t pack_bf16(float x, float y) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(x, y);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+__device__ __forceinline__ uint32_t pick(const uint32_t (&w)[4], int i) {
+  return i == 0 ? w[0] : i == 1 ? w[1] : i == 2 ? w[2] : w[3];
+}
+
+// One 64 x 128 half of a consumer's accumulators to global memory. bf16 output goes out in
+// 16-byte stores: for each pair of 8-column groups, the 4 lanes of a quad hold 2 rows x 16
+// columns as 16 bf16 pairs; a 4 x 4 transpose through shuffles gives each lane 8 consecutive
+// columns of one row (lane q: row r0 + 8 (q / 2), columns 8 (q % 2) + 0..7 of the pair), so a
+// warp writes whole 32-byte sectors with a quarter of the store instructions.
 __device__ __forceinline__ void store_tile(const FpropArgs& p, const float (&acc)[64], int r0,
-                                           int row_end, int col0) {
+                                           int row_end, int half_col0) {
+  const int q = threadIdx.x % 4;
+  if (p.out_fp32) {
 #pragma unroll
-  for (int j = 0; j < 16; ++j) {
-    const int col = col0 + 8 * j;
-    if (r0 < row_end) store_pair(p, r0, col, acc[4 * j + 0], acc[4 * j + 1]);
-    if (r0 + 8 < row_end) store_pair(p, r0 + 8, col, acc[4 * j + 2], acc[4 * j + 3]);
+    for (int j = 0; j < 16; ++j) {
+      const int col = half_col0 + 8 * j + 2 * q;
+      if (r0 < row_end) store_pair(p, r0, col, acc[4 * j + 0], acc[4 * j + 1]);
+      if (r0 + 8 < row_end) store_pair(p, r0 + 8, col, acc[4 * j + 2], acc[4 * j + 3]);
+    }
+    return;
+  }
+  const int row = r0 + 8 * (q / 2);
+  __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out) + int64_t(row) * p.ld_out + half_col0 +
+                       8 * (q % 2);
+#pragma unroll
+  for (int jp = 0; jp < 8; ++jp) {
+    const float* a0 = acc + 8 * jp;  // group 2 jp: a0[0..3]; group 2 jp + 1: a0[4..7]
+    // word types: 0 = (row r0, group 2jp), 1 = (r0, 2jp+1), 2 = (r0+8, 2jp), 3 = (r0+8, 2jp+1)
+    const uint32_t w[4] = {pack_bf16(a0[0], a0[1]), pack_bf16(a0[4], a0[5]),
+                           pack_bf16(a0[2], a0[3]), pack_bf16(a0[6], a0[7])};
+    uint32_t rotated[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k)  // round k: receive lane (q + k)'s word of type q
+      rotated[k] = __shfl_sync(0xffffffffu, pick(w, (q - k) & 3), (threadIdx.x & ~3) | ((q + k) & 3));
+    const uint4 v = make_uint4(pick(rotated, (0 - q) & 3), pick(rotated, (1 - q) & 3),
+                               pick(rotated, (2 - q) & 3), pick(rotated, (3 - q) & 3));
+    if (row < row_end) *reinterpret_cast<uint4*>(out + 16 * jp) = v;
   }
 }
 
@@ -442,7 +480,6 @@ __device__ void fprop_consumer(SharedStorage& s, const FpropArgs& p, int m_tiles
                                int wg_row0, const Cluster& c) {
   const int warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
   const int row_in_tile = wg_row0 + warp * 16 + lane / 4;
-  const int col_in_tile = 2 * (lane % 4);
   float acc[HALVES][64], scratch[64];
   Ring ring;
   for (int t = c.index; t < m_tiles * (n_tiles / c.size); t += c.count) {
@@ -476,8 +513,7 @@ __device__ void fprop_consumer(SharedStorage& s, const FpropArgs& p, int m_tiles
     }
 #pragma unroll
     for (int h = 0; h < HALVES; ++h)
-      store_tile(p, acc[h], tile.row0 + row_in_tile, tile.row_end,
-                 tile.col0 + h * HALF + col_in_tile);
+      store_tile(p, acc[h], tile.row0 + row_in_tile, tile.row_end, tile.col0 + h * HALF);
   }
 }
 
@@ -774,12 +810,6 @@ int launch(void (*kernel)(CUtensorMap, CUtensorMap, CUtensorMap, Args), const CU
   const int walks = (work + args.cluster_size - 1) / args.cluster_size;
   config.gridDim = dim3(std::max(1, std::min(clusters, walks)) * args.cluster_size);
   e = cudaLaunchKernelEx(&config, kernel, map_a, map_b, map_sa, args);
-  if (e != cudaSuccess) return fail(err, err_len, cudaGetErrorString(e));
-  return 0;
-}
-
-int finish(char* err, int err_len) {
-  const cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return fail(err, err_len, cudaGetErrorString(e));
   return 0;
 }
