@@ -12,25 +12,27 @@
 // apply the 1x128 scales (DeepSeek-V3's promotion every 128 elements of K), so the tensor cores
 // sit idle while the CUDA cores scale. Here the work is split the way DeepGEMM splits it:
 //
-//   - one producer warpgroup: a single thread streams the 128 x 128 `a` tile and the 256 x 128
-//     `b` tile of each 128-wide K block (plus their scales) into a ring of four shared-memory
-//     stages with the Tensor Memory Accelerator (TMA), each stage guarded by a "full" mbarrier
-//     (the TMA's byte count completes it) and an "empty" mbarrier (the consumers release it);
+//   - one producer warpgroup. Its first thread streams the 128 x 128 `a` tile and the 256 x 128
+//     `b` tile of each 128-wide K block (plus their scales) into a ring of shared-memory stages
+//     (three for Fprop, four for Wgrad) with the Tensor Memory Accelerator (TMA), each stage
+//     guarded by a "full" mbarrier (the TMA's byte count completes it) and an "empty" mbarrier
+//     (the consumers release it). Its other three warps are the Fprop/Dgrad storers: they write
+//     each finished bf16 tile from a shared-memory staging tile to global memory in whole
+//     512-byte rows, while the consumers already multiply the next tile;
 //   - two consumer warpgroups, 64 rows of the 128 x 256 output tile each. Per K block and per
 //     128-column half they issue four m64n128k32 WGMMAs into a scratch accumulator, wait, and
 //     fold the scratch into that half's fp32 accumulator scaled by the block's scales. While one
 //     warpgroup scales, the other's MMAs keep the tensor cores busy. Registers: 2 x 64
 //     accumulators + 64 scratch per thread, which setmaxnreg (232 for the consumers, 40 for the
-//     producer) makes room for.
+//     producer warpgroup) makes room for.
 //
 // Measured on an H100 while choosing this shape (DeepSeek-V3 expert GEMMs, TFLOPS): 128 x 128
 // tiles 930 (Fprop); the same with each warpgroup double-buffering its scratch so its own MMAs
-// overlap its promotion 820; 128 x 256 tiles 1010; with 16-byte epilogue stores 1050. Where the
-// time still goes (variants timed on an H100): skipping the promotion gains 6-8%, skipping the
-// epilogue's stores 15-19% at K = 2048-4096 (they are not overlapped with the next tile's MMAs),
-// while operands that always hit in L2 gain nothing: the kernel is not waiting on memory. Pairs of CTAs in a cluster sharing the `a`
-// tile through TMA multicast (Cluster below, `grouped_cuda.CLUSTER`) measured 5-10% slower, so
-// they are off; with `.release.cluster` on the remote empty-barrier arrivals they were 3x slower.
+// overlap its promotion 820; 128 x 256 tiles 1010; the staged epilogue (three stages) against
+// direct 16-byte stores from registers (four stages) +4-12% on Fprop/Dgrad at K = 2048-7168,
+// -2% on `small`'s down projection; Wgrad with three stages instead of four -15% at 512 tokens
+// per expert. Skipping the promotion altogether gains 6-8%, operands that always hit in L2 gain
+// nothing: the kernel is not waiting on memory.
 //
 // Both kernels are persistent: one CTA per SM walks the tiles, so the producer is already
 // loading the next tile while the consumers store the previous one. The router's counts stay
@@ -67,7 +69,11 @@ constexpr int BN = 256;             // output columns per tile: two 128-column h
 constexpr int HALF = 128;           // one half: one 128x128 weight block, one m64n128 WGMMA
 constexpr int HALVES = BN / HALF;
 constexpr int BK = 128;             // K per stage: one scale group, the promotion interval
-constexpr int STAGES = 4;
+constexpr int FPROP_STAGES = 3;    // + a staging tile for the epilogue (see fprop_storer)
+constexpr int WGRAD_STAGES = 4;    // (Wgrad writes fp32 straight from registers)
+constexpr int MAX_STAGES = 4;
+constexpr int OUT_PITCH = BN + 8;  // bf16 per staged output row: 16 bytes of padding for banks
+constexpr int STORERS = 3;         // producer-warpgroup warps 1..3 write staged tiles out
 constexpr int CONSUMERS = 2;
 constexpr int THREADS = 128 * (CONSUMERS + 1);
 constexpr int MAX_EXPERTS = 1024;
@@ -82,12 +88,25 @@ struct alignas(1024) Stage {  // 1024-byte alignment: the 128-byte swizzle's rep
   float sb[BN];         // Wgrad: the group's scales of dW's columns
 };
 
+constexpr size_t OUT_TILE_BYTES = BM * OUT_PITCH * sizeof(__nv_bfloat16);
+constexpr size_t RING_BYTES = std::max(MAX_STAGES * sizeof(Stage),
+                                       FPROP_STAGES * sizeof(Stage) + OUT_TILE_BYTES);
+
+// The stage ring is shared by the two kernels' layouts: Wgrad uses four stages, Fprop three and
+// the space of the fourth (and a little more) for its bf16 output staging tile.
 struct SharedStorage {
-  Stage stage[STAGES];
-  uint64_t full[STAGES];
-  uint64_t empty[STAGES];
+  alignas(1024) uint8_t ring[RING_BYTES];
+  uint64_t full[MAX_STAGES];
+  uint64_t empty[MAX_STAGES];
+  uint64_t out_full;   // the consumers have staged a finished bf16 tile
+  uint64_t out_empty;  // the storer warps have written it to global memory
   int tile_start[MAX_EXPERTS + 1];  // grouped_fprop: first M tile of each expert
   int row_start[MAX_EXPERTS + 1];   // first sorted row (token) of each expert
+
+  __device__ __forceinline__ Stage& stage(int i) { return reinterpret_cast<Stage*>(ring)[i]; }
+  __device__ __forceinline__ __nv_bfloat16* out_tile() {
+    return reinterpret_cast<__nv_bfloat16*>(ring + FPROP_STAGES * sizeof(Stage));
+  }
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -275,21 +294,25 @@ __device__ __forceinline__ Cluster cluster_position(int size) {
 }
 
 __device__ void init_barriers(SharedStorage& s, int cluster_size) {
-  for (int i = 0; i < STAGES; ++i) {
+  for (int i = 0; i < MAX_STAGES; ++i) {
     mbar_init(&s.full[i], 1);  // the producer's expect_tx arrival
     // lane 0 of every consumer warp of every CTA of the cluster: a stage is refilled (by
     // multicast, also from the other CTA) only once every CTA has finished reading it
     mbar_init(&s.empty[i], CONSUMERS * 4 * cluster_size);
   }
+  mbar_init(&s.out_full, CONSUMERS * 4);
+  mbar_init(&s.out_empty, STORERS);
   asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
 }
 
 // Position in the stage ring; producer and consumers walk the same sequence of K blocks.
 struct Ring {
+  int stages;
   int stage = 0;
   uint32_t phase = 0;
+  __device__ __forceinline__ explicit Ring(int n) : stages(n) {}
   __device__ __forceinline__ void advance() {
-    if (++stage == STAGES) {
+    if (++stage == stages) {
       stage = 0;
       phase ^= 1;
     }
@@ -398,12 +421,12 @@ __device__ __forceinline__ MTile fprop_tile(const SharedStorage& s, const FpropA
 __device__ void fprop_producer(SharedStorage& s, const CUtensorMap* map_a, const CUtensorMap* map_b,
                                const CUtensorMap* map_sa, const FpropArgs& p, int m_tiles,
                                int n_tiles, const Cluster& c) {
-  Ring ring;
+  Ring ring(FPROP_STAGES);
   for (int t = c.index; t < m_tiles * (n_tiles / c.size); t += c.count) {
     const MTile tile = fprop_tile(s, p, t, m_tiles, n_tiles, c);
     for (int kb = 0; kb < p.K / BK; ++kb, ring.advance()) {
       mbar_wait(&s.empty[ring.stage], ring.phase ^ 1);
-      Stage& st = s.stage[ring.stage];
+      Stage& st = s.stage(ring.stage);
       mbar_arrive_expect_tx(&s.full[ring.stage], TILE_BYTES + SCALE_BOX * sizeof(float));
       load_a_tile(st.a, map_a, &s.full[ring.stage], kb * BK, tile.row0, c);
       tma_load_tile(st.b, map_b, &s.full[ring.stage], kb * BK, tile.expert * p.N + tile.col0);
@@ -442,6 +465,22 @@ __device__ __forceinline__ uint32_t pick(const uint32_t (&w)[4], int i) {
   return i == 0 ? w[0] : i == 1 ? w[1] : i == 2 ? w[2] : w[3];
 }
 
+// Column groups 2 jp and 2 jp + 1 of the quad's two rows, as lane q's 8 consecutive bf16 of one
+// row (row + 8 (q / 2), columns 16 jp + 8 (q % 2) + 0..7): a 4 x 4 transpose of 32-bit words
+// through shuffles. Word types: 0 = (row, group 2jp), 1 = (row, 2jp+1), 2 = (row+8, 2jp), 3 =
+// (row+8, 2jp+1); round k receives lane (q + k)'s word of type q.
+__device__ __forceinline__ uint4 quad_transpose(const float (&acc)[64], int jp, int q) {
+  const float* a0 = acc + 8 * jp;
+  const uint32_t w[4] = {pack_bf16(a0[0], a0[1]), pack_bf16(a0[4], a0[5]),
+                         pack_bf16(a0[2], a0[3]), pack_bf16(a0[6], a0[7])};
+  uint32_t rotated[4];
+#pragma unroll
+  for (int k = 0; k < 4; ++k)
+    rotated[k] = __shfl_sync(0xffffffffu, pick(w, (q - k) & 3), (threadIdx.x & ~3) | ((q + k) & 3));
+  return make_uint4(pick(rotated, (0 - q) & 3), pick(rotated, (1 - q) & 3),
+                    pick(rotated, (2 - q) & 3), pick(rotated, (3 - q) & 3));
+}
+
 // One 64 x 128 half of a consumer's accumulators to global memory. bf16 output goes out in
 // 16-byte stores: for each pair of 8-column groups, the 4 lanes of a quad hold 2 rows x 16
 // columns as 16 bf16 pairs; a 4 x 4 transpose through shuffles gives each lane 8 consecutive
@@ -464,18 +503,18 @@ __device__ __forceinline__ void store_tile(const FpropArgs& p, const float (&acc
                        8 * (q % 2);
 #pragma unroll
   for (int jp = 0; jp < 8; ++jp) {
-    const float* a0 = acc + 8 * jp;  // group 2 jp: a0[0..3]; group 2 jp + 1: a0[4..7]
-    // word types: 0 = (row r0, group 2jp), 1 = (r0, 2jp+1), 2 = (r0+8, 2jp), 3 = (r0+8, 2jp+1)
-    const uint32_t w[4] = {pack_bf16(a0[0], a0[1]), pack_bf16(a0[4], a0[5]),
-                           pack_bf16(a0[2], a0[3]), pack_bf16(a0[6], a0[7])};
-    uint32_t rotated[4];
-#pragma unroll
-    for (int k = 0; k < 4; ++k)  // round k: receive lane (q + k)'s word of type q
-      rotated[k] = __shfl_sync(0xffffffffu, pick(w, (q - k) & 3), (threadIdx.x & ~3) | ((q + k) & 3));
-    const uint4 v = make_uint4(pick(rotated, (0 - q) & 3), pick(rotated, (1 - q) & 3),
-                               pick(rotated, (2 - q) & 3), pick(rotated, (3 - q) & 3));
+    const uint4 v = quad_transpose(acc, jp, q);
     if (row < row_end) *reinterpret_cast<uint4*>(out + 16 * jp) = v;
   }
+}
+
+// The same 16-byte rows into the shared-memory staging tile (rows and columns within the tile).
+__device__ __forceinline__ void stage_tile(SharedStorage& s, const float (&acc)[64], int row,
+                                           int half_col0) {
+  const int q = threadIdx.x % 4;
+  __nv_bfloat16* out = s.out_tile() + (row + 8 * (q / 2)) * OUT_PITCH + half_col0 + 8 * (q % 2);
+#pragma unroll
+  for (int jp = 0; jp < 8; ++jp) *reinterpret_cast<uint4*>(out + 16 * jp) = quad_transpose(acc, jp, q);
 }
 
 __device__ void fprop_consumer(SharedStorage& s, const FpropArgs& p, int m_tiles, int n_tiles,
@@ -483,7 +522,8 @@ __device__ void fprop_consumer(SharedStorage& s, const FpropArgs& p, int m_tiles
   const int warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
   const int row_in_tile = wg_row0 + warp * 16 + lane / 4;
   float acc[HALVES][64], scratch[64];
-  Ring ring;
+  Ring ring(FPROP_STAGES);
+  uint32_t out_phase = 0;
   for (int t = c.index; t < m_tiles * (n_tiles / c.size); t += c.count) {
     const MTile tile = fprop_tile(s, p, t, m_tiles, n_tiles, c);
     const float* sb = p.sb + int64_t(tile.expert) * p.sb_e + int64_t(tile.col0 / HALF) * p.sb_n;
@@ -503,7 +543,7 @@ __device__ void fprop_consumer(SharedStorage& s, const FpropArgs& p, int m_tiles
         if (kb + 1 < k_blocks) next_scale_b[h] = __ldg(sb + h * p.sb_n + (kb + 1) * p.sb_kb);
       }
       mbar_wait(&s.full[ring.stage], ring.phase);
-      const Stage& st = s.stage[ring.stage];
+      const Stage& st = s.stage(ring.stage);
       const float* sa = st.sa + (tile.row0 & 3) + row_in_tile;
       const float sa0 = sa[0], sa1 = sa[8];
 #pragma unroll
@@ -513,9 +553,41 @@ __device__ void fprop_consumer(SharedStorage& s, const FpropArgs& p, int m_tiles
         promote(acc[h], scratch, sa0 * scale_b[h], sa1 * scale_b[h]);
       }
     }
+    if (!p.out_fp32) {  // hand the bf16 tile to the storer warps and go on to the next
+      mbar_wait(&s.out_empty, out_phase ^ 1);
 #pragma unroll
-    for (int h = 0; h < HALVES; ++h)
-      store_tile(p, acc[h], tile.row0 + row_in_tile, tile.row_end, tile.col0 + h * HALF);
+      for (int h = 0; h < HALVES; ++h) stage_tile(s, acc[h], row_in_tile, h * HALF);
+      __syncwarp();
+      if (lane == 0) mbar_arrive(&s.out_full);
+      out_phase ^= 1;
+    } else {
+#pragma unroll
+      for (int h = 0; h < HALVES; ++h)
+        store_tile(p, acc[h], tile.row0 + row_in_tile, tile.row_end, tile.col0 + h * HALF);
+    }
+  }
+}
+
+// Producer-warpgroup warps 1..3: each staged tile's real rows to global memory in whole 512-byte
+// rows, while the consumers already multiply the next tile.
+__device__ void fprop_storer(SharedStorage& s, const FpropArgs& p, int m_tiles, int n_tiles,
+                             const Cluster& c) {
+  if (p.out_fp32) return;
+  const int worker = threadIdx.x - 32;
+  uint32_t phase = 0;
+  for (int t = c.index; t < m_tiles * (n_tiles / c.size); t += c.count, phase ^= 1) {
+    const MTile tile = fprop_tile(s, p, t, m_tiles, n_tiles, c);
+    const int rows = min(BM, tile.row_end - tile.row0);
+    __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out) + int64_t(tile.row0) * p.ld_out +
+                         tile.col0;
+    mbar_wait(&s.out_full, phase);
+    for (int i = worker; i < rows * (BN / 8); i += 32 * STORERS) {
+      const int r = i / (BN / 8), chunk = i % (BN / 8);
+      *reinterpret_cast<uint4*>(out + int64_t(r) * p.ld_out + 8 * chunk) =
+          *reinterpret_cast<const uint4*>(s.out_tile() + r * OUT_PITCH + 8 * chunk);
+    }
+    __syncwarp();
+    if (threadIdx.x % 32 == 0) mbar_arrive(&s.out_empty);
   }
 }
 
@@ -534,6 +606,7 @@ grouped_fprop_kernel(const __grid_constant__ CUtensorMap map_a,
   if (wg == 0) {
     producer_registers();
     if (threadIdx.x == 0) fprop_producer(s, &map_a, &map_b, &map_sa, p, m_tiles, n_tiles, c);
+    if (threadIdx.x >= 32) fprop_storer(s, p, m_tiles, n_tiles, c);
   } else {
     consumer_registers();
     fprop_consumer(s, p, m_tiles, n_tiles, (wg - 1) * 64, c);
@@ -585,12 +658,12 @@ __device__ __forceinline__ KTile wgrad_tile(const SharedStorage& s, const WgradA
 
 __device__ void wgrad_producer(SharedStorage& s, const CUtensorMap* map_a, const CUtensorMap* map_b,
                                const WgradArgs& p, const Cluster& c) {
-  Ring ring;
+  Ring ring(WGRAD_STAGES);
   for (int t = c.index; t < wgrad_walk_length(p, c); t += c.count) {
     const KTile tile = wgrad_tile(s, p, t, c);
     for (int g = tile.group_lo; g < tile.group_lo + tile.groups; ++g, ring.advance()) {
       mbar_wait(&s.empty[ring.stage], ring.phase ^ 1);
-      Stage& st = s.stage[ring.stage];
+      Stage& st = s.stage(ring.stage);
       mbar_arrive_expect_tx(&s.full[ring.stage], TILE_BYTES + (BM + BN) * sizeof(float));
       load_a_tile(st.a, map_a, &s.full[ring.stage], g * BK, tile.row0, c);
       tma_load_tile(st.b, map_b, &s.full[ring.stage], g * BK, tile.col0);
@@ -672,7 +745,7 @@ __device__ void wgrad_consumer(SharedStorage& s, const WgradArgs& p, int wg, con
   const int row_in_tile = wg_row0 + warp * 16 + lane / 4;
   const int col_in_tile = 2 * (lane % 4);
   float acc[HALVES][64], scratch[64];
-  Ring ring;
+  Ring ring(WGRAD_STAGES);
   for (int t = c.index; t < wgrad_walk_length(p, c); t += c.count) {
     const KTile tile = wgrad_tile(s, p, t, c);
 #pragma unroll
@@ -681,7 +754,7 @@ __device__ void wgrad_consumer(SharedStorage& s, const WgradArgs& p, int wg, con
       for (int i = 0; i < 64; ++i) acc[h][i] = 0.f;
     for (int g = tile.group_lo; g < tile.group_lo + tile.groups; ++g, ring.advance()) {
       mbar_wait(&s.full[ring.stage], ring.phase);
-      Stage& st = s.stage[ring.stage];
+      Stage& st = s.stage(ring.stage);
       if (g * BK < tile.start || (g + 1) * BK > tile.end) {
         mask_other_experts(st.a + wg_row0 * BK, g * BK, tile.start, tile.end);
         warpgroup_sync(wg);
