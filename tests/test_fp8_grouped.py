@@ -272,12 +272,8 @@ def test_auto_backend_falls_back_to_triton_where_the_cuda_tiles_do_not_fit():
 def test_cuda_kernels_compile_for_sm90a(tmp_path):
     """csrc/fp8_grouped builds with nvcc on any machine with the toolkit (no GPU needed), and
     the Fprop/Dgrad kernel's consumers keep their two accumulators in registers."""
-    import importlib.util
-    from pathlib import Path
-    build_py = Path(__file__).resolve().parents[1] / "csrc" / "fp8_grouped" / "build.py"
-    spec = importlib.util.spec_from_file_location("fp8_grouped_build", build_py)
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
+    from models.fp8.grouped_cuda import build_script
+    build = build_script()
     try:
         build.find_nvcc()
     except build.BuildUnavailable as err:

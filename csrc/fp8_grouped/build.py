@@ -8,7 +8,7 @@ CUDA runtime (it reaches the driver's cuTensorMapEncodeTiled through cudaGetDriv
 so it also compiles on machines with the toolkit but no driver: the CPU tests compile it and
 check that ptxas spills nothing.
 
-    python csrc/fp8_grouped/build.py          # build models/fp8/libfp8moe_grouped.so, print ptxas -v
+    python csrc/fp8_grouped/build.py    # build models/fp8/libfp8moe_grouped.so, print ptxas -v
 """
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ class BuildUnavailable(RuntimeError):
 def find_nvcc(env=None) -> str:
     env = os.environ if env is None else env
     candidates = [shutil.which("nvcc", path=env.get("PATH"))]
-    candidates += [str(Path(r) / "bin" / "nvcc") for r in (env.get("CUDA_HOME"), env.get("CUDA_PATH"),
-                                                            "/usr/local/cuda") if r]
+    roots = (env.get("CUDA_HOME"), env.get("CUDA_PATH"), "/usr/local/cuda")
+    candidates += [str(Path(r) / "bin" / "nvcc") for r in roots if r]
     for nvcc in candidates:
         if nvcc and os.access(nvcc, os.X_OK):
             return nvcc

@@ -140,7 +140,8 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
 }
 
 // A contiguous run of global memory (16-byte aligned, a multiple of 16 bytes) into shared memory.
-__device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes,
+                                          uint64_t* bar) {
   asm volatile(
       "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
       ::"r"(smem_addr(dst)), "l"(reinterpret_cast<uint64_t>(src)), "r"(bytes),
@@ -191,7 +192,9 @@ __device__ __forceinline__ uint64_t smem_desc(const uint8_t* tile) {
   return desc;
 }
 
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_fence() {
+  asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+}
 __device__ __forceinline__ void wgmma_commit() {
   asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
 }
@@ -514,7 +517,8 @@ __device__ __forceinline__ void stage_tile(SharedStorage& s, const float (&acc)[
   const int q = threadIdx.x % 4;
   __nv_bfloat16* out = s.out_tile() + (row + 8 * (q / 2)) * OUT_PITCH + half_col0 + 8 * (q % 2);
 #pragma unroll
-  for (int jp = 0; jp < 8; ++jp) *reinterpret_cast<uint4*>(out + 16 * jp) = quad_transpose(acc, jp, q);
+  for (int jp = 0; jp < 8; ++jp)
+    *reinterpret_cast<uint4*>(out + 16 * jp) = quad_transpose(acc, jp, q);
 }
 
 __device__ void fprop_consumer(SharedStorage& s, const FpropArgs& p, int m_tiles, int n_tiles,
@@ -693,7 +697,8 @@ __device__ __forceinline__ void warpgroup_sync(int wg) {
   asm volatile("bar.sync %0, 128;" ::"r"(wg) : "memory");
 }
 
-// acc += scratch scaled by its rows' and columns' 128x1 scales (both operands scaled per token group).
+// acc += scratch scaled by its rows' and columns' 128x1 scales (both operands scaled per token
+// group).
 __device__ __forceinline__ void promote_outer(float (&acc)[64], float (&scratch)[64], float s0,
                                               float s1, const float* col_scales) {
   fence_registers(scratch);
@@ -712,7 +717,8 @@ __device__ __forceinline__ void promote_outer(float (&acc)[64], float (&scratch)
 __device__ __forceinline__ void store_wgrad_pair(const WgradArgs& p, int64_t offset, float x,
                                                  float y) {
   if (p.out_bf16) {
-    __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(static_cast<__nv_bfloat16*>(p.out) + offset);
+    __nv_bfloat162* o =
+        reinterpret_cast<__nv_bfloat162*>(static_cast<__nv_bfloat16*>(p.out) + offset);
     if (p.accumulate) {
       const float2 old = __bfloat1622float2(*o);
       x += old.x;
@@ -730,7 +736,8 @@ __device__ __forceinline__ void store_wgrad_pair(const WgradArgs& p, int64_t off
   }
 }
 
-__device__ void store_wgrad(const WgradArgs& p, const float (&acc)[64], int expert, int r0, int col0) {
+__device__ void store_wgrad(const WgradArgs& p, const float (&acc)[64], int expert, int r0,
+                            int col0) {
   const int64_t base = int64_t(expert) * p.out_e + col0;
 #pragma unroll
   for (int j = 0; j < 16; ++j) {
@@ -769,7 +776,8 @@ __device__ void wgrad_consumer(SharedStorage& s, const WgradArgs& p, int wg, con
     }
 #pragma unroll
     for (int h = 0; h < HALVES; ++h)
-      store_wgrad(p, acc[h], tile.expert, tile.row0 + row_in_tile, tile.col0 + h * HALF + col_in_tile);
+      store_wgrad(p, acc[h], tile.expert, tile.row0 + row_in_tile,
+                  tile.col0 + h * HALF + col_in_tile);
   }
 }
 

@@ -340,6 +340,7 @@ def grouped_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, counts_ptr,
 
 
 BACKENDS = ("auto", "cuda", "triton")
+WGRAD_OUT_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _use_cuda(backend: str, device: torch.device, config, fits) -> bool:
@@ -351,9 +352,9 @@ def _use_cuda(backend: str, device: torch.device, config, fits) -> bool:
         return False
     if backend == "auto":
         return grouped_cuda.available(device) and fits()
-    if device.type != "cuda" or grouped_cuda.unavailable_reason(device.index or 0):
-        reason = "CPU tensors" if device.type != "cuda" else \
-            grouped_cuda.unavailable_reason(device.index or 0)
+    reason = ("CPU tensors" if device.type != "cuda"
+              else grouped_cuda.unavailable_reason(device.index or 0))
+    if reason:
         raise RuntimeError(f"backend='cuda' cannot run here ({reason}); use backend='triton'")
     if not fits():
         raise ValueError("backend='cuda' needs 16-byte aligned operands and row strides, 128 x 256 "
@@ -586,12 +587,12 @@ def grouped_wgrad(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: 
     E = counts_E.shape[0] if isinstance(counts_E, torch.Tensor) and counts_E.dim() == 1 else -1
     _check_counts(counts_E, E, rows)
     if out is None:
-        if out_dtype not in (torch.float32, torch.bfloat16):
+        if out_dtype not in WGRAD_OUT_DTYPES:
             raise ValueError(f"out_dtype must be torch.float32 or torch.bfloat16, got {out_dtype}")
         out = torch.empty(E, N, K, dtype=out_dtype, device=a_q.device)
         accumulate = False
     else:
-        if out.dtype not in (torch.float32, torch.bfloat16) or tuple(out.shape) != (E, N, K) \
+        if out.dtype not in WGRAD_OUT_DTYPES or tuple(out.shape) != (E, N, K) \
                 or out.stride(2) != 1:
             raise ValueError(f"out must be a float32 or bfloat16 [{E}, {N}, {K}] tensor with unit "
                              f"stride along K, got {out.dtype} {tuple(out.shape)}")

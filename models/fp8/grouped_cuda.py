@@ -23,7 +23,9 @@ MAX_EXPERTS = 1024
 _ERR_LEN = 512
 
 
-def _build_module():
+@functools.lru_cache(maxsize=None)
+def build_script():
+    """csrc/fp8_grouped/build.py as a module (it is a script, not part of a package)."""
     spec = importlib.util.spec_from_file_location("fp8_grouped_build",
                                                   _ROOT / "csrc" / "fp8_grouped" / "build.py")
     module = importlib.util.module_from_spec(spec)
@@ -47,7 +49,7 @@ def load_library(path) -> ctypes.CDLL:
 
 @functools.lru_cache(maxsize=None)
 def _library() -> ctypes.CDLL:
-    return load_library(_build_module().ensure_built())
+    return load_library(build_script().ensure_built())
 
 
 @functools.lru_cache(maxsize=None)
@@ -133,6 +135,6 @@ def wgrad(a_q, a_s, b_q, b_s, counts_E, out, accumulate: bool) -> torch.Tensor:
     _call(_library().fp8moe_grouped_wgrad,
           a_q.data_ptr(), a_q.stride(1), a_s.data_ptr(), a_s.stride(0), b_q.data_ptr(),
           b_q.stride(1), b_s.data_ptr(), b_s.stride(0), out.data_ptr(), out.stride(0),
-          out.stride(1), int(out.dtype == torch.bfloat16), int(accumulate), counts_E.data_ptr(), int(counts_E.dtype == torch.int64),
-          T, padded_T, N, K, E, CLUSTER, stream)
+          out.stride(1), int(out.dtype == torch.bfloat16), int(accumulate), counts_E.data_ptr(),
+          int(counts_E.dtype == torch.int64), T, padded_T, N, K, E, CLUSTER, stream)
     return out
