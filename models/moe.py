@@ -67,10 +67,18 @@ class Router(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
         scores_TE = torch.sigmoid(F.linear(x_TD.float(), self.weight.float()))
-        choice_TE = scores_TE.detach() + self.expert_bias
+        return self.route(scores_TE, self.choose(scores_TE.detach()))
+
+    def choose(self, scores_TE: torch.Tensor) -> torch.Tensor:
+        """The top-k experts of each token (the discrete decision, no gradient): by score plus
+        balancing bias, within the best `topk_group` groups."""
+        choice_TE = scores_TE + self.expert_bias
         if self.n_group > 1:
             choice_TE = self._mask_groups(choice_TE)
-        expert_TK = choice_TE.topk(self.top_k, dim=-1).indices
+        return choice_TE.topk(self.top_k, dim=-1).indices
+
+    def route(self, scores_TE: torch.Tensor, expert_TK: torch.Tensor) -> Routing:
+        """The chosen experts' gate weights (their scores, normalized and scaled) and counts."""
         weight_TK = scores_TE.gather(1, expert_TK)
         weight_TK = weight_TK / weight_TK.sum(-1, keepdim=True) * self.scale
         counts_E = torch.bincount(expert_TK.flatten(), minlength=self.n_experts)
