@@ -218,10 +218,12 @@ CUDA_COUNTS = [  # ragged, empty first/last experts, experts inside one 128-row 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("counts", CUDA_COUNTS)
-@pytest.mark.parametrize("N,K", [(512, 384), (2048, 7168), (7168, 2048)])
+@pytest.mark.parametrize("N,K", [(128, 256), (384, 128), (512, 384), (2048, 7168), (7168, 2048)])
 def test_cuda_grouped_gemm_matches_reference(counts, N, K):
     """The CUDA kernels (csrc/fp8_grouped) on ragged splits, both output dtypes, int32 and
-    int64 counts."""
+    int64 counts. Widths that are not whole 192-column tiles (128, 512, 2048, 7168) end in a
+    partial tile; tiles that start in the middle of a 128x128 weight block (every other one)
+    take their columns' scales from two blocks."""
     a_q, a_s, b_q, b_s, counts_E = _operands(counts, N, K, seed=len(counts) + N)
     expect = ref.grouped_gemm_1x128_128x128(a_q, a_s, b_q, b_s, counts_E)
     for out_dtype, counts_dtype in ((torch.float32, torch.int64), (torch.bfloat16, torch.int32)):
@@ -259,19 +261,29 @@ def test_cuda_grouped_wgrad_matches_reference(counts, N, K):
 
 
 @pytest.mark.gpu
-def test_auto_backend_falls_back_to_triton_where_the_cuda_tiles_do_not_fit():
-    """N = 384 is not a whole number of 256-column tiles: `auto` runs Triton, still correct."""
+def test_auto_backend_falls_back_to_triton_where_the_cuda_kernels_do_not_fit():
+    """An `a` that TMA cannot read (its base 8 bytes off a 16-byte boundary) and a Wgrad K that
+    is not a whole number of 256-column tiles: `auto` runs Triton, still correct; `cuda` says
+    why it cannot."""
     a_q, a_s, b_q, b_s, counts_E = _operands([100, 0, 300], 384, 256, seed=5)
-    out = grouped_gemm(a_q, a_s, b_q, b_s, counts_E, out_dtype=torch.float32)
+    padded = torch.empty(a_q.shape[0], a_q.shape[1] + 16, dtype=a_q.dtype, device=a_q.device)
+    padded[:, 8:8 + a_q.shape[1]] = a_q
+    a_view = padded[:, 8:8 + a_q.shape[1]]
+    out = grouped_gemm(a_view, a_s, b_q, b_s, counts_E, out_dtype=torch.float32)
     expect = ref.grouped_gemm_1x128_128x128(a_q, a_s, b_q, b_s, counts_E)
     assert ref.calc_diff(out, expect) < 1e-3
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        grouped_gemm(a_view, a_s, b_q, b_s, counts_E, backend="cuda")
+    a_q, a_s, b_q, b_s, counts_E = _wgrad_operands([100, 0, 300], 128, 384, seed=6)
+    expect = ref.grouped_gemm_128x1_128x1(a_q, a_s, b_q, b_s, counts_E)
+    assert ref.calc_diff(grouped_wgrad(a_q, a_s, b_q, b_s, counts_E), expect) < 1e-3
     with pytest.raises(ValueError, match="128 x 256"):
-        grouped_gemm(a_q, a_s, b_q, b_s, counts_E, backend="cuda")
+        grouped_wgrad(a_q, a_s, b_q, b_s, counts_E, backend="cuda")
 
 
 def test_cuda_kernels_compile_for_sm90a(tmp_path):
     """csrc/fp8_grouped builds with nvcc on any machine with the toolkit (no GPU needed), and
-    the Fprop/Dgrad kernel's consumers keep their two accumulators in registers."""
+    the Fprop/Dgrad kernel's consumers keep their accumulators and scratch in registers."""
     from models.fp8.grouped_cuda import build_script
     build = build_script()
     try:

@@ -9,9 +9,14 @@ so it also compiles on machines with the toolkit but no driver: the CPU tests co
 check that ptxas spills nothing.
 
     python csrc/fp8_grouped/build.py    # build models/fp8/libfp8moe_grouped.so, print ptxas -v
+    python csrc/fp8_grouped/build.py -DORDERED_ISSUE=0 --out /tmp/variant.so   # a variant
+
+The kernel's compile-time switches (`#ifndef NAME` in grouped.cu) take -D definitions here;
+scripts/sweep_grouped_cuda.py times such variants against each other on the GPU.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import subprocess
@@ -42,12 +47,13 @@ def find_nvcc(env=None) -> str:
                            "toolkit or set CUDA_HOME (the Triton kernels need none of this)")
 
 
-def build_library(out: Path = LIBRARY, env=None) -> tuple[Path, str]:
-    """Compile to `out` (atomically); returns the path and ptxas' resource report."""
+def build_library(out: Path = LIBRARY, env=None, defines: tuple[str, ...] = ()) -> tuple[Path, str]:
+    """Compile to `out` (atomically) with extra `defines` ("NAME=VALUE"); returns the path and
+    ptxas' resource report."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    cmd = [find_nvcc(env), *NVCC_FLAGS, str(SOURCE), "-o", str(tmp)]
+    cmd = [find_nvcc(env), *NVCC_FLAGS, *(f"-D{d}" for d in defines), str(SOURCE), "-o", str(tmp)]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         tmp.unlink(missing_ok=True)
@@ -68,7 +74,16 @@ def ensure_built(out: Path = LIBRARY) -> Path:
     return build_library(out)[0] if is_stale(out) else out
 
 
-if __name__ == "__main__":
-    path, report = build_library()
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-D", dest="defines", action="append", default=[],
+                        help="NAME=VALUE for one of grouped.cu's compile-time switches")
+    parser.add_argument("--out", type=Path, default=LIBRARY)
+    args = parser.parse_args(argv)
+    path, report = build_library(args.out, defines=tuple(args.defines))
     print(report, file=sys.stderr)
     print(path)
+
+
+if __name__ == "__main__":
+    main()

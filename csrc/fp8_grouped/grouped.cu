@@ -32,7 +32,12 @@
 // direct 16-byte stores from registers (four stages) +4-12% on Fprop/Dgrad at K = 2048-7168,
 // -2% on `small`'s down projection; Wgrad with three stages instead of four -15% at 512 tokens
 // per expert. Skipping the promotion altogether gains 6-8%, operands that always hit in L2 gain
-// nothing: the kernel is not waiting on memory.
+// nothing: the kernel is not waiting on memory. Measured and not kept (H100, same runs, against
+// 128 x 256): the two consumer warpgroups taking turns to issue their MMA batches through named
+// barriers (so that one promotes while the other's batch runs) -3% to -14%; Fprop/Dgrad tiles of
+// 128 x 192, one m64n192 batch per K block (half the waits, 17% less shared-memory reading per
+// MMA) -2% to -17% except +1-4% on `small`'s up projection and at 512 tokens per expert; 128 x 128
+// -3% to -12%. FPROP_BN selects the width (scripts/sweep_grouped_cuda.py times the choices).
 //
 // Both kernels are persistent: one CTA per SM walks the tiles, so the producer is already
 // loading the next tile while the consumers store the previous one. The router's counts stay
@@ -52,7 +57,9 @@
 // "wgmma register fragments"): thread t of the warpgroup holds, for j < N/8, the four values
 // rows {16 w + l/4, +8} x cols {8 j + 2 (l%4), +1} at d[4j .. 4j+3] (w = warp, l = lane).
 //
-// Shape conditions: Fprop/Dgrad N a multiple of 256 and K of 128; Wgrad N of 128 and K of 256.
+// Shape conditions: Fprop/Dgrad N and K multiples of 128 (a last tile column may be partial: its
+// `b` rows past N are the next expert's or TMA's zero fill, its columns past N are not stored);
+// Wgrad N a multiple of 128 and K of 256.
 // Shape legend: T tokens, E experts, N output columns, K reduction, BM/BN/BK tile sizes.
 #include <cuda.h>
 #include <cuda_bf16.h>
@@ -65,14 +72,25 @@
 namespace {
 
 constexpr int BM = 128;             // output rows per tile (two consumer warpgroups x 64)
-constexpr int BN = 256;             // output columns per tile: two 128-column halves
+constexpr int BN = 256;             // Wgrad output columns per tile: two 128-column halves
 constexpr int HALF = 128;           // one half: one 128x128 weight block, one m64n128 WGMMA
 constexpr int HALVES = BN / HALF;
+
+// Fprop/Dgrad output columns per tile. 192: one m64n192 MMA batch per K block (96 scratch + 96
+// accumulator registers); 256: two 128-column halves like Wgrad; 128: one m64n128 batch.
+#ifndef FPROP_BN
+#define FPROP_BN 256
+#endif
+constexpr int FBN = FPROP_BN;
+constexpr int FPART = FBN == 256 ? 128 : FBN;  // columns of one MMA batch
+constexpr int FPARTS = FBN / FPART;
+constexpr int FREGS = FPART / 2;               // its accumulator registers per thread
+static_assert(FBN == 128 || FBN == 192 || FBN == 256, "FPROP_BN: 128, 192 or 256");
 constexpr int BK = 128;             // K per stage: one scale group, the promotion interval
 constexpr int FPROP_STAGES = 3;    // + a staging tile for the epilogue (see fprop_storer)
 constexpr int WGRAD_STAGES = 4;    // (Wgrad writes fp32 straight from registers)
 constexpr int MAX_STAGES = 4;
-constexpr int OUT_PITCH = BN + 8;  // bf16 per staged output row: 16 bytes of padding for banks
+constexpr int OUT_PITCH = FBN + 8;  // bf16 per staged output row: 16 bytes of padding for banks
 constexpr int STORERS = 3;         // producer-warpgroup warps 1..3 write staged tiles out
 constexpr int CONSUMERS = 2;
 constexpr int THREADS = 128 * (CONSUMERS + 1);
@@ -203,9 +221,10 @@ __device__ __forceinline__ void wgmma_wait_all() {
 }
 
 // Keeps the compiler from moving accumulator reads/writes across the asynchronous MMA.
-__device__ __forceinline__ void fence_registers(float (&d)[64]) {
+template <int R>
+__device__ __forceinline__ void fence_registers(float (&d)[R]) {
 #pragma unroll
-  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+  for (int i = 0; i < R; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
 // Generated shape: one m64n128k32 FP8 (e4m3 x e4m3 -> f32) warpgroup MMA, operands in shared
@@ -232,6 +251,44 @@ __device__ __forceinline__ void wgmma_m64n128k32(float (&d)[64], uint64_t desc_a
       "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]),
       "+f"(d[62]), "+f"(d[63])
       : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+
+// The same with N = 192: 96 accumulator registers per thread.
+__device__ __forceinline__ void wgmma_m64n192k32(float (&d)[96], uint64_t desc_a, uint64_t desc_b,
+                                                 int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %98, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n192k32.f32.e4m3.e4m3 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19,"
+      "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37,"
+      "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55,"
+      "%56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73,"
+      "%74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91,"
+      "%92, %93, %94, %95"
+      "}, %96, %97, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
+        "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
+        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]),
+        "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
+        "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
+        "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]),
+        "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]),
+        "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]),
+        "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]),
+        "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]),
+        "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95])
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+
+template <int R>
+__device__ __forceinline__ void wgmma_k32(float (&d)[R], uint64_t desc_a, uint64_t desc_b,
+                                          int accumulate) {
+  static_assert(R == 64 || R == 96, "m64n128 or m64n192");
+  if constexpr (R == 64) wgmma_m64n128k32(d, desc_a, desc_b, accumulate);
+  else wgmma_m64n192k32(d, desc_a, desc_b, accumulate);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -333,9 +390,10 @@ __device__ __forceinline__ void band_order(int t, int m_tiles, int n_tiles, int&
   n = (t % per_band) / band_rows;
 }
 
-// One 128-wide K block of this warpgroup's 64 rows times one 128-row `b` half: four MMAs into
-// `scratch` (overwritten), waited for.
-__device__ __forceinline__ void mma_k_block(float (&scratch)[64], const uint8_t* a_rows,
+// One 128-wide K block of this warpgroup's 64 rows times 2 R rows of `b` (128 or 192): four MMAs
+// into `scratch` (overwritten), waited for.
+template <int R>
+__device__ __forceinline__ void mma_k_block(float (&scratch)[R], const uint8_t* a_rows,
                                             const uint8_t* b_rows) {
   const uint64_t desc_a = smem_desc(a_rows);
   const uint64_t desc_b = smem_desc(b_rows);
@@ -343,7 +401,7 @@ __device__ __forceinline__ void mma_k_block(float (&scratch)[64], const uint8_t*
   wgmma_fence();
 #pragma unroll
   for (int k = 0; k < BK / 32; ++k)  // +32 bytes of K = +2 in the descriptor's address field
-    wgmma_m64n128k32(scratch, desc_a + 2 * k, desc_b + 2 * k, k > 0);
+    wgmma_k32(scratch, desc_a + 2 * k, desc_b + 2 * k, k > 0);
   wgmma_commit();
   wgmma_wait_all();
   fence_registers(scratch);
@@ -417,7 +475,7 @@ __device__ __forceinline__ MTile fprop_tile(const SharedStorage& s, const FpropA
   tile.expert = lo;
   tile.row0 = s.row_start[lo] + (m - s.tile_start[lo]) * BM;
   tile.row_end = s.row_start[lo + 1];
-  tile.col0 = n * BN;
+  tile.col0 = n * FBN;
   return tile;
 }
 
@@ -430,7 +488,7 @@ __device__ void fprop_producer(SharedStorage& s, const CUtensorMap* map_a, const
     for (int kb = 0; kb < p.K / BK; ++kb, ring.advance()) {
       mbar_wait(&s.empty[ring.stage], ring.phase ^ 1);
       Stage& st = s.stage(ring.stage);
-      mbar_arrive_expect_tx(&s.full[ring.stage], TILE_BYTES + SCALE_BOX * sizeof(float));
+      mbar_arrive_expect_tx(&s.full[ring.stage], (BM + FBN) * BK + SCALE_BOX * sizeof(float));
       load_a_tile(st.a, map_a, &s.full[ring.stage], kb * BK, tile.row0, c);
       tma_load_tile(st.b, map_b, &s.full[ring.stage], kb * BK, tile.expert * p.N + tile.col0);
       tma_load_tile(st.sa, map_sa, &s.full[ring.stage], tile.row0 & ~3, kb);
@@ -448,14 +506,33 @@ __device__ __forceinline__ void store_pair(const FpropArgs& p, int row, int col,
   }
 }
 
-__device__ __forceinline__ void promote(float (&acc)[64], float (&buf)[64], float s0, float s1) {
+// The scale products of one K block for this thread's two rows (sa0, sa1) and the tile's columns.
+// A tile starts at a multiple of 64 columns, so its columns meet at most two 128x128 blocks of
+// `b` (scales sb0, sb1): columns 0-63 of the tile lie in the first, 128 and beyond in the second,
+// and 64-127 in the first when the tile starts on a block boundary, else in the second.
+struct BlockScales {
+  float lo[2], mid[2], hi[2];  // [row half]: columns < 64, 64-127, >= 128
+};
+
+__device__ __forceinline__ BlockScales block_scales(float sa0, float sa1, float sb0, float sb1,
+                                                    bool starts_mid_block) {
+  const float sb_mid = starts_mid_block ? sb1 : sb0;
+  return BlockScales{{sa0 * sb0, sa1 * sb0}, {sa0 * sb_mid, sa1 * sb_mid}, {sa0 * sb1, sa1 * sb1}};
+}
+
+// acc += buf scaled; buf covers tile columns col_base .. col_base + 2 R - 1 (col_base a multiple
+// of 128, known at compile time, so each column group's choice of scale folds away).
+template <int R, int COL_BASE>
+__device__ __forceinline__ void promote(float (&acc)[R], float (&buf)[R], const BlockScales& f) {
   fence_registers(buf);
 #pragma unroll
-  for (int j = 0; j < 16; ++j) {
-    acc[4 * j + 0] += buf[4 * j + 0] * s0;
-    acc[4 * j + 1] += buf[4 * j + 1] * s0;
-    acc[4 * j + 2] += buf[4 * j + 2] * s1;
-    acc[4 * j + 3] += buf[4 * j + 3] * s1;
+  for (int j = 0; j < R / 4; ++j) {
+    const int col = COL_BASE + 8 * j;
+    const float* sc = col < 64 ? f.lo : col < 128 ? f.mid : f.hi;
+    acc[4 * j + 0] += buf[4 * j + 0] * sc[0];
+    acc[4 * j + 1] += buf[4 * j + 1] * sc[0];
+    acc[4 * j + 2] += buf[4 * j + 2] * sc[1];
+    acc[4 * j + 3] += buf[4 * j + 3] * sc[1];
   }
 }
 
@@ -472,7 +549,8 @@ __device__ __forceinline__ uint32_t pick(const uint32_t (&w)[4], int i) {
 // row (row + 8 (q / 2), columns 16 jp + 8 (q % 2) + 0..7): a 4 x 4 transpose of 32-bit words
 // through shuffles. Word types: 0 = (row, group 2jp), 1 = (row, 2jp+1), 2 = (row+8, 2jp), 3 =
 // (row+8, 2jp+1); round k receives lane (q + k)'s word of type q.
-__device__ __forceinline__ uint4 quad_transpose(const float (&acc)[64], int jp, int q) {
+template <int R>
+__device__ __forceinline__ uint4 quad_transpose(const float (&acc)[R], int jp, int q) {
   const float* a0 = acc + 8 * jp;
   const uint32_t w[4] = {pack_bf16(a0[0], a0[1]), pack_bf16(a0[4], a0[5]),
                          pack_bf16(a0[2], a0[3]), pack_bf16(a0[6], a0[7])};
@@ -484,90 +562,92 @@ __device__ __forceinline__ uint4 quad_transpose(const float (&acc)[64], int jp, 
                     pick(rotated, (2 - q) & 3), pick(rotated, (3 - q) & 3));
 }
 
-// One 64 x 128 half of a consumer's accumulators to global memory. bf16 output goes out in
-// 16-byte stores: for each pair of 8-column groups, the 4 lanes of a quad hold 2 rows x 16
-// columns as 16 bf16 pairs; a 4 x 4 transpose through shuffles gives each lane 8 consecutive
-// columns of one row (lane q: row r0 + 8 (q / 2), columns 8 (q % 2) + 0..7 of the pair), so a
-// warp writes whole 32-byte sectors with a quarter of the store instructions.
-__device__ __forceinline__ void store_tile(const FpropArgs& p, const float (&acc)[64], int r0,
-                                           int row_end, int half_col0) {
+// One 64 x 2R part of a consumer's accumulators straight to global memory (fp32 output), its
+// columns from part_col0 on, those at or past col_end dropped.
+template <int R>
+__device__ __forceinline__ void store_tile(const FpropArgs& p, const float (&acc)[R], int r0,
+                                           int row_end, int part_col0, int col_end) {
   const int q = threadIdx.x % 4;
-  if (p.out_fp32) {
 #pragma unroll
-    for (int j = 0; j < 16; ++j) {
-      const int col = half_col0 + 8 * j + 2 * q;
-      if (r0 < row_end) store_pair(p, r0, col, acc[4 * j + 0], acc[4 * j + 1]);
-      if (r0 + 8 < row_end) store_pair(p, r0 + 8, col, acc[4 * j + 2], acc[4 * j + 3]);
-    }
-    return;
-  }
-  const int row = r0 + 8 * (q / 2);
-  __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out) + int64_t(row) * p.ld_out + half_col0 +
-                       8 * (q % 2);
-#pragma unroll
-  for (int jp = 0; jp < 8; ++jp) {
-    const uint4 v = quad_transpose(acc, jp, q);
-    if (row < row_end) *reinterpret_cast<uint4*>(out + 16 * jp) = v;
+  for (int j = 0; j < R / 4; ++j) {
+    const int col = part_col0 + 8 * j + 2 * q;
+    if (col >= col_end) continue;
+    if (r0 < row_end) store_pair(p, r0, col, acc[4 * j + 0], acc[4 * j + 1]);
+    if (r0 + 8 < row_end) store_pair(p, r0 + 8, col, acc[4 * j + 2], acc[4 * j + 3]);
   }
 }
 
-// The same 16-byte rows into the shared-memory staging tile (rows and columns within the tile).
-__device__ __forceinline__ void stage_tile(SharedStorage& s, const float (&acc)[64], int row,
-                                           int half_col0) {
+// One part into the shared-memory staging tile (rows and columns within the tile) in 16-byte
+// rows: for each pair of 8-column groups, the 4 lanes of a quad hold 2 rows x 16 columns as 16
+// bf16 pairs; a 4 x 4 transpose through shuffles gives each lane 8 consecutive columns of one
+// row (lane q: row + 8 (q / 2), columns 8 (q % 2) + 0..7 of the pair), a quarter of the stores.
+template <int R>
+__device__ __forceinline__ void stage_tile(SharedStorage& s, const float (&acc)[R], int row,
+                                           int part_col0) {
   const int q = threadIdx.x % 4;
-  __nv_bfloat16* out = s.out_tile() + (row + 8 * (q / 2)) * OUT_PITCH + half_col0 + 8 * (q % 2);
+  __nv_bfloat16* out = s.out_tile() + (row + 8 * (q / 2)) * OUT_PITCH + part_col0 + 8 * (q % 2);
 #pragma unroll
-  for (int jp = 0; jp < 8; ++jp)
+  for (int jp = 0; jp < R / 8; ++jp)
     *reinterpret_cast<uint4*>(out + 16 * jp) = quad_transpose(acc, jp, q);
+}
+
+// The K block's MMA batches (one per FPART columns of the tile), each promoted as it completes;
+// the stage is released once the last batch has read it.
+template <int P = 0>
+__device__ __forceinline__ void fprop_k_block(SharedStorage& s, const Stage& st, int stage,
+                                              int wg_row0, const BlockScales& f,
+                                              float (&acc)[FPARTS][FREGS], float (&scratch)[FREGS],
+                                              const Cluster& c) {
+  mma_k_block(scratch, st.a + wg_row0 * BK, st.b + P * FPART * BK);
+  if (P == FPARTS - 1) release_stage(s, stage, c);
+  promote<FREGS, P * FPART>(acc[P], scratch, f);
+  if constexpr (P + 1 < FPARTS) fprop_k_block<P + 1>(s, st, stage, wg_row0, f, acc, scratch, c);
 }
 
 __device__ void fprop_consumer(SharedStorage& s, const FpropArgs& p, int m_tiles, int n_tiles,
                                int wg_row0, const Cluster& c) {
   const int warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
   const int row_in_tile = wg_row0 + warp * 16 + lane / 4;
-  float acc[HALVES][64], scratch[64];
+  float acc[FPARTS][FREGS], scratch[FREGS];
   Ring ring(FPROP_STAGES);
   uint32_t out_phase = 0;
   for (int t = c.index; t < m_tiles * (n_tiles / c.size); t += c.count) {
     const MTile tile = fprop_tile(s, p, t, m_tiles, n_tiles, c);
-    const float* sb = p.sb + int64_t(tile.expert) * p.sb_e + int64_t(tile.col0 / HALF) * p.sb_n;
+    // the (at most two) 128x128 blocks of b the tile's columns meet
+    const int block0 = tile.col0 / 128, block1 = min(block0 + 1, p.N / 128 - 1);
+    const bool starts_mid_block = tile.col0 % 128 != 0;
+    const float* sb0 = p.sb + int64_t(tile.expert) * p.sb_e + int64_t(block0) * p.sb_n;
+    const float* sb1 = sb0 + int64_t(block1 - block0) * p.sb_n;
     const int k_blocks = p.K / BK;
 #pragma unroll
-    for (int h = 0; h < HALVES; ++h)
+    for (int h = 0; h < FPARTS; ++h)
 #pragma unroll
-      for (int i = 0; i < 64; ++i) acc[h][i] = 0.f;
-    float next_scale_b[HALVES];  // one K block ahead: the latency hides behind the MMAs
-#pragma unroll
-    for (int h = 0; h < HALVES; ++h) next_scale_b[h] = __ldg(sb + h * p.sb_n);
+      for (int i = 0; i < FREGS; ++i) acc[h][i] = 0.f;
+    // one K block ahead: the latency hides behind the MMAs
+    float next_sb0 = __ldg(sb0), next_sb1 = __ldg(sb1);
     for (int kb = 0; kb < k_blocks; ++kb, ring.advance()) {
-      float scale_b[HALVES];
-#pragma unroll
-      for (int h = 0; h < HALVES; ++h) {
-        scale_b[h] = next_scale_b[h];
-        if (kb + 1 < k_blocks) next_scale_b[h] = __ldg(sb + h * p.sb_n + (kb + 1) * p.sb_kb);
+      const float scale_b0 = next_sb0, scale_b1 = next_sb1;
+      if (kb + 1 < k_blocks) {
+        next_sb0 = __ldg(sb0 + (kb + 1) * p.sb_kb);
+        next_sb1 = __ldg(sb1 + (kb + 1) * p.sb_kb);
       }
       mbar_wait(&s.full[ring.stage], ring.phase);
       const Stage& st = s.stage(ring.stage);
       const float* sa = st.sa + (tile.row0 & 3) + row_in_tile;
-      const float sa0 = sa[0], sa1 = sa[8];
-#pragma unroll
-      for (int h = 0; h < HALVES; ++h) {
-        mma_k_block(scratch, st.a + wg_row0 * BK, st.b + h * HALF * BK);
-        if (h == HALVES - 1) release_stage(s, ring.stage, c);
-        promote(acc[h], scratch, sa0 * scale_b[h], sa1 * scale_b[h]);
-      }
+      const BlockScales f = block_scales(sa[0], sa[8], scale_b0, scale_b1, starts_mid_block);
+      fprop_k_block(s, st, ring.stage, wg_row0, f, acc, scratch, c);
     }
     if (!p.out_fp32) {  // hand the bf16 tile to the storer warps and go on to the next
       mbar_wait(&s.out_empty, out_phase ^ 1);
 #pragma unroll
-      for (int h = 0; h < HALVES; ++h) stage_tile(s, acc[h], row_in_tile, h * HALF);
+      for (int h = 0; h < FPARTS; ++h) stage_tile(s, acc[h], row_in_tile, h * FPART);
       __syncwarp();
       if (lane == 0) mbar_arrive(&s.out_full);
       out_phase ^= 1;
     } else {
 #pragma unroll
-      for (int h = 0; h < HALVES; ++h)
-        store_tile(p, acc[h], tile.row0 + row_in_tile, tile.row_end, tile.col0 + h * HALF);
+      for (int h = 0; h < FPARTS; ++h)
+        store_tile(p, acc[h], tile.row0 + row_in_tile, tile.row_end, tile.col0 + h * FPART, p.N);
     }
   }
 }
@@ -581,14 +661,15 @@ __device__ void fprop_storer(SharedStorage& s, const FpropArgs& p, int m_tiles, 
   uint32_t phase = 0;
   for (int t = c.index; t < m_tiles * (n_tiles / c.size); t += c.count, phase ^= 1) {
     const MTile tile = fprop_tile(s, p, t, m_tiles, n_tiles, c);
-    const int rows = min(BM, tile.row_end - tile.row0);
+    const int rows = min(BM, tile.row_end - tile.row0), cols = min(FBN, p.N - tile.col0);
     __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out) + int64_t(tile.row0) * p.ld_out +
                          tile.col0;
     mbar_wait(&s.out_full, phase);
-    for (int i = worker; i < rows * (BN / 8); i += 32 * STORERS) {
-      const int r = i / (BN / 8), chunk = i % (BN / 8);
-      *reinterpret_cast<uint4*>(out + int64_t(r) * p.ld_out + 8 * chunk) =
-          *reinterpret_cast<const uint4*>(s.out_tile() + r * OUT_PITCH + 8 * chunk);
+    for (int i = worker; i < rows * (FBN / 8); i += 32 * STORERS) {
+      const int r = i / (FBN / 8), chunk = i % (FBN / 8);
+      if (8 * chunk < cols)
+        *reinterpret_cast<uint4*>(out + int64_t(r) * p.ld_out + 8 * chunk) =
+            *reinterpret_cast<const uint4*>(s.out_tile() + r * OUT_PITCH + 8 * chunk);
     }
     __syncwarp();
     if (threadIdx.x % 32 == 0) mbar_arrive(&s.out_empty);
@@ -605,7 +686,7 @@ grouped_fprop_kernel(const __grid_constant__ CUtensorMap map_a,
   if (threadIdx.x == 32) init_barriers(s, c.size);
   __syncthreads();
   if (c.size > 1) cluster_sync();  // the other CTA's barriers exist before anything reaches them
-  const int m_tiles = s.tile_start[p.E], n_tiles = p.N / BN;
+  const int m_tiles = s.tile_start[p.E], n_tiles = (p.N + FBN - 1) / FBN;
   const int wg = threadIdx.x / 128;
   if (wg == 0) {
     producer_registers();
@@ -912,18 +993,19 @@ int fp8moe_grouped_fprop(const void* a, int64_t lda, const float* sa, int64_t sa
                          const void* counts, int counts_int64, int T, int N, int K, int E,
                          int m_tiles_bound, int cluster, void* stream, char* err, int err_len) {
   if (E < 1 || E > MAX_EXPERTS) return fail(err, err_len, "expert count out of range (1..1024)");
-  if (N % BN || K % BK) return fail(err, err_len, "N must be a multiple of 256 and K of 128");
-  if ((N / BN) % cluster) cluster = 1;
+  if (N % 128 || K % BK) return fail(err, err_len, "N and K must be multiples of 128");
+  const int n_tiles = (N + FBN - 1) / FBN;
+  if (n_tiles % cluster) cluster = 1;
   CUtensorMap map_a, map_b, map_sa;
   if (fp8_tile_map(&map_a, a, T, K, lda, BM / cluster, err, err_len)) return 1;
-  if (fp8_tile_map(&map_b, b, int64_t(E) * N, K, ldb, BN, err, err_len)) return 1;
+  if (fp8_tile_map(&map_b, b, int64_t(E) * N, K, ldb, FBN, err, err_len)) return 1;
   // MN-major scales: row kb holds the T tokens' scales of K block kb
   if (tile_map(&map_sa, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, CU_TENSOR_MAP_SWIZZLE_NONE, sa, K / BK, T,
                sa_kb * int64_t(sizeof(float)), SCALE_BOX, 1, err, err_len))
     return 1;
   const FpropArgs args{cluster, sb, sb_e, sb_n, sb_kb, out, ld_out, out_fp32,
                        Counts{counts, counts_int64}, T, N, K, E};
-  return launch(grouped_fprop_kernel, map_a, map_b, map_sa, args, m_tiles_bound * (N / BN),
+  return launch(grouped_fprop_kernel, map_a, map_b, map_sa, args, m_tiles_bound * n_tiles,
                 stream, err, err_len);
 }
 

@@ -357,9 +357,9 @@ def _use_cuda(backend: str, device: torch.device, config, fits) -> bool:
     if reason:
         raise RuntimeError(f"backend='cuda' cannot run here ({reason}); use backend='triton'")
     if not fits():
-        raise ValueError("backend='cuda' needs 16-byte aligned operands and row strides, 128 x 256 "
-                         "output tiles (Fprop/Dgrad N a multiple of 256; Wgrad K a multiple of "
-                         "256) and unit-stride scales along N/K; use backend='triton' or "
+        raise ValueError("backend='cuda' needs 16-byte aligned operands and row strides, at "
+                         "most 1024 experts, and for Wgrad 128 x 256 output tiles (K a multiple "
+                         "of 256) and unit-stride scales along N/K; use backend='triton' or "
                          ".contiguous() operands")
     return True
 

@@ -5,9 +5,10 @@ and calls `gemm` / `wgrad` here when `available()` (an sm90 GPU and a CUDA toolk
 library with). What the CUDA kernels add over the Triton ones, and why: see grouped.cu's header.
 
 Extra conditions of this path (grouped.py falls back to Triton when one fails, see `fits_*`):
-operand bases and row strides 16-byte aligned (TMA), 128 x 256 output tiles (Fprop/Dgrad: N a
-multiple of 256, K of 128; Wgrad: N of 128, K of 256; DeepSeek-V3's and `small`'s expert shapes
-all are), at most 1024 experts, Wgrad scales with unit stride along N / K.
+operand bases and row strides 16-byte aligned (TMA); Fprop/Dgrad: N and K multiples of 128 (any
+shape grouped_gemm takes; its 128 x 192 tiles cover N in part where needed); Wgrad: 128 x 256
+tiles, N a multiple of 128 and K of 256 (DeepSeek-V3's and `small`'s expert shapes all are) and
+scales with unit stride along N / K; at most 1024 experts.
 """
 from __future__ import annotations
 
@@ -78,7 +79,7 @@ def _aligned(t: torch.Tensor) -> bool:
 def fits_gemm(a_q: torch.Tensor, b_q: torch.Tensor) -> bool:
     E, N, K = b_q.shape
     return (_aligned(a_q) and _aligned(b_q) and a_q.stride(0) % 16 == 0 and b_q.stride(1) % 16 == 0
-            and b_q.stride(0) == N * b_q.stride(1) and N % 256 == 0 and K % 128 == 0
+            and b_q.stride(0) == N * b_q.stride(1) and N % 128 == 0 and K % 128 == 0
             and 1 <= E <= MAX_EXPERTS)
 
 

@@ -1,0 +1,117 @@
+"""Time compile-time variants of the CUDA grouped FP8 kernels (csrc/fp8_grouped) against each other.
+
+    python scripts/sweep_grouped_cuda.py                   # Fprop/Dgrad tile width 256 vs 192
+    python scripts/sweep_grouped_cuda.py --variant base= --variant n128=FPROP_BN=128
+    python scripts/sweep_grouped_cuda.py --cases 2 --ops fwd,wgrad
+
+grouped.cu keeps its design choices behind `#ifndef NAME` switches so that a choice is measured,
+not guessed. Each variant (a name and its -D definitions) is built into its own library, loaded
+with grouped_cuda.load_library, and timed on the operands of scripts/bench_fp8_grouped.py's
+GEMM cases, one op at a time, every variant back to back on the same operands, next to the
+per-expert cuBLAS blockwise loop of the same run. Every variant's output is first checked against
+the loop (calc_diff < 1e-3); one that fails is reported and not timed. Not a bench_* script:
+scripts/gpu_check.sh does not run it (bench_fp8_grouped.py reports the built-in defaults).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import bench_fp8_grouped as bench  # noqa: E402
+from timing import tflops, time_ms  # noqa: E402
+from models.fp8 import grouped_cuda  # noqa: E402
+
+DEFAULT_VARIANTS = ("n256=FPROP_BN=256", "n192=FPROP_BN=192")
+
+
+def parse_variant(text: str) -> tuple[str, tuple[str, ...]]:
+    """'name=DEF1=V1,DEF2=V2' -> (name, ('DEF1=V1', 'DEF2=V2')); 'name=' has no definitions."""
+    name, _, defines = text.partition("=")
+    if not name:
+        raise SystemExit(f"--variant {text!r}: expected NAME=[DEFINE=VALUE,...]")
+    return name, tuple(d for d in defines.split(",") if d)
+
+
+def build_variants(variants, folder: str) -> dict:
+    build = grouped_cuda.build_script()
+    libraries = {}
+    for name, defines in variants:
+        path, _ = build.build_library(os.path.join(folder, f"lib_{name}.so"), defines=defines)
+        libraries[name] = grouped_cuda.load_library(path)
+        print(f"built {name}: {' '.join('-D' + d for d in defines) or '(defaults)'}")
+    return libraries
+
+
+def use_library(lib) -> None:
+    """Route grouped_cuda's calls to `lib` (its entry points look the library up on each call)."""
+    grouped_cuda._library = lambda: lib
+
+
+def sweep_case(case, ops, libraries) -> list[tuple]:
+    T = case.experts * case.tokens
+    flops = 2 * T * case.N * case.K
+    operands = bench._operands(case)
+    one = bench._cublas_one(operands)
+    ours, loop = bench._ours(operands, T), bench._cublas_loop(one, case.experts)
+    rows = []
+    for op in ops:
+        loop_tf = tflops(flops, time_ms(loop[op], reps=5, batches=3))
+        figures = {}
+        for name, lib in libraries.items():
+            use_library(lib)
+            diff = bench._check_against_loop(ours, one, op, bench.CUDA, case.experts, case.tokens)
+            if not diff < 1e-3:
+                print(f"  {case.label} {op} {name}: calc_diff {diff:.2e} against the loop: WRONG")
+                figures[name] = float("nan")
+                continue
+            figures[name] = tflops(flops, time_ms(lambda: ours[op](bench.CUDA), reps=5, batches=3))
+        rows.append((case.label, op, figures, loop_tf))
+        print(f"  {case.label} {op}: " + "  ".join(f"{n} {v:.0f}" for n, v in figures.items())
+              + f"  | loop {loop_tf:.0f} TFLOPS", flush=True)
+    del operands, one, ours, loop
+    torch.cuda.empty_cache()
+    return rows
+
+
+def print_table(rows, names) -> None:
+    first = names[0]
+    print(f"\n{'case':<38}{'op':<7}" + "".join(f"{n:>12}" for n in names) + f"{'loop':>8}"
+          + "".join(f"{n + '/loop':>14}" for n in names) + f"  (TFLOPS; ratios of {first}: "
+          + ", ".join(f"{n}/{first}" for n in names[1:]) + ")")
+    for label, op, figures, loop_tf in rows:
+        print(f"{label:<38}{op:<7}" + "".join(f"{figures[n]:>12.0f}" for n in names)
+              + f"{loop_tf:>8.0f}" + "".join(f"{figures[n] / loop_tf:>13.2f}x" for n in names)
+              + "  " + " ".join(f"{figures[n] / figures[first]:.3f}" for n in names[1:]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", action="append", default=None,
+                        help="NAME=DEFINE=VALUE[,DEFINE=VALUE...] (repeat; default: "
+                             + " ".join(DEFAULT_VARIANTS) + ")")
+    parser.add_argument("--cases", type=int, default=len(bench.GEMM_CASES),
+                        help="the first N of bench_fp8_grouped.GEMM_CASES")
+    parser.add_argument("--ops", default="fwd,dgrad,wgrad")
+    args = parser.parse_args()
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        raise SystemExit("sweep_grouped_cuda.py needs an sm90 (Hopper) GPU: the kernels use WGMMA/TMA")
+    variants = [parse_variant(v) for v in (args.variant or DEFAULT_VARIANTS)]
+    ops = [op for op in args.ops.split(",") if op]
+    print(f"== CUDA grouped kernel variants on {torch.cuda.get_device_name()}")
+    with tempfile.TemporaryDirectory() as folder:
+        libraries = build_variants(variants, folder)
+        rows = []
+        for case in bench.GEMM_CASES[:args.cases]:
+            rows += sweep_case(case, ops, libraries)
+    print_table(rows, list(libraries))
+
+
+if __name__ == "__main__":
+    main()
