@@ -37,7 +37,9 @@
 // barriers (so that one promotes while the other's batch runs) -3% to -14%; Fprop/Dgrad tiles of
 // 128 x 192, one m64n192 batch per K block (half the waits, 17% less shared-memory reading per
 // MMA) -2% to -17% except +1-4% on `small`'s up projection and at 512 tokens per expert; 128 x 128
-// -3% to -12%. FPROP_BN selects the width (scripts/sweep_grouped_cuda.py times the choices).
+// -3% to -12%; a nanosleep after every 16 or 32 promotion FFMAs (a stand-in, in PTX, for the
+// yield bits DeepGEMM sets in the SASS so that the other warpgroup's MMAs issue meanwhile) -1% to
+// -25%. FPROP_BN selects the width (scripts/sweep_grouped_cuda.py times the choices).
 //
 // Both kernels are persistent: one CTA per SM walks the tiles, so the producer is already
 // loading the next tile while the consumers store the previous one. The router's counts stay
@@ -254,8 +256,8 @@ __device__ __forceinline__ void wgmma_m64n128k32(float (&d)[64], uint64_t desc_a
 }
 
 // The same with N = 192: 96 accumulator registers per thread.
-__device__ __forceinline__ void wgmma_m64n192k32(float (&d)[96], uint64_t desc_a, uint64_t desc_b,
-                                                 int accumulate) {
+[[maybe_unused]] __device__ __forceinline__ void wgmma_m64n192k32(float (&d)[96], uint64_t desc_a,
+                                                                  uint64_t desc_b, int accumulate) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %98, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n192k32.f32.e4m3.e4m3 {"
