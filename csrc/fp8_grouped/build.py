@@ -9,7 +9,7 @@ so it also compiles on machines with the toolkit but no driver: the CPU tests co
 check that ptxas spills nothing.
 
     python csrc/fp8_grouped/build.py    # build models/fp8/libfp8moe_grouped.so, print ptxas -v
-    python csrc/fp8_grouped/build.py -DORDERED_ISSUE=0 --out /tmp/variant.so   # a variant
+    python csrc/fp8_grouped/build.py -DFPROP_BN=192 --out /tmp/variant.so   # a variant
 
 The kernel's compile-time switches (`#ifndef NAME` in grouped.cu) take -D definitions here;
 scripts/sweep_grouped_cuda.py times such variants against each other on the GPU.

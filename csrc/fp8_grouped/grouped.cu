@@ -37,9 +37,11 @@
 // barriers (so that one promotes while the other's batch runs) -3% to -14%; Fprop/Dgrad tiles of
 // 128 x 192, one m64n192 batch per K block (half the waits, 17% less shared-memory reading per
 // MMA) -2% to -17% except +1-4% on `small`'s up projection and at 512 tokens per expert; 128 x 128
-// -3% to -12%; a nanosleep after every 16 or 32 promotion FFMAs (a stand-in, in PTX, for the
-// yield bits DeepGEMM sets in the SASS so that the other warpgroup's MMAs issue meanwhile) -1% to
-// -25%. FPROP_BN selects the width (scripts/sweep_grouped_cuda.py times the choices).
+// -3% to -12%; a nanosleep after every 16 or 32 promotion FFMAs -1% to -25%. DeepGEMM edits the
+// yield bits of its promotion FFMAs in the SASS so that the other warpgroup's MMAs can issue
+// meanwhile; the SASS that ptxas 13 emits here already alternates the yield bit along those runs
+// (checked with cuobjdump), the interleaving DeepGEMM adds by hand to older compilers' output.
+// FPROP_BN selects the width (scripts/sweep_grouped_cuda.py times the choices).
 //
 // Both kernels are persistent: one CTA per SM walks the tiles, so the producer is already
 // loading the next tile while the consumers store the previous one. The router's counts stay
