@@ -14,11 +14,12 @@
 //
 //   - one producer warpgroup. Its first thread streams the 128 x 128 `a` tile and the 256 x 128
 //     `b` tile of each 128-wide K block (plus their scales) into a ring of shared-memory stages
-//     (three for Fprop, four for Wgrad) with the Tensor Memory Accelerator (TMA), each stage
-//     guarded by a "full" mbarrier (the TMA's byte count completes it) and an "empty" mbarrier
-//     (the consumers release it). Its other three warps are the Fprop/Dgrad storers: they write
-//     each finished bf16 tile from a shared-memory staging tile to global memory in whole
-//     512-byte rows, while the consumers already multiply the next tile;
+//     (three when the output is staged, four for an fp32 Wgrad) with the Tensor Memory
+//     Accelerator (TMA), each stage guarded by a "full" mbarrier (the TMA's byte count completes
+//     it) and an "empty" mbarrier (the consumers release it). Its other three warps are the
+//     storers of bf16 outputs (Fprop, Dgrad, Wgrad): they write each finished tile from a
+//     shared-memory staging tile to global memory in whole 512-byte rows, while the consumers
+//     already multiply the next tile;
 //   - two consumer warpgroups, 64 rows of the 128 x 256 output tile each. Per K block and per
 //     128-column half they issue four m64n128k32 WGMMAs into a scratch accumulator, wait, and
 //     fold the scratch into that half's fp32 accumulator scaled by the block's scales. While one
@@ -30,8 +31,9 @@
 // tiles 930 (Fprop); the same with each warpgroup double-buffering its scratch so its own MMAs
 // overlap its promotion 820; 128 x 256 tiles 1010; the staged epilogue (three stages) against
 // direct 16-byte stores from registers (four stages) +4-12% on Fprop/Dgrad at K = 2048-7168,
-// -2% on `small`'s down projection; Wgrad with three stages instead of four -15% at 512 tokens
-// per expert. Skipping the promotion altogether gains 6-8%, operands that always hit in L2 gain
+// -2% on `small`'s down projection; Wgrad into bf16 the same way (three stages) against stores
+// from registers (four) +1% to +41% (the most on `small`'s up projection, the least at 512 tokens
+// per expert). Skipping the promotion altogether gains 6-8%, operands that always hit in L2 gain
 // nothing: the kernel is not waiting on memory. Measured and not kept (H100, same runs, against
 // 128 x 256): the two consumer warpgroups taking turns to issue their MMA batches through named
 // barriers (so that one promotes while the other's batch runs) -3% to -14%; Fprop/Dgrad tiles of
@@ -92,7 +94,12 @@ constexpr int FREGS = FPART / 2;               // its accumulator registers per 
 static_assert(FBN == 128 || FBN == 192 || FBN == 256, "FPROP_BN: 128, 192 or 256");
 constexpr int BK = 128;             // K per stage: one scale group, the promotion interval
 constexpr int FPROP_STAGES = 3;    // + a staging tile for the epilogue (see fprop_storer)
-constexpr int WGRAD_STAGES = 4;    // (Wgrad writes fp32 straight from registers)
+constexpr int WGRAD_STAGES = 4;    // fp32 dW: written straight from registers
+// bf16 dW: three stages and the staging tile, written out by the storer warps like Fprop's
+// output (WGRAD_STAGED=0: four stages and stores from registers, as for fp32)
+#ifndef WGRAD_STAGED
+#define WGRAD_STAGED 1
+#endif
 constexpr int MAX_STAGES = 4;
 constexpr int OUT_PITCH = FBN + 8;  // bf16 per staged output row: 16 bytes of padding for banks
 constexpr int STORERS = 3;         // producer-warpgroup warps 1..3 write staged tiles out
@@ -114,8 +121,9 @@ constexpr size_t OUT_TILE_BYTES = BM * OUT_PITCH * sizeof(__nv_bfloat16);
 constexpr size_t RING_BYTES = std::max(MAX_STAGES * sizeof(Stage),
                                        FPROP_STAGES * sizeof(Stage) + OUT_TILE_BYTES);
 
-// The stage ring is shared by the two kernels' layouts: Wgrad uses four stages, Fprop three and
-// the space of the fourth (and a little more) for its bf16 output staging tile.
+// The stage ring is shared by the two kernels' layouts: an fp32 Wgrad uses four stages; Fprop and
+// a bf16 Wgrad use three and the space of the fourth (and a little more) for the output staging
+// tile.
 struct SharedStorage {
   alignas(1024) uint8_t ring[RING_BYTES];
   uint64_t full[MAX_STAGES];
@@ -745,9 +753,18 @@ __device__ __forceinline__ KTile wgrad_tile(const SharedStorage& s, const WgradA
   return tile;
 }
 
+// (Accumulating into bf16 stays with the stores from registers: the sum is rounded once there.)
+__device__ __forceinline__ bool wgrad_staged(const WgradArgs& p) {
+  return WGRAD_STAGED && p.out_bf16 && !p.accumulate;
+}
+
+__device__ __forceinline__ int wgrad_stages(const WgradArgs& p) {
+  return wgrad_staged(p) ? FPROP_STAGES : WGRAD_STAGES;  // the staging tile takes the 4th
+}
+
 __device__ void wgrad_producer(SharedStorage& s, const CUtensorMap* map_a, const CUtensorMap* map_b,
                                const WgradArgs& p, const Cluster& c) {
-  Ring ring(WGRAD_STAGES);
+  Ring ring(wgrad_stages(p));
   for (int t = c.index; t < wgrad_walk_length(p, c); t += c.count) {
     const KTile tile = wgrad_tile(s, p, t, c);
     for (int g = tile.group_lo; g < tile.group_lo + tile.groups; ++g, ring.advance()) {
@@ -837,7 +854,8 @@ __device__ void wgrad_consumer(SharedStorage& s, const WgradArgs& p, int wg, con
   const int row_in_tile = wg_row0 + warp * 16 + lane / 4;
   const int col_in_tile = 2 * (lane % 4);
   float acc[HALVES][64], scratch[64];
-  Ring ring(WGRAD_STAGES);
+  Ring ring(wgrad_stages(p));
+  uint32_t out_phase = 0;
   for (int t = c.index; t < wgrad_walk_length(p, c); t += c.count) {
     const KTile tile = wgrad_tile(s, p, t, c);
 #pragma unroll
@@ -859,10 +877,40 @@ __device__ void wgrad_consumer(SharedStorage& s, const WgradArgs& p, int wg, con
       }
       release_stage(s, ring.stage, c);  // after the scale reads: the stage's scales are in it
     }
+    if (wgrad_staged(p)) {  // hand the bf16 tile to the storer warps and go on to the next
+      mbar_wait(&s.out_empty, out_phase ^ 1);
 #pragma unroll
-    for (int h = 0; h < HALVES; ++h)
-      store_wgrad(p, acc[h], tile.expert, tile.row0 + row_in_tile,
-                  tile.col0 + h * HALF + col_in_tile);
+      for (int h = 0; h < HALVES; ++h) stage_tile(s, acc[h], row_in_tile, h * HALF);
+      __syncwarp();
+      if (lane == 0) mbar_arrive(&s.out_full);
+      out_phase ^= 1;
+    } else {
+#pragma unroll
+      for (int h = 0; h < HALVES; ++h)
+        store_wgrad(p, acc[h], tile.expert, tile.row0 + row_in_tile,
+                    tile.col0 + h * HALF + col_in_tile);
+    }
+  }
+}
+
+// Producer-warpgroup warps 1..3 (bf16 dW): each staged 128 x 256 tile to global memory in
+// 512-byte rows while the consumers go on.
+__device__ void wgrad_storer(SharedStorage& s, const WgradArgs& p, const Cluster& c) {
+  if (!wgrad_staged(p)) return;
+  const int worker = threadIdx.x - 32;
+  uint32_t phase = 0;
+  for (int t = c.index; t < wgrad_walk_length(p, c); t += c.count, phase ^= 1) {
+    const KTile tile = wgrad_tile(s, p, t, c);
+    __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out) + int64_t(tile.expert) * p.out_e +
+                         int64_t(tile.row0) * p.out_n + tile.col0;
+    mbar_wait(&s.out_full, phase);
+    for (int i = worker; i < BM * (BN / 8); i += 32 * STORERS) {
+      const int r = i / (BN / 8), chunk = i % (BN / 8);
+      *reinterpret_cast<uint4*>(out + int64_t(r) * p.out_n + 8 * chunk) =
+          *reinterpret_cast<const uint4*>(s.out_tile() + r * OUT_PITCH + 8 * chunk);
+    }
+    __syncwarp();
+    if (threadIdx.x % 32 == 0) mbar_arrive(&s.out_empty);
   }
 }
 
@@ -881,6 +929,7 @@ grouped_wgrad_kernel(const __grid_constant__ CUtensorMap map_a,
   if (wg == 0) {
     producer_registers();
     if (threadIdx.x == 0) wgrad_producer(s, &map_a, &map_b, p, c);
+    if (threadIdx.x >= 32) wgrad_storer(s, p, c);
   } else {
     consumer_registers();
     wgrad_consumer(s, p, wg, c);
