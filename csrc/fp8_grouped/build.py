@@ -8,7 +8,7 @@ CUDA runtime (it reaches the driver's cuTensorMapEncodeTiled through cudaGetDriv
 so it also compiles on machines with the toolkit but no driver: the CPU tests compile it and
 check that ptxas spills nothing.
 
-    python csrc/fp8_grouped/build.py    # build models/fp8/libfp8moe_grouped.so, print ptxas -v
+    python csrc/fp8_grouped/build.py    # build models/fp8/libfp8moe_grouped.<digest>.so, print ptxas -v
     python csrc/fp8_grouped/build.py -DFPROP_BN=192 --out /tmp/variant.so   # a variant
 
 The kernel's compile-time switches (`#ifndef NAME` in grouped.cu) take -D definitions here;
@@ -17,6 +17,7 @@ scripts/sweep_grouped_cuda.py times such variants against each other on the GPU.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shutil
 import subprocess
@@ -25,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCE = ROOT / "csrc" / "fp8_grouped" / "grouped.cu"
-LIBRARY = ROOT / "models" / "fp8" / "libfp8moe_grouped.so"
+LIBRARY_DIR = ROOT / "models" / "fp8"
 NVCC_FLAGS = ("-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-shared",
               "-Xcompiler", "-fPIC", "-Xptxas", "-v", "--cudart", "static")
 
@@ -47,7 +48,7 @@ def find_nvcc(env=None) -> str:
                            "toolkit or set CUDA_HOME (the Triton kernels need none of this)")
 
 
-def build_library(out: Path = LIBRARY, env=None, defines: tuple[str, ...] = ()) -> tuple[Path, str]:
+def build_library(out: Path, env=None, defines: tuple[str, ...] = ()) -> tuple[Path, str]:
     """Compile to `out` (atomically) with extra `defines` ("NAME=VALUE"); returns the path and
     ptxas' resource report."""
     out = Path(out)
@@ -62,25 +63,33 @@ def build_library(out: Path = LIBRARY, env=None, defines: tuple[str, ...] = ()) 
     return out, result.stderr
 
 
-def is_stale(out: Path = LIBRARY) -> bool:
-    if not out.exists():
-        return True
-    newest = max(SOURCE.stat().st_mtime, Path(__file__).stat().st_mtime)
-    return out.stat().st_mtime < newest
+def default_library() -> Path:
+    """Where the library of the current sources lives. It is named by a digest of grouped.cu and
+    this script, not judged by timestamps: a library built from other sources (an earlier
+    checkout, or a copy of the tree whose files got new modification times) is never loaded."""
+    digest = hashlib.sha256(SOURCE.read_bytes() + Path(__file__).read_bytes()).hexdigest()[:16]
+    return LIBRARY_DIR / f"libfp8moe_grouped.{digest}.so"
 
 
-def ensure_built(out: Path = LIBRARY) -> Path:
-    """The library, built now unless an up-to-date one is there."""
-    return build_library(out)[0] if is_stale(out) else out
+def ensure_built() -> Path:
+    """The library of the current sources, built now unless it is there; libraries of other
+    sources are removed (a process that has one loaded keeps its mapping)."""
+    out = default_library()
+    if out.exists():
+        return out
+    for old in LIBRARY_DIR.glob("libfp8moe_grouped.*.so"):
+        old.unlink(missing_ok=True)
+    return build_library(out)[0]
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-D", dest="defines", action="append", default=[],
                         help="NAME=VALUE for one of grouped.cu's compile-time switches")
-    parser.add_argument("--out", type=Path, default=LIBRARY)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: models/fp8/libfp8moe_grouped.<source digest>.so")
     args = parser.parse_args(argv)
-    path, report = build_library(args.out, defines=tuple(args.defines))
+    path, report = build_library(args.out or default_library(), defines=tuple(args.defines))
     print(report, file=sys.stderr)
     print(path)
 
