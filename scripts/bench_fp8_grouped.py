@@ -18,7 +18,7 @@ Sections (every figure next to a baseline measured in this run, recorded via scr
               the GPU, so the loop would add a device-to-host sync per layer; not counted here), and
             - bf16 torch._grouped_mm on the same shapes.
           Every output is bf16, dW included (what FP8GroupedExperts asks grouped_wgrad for, and
-          what _grouped_mm writes); an fp32 dW, stored from registers, measured 0-21% slower.
+          what _grouped_mm writes).
           Cases: DeepSeek-V3 experts (hidden 7168, width 2048: up 4096x7168 with gate|up fused,
           down 7168x2048) and the `small` model's (hidden 4096, width 1536: up 3072x4096, down
           4096x1536), 8-64 experts, 512-8192 tokens per expert.
