@@ -281,6 +281,34 @@ def test_auto_backend_falls_back_to_triton_where_the_cuda_kernels_do_not_fit():
         grouped_wgrad(a_q, a_s, b_q, b_s, counts_E, backend="cuda")
 
 
+def test_cuda_library_is_named_by_its_sources(tmp_path, monkeypatch):
+    """ensure_built loads the library of the current grouped.cu whatever the file times say: it
+    is named by a digest of the sources, built when missing, kept when present, and libraries of
+    other sources are removed (nvcc is replaced by a stub that records its builds)."""
+    from models.fp8.grouped_cuda import build_script
+    build = build_script()
+    source = tmp_path / "grouped.cu"
+    source.write_text("// version 1\n")
+    monkeypatch.setattr(build, "SOURCE", source)
+    monkeypatch.setattr(build, "LIBRARY_DIR", tmp_path)
+    built = []
+
+    def fake_build(out, env=None, defines=()):
+        out.write_bytes(source.read_bytes())
+        built.append(out.name)
+        return out, ""
+
+    monkeypatch.setattr(build, "build_library", fake_build)
+    stale = tmp_path / "libfp8moe_grouped.0123456789abcdef.so"
+    stale.write_bytes(b"old")
+    first = build.ensure_built()
+    assert first.name.startswith("libfp8moe_grouped.") and first != stale and not stale.exists()
+    assert build.ensure_built() == first and built == [first.name]
+    source.write_text("// version 2\n")
+    second = build.ensure_built()
+    assert second != first and not first.exists() and second.read_text() == "// version 2\n"
+
+
 def test_cuda_kernels_compile_for_sm90a(tmp_path):
     """csrc/fp8_grouped builds with nvcc on any machine with the toolkit (no GPU needed), and
     the Fprop/Dgrad kernel's consumers keep their accumulators and scratch in registers."""
