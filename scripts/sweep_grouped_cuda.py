@@ -8,9 +8,9 @@ grouped.cu keeps its design choices behind `#ifndef NAME` switches so that a cho
 not guessed. Each variant (a name and its -D definitions) is built into its own library, loaded
 with grouped_cuda.load_library, and timed on the operands of scripts/bench_fp8_grouped.py's
 GEMM cases, one op at a time, every variant on the same operands in interleaved rounds (ROUNDS),
-next to the per-expert cuBLAS blockwise loop of the same run. Every variant's output is first checked against
-the loop (calc_diff < 1e-3); one that fails is reported and not timed. Not a bench_* script:
-scripts/gpu_check.sh does not run it (bench_fp8_grouped.py reports the built-in defaults).
+next to the per-expert cuBLAS blockwise loop of the same run. Every variant's output is first
+checked against the loop (calc_diff < 1e-3); one that fails is reported and not timed. Not a
+bench_* script: scripts/gpu_check.sh does not run it (bench_fp8_grouped.py reports the defaults).
 """
 from __future__ import annotations
 
@@ -110,7 +110,8 @@ def main() -> None:
     parser.add_argument("--ops", default="fwd,dgrad,wgrad")
     args = parser.parse_args()
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
-        raise SystemExit("sweep_grouped_cuda.py needs an sm90 (Hopper) GPU: the kernels use WGMMA/TMA")
+        raise SystemExit("sweep_grouped_cuda.py needs an sm90 (Hopper) GPU: the kernels use "
+                         "WGMMA and TMA")
     variants = [parse_variant(v) for v in (args.variant or DEFAULT_VARIANTS)]
     ops = [op for op in args.ops.split(",") if op]
     print(f"== CUDA grouped kernel variants on {torch.cuda.get_device_name()}")

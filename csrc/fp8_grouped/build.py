@@ -8,7 +8,7 @@ CUDA runtime (it reaches the driver's cuTensorMapEncodeTiled through cudaGetDriv
 so it also compiles on machines with the toolkit but no driver: the CPU tests compile it and
 check that ptxas spills nothing.
 
-    python csrc/fp8_grouped/build.py    # build models/fp8/libfp8moe_grouped.<digest>.so, print ptxas -v
+    python csrc/fp8_grouped/build.py    # models/fp8/libfp8moe_grouped.<digest>.so; ptxas -v
     python csrc/fp8_grouped/build.py -DFPROP_BN=192 --out /tmp/variant.so   # a variant
 
 The kernel's compile-time switches (`#ifndef NAME` in grouped.cu) take -D definitions here;

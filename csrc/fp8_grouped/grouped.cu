@@ -32,17 +32,19 @@
 // overlap its promotion 820; 128 x 256 tiles 1010; the staged epilogue (three stages) against
 // direct 16-byte stores from registers (four stages) +4-12% on Fprop/Dgrad at K = 2048-7168,
 // -2% on `small`'s down projection; Wgrad into bf16 the same way (three stages) against stores
-// from registers (four) +1% to +9%. Skipping the promotion altogether gains 6-8%, operands that always hit in L2 gain
-// nothing: the kernel is not waiting on memory. Measured and not kept (H100, same runs, against
-// 128 x 256): the two consumer warpgroups taking turns to issue their MMA batches through named
-// barriers (so that one promotes while the other's batch runs) -3% to -14%; Fprop/Dgrad tiles of
-// 128 x 192, one m64n192 batch per K block (half the waits, 17% less shared-memory reading per
-// MMA) -2% to -6% with interleaved timing (+1-4% on `small`'s up projection and at 512 tokens per
-// expert in a sweep that timed it first, which favours it); 128 x 128 -3% to -12%; a nanosleep after every 16 or 32 promotion FFMAs -1% to -25%. DeepGEMM edits the
-// yield bits of its promotion FFMAs in the SASS so that the other warpgroup's MMAs can issue
-// meanwhile; the SASS that ptxas 13 emits here already alternates the yield bit along those runs
-// (checked with cuobjdump), the interleaving DeepGEMM adds by hand to older compilers' output.
-// FPROP_BN selects the width (scripts/sweep_grouped_cuda.py times the choices).
+// from registers (four) +1% to +9%. Skipping the promotion altogether gains 6-8%, operands that
+// always hit in L2 gain nothing: the kernel is not waiting on memory.
+//
+// Measured and not kept (H100, against 128 x 256 in the same run; scripts/sweep_grouped_cuda.py
+// times such variants):
+//   - the two consumer warpgroups taking turns to issue their MMA batches through named
+//     barriers, so that one promotes while the other's batch runs: -3% to -14%;
+//   - Fprop/Dgrad tiles of 128 x 192, one m64n192 batch per K block (half the waits, 17% less
+//     shared-memory reading per MMA): -2% to -6% (FPROP_BN=192 builds it); 128 x 128: -3% to -12%;
+//   - a nanosleep after every 16 or 32 promotion FFMAs: -25% to +1%;
+//   - DeepGEMM edits the yield bits of its promotion FFMAs in the SASS so that the other
+//     warpgroup's MMAs can issue meanwhile. The SASS ptxas 13 emits here already alternates the
+//     yield bit along those runs (checked with cuobjdump): nothing left to edit.
 //
 // Both kernels are persistent: one CTA per SM walks the tiles, so the producer is already
 // loading the next tile while the consumers store the previous one. The router's counts stay
@@ -100,7 +102,8 @@ constexpr int WGRAD_STAGES = 4;    // fp32 dW: written straight from registers
 #define WGRAD_STAGED 1
 #endif
 constexpr int MAX_STAGES = 4;
-constexpr int OUT_PITCH = FBN + 8;  // bf16 per staged output row: 16 bytes of padding for banks
+// bf16 per staged output row (Fprop's FBN or Wgrad's BN columns): 16 bytes of padding for banks
+constexpr int OUT_PITCH = std::max(FBN, BN) + 8;
 constexpr int STORERS = 3;         // producer-warpgroup warps 1..3 write staged tiles out
 constexpr int CONSUMERS = 2;
 constexpr int THREADS = 128 * (CONSUMERS + 1);
