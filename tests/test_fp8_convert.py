@@ -135,7 +135,9 @@ class _RoutingTape:
                 self.choices.append(original(router, scores_TE))
                 return self.choices[-1]
             self.next += 1
-            return self.choices[self.next - 1]
+            expert_TK = self.choices[self.next - 1]
+            assert expert_TK.shape[0] == scores_TE.shape[0], "replayed on other tokens"
+            return expert_TK
 
         monkeypatch.setattr(Router, "choose", choose)
 
