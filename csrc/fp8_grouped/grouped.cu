@@ -605,6 +605,36 @@ __device__ __forceinline__ void stage_tile(SharedStorage& s, const float (&acc)[
     *reinterpret_cast<uint4*>(out + 16 * jp) = quad_transpose(acc, jp, q);
 }
 
+// Consumers: stage a finished tile (PARTS parts of 2 R columns) for the storer warps once they
+// have written out the previous one, and go on to the next tile.
+template <int PARTS, int R>
+__device__ __forceinline__ void hand_to_storers(SharedStorage& s, const float (&acc)[PARTS][R],
+                                                int row_in_tile, uint32_t& out_phase) {
+  mbar_wait(&s.out_empty, out_phase ^ 1);
+#pragma unroll
+  for (int h = 0; h < PARTS; ++h) stage_tile(s, acc[h], row_in_tile, h * 2 * R);
+  __syncwarp();
+  if (threadIdx.x % 32 == 0) mbar_arrive(&s.out_full);
+  out_phase ^= 1;
+}
+
+// Storer warps (producer-warpgroup warps 1..3): the staged tile's first `rows` rows and `cols`
+// columns (a multiple of 8; WIDTH staged per row) to `out`, row stride ld, in whole 512-byte
+// rows, then the staging tile is free for the consumers again.
+template <int WIDTH>
+__device__ __forceinline__ void write_staged_tile(SharedStorage& s, __nv_bfloat16* out,
+                                                  int64_t ld, int rows, int cols, uint32_t phase) {
+  mbar_wait(&s.out_full, phase);
+  for (int i = threadIdx.x - 32; i < rows * (WIDTH / 8); i += 32 * STORERS) {
+    const int r = i / (WIDTH / 8), chunk = i % (WIDTH / 8);
+    if (8 * chunk < cols)
+      *reinterpret_cast<uint4*>(out + int64_t(r) * ld + 8 * chunk) =
+          *reinterpret_cast<const uint4*>(s.out_tile() + r * OUT_PITCH + 8 * chunk);
+  }
+  __syncwarp();
+  if (threadIdx.x % 32 == 0) mbar_arrive(&s.out_empty);
+}
+
 // The K block's MMA batches (one per FPART columns of the tile), each promoted as it completes;
 // the stage is released once the last batch has read it.
 template <int P = 0>
@@ -651,13 +681,8 @@ __device__ void fprop_consumer(SharedStorage& s, const FpropArgs& p, int m_tiles
       const BlockScales f = block_scales(sa[0], sa[8], scale_b0, scale_b1, starts_mid_block);
       fprop_k_block(s, st, ring.stage, wg_row0, f, acc, scratch, c);
     }
-    if (!p.out_fp32) {  // hand the bf16 tile to the storer warps and go on to the next
-      mbar_wait(&s.out_empty, out_phase ^ 1);
-#pragma unroll
-      for (int h = 0; h < FPARTS; ++h) stage_tile(s, acc[h], row_in_tile, h * FPART);
-      __syncwarp();
-      if (lane == 0) mbar_arrive(&s.out_full);
-      out_phase ^= 1;
+    if (!p.out_fp32) {
+      hand_to_storers(s, acc, row_in_tile, out_phase);
     } else {
 #pragma unroll
       for (int h = 0; h < FPARTS; ++h)
@@ -666,27 +691,18 @@ __device__ void fprop_consumer(SharedStorage& s, const FpropArgs& p, int m_tiles
   }
 }
 
-// Producer-warpgroup warps 1..3: each staged tile's real rows to global memory in whole 512-byte
-// rows, while the consumers already multiply the next tile.
+// The storer warps' walk (bf16 output): each staged tile's real rows and columns, while the
+// consumers already multiply the next tile.
 __device__ void fprop_storer(SharedStorage& s, const FpropArgs& p, int m_tiles, int n_tiles,
                              const Cluster& c) {
   if (p.out_fp32) return;
-  const int worker = threadIdx.x - 32;
   uint32_t phase = 0;
   for (int t = c.index; t < m_tiles * (n_tiles / c.size); t += c.count, phase ^= 1) {
     const MTile tile = fprop_tile(s, p, t, m_tiles, n_tiles, c);
-    const int rows = min(BM, tile.row_end - tile.row0), cols = min(FBN, p.N - tile.col0);
     __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out) + int64_t(tile.row0) * p.ld_out +
                          tile.col0;
-    mbar_wait(&s.out_full, phase);
-    for (int i = worker; i < rows * (FBN / 8); i += 32 * STORERS) {
-      const int r = i / (FBN / 8), chunk = i % (FBN / 8);
-      if (8 * chunk < cols)
-        *reinterpret_cast<uint4*>(out + int64_t(r) * p.ld_out + 8 * chunk) =
-            *reinterpret_cast<const uint4*>(s.out_tile() + r * OUT_PITCH + 8 * chunk);
-    }
-    __syncwarp();
-    if (threadIdx.x % 32 == 0) mbar_arrive(&s.out_empty);
+    write_staged_tile<FBN>(s, out, p.ld_out, min(BM, tile.row_end - tile.row0),
+                           min(FBN, p.N - tile.col0), phase);
   }
 }
 
@@ -879,13 +895,8 @@ __device__ void wgrad_consumer(SharedStorage& s, const WgradArgs& p, int wg, con
       }
       release_stage(s, ring.stage, c);  // after the scale reads: the stage's scales are in it
     }
-    if (wgrad_staged(p)) {  // hand the bf16 tile to the storer warps and go on to the next
-      mbar_wait(&s.out_empty, out_phase ^ 1);
-#pragma unroll
-      for (int h = 0; h < HALVES; ++h) stage_tile(s, acc[h], row_in_tile, h * HALF);
-      __syncwarp();
-      if (lane == 0) mbar_arrive(&s.out_full);
-      out_phase ^= 1;
+    if (wgrad_staged(p)) {
+      hand_to_storers(s, acc, row_in_tile, out_phase);
     } else {
 #pragma unroll
       for (int h = 0; h < HALVES; ++h)
@@ -895,24 +906,15 @@ __device__ void wgrad_consumer(SharedStorage& s, const WgradArgs& p, int wg, con
   }
 }
 
-// Producer-warpgroup warps 1..3 (bf16 dW): each staged 128 x 256 tile to global memory in
-// 512-byte rows while the consumers go on.
+// The storer warps' walk (bf16 dW): each staged 128 x 256 tile, whole, while the consumers go on.
 __device__ void wgrad_storer(SharedStorage& s, const WgradArgs& p, const Cluster& c) {
   if (!wgrad_staged(p)) return;
-  const int worker = threadIdx.x - 32;
   uint32_t phase = 0;
   for (int t = c.index; t < wgrad_walk_length(p, c); t += c.count, phase ^= 1) {
     const KTile tile = wgrad_tile(s, p, t, c);
     __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out) + int64_t(tile.expert) * p.out_e +
                          int64_t(tile.row0) * p.out_n + tile.col0;
-    mbar_wait(&s.out_full, phase);
-    for (int i = worker; i < BM * (BN / 8); i += 32 * STORERS) {
-      const int r = i / (BN / 8), chunk = i % (BN / 8);
-      *reinterpret_cast<uint4*>(out + int64_t(r) * p.out_n + 8 * chunk) =
-          *reinterpret_cast<const uint4*>(s.out_tile() + r * OUT_PITCH + 8 * chunk);
-    }
-    __syncwarp();
-    if (threadIdx.x % 32 == 0) mbar_arrive(&s.out_empty);
+    write_staged_tile<BN>(s, out, p.out_n, BM, BN, phase);
   }
 }
 
