@@ -510,14 +510,10 @@ __device__ void fprop_producer(SharedStorage& s, const CUtensorMap* map_a, const
   }
 }
 
+// One fp32 pair (bf16 outputs always go through the staging tile).
 __device__ __forceinline__ void store_pair(const FpropArgs& p, int row, int col, float x, float y) {
-  if (p.out_fp32) {
-    *reinterpret_cast<float2*>(static_cast<float*>(p.out) + int64_t(row) * p.ld_out + col) =
-        make_float2(x, y);
-  } else {
-    *reinterpret_cast<__nv_bfloat162*>(static_cast<__nv_bfloat16*>(p.out) +
-                                       int64_t(row) * p.ld_out + col) = __floats2bfloat162_rn(x, y);
-  }
+  *reinterpret_cast<float2*>(static_cast<float*>(p.out) + int64_t(row) * p.ld_out + col) =
+      make_float2(x, y);
 }
 
 // The scale products of one K block for this thread's two rows (sa0, sa1) and the tile's columns.
