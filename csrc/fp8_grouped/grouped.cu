@@ -33,7 +33,10 @@
 // direct 16-byte stores from registers (four stages) +4-12% on Fprop/Dgrad at K = 2048-7168,
 // -2% on `small`'s down projection; Wgrad into bf16 the same way (three stages) against stores
 // from registers (four) +1% to +9%. Skipping the promotion altogether gains 6-8%, operands that
-// always hit in L2 gain nothing: the kernel is not waiting on memory.
+// always hit in L2 gain nothing: the kernel is not waiting on memory. The WGMMA descriptors built
+// in uniform registers (warp_uniform: the warpgroup index and the loop bounds broadcast from lane
+// 0) instead of per thread and moved over with R2UR, four per MMA: +9-13% on Fprop/Dgrad, +2-5%
+// on Wgrad (the K loop's non-FFMA instructions fell from about 150 to 75 per K block and warp).
 //
 // Measured and not kept (H100, against 128 x 256 in the same run; scripts/sweep_grouped_cuda.py
 // times such variants):
@@ -42,6 +45,12 @@
 //   - Fprop/Dgrad tiles of 128 x 192, one m64n192 batch per K block (half the waits, 17% less
 //     shared-memory reading per MMA): -2% to -6% (FPROP_BN=192 builds it); 128 x 128: -3% to -12%;
 //   - a nanosleep after every 16 or 32 promotion FFMAs: -25% to +1%;
+//   - two 96-column MMA batches per K block into two scratch buffers (128 x 192 tiles), each batch
+//     issued as soon as the previous one completed and before that one is promoted, so that a
+//     warpgroup's own MMAs run while it promotes: -7% to +4%. (Keeping two batches in flight
+//     makes ptxas serialize the MMAs, warning C7514.) An ncu profile of the 128 x 256 kernel had
+//     shown the tensor pipe 60% busy while the consumers waited for their MMAs a third of the
+//     time and almost never for data;
 //   - DeepGEMM edits the yield bits of its promotion FFMAs in the SASS so that the other
 //     warpgroup's MMAs can issue meanwhile. The SASS ptxas 13 emits here already alternates the
 //     yield bit along those runs (checked with cuobjdump): nothing left to edit.
@@ -171,6 +180,14 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
       "@!ready bra WAIT;\n}\n" ::"r"(smem_addr(bar)), "r"(parity) : "memory");
 }
 
+// A shared-memory load the compiler would otherwise issue as a generic one (slower): `p` points
+// into this CTA's shared memory.
+__device__ __forceinline__ float ld_shared(const float* p) {
+  float v;
+  asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(smem_addr(p)));
+  return v;
+}
+
 // A contiguous run of global memory (16-byte aligned, a multiple of 16 bytes) into shared memory.
 __device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes,
                                           uint64_t* bar) {
@@ -216,12 +233,15 @@ __device__ __forceinline__ void tma_load_tile(void* dst, const CUtensorMap* map,
 // start address (>> 4), leading offset 1 (unused by swizzled K-major layouts), stride 1024 bytes
 // between groups of 8 rows, swizzle mode 1 (128B) in bits 62-63. Advancing K by 32 FP8 values
 // inside the swizzle atom adds 32 bytes to the start address.
-__device__ __forceinline__ uint64_t smem_desc(const uint8_t* tile) {
-  uint64_t desc = (smem_addr(tile) & 0x3FFFF) >> 4;
-  desc |= uint64_t(1) << 16;
-  desc |= uint64_t(1024 >> 4) << 32;
-  desc |= uint64_t(1) << 62;
-  return desc;
+// The low word holds the start address and the leading offset, the high word the stride and the
+// swizzle mode, which are the same for every tile here: the K loop only ever adds to the low word
+// (shared memory ends below 2^18 bytes, so the 14-bit address field never carries).
+constexpr uint32_t SMEM_DESC_HI = (1024 >> 4) | (1u << 30);
+__device__ __forceinline__ uint32_t smem_desc_lo(const uint8_t* tile) {
+  return ((smem_addr(tile) & 0x3FFFF) >> 4) | (1u << 16);
+}
+__device__ __forceinline__ uint64_t smem_desc(uint32_t lo) {
+  return (uint64_t(SMEM_DESC_HI) << 32) | lo;
 }
 
 __device__ __forceinline__ void wgmma_fence() {
@@ -405,17 +425,17 @@ __device__ __forceinline__ void band_order(int t, int m_tiles, int n_tiles, int&
 }
 
 // One 128-wide K block of this warpgroup's 64 rows times 2 R rows of `b` (128 or 192): four MMAs
-// into `scratch` (overwritten), waited for.
+// into `scratch` (overwritten), waited for. The descriptors are built from warp-uniform values
+// (warp_uniform), so ptxas keeps them in uniform registers.
 template <int R>
 __device__ __forceinline__ void mma_k_block(float (&scratch)[R], const uint8_t* a_rows,
                                             const uint8_t* b_rows) {
-  const uint64_t desc_a = smem_desc(a_rows);
-  const uint64_t desc_b = smem_desc(b_rows);
+  const uint32_t a_lo = smem_desc_lo(a_rows), b_lo = smem_desc_lo(b_rows);
   fence_registers(scratch);
   wgmma_fence();
 #pragma unroll
   for (int k = 0; k < BK / 32; ++k)  // +32 bytes of K = +2 in the descriptor's address field
-    wgmma_k32(scratch, desc_a + 2 * k, desc_b + 2 * k, k > 0);
+    wgmma_k32(scratch, smem_desc(a_lo + 2 * k), smem_desc(b_lo + 2 * k), k > 0);
   wgmma_commit();
   wgmma_wait_all();
   fence_registers(scratch);
@@ -448,6 +468,17 @@ __device__ __forceinline__ void producer_registers() {
 }
 __device__ __forceinline__ void consumer_registers() {
   asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+}
+
+// A value every lane of the warp holds, said so to the compiler (a shuffle from lane 0): what is
+// computed from it can then live in uniform registers, as the WGMMA descriptors must, instead of
+// being computed per thread and moved over instruction by instruction.
+// WARP_UNIFORM=0 leaves the compiler to find out (it does not), for measuring the difference.
+#ifndef WARP_UNIFORM
+#define WARP_UNIFORM 1
+#endif
+__device__ __forceinline__ int warp_uniform(int v) {
+  return WARP_UNIFORM ? __shfl_sync(0xffffffffu, v, 0) : v;
 }
 
 __device__ __forceinline__ SharedStorage& shared_storage() {
@@ -644,6 +675,37 @@ __device__ __forceinline__ void fprop_k_block(SharedStorage& s, const Stage& st,
   if constexpr (P + 1 < FPARTS) fprop_k_block<P + 1>(s, st, stage, wg_row0, f, acc, scratch, c);
 }
 
+// The scales of `b` a tile's K blocks need, read one K block ahead so that the load's latency
+// hides behind the MMAs: the (at most two) 128x128 blocks of b the tile's columns meet.
+struct WeightScales {
+  const float* sb0;
+  const float* sb1;
+  int64_t step;  // between K blocks
+  float next0, next1;
+  bool starts_mid_block;
+
+  __device__ __forceinline__ WeightScales(const FpropArgs& p, const MTile& tile) {
+    const int block0 = tile.col0 / 128, block1 = min(block0 + 1, p.N / 128 - 1);
+    starts_mid_block = tile.col0 % 128 != 0;
+    sb0 = p.sb + int64_t(tile.expert) * p.sb_e + int64_t(block0) * p.sb_n;
+    sb1 = sb0 + int64_t(block1 - block0) * p.sb_n;
+    step = p.sb_kb;
+    next0 = __ldg(sb0);
+    next1 = __ldg(sb1);
+  }
+
+  // K block kb's scale products for this thread's rows (sa: its first row's scale in the stage),
+  // and the load of block kb + 1's weight scales.
+  __device__ __forceinline__ BlockScales take(int kb, int k_blocks, const float* sa) {
+    const float b0 = next0, b1 = next1;
+    if (kb + 1 < k_blocks) {
+      next0 = __ldg(sb0 + (kb + 1) * step);
+      next1 = __ldg(sb1 + (kb + 1) * step);
+    }
+    return block_scales(ld_shared(sa), ld_shared(sa + 8), b0, b1, starts_mid_block);
+  }
+};
+
 __device__ void fprop_consumer(SharedStorage& s, const FpropArgs& p, int m_tiles, int n_tiles,
                                int wg_row0, const Cluster& c) {
   const int warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
@@ -653,28 +715,16 @@ __device__ void fprop_consumer(SharedStorage& s, const FpropArgs& p, int m_tiles
   uint32_t out_phase = 0;
   for (int t = c.index; t < m_tiles * (n_tiles / c.size); t += c.count) {
     const MTile tile = fprop_tile(s, p, t, m_tiles, n_tiles, c);
-    // the (at most two) 128x128 blocks of b the tile's columns meet
-    const int block0 = tile.col0 / 128, block1 = min(block0 + 1, p.N / 128 - 1);
-    const bool starts_mid_block = tile.col0 % 128 != 0;
-    const float* sb0 = p.sb + int64_t(tile.expert) * p.sb_e + int64_t(block0) * p.sb_n;
-    const float* sb1 = sb0 + int64_t(block1 - block0) * p.sb_n;
-    const int k_blocks = p.K / BK;
 #pragma unroll
     for (int h = 0; h < FPARTS; ++h)
 #pragma unroll
       for (int i = 0; i < FREGS; ++i) acc[h][i] = 0.f;
-    // one K block ahead: the latency hides behind the MMAs
-    float next_sb0 = __ldg(sb0), next_sb1 = __ldg(sb1);
+    WeightScales w(p, tile);
+    const int k_blocks = p.K / BK;
     for (int kb = 0; kb < k_blocks; ++kb, ring.advance()) {
-      const float scale_b0 = next_sb0, scale_b1 = next_sb1;
-      if (kb + 1 < k_blocks) {
-        next_sb0 = __ldg(sb0 + (kb + 1) * p.sb_kb);
-        next_sb1 = __ldg(sb1 + (kb + 1) * p.sb_kb);
-      }
       mbar_wait(&s.full[ring.stage], ring.phase);
       const Stage& st = s.stage(ring.stage);
-      const float* sa = st.sa + (tile.row0 & 3) + row_in_tile;
-      const BlockScales f = block_scales(sa[0], sa[8], scale_b0, scale_b1, starts_mid_block);
+      const BlockScales f = w.take(kb, k_blocks, st.sa + (tile.row0 & 3) + row_in_tile);
       fprop_k_block(s, st, ring.stage, wg_row0, f, acc, scratch, c);
     }
     if (!p.out_fp32) {
@@ -712,8 +762,8 @@ grouped_fprop_kernel(const __grid_constant__ CUtensorMap map_a,
   if (threadIdx.x == 32) init_barriers(s, c.size);
   __syncthreads();
   if (c.size > 1) cluster_sync();  // the other CTA's barriers exist before anything reaches them
-  const int m_tiles = s.tile_start[p.E], n_tiles = (p.N + FBN - 1) / FBN;
-  const int wg = threadIdx.x / 128;
+  const int m_tiles = warp_uniform(s.tile_start[p.E]), n_tiles = (p.N + FBN - 1) / FBN;
+  const int wg = warp_uniform(threadIdx.x / 128);
   if (wg == 0) {
     producer_registers();
     if (threadIdx.x == 0) fprop_producer(s, &map_a, &map_b, &map_sa, p, m_tiles, n_tiles, c);
@@ -871,7 +921,12 @@ __device__ void wgrad_consumer(SharedStorage& s, const WgradArgs& p, int wg, con
   Ring ring(wgrad_stages(p));
   uint32_t out_phase = 0;
   for (int t = c.index; t < wgrad_walk_length(p, c); t += c.count) {
-    const KTile tile = wgrad_tile(s, p, t, c);
+    KTile tile = wgrad_tile(s, p, t, c);
+    // the K loop's bounds and branches, read from shared memory, uniform for the descriptors
+    tile.group_lo = warp_uniform(tile.group_lo);
+    tile.groups = warp_uniform(tile.groups);
+    tile.start = warp_uniform(tile.start);
+    tile.end = warp_uniform(tile.end);
 #pragma unroll
     for (int h = 0; h < HALVES; ++h)
 #pragma unroll
@@ -925,7 +980,7 @@ grouped_wgrad_kernel(const __grid_constant__ CUtensorMap map_a,
   if (threadIdx.x == 32) init_barriers(s, c.size);
   __syncthreads();
   if (c.size > 1) cluster_sync();
-  const int wg = threadIdx.x / 128;
+  const int wg = warp_uniform(threadIdx.x / 128);
   if (wg == 0) {
     producer_registers();
     if (threadIdx.x == 0) wgrad_producer(s, &map_a, &map_b, p, c);

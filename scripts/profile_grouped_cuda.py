@@ -1,0 +1,45 @@
+"""Run one CUDA grouped FP8 GEMM a few times so a profiler can look inside it.
+
+    ncu --clock-control none -k regex:fp8moe --launch-skip 2 --launch-count 1 --set full \
+        -o grouped python scripts/profile_grouped_cuda.py --case 0 --op fwd
+
+The case index picks a row of scripts/bench_fp8_grouped.py's GEMM_CASES (its operands are made the
+same way); --op is fwd, dgrad or wgrad. The first calls build the library and warm up, so skip
+them in the profiler (--launch-skip). Prints the op's time per call as a sanity check, under the
+profiler's overhead when one is attached.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import bench_fp8_grouped as bench  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--case", type=int, default=0, help="index into GEMM_CASES")
+    parser.add_argument("--op", choices=("fwd", "dgrad", "wgrad"), default="fwd")
+    parser.add_argument("--calls", type=int, default=4)
+    args = parser.parse_args()
+    case = bench.GEMM_CASES[args.case]
+    ops = bench._operands(case)
+    run = bench._ours(ops, case.experts * case.tokens)[args.op]
+    cfg = bench.CUDA
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(args.calls):
+        start.record()
+        run(cfg)
+        stop.record()
+        torch.cuda.synchronize()
+    print(f"{case.label} {args.op}: {start.elapsed_time(stop):.3f} ms (last call)")
+
+
+if __name__ == "__main__":
+    main()
