@@ -37,6 +37,11 @@
 // in uniform registers (warp_uniform: the warpgroup index and the loop bounds broadcast from lane
 // 0) instead of per thread and moved over with R2UR, four per MMA: +9-13% on Fprop/Dgrad, +2-5%
 // on Wgrad (the K loop's non-FFMA instructions fell from about 150 to 75 per K block and warp).
+// The consumers' epilogue writing the staging tile with stmatrix (the accumulator fragment as it
+// lies in registers) instead of a 4 x 4 transpose through shuffles and 16-byte stores: Fprop
+// +7% (K = 7168) to +26% (K = 1536-2048), Dgrad +3% to +14%, Wgrad -5% to +10% (two runs, each
+// against the cuBLAS loop: about 5% noise); an ncu profile had that epilogue at a fifth of the
+// consumers' time at K = 2048.
 //
 // Measured and not kept (H100, against 128 x 256 in the same run; scripts/sweep_grouped_cuda.py
 // times such variants):
@@ -582,27 +587,6 @@ __device__ __forceinline__ uint32_t pack_bf16(float x, float y) {
   return *reinterpret_cast<const uint32_t*>(&v);
 }
 
-__device__ __forceinline__ uint32_t pick(const uint32_t (&w)[4], int i) {
-  return i == 0 ? w[0] : i == 1 ? w[1] : i == 2 ? w[2] : w[3];
-}
-
-// Column groups 2 jp and 2 jp + 1 of the quad's two rows, as lane q's 8 consecutive bf16 of one
-// row (row + 8 (q / 2), columns 16 jp + 8 (q % 2) + 0..7): a 4 x 4 transpose of 32-bit words
-// through shuffles. Word types: 0 = (row, group 2jp), 1 = (row, 2jp+1), 2 = (row+8, 2jp), 3 =
-// (row+8, 2jp+1); round k receives lane (q + k)'s word of type q.
-template <int R>
-__device__ __forceinline__ uint4 quad_transpose(const float (&acc)[R], int jp, int q) {
-  const float* a0 = acc + 8 * jp;
-  const uint32_t w[4] = {pack_bf16(a0[0], a0[1]), pack_bf16(a0[4], a0[5]),
-                         pack_bf16(a0[2], a0[3]), pack_bf16(a0[6], a0[7])};
-  uint32_t rotated[4];
-#pragma unroll
-  for (int k = 0; k < 4; ++k)
-    rotated[k] = __shfl_sync(0xffffffffu, pick(w, (q - k) & 3), (threadIdx.x & ~3) | ((q + k) & 3));
-  return make_uint4(pick(rotated, (0 - q) & 3), pick(rotated, (1 - q) & 3),
-                    pick(rotated, (2 - q) & 3), pick(rotated, (3 - q) & 3));
-}
-
 // One 64 x 2R part of a consumer's accumulators straight to global memory (fp32 output), its
 // columns from part_col0 on, those at or past col_end dropped.
 template <int R>
@@ -618,18 +602,31 @@ __device__ __forceinline__ void store_tile(const FpropArgs& p, const float (&acc
   }
 }
 
-// One part into the shared-memory staging tile (rows and columns within the tile) in 16-byte
-// rows: for each pair of 8-column groups, the 4 lanes of a quad hold 2 rows x 16 columns as 16
-// bf16 pairs; a 4 x 4 transpose through shuffles gives each lane 8 consecutive columns of one
-// row (lane q: row + 8 (q / 2), columns 8 (q % 2) + 0..7 of the pair), a quarter of the stores.
+// stmatrix: four 8x8 bf16 matrices to shared memory in one instruction. Lane l's register i holds
+// row l / 4, columns 2 (l % 4) and + 1 of matrix i, which is how a WGMMA accumulator fragment
+// already lies in registers, and lanes 8 i .. 8 i + 7 give the addresses of matrix i's 8 rows.
+__device__ __forceinline__ void stmatrix_x4(uint32_t addr, uint32_t r0, uint32_t r1, uint32_t r2,
+                                            uint32_t r3) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};"
+               ::"r"(addr), "r"(r0), "r"(r1), "r"(r2), "r"(r3) : "memory");
+}
+
+// One part into the shared-memory staging tile (rows and columns within the tile): per 16
+// columns, the warp's 16 rows as four 8x8 matrices (rows + 0 / + 8, columns + 0 / + 8), one
+// stmatrix. The row pitch (OUT_PITCH, 33 x 16 bytes) puts a matrix's 8 rows in different banks.
 template <int R>
 __device__ __forceinline__ void stage_tile(SharedStorage& s, const float (&acc)[R], int row,
                                            int part_col0) {
-  const int q = threadIdx.x % 4;
-  __nv_bfloat16* out = s.out_tile() + (row + 8 * (q / 2)) * OUT_PITCH + part_col0 + 8 * (q % 2);
+  const int lane = threadIdx.x % 32, matrix = lane / 8;
+  const int warp_row0 = row & ~15;  // row = the warp's first row + lane / 4
+  const uint32_t addr = smem_addr(s.out_tile() + (warp_row0 + 8 * (matrix % 2) + lane % 8) *
+                                  OUT_PITCH + part_col0 + 8 * (matrix / 2));
 #pragma unroll
-  for (int jp = 0; jp < R / 8; ++jp)
-    *reinterpret_cast<uint4*>(out + 16 * jp) = quad_transpose(acc, jp, q);
+  for (int jp = 0; jp < R / 8; ++jp) {
+    const float* a = acc + 8 * jp;
+    stmatrix_x4(addr + 32 * jp, pack_bf16(a[0], a[1]), pack_bf16(a[2], a[3]),
+                pack_bf16(a[4], a[5]), pack_bf16(a[6], a[7]));
+  }
 }
 
 // Consumers: stage a finished tile (PARTS parts of 2 R columns) for the storer warps once they
