@@ -8,7 +8,7 @@ grouped.cu keeps its design choices behind `#ifndef NAME` switches so that a cho
 not guessed. Each variant (a name and its -D definitions) is built into its own library, loaded
 with grouped_cuda.load_library, and timed on the operands of scripts/bench_fp8_grouped.py's
 GEMM cases, one op at a time, every variant on the same operands in interleaved rounds (ROUNDS),
-next to the per-expert cuBLAS blockwise loop of the same run. Every variant's output is first
+the per-expert cuBLAS blockwise loop timed in the same rounds. Every variant's output is first
 checked against the loop (calc_diff < 1e-3); one that fails is reported and not timed. Not a
 bench_* script: scripts/gpu_check.sh does not run it (bench_fp8_grouped.py reports the defaults).
 """
@@ -31,8 +31,11 @@ from models.fp8 import grouped_cuda  # noqa: E402
 
 DEFAULT_VARIANTS = ("n256=FPROP_BN=256", "n192=FPROP_BN=192")
 ROUNDS = 3
-"""Each variant is timed once per round, the rounds interleaved, and the median kept: timed one
-after another, the first variant ran on a cooler GPU and measured up to 15% faster on an H100."""
+LOOP = "cuBLAS loop"
+"""Each variant, and the loop, is timed once per round, the rounds interleaved (every other one in
+reverse order), and the median kept: timed one after another, the first variant ran on a cooler
+GPU and measured up to 15% faster on an H100 (an FP8 GEMM at full rate draws enough power to lower
+the clocks)."""
 
 
 def parse_variant(text: str) -> tuple[str, tuple[str, ...]]:
@@ -58,7 +61,7 @@ def use_library(lib) -> None:
     grouped_cuda._library = lambda: lib
 
 
-def sweep_case(case, ops, libraries) -> list[tuple]:
+def sweep_case(case, ops, libraries, rounds: int = 3) -> list[tuple]:
     T = case.experts * case.tokens
     flops = 2 * T * case.N * case.K
     operands = bench._operands(case)
@@ -74,11 +77,15 @@ def sweep_case(case, ops, libraries) -> list[tuple]:
             if not correct[name]:
                 print(f"  {case.label} {op} {name}: calc_diff {diff:.2e} against the loop: WRONG")
         times = {name: [] for name, ok in correct.items() if ok}
-        for _ in range(ROUNDS):  # interleaved rounds: no variant always runs on a cooler GPU
-            for name in times:
-                use_library(libraries[name])
-                times[name].append(time_ms(lambda: ours[op](bench.CUDA), reps=5, batches=3))
-        loop_tf = tflops(flops, time_ms(loop[op], reps=5, batches=3))
+        times[LOOP] = []
+        for r in range(rounds):  # interleaved rounds, every other one reversed: nothing always
+            for name in (list(times) if r % 2 == 0 else list(times)[::-1]):  # runs on a cooler GPU
+                if name == LOOP:
+                    times[LOOP].append(time_ms(loop[op], reps=5, batches=3))
+                else:
+                    use_library(libraries[name])
+                    times[name].append(time_ms(lambda: ours[op](bench.CUDA), reps=5, batches=3))
+        loop_tf = tflops(flops, statistics.median(times.pop(LOOP)))
         figures = {name: tflops(flops, statistics.median(times[name])) if name in times
                    else float("nan") for name in libraries}
         rows.append((case.label, op, figures, loop_tf))
@@ -108,6 +115,7 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=len(bench.GEMM_CASES),
                         help="the first N of bench_fp8_grouped.GEMM_CASES")
     parser.add_argument("--ops", default="fwd,dgrad,wgrad")
+    parser.add_argument("--rounds", type=int, default=ROUNDS)
     args = parser.parse_args()
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         raise SystemExit("sweep_grouped_cuda.py needs an sm90 (Hopper) GPU: the kernels use "
@@ -119,7 +127,7 @@ def main() -> None:
         libraries = build_variants(variants, folder)
         rows = []
         for case in bench.GEMM_CASES[:args.cases]:
-            rows += sweep_case(case, ops, libraries)
+            rows += sweep_case(case, ops, libraries, args.rounds)
     print_table(rows, list(libraries))
 
 

@@ -46,7 +46,8 @@
 // Measured and not kept (H100, against 128 x 256 in the same run; scripts/sweep_grouped_cuda.py
 // times such variants):
 //   - the two consumer warpgroups taking turns to issue their MMA batches through named
-//     barriers, so that one promotes while the other's batch runs: -3% to -14%;
+//     barriers, so that one promotes while the other's batch runs: -3% to -14%, and again with
+//     the uniform descriptors and the stmatrix epilogue (above): -13% to +3%;
 //   - Fprop/Dgrad tiles of 128 x 192, one m64n192 batch per K block (half the waits, 17% less
 //     shared-memory reading per MMA): -2% to -6% (FPROP_BN=192 builds it); 128 x 128: -3% to -12%;
 //   - a nanosleep after every 16 or 32 promotion FFMAs: -25% to +1%;
