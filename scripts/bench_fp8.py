@@ -103,6 +103,13 @@ def bench_quant(M: int, K: int) -> None:
          lambda: quant.swiglu_quantize(gate, up, colwise=False, check_finite=False)),
         ("rmsnorm -> dual", 2 * n + 2 * n + 2 * scales, lambda: quant.rmsnorm_quantize(x, w_norm, check_finite=False)),
     ]
+    # SwiGLU's backward (models/fp8/experts.py), x's 1x128 copy read as h = [gate | up] with
+    # F = K / 2: reads h and da [M, F] (bf16), writes dh both ways and a's 128x1 copy
+    from models.fp8.experts import swiglu_backward_quantize
+    q_h, s_h = quant.quantize_1x128(x, check_finite=False)
+    da = torch.randn(M, K // 2, device=DEVICE, dtype=torch.bfloat16)
+    cases.append(("swiglu backward", n + n + n + n + n // 2 + scales * 7 // 2,
+                  lambda: swiglu_backward_quantize(q_h, s_h, da)))
     print(f"{'kernel':<22}{'GB/s':>9}{'copy GB/s':>11}{'of copy':>9}")
     for name, nbytes, fn in cases:
         gbs = nbytes / time_ms(fn) / 1e6

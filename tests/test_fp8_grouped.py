@@ -399,7 +399,9 @@ types = dict(ints("M", "F", "Mp", "stride_shm", "stride_shk", "stride_dam"), qh_
              sh_ptr="*fp32", da_ptr="*bf16", qdh_ptr="*fp8e4nv", sdh_ptr="*fp32", qtdh_ptr="*fp8e4nv",
              stdh_ptr="*fp32", qta_ptr="*fp8e4nv", sta_ptr="*fp32")
 out["swiglu backward"] = compile_one(experts.swiglu_backward_kernel, types,
-                                     dict(POW2=False, EXACT=False, CHUNK=8), 8, 3)
+                                     dict(POW2=False, EXACT=False,
+                                          CHUNK=experts.SWIGLU_BACKWARD_LAUNCH[0]),
+                                     experts.SWIGLU_BACKWARD_LAUNCH[1], 3)
 print(json.dumps(out))
 '''
 

@@ -161,6 +161,15 @@ def swiglu_backward_kernel(qh_ptr, sh_ptr, da_ptr, qdh_ptr, sdh_ptr, qtdh_ptr, s
                  mask=(rm < M)[:, None])
 
 
+SWIGLU_BACKWARD_LAUNCH = (16, 8)
+"""(columns per slice, warps) of swiglu_backward_kernel on the GPU. Measured on the H100 at
+T = 32768-65536, F = 1536-2048, bytes moved against a device-to-device copy: (8, 8) 0.19-0.21,
+(16, 8) 0.22-0.23, (64, 8) 0.22-0.23 and (32, 4) 0.25 but both spill registers, the others
+lower; a one-pass form (a whole 128 x 128 tile of each output at once, nothing recomputed)
+0.17-0.22, spilling too. The column reductions and transposed stores bound it, not the bytes:
+what is left to do is a kernel laid out like quant.py's dual quantizer (0.94)."""
+
+
 def swiglu_backward_quantize(q_h: torch.Tensor, s_h: torch.Tensor, da_TF: torch.Tensor,
                              pow2_scales: bool = False):
     """SwiGLU's backward from the FP8 copy of h = [gate | up], straight into FP8, in one pass.
@@ -192,7 +201,8 @@ def swiglu_backward_quantize(q_h: torch.Tensor, s_h: torch.Tensor, da_TF: torch.
         swiglu_backward_kernel[(Mb, F // BLOCK)](
             q_h, s_h, da_TF, q_dh, s_dh, qt_dh, st_dh, qt_a, st_a, M, F, Mb * BLOCK,
             s_h.stride(0), s_h.stride(1), da_TF.stride(0), POW2=pow2_scales, EXACT=_INTERPRET,
-            CHUNK=128 if _INTERPRET else 8, num_warps=8)
+            CHUNK=128 if _INTERPRET else SWIGLU_BACKWARD_LAUNCH[0],
+            num_warps=SWIGLU_BACKWARD_LAUNCH[1])
     return (q_dh, s_dh, qt_dh, st_dh), (qt_a, st_a)
 
 
