@@ -399,9 +399,8 @@ types = dict(ints("M", "F", "Mp", "stride_shm", "stride_shk", "stride_dam"), qh_
              sh_ptr="*fp32", da_ptr="*bf16", qdh_ptr="*fp8e4nv", sdh_ptr="*fp32", qtdh_ptr="*fp8e4nv",
              stdh_ptr="*fp32", qta_ptr="*fp8e4nv", sta_ptr="*fp32")
 out["swiglu backward"] = compile_one(experts.swiglu_backward_kernel, types,
-                                     dict(POW2=False, EXACT=False,
-                                          CHUNK=experts.SWIGLU_BACKWARD_LAUNCH[0]),
-                                     experts.SWIGLU_BACKWARD_LAUNCH[1], 3)
+                                     dict(POW2=False, EXACT=False), experts.SWIGLU_BACKWARD_WARPS,
+                                     3)
 print(json.dumps(out))
 '''
 

@@ -48,7 +48,7 @@ from models.moe import GroupedExperts
 
 from . import quant
 from .grouped import grouped_gemm, grouped_wgrad
-from .quant import _INTERPRET, _cast, _scale  # the very rounding steps of every quantizer
+from .quant import _INTERPRET, _amax, _cast_compact  # every quantizer's rounding steps
 from .reference import BLOCK, E4M3, ceil_div
 
 INPUT_DTYPES = (torch.bfloat16, torch.float32)
@@ -96,78 +96,89 @@ def _token_major(qt_KMp: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 @triton.jit
-def _swiglu_grads(qh_ptr, sh_ptr, da_ptr, rm, cols, col_block, M, F, stride_shm, stride_shk,
-                  stride_dam):
-    """(dgate, dup, a) on rows rm and columns `cols` of one 128-column block, in fp32."""
+def _swiglu_grad(qh_ptr, sh_ptr, da_ptr, rm, cols, col_block, M, F, stride_shm, stride_shk,
+                 stride_dam, WHICH: tl.constexpr):
+    """One of SwiGLU's backward quantities on rows rm and the 128 columns `cols` of one F block,
+    in fp32 from the dequantized h: WHICH 0 dgate, 1 dup, 2 a = silu(gate) * up (recomputed for
+    the down projection's Wgrad). Only that quantity's inputs are read."""
     ok = (rm < M)[:, None]
     rows = rm.to(tl.int64)[:, None]
     s_g = tl.load(sh_ptr + rm * stride_shm + col_block * stride_shk, mask=rm < M, other=0.0)
-    s_u = tl.load(sh_ptr + rm * stride_shm + (F // 128 + col_block) * stride_shk, mask=rm < M,
-                  other=0.0)
     g = tl.load(qh_ptr + rows * (2 * F) + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-    u = tl.load(qh_ptr + rows * (2 * F) + F + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-    g, u = g * s_g[:, None], u * s_u[:, None]
-    da = tl.load(da_ptr + rows * stride_dam + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    g = g * s_g[:, None]
     sig = 1.0 / (1.0 + tl.exp(-g))
     silu = g * sig
-    return da * u * sig * (1.0 + g * (1.0 - sig)), da * silu, silu * u
+    u = g
+    da = g
+    if WHICH != 1:
+        s_u = tl.load(sh_ptr + rm * stride_shm + (F // 128 + col_block) * stride_shk, mask=rm < M,
+                      other=0.0)
+        u = tl.load(qh_ptr + rows * (2 * F) + F + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        u = u * s_u[:, None]
+    if WHICH != 2:
+        da = tl.load(da_ptr + rows * stride_dam + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    if WHICH == 0:
+        out = da * u * sig * (1.0 + g * (1.0 - sig))
+    elif WHICH == 1:
+        out = da * silu
+    else:
+        out = silu * u
+    return out
 
 
 @triton.jit
 def _store_colwise(x, qt_ptr, st_ptr, rm, row_block, cols, Mp, K, POW2: tl.constexpr,
                    EXACT: tl.constexpr):
-    """x [128 rows, W cols]: its 128x1 copy into qt [K, Mp] (transposed) and st [Mb, K]."""
-    st = _scale(tl.max(tl.abs(x), axis=0), tl.sum(x * 0.0, axis=0), POW2)
-    tl.store(qt_ptr + cols.to(tl.int64)[None, :] * Mp + rm[:, None], _cast(x, st[None, :], EXACT))
-    tl.store(st_ptr + row_block * K + cols, st)
+    """x [128 rows, 128 cols]: its 128x1 copy into qt [K, Mp] (transposed) and st [Mb, K]."""
+    qt = _cast_compact(x, _amax(x, 0), st_ptr + row_block * K + cols, cols < K, 0, POW2, EXACT)
+    tl.store(qt_ptr + cols.to(tl.int64)[None, :] * Mp + rm[:, None], qt)
+
+
+@triton.jit
+def _store_dual(x, q_ptr, s_ptr, qt_ptr, st_ptr, rm, row_block, group, M, Mp, K,
+                POW2: tl.constexpr, EXACT: tl.constexpr):
+    """x [128 rows, 128 cols], the 1x128 group `group` of each row of an [M, K] tensor: its 1x128
+    copy into q [M, K] with scales s (MN-major [K/128, M]) and its 128x1 copy."""
+    ok = rm < M
+    cols = group * 128 + tl.arange(0, 128)
+    q = _cast_compact(x, _amax(x, 1), s_ptr + group * M + rm, ok, 1, POW2, EXACT)
+    tl.store(q_ptr + rm.to(tl.int64)[:, None] * K + cols[None, :], q, mask=ok[:, None])
+    _store_colwise(x, qt_ptr, st_ptr, rm, row_block, cols, Mp, K, POW2, EXACT)
 
 
 @triton.jit
 def swiglu_backward_kernel(qh_ptr, sh_ptr, da_ptr, qdh_ptr, sdh_ptr, qtdh_ptr, stdh_ptr,
                            qta_ptr, sta_ptr, M, F, Mp, stride_shm, stride_shk, stride_dam,
-                           POW2: tl.constexpr, EXACT: tl.constexpr, CHUNK: tl.constexpr):
-    # A program owns 128 rows x one 128-column block of F: every 128x1 group (columns) and
-    # every 1x128 group (rows) lies inside it. It walks the block in CHUNK-column slices to keep
-    # few registers live: pass 1 writes the column-wise copies and collects the row amaxes,
-    # pass 2 recomputes the slices (L1/L2 hits) and writes the row-wise copies.
-    row_block, col_block = tl.program_id(0), tl.program_id(1)
+                           POW2: tl.constexpr, EXACT: tl.constexpr):
+    # A program makes one 128 x 128 tile of one output: dgate or dup (both copies: each of the
+    # tile's rows is one 1x128 group, each column one 128x1 group) or a (128x1 only), in one pass
+    # from its inputs, like quant.py's dual quantizer. Program -> (row block, F block, output),
+    # the output fastest: the three programs of a block read the same tiles of h and da, and the
+    # second and third find them in L2.
+    pid = tl.program_id(0)
+    blocks = F // 128
+    which = pid % 3
+    col_block = (pid // 3) % blocks
+    row_block = pid // (3 * blocks)
     rm = row_block * 128 + tl.arange(0, 128)
-    grads = (qh_ptr, sh_ptr, da_ptr, rm)
-    shape = (col_block, M, F, stride_shm, stride_shk, stride_dam)
-    amax_g = tl.zeros((128,), tl.float32)
-    amax_u = tl.zeros((128,), tl.float32)
-    bad_g = tl.zeros((128,), tl.float32)
-    bad_u = tl.zeros((128,), tl.float32)
-    for c in range(0, 128, CHUNK):
-        cols = col_block * 128 + c + tl.arange(0, CHUNK)
-        dg, du, a = _swiglu_grads(*grads, cols, *shape)
-        _store_colwise(dg, qtdh_ptr, stdh_ptr, rm, row_block, cols, Mp, 2 * F, POW2, EXACT)
-        _store_colwise(du, qtdh_ptr, stdh_ptr, rm, row_block, F + cols, Mp, 2 * F, POW2, EXACT)
-        _store_colwise(a, qta_ptr, sta_ptr, rm, row_block, cols, Mp, F, POW2, EXACT)
-        amax_g = tl.maximum(amax_g, tl.max(tl.abs(dg), axis=1))
-        amax_u = tl.maximum(amax_u, tl.max(tl.abs(du), axis=1))
-        bad_g += tl.sum(dg * 0.0, axis=1)
-        bad_u += tl.sum(du * 0.0, axis=1)
-    s_g, s_u = _scale(amax_g, bad_g, POW2), _scale(amax_u, bad_u, POW2)
-    tl.store(sdh_ptr + col_block * M + rm, s_g, mask=rm < M)
-    tl.store(sdh_ptr + (F // 128 + col_block) * M + rm, s_u, mask=rm < M)
-    rows = rm.to(tl.int64)[:, None] * (2 * F)
-    for c in range(0, 128, CHUNK):
-        cols = col_block * 128 + c + tl.arange(0, CHUNK)
-        dg, du, a = _swiglu_grads(*grads, cols, *shape)
-        tl.store(qdh_ptr + rows + cols[None, :], _cast(dg, s_g[:, None], EXACT),
-                 mask=(rm < M)[:, None])
-        tl.store(qdh_ptr + rows + F + cols[None, :], _cast(du, s_u[:, None], EXACT),
-                 mask=(rm < M)[:, None])
+    cols = col_block * 128 + tl.arange(0, 128)
+    grads = (qh_ptr, sh_ptr, da_ptr, rm, cols, col_block, M, F, stride_shm, stride_shk, stride_dam)
+    if which == 0:
+        _store_dual(_swiglu_grad(*grads, 0), qdh_ptr, sdh_ptr, qtdh_ptr, stdh_ptr, rm, row_block,
+                    col_block, M, Mp, 2 * F, POW2, EXACT)
+    elif which == 1:
+        _store_dual(_swiglu_grad(*grads, 1), qdh_ptr, sdh_ptr, qtdh_ptr, stdh_ptr, rm, row_block,
+                    blocks + col_block, M, Mp, 2 * F, POW2, EXACT)
+    else:
+        _store_colwise(_swiglu_grad(*grads, 2), qta_ptr, sta_ptr, rm, row_block, cols, Mp, F,
+                       POW2, EXACT)
 
 
-SWIGLU_BACKWARD_LAUNCH = (16, 8)
-"""(columns per slice, warps) of swiglu_backward_kernel on the GPU. Measured on the H100 at
-T = 32768-65536, F = 1536-2048, bytes moved against a device-to-device copy: (8, 8) 0.19-0.21,
-(16, 8) 0.22-0.23, (64, 8) 0.22-0.23 and (32, 4) 0.25 but both spill registers, the others
-lower; a one-pass form (a whole 128 x 128 tile of each output at once, nothing recomputed)
-0.17-0.22, spilling too. The column reductions and transposed stores bound it, not the bytes:
-what is left to do is a kernel laid out like quant.py's dual quantizer (0.94)."""
+SWIGLU_BACKWARD_WARPS = 8
+"""Warps of swiglu_backward_kernel on the GPU. Measured on the H100 at T = 32768-65536,
+F = 1536-3584, bytes moved against a device-to-device copy: 0.50-0.51 (16 warps 0.29-0.30; 4 spill
+registers). The kernel before it, two passes over 128 x 16-column slices of a block (row amaxes,
+then the row-wise copies recomputed) with a division per element, reached 0.22-0.23."""
 
 
 def swiglu_backward_quantize(q_h: torch.Tensor, s_h: torch.Tensor, da_TF: torch.Tensor,
@@ -198,11 +209,10 @@ def swiglu_backward_quantize(q_h: torch.Tensor, s_h: torch.Tensor, da_TF: torch.
     qt_a = torch.empty(F, Mb * BLOCK, dtype=E4M3, device=dev)
     st_a = torch.empty(Mb, F, dtype=torch.float32, device=dev)
     if M:
-        swiglu_backward_kernel[(Mb, F // BLOCK)](
+        swiglu_backward_kernel[(Mb * (F // BLOCK) * 3,)](
             q_h, s_h, da_TF, q_dh, s_dh, qt_dh, st_dh, qt_a, st_a, M, F, Mb * BLOCK,
             s_h.stride(0), s_h.stride(1), da_TF.stride(0), POW2=pow2_scales, EXACT=_INTERPRET,
-            CHUNK=128 if _INTERPRET else SWIGLU_BACKWARD_LAUNCH[0],
-            num_warps=SWIGLU_BACKWARD_LAUNCH[1])
+            num_warps=SWIGLU_BACKWARD_WARPS)
     return (q_dh, s_dh, qt_dh, st_dh), (qt_a, st_a)
 
 
