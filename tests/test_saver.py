@@ -165,6 +165,56 @@ def test_setup_py_builds_the_library_and_installs_without_cuda_headers(tmp_path)
     assert "trainer.saver will be disabled" in without.stdout + without.stderr
 
 
+def test_library_is_rebuilt_by_source_digest_not_file_times(tmp_path, monkeypatch, saver_builder):
+    """ensure_built keeps a library whose stamp names the current sources' digest whatever its
+    file time, rebuilds when the digest moves on, and without a compiler keeps a stale library but
+    refuses a missing one (the compiler is a stub that records its builds)."""
+    b = saver_builder
+    digest = ["v1"]
+    built = []
+
+    def fake_compile(out, sources, include, env=None, flags=()):
+        Path(out).write_text(digest[0])
+        built.append(digest[0])
+        return Path(out)
+
+    monkeypatch.setattr(b, "source_digest", lambda: digest[0])
+    monkeypatch.setattr(b, "find_cuda_include", lambda env=None: tmp_path)
+    monkeypatch.setattr(b, "_compile", fake_compile)
+    lib = tmp_path / "libsaver.so"
+    assert b.ensure_built(lib) == lib and built == ["v1"]
+    os.utime(lib, (1, 1))  # older than every source: must not matter
+    assert b.ensure_built(lib) == lib and built == ["v1"]
+    digest[0] = "v2"
+    assert b.is_stale(lib)
+    b.ensure_built(lib)
+    assert built == ["v1", "v2"] and lib.read_text() == "v2" and not b.is_stale(lib)
+
+    def unavailable(*args, **kwargs):
+        raise b.BuildUnavailable("no compiler here")
+
+    monkeypatch.setattr(b, "_compile", unavailable)
+    digest[0] = "v3"
+    assert b.ensure_built(lib) == lib and lib.read_text() == "v2"
+    with pytest.raises(b.BuildUnavailable, match="no compiler"):
+        b.ensure_built(tmp_path / "missing.so")
+
+
+def test_source_digest_follows_every_source_and_header(tmp_path, monkeypatch, saver_builder):
+    """An edit to any source, header, the export map or build.py changes the digest."""
+    for name in saver_builder.SOURCES + saver_builder.HEADERS + ("csrc/saver/build.py",):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, tmp_path / name)
+    monkeypatch.setattr(saver_builder, "ROOT", tmp_path)
+    seen = {saver_builder.source_digest()}
+    for name in ("csrc/saver/core.cpp", "csrc/saver/core.h", "csrc/saver/exports.map",
+                 "csrc/saver/build.py"):
+        with open(tmp_path / name, "a") as f:
+            f.write("\n")
+        seen.add(saver_builder.source_digest())
+    assert len(seen) == 5
+
+
 def test_find_cuda_include_names_where_it_looked(tmp_path, saver_builder):
     with pytest.raises(saver_builder.BuildUnavailable, match="nowhere"):
         saver_builder.find_cuda_include({"FP8MOE_SAVER_CUDA_HOME": str(tmp_path / "nowhere")})

@@ -3,9 +3,11 @@
 The library needs only a C++17 compiler and the CUDA headers (cuda.h, cuda_runtime_api.h): it
 links neither libcuda nor libcudart and reaches the driver at run time, so it builds on machines
 without a GPU or a driver. setup.py calls `build_library` from its build_ext step; the GPU tests
-and scripts/bench_saver.py call `ensure_built`, which rebuilds when a source is newer than the
-library. `BuildUnavailable` means "no compiler or no CUDA headers here", which an install turns
-into a disabled saver rather than a failed install.
+and scripts/bench_saver.py call `ensure_built`, which rebuilds unless the library's digest stamp
+(`<library>.digest`, written by every build) names the current sources. File times would not do:
+a copied tree (the GPU machine gets one per command, next to the build outputs it kept) can make
+an old library look newer than the sources. `BuildUnavailable` means "no compiler or no CUDA
+headers here", which an install turns into a disabled saver rather than a failed install.
 
     python csrc/saver/build.py              # build trainer/libfp8moe_saver.so
     python csrc/saver/build.py --fake OUT   # build the fake driver the CPU tests load
@@ -17,6 +19,7 @@ of the headers that Triton's NVIDIA backend ships (which is all the library need
 from __future__ import annotations
 
 import glob
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -103,7 +106,10 @@ def build_library(out: Path = LIBRARY, env=None, static_cxx_runtime: bool = Fals
     the H100 image's links it statically). static_cxx_runtime=True forces the static case, which
     the CPU tests use to check that such a build stays self-contained."""
     flags = [f"-Wl,--version-script={ROOT / EXPORTS}"] + (["-static-libstdc++"] if static_cxx_runtime else [])
-    return _compile(out, SOURCES, find_cuda_include(env), env, flags)
+    digest = source_digest()
+    out = _compile(out, SOURCES, find_cuda_include(env), env, flags)
+    _stamp(out).write_text(digest + "\n")
+    return out
 
 
 def build_fake_driver(out: Path, env=None) -> Path:
@@ -111,16 +117,28 @@ def build_fake_driver(out: Path, env=None) -> Path:
     return _compile(out, FAKE_SOURCES, find_cuda_include(env), env)
 
 
+def source_digest() -> str:
+    """sha256 of the library's sources, headers and this script, with their names."""
+    digest = hashlib.sha256()
+    for name in SOURCES + HEADERS + ("csrc/saver/build.py",):
+        digest.update(name.encode() + b"\0" + (ROOT / name).read_bytes())
+    return digest.hexdigest()
+
+
+def _stamp(out: Path) -> Path:
+    return Path(out).with_name(Path(out).name + ".digest")
+
+
 def is_stale(out: Path = LIBRARY) -> bool:
-    if not out.exists():
-        return True
-    newest = max((ROOT / s).stat().st_mtime for s in SOURCES + HEADERS + ("csrc/saver/build.py",))
-    return out.stat().st_mtime < newest
+    """True unless `out` exists and its stamp names the current sources' digest."""
+    stamp = _stamp(out)
+    return not (Path(out).exists() and stamp.exists()
+                and stamp.read_text().strip() == source_digest())
 
 
 def ensure_built(out: Path = LIBRARY) -> Path:
-    """Build the library unless an up-to-date one is already there. A library that looks stale
-    (copied files get new times) is used as it is where nothing can build a new one."""
+    """Build the library unless one of the current sources is already there. A stale one is used
+    as it is where nothing can build a new one (no compiler or headers), with a warning."""
     if not is_stale(out):
         return out
     try:
