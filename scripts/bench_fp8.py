@@ -177,9 +177,22 @@ def bench_linear(shapes) -> None:
         print(f"Transformer Engine absent: {te_note}")
 
 
+def _weight_copies(layer) -> set[int]:
+    """data_ptrs of the FP8 weight copies `layer`'s modules cache (filled here if empty): backward
+    saves the transposed copy, but it is the weight's, held once for the step however many
+    micro-batches run, not an activation."""
+    ptrs = set()
+    for module in layer.modules():
+        for getter in ("fp8_weight", "w13_fp8"):
+            if callable(getattr(module, getter, None)):
+                ptrs |= {t.data_ptr() for t in getattr(module, getter)() if torch.is_tensor(t)}
+    return ptrs
+
+
 def saved_bytes(layer, x) -> int:
-    """Bytes autograd keeps for the backward of one forward of `layer` (activations, not weights)."""
-    params = {p.data_ptr() for p in layer.parameters()}
+    """Bytes autograd keeps for the backward of one forward of `layer` (activations, not weights
+    or their FP8 copies)."""
+    params = {p.data_ptr() for p in layer.parameters()} | _weight_copies(layer)
     seen = {}
 
     def pack(t):
