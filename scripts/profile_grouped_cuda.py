@@ -28,6 +28,12 @@ def main() -> None:
     parser.add_argument("--op", choices=("fwd", "dgrad", "wgrad"), default="fwd")
     parser.add_argument("--calls", type=int, default=4)
     args = parser.parse_args()
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        raise SystemExit("profile_grouped_cuda.py needs an sm90 (Hopper) GPU: the kernels use "
+                         "WGMMA and TMA")
+    if not 0 <= args.case < len(bench.GEMM_CASES):
+        raise SystemExit(f"--case {args.case}: pick 0..{len(bench.GEMM_CASES) - 1} of "
+                         + ", ".join(c.label for c in bench.GEMM_CASES))
     case = bench.GEMM_CASES[args.case]
     ops = bench._operands(case)
     run = bench._ours(ops, case.experts * case.tokens)[args.op]
