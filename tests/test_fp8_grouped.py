@@ -221,9 +221,10 @@ CUDA_COUNTS = [  # ragged, empty first/last experts, experts inside one 128-row 
 @pytest.mark.parametrize("N,K", [(128, 256), (384, 128), (512, 384), (2048, 7168), (7168, 2048)])
 def test_cuda_grouped_gemm_matches_reference(counts, N, K):
     """The CUDA kernels (csrc/fp8_grouped) on ragged splits, both output dtypes, int32 and
-    int64 counts. Widths that are not whole 192-column tiles (128, 512, 2048, 7168) end in a
-    partial tile; tiles that start in the middle of a 128x128 weight block (every other one)
-    take their columns' scales from two blocks."""
+    int64 counts. With the default 256-column tiles, N = 128 and 384 end in a partial tile;
+    built with FPROP_BN=192 (scripts/sweep_grouped_cuda.py), 128, 512, 2048 and 7168 do, and
+    every other tile starts in the middle of a 128x128 weight block, taking its columns' scales
+    from two blocks."""
     a_q, a_s, b_q, b_s, counts_E = _operands(counts, N, K, seed=len(counts) + N)
     expect = ref.grouped_gemm_1x128_128x128(a_q, a_s, b_q, b_s, counts_E)
     for out_dtype, counts_dtype in ((torch.float32, torch.int64), (torch.bfloat16, torch.int32)):

@@ -6,7 +6,7 @@ library with). What the CUDA kernels add over the Triton ones, and why: see grou
 
 Extra conditions of this path (grouped.py falls back to Triton when one fails, see `fits_*`):
 operand bases and row strides 16-byte aligned (TMA); Fprop/Dgrad: N and K multiples of 128 (any
-shape grouped_gemm takes; its 128 x 192 tiles cover N in part where needed); Wgrad: 128 x 256
+shape grouped_gemm takes; a last 128 x 256 tile may cover N only in part); Wgrad: 128 x 256
 tiles, N a multiple of 128 and K of 256 (DeepSeek-V3's and `small`'s expert shapes all are) and
 scales with unit stride along N / K; at most 1024 experts.
 """
