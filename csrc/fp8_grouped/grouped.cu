@@ -37,6 +37,12 @@
 // in uniform registers (warp_uniform: the warpgroup index and the loop bounds broadcast from lane
 // 0) instead of per thread and moved over with R2UR, four per MMA: +9-13% on Fprop/Dgrad, +2-5%
 // on Wgrad (the K loop's non-FFMA instructions fell from about 150 to 75 per K block and warp).
+// Wgrad's promotion is two FP32 operations per element (a row scale times a column scale, then
+// the FFMA); an ncu profile (dsv3-up, 843 TFLOPS under the profiler) had the tensor pipe 46% busy
+// and a quarter of the promotion's stalls waiting for the column scales' shared-memory loads.
+// Reading 8 of a thread's 16 scale pairs per half while the half's MMAs run (WGRAD_PRELOAD;
+// ptxas then forms their products before the wait too): +3% to +8% on five of the six bench
+// cases, -1% at 64 experts x 512 tokens; 4, 12 and 16 pairs measured no better (16 spills).
 // The consumers' epilogue writing the staging tile with stmatrix (the accumulator fragment as it
 // lies in registers) instead of a 4 x 4 transpose through shuffles and 16-byte stores: Fprop
 // +7% (K = 7168) to +26% (K = 1536-2048), Dgrad +3% to +14%, Wgrad -5% to +10% (two runs, each
@@ -434,8 +440,8 @@ __device__ __forceinline__ void band_order(int t, int m_tiles, int n_tiles, int&
 // into `scratch` (overwritten), waited for. The descriptors are built from warp-uniform values
 // (warp_uniform), so ptxas keeps them in uniform registers.
 template <int R>
-__device__ __forceinline__ void mma_k_block(float (&scratch)[R], const uint8_t* a_rows,
-                                            const uint8_t* b_rows) {
+__device__ __forceinline__ void mma_issue(float (&scratch)[R], const uint8_t* a_rows,
+                                          const uint8_t* b_rows) {
   const uint32_t a_lo = smem_desc_lo(a_rows), b_lo = smem_desc_lo(b_rows);
   fence_registers(scratch);
   wgmma_fence();
@@ -443,8 +449,19 @@ __device__ __forceinline__ void mma_k_block(float (&scratch)[R], const uint8_t* 
   for (int k = 0; k < BK / 32; ++k)  // +32 bytes of K = +2 in the descriptor's address field
     wgmma_k32(scratch, smem_desc(a_lo + 2 * k), smem_desc(b_lo + 2 * k), k > 0);
   wgmma_commit();
+}
+
+template <int R>
+__device__ __forceinline__ void mma_wait(float (&scratch)[R]) {
   wgmma_wait_all();
   fence_registers(scratch);
+}
+
+template <int R>
+__device__ __forceinline__ void mma_k_block(float (&scratch)[R], const uint8_t* a_rows,
+                                            const uint8_t* b_rows) {
+  mma_issue(scratch, a_rows, b_rows);
+  mma_wait(scratch);
 }
 
 __device__ __forceinline__ void release_stage(SharedStorage& s, int stage, const Cluster& c) {
@@ -861,16 +878,31 @@ __device__ __forceinline__ void warpgroup_sync(int wg) {
   asm volatile("bar.sync %0, 128;" ::"r"(wg) : "memory");
 }
 
+// Wgrad: how many of a thread's 16 column-scale pairs per 128-column half are read from shared
+// memory while the half's MMAs run (between commit and wait) rather than after them, where each
+// load's latency stalls the promotion that needs it. Each pair held costs two registers across the
+// wait; all 16 spill.
+#ifndef WGRAD_PRELOAD
+#define WGRAD_PRELOAD 8
+#endif
+constexpr int PRELOAD = WGRAD_PRELOAD;
+static_assert(PRELOAD >= 0 && PRELOAD <= 16, "WGRAD_PRELOAD: 0..16 scale pairs");
+
+__device__ __forceinline__ float2 ld_shared_v2(const float* p) {
+  float2 v;
+  asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(v.x), "=f"(v.y) : "r"(smem_addr(p)));
+  return v;
+}
+
 // acc += scratch scaled by its rows' and columns' 128x1 scales (both operands scaled per token
-// group).
+// group): column pair j's scales are early[j] for j < PRELOAD, else read here.
 __device__ __forceinline__ void promote_outer(float (&acc)[64], float (&scratch)[64], float s0,
-                                              float s1, const float* col_scales) {
+                                              float s1, const float2 (&early)[PRELOAD + 1],
+                                              const float* col_scales) {
   fence_registers(scratch);
 #pragma unroll
   for (int j = 0; j < 16; ++j) {
-    float2 sb;  // loaded where it is used: hoisting all 16 pairs costs 32 registers and spills
-    asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];"
-                 : "=f"(sb.x), "=f"(sb.y) : "r"(smem_addr(col_scales + 8 * j)));
+    const float2 sb = j < PRELOAD ? early[j] : ld_shared_v2(col_scales + 8 * j);
     acc[4 * j + 0] += scratch[4 * j + 0] * (s0 * sb.x);
     acc[4 * j + 1] += scratch[4 * j + 1] * (s0 * sb.y);
     acc[4 * j + 2] += scratch[4 * j + 2] * (s1 * sb.x);
@@ -936,11 +968,16 @@ __device__ void wgrad_consumer(SharedStorage& s, const WgradArgs& p, int wg, con
         mask_other_experts(st.a + wg_row0 * BK, g * BK, tile.start, tile.end);
         warpgroup_sync(wg);
       }
-      const float s0 = st.sa[row_in_tile], s1 = st.sa[row_in_tile + 8];
+      const float s0 = ld_shared(st.sa + row_in_tile), s1 = ld_shared(st.sa + row_in_tile + 8);
 #pragma unroll
       for (int h = 0; h < HALVES; ++h) {
-        mma_k_block(scratch, st.a + wg_row0 * BK, st.b + h * HALF * BK);
-        promote_outer(acc[h], scratch, s0, s1, st.sb + h * HALF + col_in_tile);
+        const float* col_scales = st.sb + h * HALF + col_in_tile;
+        mma_issue(scratch, st.a + wg_row0 * BK, st.b + h * HALF * BK);
+        float2 early[PRELOAD + 1];
+#pragma unroll
+        for (int j = 0; j < PRELOAD; ++j) early[j] = ld_shared_v2(col_scales + 8 * j);
+        mma_wait(scratch);
+        promote_outer(acc[h], scratch, s0, s1, early, col_scales);
       }
       release_stage(s, ring.stage, c);  // after the scale reads: the stage's scales are in it
     }
