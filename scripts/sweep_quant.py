@@ -44,14 +44,14 @@ def variants(kernel: str) -> list:
         grid = [Tiling(warps=w, block_m=b, compact_scales=c) for w, b in
                 [(4, 32), (4, 64), (8, 64), (8, 128)] for c in (False, True)]
         grid += [Tiling(warps=4, block_m=b, tiles=4, prefetch=True) for b in (32, 64)]
-    elif kernel == "rmsnorm":  # (warps, maxnreg, compact_scales, tiles per sum item, lag)
-        grid = [Tiling(warps=w, maxnreg=r, compact_scales=c, tiles=t, lag=lag)
-                for w, r, c, t, lag in [(8, 0, False, 4, 256), (8, 0, False, 2, 256),
-                                        (8, 0, False, 8, 256), (8, 0, False, 4, 128),
-                                        (8, 0, False, 4, 1024), (8, 128, True, 4, 256),
-                                        (8, 0, True, 4, 256), (4, 0, False, 4, 256)]]
-        grid += [Tiling(warps=16, compact_scales=True, tiles=4, persistent=True, ctas_per_sm=1),
-                 Tiling(fused=False, warps=4, compact_scales=True), Tiling(fused=False)]
+    elif kernel == "rmsnorm":  # (warps, compact_scales, tiles per sum item, lag, l2_hints)
+        grid = [Tiling(warps=w, compact_scales=c, tiles=t, lag=lag, l2_hints=h)
+                for w, c, t, lag, h in [(8, False, 4, 256, False), (8, False, 4, 256, True),
+                                        (8, False, 4, 128, True), (8, False, 4, 512, True),
+                                        (8, False, 4, 1024, True), (8, False, 2, 256, True),
+                                        (8, False, 8, 256, True), (8, True, 4, 256, True),
+                                        (4, False, 4, 256, True), (16, False, 4, 256, True)]]
+        grid += [Tiling(fused=False)]
     else:
         grid = [Tiling(warps=w, hw_transpose=h) for w in (4, 8, 16) for h in (True, False)]
         grid += [Tiling(warps=w, tiles=2) for w in (4, 8, 16)]

@@ -386,7 +386,8 @@ for dt in ("bf16", "fp32"):  # activations arrive in either; master weights are 
                 qt_ptr=p("fp8e4nv"), st_ptr=p("fp32"), M="i32", K="i32", Mp="i32",
                 stride_xm="i32", eps="fp32", lag="i32", COLWISE="constexpr", STORE_HP="constexpr",
                 POW2="constexpr", EXACT_CAST="constexpr", COMPACT="constexpr",
-                SUM_TILES="constexpr", PARTS="constexpr", PERSISTENT="constexpr")
+                SUM_TILES="constexpr", PARTS="constexpr", PERSISTENT="constexpr",
+                L2_HINTS="constexpr")
     for pro, col, pow2, tiles, pre, cmp, warps in [(0, True, False, 1, False, False, 8),
                                                    (0, True, False, 1, False, True, 4),
                                                    (0, False, True, 4, True, False, 4),
@@ -399,7 +400,7 @@ for dt in ("bf16", "fp32"):  # activations arrive in either; master weights are 
     for col, tiles in ((True, 4), (False, 1)):
         out[f"norm{col}{tiles} {dt}"] = build(quant.rmsnorm_quant_kernel, norm, dict(
             COLWISE=col, STORE_HP=False, POW2=False, EXACT_CAST=False, COMPACT=col,
-            SUM_TILES=tiles, PARTS=64, PERSISTENT=col), 16 if col else 8)
+            SUM_TILES=tiles, PARTS=64, PERSISTENT=col, L2_HINTS=col), 16 if col else 8)
     for hw in (True, False):  # the wrapper never asks fp32 weights for the hardware transpose
         if hw and dt == "fp32":
             continue

@@ -93,7 +93,15 @@ does one item (grid = items); `persistent` programs loop over items instead. The
 squares is thus added in another order than a whole-row reduction: rstd may differ from the
 two-pass form's in the last bit, and the copies are bitwise the reference quantization of the
 normalized value this kernel computed (hp_out). `Tiling(fused=False)` keeps the two-pass form
-(rms pass, then the tile kernel with the norm as prologue) for comparison.
+(rms pass, then the tile kernel with the norm as prologue) for comparison. A quant item loads its
+tile before it waits for the flag (x is ready from the start), and with `l2_hints` the sum items
+read with evict_last, the quant items with evict_first and store their copies evict_first.
+Measured on the H100 (sweep_quant.py, 32768x7168 / 8192x4096): 61% / 53% of the copy, against
+56% / 49% for the two-pass form. The hints and the early load gained 0-7%; an ncu profile had
+a third of the re-reads missing L2 before them. What holds the kernel there: its quant items
+run the tile kernel's per-thread scale path. The compact one (which took the dual kernel from
+59% to 92%) needs 179-199 registers per thread at 8 warps with the norm's prologue, so one
+program per SM, and spills at 4 warps; it measured 42-46%.
 
 `quant_128x128_kernel`: one 128x128 weight block per program, one scale; with transpose=True the
 same block is also written transposed. What must never happen is one hardware-cast value stored
@@ -164,6 +172,8 @@ class Tiling:
                  share an SM (tile kernels, fused rmsnorm)
     hw_transpose weight kernel: cast the transposed copy in hardware from tl.trans(w) (True; bf16
                  and fp16 weights only, fp32 always takes the integer path) or on the integer path
+    l2_hints     fused rmsnorm: L2 eviction hints that keep x's lines for their re-read and let
+                 everything else go first
     """
 
     warps: int = 8
@@ -178,6 +188,7 @@ class Tiling:
     hw_transpose: bool = True
     compact_scales: bool = False
     maxnreg: int = 0
+    l2_hints: bool = False
 
     def __post_init__(self):
         for name in ("warps", "stages", "tiles", "ctas_per_sm", "lag"):
@@ -196,7 +207,7 @@ DEFAULT_TILING = MappingProxyType({  # H100 sweep (fraction of a D2D copy, 32768
     "dual": Tiling(warps=4, compact_scales=True),                   # 92% / 83%
     "swiglu": Tiling(warps=8, compact_scales=True),                 # 85% / 75%
     "swiglu 1x128": Tiling(warps=4, block_m=32),                    # 98% / 87%
-    "rmsnorm": Tiling(warps=8, tiles=4),                            # untimed (H200 bench: 45%)
+    "rmsnorm": Tiling(warps=8, tiles=2, l2_hints=True),             # 61% / 53%
     "128x128": Tiling(warps=8),                                     # 93% / 73%
 })
 """The launch each wrapper uses unless given `tiling=` (chosen with scripts/sweep_quant.py)."""
@@ -286,11 +297,13 @@ def rms_kernel(x_ptr, rstd_ptr, K, stride_xm, eps, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(x_ptr, u_ptr, rm, rk, M, k_end, stride_xm, stride_um, PROLOGUE: tl.constexpr):
-    """The raw input of one tile (and the up projection for SwiGLU); zeros outside M x k_end."""
+def _load_tile(x_ptr, u_ptr, rm, rk, M, k_end, stride_xm, stride_um, PROLOGUE: tl.constexpr,
+               EVICT: tl.constexpr):
+    """The raw input of one tile (and the up projection for SwiGLU); zeros outside M x k_end.
+    EVICT: the L2 eviction policy of x's lines ("", "evict_first" or "evict_last")."""
     mask = (rm[:, None] < M) & (rk[None, :] < k_end)
     rows = rm.to(tl.int64)[:, None]
-    x = tl.load(x_ptr + rows * stride_xm + rk[None, :], mask=mask, other=0.0)
+    x = tl.load(x_ptr + rows * stride_xm + rk[None, :], mask=mask, other=0.0, eviction_policy=EVICT)
     u = x
     if PROLOGUE == 1:
         u = tl.load(u_ptr + rows * stride_um + rk[None, :], mask=mask, other=0.0)
@@ -300,8 +313,10 @@ def _load_tile(x_ptr, u_ptr, rm, rk, M, k_end, stride_xm, stride_um, PROLOGUE: t
 @triton.jit
 def _quant_tile(x, u, w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, rm, rk, row_block, k_blk,
                 M, K, Mp, PROLOGUE: tl.constexpr, COLWISE: tl.constexpr, STORE_HP: tl.constexpr,
-                POW2: tl.constexpr, EXACT_CAST: tl.constexpr, COMPACT: tl.constexpr):
-    """Prologue, then the 1x128 copy of the tile [and its 128x1 copy, stored transposed]."""
+                POW2: tl.constexpr, EXACT_CAST: tl.constexpr, COMPACT: tl.constexpr,
+                STORE_EVICT: tl.constexpr):
+    """Prologue, then the 1x128 copy of the tile [and its 128x1 copy, stored transposed].
+    STORE_EVICT: the L2 eviction policy of the FP8 copies' lines."""
     mask = (rm[:, None] < M) & (rk[None, :] < K)
     rows = rm.to(tl.int64)[:, None]
     x = x.to(tl.float32)
@@ -321,7 +336,7 @@ def _quant_tile(x, u, w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, rm,
         s = _scale(amax, amax - amax, POW2)
         tl.store(s_ptrs, s, mask=(rm < M) & (k_blk * 128 < K))
         q = _cast(x, s[:, None], EXACT_CAST)
-    tl.store(q_ptr + rows * K + rk[None, :], q, mask=mask)
+    tl.store(q_ptr + rows * K + rk[None, :], q, mask=mask, eviction_policy=STORE_EVICT)
     if COLWISE:  # BLOCK_M == 128: this tile is also one row of 128x1 tiles
         amax_t = _amax(x, 0)
         st_ptrs = st_ptr + row_block * K + rk
@@ -331,7 +346,8 @@ def _quant_tile(x, u, w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, rm,
             st = _scale(amax_t, amax_t - amax_t, POW2)
             tl.store(st_ptrs, st, mask=rk < K)
             qt = _cast(x, st[None, :], EXACT_CAST)
-        tl.store(qt_ptr + rk[None, :].to(tl.int64) * Mp + rm[:, None], qt, mask=(rk[None, :] < K))
+        tl.store(qt_ptr + rk[None, :].to(tl.int64) * Mp + rm[:, None], qt, mask=(rk[None, :] < K),
+                 eviction_policy=STORE_EVICT)
 
 
 @triton.jit
@@ -344,20 +360,21 @@ def _quant_group(x_ptr, u_ptr, w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st
     k_end = tl.minimum(K, (k0 + TILES) * 128)
     outs = (w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st_ptr)
     if PREFETCH:
-        x, u = _load_tile(x_ptr, u_ptr, rm, k0 * 128 + cols, M, k_end, stride_xm, stride_um, PROLOGUE)
+        x, u = _load_tile(x_ptr, u_ptr, rm, k0 * 128 + cols, M, k_end, stride_xm, stride_um, PROLOGUE,
+                          "")
         for t in range(TILES):
             rk = (k0 + t) * 128 + cols
             x_next, u_next = _load_tile(x_ptr, u_ptr, rm, rk + 128, M, k_end, stride_xm, stride_um,
-                                        PROLOGUE)
+                                        PROLOGUE, "")
             _quant_tile(x, u, *outs, rm, rk, row_block, k0 + t, M, K, Mp,
-                        PROLOGUE, COLWISE, STORE_HP, POW2, EXACT_CAST, COMPACT)
+                        PROLOGUE, COLWISE, STORE_HP, POW2, EXACT_CAST, COMPACT, "")
             x, u = x_next, u_next
     else:
         for t in range(TILES):
             rk = (k0 + t) * 128 + cols
-            x, u = _load_tile(x_ptr, u_ptr, rm, rk, M, k_end, stride_xm, stride_um, PROLOGUE)
+            x, u = _load_tile(x_ptr, u_ptr, rm, rk, M, k_end, stride_xm, stride_um, PROLOGUE, "")
             _quant_tile(x, u, *outs, rm, rk, row_block, k0 + t, M, K, Mp,
-                        PROLOGUE, COLWISE, STORE_HP, POW2, EXACT_CAST, COMPACT)
+                        PROLOGUE, COLWISE, STORE_HP, POW2, EXACT_CAST, COMPACT, "")
 
 
 @triton.jit
@@ -510,14 +527,14 @@ def _norm_item(item, Mb, Kb, Ls, lag):
 
 @triton.jit
 def _norm_sum_item(x_ptr, rstd_ptr, part_ptr, count_ptr, flag_ptr, r, j, M, K, Kb, Ls, stride_xm,
-                   eps, SUM_TILES: tl.constexpr, PARTS: tl.constexpr):
+                   eps, SUM_TILES: tl.constexpr, PARTS: tl.constexpr, EVICT: tl.constexpr):
     """Partial sums of squares of row block r over each of its tiles j * SUM_TILES + t (one load
     for all of them); the last of the row block's Ls sum items adds the Kb partials (in tile
     order, whoever finishes last) and publishes rstd."""
     rm = r * 128 + tl.arange(0, 128)
     cols = tl.arange(0, 128)
     x, _ = _load_tile(x_ptr, x_ptr, rm, j * SUM_TILES * 128 + tl.arange(0, SUM_TILES * 128), M, K,
-                      stride_xm, 0, 0)
+                      stride_xm, 0, 0, EVICT)
     x = x.to(tl.float32)
     part = tl.sum(tl.reshape(x * x, (128, SUM_TILES, 128)), axis=2)
     tile = j * SUM_TILES + tl.arange(0, SUM_TILES)
@@ -540,21 +557,27 @@ def _norm_sum_item(x_ptr, rstd_ptr, part_ptr, count_ptr, flag_ptr, r, j, M, K, K
 def _norm_work(x_ptr, w_ptr, rstd_ptr, part_ptr, count_ptr, flag_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr,
                st_ptr, item, Mb, Kb, Ls, lag, M, K, Mp, stride_xm, eps, COLWISE: tl.constexpr,
                STORE_HP: tl.constexpr, POW2: tl.constexpr, EXACT_CAST: tl.constexpr,
-               COMPACT: tl.constexpr, SUM_TILES: tl.constexpr, PARTS: tl.constexpr):
-    """One item: wait for the row block's rstd and quantize a tile, or sum squares."""
+               COMPACT: tl.constexpr, SUM_TILES: tl.constexpr, PARTS: tl.constexpr,
+               L2_HINTS: tl.constexpr):
+    """One item: quantize a tile once its row block's rstd is out, or sum squares. A quant item
+    loads its tile before it waits (x is the kernel's input, ready from the start), so the L2
+    read overlaps the wait. With L2_HINTS a sum item's lines are kept in L2 for the quant item's
+    re-read (evict_last), which lets them go once read (evict_first), as do the FP8 copies."""
     r, j, is_quant = _norm_item(item, Mb, Kb, Ls, lag)
     rm = r * 128 + tl.arange(0, 128)
     if is_quant:
+        rk = j * 128 + tl.arange(0, 128)
+        x, _ = _load_tile(x_ptr, x_ptr, rm, rk, M, K, stride_xm, 0, 0,
+                          "evict_first" if L2_HINTS else "")
         ready = tl.atomic_add(flag_ptr + r, 0, sem="acquire")
         while ready == 0:
             ready = tl.atomic_add(flag_ptr + r, 0, sem="acquire")
-        rk = j * 128 + tl.arange(0, 128)
-        x, _ = _load_tile(x_ptr, x_ptr, rm, rk, M, K, stride_xm, 0, 0)
         _quant_tile(x, x, w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, rm, rk, r, j,
-                    M, K, Mp, 2, COLWISE, STORE_HP, POW2, EXACT_CAST, COMPACT)
+                    M, K, Mp, 2, COLWISE, STORE_HP, POW2, EXACT_CAST, COMPACT,
+                    "evict_first" if L2_HINTS else "")
     else:
         _norm_sum_item(x_ptr, rstd_ptr, part_ptr, count_ptr, flag_ptr, r, j, M, K, Kb, Ls,
-                       stride_xm, eps, SUM_TILES, PARTS)
+                       stride_xm, eps, SUM_TILES, PARTS, "evict_last" if L2_HINTS else "")
 
 
 @triton.jit
@@ -562,7 +585,8 @@ def rmsnorm_quant_kernel(x_ptr, w_ptr, rstd_ptr, part_ptr, sync_ptr, hp_ptr, q_p
                          st_ptr, M, K, Mp, stride_xm, eps, lag,
                          COLWISE: tl.constexpr, STORE_HP: tl.constexpr, POW2: tl.constexpr,
                          EXACT_CAST: tl.constexpr, COMPACT: tl.constexpr,
-                         SUM_TILES: tl.constexpr, PARTS: tl.constexpr, PERSISTENT: tl.constexpr):
+                         SUM_TILES: tl.constexpr, PARTS: tl.constexpr, PERSISTENT: tl.constexpr,
+                         L2_HINTS: tl.constexpr):
     # sync_ptr: [0] the item counter, [1 + r] row block r's finished sum items, [1 + Mb + r] its
     # flag. Sum items read HBM (SUM_TILES tiles at once, to keep more bytes in flight); quant
     # items re-read their tile from L2.
@@ -574,13 +598,13 @@ def rmsnorm_quant_kernel(x_ptr, w_ptr, rstd_ptr, part_ptr, sync_ptr, hp_ptr, q_p
         while item < Mb * (Ls + Kb):
             _norm_work(x_ptr, w_ptr, rstd_ptr, part_ptr, count_ptr, flag_ptr, hp_ptr, q_ptr, s_ptr,
                        qt_ptr, st_ptr, item, Mb, Kb, Ls, lag, M, K, Mp, stride_xm, eps, COLWISE,
-                       STORE_HP, POW2, EXACT_CAST, COMPACT, SUM_TILES, PARTS)
+                       STORE_HP, POW2, EXACT_CAST, COMPACT, SUM_TILES, PARTS, L2_HINTS)
             item = tl.atomic_add(sync_ptr, 1, sem="relaxed")
     else:  # one item per program, still claimed in order (not by program id)
         _norm_work(x_ptr, w_ptr, rstd_ptr, part_ptr, count_ptr, flag_ptr, hp_ptr, q_ptr, s_ptr,
                    qt_ptr, st_ptr, tl.atomic_add(sync_ptr, 1, sem="relaxed"), Mb, Kb, Ls, lag, M,
                    K, Mp, stride_xm, eps, COLWISE, STORE_HP, POW2, EXACT_CAST, COMPACT, SUM_TILES,
-                   PARTS)
+                   PARTS, L2_HINTS)
 
 
 def _programs(device: torch.device, per_sm: int) -> int:
@@ -606,7 +630,7 @@ def _launch_norm(x, w, rstd, hp_out, colwise, pow2_scales, eps, tiling: Tiling):
         COLWISE=colwise, STORE_HP=hp_out is not None, POW2=pow2_scales, EXACT_CAST=_INTERPRET,
         COMPACT=tiling.compact_scales, SUM_TILES=sum_tiles,
         PARTS=min(64, triton.next_power_of_2(Kb)), PERSISTENT=tiling.persistent,
-        **_launch_options(tiling))
+        L2_HINTS=tiling.l2_hints, **_launch_options(tiling))
     return (q, s, qt, st) if colwise else (q, s)
 
 
