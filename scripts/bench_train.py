@@ -14,6 +14,8 @@ MFU = model FLOPs per token (`Transformer.flops_per_token`: activated weights + 
 MTP included) x tokens/s / 989 TFLOP/s (H100 dense BF16). The achieved model TFLOP/s is also set
 against a bf16 8192^3 matmul measured in the same run. With `models.fp8.convert` present (and an
 sm90 GPU), the same step runs with fp8=blockwise and the FP8/bf16 tokens/s ratio is reported.
+Memory: the step's peak, and what one micro-batch's forward holds for its backward (where FP8's
+saving shows; the peak of a one-GPU run is the optimizer step's).
 
     python scripts/bench_train.py                       # small: 4x2048 x1 and 4x4096 x4, bf16 and fp8
     python scripts/bench_train.py --configs 2x4096x1 --layers 2 --steps 6 --recipes off
@@ -76,11 +78,27 @@ def measure(args, recipe: str, grad_accum: int) -> dict:
     seconds = (time.perf_counter() - start) / args.steps
     tokens_per_s = args.micro_batch * args.seq_len * grad_accum / seconds
     flops = engine.module.flops_per_token(args.seq_len) * tokens_per_s
+    peak_gib = torch.cuda.max_memory_allocated() / 2 ** 30
     result = dict(recipe=recipe, grad_accum=grad_accum, step_ms=seconds * 1e3, tokens_per_s=tokens_per_s,
-                  tflops=flops / 1e12, mfu=flops / H100_PEAK,
-                  peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30,
+                  tflops=flops / 1e12, mfu=flops / H100_PEAK, peak_gib=peak_gib,
+                  held_gib=forward_held_gib(engine, batch[0]),
                   loss=metrics["loss/total"], params=tuple(engine.module.param_counts()))
     return result
+
+
+def forward_held_gib(engine, micro_batch: dict) -> float:
+    """What one micro-batch's forward leaves allocated for its backward: the saved activations
+    (FP8 copies under fp8=blockwise) plus, for FP8, the step's FP8 weight copies. The step's peak
+    is usually set elsewhere (the optimizer step's fp32 state and gradient buffers), so this is
+    where FP8's memory saving shows. The graph is dropped unused: no optimizer state changes."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    engine.train()
+    terms = eng.lm_loss(engine, {k: v.to(engine.device) for k, v in micro_batch.items()})
+    held = torch.cuda.memory_allocated() - before
+    del terms
+    eng.invalidate_weight_caches(engine.module)
+    return held / 2 ** 30
 
 
 def fp8_available() -> bool:
@@ -131,7 +149,7 @@ def main() -> None:
         for r in results:
             print(f"  fp8={r['recipe']:<9} step {r['step_ms']:8.1f} ms  {r['tokens_per_s']:10,.0f} tok/s  "
                   f"{r['tflops']:6.1f} TFLOP/s  MFU {100 * r['mfu']:5.1f}%  peak {r['peak_gib']:5.1f} GiB  "
-                  f"loss {r['loss']:.3f}")
+                  f"held by a forward {r['held_gib']:5.2f} GiB  loss {r['loss']:.3f}")
         report(args, results, matmul)
 
 
@@ -144,6 +162,8 @@ def report(args, results: list[dict], matmul: float) -> None:
         record("train", f"{case} fp8 tokens/s", fp8["tokens_per_s"], "tok/s", "bf16 tokens/s", bf16["tokens_per_s"])
         record("train", f"{case} fp8 peak memory", fp8["peak_gib"], "GiB", "bf16 peak memory", bf16["peak_gib"],
                higher_is_better=False)
+        record("train", f"{case} fp8 memory held by a micro-batch's forward", fp8["held_gib"], "GiB",
+               "bf16", bf16["held_gib"], higher_is_better=False)
 
 
 if __name__ == "__main__":
