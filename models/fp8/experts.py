@@ -48,7 +48,7 @@ from models.moe import GroupedExperts
 
 from . import quant
 from .grouped import grouped_gemm, grouped_wgrad
-from .quant import _INTERPRET, _amax, _cast_compact  # every quantizer's rounding steps
+from .quant import _INTERPRET, store_colwise_compact, store_rowwise_compact  # quant.py's steps
 from .reference import BLOCK, E4M3, ceil_div
 
 INPUT_DTYPES = (torch.bfloat16, torch.float32)
@@ -127,23 +127,13 @@ def _swiglu_grad(qh_ptr, sh_ptr, da_ptr, rm, cols, col_block, M, F, stride_shm, 
 
 
 @triton.jit
-def _store_colwise(x, qt_ptr, st_ptr, rm, row_block, cols, Mp, K, POW2: tl.constexpr,
-                   EXACT: tl.constexpr):
-    """x [128 rows, 128 cols]: its 128x1 copy into qt [K, Mp] (transposed) and st [Mb, K]."""
-    qt = _cast_compact(x, _amax(x, 0), st_ptr + row_block * K + cols, cols < K, 0, POW2, EXACT)
-    tl.store(qt_ptr + cols.to(tl.int64)[None, :] * Mp + rm[:, None], qt)
-
-
-@triton.jit
-def _store_dual(x, q_ptr, s_ptr, qt_ptr, st_ptr, rm, row_block, group, M, Mp, K,
+def _store_dual(x, q_ptr, s_ptr, qt_ptr, st_ptr, rm, row_block, M, Mp, K, group,
                 POW2: tl.constexpr, EXACT: tl.constexpr):
-    """x [128 rows, 128 cols], the 1x128 group `group` of each row of an [M, K] tensor: its 1x128
-    copy into q [M, K] with scales s (MN-major [K/128, M]) and its 128x1 copy."""
-    ok = rm < M
+    """x [128 rows, 128 cols], the 1x128 group `group` of each row of an [M, K] tensor: both
+    of its FP8 copies (quantize_dual's layout)."""
     cols = group * 128 + tl.arange(0, 128)
-    q = _cast_compact(x, _amax(x, 1), s_ptr + group * M + rm, ok, 1, POW2, EXACT)
-    tl.store(q_ptr + rm.to(tl.int64)[:, None] * K + cols[None, :], q, mask=ok[:, None])
-    _store_colwise(x, qt_ptr, st_ptr, rm, row_block, cols, Mp, K, POW2, EXACT)
+    store_rowwise_compact(x, q_ptr, s_ptr, rm, cols, group, M, K, POW2, EXACT, "")
+    store_colwise_compact(x, qt_ptr, st_ptr, rm, cols, row_block, Mp, K, POW2, EXACT, "")
 
 
 @triton.jit
@@ -163,15 +153,14 @@ def swiglu_backward_kernel(qh_ptr, sh_ptr, da_ptr, qdh_ptr, sdh_ptr, qtdh_ptr, s
     rm = row_block * 128 + tl.arange(0, 128)
     cols = col_block * 128 + tl.arange(0, 128)
     grads = (qh_ptr, sh_ptr, da_ptr, rm, cols, col_block, M, F, stride_shm, stride_shk, stride_dam)
+    dh = (qdh_ptr, sdh_ptr, qtdh_ptr, stdh_ptr, rm, row_block, M, Mp, 2 * F)
     if which == 0:
-        _store_dual(_swiglu_grad(*grads, 0), qdh_ptr, sdh_ptr, qtdh_ptr, stdh_ptr, rm, row_block,
-                    col_block, M, Mp, 2 * F, POW2, EXACT)
+        _store_dual(_swiglu_grad(*grads, 0), *dh, col_block, POW2, EXACT)
     elif which == 1:
-        _store_dual(_swiglu_grad(*grads, 1), qdh_ptr, sdh_ptr, qtdh_ptr, stdh_ptr, rm, row_block,
-                    blocks + col_block, M, Mp, 2 * F, POW2, EXACT)
+        _store_dual(_swiglu_grad(*grads, 1), *dh, blocks + col_block, POW2, EXACT)
     else:
-        _store_colwise(_swiglu_grad(*grads, 2), qta_ptr, sta_ptr, rm, row_block, cols, Mp, F,
-                       POW2, EXACT)
+        store_colwise_compact(_swiglu_grad(*grads, 2), qta_ptr, sta_ptr, rm, cols, row_block, Mp,
+                              F, POW2, EXACT, "")
 
 
 SWIGLU_BACKWARD_WARPS = 8

@@ -328,26 +328,46 @@ def _quant_tile(x, u, w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, rm,
         x = x * rstd[:, None] * w[None, :]
     if STORE_HP:
         tl.store(hp_ptr + rows * K + rk[None, :], x, mask=mask)
-    amax = _amax(x, 1)
-    s_ptrs = s_ptr + k_blk * M + rm
     if COMPACT:
-        q = _cast_compact(x, amax, s_ptrs, (rm < M) & (k_blk * 128 < K), 1, POW2, EXACT_CAST)
+        store_rowwise_compact(x, q_ptr, s_ptr, rm, rk, k_blk, M, K, POW2, EXACT_CAST, STORE_EVICT)
     else:
+        amax = _amax(x, 1)
         s = _scale(amax, amax - amax, POW2)
-        tl.store(s_ptrs, s, mask=(rm < M) & (k_blk * 128 < K))
+        tl.store(s_ptr + k_blk * M + rm, s, mask=(rm < M) & (k_blk * 128 < K))
         q = _cast(x, s[:, None], EXACT_CAST)
-    tl.store(q_ptr + rows * K + rk[None, :], q, mask=mask, eviction_policy=STORE_EVICT)
+        tl.store(q_ptr + rows * K + rk[None, :], q, mask=mask, eviction_policy=STORE_EVICT)
     if COLWISE:  # BLOCK_M == 128: this tile is also one row of 128x1 tiles
-        amax_t = _amax(x, 0)
-        st_ptrs = st_ptr + row_block * K + rk
         if COMPACT:
-            qt = _cast_compact(x, amax_t, st_ptrs, rk < K, 0, POW2, EXACT_CAST)
+            store_colwise_compact(x, qt_ptr, st_ptr, rm, rk, row_block, Mp, K, POW2, EXACT_CAST,
+                                  STORE_EVICT)
         else:
+            amax_t = _amax(x, 0)
             st = _scale(amax_t, amax_t - amax_t, POW2)
-            tl.store(st_ptrs, st, mask=rk < K)
+            tl.store(st_ptr + row_block * K + rk, st, mask=rk < K)
             qt = _cast(x, st[None, :], EXACT_CAST)
-        tl.store(qt_ptr + rk[None, :].to(tl.int64) * Mp + rm[:, None], qt, mask=(rk[None, :] < K),
-                 eviction_policy=STORE_EVICT)
+            tl.store(qt_ptr + rk[None, :].to(tl.int64) * Mp + rm[:, None], qt,
+                     mask=(rk[None, :] < K), eviction_policy=STORE_EVICT)
+
+
+@triton.jit
+def store_rowwise_compact(x, q_ptr, s_ptr, rm, rk, k_blk, M, K, POW2: tl.constexpr,
+                          EXACT_CAST: tl.constexpr, STORE_EVICT: tl.constexpr):
+    """x [rows rm, the 128 columns rk of group k_blk] of an [M, K] tensor: its 1x128 copy into
+    q [M, K] and s (MN-major [K/128, M]), the scales computed once each (_cast_compact)."""
+    q = _cast_compact(x, _amax(x, 1), s_ptr + k_blk * M + rm, (rm < M) & (k_blk * 128 < K), 1,
+                      POW2, EXACT_CAST)
+    tl.store(q_ptr + rm.to(tl.int64)[:, None] * K + rk[None, :], q,
+             mask=(rm[:, None] < M) & (rk[None, :] < K), eviction_policy=STORE_EVICT)
+
+
+@triton.jit
+def store_colwise_compact(x, qt_ptr, st_ptr, rm, rk, row_block, Mp, K, POW2: tl.constexpr,
+                          EXACT_CAST: tl.constexpr, STORE_EVICT: tl.constexpr):
+    """x [the 128 rows rm of row block row_block, columns rk] of an [M, K] tensor: its 128x1 copy
+    into qt [K, Mp] (transposed) and st [Mb, K], the scales computed once each."""
+    qt = _cast_compact(x, _amax(x, 0), st_ptr + row_block * K + rk, rk < K, 0, POW2, EXACT_CAST)
+    tl.store(qt_ptr + rk[None, :].to(tl.int64) * Mp + rm[:, None], qt, mask=(rk[None, :] < K),
+             eviction_policy=STORE_EVICT)
 
 
 @triton.jit
