@@ -14,8 +14,9 @@ MFU = model FLOPs per token (`Transformer.flops_per_token`: activated weights + 
 MTP included) x tokens/s / 989 TFLOP/s (H100 dense BF16). The achieved model TFLOP/s is also set
 against a bf16 8192^3 matmul measured in the same run. With `models.fp8.convert` present (and an
 sm90 GPU), the same step runs with fp8=blockwise and the FP8/bf16 tokens/s ratio is reported.
-Memory: the step's peak, and what one micro-batch's forward holds for its backward (where FP8's
-saving shows; the peak of a one-GPU run is the optimizer step's).
+Memory: the step's peak, and what one micro-batch's forward holds for its backward, with the part
+that is the weights' transposed FP8 copies (where FP8's saving shows; the peak of a one-GPU run
+is the optimizer step's).
 
     python scripts/bench_train.py                       # small: 4x2048 x1 and 4x4096 x4, bf16 and fp8
     python scripts/bench_train.py --configs 2x4096x1 --layers 2 --steps 6 --recipes off
@@ -81,24 +82,47 @@ def measure(args, recipe: str, grad_accum: int) -> dict:
     peak_gib = torch.cuda.max_memory_allocated() / 2 ** 30
     result = dict(recipe=recipe, grad_accum=grad_accum, step_ms=seconds * 1e3, tokens_per_s=tokens_per_s,
                   tflops=flops / 1e12, mfu=flops / H100_PEAK, peak_gib=peak_gib,
-                  held_gib=forward_held_gib(engine, batch[0]),
+                  **dict(zip(("held_gib", "copies_gib"), forward_held_gib(engine, batch[0]))),
                   loss=metrics["loss/total"], params=tuple(engine.module.param_counts()))
     return result
 
 
-def forward_held_gib(engine, micro_batch: dict) -> float:
-    """What one micro-batch's forward leaves allocated for its backward: the saved activations
-    (FP8 copies under fp8=blockwise) plus, for FP8, the step's FP8 weight copies. The step's peak
-    is usually set elsewhere (the optimizer step's fp32 state and gradient buffers), so this is
-    where FP8's memory saving shows. The graph is dropped unused: no optimizer state changes."""
+def forward_held_gib(engine, micro_batch: dict) -> tuple[float, float]:
+    """(GiB one micro-batch's forward leaves allocated for its backward, GiB of that in FP8
+    weight copies). Measured as training has it at the step's last backward: the weight caches
+    dropped (trainer.engine.train_step does so after the last forward), so what remains is the
+    saved activations (FP8 copies under fp8=blockwise) plus the weights' transposed FP8 copies,
+    which backward reads (1 byte per converted parameter, once per step however many
+    micro-batches run). The step's peak is usually set elsewhere (the optimizer step's fp32 state
+    and gradient buffers). The graph is dropped unused: no optimizer state changes."""
+    saved = {}
+
+    def keep(t):
+        saved[t.data_ptr()] = t
+        return t
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     engine.train()
-    terms = eng.lm_loss(engine, {k: v.to(engine.device) for k, v in micro_batch.items()})
-    held = torch.cuda.memory_allocated() - before
-    del terms
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        terms = eng.lm_loss(engine, {k: v.to(engine.device) for k, v in micro_batch.items()})
+    copies = {t.data_ptr() for t in fp8_weight_copies(engine.module)}
     eng.invalidate_weight_caches(engine.module)
-    return held / 2 ** 30
+    held = torch.cuda.memory_allocated() - before
+    copy_bytes = sum(t.numel() * t.element_size() for ptr, t in saved.items() if ptr in copies)
+    del terms, saved
+    return held / 2 ** 30, copy_bytes / 2 ** 30
+
+
+def fp8_weight_copies(model) -> list:
+    """The tensors of every FP8 weight cache in `model` (FP8Linear, FP8MLP, FP8GroupedExperts)."""
+    tensors = []
+    for module in model.modules():
+        for name in ("_w_fp8", "_w13_fp8", "_fp8"):
+            cache = getattr(module, name, None)
+            if cache is not None and not torch.is_tensor(cache):
+                items = vars(cache).values() if hasattr(cache, "__dataclass_fields__") else cache
+                tensors += [t for t in items if torch.is_tensor(t)]
+    return tensors
 
 
 def fp8_available() -> bool:
@@ -149,7 +173,8 @@ def main() -> None:
         for r in results:
             print(f"  fp8={r['recipe']:<9} step {r['step_ms']:8.1f} ms  {r['tokens_per_s']:10,.0f} tok/s  "
                   f"{r['tflops']:6.1f} TFLOP/s  MFU {100 * r['mfu']:5.1f}%  peak {r['peak_gib']:5.1f} GiB  "
-                  f"held by a forward {r['held_gib']:5.2f} GiB  loss {r['loss']:.3f}")
+                  f"held by a forward {r['held_gib']:5.2f} GiB (FP8 weight copies "
+                  f"{r['copies_gib']:4.2f})  loss {r['loss']:.3f}")
         report(args, results, matmul)
 
 
@@ -164,6 +189,9 @@ def report(args, results: list[dict], matmul: float) -> None:
                higher_is_better=False)
         record("train", f"{case} fp8 memory held by a micro-batch's forward", fp8["held_gib"], "GiB",
                "bf16", bf16["held_gib"], higher_is_better=False)
+        record("train", f"{case} fp8 activations held (less the FP8 weight copies)",
+               fp8["held_gib"] - fp8["copies_gib"], "GiB", "bf16", bf16["held_gib"],
+               higher_is_better=False)
 
 
 if __name__ == "__main__":

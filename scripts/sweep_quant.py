@@ -46,12 +46,13 @@ def variants(kernel: str) -> list:
         grid += [Tiling(warps=4, block_m=b, tiles=4, prefetch=True) for b in (32, 64)]
     elif kernel == "rmsnorm":  # (warps, compact_scales, tiles per sum item, lag, l2_hints)
         grid = [Tiling(warps=w, compact_scales=c, tiles=t, lag=lag, l2_hints=h)
-                for w, c, t, lag, h in [(8, False, 4, 256, False), (8, False, 4, 256, True),
-                                        (8, False, 4, 128, True), (8, False, 4, 512, True),
-                                        (8, False, 4, 1024, True), (8, False, 2, 256, True),
-                                        (8, False, 8, 256, True), (8, True, 4, 256, True),
-                                        (4, False, 4, 256, True), (16, False, 4, 256, True)]]
-        grid += [Tiling(fused=False)]
+                for w, c, t, lag, h in [(8, False, 2, 256, True), (8, True, 2, 256, True),
+                                        (8, True, 4, 256, True), (8, True, 1, 256, True),
+                                        (8, True, 2, 256, False), (8, True, 2, 512, True),
+                                        (8, True, 2, 128, True), (4, True, 2, 256, True),
+                                        (4, True, 1, 256, True), (4, False, 2, 256, True)]]
+        grid += [Tiling(fused=False, warps=8, compact_scales=True),
+                 Tiling(fused=False, warps=4, compact_scales=True)]
     else:
         grid = [Tiling(warps=w, hw_transpose=h) for w in (4, 8, 16) for h in (True, False)]
         grid += [Tiling(warps=w, tiles=2) for w in (4, 8, 16)]

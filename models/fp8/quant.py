@@ -62,7 +62,7 @@ transposed weight cast alone costs about 13. So these kernels are designed aroun
     kernel's output anyway. The dual kernel drops from 1848 to 1192 SASS instructions per thread
     (8 warps) at the price of registers.
 Measured on the H100 (scripts/sweep_quant.py, fraction of a D2D copy at 32768x7168): the dual
-kernel went from 0.59 to 0.92 (4 warps, compact scales), SwiGLU -> dual from 0.69 to 0.85, the
+kernel went from 0.59 to 0.92 (4 warps, compact scales), SwiGLU -> dual from 0.69 to 0.90, the
 128x128 + transpose weight kernel from 0.65 to 0.93; DEFAULT_TILING holds the winners.
 
 `quant_tile_kernel` (1x128, dual, SwiGLU): a tile is BLOCK_M rows x 128 columns, the smallest
@@ -96,12 +96,15 @@ normalized value this kernel computed (hp_out). `Tiling(fused=False)` keeps the 
 (rms pass, then the tile kernel with the norm as prologue) for comparison. A quant item loads its
 tile before it waits for the flag (x is ready from the start), and with `l2_hints` the sum items
 read with evict_last, the quant items with evict_first and store their copies evict_first.
-Measured on the H100 (sweep_quant.py, 32768x7168 / 8192x4096): 61% / 53% of the copy, against
-56% / 49% for the two-pass form. The hints and the early load gained 0-7%; an ncu profile had
-a third of the re-reads missing L2 before them. What holds the kernel there: its quant items
-run the tile kernel's per-thread scale path. The compact one (which took the dual kernel from
-59% to 92%) needs 179-199 registers per thread at 8 warps with the norm's prologue, so one
-program per SM, and spills at 4 warps; it measured 42-46%.
+Measured on the H100 (sweep_quant.py, 32768x7168 / 8192x4096): 63% / 56% of the copy, against
+53-56% / 49-53% for the two-pass form; short of the dual kernel's 92%, for reasons not found yet
+(an ncu profile had a third of the re-reads missing L2 before the eviction hints, which with
+the early load gained 0-7%). One cause found and removed: the 128x1 copy is stored transposed,
+so some value of the tile must change layout, and Triton 3.6 picks which. With the weight read
+as a 128-vector broadcast over rows it converted the bf16 input and computed x * rstd * w and
+both amaxes' inputs once per layout (179-199 registers at 8 warps, spills at 4, compact scales
+at 42-46%); read as a whole tile (`_quant_tile`), two tile loads feed the prologue, and Triton
+converts the FP8 copy instead, as for SwiGLU (128 registers at 8 warps, 190 at 4).
 
 `quant_128x128_kernel`: one 128x128 weight block per program, one scale; with transpose=True the
 same block is also written transposed. What must never happen is one hardware-cast value stored
@@ -205,9 +208,9 @@ class Tiling:
 DEFAULT_TILING = MappingProxyType({  # H100 sweep (fraction of a D2D copy, 32768x7168 / 8192x4096)
     "1x128": Tiling(warps=4, block_m=64, tiles=4, prefetch=True),  # 95% / 86%
     "dual": Tiling(warps=4, compact_scales=True),                   # 92% / 83%
-    "swiglu": Tiling(warps=8, compact_scales=True),                 # 85% / 75%
+    "swiglu": Tiling(warps=4, compact_scales=True),                 # 90% / 85%
     "swiglu 1x128": Tiling(warps=4, block_m=32),                    # 98% / 87%
-    "rmsnorm": Tiling(warps=8, tiles=2, l2_hints=True),             # 61% / 53%
+    "rmsnorm": Tiling(warps=4, compact_scales=True, l2_hints=True), # 63% / 56%
     "128x128": Tiling(warps=8),                                     # 93% / 73%
 })
 """The launch each wrapper uses unless given `tiling=` (chosen with scripts/sweep_quant.py)."""
@@ -324,8 +327,10 @@ def _quant_tile(x, u, w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, rm,
         x = x / (1.0 + tl.exp(-x)) * u.to(tl.float32)
     if PROLOGUE == 2:  # RMSNorm: x * rstd[row] * w[col]
         rstd = tl.load(rstd_ptr + rm, mask=rm < M, other=0.0)
-        w = tl.load(w_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)
-        x = x * rstd[:, None] * w[None, :]
+        # w read as a whole tile (each row the same 256 bytes, from L1) rather than a vector
+        # broadcast: see "Why" in the module docstring
+        w = tl.load(w_ptr + rk[None, :] + 0 * rm[:, None], mask=mask, other=0.0).to(tl.float32)
+        x = x * rstd[:, None] * w
     if STORE_HP:
         tl.store(hp_ptr + rows * K + rk[None, :], x, mask=mask)
     if COMPACT:
