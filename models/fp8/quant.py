@@ -105,6 +105,11 @@ as a 128-vector broadcast over rows it converted the bf16 input and computed x *
 both amaxes' inputs once per layout (179-199 registers at 8 warps, spills at 4, compact scales
 at 42-46%); read as a whole tile (`_quant_tile`), two tile loads feed the prologue, and Triton
 converts the FP8 copy instead, as for SwiGLU (128 registers at 8 warps, 190 at 4).
+No model path calls it yet. In the model a norm's output also feeds bf16 consumers (the router,
+MLA projections that convert.py keeps bf16, the routed experts before their permutation), which
+need it in bf16 anyway; the one place it would stand alone is a dense layer's MLP (one layer of
+`small`), where at 63% of copy it would save about 0.05 ms a step over the Triton norm plus the
+dual quantizer. Wiring it in pays once it nears the dual kernel's bandwidth.
 
 `quant_128x128_kernel`: one 128x128 weight block per program, one scale; with transpose=True the
 same block is also written transposed. What must never happen is one hardware-cast value stored
