@@ -108,8 +108,8 @@ converts the FP8 copy instead, as for SwiGLU (128 registers at 8 warps, 190 at 4
 No model path calls it yet. In the model a norm's output also feeds bf16 consumers (the router,
 MLA projections that convert.py keeps bf16, the routed experts before their permutation), which
 need it in bf16 anyway; the one place it would stand alone is a dense layer's MLP (one layer of
-`small`), where at 63% of copy it would save about 0.05 ms a step over the Triton norm plus the
-dual quantizer. Wiring it in pays once it nears the dual kernel's bandwidth.
+`small`), where at 63% of copy it would save about 0.06 ms per 16k-token micro-batch over the
+Triton norm plus the dual quantizer. Wiring it in pays once it nears the dual kernel's bandwidth.
 
 `quant_128x128_kernel`: one 128x128 weight block per program, one scale; with transpose=True the
 same block is also written transposed. What must never happen is one hardware-cast value stored
