@@ -177,30 +177,20 @@ def bench_linear(shapes) -> None:
         print(f"Transformer Engine absent: {te_note}")
 
 
-def _weight_copies(layer) -> set[int]:
-    """data_ptrs of the FP8 weight copies `layer`'s modules cache (filled here if empty): backward
-    saves the transposed copy, but it is the weight's, held once for the step however many
-    micro-batches run, not an activation."""
-    ptrs = set()
-    for module in layer.modules():
-        for getter in ("fp8_weight", "w13_fp8"):
-            if callable(getattr(module, getter, None)):
-                ptrs |= {t.data_ptr() for t in getattr(module, getter)() if torch.is_tensor(t)}
-    return ptrs
-
-
 def saved_bytes(layer, x) -> int:
-    """Bytes autograd keeps for the backward of one forward of `layer` (activations, not weights
-    or their FP8 copies)."""
-    params = {p.data_ptr() for p in layer.parameters()} | _weight_copies(layer)
+    """Bytes autograd keeps for the backward of one forward of `layer`: activations, not weights
+    or their FP8 copies (backward saves the transposed copy, but it is the weight's, held once for
+    the step however many micro-batches run)."""
+    from models.fp8.linear import cached_weight_copies
     seen = {}
 
     def pack(t):
-        if t.data_ptr() not in params:
-            seen[t.data_ptr()] = t.numel() * t.element_size()
+        seen[t.data_ptr()] = t.numel() * t.element_size()
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         layer(x)
+    for t in [*layer.parameters(), *cached_weight_copies(layer)]:
+        seen.pop(t.data_ptr(), None)
     return sum(seen.values())
 
 

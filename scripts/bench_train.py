@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from models import build_model, model_config  # noqa: E402
 from models.fp8.config import FP8Config  # noqa: E402
+from models.fp8.linear import cached_weight_copies  # noqa: E402
 from isolate import in_fresh_process  # noqa: E402
 from summary import record  # noqa: E402
 from timing import bf16_matmul_tflops  # noqa: E402
@@ -105,24 +106,12 @@ def forward_held_gib(engine, micro_batch: dict) -> tuple[float, float]:
     engine.train()
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
         terms = eng.lm_loss(engine, {k: v.to(engine.device) for k, v in micro_batch.items()})
-    copies = {t.data_ptr() for t in fp8_weight_copies(engine.module)}
+    copies = {t.data_ptr() for t in cached_weight_copies(engine.module)}
     eng.invalidate_weight_caches(engine.module)
     held = torch.cuda.memory_allocated() - before
     copy_bytes = sum(t.numel() * t.element_size() for ptr, t in saved.items() if ptr in copies)
     del terms, saved
     return held / 2 ** 30, copy_bytes / 2 ** 30
-
-
-def fp8_weight_copies(model) -> list:
-    """The tensors of every FP8 weight cache in `model` (FP8Linear, FP8MLP, FP8GroupedExperts)."""
-    tensors = []
-    for module in model.modules():
-        for name in ("_w_fp8", "_w13_fp8", "_fp8"):
-            cache = getattr(module, name, None)
-            if cache is not None and not torch.is_tensor(cache):
-                items = vars(cache).values() if hasattr(cache, "__dataclass_fields__") else cache
-                tensors += [t for t in items if torch.is_tensor(t)]
-    return tensors
 
 
 def fp8_available() -> bool:

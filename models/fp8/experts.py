@@ -307,6 +307,10 @@ class FP8GroupedExperts(GroupedExperts):
         """Drop the cached FP8 weights; the next forward re-quantizes."""
         self._fp8, self._fp8_key = None, None
 
+    def cached_fp8_tensors(self) -> tuple:
+        """The tensors the cache holds now (none made here)."""
+        return tuple(vars(self._fp8).values()) if self._fp8 is not None else ()
+
     def fp8_weights(self) -> ExpertWeightsFP8:
         """Both orientations of w13 and w2, re-quantized only when a weight changed."""
         key = tuple((w._version, w.data_ptr(), w.dtype) for w in (self.w1, self.w3, self.w2))

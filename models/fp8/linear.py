@@ -189,6 +189,10 @@ class FP8Linear(nn.Module):
         """Drop the cached FP8 weight copies; the next forward re-quantizes."""
         self._w_fp8, self._w_key = None, None
 
+    def cached_fp8_tensors(self) -> tuple:
+        """The tensors the cache holds now (none made here)."""
+        return self._w_fp8 or ()
+
     def fp8_weight(self):
         """(q_W, s_W, qt_W, st_W), re-quantized only when the weight changed since the last call."""
         w = self.weight
@@ -296,6 +300,10 @@ class FP8MLP(nn.Module):
     def invalidate_fp8_cache(self) -> None:
         self._w13_fp8, self._w13_key = None, None
 
+    def cached_fp8_tensors(self) -> tuple:
+        """The tensors the [w1; w3] cache holds now (w2's is its child FP8Linear's)."""
+        return self._w13_fp8 or ()
+
     def w13_fp8(self):
         """Both orientations of [w1; w3] (2F x D), re-quantized only when w1 or w3 changed."""
         w1, w3 = self.w1.weight, self.w3.weight
@@ -313,6 +321,13 @@ class FP8MLP(nn.Module):
         return FP8MLPFunction.apply(x, self.w1.weight, self.w3.weight, self.w2.weight,
                                     self.w13_fp8(), self.w2.fp8_weight(), self.w1.pow2_scales,
                                     torch.is_grad_enabled())
+
+
+def cached_weight_copies(model: nn.Module) -> list[torch.Tensor]:
+    """Every tensor the FP8 weight caches in `model` hold now (benchmarks tell them apart from
+    activations in what autograd saves)."""
+    return [t for m in model.modules() if callable(getattr(m, "cached_fp8_tensors", None))
+            for t in m.cached_fp8_tensors() if torch.is_tensor(t)]
 
 
 def invalidate_weight_caches(model: nn.Module) -> int:
