@@ -14,7 +14,7 @@
 //
 //   - one producer warpgroup. Its first thread streams the 128 x 128 `a` tile and the 256 x 128
 //     `b` tile of each 128-wide K block (plus their scales) into a ring of shared-memory stages
-//     (three when the output is staged, four for an fp32 Wgrad) with the Tensor Memory
+//     (Fprop three, Wgrad as many as the same bytes hold: see RING_BYTES) with the Tensor Memory
 //     Accelerator (TMA), each stage guarded by a "full" mbarrier (the TMA's byte count completes
 //     it) and an "empty" mbarrier (the consumers release it). Its other three warps are the
 //     storers of bf16 outputs (Fprop, Dgrad, Wgrad): they write each finished tile from a
@@ -67,6 +67,15 @@
 //     makes ptxas serialize the MMAs, warning C7514.) An ncu profile of the 128 x 256 kernel had
 //     shown the tensor pipe 60% busy while the consumers waited for their MMAs a third of the
 //     time and almost never for data;
+//   - Wgrad tiles of 128 x 128 (WGRAD_BN=128, DeepGEMM's 1D1D shape): one m64n128 batch per K
+//     block, all 16 column-scale pairs read and their products formed while it runs
+//     (WGRAD_PRELOAD=16), the stage released before the promotion, five stages instead of three:
+//     -7% to +4% over six cases in two sweeps (-7% at 64 experts x 512 tokens); with three
+//     stages the same, stores from registers (six stages) -5% to -34%. An ncu profile of both
+//     (dsv3-up, about 850 TFLOPS under the profiler) had the tensor pipe 47% busy, the consumers'
+//     samples about half in the MMA phase (issue, scale products, wait) and half in the
+//     promotion and loop overhead, L2 throughput at 74-78% with a 70% (128 x 256) or 85%
+//     (128 x 128) hit rate: the two warpgroups' MMAs run back to back and then both promote;
 //   - DeepGEMM edits the yield bits of its promotion FFMAs in the SASS so that the other
 //     warpgroup's MMAs can issue meanwhile. The SASS ptxas 13 emits here already alternates the
 //     yield bit along those runs (checked with cuobjdump): nothing left to edit.
@@ -104,7 +113,13 @@
 namespace {
 
 constexpr int BM = 128;             // output rows per tile (two consumer warpgroups x 64)
-constexpr int BN = 256;             // Wgrad output columns per tile: two 128-column halves
+// Wgrad output columns per tile: 256, two 128-column halves (one MMA batch and promotion each per
+// K block); 128, one half, so that all its column scales fit in registers (WGRAD_PRELOAD=16).
+#ifndef WGRAD_BN
+#define WGRAD_BN 256
+#endif
+constexpr int BN = WGRAD_BN;
+static_assert(BN == 128 || BN == 256, "WGRAD_BN: 128 or 256");
 constexpr int HALF = 128;           // one half: one 128x128 weight block, one m64n128 WGMMA
 constexpr int HALVES = BN / HALF;
 
@@ -120,37 +135,58 @@ constexpr int FREGS = FPART / 2;               // its accumulator registers per 
 static_assert(FBN == 128 || FBN == 192 || FBN == 256, "FPROP_BN: 128, 192 or 256");
 constexpr int BK = 128;             // K per stage: one scale group, the promotion interval
 constexpr int FPROP_STAGES = 3;    // + a staging tile for the epilogue (see fprop_storer)
-constexpr int WGRAD_STAGES = 4;    // fp32 dW: written straight from registers
-// bf16 dW: three stages and the staging tile, written out by the storer warps like Fprop's
-// output (WGRAD_STAGED=0: four stages and stores from registers, as for fp32)
+// bf16 dW: written out of a staging tile by the storer warps like Fprop's output (WGRAD_STAGED=0:
+// stores from registers, as for fp32 dW, and the staging tile's space holds more stages)
 #ifndef WGRAD_STAGED
 #define WGRAD_STAGED 1
 #endif
-constexpr int MAX_STAGES = 4;
-// bf16 per staged output row (Fprop's FBN or Wgrad's BN columns): 16 bytes of padding for banks
-constexpr int OUT_PITCH = std::max(FBN, BN) + 8;
 constexpr int STORERS = 3;         // producer-warpgroup warps 1..3 write staged tiles out
 constexpr int CONSUMERS = 2;
 constexpr int THREADS = 128 * (CONSUMERS + 1);
 constexpr int MAX_EXPERTS = 1024;
-constexpr uint32_t TILE_BYTES = (BM + BN) * BK;
 constexpr int SCALE_BOX = BM + 4;  // Fprop: a's scales from row0 & ~3, so BM + 3 rows at most
 
-struct alignas(1024) Stage {  // 1024-byte alignment: the 128-byte swizzle's repeat
+// One K block of operands and scales (1024-byte alignment: the 128-byte swizzle's repeat).
+struct alignas(1024) Stage {  // Fprop / Dgrad
+  uint8_t a[BM * BK];
+  uint8_t b[FBN * BK];
+  float sa[SCALE_BOX];  // the K block's scales of a's rows, from a 16-byte aligned row rounded
+                        // down (TMA boxes start 16-byte aligned)
+};
+struct alignas(1024) WgradStage {
   uint8_t a[BM * BK];
   uint8_t b[BN * BK];
-  float sa[SCALE_BOX];  // the K block's scales of a's rows (Fprop, from a 16-byte aligned row
-                        // rounded down: TMA boxes start 16-byte aligned) / of dW's rows (Wgrad)
-  float sb[BN];         // Wgrad: the group's scales of dW's columns
+  float sa[BM];  // the token group's scales of dW's rows
+  float sb[BN];  // and of its columns
 };
+constexpr uint32_t WGRAD_TILE_BYTES = (BM + BN) * BK;
 
-constexpr size_t OUT_TILE_BYTES = BM * OUT_PITCH * sizeof(__nv_bfloat16);
-constexpr size_t RING_BYTES = std::max(MAX_STAGES * sizeof(Stage),
-                                       FPROP_STAGES * sizeof(Stage) + OUT_TILE_BYTES);
+// bf16 staging tile of a finished WIDTH-column output tile; a row's 16 bytes of padding spread
+// stmatrix's rows over the banks.
+template <int WIDTH>
+__host__ __device__ constexpr int out_pitch() {
+  return WIDTH + 8;
+}
+template <int WIDTH>
+constexpr size_t out_tile_bytes() {
+  return BM * out_pitch<WIDTH>() * sizeof(__nv_bfloat16);
+}
 
-// The stage ring is shared by the two kernels' layouts: an fp32 Wgrad uses four stages; Fprop and
-// a bf16 Wgrad use three and the space of the fourth (and a little more) for the output staging
-// tile.
+// The stage ring, shared by the two kernels' layouts: Fprop's three stages and its staging tile;
+// Wgrad fits as many of its stages as the same bytes hold (with its own staging tile for bf16 dW):
+// three (four without staging) of 128 x 256 tiles, five (six) of 128 x 128.
+constexpr size_t RING_BYTES = std::max(FPROP_STAGES * sizeof(Stage) + out_tile_bytes<FBN>(),
+                                       3 * sizeof(WgradStage) + out_tile_bytes<BN>());
+#ifndef WGRAD_MAX_STAGES
+#define WGRAD_MAX_STAGES 8
+#endif
+constexpr int MAX_STAGES = 8;
+constexpr int WGRAD_STAGED_STAGES = std::min<int>(
+    WGRAD_MAX_STAGES, (RING_BYTES - out_tile_bytes<BN>()) / sizeof(WgradStage));
+constexpr int WGRAD_DIRECT_STAGES = std::min<int>(WGRAD_MAX_STAGES,
+                                                  RING_BYTES / sizeof(WgradStage));
+static_assert(WGRAD_DIRECT_STAGES <= MAX_STAGES, "WGRAD_MAX_STAGES: 8 at most");
+
 struct SharedStorage {
   alignas(1024) uint8_t ring[RING_BYTES];
   uint64_t full[MAX_STAGES];
@@ -161,8 +197,15 @@ struct SharedStorage {
   int row_start[MAX_EXPERTS + 1];   // first sorted row (token) of each expert
 
   __device__ __forceinline__ Stage& stage(int i) { return reinterpret_cast<Stage*>(ring)[i]; }
-  __device__ __forceinline__ __nv_bfloat16* out_tile() {
+  __device__ __forceinline__ WgradStage& wgrad_stage(int i) {
+    return reinterpret_cast<WgradStage*>(ring)[i];
+  }
+  // the staging tile lies after the kernel's stages
+  __device__ __forceinline__ __nv_bfloat16* fprop_out_tile() {
     return reinterpret_cast<__nv_bfloat16*>(ring + FPROP_STAGES * sizeof(Stage));
+  }
+  __device__ __forceinline__ __nv_bfloat16* wgrad_out_tile() {
+    return reinterpret_cast<__nv_bfloat16*>(ring + WGRAD_STAGED_STAGES * sizeof(WgradStage));
   }
 };
 
@@ -635,14 +678,15 @@ __device__ __forceinline__ void stmatrix_x4(uint32_t addr, uint32_t r0, uint32_t
 
 // One part into the shared-memory staging tile (rows and columns within the tile): per 16
 // columns, the warp's 16 rows as four 8x8 matrices (rows + 0 / + 8, columns + 0 / + 8), one
-// stmatrix. The row pitch (OUT_PITCH, 33 x 16 bytes) puts a matrix's 8 rows in different banks.
-template <int R>
-__device__ __forceinline__ void stage_tile(SharedStorage& s, const float (&acc)[R], int row,
+// stmatrix. The row pitch (an odd number of 16-byte chunks) puts a matrix's 8 rows in different
+// banks.
+template <int WIDTH, int R>
+__device__ __forceinline__ void stage_tile(__nv_bfloat16* tile, const float (&acc)[R], int row,
                                            int part_col0) {
   const int lane = threadIdx.x % 32, matrix = lane / 8;
   const int warp_row0 = row & ~15;  // row = the warp's first row + lane / 4
-  const uint32_t addr = smem_addr(s.out_tile() + (warp_row0 + 8 * (matrix % 2) + lane % 8) *
-                                  OUT_PITCH + part_col0 + 8 * (matrix / 2));
+  const uint32_t addr = smem_addr(tile + (warp_row0 + 8 * (matrix % 2) + lane % 8) *
+                                  out_pitch<WIDTH>() + part_col0 + 8 * (matrix / 2));
 #pragma unroll
   for (int jp = 0; jp < R / 8; ++jp) {
     const float* a = acc + 8 * jp;
@@ -651,31 +695,33 @@ __device__ __forceinline__ void stage_tile(SharedStorage& s, const float (&acc)[
   }
 }
 
-// Consumers: stage a finished tile (PARTS parts of 2 R columns) for the storer warps once they
-// have written out the previous one, and go on to the next tile.
+// Consumers: stage a finished tile (PARTS parts of 2 R columns) into `tile` for the storer warps
+// once they have written out the previous one, and go on to the next tile.
 template <int PARTS, int R>
-__device__ __forceinline__ void hand_to_storers(SharedStorage& s, const float (&acc)[PARTS][R],
-                                                int row_in_tile, uint32_t& out_phase) {
+__device__ __forceinline__ void hand_to_storers(SharedStorage& s, __nv_bfloat16* tile,
+                                                const float (&acc)[PARTS][R], int row_in_tile,
+                                                uint32_t& out_phase) {
   mbar_wait(&s.out_empty, out_phase ^ 1);
 #pragma unroll
-  for (int h = 0; h < PARTS; ++h) stage_tile(s, acc[h], row_in_tile, h * 2 * R);
+  for (int h = 0; h < PARTS; ++h) stage_tile<PARTS * 2 * R>(tile, acc[h], row_in_tile, h * 2 * R);
   __syncwarp();
   if (threadIdx.x % 32 == 0) mbar_arrive(&s.out_full);
   out_phase ^= 1;
 }
 
 // Storer warps (producer-warpgroup warps 1..3): the staged tile's first `rows` rows and `cols`
-// columns (a multiple of 8; WIDTH staged per row) to `out`, row stride ld, in whole 512-byte
-// rows, then the staging tile is free for the consumers again.
+// columns (a multiple of 8; WIDTH staged per row) to `out`, row stride ld, in whole rows (512
+// bytes at WIDTH 256), then the staging tile is free for the consumers again.
 template <int WIDTH>
-__device__ __forceinline__ void write_staged_tile(SharedStorage& s, __nv_bfloat16* out,
-                                                  int64_t ld, int rows, int cols, uint32_t phase) {
+__device__ __forceinline__ void write_staged_tile(SharedStorage& s, const __nv_bfloat16* tile,
+                                                  __nv_bfloat16* out, int64_t ld, int rows,
+                                                  int cols, uint32_t phase) {
   mbar_wait(&s.out_full, phase);
   for (int i = threadIdx.x - 32; i < rows * (WIDTH / 8); i += 32 * STORERS) {
     const int r = i / (WIDTH / 8), chunk = i % (WIDTH / 8);
     if (8 * chunk < cols)
       *reinterpret_cast<uint4*>(out + int64_t(r) * ld + 8 * chunk) =
-          *reinterpret_cast<const uint4*>(s.out_tile() + r * OUT_PITCH + 8 * chunk);
+          *reinterpret_cast<const uint4*>(tile + r * out_pitch<WIDTH>() + 8 * chunk);
   }
   __syncwarp();
   if (threadIdx.x % 32 == 0) mbar_arrive(&s.out_empty);
@@ -765,7 +811,7 @@ __device__ void fprop_consumer(SharedStorage& s, const FpropArgs& p, int m_tiles
       w = WeightScales(p, tile);
     }
     if (!p.out_fp32) {
-      hand_to_storers(s, acc, row_in_tile, out_phase);
+      hand_to_storers(s, s.fprop_out_tile(), acc, row_in_tile, out_phase);
     } else {
 #pragma unroll
       for (int h = 0; h < FPARTS; ++h)
@@ -784,7 +830,7 @@ __device__ void fprop_storer(SharedStorage& s, const FpropArgs& p, int m_tiles, 
     const MTile tile = fprop_tile(s, p, t, m_tiles, n_tiles, c);
     __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out) + int64_t(tile.row0) * p.ld_out +
                          tile.col0;
-    write_staged_tile<FBN>(s, out, p.ld_out, min(BM, tile.row_end - tile.row0),
+    write_staged_tile<FBN>(s, s.fprop_out_tile(), out, p.ld_out, min(BM, tile.row_end - tile.row0),
                            min(FBN, p.N - tile.col0), phase);
   }
 }
@@ -860,7 +906,7 @@ __device__ __forceinline__ bool wgrad_staged(const WgradArgs& p) {
 }
 
 __device__ __forceinline__ int wgrad_stages(const WgradArgs& p) {
-  return wgrad_staged(p) ? FPROP_STAGES : WGRAD_STAGES;  // the staging tile takes the 4th
+  return wgrad_staged(p) ? WGRAD_STAGED_STAGES : WGRAD_DIRECT_STAGES;
 }
 
 __device__ void wgrad_producer(SharedStorage& s, const CUtensorMap* map_a, const CUtensorMap* map_b,
@@ -870,8 +916,8 @@ __device__ void wgrad_producer(SharedStorage& s, const CUtensorMap* map_a, const
     const KTile tile = wgrad_tile(s, p, t, c);
     for (int g = tile.group_lo; g < tile.group_lo + tile.groups; ++g, ring.advance()) {
       mbar_wait(&s.empty[ring.stage], ring.phase ^ 1);
-      Stage& st = s.stage(ring.stage);
-      mbar_arrive_expect_tx(&s.full[ring.stage], TILE_BYTES + (BM + BN) * sizeof(float));
+      WgradStage& st = s.wgrad_stage(ring.stage);
+      mbar_arrive_expect_tx(&s.full[ring.stage], WGRAD_TILE_BYTES + (BM + BN) * sizeof(float));
       load_a_tile(st.a, map_a, &s.full[ring.stage], g * BK, tile.row0, c);
       tma_load_tile(st.b, map_b, &s.full[ring.stage], g * BK, tile.col0);
       bulk_load(st.sa, p.sa + int64_t(g) * p.sa_g + tile.row0, BM * sizeof(float),
@@ -909,6 +955,9 @@ __device__ __forceinline__ void warpgroup_sync(int wg) {
 #endif
 constexpr int PRELOAD = WGRAD_PRELOAD;
 static_assert(PRELOAD >= 0 && PRELOAD <= 16, "WGRAD_PRELOAD: 0..16 scale pairs");
+// With every scale of the last half in registers the stage is released as soon as its MMAs are
+// done, before the promotion (as DeepGEMM's 1D1D kernel does), so the producer refills it sooner.
+constexpr bool EARLY_RELEASE = PRELOAD == 16;
 
 __device__ __forceinline__ float2 ld_shared_v2(const float* p) {
   float2 v;
@@ -916,19 +965,26 @@ __device__ __forceinline__ float2 ld_shared_v2(const float* p) {
   return v;
 }
 
+// The four scale products a thread's column pair j needs: its two rows' scales s0, s1 times the
+// pair's two column scales.
+__device__ __forceinline__ float4 outer_scales(float s0, float s1, float2 sb) {
+  return make_float4(s0 * sb.x, s0 * sb.y, s1 * sb.x, s1 * sb.y);
+}
+
 // acc += scratch scaled by its rows' and columns' 128x1 scales (both operands scaled per token
-// group): column pair j's scales are early[j] for j < PRELOAD, else read here.
+// group): column pair j's scale products are early[j] for j < PRELOAD (formed while the MMAs ran),
+// else formed here from the stage's column scales.
 __device__ __forceinline__ void promote_outer(float (&acc)[64], float (&scratch)[64], float s0,
-                                              float s1, const float2 (&early)[PRELOAD + 1],
+                                              float s1, const float4 (&early)[PRELOAD + 1],
                                               const float* col_scales) {
   fence_registers(scratch);
 #pragma unroll
   for (int j = 0; j < 16; ++j) {
-    const float2 sb = j < PRELOAD ? early[j] : ld_shared_v2(col_scales + 8 * j);
-    acc[4 * j + 0] += scratch[4 * j + 0] * (s0 * sb.x);
-    acc[4 * j + 1] += scratch[4 * j + 1] * (s0 * sb.y);
-    acc[4 * j + 2] += scratch[4 * j + 2] * (s1 * sb.x);
-    acc[4 * j + 3] += scratch[4 * j + 3] * (s1 * sb.y);
+    const float4 f = j < PRELOAD ? early[j] : outer_scales(s0, s1, ld_shared_v2(col_scales + 8 * j));
+    acc[4 * j + 0] += scratch[4 * j + 0] * f.x;
+    acc[4 * j + 1] += scratch[4 * j + 1] * f.y;
+    acc[4 * j + 2] += scratch[4 * j + 2] * f.z;
+    acc[4 * j + 3] += scratch[4 * j + 3] * f.w;
   }
 }
 
@@ -985,7 +1041,7 @@ __device__ void wgrad_consumer(SharedStorage& s, const WgradArgs& p, int wg, con
       for (int i = 0; i < 64; ++i) acc[h][i] = 0.f;
     for (int g = tile.group_lo; g < tile.group_lo + tile.groups; ++g, ring.advance()) {
       mbar_wait(&s.full[ring.stage], ring.phase);
-      Stage& st = s.stage(ring.stage);
+      WgradStage& st = s.wgrad_stage(ring.stage);
       if (g * BK < tile.start || (g + 1) * BK > tile.end) {
         mask_other_experts(st.a + wg_row0 * BK, g * BK, tile.start, tile.end);
         warpgroup_sync(wg);
@@ -995,16 +1051,22 @@ __device__ void wgrad_consumer(SharedStorage& s, const WgradArgs& p, int wg, con
       for (int h = 0; h < HALVES; ++h) {
         const float* col_scales = st.sb + h * HALF + col_in_tile;
         mma_issue(scratch, st.a + wg_row0 * BK, st.b + h * HALF * BK);
-        float2 early[PRELOAD + 1];
+        float4 early[PRELOAD + 1];
 #pragma unroll
-        for (int j = 0; j < PRELOAD; ++j) early[j] = ld_shared_v2(col_scales + 8 * j);
+        for (int j = 0; j < PRELOAD; ++j) {
+          early[j] = outer_scales(s0, s1, ld_shared_v2(col_scales + 8 * j));
+          // formed here, not sunk past the wait into the promotion
+          asm volatile("" : "+f"(early[j].x), "+f"(early[j].y), "+f"(early[j].z), "+f"(early[j].w));
+        }
         mma_wait(scratch);
+        if (EARLY_RELEASE && h == HALVES - 1) release_stage(s, ring.stage, c);
         promote_outer(acc[h], scratch, s0, s1, early, col_scales);
       }
-      release_stage(s, ring.stage, c);  // after the scale reads: the stage's scales are in it
+      // otherwise after the scale reads: the stage's scales are in it
+      if (!EARLY_RELEASE) release_stage(s, ring.stage, c);
     }
     if (wgrad_staged(p)) {
-      hand_to_storers(s, acc, row_in_tile, out_phase);
+      hand_to_storers(s, s.wgrad_out_tile(), acc, row_in_tile, out_phase);
     } else {
 #pragma unroll
       for (int h = 0; h < HALVES; ++h)
@@ -1022,7 +1084,7 @@ __device__ void wgrad_storer(SharedStorage& s, const WgradArgs& p, const Cluster
     const KTile tile = wgrad_tile(s, p, t, c);
     __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out) + int64_t(tile.expert) * p.out_e +
                          int64_t(tile.row0) * p.out_n + tile.col0;
-    write_staged_tile<BN>(s, out, p.out_n, BM, BN, phase);
+    write_staged_tile<BN>(s, s.wgrad_out_tile(), out, p.out_n, BM, BN, phase);
   }
 }
 
@@ -1181,7 +1243,10 @@ int fp8moe_grouped_wgrad(const void* a, int64_t lda, const float* sa, int64_t sa
                          int T, int padded_T, int N, int K, int E, int cluster, void* stream,
                          char* err, int err_len) {
   if (E < 1 || E > MAX_EXPERTS) return fail(err, err_len, "expert count out of range (1..1024)");
-  if (N % BM || K % BN) return fail(err, err_len, "N must be a multiple of 128 and K of 256");
+  if (N % BM || K % BN) {
+    snprintf(err, err_len, "N must be a multiple of %d and K of %d", BM, BN);
+    return 1;
+  }
   if ((K / BN) % cluster) cluster = 1;
   CUtensorMap map_a, map_b;
   if (fp8_tile_map(&map_a, a, N, padded_T, lda, BM / cluster, err, err_len)) return 1;
