@@ -31,12 +31,20 @@ gpu_check.sh about five minutes for this script (BENCH_TIMEOUT unset or >= 300).
     python scripts/bench_fp8_loss.py                          # small, 500 steps of 1 x 2048 tokens
     python scripts/bench_fp8_loss.py --runs off,blockwise     # without the control
     python scripts/bench_fp8_loss.py --steps 50 --layers 2    # a quick look
+    python scripts/bench_fp8_loss.py --seeds 0,1,2 --runs off,blockwise --steps 1000
+
+With several seeds (model initialization and batch order both follow the seed) every run is made
+per seed, and the end compares FP8 with bf16 seed by seed on two measures: the final EMA gap, and
+the gap of the mean loss over the last TAIL steps, which averages out most of the step-to-step
+noise; then the mean and spread of each over the seeds. A spread wider than the mean says the
+runs are still too short to resolve the difference.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -139,19 +147,30 @@ def main() -> None:
     p.add_argument("--micro-batch", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default="0", help="comma-separated: every run once per seed")
     p.add_argument("--runs", default=",".join(RUNS),
                    help="comma-separated, the first two 'off,blockwise', then optionally 'control'")
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="where losses.json goes")
     args = p.parse_args()
     runs = args.runs.split(",")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        raise SystemExit(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2")
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--seeds {args.seeds!r}: each seed once")
     if runs[:2] != ["off", "blockwise"] or not set(runs) <= set(RUNS) or len(runs) > 3:
         raise SystemExit(f"--runs {args.runs!r}: use 'off,blockwise' or 'off,blockwise,control'")
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
         raise SystemExit("bench_fp8_loss.py needs an sm90 GPU (H100/H200)")
     corpus_of(args).prepare()  # tokenizer and token rows cached on disk for both runs
-    results = [in_fresh_process(train, args, run) for run in runs]
-    report(args, results)
+    by_seed = {}
+    for seed in seeds:
+        args.seed = seed
+        by_seed[seed] = [in_fresh_process(train, args, run) for run in runs]
+        report(args, by_seed[seed])
+    if len(by_seed) > 1:
+        report_seeds(args, by_seed)
 
 
 def gaps(run: dict, base: dict, key: str) -> tuple[float, float]:
@@ -160,11 +179,21 @@ def gaps(run: dict, base: dict, key: str) -> tuple[float, float]:
     return e[-1] / e_base[-1] - 1, max(abs(a / b - 1) for a, b in zip(e[-100:], e_base[-100:]))
 
 
+TAIL = 100
+"""Steps at the end of a run whose mean loss is compared across seeds."""
+
+
+def tail_gap(run: dict, base: dict, key: str = "loss/total") -> float:
+    """Mean loss of `run` over its last TAIL steps relative to `base`'s, minus one."""
+    tail, tail_base = run["curves"][key][-TAIL:], base["curves"][key][-TAIL:]
+    return sum(tail) / sum(tail_base) - 1
+
+
 def report(args, results: list[dict]) -> None:
     bf16, fp8, control = (results + [None])[:3]
     tokens = args.micro_batch * args.seq_len
     print(f"{torch.cuda.get_device_name()}: {args.size}, {args.steps} steps of {args.micro_batch} x "
-          f"{args.seq_len} tokens, same seed and batches")
+          f"{args.seq_len} tokens, seed {args.seed}, same batches")
     for r in results:
         e = ema(r["curves"]["loss/total"])
         print(f"  {r['run']:<9} {tokens / r['step_s']:9,.0f} tok/s  peak {r['peak_gib']:5.1f} GiB "
@@ -177,7 +206,8 @@ def report(args, results: list[dict]) -> None:
                  for key in LOSSES if any(bf16["curves"][key])
                  for final, worst in [gaps(r, bf16, key)]]
         print(f"    {r['run']:<9} " + " | ".join(parts))
-    with open(os.path.join(args.out, "fp8_loss_curves.json"), "w") as f:
+    suffix = f"_seed{args.seed}" if args.seeds != "0" else ""
+    with open(os.path.join(args.out, f"fp8_loss_curves{suffix}.json"), "w") as f:
         json.dump({r["run"]: r["curves"] for r in results}, f)
     record_rows(args, bf16, fp8, control)
 
@@ -185,6 +215,7 @@ def report(args, results: list[dict]) -> None:
 def record_rows(args, bf16: dict, fp8: dict, control: dict | None) -> None:
     tokens = args.micro_batch * args.seq_len
     case = f"{args.size} {args.steps} steps {args.micro_batch}x{args.seq_len}"
+    case += f" seed {args.seed}" if args.seeds != "0" else ""
     e_bf16, e_fp8 = ema(bf16["curves"]["loss/total"]), ema(fp8["curves"]["loss/total"])
     record("fp8_loss", f"{case}: fp8 train tokens/s", tokens / fp8["step_s"], "tok/s",
            "bf16 train tokens/s", tokens / bf16["step_s"])
@@ -196,6 +227,24 @@ def record_rows(args, bf16: dict, fp8: dict, control: dict | None) -> None:
         fp8_gap, control_gap = (abs(gaps(r, bf16, "loss/total")[0]) for r in (fp8, control))
         record("fp8_loss", f"{case}: |final EMA gap| fp8 vs bf16 (ratio: control/fp8)",
                100 * fp8_gap, "%", "bf16 control |gap|", 100 * control_gap, higher_is_better=False)
+
+
+def report_seeds(args, by_seed: dict[int, list[dict]]) -> None:
+    """Per seed, each run's final EMA gap and last-TAIL-steps mean gap to that seed's bf16 run;
+    then their mean and sample standard deviation over the seeds."""
+    print(f"\nover seeds {args.seeds} ({args.steps} steps each): gap to bf16 of the final EMA "
+          f"loss | of the mean loss over the last {TAIL} steps")
+    for i, name in enumerate(args.runs.split(",")[1:], start=1):
+        final = [gaps(results[i], results[0], "loss/total")[0] for results in by_seed.values()]
+        tail = [tail_gap(results[i], results[0]) for results in by_seed.values()]
+        print(f"  {name:<9} " + "  ".join(f"seed {s}: {f:+.3%} | {t:+.3%}"
+                                            for s, f, t in zip(by_seed, final, tail)))
+        print(f"  {'':<9} mean {statistics.mean(final):+.3%} (sd {statistics.stdev(final):.3%}) | "
+              f"{statistics.mean(tail):+.3%} (sd {statistics.stdev(tail):.3%})")
+        case = f"{args.size} {args.steps} steps {args.micro_batch}x{args.seq_len} {len(tail)} seeds"
+        record("fp8_loss", f"{case}: {name} last-{TAIL}-step loss gap to bf16, mean over seeds",
+               100 * statistics.mean(tail), "%", "sd over seeds", 100 * statistics.stdev(tail),
+               higher_is_better=False)
 
 
 if __name__ == "__main__":
