@@ -3,13 +3,15 @@
     python scripts/sweep_grouped_cuda.py                   # Fprop/Dgrad tile width 256 vs 192
     python scripts/sweep_grouped_cuda.py --variant base= --variant n128=FPROP_BN=128
     python scripts/sweep_grouped_cuda.py --cases 2 --ops fwd,wgrad
+    python scripts/sweep_grouped_cuda.py --diagnostic --ops wgrad --variant base= --variant d2=WGRAD_DIAG=2
 
 grouped.cu keeps its design choices behind `#ifndef NAME` switches so that a choice is measured,
 not guessed. Each variant (a name and its -D definitions) is built into its own library, loaded
 with grouped_cuda.load_library, and timed on the operands of scripts/bench_fp8_grouped.py's
 GEMM cases, one op at a time, every variant on the same operands in interleaved rounds (ROUNDS),
 the per-expert cuBLAS blockwise loop timed in the same rounds. Every variant's output is first
-checked against the loop (calc_diff < 1e-3); one that fails is reported and not timed. Not a
+checked against the loop (calc_diff < 1e-3); one that fails is reported and not timed, unless
+--diagnostic asks for builds that leave out part of the work on purpose (to time that part). Not a
 bench_* script: scripts/gpu_check.sh does not run it (bench_fp8_grouped.py reports the defaults).
 """
 from __future__ import annotations
@@ -61,7 +63,7 @@ def use_library(lib) -> None:
     grouped_cuda._library = lambda: lib
 
 
-def sweep_case(case, ops, libraries, rounds: int = 3) -> list[tuple]:
+def sweep_case(case, ops, libraries, rounds: int = 3, diagnostic: bool = False) -> list[tuple]:
     T = case.experts * case.tokens
     flops = 2 * T * case.N * case.K
     operands = bench._operands(case)
@@ -73,9 +75,10 @@ def sweep_case(case, ops, libraries, rounds: int = 3) -> list[tuple]:
         for name, lib in libraries.items():
             use_library(lib)
             diff = bench._check_against_loop(ours, one, op, bench.CUDA, case.experts, case.tokens)
-            correct[name] = diff < 1e-3
-            if not correct[name]:
-                print(f"  {case.label} {op} {name}: calc_diff {diff:.2e} against the loop: WRONG")
+            correct[name] = diff < 1e-3 or diagnostic
+            if diff >= 1e-3:
+                print(f"  {case.label} {op} {name}: calc_diff {diff:.2e} against the loop: WRONG"
+                      + (" (timed anyway: --diagnostic)" if diagnostic else ""))
         times = {name: [] for name, ok in correct.items() if ok}
         times[LOOP] = []
         for r in range(rounds):  # interleaved rounds, every other one reversed: nothing always
@@ -116,6 +119,9 @@ def main() -> None:
                         help="the first N of bench_fp8_grouped.GEMM_CASES")
     parser.add_argument("--ops", default="fwd,dgrad,wgrad")
     parser.add_argument("--rounds", type=int, default=ROUNDS)
+    parser.add_argument("--diagnostic", action="store_true",
+                        help="time variants whose output is wrong too (builds that leave out part "
+                             "of the work, to see what that part costs)")
     args = parser.parse_args()
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         raise SystemExit("sweep_grouped_cuda.py needs an sm90 (Hopper) GPU: the kernels use "
@@ -127,7 +133,7 @@ def main() -> None:
         libraries = build_variants(variants, folder)
         rows = []
         for case in bench.GEMM_CASES[:args.cases]:
-            rows += sweep_case(case, ops, libraries, args.rounds)
+            rows += sweep_case(case, ops, libraries, args.rounds, args.diagnostic)
     print_table(rows, list(libraries))
 
 

@@ -76,6 +76,10 @@
 //     samples about half in the MMA phase (issue, scale products, wait) and half in the
 //     promotion and loop overhead, L2 throughput at 74-78% with a 70% (128 x 256) or 85%
 //     (128 x 128) hit rate: the two warpgroups' MMAs run back to back and then both promote;
+//   - the same 128 x 128 Wgrad with two scratch buffers, each warpgroup promoting group g - 1
+//     while its own MMAs of group g run (waited for before the loop's back edge: an MMA in flight
+//     across it makes ptxas serialize them, C7514): -4% to -9%. With the diagnostic builds
+//     (WGRAD_DIAG) at 1.15-1.70x, the promotion's FP32 work costs time even beside the MMAs;
 //   - DeepGEMM edits the yield bits of its promotion FFMAs in the SASS so that the other
 //     warpgroup's MMAs can issue meanwhile. The SASS ptxas 13 emits here already alternates the
 //     yield bit along those runs (checked with cuobjdump): nothing left to edit.
@@ -484,17 +488,18 @@ __device__ __forceinline__ void band_order(int t, int m_tiles, int n_tiles, int&
 }
 
 // One 128-wide K block of this warpgroup's 64 rows times 2 R rows of `b` (128 or 192): four MMAs
-// into `scratch` (overwritten), waited for. The descriptors are built from warp-uniform values
-// (warp_uniform), so ptxas keeps them in uniform registers.
+// into `scratch` (overwritten, or added to with add_to), issued (mma_wait waits). The
+// descriptors are built from warp-uniform values (warp_uniform), so ptxas keeps them in uniform
+// registers.
 template <int R>
 __device__ __forceinline__ void mma_issue(float (&scratch)[R], const uint8_t* a_rows,
-                                          const uint8_t* b_rows) {
+                                          const uint8_t* b_rows, bool add_to = false) {
   const uint32_t a_lo = smem_desc_lo(a_rows), b_lo = smem_desc_lo(b_rows);
   fence_registers(scratch);
   wgmma_fence();
 #pragma unroll
   for (int k = 0; k < BK / 32; ++k)  // +32 bytes of K = +2 in the descriptor's address field
-    wgmma_k32(scratch, smem_desc(a_lo + 2 * k), smem_desc(b_lo + 2 * k), k > 0);
+    wgmma_k32(scratch, smem_desc(a_lo + 2 * k), smem_desc(b_lo + 2 * k), add_to || k > 0);
   wgmma_commit();
 }
 
@@ -958,6 +963,13 @@ static_assert(PRELOAD >= 0 && PRELOAD <= 16, "WGRAD_PRELOAD: 0..16 scale pairs")
 // With every scale of the last half in registers the stage is released as soon as its MMAs are
 // done, before the promotion (as DeepGEMM's 1D1D kernel does), so the producer refills it sooner.
 constexpr bool EARLY_RELEASE = PRELOAD == 16;
+// Diagnostic builds, for timing only (their dW is wrong: scripts/sweep_grouped_cuda.py
+// --diagnostic): 1 promotes with the row scales alone (one FFMA per element, no column scales),
+// 2 skips the promotion (the MMAs add straight into the accumulators). On the H100 (six cases):
+// 1.15-1.30x and 1.37-1.70x the real kernel: the promotion, not the data path, sets its pace.
+#ifndef WGRAD_DIAG
+#define WGRAD_DIAG 0
+#endif
 
 __device__ __forceinline__ float2 ld_shared_v2(const float* p) {
   float2 v;
@@ -974,13 +986,14 @@ __device__ __forceinline__ float4 outer_scales(float s0, float s1, float2 sb) {
 // acc += scratch scaled by its rows' and columns' 128x1 scales (both operands scaled per token
 // group): column pair j's scale products are early[j] for j < PRELOAD (formed while the MMAs ran),
 // else formed here from the stage's column scales.
-__device__ __forceinline__ void promote_outer(float (&acc)[64], float (&scratch)[64], float s0,
-                                              float s1, const float4 (&early)[PRELOAD + 1],
-                                              const float* col_scales) {
+[[maybe_unused]] __device__ __forceinline__ void promote_outer(
+    float (&acc)[64], float (&scratch)[64], float s0, float s1,
+    const float4 (&early)[PRELOAD + 1], const float* col_scales) {
   fence_registers(scratch);
 #pragma unroll
   for (int j = 0; j < 16; ++j) {
-    const float4 f = j < PRELOAD ? early[j] : outer_scales(s0, s1, ld_shared_v2(col_scales + 8 * j));
+    const float4 f =
+        j < PRELOAD ? early[j] : outer_scales(s0, s1, ld_shared_v2(col_scales + 8 * j));
     acc[4 * j + 0] += scratch[4 * j + 0] * f.x;
     acc[4 * j + 1] += scratch[4 * j + 1] * f.y;
     acc[4 * j + 2] += scratch[4 * j + 2] * f.z;
@@ -1050,6 +1063,11 @@ __device__ void wgrad_consumer(SharedStorage& s, const WgradArgs& p, int wg, con
 #pragma unroll
       for (int h = 0; h < HALVES; ++h) {
         const float* col_scales = st.sb + h * HALF + col_in_tile;
+#if WGRAD_DIAG == 2
+        mma_issue(acc[h], st.a + wg_row0 * BK, st.b + h * HALF * BK, true);
+        mma_wait(acc[h]);
+        continue;
+#endif
         mma_issue(scratch, st.a + wg_row0 * BK, st.b + h * HALF * BK);
         float4 early[PRELOAD + 1];
 #pragma unroll
@@ -1060,8 +1078,18 @@ __device__ void wgrad_consumer(SharedStorage& s, const WgradArgs& p, int wg, con
         }
         mma_wait(scratch);
         if (EARLY_RELEASE && h == HALVES - 1) release_stage(s, ring.stage, c);
+#if WGRAD_DIAG == 1
+        fence_registers(scratch);
+#pragma unroll
+        for (int i = 0; i < 64; ++i) acc[h][i] += scratch[i] * (i & 2 ? s1 : s0);
+#else
         promote_outer(acc[h], scratch, s0, s1, early, col_scales);
+#endif
       }
+#if WGRAD_DIAG == 2
+      release_stage(s, ring.stage, c);
+      continue;
+#endif
       // otherwise after the scale reads: the stage's scales are in it
       if (!EARLY_RELEASE) release_stage(s, ring.stage, c);
     }
