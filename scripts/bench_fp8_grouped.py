@@ -26,7 +26,9 @@ Sections (every figure next to a baseline measured in this run, recorded via scr
           models.moe.GroupedExperts and against Transformer Engine's GroupedLinear pair under
           Float8BlockScaling when transformer_engine imports; FLOPs = 18 T D F. Two FP8 rows: FP8
           weights cached (several micro-batches per optimizer step) and re-quantized every call.
-Timing: median over 5 batches of back-to-back calls between CUDA events, random normal data.
+Timing: each kernel and its baselines in three interleaved rounds (scripts/timing.interleaved_ms:
+timed one after another, the first meets a cooler GPU), per round the median of 3 batches of
+back-to-back calls between CUDA events; the median round is reported. Random normal data.
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from summary import record  # noqa: E402
-from timing import tflops, time_ms  # noqa: E402
+from timing import interleaved_ms, tflops, time_ms  # noqa: E402
 
 BENCH = "fp8_grouped"
 DEVICE = "cuda"
@@ -215,14 +217,6 @@ def _check_against_loop(ours, one, op: str, cfg, E: int, m: int) -> float:
     return 0.0 if norm == 0 else 1 - 2 * dot / norm
 
 
-def _time_or_nan(fn) -> float:
-    try:
-        return time_ms(fn, reps=5, batches=3)
-    except Exception as e:
-        print(f"    baseline failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
-        return float("nan")
-
-
 def bench_gemm(cases, full: bool, quick: bool = False, deadline: float = float("inf")) -> None:
     print("\n== grouped GEMMs, TFLOPS (T = E x m tokens; Fprop [T,K]x[E,N,K]; Dgrad [T,N]x[E,K,N];"
           " Wgrad [E,N,K] over tokens)")
@@ -246,8 +240,9 @@ def bench_gemm(cases, full: bool, quick: bool = False, deadline: float = float("
                 print(f"    {op}: every config failed")
                 continue
             diff = _check_against_loop(ours, one, op, cfg, case.experts, case.tokens)
-            mine, base_loop = tflops(flops, ms), tflops(flops, _time_or_nan(loop[op]))
-            base_bf16 = tflops(flops, _time_or_nan(bf16[op]))
+            ms = interleaved_ms({"ours": lambda run=ours[op], cfg=cfg: run(cfg), "loop": loop[op],
+                                 "bf16": bf16[op]})
+            mine, base_loop, base_bf16 = (tflops(flops, ms[k]) for k in ("ours", "loop", "bf16"))
             rows.append((case.label, op, mine, base_loop, base_bf16, cfg, diff))
             record(BENCH, f"{op} {case.label}", mine, "TFLOPS", "cuBLAS blockwise loop", base_loop)
             record(BENCH, f"{op} {case.label}", mine, "TFLOPS", "bf16 _grouped_mm", base_bf16)
@@ -336,17 +331,17 @@ def bench_layer(cases, deadline: float = float("inf")) -> None:
         dy = torch.randn(T, D, device=DEVICE, dtype=torch.bfloat16)
         counts = torch.full((E,), m, device=DEVICE, dtype=torch.int64)
         flops = 18 * T * D * F
-        cached = tflops(flops, time_ms(_layer_step(ours, x, counts, dy), reps=3))
-        requant = tflops(flops, time_ms(_layer_step(ours, x, counts, dy, ours.invalidate_fp8_cache),
-                                        reps=3))
-        bf16 = tflops(flops, time_ms(_layer_step(base, x, counts, dy), reps=3))
+        steps = {"cached": _layer_step(ours, x, counts, dy),
+                 "requant": _layer_step(ours, x, counts, dy, ours.invalidate_fp8_cache),
+                 "bf16": _layer_step(base, x, counts, dy)}
         te, te_note = _te_experts(E, D, F)
-        te_tf = float("nan")
         if te:
-            try:
-                te_tf = tflops(flops, time_ms(_te_step(te, x, dy, [m] * E), reps=3))
-            except Exception as e:
-                te_note = f"TE GroupedLinear failed: {type(e).__name__}: {str(e).splitlines()[0]}"
+            steps["te"] = _te_step(te, x, dy, [m] * E)
+        ms = interleaved_ms(steps, reps=3)
+        if te and ms["te"] != ms["te"]:
+            te_note = "TE GroupedLinear failed (above)"
+        cached, requant, bf16, te_tf = (tflops(flops, ms.get(k, float("nan")))
+                                        for k in ("cached", "requant", "bf16", "te"))
         case = f"{name} E{E}x{m} D{D} F{F}"
         print(f"{case:<30}{cached:>13.0f}{requant:>14.0f}{bf16:>7.0f}{te_tf:>8.0f}"
               f"{cached / bf16:>11.2f}x{requant / te_tf:>10.2f}x")

@@ -3,7 +3,7 @@
     python scripts/sweep_grouped_cuda.py                   # Fprop/Dgrad tile width 256 vs 192
     python scripts/sweep_grouped_cuda.py --variant base= --variant n128=FPROP_BN=128
     python scripts/sweep_grouped_cuda.py --cases 2 --ops fwd,wgrad
-    python scripts/sweep_grouped_cuda.py --diagnostic --ops wgrad --variant base= --variant d2=WGRAD_DIAG=2
+    python scripts/sweep_grouped_cuda.py --diagnostic --variant a= --variant d=WGRAD_DIAG=1
 
 grouped.cu keeps its design choices behind `#ifndef NAME` switches so that a choice is measured,
 not guessed. Each variant (a name and its -D definitions) is built into its own library, loaded
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 
@@ -28,16 +27,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_fp8_grouped as bench  # noqa: E402
-from timing import tflops, time_ms  # noqa: E402
+from timing import interleaved_ms, tflops  # noqa: E402
 from models.fp8 import grouped_cuda  # noqa: E402
 
 DEFAULT_VARIANTS = ("n256=FPROP_BN=256", "n192=FPROP_BN=192")
 ROUNDS = 3
 LOOP = "cuBLAS loop"
 """Each variant, and the loop, is timed once per round, the rounds interleaved (every other one in
-reverse order), and the median kept: timed one after another, the first variant ran on a cooler
-GPU and measured up to 15% faster on an H100 (an FP8 GEMM at full rate draws enough power to lower
-the clocks)."""
+reverse order: timing.interleaved_ms), and the median kept."""
 
 
 def parse_variant(text: str) -> tuple[str, tuple[str, ...]]:
@@ -79,18 +76,13 @@ def sweep_case(case, ops, libraries, rounds: int = 3, diagnostic: bool = False) 
             if diff >= 1e-3:
                 print(f"  {case.label} {op} {name}: calc_diff {diff:.2e} against the loop: WRONG"
                       + (" (timed anyway: --diagnostic)" if diagnostic else ""))
-        times = {name: [] for name, ok in correct.items() if ok}
-        times[LOOP] = []
-        for r in range(rounds):  # interleaved rounds, every other one reversed: nothing always
-            for name in (list(times) if r % 2 == 0 else list(times)[::-1]):  # runs on a cooler GPU
-                if name == LOOP:
-                    times[LOOP].append(time_ms(loop[op], reps=5, batches=3))
-                else:
-                    use_library(libraries[name])
-                    times[name].append(time_ms(lambda: ours[op](bench.CUDA), reps=5, batches=3))
-        loop_tf = tflops(flops, statistics.median(times.pop(LOOP)))
-        figures = {name: tflops(flops, statistics.median(times[name])) if name in times
-                   else float("nan") for name in libraries}
+        fns = {name: (lambda lib=libraries[name], run=ours[op]: (use_library(lib), run(bench.CUDA)))
+               for name, ok in correct.items() if ok}
+        fns[LOOP] = loop[op]
+        times = interleaved_ms(fns, rounds)
+        loop_tf = tflops(flops, times.pop(LOOP))
+        figures = {name: tflops(flops, times[name]) if name in times else float("nan")
+                   for name in libraries}
         rows.append((case.label, op, figures, loop_tf))
         print(f"  {case.label} {op}: " + "  ".join(f"{n} {v:.0f}" for n, v in figures.items())
               + f"  | loop {loop_tf:.0f} TFLOPS", flush=True)

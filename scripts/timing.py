@@ -1,6 +1,7 @@
 """Timing helpers shared by the benchmarks: CUDA-event medians and a bf16 matmul reference.
 
     ms = time_ms(fn)              # median ms per call; reps calls per timed batch, after a warm-up
+    interleaved_ms({"a": f, "b": g})  # the same for several, timed in alternating rounds
     tflops(flops, ms)             # FLOPs over milliseconds, in TFLOP/s
     bf16_matmul_tflops()          # the dense bf16 rate this card reaches, measured now
 """
@@ -26,6 +27,25 @@ def time_ms(fn, reps: int = 10, batches: int = 5) -> float:
         end.synchronize()
         per_call.append(start.elapsed_time(end) / reps)
     return statistics.median(per_call)
+
+
+def interleaved_ms(fns: dict, rounds: int = 3, reps: int = 5, batches: int = 3) -> dict:
+    """{name: median ms per call} of each fn, timed once per round over `rounds` rounds, every
+    other round in reverse order. Timed one after another, whatever runs first meets a cooler GPU:
+    an FP8 GEMM at full rate draws enough power to lower the clocks, and on an H100 that moved a
+    kernel's figure by up to 15% against the one timed next. A fn that raises is reported, then
+    left out, its figure nan."""
+    times = {name: [] for name in fns}
+    for r in range(rounds):
+        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            if times[name] is None:
+                continue
+            try:
+                times[name].append(time_ms(fns[name], reps, batches))
+            except Exception as e:  # a baseline a library rejects is absent, not fatal
+                print(f"    {name} failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+                times[name] = None
+    return {name: statistics.median(v) if v else float("nan") for name, v in times.items()}
 
 
 def tflops(flops: float, ms: float) -> float:
