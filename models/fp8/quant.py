@@ -105,6 +105,15 @@ as a 128-vector broadcast over rows it converted the bf16 input and computed x *
 both amaxes' inputs once per layout (179-199 registers at 8 warps, spills at 4, compact scales
 at 42-46%); read as a whole tile (`_quant_tile`), two tile loads feed the prologue, and Triton
 converts the FP8 copy instead, as for SwiGLU (128 registers at 8 warps, 190 at 4).
+Where the rest goes: the two-pass form at 63% is what an rms pass at full read bandwidth plus
+the tile kernel at the dual kernel's speed add up to, and every fused form measured lands within
+a few points of it. Tried on the H100 and not kept: items that each sum one tile and quantize the
+same column of an earlier row block (HBM and L2 traffic spread evenly over items, like the dual
+kernel's): 59-62% / 45-53%; items that hold their tile until their own row block's rstd is out
+(x read once, no lag): 20-46% / 23-47%, the waiting programs holding the SM slots (251 registers
+at 4 warps, one program per SM). Reading x once at full speed needs the row block's partial
+sums exchanged between SMs while the tiles stay on chip, e.g. a CUDA kernel whose thread-block
+cluster shares one row block's tiles through distributed shared memory.
 No model path calls it yet. In the model a norm's output also feeds bf16 consumers (the router,
 MLA projections that convert.py keeps bf16, the routed experts before their permutation), which
 need it in bf16 anyway; the one place it would stand alone is a dense layer's MLP (one layer of
