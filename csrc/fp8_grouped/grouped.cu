@@ -40,9 +40,10 @@
 // Wgrad's promotion is two FP32 operations per element (a row scale times a column scale, then
 // the FFMA); an ncu profile (dsv3-up, 843 TFLOPS under the profiler) had the tensor pipe 46% busy
 // and a quarter of the promotion's stalls waiting for the column scales' shared-memory loads.
-// Reading 8 of a thread's 16 scale pairs per half while the half's MMAs run (WGRAD_PRELOAD;
-// ptxas then forms their products before the wait too): +3% to +8% on five of the six bench
-// cases, -1% at 64 experts x 512 tokens; 4, 12 and 16 pairs measured no better (16 spills).
+// Reading 8 of a thread's 16 scale pairs per half while the half's MMAs run (WGRAD_PRELOAD; at
+// 128 x 256 ptxas still forms their products after the wait, short of registers): +3% to +8% on
+// five of the six bench cases, -1% at 64 experts x 512 tokens; 4, 12 and 16 pairs measured no
+// better (16 spills).
 // Fprop/Dgrad consumers start loading the next tile's first weight scales (global memory)
 // before handing the finished tile to the storers rather than at the next tile's first K block
 // (FPROP_SCALE_PREFETCH). Two interleaved sweeps (5 and 9 rounds, six cases each): Dgrad faster
@@ -1073,7 +1074,8 @@ __device__ void wgrad_consumer(SharedStorage& s, const WgradArgs& p, int wg, con
 #pragma unroll
         for (int j = 0; j < PRELOAD; ++j) {
           early[j] = outer_scales(s0, s1, ld_shared_v2(col_scales + 8 * j));
-          // formed here, not sunk past the wait into the promotion
+          // asked for before the wait; ptxas keeps them there where registers allow (all 64
+          // products at 128 x 128; at 128 x 256 it moves them into the promotion)
           asm volatile("" : "+f"(early[j].x), "+f"(early[j].y), "+f"(early[j].z), "+f"(early[j].w));
         }
         mma_wait(scratch);
