@@ -1,6 +1,6 @@
 """Run one CUDA grouped FP8 GEMM a few times so a profiler can look inside it.
 
-    ncu --clock-control none -k regex:fp8moe --launch-skip 2 --launch-count 1 --set full \
+    ncu --clock-control none -k regex:grouped_ --launch-skip 2 --launch-count 1 --set full \
         -o grouped python scripts/profile_grouped_cuda.py --case 0 --op fwd
 
 The case index picks a row of scripts/bench_fp8_grouped.py's GEMM_CASES (its operands are made the

@@ -97,14 +97,15 @@ normalized value this kernel computed (hp_out). `Tiling(fused=False)` keeps the 
 tile before it waits for the flag (x is ready from the start), and with `l2_hints` the sum items
 read with evict_last, the quant items with evict_first and store their copies evict_first.
 Measured on the H100 (sweep_quant.py, 32768x7168 / 8192x4096): 63% / 56% of the copy, against
-53-56% / 49-53% for the two-pass form; short of the dual kernel's 92%, for reasons not found yet
-(an ncu profile had a third of the re-reads missing L2 before the eviction hints, which with
-the early load gained 0-7%). One cause found and removed: the 128x1 copy is stored transposed,
-so some value of the tile must change layout, and Triton 3.6 picks which. With the weight read
-as a 128-vector broadcast over rows it converted the bf16 input and computed x * rstd * w and
-both amaxes' inputs once per layout (179-199 registers at 8 warps, spills at 4, compact scales
-at 42-46%); read as a whole tile (`_quant_tile`), two tile loads feed the prologue, and Triton
-converts the FP8 copy instead, as for SwiGLU (128 registers at 8 warps, 190 at 4).
+53-56% / 49-53% for the two-pass form; short of the dual kernel's 92% (an ncu profile had a
+third of the re-reads missing L2 before the eviction hints, which with the early load gained
+0-7%; where the rest goes is below). One cause found and removed: the 128x1 copy is stored
+transposed, so some value of the tile must change layout, and Triton 3.6 picks which. With the
+weight read as a 128-vector broadcast over rows it converted the bf16 input and computed
+x * rstd * w and both amaxes' inputs once per layout (179-199 registers at 8 warps, spills at
+4, compact scales at 42-46%); read as a whole tile (`_quant_tile`), two tile loads feed the
+prologue, and Triton converts the FP8 copy instead, as for SwiGLU (128 registers at 8 warps,
+190 at 4).
 Where the rest goes: the two-pass form at 63% is what an rms pass at full read bandwidth plus
 the tile kernel at the dual kernel's speed add up to, and every fused form measured lands within
 a few points of it. Tried on the H100 and not kept: items that each sum one tile and quantize the
@@ -342,7 +343,7 @@ def _quant_tile(x, u, w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, rm,
     if PROLOGUE == 2:  # RMSNorm: x * rstd[row] * w[col]
         rstd = tl.load(rstd_ptr + rm, mask=rm < M, other=0.0)
         # w read as a whole tile (each row the same 256 bytes, from L1) rather than a vector
-        # broadcast: see "Why" in the module docstring
+        # broadcast: see the fused rmsnorm's "one cause found and removed" in the module docstring
         w = tl.load(w_ptr + rk[None, :] + 0 * rm[:, None], mask=mask, other=0.0).to(tl.float32)
         x = x * rstd[:, None] * w
     if STORE_HP:
