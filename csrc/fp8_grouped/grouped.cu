@@ -441,6 +441,11 @@ __device__ void scan_counts(SharedStorage& s, Counts counts, int E) {
 // side (same rows, neighbouring columns), so they share the `a` tile: each loads half of its rows
 // and multicasts them into both CTAs, which halves the L2 traffic for `a`. Measured 5-10% slower
 // than single CTAs on an H100 (the kernel does not wait on memory), so the host launches size 1.
+// So is Wgrad, though cuBLAS's 1x128 x 1x128 kernel pairs CTAs (its name in the profiler ends
+// 128x128_128x6_1x2_...): at 128 x 256 and at 128 x 128 (WGRAD_BN=128, WGRAD_PRELOAD=16), pairs
+// ran 2-12% slower in 11 of the 12 tile-and-case runs over the six bench cases (5 interleaved
+// rounds; +3% for 128 x 128 at 64 experts x 512 tokens). Unpaired, 128 x 128 ran at -6% to +2% of
+// 128 x 256.
 struct Cluster {
   int size, rank, index, count;  // CTAs per cluster, rank in it, cluster index, clusters
 };
