@@ -7,12 +7,19 @@ The case index picks a row of scripts/bench_fp8_grouped.py's GEMM_CASES (its ope
 same way); --op is fwd, dgrad or wgrad. The first calls build the library and warm up, so skip
 them in the profiler (--launch-skip). Prints the op's time per call as a sanity check, under the
 profiler's overhead when one is attached.
+
+    python scripts/profile_grouped_cuda.py --op wgrad --define WGRAD_DIAG=2   # a variant build
+
+--define (repeatable) builds grouped.cu with those switches (the `#ifndef NAME` ones, as
+scripts/sweep_grouped_cuda.py does) into a temporary library and profiles that instead of the
+default build; a diagnostic build's output is wrong on purpose, only its timing means anything.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import tempfile
 
 import torch
 
@@ -20,6 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_fp8_grouped as bench  # noqa: E402
+import sweep_grouped_cuda as sweep  # noqa: E402
 
 
 def main() -> None:
@@ -27,6 +35,8 @@ def main() -> None:
     parser.add_argument("--case", type=int, default=0, help="index into GEMM_CASES")
     parser.add_argument("--op", choices=("fwd", "dgrad", "wgrad"), default="fwd")
     parser.add_argument("--calls", type=int, default=4)
+    parser.add_argument("--define", action="append", default=[], metavar="NAME=VALUE",
+                        help="build grouped.cu with -DNAME=VALUE (repeat for several)")
     args = parser.parse_args()
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         raise SystemExit("profile_grouped_cuda.py needs an sm90 (Hopper) GPU: the kernels use "
@@ -35,16 +45,24 @@ def main() -> None:
         raise SystemExit(f"--case {args.case}: pick 0..{len(bench.GEMM_CASES) - 1} of "
                          + ", ".join(c.label for c in bench.GEMM_CASES))
     case = bench.GEMM_CASES[args.case]
+    with tempfile.TemporaryDirectory() as folder:
+        if args.define:
+            library = sweep.build_variants([("variant", tuple(args.define))], folder)["variant"]
+            sweep.use_library(library)
+        profile(case, args.op, args.calls)
+
+
+def profile(case, op: str, calls: int) -> None:
     ops = bench._operands(case)
-    run = bench._ours(ops, case.experts * case.tokens)[args.op]
+    run = bench._ours(ops, case.experts * case.tokens)[op]
     cfg = bench.CUDA
     start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for _ in range(args.calls):
+    for _ in range(calls):
         start.record()
         run(cfg)
         stop.record()
         torch.cuda.synchronize()
-    print(f"{case.label} {args.op}: {start.elapsed_time(stop):.3f} ms (last call)")
+    print(f"{case.label} {op}: {start.elapsed_time(stop):.3f} ms (last call)")
 
 
 if __name__ == "__main__":
