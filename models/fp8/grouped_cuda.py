@@ -14,24 +14,17 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import importlib.util
-from pathlib import Path
 
 import torch
 
-_ROOT = Path(__file__).resolve().parents[2]
+from . import cuda_lib
+
 MAX_EXPERTS = 1024
-_ERR_LEN = 512
 
 
-@functools.lru_cache(maxsize=None)
 def build_script():
     """csrc/fp8_grouped/build.py as a module (it is a script, not part of a package)."""
-    spec = importlib.util.spec_from_file_location("fp8_grouped_build",
-                                                  _ROOT / "csrc" / "fp8_grouped" / "build.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return cuda_lib.build_script("fp8_grouped")
 
 
 def load_library(path) -> ctypes.CDLL:
@@ -90,12 +83,6 @@ def fits_wgrad(a_q, a_s, b_q, b_s, n_experts: int) -> bool:
             and all(s.stride(1) == 1 and s.stride(0) % 4 == 0 and _aligned(s) for s in (a_s, b_s)))
 
 
-def _call(fn, *args) -> None:
-    err = ctypes.create_string_buffer(_ERR_LEN)
-    if fn(*args, err, _ERR_LEN) != 0:
-        raise RuntimeError(f"{fn.__name__}: {err.value.decode()}")
-
-
 CLUSTER = 1
 """CTAs per cluster. 2 pairs CTAs that share the `a` tile through TMA multicast (grouped.cu): it
 is correct (the GPU tests pass with it) but measured 5-10% slower on an H100, so it is off."""
@@ -118,7 +105,7 @@ def gemm(a_q, a_s, b_q, b_s, counts_E, out, m_tiles_bound: int) -> torch.Tensor:
     (T, K), (E, N, _) = a_q.shape, b_q.shape
     a_s = _mn_major(a_s)
     stream = torch.cuda.current_stream(a_q.device).cuda_stream
-    _call(_library().fp8moe_grouped_fprop,
+    cuda_lib.call(_library().fp8moe_grouped_fprop,
           a_q.data_ptr(), a_q.stride(0), a_s.data_ptr(), a_s.stride(1),
           b_q.data_ptr(), b_q.stride(1), b_s.data_ptr(), b_s.stride(0), b_s.stride(1),
           b_s.stride(2), out.data_ptr(), out.stride(0), int(out.dtype == torch.float32),
@@ -133,7 +120,7 @@ def wgrad(a_q, a_s, b_q, b_s, counts_E, out, accumulate: bool) -> torch.Tensor:
     (T, N), (_, K), E = a_q.shape, b_q.shape, counts_E.shape[0]
     padded_T = -(-T // 128) * 128
     stream = torch.cuda.current_stream(a_q.device).cuda_stream
-    _call(_library().fp8moe_grouped_wgrad,
+    cuda_lib.call(_library().fp8moe_grouped_wgrad,
           a_q.data_ptr(), a_q.stride(1), a_s.data_ptr(), a_s.stride(0), b_q.data_ptr(),
           b_q.stride(1), b_s.data_ptr(), b_s.stride(0), out.data_ptr(), out.stride(0),
           out.stride(1), int(out.dtype == torch.bfloat16), int(accumulate), counts_E.data_ptr(),

@@ -1,0 +1,29 @@
+"""Loading the nvcc-built kernel libraries of csrc/ (csrc/nvcc_build.py says how they are built)
+and calling their C ABI through ctypes: every entry point returns 0, or nonzero with a message in
+a caller-provided buffer, which `call` raises as a RuntimeError naming the function."""
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.util
+from pathlib import Path
+
+_ROOT = Path(__file__).resolve().parents[2]
+_ERR_LEN = 512
+
+
+@functools.lru_cache(maxsize=None)
+def build_script(folder: str):
+    """csrc/<folder>/build.py as a module (it is a script, not part of a package)."""
+    spec = importlib.util.spec_from_file_location(f"{folder}_build",
+                                                  _ROOT / "csrc" / folder / "build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def call(fn, *args) -> None:
+    """fn(*args, err, err_len); raises RuntimeError with the library's message if it fails."""
+    err = ctypes.create_string_buffer(_ERR_LEN)
+    if fn(*args, err, _ERR_LEN) != 0:
+        raise RuntimeError(f"{fn.__name__}: {err.value.decode()}")
