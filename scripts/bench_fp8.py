@@ -25,6 +25,7 @@ Timing: median over 5 batches of back-to-back calls between CUDA events, random 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -94,6 +95,8 @@ def bench_quant(M: int, K: int) -> None:
     scales = 4 * n // 128
     gate, up = torch.randn(M, K, device=DEVICE, dtype=torch.bfloat16), torch.randn(M, K, device=DEVICE, dtype=torch.bfloat16)
     w_norm = torch.ones(K, device=DEVICE, dtype=torch.bfloat16)
+    # the default runs the CUDA cluster kernel on sm90; the Triton kernel beside it for comparison
+    triton_norm = dataclasses.replace(quant.DEFAULT_TILING["rmsnorm"], cuda=False)
     cases = [
         ("1x128", 2 * n + n + scales, lambda: quant.quantize_1x128(x, check_finite=False)),
         ("dual 1x128+128x1", 2 * n + 2 * n + 2 * scales, lambda: quant.quantize_dual(x, check_finite=False)),
@@ -102,6 +105,8 @@ def bench_quant(M: int, K: int) -> None:
         ("swiglu -> 1x128", 4 * n + n + scales,
          lambda: quant.swiglu_quantize(gate, up, colwise=False, check_finite=False)),
         ("rmsnorm -> dual", 2 * n + 2 * n + 2 * scales, lambda: quant.rmsnorm_quantize(x, w_norm, check_finite=False)),
+        ("rmsnorm -> dual Triton", 2 * n + 2 * n + 2 * scales,
+         lambda: quant.rmsnorm_quantize(x, w_norm, check_finite=False, tiling=triton_norm)),
     ]
     # SwiGLU's backward (models/fp8/experts.py), x's 1x128 copy read as h = [gate | up] with
     # F = K / 2: reads h and da [M, F] (bf16), writes dh both ways and a's 128x1 copy
@@ -110,10 +115,10 @@ def bench_quant(M: int, K: int) -> None:
     da = torch.randn(M, K // 2, device=DEVICE, dtype=torch.bfloat16)
     cases.append(("swiglu backward", n + n + n + n + n // 2 + scales * 7 // 2,
                   lambda: swiglu_backward_quantize(q_h, s_h, da)))
-    print(f"{'kernel':<22}{'GB/s':>9}{'copy GB/s':>11}{'of copy':>9}")
+    print(f"{'kernel':<24}{'GB/s':>9}{'copy GB/s':>11}{'of copy':>9}")
     for name, nbytes, fn in cases:
         gbs = nbytes / time_ms(fn) / 1e6
-        print(f"{name:<22}{gbs:>9.0f}{copy_gbs:>11.0f}{gbs / copy_gbs:>8.0%}")
+        print(f"{name:<24}{gbs:>9.0f}{copy_gbs:>11.0f}{gbs / copy_gbs:>8.0%}")
         record(BENCH, f"quant {name} {M}x{K}", gbs, "GB/s", "D2D copy", copy_gbs)
 
 

@@ -52,7 +52,8 @@ def variants(kernel: str) -> list:
                                         (8, True, 2, 128, True), (4, True, 2, 256, True),
                                         (4, True, 1, 256, True), (4, False, 2, 256, True)]]
         grid += [Tiling(fused=False, warps=8, compact_scales=True),
-                 Tiling(fused=False, warps=4, compact_scales=True)]
+                 Tiling(fused=False, warps=4, compact_scales=True),
+                 Tiling(cuda=True, cluster=16)]  # CUDA (sm90); the default picks 8 here
     else:
         grid = [Tiling(warps=w, hw_transpose=h) for w in (4, 8, 16) for h in (True, False)]
         grid += [Tiling(warps=w, tiles=2) for w in (4, 8, 16)]

@@ -9,7 +9,7 @@ if not __import__("torch").cuda.is_available():
 import pytest
 import torch
 
-from models.fp8 import quant
+from models.fp8 import cuda_lib, norm_cuda, quant
 from models.fp8 import reference as R
 
 CPU_SHAPES = [(1, 128), (3, 200), (130, 260)]
@@ -319,6 +319,97 @@ def test_gpu_rmsnorm_fused_at_scale():
         cq, cs = R.quantize_128x1(hp[rows].cpu())
         assert _same(_bits(q[rows]), _bits(rq)) and _same(s[rows], rs)
         assert _same(_bits(qt[:, rows]), _bits(cq.t())) and _same(st[block:block + 1], cs)
+
+
+def test_cuda_rmsnorm_plan():
+    """How the CUDA rmsnorm kernel splits a row block's column tiles over a cluster's CTAs (7
+    tiles fit an H100 CTA): the fewest power-of-two CTAs by default, or the cluster asked for."""
+    assert norm_cuda.plan(56, 7) == (8, 7)    # K = 7168
+    assert norm_cuda.plan(32, 7) == (8, 4)    # K = 4096
+    assert norm_cuda.plan(16, 7) == (4, 4)
+    assert norm_cuda.plan(5, 7) == (1, 5)
+    assert norm_cuda.plan(112, 7) == (16, 7)  # K = 14336, the largest
+    assert norm_cuda.plan(113, 7) is None
+    assert norm_cuda.plan(56, 7, cluster=16) == (16, 4)
+    assert norm_cuda.plan(56, 7, cluster=4) is None  # 14 tiles per CTA do not fit
+    assert norm_cuda.plan(3, 7, cluster=8) == (8, 1)  # CTAs 3..7 only take part in the exchange
+    with pytest.raises(ValueError, match="cluster"):
+        quant.Tiling(cluster=3)
+
+
+def test_cuda_rmsnorm_compiles_for_sm90a(tmp_path):
+    """csrc/fp8_norm builds with nvcc on any machine with the toolkit (no GPU needed), the kernel
+    keeps everything in registers, and 7 tiles plus its scratch fit an H100 CTA's 227 KB."""
+    build = cuda_lib.build_script("fp8_norm")
+    try:
+        build.find_nvcc()
+    except build.BuildUnavailable as err:
+        pytest.skip(str(err))
+    lib, report = build.build_library(tmp_path / "libnorm.so")
+    kernel = report[report.index("rmsnorm_quant_kernel"):]
+    assert "0 bytes stack frame, 0 bytes spill stores" in kernel.splitlines()[2], kernel[:400]
+    smem = norm_cuda.load_library(lib).fp8moe_rmsnorm_smem_bytes
+    assert smem(7) <= 232448 < smem(8)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape,tiling", [
+    ((4097, 7168), quant.Tiling(cuda=True)),                # ragged M, 8 CTAs x 7 tiles
+    ((300, 520), quant.Tiling(cuda=True)),                  # ragged K: a last tile of 8 columns
+    ((1000, 1024), quant.Tiling(cuda=True, cluster=2)),     # 4 tiles per CTA
+    ((129, 1024), quant.Tiling(cuda=True, cluster=16)),     # CTAs without tiles
+    ((8192, 4096), quant.Tiling(cuda=True, cluster=16)),    # 2 tiles per CTA, 3 CTAs per SM
+])
+def test_gpu_rmsnorm_cuda(shape, tiling):
+    """The CUDA cluster kernel (not Triton: checked) bitwise against the reference quantization
+    of the value it normalized, with and without power-of-two scales and the 128x1 copy."""
+    x = _rand(shape, 33)
+    assert norm_cuda.available(x.device) and norm_cuda.fits(x, None, tiling.cluster)
+    for pow2, colwise in [(False, True), (True, True), (False, False)]:
+        _rmsnorm(shape, pow2, colwise, tiling)
+
+
+@pytest.mark.gpu
+def test_gpu_rmsnorm_takes_the_cuda_path(monkeypatch):
+    """On an sm90 GPU the default launch runs the CUDA kernel; fp32 weights too (read as they
+    are). Input it does not take (fp32 x; K not a multiple of 8) and cuda=False run Triton."""
+    calls = []
+    real = norm_cuda.rmsnorm_quantize
+    monkeypatch.setattr(norm_cuda, "rmsnorm_quantize",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert torch.cuda.get_device_capability() == (9, 0), "these GPU tests expect a Hopper GPU"
+    _rmsnorm((2048, 7168), False, True)
+    assert calls == [1]
+    x, w = _rand((256, 2048), 34), torch.rand(2048, device=DEVICE) + 0.5
+    q, s, qt, st, rstd = quant.rmsnorm_quantize(x, w)
+    ref = quant.rmsnorm_quantize(x, w, tiling=quant.Tiling(warps=4, compact_scales=True))
+    assert len(calls) == 2 and torch.allclose(rstd, ref[-1], atol=0, rtol=1e-6)
+    _rmsnorm((256, 260), False, True)
+    x32 = _rand((256, 1024), 35, torch.float32)
+    quant.rmsnorm_quantize(x32, torch.ones(1024, device=DEVICE))
+    _rmsnorm((256, 1024), False, True, quant.Tiling())
+    assert len(calls) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_gpu_rmsnorm_cuda_non_finite(bad):
+    """inf in x makes its row's rstd 0 and its own y NaN (inf * 0); NaN makes the whole row NaN.
+    Either way the scales of the tiles holding NaN are NaN, so check_finite raises."""
+    x = _rand((300, 1024), 42)
+    x[129, 200] = bad
+    w = torch.ones(1024, dtype=torch.bfloat16, device=DEVICE)
+    with pytest.raises(ValueError, match="inf or NaN"):
+        quant.rmsnorm_quantize(x, w)
+    q, s, qt, st, rstd = quant.rmsnorm_quantize(x, w, check_finite=False)
+    s, st = s.cpu(), st.cpu()
+    if bad == float("inf"):
+        assert float(rstd[129]) == 0.0
+        assert bool(s[129, 1].isnan()) and int(s.isnan().sum()) == 1
+        assert bool(st[1, 200].isnan()) and int(st.isnan().sum()) == 1
+    else:
+        assert bool(s[129].isnan().all()) and int(s.isnan().sum()) == s.shape[1]
+        assert bool(st[1].isnan().all()) and int(st.isnan().sum()) == st.shape[1]
 
 
 @pytest.mark.gpu

@@ -14,6 +14,7 @@ Wrappers (x_MK: 2-D bf16/fp16/fp32 with unit column stride; all return fresh ten
         -> (q_MF, s_MFb) or (q_MF, s_MFb, qt_FMp, st_MbF);  value quantized: silu(gate) * up in fp32
     rmsnorm_quantize(x_MK, weight_K, eps=1e-6, pow2_scales=False, colwise=True, check_finite=True,
                      hp_out=None) -> (q, s[, qt, st], rstd_M);  value quantized: x * rstd * weight in fp32
+                     (on an sm90 GPU the CUDA cluster kernel of csrc/fp8_norm, see below)
     quantize_128x128(w_NK or w_ENK, pow2_scales=False, transpose=False, check_finite=True)
         -> (q, s) or (q, s, qt, st)
 Every wrapper also takes `tiling=` (a `Tiling`; default `DEFAULT_TILING[kernel]`): how the launch
@@ -112,14 +113,27 @@ a few points of it. Tried on the H100 and not kept: items that each sum one tile
 same column of an earlier row block (HBM and L2 traffic spread evenly over items, like the dual
 kernel's): 59-62% / 45-53%; items that hold their tile until their own row block's rstd is out
 (x read once, no lag): 20-46% / 23-47%, the waiting programs holding the SM slots (251 registers
-at 4 warps, one program per SM). Reading x once at full speed needs the row block's partial
-sums exchanged between SMs while the tiles stay on chip, e.g. a CUDA kernel whose thread-block
-cluster shares one row block's tiles through distributed shared memory.
+at 4 warps, one program per SM). Reading x once needs the row block's partial sums exchanged
+between SMs while the tiles stay on chip, which Triton cannot express.
+The CUDA kernel (csrc/fp8_norm/rmsnorm_quant.cu through models/fp8/norm_cuda.py; the default on
+an sm90 GPU for bf16 x, `Tiling.cuda`) does that: a thread-block cluster owns a 128-row block
+(at K = 7168, 8 CTAs of 7 tiles, 32 KB of shared memory each), loads it once by TMA, sends each
+row's per-CTA sums of squares to the CTA owning the row with st.async, gets its rstd back the
+same way, and quantizes the tiles from shared memory while the next row block's tiles load.
+Measured on the H100 (x read once; bench_fp8 and a focused timing, 32768x7168 / 8192x4096 /
+16384x2048): 69-70% / 70-73% / 59-61% of the copy, against this Triton kernel's 62-64% / 45-50%
+/ 35-50% in the same runs. Still short of the dual kernel's 92%. A per-CTA timeline at
+32768x7168 (the .cu's NORM_TIMELINE switch) has each row block take 25 us: 88% of it quantizing
+7 tiles, while the GPU moves 2.4 TB/s (81% of the copy's 3.0), 5% waiting for the last tile's
+load and 7% in the exchange; only 120 of the 132 SMs run (15 clusters of 8 fit), and 256 row
+blocks over 15 clusters leave a 4% tail. The quantizing runs 8 warps per SM (210 registers a
+thread: each holds the 64 values of its 8 x 8 block), too few to hide its latencies; 16 warps of
+32 values each is the next thing to try.
 No model path calls it yet. In the model a norm's output also feeds bf16 consumers (the router,
 MLA projections that convert.py keeps bf16, the routed experts before their permutation), which
 need it in bf16 anyway; the one place it would stand alone is a dense layer's MLP (one layer of
-`small`), where at 63% of copy it would save about 0.06 ms per 16k-token micro-batch over the
-Triton norm plus the dual quantizer. Wiring it in pays once it nears the dual kernel's bandwidth.
+`small`), where it would save about 0.06 ms per 16k-token micro-batch over the Triton norm plus
+the dual quantizer.
 
 `quant_128x128_kernel`: one 128x128 weight block per program, one scale; with transpose=True the
 same block is also written transposed. What must never happen is one hardware-cast value stored
@@ -156,6 +170,7 @@ from models.triton_env import INTERPRET  # before triton: the interpreter on CPU
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from . import norm_cuda
 from .reference import AMAX_EPS, BLOCK, E4M3, FP8_MAX, ceil_div
 
 _INTERPRET = INTERPRET
@@ -192,6 +207,11 @@ class Tiling:
                  and fp16 weights only, fp32 always takes the integer path) or on the integer path
     l2_hints     fused rmsnorm: L2 eviction hints that keep x's lines for their re-read and let
                  everything else go first
+    cuda         rmsnorm: the CUDA cluster kernel (csrc/fp8_norm, models/fp8/norm_cuda.py) where
+                 it runs (an sm90 GPU, bf16 x, see norm_cuda.fits); the Triton fields above
+                 apply where it does not
+    cluster      CUDA rmsnorm: CTAs per thread-block cluster (a power of two up to 16; 0: the
+                 fewest whose shared memory holds a 128-row block)
     """
 
     warps: int = 8
@@ -207,6 +227,8 @@ class Tiling:
     compact_scales: bool = False
     maxnreg: int = 0
     l2_hints: bool = False
+    cuda: bool = False
+    cluster: int = 0
 
     def __post_init__(self):
         for name in ("warps", "stages", "tiles", "ctas_per_sm", "lag"):
@@ -218,6 +240,9 @@ class Tiling:
             raise ValueError(f"Tiling.maxnreg must be 0 (no cap) or 24..255, got {self.maxnreg}")
         if self.block_m not in (16, 32, 64, 128):
             raise ValueError(f"Tiling.block_m must be 16, 32, 64 or 128, got {self.block_m}")
+        if self.cluster not in (0, 1, 2, 4, 8, 16):
+            raise ValueError(f"Tiling.cluster must be 0 (auto) or a power of two up to 16, got "
+                             f"{self.cluster}")
 
 
 DEFAULT_TILING = MappingProxyType({  # H100 sweep (fraction of a D2D copy, 32768x7168 / 8192x4096)
@@ -225,7 +250,7 @@ DEFAULT_TILING = MappingProxyType({  # H100 sweep (fraction of a D2D copy, 32768
     "dual": Tiling(warps=4, compact_scales=True),                   # 92% / 83%
     "swiglu": Tiling(warps=4, compact_scales=True),                 # 90% / 85%
     "swiglu 1x128": Tiling(warps=4, block_m=32),                    # 98% / 87%
-    "rmsnorm": Tiling(warps=4, compact_scales=True, l2_hints=True), # 63% / 56%
+    "rmsnorm": Tiling(cuda=True, warps=4, compact_scales=True, l2_hints=True),  # CUDA: 69% / 70%
     "128x128": Tiling(warps=8),                                     # 93% / 73%
 })
 """The launch each wrapper uses unless given `tiling=` (chosen with scripts/sweep_quant.py)."""
@@ -692,6 +717,12 @@ def rmsnorm_quantize(x_MK: torch.Tensor, weight_K: torch.Tensor, eps: float = 1e
     w = weight_K.contiguous()
     if not (M and K):
         out = _alloc_outputs(M, K, colwise, x_MK.device)
+        out = out if colwise else out[:2]
+    elif (tiling.cuda and norm_cuda.available(x_MK.device)
+          and norm_cuda.fits(x_MK, hp_out, tiling.cluster)):
+        out = _alloc_outputs(M, K, colwise, x_MK.device)
+        norm_cuda.rmsnorm_quantize(x_MK, w, eps, pow2_scales, colwise, hp_out, rstd, out,
+                                   tiling.cluster)
         out = out if colwise else out[:2]
     elif tiling.fused:
         out = _launch_norm(x_MK, w, rstd, hp_out, colwise, pow2_scales, eps, tiling)

@@ -1,0 +1,701 @@
+// Fused RMSNorm -> FP8 (1x128 and 128x1) quantization for Hopper (sm_90a): x read from HBM once.
+//
+// What it computes is models.fp8.quant.rmsnorm_quantize's contract (that module's docstring has
+// the layouts): y = x * rstd[row] * w[col] in fp32, rstd = 1 / sqrt(sum(x^2) / K + eps), then
+// the 1x128 copy q [M, K] with scales s (MN-major, [K/128][M] in memory), the 128x1 copy stored
+// transposed qt [K, Mp] (rows past M are zeros) with scales st [Mb, K], rstd [M] and, for tests,
+// y itself (hp). Scales and casts are the reference's operations (models/fp8/reference.py):
+// s = max(amax, 1e-12) / 448 correctly rounded [rounded up to 2^k], q = e4m3_satfinite(y * (1/s))
+// with the reciprocal correctly rounded; a tile holding inf/NaN gets a NaN scale.
+//
+// Why a cluster kernel: a row's scale needs the row's whole sum of squares, and a 128x1 scale
+// needs all 128 rows of its column, so a 128-row block of x must be on chip in full before any of
+// it can be quantized. The Triton kernel (quant.py) reads x twice (a sum pass, then a re-read
+// that mostly hits L2) and reaches about 63% of a copy's bandwidth. Here one thread-block
+// cluster owns one row block: its `cluster` CTAs split the block's Kb = K/128 column tiles
+// evenly (128 x 128 bf16 = 32 KB of shared memory per tile, loaded by TMA, rows past M and
+// columns past K filled with zeros), so the whole row block (1.8 MB at K = 7168: 8 CTAs x 7
+// tiles) stays in shared memory. Each CTA sums the squares of its tiles' rows; each row's CTA
+// partials go to the CTA that owns the row (128 / cluster rows each) by st.async into its shared
+// memory, which adds them in rank order and sends the row's rstd back to every CTA the same way
+// (an mbarrier per direction counts the bytes; no cluster-wide barrier, whose release would wait
+// for all of the CTA's outstanding global stores). Then each CTA quantizes its tiles from shared
+// memory and stores both copies straight from registers.
+//
+// The kernel is persistent: a cluster walks row blocks rb, rb + clusters, ... and as soon as a
+// tile of the current block has been read into registers for quantizing, the TMA load of the
+// next block's next tile goes into its buffer (a ring of as many buffers as fit, see Ring), so
+// the next block's loads overlap this block's arithmetic and stores; the squares of next-block
+// tiles that have landed are added between this block's tiles.
+//
+// Measured on an H100 (models/fp8/quant.py's docstring has the figures and where the time goes):
+// 69-73% of a device-to-device copy's bandwidth at K = 7168 and 4096, against 45-64% for the
+// Triton kernel; the quantizing phase, 8 warps per SM, is what holds it back.
+//
+// Threads: 256 (8 warps); in every phase thread (i, j), i, j in 0..15, owns the 8 x 8 elements at
+// rows 8i.., columns 8j.. of a tile: warp w holds i = 4 (w % 4) + lane / 8, j = 8 (w / 4) +
+// lane % 8. A quarter-warp (8 lanes of one i) then reads 128 contiguous bytes of one row of the
+// unswizzled tile (no bank conflicts), a q store of a warp writes 4 rows x 64 bytes and a qt
+// store 8 rows of qt x 32 bytes: whole 32-byte sectors either way, with no shuffle through
+// shared memory for the transposed copy. Row amaxes are reduced over the 8 lanes of one i with
+// shuffles, column amaxes over the 4 i of a warp; across warps (2 per row, 4 per column) through
+// shared-memory atomicMax on the bit patterns of |y| (for non-negative floats the integer order
+// is the float order, and NaN's pattern is above inf's, so a NaN propagates into the scale).
+#include <cuda.h>  // CUtensorMap and its enums only: the driver is reached through the runtime
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+
+namespace {
+
+constexpr int TILE = 128;
+constexpr int THREADS = 256;
+constexpr uint32_t TILE_BYTES = TILE * TILE * 2;  // one 128 x 128 bf16 tile
+constexpr int MAX_CLUSTER = 16;                   // the largest (non-portable) cluster on sm90
+constexpr float FP8_MAX = 448.0f;
+constexpr uint32_t AMAX_EPS_BITS = 0x2B8CBCCCu;   // 1e-12f, the floor of an amax
+constexpr uint32_t ABS_MASK = 0x7FFFFFFFu;
+
+// Shared memory: `tiles` tile buffers, the amaxes of the tile being quantized [rows 0..127 |
+// columns 0..127], the reciprocal column scales, the two receive buffers of the rstd exchange
+// (recv_a: partial sums of squares of this CTA's slice of rows from every CTA; recv_b: rstd of
+// all 128 rows; between exchanges recv_b holds the reciprocal row scales), their mbarriers, and
+// one mbarrier per tile buffer. At K = 7168 (8 CTAs x 7 tiles) that is 232008 of the 232448 bytes
+// an H100 CTA may have, which is why the buffers are few and reused.
+struct Smem {
+  uint8_t* tiles;
+  uint32_t* amax;   // [256]
+  float* inv_cols;  // [128]
+  float* recv_a;    // [cluster][128 / cluster]: sender-major
+  float* recv_b;    // [128]
+  uint64_t* bar_a;
+  uint64_t* bar_b;
+  uint64_t* full;   // [tiles]
+};
+constexpr size_t SCRATCH_BYTES = (2 * TILE + 3 * TILE) * sizeof(float) + 2 * sizeof(uint64_t);
+__host__ __device__ constexpr size_t smem_bytes(int tiles) {
+  return size_t(tiles) * TILE_BYTES + SCRATCH_BYTES + size_t(tiles) * sizeof(uint64_t);
+}
+
+struct Args {
+  const void* w;  // [K], bf16 (w_bf16) or fp32
+  int w_bf16;
+  uint8_t* q;     // [M, K]
+  float* s;       // [Kb][M]
+  uint8_t* qt;    // [K, Mp]
+  float* st;      // [Mb, K]
+  float* rstd;    // [M]
+  float* hp;      // [M, K] or null
+  int M, K, Mp, Mb, Kb, buffers;  // buffers: tile buffers per CTA
+  float eps;
+  int pow2, colwise;
+};
+
+// ---------------------------------------------------------------------------------------------
+// PTX wrappers
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ uint32_t special(int which) {
+  uint32_t v;
+  if (which == 0) asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(v));
+  else if (which == 1) asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(v));
+  else if (which == 2) asm volatile("mov.u32 %0, %%clusterid.x;" : "=r"(v));
+  else asm volatile("mov.u32 %0, %%nclusterid.x;" : "=r"(v));
+  return v;
+}
+
+__device__ __forceinline__ void mbar_init(uint64_t* bar) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(bar)));
+}
+
+__device__ __forceinline__ bool mbar_try_wait(uint64_t* bar, uint32_t parity) {
+  uint32_t done;
+  asm volatile(
+      "{\n.reg .pred p;\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+      "selp.u32 %0, 1, 0, p;\n}\n"
+      : "=r"(done) : "r"(smem_addr(bar)), "r"(parity) : "memory");
+  return done != 0;
+}
+
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  while (!mbar_try_wait(bar, parity)) {
+  }
+}
+
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;" ::: "memory");
+}
+
+// Wait for a phase of an mbarrier completed by other CTAs' st.async (acquire at cluster scope:
+// their stores are visible after it).
+__device__ __forceinline__ void mbar_wait_cluster(uint64_t* bar, uint32_t parity) {
+  uint32_t done = 0;
+  while (!done) {
+    asm volatile(
+        "{\n.reg .pred p;\n"
+        "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done) : "r"(smem_addr(bar)), "r"(parity) : "memory");
+  }
+}
+
+__device__ __forceinline__ void mbar_expect(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
+               ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+}
+
+// The address of `p`'s offset in the shared memory of CTA `rank` of this cluster.
+__device__ __forceinline__ uint32_t mapa(const void* p, uint32_t rank) {
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(smem_addr(p)),
+               "r"(rank));
+  return remote;
+}
+
+// v into CTA `rank`'s copy of *p, completing 4 bytes of its mbarrier at `bar`'s offset.
+__device__ __forceinline__ void st_async(float* p, float v, uint64_t* bar, uint32_t rank) {
+  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];"
+               ::"r"(mapa(p, rank)), "r"(__float_as_uint(v)), "r"(mapa(bar, rank)) : "memory");
+}
+
+// The 128 x 128 bf16 box at (column col, row row) of x into `dst`; completes `bar`'s transaction.
+__device__ __forceinline__ void load_tile(void* dst, const CUtensorMap* map, uint64_t* bar,
+                                          int col, int row) {
+  mbar_expect(bar, TILE_BYTES);
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%3, %4}], [%2];"
+      ::"r"(smem_addr(dst)), "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(bar)),
+      "r"(col), "r"(row) : "memory");
+}
+
+// e4m3(lo) in the low byte, e4m3(hi) in the high byte; round to nearest even, finite values
+// saturate to +-448 (the reference's clamp), NaN stays NaN.
+__device__ __forceinline__ uint32_t e4m3x2(float lo, float hi) {
+  uint16_t r;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+
+__device__ __forceinline__ uint2 e4m3x8(const float (&v)[8], float inv) {
+  return make_uint2(e4m3x2(v[0] * inv, v[1] * inv) | (e4m3x2(v[2] * inv, v[3] * inv) << 16),
+                    e4m3x2(v[4] * inv, v[5] * inv) | (e4m3x2(v[6] * inv, v[7] * inv) << 16));
+}
+
+__device__ __forceinline__ float bf16_lo(uint32_t pair) { return __uint_as_float(pair << 16); }
+__device__ __forceinline__ float bf16_hi(uint32_t pair) {
+  return __uint_as_float(pair & 0xFFFF0000u);
+}
+
+// v[k] without indexing registers by a run-time value (which would put v in local memory).
+template <typename T>
+__device__ __forceinline__ T pick(const T (&v)[8], int k) {
+  T out = v[0];
+#pragma unroll
+  for (int r = 1; r < 8; ++r) out = k == r ? v[r] : out;
+  return out;
+}
+
+// Scale of a tile whose max |y| has the bit pattern `amax`, and its correctly rounded reciprocal:
+// the reference's s = max(amax, 1e-12) / 448 [rounded up to 2^k], plus (amax - amax), which is
+// NaN exactly when amax is inf or NaN (quant.py's _scale).
+__device__ __forceinline__ float2 scale_of(uint32_t amax, bool pow2) {
+  const float a = __uint_as_float(amax);
+  float s = __fdiv_rn(__uint_as_float(max(amax, AMAX_EPS_BITS)), FP8_MAX);
+  if (pow2) s = __uint_as_float((__float_as_uint(s) + 0x7FFFFFu) & 0xFF800000u);
+  s += a - a;
+  return make_float2(s, __frcp_rn(s));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The phases of one row block
+
+struct Thread {
+  int tid, warp, lane, i, j;  // (i, j): this thread's 8 x 8 block of every tile
+  __device__ Thread() {
+    tid = threadIdx.x;
+    warp = tid >> 5;
+    lane = tid & 31;
+    i = 4 * (warp & 3) + (lane >> 3);
+    j = 8 * (warp >> 2) + (lane & 7);
+  }
+};
+
+__device__ __forceinline__ void load8(const float* p, float (&v)[8]) {  // 16-byte aligned
+  const float4 lo = *reinterpret_cast<const float4*>(p);
+  const float4 hi = *reinterpret_cast<const float4*>(p + 4);
+  v[0] = lo.x, v[1] = lo.y, v[2] = lo.z, v[3] = lo.w, v[4] = hi.x, v[5] = hi.y, v[6] = hi.z;
+  v[7] = hi.w;
+}
+
+// 8 bf16 values (16 bytes) as floats.
+__device__ __forceinline__ void unpack8(uint4 v, float (&x)[8]) {
+  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    x[2 * c] = bf16_lo(words[c]);
+    x[2 * c + 1] = bf16_hi(words[c]);
+  }
+}
+
+// Row 8i + r of this thread's 8 x 8 block of the tile.
+__device__ __forceinline__ void tile_row(const uint8_t* tile, const Thread& t, int r,
+                                         float (&x)[8]) {
+  unpack8(*reinterpret_cast<const uint4*>(tile + (8 * t.i + r) * 256 + t.j * 16), x);
+}
+
+// ss[r] += the squares of this thread's 8 columns of row 8i + r of the tile, left to right.
+__device__ __forceinline__ void add_squares(const uint8_t* tile, const Thread& t, float (&ss)[8]) {
+#pragma unroll
+  for (int r = 0; r < 8; ++r) {
+    float x[8];
+    tile_row(tile, t, r, x);
+#pragma unroll
+    for (int c = 0; c < 8; ++c) ss[r] = fmaf(x[c], x[c], ss[r]);
+  }
+}
+
+// rstd of this thread's rows 8i .. 8i + 7 of row block rb from its partial sums of squares `ss`
+// (round `round` of the exchange). The 16 threads of a row add theirs: the 8 lanes of a warp by
+// a butterfly (every lane gets the same sum, since a + b == b + a), then the two warps of the
+// row through recv_b. Row r's CTA partial goes to its owner, CTA r / (128 / cluster), by st.async
+// into its recv_a; each owner adds the cluster's partials of its rows in rank order, forms rstd
+// and sends it to every CTA's recv_b. Each rstd is computed once, so every CTA uses the same one.
+// Neither buffer needs a second copy: a CTA sends round n + 1's data only after it received
+// round n's rstd from every CTA, which each sends only after reading what it received in round n.
+__device__ __forceinline__ void row_rstd(float (&ss)[8], const Smem& sm, const Thread& t,
+                                         const Args& a, uint32_t rank, uint32_t csize, int rb,
+                                         uint32_t round, float (&rstd)[8]) {
+#pragma unroll
+  for (int r = 0; r < 8; ++r) {
+#pragma unroll
+    for (int m = 1; m < 8; m <<= 1) ss[r] += __shfl_xor_sync(0xFFFFFFFFu, ss[r], m);
+  }
+  const float mine = pick(ss, t.lane & 7);
+  const int row = 8 * t.i + (t.lane & 7);
+  const int slice = TILE / int(csize);  // rows per owner
+  __syncthreads();  // the last tile's reciprocal row scales in recv_b have been read
+  if (t.warp >= 4) sm.recv_b[row] = mine;  // columns 64..127 of each tile
+  __syncthreads();
+  if (t.warp < 4) {
+    const float partial = mine + sm.recv_b[row];
+    const uint32_t owner = uint32_t(row / slice);
+    st_async(sm.recv_a + rank * slice + row % slice, partial, sm.bar_a, owner);
+  }
+  if (t.tid < slice) {
+    mbar_wait_cluster(sm.bar_a, round & 1);
+    float total = sm.recv_a[t.tid];
+    for (int sender = 1; sender < int(csize); ++sender) total += sm.recv_a[sender * slice + t.tid];
+    const float r = __fdiv_rn(1.0f, __fsqrt_rn(__fdiv_rn(total, float(a.K)) + a.eps));
+    const int own_row = int(rank) * slice + t.tid;
+    for (uint32_t dest = 0; dest < csize; ++dest) st_async(sm.recv_b + own_row, r, sm.bar_b, dest);
+    if (rb * TILE + own_row < a.M) a.rstd[rb * TILE + own_row] = r;
+  }
+  mbar_wait_cluster(sm.bar_b, round & 1);
+  load8(sm.recv_b + 8 * t.i, rstd);
+  if (t.tid == 0) {  // this round is over in this CTA: arm both barriers for the next one
+    mbar_expect(sm.bar_a, TILE * sizeof(float));
+    mbar_expect(sm.bar_b, TILE * sizeof(float));
+  }
+}
+
+// w[col0 .. col0 + 7] as floats (zeros past K); loaded one tile ahead of its use, since it comes
+// from L2 (shared memory is full, and L1 is invalidated by every exchange's acquire).
+__device__ __forceinline__ void load_weights(const Args& a, int col0, float (&w)[8]) {
+  if (col0 >= a.K) {  // K % 8 == 0: a group of 8 columns is all inside or all outside
+#pragma unroll
+    for (int c = 0; c < 8; ++c) w[c] = 0.0f;
+  } else if (a.w_bf16) {
+    unpack8(*reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(a.w) + col0), w);
+  } else {
+    load8(static_cast<const float*>(a.w) + col0, w);
+  }
+}
+
+// y = x * rstd * w of this thread's 8 x 8 block of the tile.
+__device__ __forceinline__ void normalize(const uint8_t* tile, const Thread& t,
+                                          const float (&w)[8], const float (&rstd)[8],
+                                          float (&y)[8][8]) {
+#pragma unroll
+  for (int r = 0; r < 8; ++r) {
+    float x[8];
+    tile_row(tile, t, r, x);
+#pragma unroll
+    for (int c = 0; c < 8; ++c) y[r][c] = x[c] * rstd[r] * w[c];
+  }
+}
+
+// Row amaxes into am[0..127], column amaxes into am[128..255] (atomicMax on |y|'s bits).
+__device__ __forceinline__ void tile_amax(const float (&y)[8][8], const Thread& t, bool colwise,
+                                          uint32_t* am) {
+  uint32_t ra[8], ca[8];
+#pragma unroll
+  for (int c = 0; c < 8; ++c) ca[c] = 0;
+#pragma unroll
+  for (int r = 0; r < 8; ++r) {
+    ra[r] = 0;
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {
+      const uint32_t b = __float_as_uint(y[r][c]) & ABS_MASK;
+      ra[r] = max(ra[r], b);
+      ca[c] = max(ca[c], b);
+    }
+#pragma unroll
+    for (int m = 1; m < 8; m <<= 1) ra[r] = max(ra[r], __shfl_xor_sync(0xFFFFFFFFu, ra[r], m));
+  }
+  atomicMax(am + 8 * t.i + (t.lane & 7), pick(ra, t.lane & 7));
+  if (colwise) {
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {
+      ca[c] = max(ca[c], __shfl_xor_sync(0xFFFFFFFFu, ca[c], 8));
+      ca[c] = max(ca[c], __shfl_xor_sync(0xFFFFFFFFu, ca[c], 16));
+    }
+    const int c0 = 2 * (t.lane >> 3);  // the 4 lanes of a column group take 2 columns each
+    uint32_t even = ca[0], odd = ca[1];
+#pragma unroll
+    for (int c = 2; c < 8; c += 2) {
+      even = c0 == c ? ca[c] : even;
+      odd = c0 == c ? ca[c + 1] : odd;
+    }
+    atomicMax(am + TILE + 8 * t.j + c0, even);
+    atomicMax(am + TILE + 8 * t.j + c0 + 1, odd);
+  }
+}
+
+
+// Thread tid < 128: the scale of row tid, threads 128..255: of column tid - 128. Stores the scale,
+// leaves its reciprocal in recv_b (rows) or inv_cols, and clears the amax for the next tile.
+__device__ __forceinline__ void tile_scales(const Smem& sm, const Thread& t, const Args& a, int rb,
+                                            int kb) {
+  const int u = t.tid & (TILE - 1);
+  if (t.tid < TILE) {
+    const float2 s = scale_of(sm.amax[t.tid], a.pow2);
+    const int row = rb * TILE + u;
+    if (row < a.M) a.s[int64_t(kb) * a.M + row] = s.x;
+    sm.recv_b[u] = s.y;
+  } else if (a.colwise) {
+    const float2 s = scale_of(sm.amax[t.tid], a.pow2);
+    const int k = kb * TILE + u;
+    if (k < a.K) a.st[int64_t(rb) * a.K + k] = s.x;
+    sm.inv_cols[u] = s.y;
+  }
+  sm.amax[t.tid] = 0;
+}
+
+// Both FP8 copies (and hp) of this thread's block. Plain stores, and the reciprocal scales read
+// first, so the compiler issues the shared-memory loads together rather than one per store.
+__device__ __forceinline__ void tile_store(const float (&y)[8][8], const Smem& sm, const Thread& t,
+                                           const Args& a, int rb, int col0) {
+  if (col0 >= a.K) return;
+  const int row0 = rb * TILE + 8 * t.i;
+  float inv_rows[8], inv_cols[8];
+  load8(sm.recv_b + 8 * t.i, inv_rows);
+  load8(sm.inv_cols + 8 * t.j, inv_cols);
+#pragma unroll
+  for (int r = 0; r < 8; ++r) {
+    if (row0 + r < a.M)
+      *reinterpret_cast<uint2*>(a.q + int64_t(row0 + r) * a.K + col0) = e4m3x8(y[r], inv_rows[r]);
+  }
+  if (a.colwise) {
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {
+      float column[8];
+#pragma unroll
+      for (int r = 0; r < 8; ++r) column[r] = y[r][c];
+      *reinterpret_cast<uint2*>(a.qt + int64_t(col0 + c) * a.Mp + row0) =
+          e4m3x8(column, inv_cols[c]);
+    }
+  }
+  if (a.hp != nullptr) {
+#pragma unroll
+    for (int r = 0; r < 8; ++r) {
+      if (row0 + r < a.M) {
+        float4* p = reinterpret_cast<float4*>(a.hp + int64_t(row0 + r) * a.K + col0);
+        p[0] = make_float4(y[r][0], y[r][1], y[r][2], y[r][3]);
+        p[1] = make_float4(y[r][4], y[r][5], y[r][6], y[r][7]);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The kernel
+
+#ifdef NORM_TIMELINE  // per CTA and round: %globaltimer at its start, sums, exchange, end
+__device__ unsigned long long g_timeline[1024][4 * 64];
+__device__ __forceinline__ void mark(int round, int phase) {
+  unsigned long long now;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+  if (threadIdx.x == 0 && round < 64) g_timeline[blockIdx.x][4 * round + phase] = now;
+}
+#else
+__device__ __forceinline__ void mark(int, int) {}
+#endif
+
+// The tiles this CTA loads form one sequence over its rounds: tile k of round n is element
+// s = n * n_tiles + k, kept in buffer s % buffers, whose mbarrier completes its (s / buffers)-th
+// phase when it lands. Element s + buffers is loaded as soon as element s has been read into
+// registers for quantizing, so with more buffers than tiles the next row block's first tiles
+// are already on their way while this one's sums are exchanged.
+struct Ring {
+  uint8_t* tiles;
+  uint64_t* full;
+  int buffers, n_tiles, k_first, cluster, clusters, rounds;
+  __device__ uint8_t* tile(int s) const { return tiles + size_t(s % buffers) * TILE_BYTES; }
+  __device__ uint64_t* bar(int s) const { return full + s % buffers; }
+  __device__ uint32_t parity(int s) const { return uint32_t(s / buffers) & 1; }
+  __device__ void load(int s, const CUtensorMap* map) const {  // one thread
+    if (s >= rounds * n_tiles) return;
+    const int rb = cluster + (s / n_tiles) * clusters;
+    load_tile(tile(s), map, bar(s), (k_first + s % n_tiles) * TILE, rb * TILE);
+  }
+  __device__ bool landed(int s) const {  // without waiting
+    uint32_t done;
+    asm volatile(
+        "{\n.reg .pred p;\n"
+        "mbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done) : "r"(smem_addr(bar(s))), "r"(parity(s)) : "memory");
+    return done != 0;
+  }
+};
+
+__global__ void __launch_bounds__(THREADS, 1)
+rmsnorm_quant_kernel(const __grid_constant__ CUtensorMap x_map, const Args a) {
+  extern __shared__ __align__(1024) uint8_t smem[];
+  Smem sm;
+  sm.tiles = smem;
+  sm.amax = reinterpret_cast<uint32_t*>(smem + size_t(a.buffers) * TILE_BYTES);
+  sm.inv_cols = reinterpret_cast<float*>(sm.amax + 2 * TILE);
+  sm.recv_a = sm.inv_cols + TILE;
+  sm.recv_b = sm.recv_a + TILE;
+  sm.bar_a = reinterpret_cast<uint64_t*>(sm.recv_b + TILE);
+  sm.bar_b = sm.bar_a + 1;
+  sm.full = sm.bar_a + 2;
+
+  const Thread t;
+  const uint32_t rank = special(0), csize = special(1);
+  const int cluster = int(special(2)), clusters = int(special(3));
+  Ring ring;
+  ring.tiles = sm.tiles;
+  ring.full = sm.full;
+  ring.buffers = a.buffers;
+  ring.k_first = int(rank) * a.Kb / int(csize);  // this CTA's column tiles: an even share
+  ring.n_tiles = (int(rank) + 1) * a.Kb / int(csize) - ring.k_first;
+  ring.cluster = cluster;
+  ring.clusters = clusters;
+  ring.rounds = cluster < a.Mb ? (a.Mb - 1 - cluster) / clusters + 1 : 0;
+
+  if (t.tid == 0) {
+    for (int b = 0; b < a.buffers; ++b) mbar_init(sm.full + b);
+    mbar_init(sm.bar_a);
+    mbar_init(sm.bar_b);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    mbar_expect(sm.bar_a, TILE * sizeof(float));  // round 0
+    mbar_expect(sm.bar_b, TILE * sizeof(float));
+    for (int s = 0; s < a.buffers; ++s) ring.load(s, &x_map);
+  }
+  for (int u = t.tid; u < 2 * TILE; u += THREADS) sm.amax[u] = 0;
+  cluster_sync();  // every CTA's barriers exist before anyone sends to them
+
+  float ss[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  float w[8];  // the weights of the next tile to quantize
+  load_weights(a, ring.k_first * TILE + 8 * t.j, w);
+  int summed = 0;  // elements of the sequence whose squares this thread has added
+  for (int round = 0; round < ring.rounds; ++round) {
+    const int rb = cluster + round * clusters, end = (round + 1) * ring.n_tiles;
+    mark(round, 0);
+    for (; summed < end; ++summed) {
+      mbar_wait(ring.bar(summed), ring.parity(summed));
+      add_squares(ring.tile(summed), t, ss);
+    }
+    mark(round, 1);
+    float rstd[8];
+    row_rstd(ss, sm, t, a, rank, csize, rb, uint32_t(round), rstd);
+#pragma unroll
+    for (int r = 0; r < 8; ++r) ss[r] = 0.0f;
+    mark(round, 2);
+    for (int k = 0; k < ring.n_tiles; ++k) {
+      const int s = round * ring.n_tiles + k;
+      const int kb = ring.k_first + k, col0 = kb * TILE + 8 * t.j;
+      float y[8][8];
+      normalize(ring.tile(s), t, w, rstd, y);
+      const int k_next = k + 1 < ring.n_tiles ? k + 1 : 0;  // the same columns every round
+      load_weights(a, (ring.k_first + k_next) * TILE + 8 * t.j, w);
+      tile_amax(y, t, a.colwise != 0, sm.amax);
+      __syncthreads();  // the tile is in registers: its buffer takes the element `buffers` on
+      if (t.tid == 0) ring.load(s + a.buffers, &x_map);
+      tile_scales(sm, t, a, rb, kb);
+      __syncthreads();
+      tile_store(y, sm, t, a, rb, col0);
+      // the next round's tiles that have landed: their squares now, off the exchange's path
+      // (each thread adds its tiles in sequence order whenever it gets to them)
+      if (summed < min(end + ring.n_tiles, ring.rounds * ring.n_tiles) && summed <= s + a.buffers &&
+          ring.landed(summed)) {
+        add_squares(ring.tile(summed), t, ss);
+        ++summed;
+      }
+    }
+    mark(round, 3);
+  }
+  cluster_sync();  // no CTA leaves while a st.async to or from it may be in flight
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side: the TMA descriptor of x, the launch, a C ABI for ctypes (models/fp8/norm_cuda.py)
+
+using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
+                                   const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
+                                   const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
+                                   CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+EncodeTiledFn encode_tiled() {  // the driver's cuTensorMapEncodeTiled, without linking libcuda
+  static EncodeTiledFn fn = nullptr;
+  if (fn == nullptr) {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult found;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault,
+                                         &found) == cudaSuccess &&
+        found == cudaDriverEntryPointSuccess)
+      fn = reinterpret_cast<EncodeTiledFn>(ptr);
+  }
+  return fn;
+}
+
+int fail(char* err, int err_len, const char* message) {
+  snprintf(err, err_len, "%s", message);
+  return 1;
+}
+
+// x [M, K] bf16 with row stride ld elements, read in 128 x 128 boxes; zeros outside.
+int x_tile_map(CUtensorMap* map, const void* x, int M, int K, int64_t ld, char* err, int err_len) {
+  EncodeTiledFn encode = encode_tiled();
+  if (encode == nullptr) return fail(err, err_len, "cuTensorMapEncodeTiled is not available");
+  const cuuint64_t dims[2] = {cuuint64_t(K), cuuint64_t(M)};
+  const cuuint64_t strides[1] = {cuuint64_t(ld) * 2};
+  const cuuint32_t box[2] = {TILE, TILE};
+  const cuuint32_t elem_strides[2] = {1, 1};
+  const CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(x), dims,
+                            strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                            CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) {
+    snprintf(err, err_len, "cuTensorMapEncodeTiled failed (CUresult %d) for x [%d, %d] with row "
+             "stride %lld: the base and the row stride must be 16-byte aligned", int(r), M, K,
+             (long long)ld);
+    return 1;
+  }
+  return 0;
+}
+
+cudaLaunchConfig_t launch_config(int cluster, int buffers, int ctas, void* stream,
+                                 cudaLaunchAttribute* attr) {
+  attr->id = cudaLaunchAttributeClusterDimension;
+  attr->val.clusterDim.x = cluster;
+  attr->val.clusterDim.y = 1;
+  attr->val.clusterDim.z = 1;
+  cudaLaunchConfig_t config = {};
+  config.blockDim = dim3(THREADS);
+  config.gridDim = dim3(ctas);
+  config.dynamicSmemBytes = smem_bytes(buffers);
+  config.stream = static_cast<cudaStream_t>(stream);
+  config.attrs = attr;
+  config.numAttrs = 1;
+  return config;
+}
+
+// Clusters of `cluster` CTAs with `buffers` tile buffers each that can be resident at once; 0
+// with err set if none. Cached per device and shape: the attributes and the occupancy query cost
+// microseconds per launch, and a model launches a few shapes (one per norm width) many times.
+int resident_clusters(int cluster, int buffers, char* err, int err_len) {
+  struct Entry {
+    int device, cluster, buffers, clusters;
+  };
+  static Entry cache[16];
+  static int cached = 0;
+  static size_t allowed[64] = {};  // per device: the shared memory the kernel may use so far
+  int device = 0;
+  cudaGetDevice(&device);
+  for (int n = 0; n < cached; ++n)
+    if (cache[n].device == device && cache[n].cluster == cluster && cache[n].buffers == buffers)
+      return cache[n].clusters;
+  cudaError_t e = cudaSuccess;
+  if (smem_bytes(buffers) > allowed[device % 64]) {  // a maximum: never lowered for a later shape
+    e = cudaFuncSetAttribute(rmsnorm_quant_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             int(smem_bytes(buffers)));
+    if (e == cudaSuccess) allowed[device % 64] = smem_bytes(buffers);
+  }
+  if (e == cudaSuccess && cluster > 8)
+    e = cudaFuncSetAttribute(rmsnorm_quant_kernel,
+                             cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+  int clusters = 0;
+  cudaLaunchAttribute attr;
+  const cudaLaunchConfig_t config = launch_config(cluster, buffers, cluster, nullptr, &attr);
+  if (e == cudaSuccess)
+    e = cudaOccupancyMaxActiveClusters(&clusters, rmsnorm_quant_kernel, &config);
+  if (e != cudaSuccess) return fail(err, err_len, cudaGetErrorString(e)) - 1;
+  if (clusters < 1) {
+    snprintf(err, err_len, "no cluster of %d CTAs with %zu bytes of shared memory each fits "
+             "this device", cluster, smem_bytes(buffers));
+    return 0;
+  }
+  if (cached < 16) cache[cached++] = Entry{device, cluster, buffers, clusters};
+  return clusters;
+}
+
+}  // namespace
+
+extern "C" {
+
+// Shared memory one CTA with `buffers` tile buffers needs (bytes).
+size_t fp8moe_rmsnorm_smem_bytes(int buffers) { return smem_bytes(buffers); }
+
+// Clusters of this shape resident at once on the current device (0: none, err says why).
+int fp8moe_rmsnorm_resident_clusters(int cluster, int buffers, char* err, int err_len) {
+  return resident_clusters(cluster, buffers, err, err_len);
+}
+
+#ifdef NORM_TIMELINE
+int fp8moe_rmsnorm_timeline(unsigned long long* out) {  // [1024][4 * 64] into host memory
+  return int(cudaMemcpyFromSymbol(out, g_timeline, sizeof(g_timeline)));
+}
+#endif
+
+// The whole operation, launched on `stream`: see the header and models/fp8/norm_cuda.py. cluster
+// divides 128 (at most 16) and its CTAs split the ceil(K / 128) column tiles evenly, at most
+// `buffers` each (CTAs without a tile only take part in the exchange); x bf16 with a 16-byte
+// aligned base and row stride; K % 8 == 0.
+int fp8moe_rmsnorm_quant(const void* x, int64_t ldx, const void* w, int w_bf16, float eps, int M,
+                         int K, int pow2, int colwise, void* q, float* s, void* qt, float* st,
+                         float* rstd, float* hp, int Mp, int cluster, int buffers, void* stream,
+                         char* err, int err_len) {
+  const int Kb = (K + TILE - 1) / TILE, Mb = (M + TILE - 1) / TILE;
+  if (M < 1 || K < 1 || K % 8)
+    return fail(err, err_len, "need M >= 1 and K a positive multiple of 8");
+  if (cluster < 1 || cluster > MAX_CLUSTER || TILE % cluster || buffers < 1 ||
+      cluster * buffers < Kb) {
+    snprintf(err, err_len, "%d CTAs x %d tile buffers do not hold the %d column tiles (cluster: "
+             "a power of two up to %d)", cluster, buffers, Kb, MAX_CLUSTER);
+    return 1;
+  }
+  CUtensorMap map;
+  if (x_tile_map(&map, x, M, K, ldx, err, err_len)) return 1;
+  const int clusters = resident_clusters(cluster, buffers, err, err_len);
+  if (clusters < 1) return 1;
+  const Args args{w, w_bf16, static_cast<uint8_t*>(q), s, static_cast<uint8_t*>(qt), st, rstd, hp,
+                  M, K, Mp, Mb, Kb, buffers, eps, pow2, colwise};
+  cudaLaunchAttribute attr;
+  const cudaLaunchConfig_t config =
+      launch_config(cluster, buffers, std::min(clusters, Mb) * cluster, stream, &attr);
+  const cudaError_t e = cudaLaunchKernelEx(&config, rmsnorm_quant_kernel, map, args);
+  if (e != cudaSuccess) return fail(err, err_len, cudaGetErrorString(e));
+  return 0;
+}
+
+}  // extern "C"

@@ -1,0 +1,127 @@
+"""ctypes binding of the fused RMSNorm -> FP8 quantization kernel, csrc/fp8_norm/rmsnorm_quant.cu.
+
+Same contract as the Triton path of `models.fp8.quant.rmsnorm_quantize` (that module's docstring
+has the layouts and why the norm is hard to fuse; the .cu header has how the kernel does it: one
+thread-block cluster per 128-row block, the block's tiles held in shared memory, the rows' sums of
+squares exchanged through distributed shared memory, x read from HBM once). quant.py calls
+`rmsnorm_quantize` here when `available(device)` (an sm90 GPU and nvcc to build the library on
+first use) and `fits(...)`, and otherwise runs Triton:
+
+  * x bf16 with unit column stride, its base and row stride 16-byte aligned (TMA);
+  * K % 8 == 0 (8-column groups are stored as 8-byte vectors) and at most 16 CTAs x the tiles
+    one CTA's shared memory holds (7 on an H100: K <= 14336);
+  * hp_out, if given, 16-byte aligned.
+The weight may be bf16 or fp32 (anything else is converted to fp32 first).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from . import cuda_lib
+
+TILE = 128
+MAX_CLUSTER = 16
+"""The largest thread-block cluster sm90 allows (non-portable above 8)."""
+
+
+def load_library(path) -> ctypes.CDLL:
+    """The built library at `path`, with its C ABI declared."""
+    lib = ctypes.CDLL(str(path))
+    i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+    lib.fp8moe_rmsnorm_quant.argtypes = [ptr, i64, ptr, i32, ctypes.c_float, i32, i32, i32, i32,
+                                         ptr, ptr, ptr, ptr, ptr, ptr, i32, i32, i32, ptr,
+                                         ctypes.c_char_p, i32]
+    lib.fp8moe_rmsnorm_smem_bytes.argtypes = [i32]
+    lib.fp8moe_rmsnorm_smem_bytes.restype = ctypes.c_size_t
+    lib.fp8moe_rmsnorm_resident_clusters.argtypes = [i32, i32, ctypes.c_char_p, i32]
+    return lib
+
+
+@functools.lru_cache(maxsize=None)
+def _library() -> ctypes.CDLL:
+    return load_library(cuda_lib.build_script("fp8_norm").ensure_built())
+
+
+@functools.lru_cache(maxsize=None)
+def unavailable_reason(index: int) -> str | None:
+    """None when device `index` can run the kernel, else why not (cached per device)."""
+    if torch.cuda.get_device_capability(index) != (9, 0):
+        return "the CUDA rmsnorm kernel needs an sm90 (Hopper) GPU"
+    try:
+        _library()
+    except Exception as err:  # no nvcc, or the build failed: say why, use Triton
+        return f"building csrc/fp8_norm failed: {err}"
+    if max_tiles(index) < 1:
+        return "not even one 128 x 128 tile fits a CTA's shared memory"
+    return None
+
+
+def available(device: torch.device) -> bool:
+    return device.type == "cuda" and unavailable_reason(device.index or 0) is None
+
+
+@functools.lru_cache(maxsize=None)
+def max_tiles(index: int) -> int:
+    """Tiles (32 KB each, plus the kernel's scratch) one CTA's shared memory holds on device
+    `index`: 7 on an H100."""
+    limit = torch.cuda.get_device_properties(index).shared_memory_per_block_optin
+    smem = _library().fp8moe_rmsnorm_smem_bytes
+    tiles = 0
+    while smem(tiles + 1) <= limit:
+        tiles += 1
+    return tiles
+
+
+def plan(kb: int, most_tiles: int, cluster: int = 0) -> tuple[int, int] | None:
+    """(CTAs per cluster, most tiles per CTA) covering kb column tiles, or None if none fits.
+
+    cluster=0 picks the smallest power-of-two cluster whose CTAs hold the row block within
+    `most_tiles` tiles each (fewest CTAs sharing a row block: K = 7168 -> 8 x 7, 4096 -> 8 x 4,
+    2048 -> 4 x 4); a given cluster (a power of two up to 16) splits them as evenly as it can
+    (the kernel gives CTA r tiles r * kb // cluster .. (r + 1) * kb // cluster - 1)."""
+    if kb < 1 or most_tiles < 1:
+        return None
+    if not cluster:
+        cluster = 1
+        while cluster * most_tiles < kb:
+            cluster *= 2
+    if cluster > MAX_CLUSTER or cluster & (cluster - 1):
+        return None
+    tiles = -(-kb // cluster)
+    return (cluster, tiles) if tiles <= most_tiles else None
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    return t.data_ptr() % 16 == 0
+
+
+def fits(x: torch.Tensor, hp_out: torch.Tensor | None, cluster: int = 0) -> bool:
+    """Whether the kernel takes this input (see the module docstring); x is 2-D and validated."""
+    M, K = x.shape
+    return (x.dtype == torch.bfloat16 and (x.stride(1) == 1 or K == 1) and _aligned(x)
+            and x.stride(0) % 8 == 0 and K % 8 == 0 and M > 0
+            and (hp_out is None or _aligned(hp_out))
+            and plan(-(-K // TILE), max_tiles(x.device.index or 0), cluster) is not None)
+
+
+def rmsnorm_quantize(x, weight, eps: float, pow2_scales: bool, colwise: bool, hp_out, rstd,
+                     outputs, cluster: int = 0) -> None:
+    """Run the kernel into `outputs` = (q, s, qt, st) (quant._alloc_outputs; qt and st unused
+    unless colwise) and rstd; the caller checked `fits`."""
+    (M, K), (q, s, qt, st) = x.shape, outputs
+    if weight.dtype not in (torch.bfloat16, torch.float32):
+        weight = weight.float()
+    if not _aligned(weight):
+        weight = weight.clone()
+    buffers = max_tiles(x.device.index or 0)  # beyond the CTA's tiles: the next block's, early
+    cluster = plan(-(-K // TILE), buffers, cluster)[0]
+    stream = torch.cuda.current_stream(x.device).cuda_stream
+    cuda_lib.call(_library().fp8moe_rmsnorm_quant,
+                  x.data_ptr(), x.stride(0), weight.data_ptr(), int(weight.dtype == torch.bfloat16),
+                  eps, M, K, int(pow2_scales), int(colwise), q.data_ptr(), s.data_ptr(),
+                  qt.data_ptr(), st.data_ptr(), rstd.data_ptr(),
+                  None if hp_out is None else hp_out.data_ptr(), qt.shape[1] if colwise else 0,
+                  cluster, buffers, stream)
