@@ -120,9 +120,9 @@ an sm90 GPU for bf16 x, `Tiling.cuda`) does that: a thread-block cluster owns a 
 (at K = 7168, 8 CTAs of 7 tiles, 32 KB of shared memory each), loads it once by TMA, sends each
 row's per-CTA sums of squares to the CTA owning the row with st.async, gets its rstd back the
 same way, and quantizes the tiles from shared memory while the next row block's tiles load.
-Measured on the H100 (x read once; bench_fp8 and a focused timing, 32768x7168 / 8192x4096 /
-16384x2048): 69-70% / 70-73% / 59-61% of the copy, against this Triton kernel's 62-64% / 45-50%
-/ 35-50% in the same runs. Still short of the dual kernel's 92%. A per-CTA timeline at
+Measured on the H100 (bench_fp8, 32768x7168 / 8192x4096): 69% / 60% of the copy, against this
+Triton kernel's 64% / 44% in the same run (a focused timing with 16384x2048: 59-61% against
+35-50%). Still short of the dual kernel's 92%. A per-CTA timeline at
 32768x7168 (the .cu's NORM_TIMELINE switch) has each row block take 25 us: 88% of it quantizing
 7 tiles, while the GPU moves 2.4 TB/s (81% of the copy's 3.0), 5% waiting for the last tile's
 load and 7% in the exchange; only 120 of the 132 SMs run (15 clusters of 8 fit), and 256 row
@@ -250,7 +250,7 @@ DEFAULT_TILING = MappingProxyType({  # H100 sweep (fraction of a D2D copy, 32768
     "dual": Tiling(warps=4, compact_scales=True),                   # 92% / 83%
     "swiglu": Tiling(warps=4, compact_scales=True),                 # 90% / 85%
     "swiglu 1x128": Tiling(warps=4, block_m=32),                    # 98% / 87%
-    "rmsnorm": Tiling(cuda=True, warps=4, compact_scales=True, l2_hints=True),  # CUDA: 69% / 70%
+    "rmsnorm": Tiling(cuda=True, warps=4, compact_scales=True, l2_hints=True),  # CUDA: 69% / 60%
     "128x128": Tiling(warps=8),                                     # 93% / 73%
 })
 """The launch each wrapper uses unless given `tiling=` (chosen with scripts/sweep_quant.py)."""
