@@ -60,11 +60,17 @@ def compile_library(source: Path, out: Path, env=None,
     return out, result.stderr
 
 
+COMMON = ROOT / "csrc" / "common"
+"""Headers every library includes (host_tma.cuh): part of every library's digest."""
+
+
 def digest_path(library_dir: Path, stem: str, *sources: Path) -> Path:
     """`library_dir/<stem>.<digest>.so`, the digest taken over `sources` (the .cu and the scripts
-    that build it), not judged by timestamps: a library built from other sources (an earlier
-    checkout, or a copy of the tree whose files got new modification times) is never loaded."""
-    digest = hashlib.sha256(b"".join(Path(s).read_bytes() for s in sources)).hexdigest()[:16]
+    that build it) and csrc/common's headers, not judged by timestamps: a library built from other
+    sources (an earlier checkout, or a copy of the tree whose files got new modification times) is
+    never loaded."""
+    files = [*sources, *sorted(COMMON.glob("*.cuh"))]
+    digest = hashlib.sha256(b"".join(Path(f).read_bytes() for f in files)).hexdigest()[:16]
     return Path(library_dir) / f"{stem}.{digest}.so"
 
 

@@ -115,6 +115,8 @@
 
 #include <algorithm>
 
+#include "../common/host_tma.cuh"  // encode_tiled, fail
+
 namespace {
 
 constexpr int BM = 128;             // output rows per tile (two consumer warpgroups x 64)
@@ -1149,35 +1151,14 @@ grouped_wgrad_kernel(const __grid_constant__ CUtensorMap map_a,
 // ---------------------------------------------------------------------------------------------
 // Host side: TMA descriptors, launch, and a C ABI for ctypes (models/fp8/grouped_cuda.py)
 
-using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
-                                   const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
-                                   const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
-                                   CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
-
-// The driver's cuTensorMapEncodeTiled, reached through the runtime: nothing links libcuda.
-EncodeTiledFn encode_tiled() {
-  static EncodeTiledFn fn = nullptr;
-  if (fn == nullptr) {
-    void* ptr = nullptr;
-    cudaDriverEntryPointQueryResult found;
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault,
-                                         &found) == cudaSuccess &&
-        found == cudaDriverEntryPointSuccess)
-      fn = reinterpret_cast<EncodeTiledFn>(ptr);
-  }
-  return fn;
-}
-
-int fail(char* err, int err_len, const char* message) {
-  snprintf(err, err_len, "%s", message);
-  return 1;
-}
+using csrc_common::encode_tiled;
+using csrc_common::fail;
 
 // A row-major [rows, cols] matrix with row stride ld bytes, read in box_rows x box_cols boxes.
 int tile_map(CUtensorMap* map, CUtensorMapDataType dtype, CUtensorMapSwizzle swizzle,
              const void* base, int64_t rows, int64_t cols, int64_t ld, int box_cols, int box_rows,
              char* err, int err_len) {
-  EncodeTiledFn encode = encode_tiled();
+  const auto encode = encode_tiled();
   if (encode == nullptr) return fail(err, err_len, "cuTensorMapEncodeTiled is not available");
   const cuuint64_t dims[2] = {cuuint64_t(cols), cuuint64_t(rows)};
   const cuuint64_t strides[1] = {cuuint64_t(ld)};

@@ -48,6 +48,8 @@
 #include <cstdint>
 #include <cstdio>
 
+#include "../common/host_tma.cuh"  // encode_tiled, fail
+
 namespace {
 
 constexpr int TILE = 128;
@@ -550,32 +552,12 @@ rmsnorm_quant_kernel(const __grid_constant__ CUtensorMap x_map, const Args a) {
 // ---------------------------------------------------------------------------------------------
 // Host side: the TMA descriptor of x, the launch, a C ABI for ctypes (models/fp8/norm_cuda.py)
 
-using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
-                                   const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
-                                   const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
-                                   CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
-
-EncodeTiledFn encode_tiled() {  // the driver's cuTensorMapEncodeTiled, without linking libcuda
-  static EncodeTiledFn fn = nullptr;
-  if (fn == nullptr) {
-    void* ptr = nullptr;
-    cudaDriverEntryPointQueryResult found;
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault,
-                                         &found) == cudaSuccess &&
-        found == cudaDriverEntryPointSuccess)
-      fn = reinterpret_cast<EncodeTiledFn>(ptr);
-  }
-  return fn;
-}
-
-int fail(char* err, int err_len, const char* message) {
-  snprintf(err, err_len, "%s", message);
-  return 1;
-}
+using csrc_common::encode_tiled;
+using csrc_common::fail;
 
 // x [M, K] bf16 with row stride ld elements, read in 128 x 128 boxes; zeros outside.
 int x_tile_map(CUtensorMap* map, const void* x, int M, int K, int64_t ld, char* err, int err_len) {
-  EncodeTiledFn encode = encode_tiled();
+  const auto encode = encode_tiled();
   if (encode == nullptr) return fail(err, err_len, "cuTensorMapEncodeTiled is not available");
   const cuuint64_t dims[2] = {cuuint64_t(K), cuuint64_t(M)};
   const cuuint64_t strides[1] = {cuuint64_t(ld) * 2};
