@@ -352,20 +352,6 @@ def test_cuda_rmsnorm_compiles_for_sm90a(tmp_path):
     assert smem(7) <= 232448 < smem(8)
 
 
-@pytest.mark.parametrize("defines", [("NORM_WARPS=16",), ("NORM_WARPS=16", "NORM_SWIZZLE=1")])
-def test_cuda_rmsnorm_variants_compile(tmp_path, defines):
-    """The 16-warp builds of csrc/fp8_norm (compile-time switches, not the default) fit 128
-    registers a thread without spilling."""
-    build = cuda_lib.build_script("fp8_norm")
-    try:
-        build.find_nvcc()
-    except build.BuildUnavailable as err:
-        pytest.skip(str(err))
-    _, report = build.build_library(tmp_path / "libnorm.so", defines=defines)
-    kernel = report[report.index("rmsnorm_quant_kernel"):]
-    assert "0 bytes stack frame, 0 bytes spill stores" in kernel.splitlines()[2], kernel[:400]
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape,tiling", [
     ((4097, 7168), quant.Tiling(cuda=True)),                # ragged M, 8 CTAs x 7 tiles

@@ -42,27 +42,14 @@
 // shared-memory atomicMax on the bit patterns of |y| (for non-negative floats the integer order
 // is the float order, and NaN's pattern is above inf's, so a NaN propagates into the scale).
 //
-// NORM_WARPS=16 (a compile-time switch; the default, 8, is the design above): 16 warps of at most
-// 128 registers, each thread holding 4 rows x 8 columns of a tile, through two maps of threads to
-// elements (one for the sums, whose fp32 additions stay the default's, one for quantizing, whose
-// warps hold 32 x 32 blocks so the q and qt stores stay whole 32-byte sectors; see that build's
-// Thread); the row and column amaxes are reduce-scattered over a warp's lanes (10 shuffles a thread
-// instead of 40 for twice the values). NORM_SWIZZLE=1 (with NORM_WARPS=16) loads each tile as two
-// 128 x 64 boxes with the 128-byte swizzle, which takes the 2-way bank conflicts out of the
-// quantizing reads. Every output (q, s, qt, st, rstd, hp) of both was bitwise the default's on an
-// H100 at 32768x7168, 8192x4096, 16384x2048, 4096x7168 (pow2, and 1x128 only), 4097x7168 and
-// 300x520 (fp32 weights), 129x1024. Timed there (H100 80GB HBM3, interleaved rounds, against a
-// copy of the bytes bench_fp8 counts, two repeats): of the copy's bandwidth,
-//                  default          NORM_WARPS=16    + NORM_SWIZZLE
-//   32768 x 7168   67.8-68.1%       69.5-69.8%       69.5-69.8%      (2030 / 2080 / 2082 GB/s)
-//    8192 x 4096   57.1-57.7%       59.4-59.6%       60.0-60.1%      (1586 / 1643 / 1657 GB/s)
-//   16384 x 2048   57.6-58.0%       60.1-60.5%       60.4-60.9%      (1609 / 1678 / 1688 GB/s)
-// i.e. 2.5-5% faster, far from what twice the warps would give a latency-bound phase (ptxas: 126
-// registers, 128 with NORM_SWIZZLE, no spills). Also tried
-// there, not kept: one __syncthreads a tile (two amax buffers whose successive uses alternate
-// atomicMin / atomicMax encodings instead of being cleared, each warp computing its own rows' and
-// columns' scales and shuffling the reciprocals), bitwise equal too: 69.4-69.7% / 59.7-60.1% /
-// 60.0-60.3% alone, 68.6-68.9% / 58.8-59.4% / 59.5-59.6% with NORM_SWIZZLE.
+// Measured and not kept (commit a274961 has the code): 16 warps of 4 x 8 values each (126
+// registers; the amaxes reduce-scattered over lanes), with or without the tile loaded as two
+// 128-byte-swizzled boxes, and one __syncthreads a tile instead of two. All bitwise equal to this
+// design on an H100 at nine shapes and modes, and 2.5-5% faster (16 warps + swizzle: 69.5-69.8% /
+// 60.0% / 60.4-60.9% of the copy at 32768x7168 / 8192x4096 / 16384x2048, against 67.8-68.1% /
+// 57.1-57.7% / 57.6-58.0% in the same interleaved rounds): not worth a second thread map in a
+// kernel no model path calls yet. Twice the warps giving 3% says the quantizing phase is not
+// mainly latency-bound either; its stores are the next suspect (unprofiled).
 #include <cuda.h>  // CUtensorMap and its enums only: the driver is reached through the runtime
 #include <cuda_runtime.h>
 
@@ -72,20 +59,10 @@
 
 #include "../common/host_tma.cuh"  // encode_tiled, fail
 
-#ifndef NORM_WARPS  // 8: the design above; 16: see "NORM_WARPS=16" in the header
-#define NORM_WARPS 8
-#endif
-#ifndef NORM_SWIZZLE  // NORM_WARPS=16 only: tiles loaded with the 128-byte swizzle
-#define NORM_SWIZZLE 0
-#endif
-static_assert(NORM_WARPS == 8 || NORM_WARPS == 16, "NORM_WARPS: 8 or 16");
-static_assert(NORM_WARPS == 16 || !NORM_SWIZZLE, "NORM_SWIZZLE needs NORM_WARPS=16");
-
 namespace {
 
 constexpr int TILE = 128;
-constexpr int THREADS = 32 * NORM_WARPS;
-constexpr int ROWS = 64 / NORM_WARPS;  // rows of a tile a thread holds (of 8 columns each)
+constexpr int THREADS = 256;
 constexpr uint32_t TILE_BYTES = TILE * TILE * 2;  // one 128 x 128 bf16 tile
 constexpr int MAX_CLUSTER = 16;                   // the largest (non-portable) cluster on sm90
 constexpr float FP8_MAX = 448.0f;
@@ -202,20 +179,11 @@ __device__ __forceinline__ void st_async(float* p, float v, uint64_t* bar, uint3
 __device__ __forceinline__ void load_tile(void* dst, const CUtensorMap* map, uint64_t* bar,
                                           int col, int row) {
   mbar_expect(bar, TILE_BYTES);
-#if NORM_SWIZZLE  // two 128 x 64 boxes (the 128-byte swizzle spans at most 128 bytes of a row)
-  for (int half = 0; half < 2; ++half)
-    asm volatile(
-        "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
-        " [%0], [%1, {%3, %4}], [%2];"
-        ::"r"(smem_addr(dst) + half * (TILE_BYTES / 2)), "l"(reinterpret_cast<uint64_t>(map)),
-        "r"(smem_addr(bar)), "r"(col + half * (TILE / 2)), "r"(row) : "memory");
-#else
   asm volatile(
       "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
       " [%0], [%1, {%3, %4}], [%2];"
       ::"r"(smem_addr(dst)), "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(bar)),
       "r"(col), "r"(row) : "memory");
-#endif
 }
 
 // e4m3(lo) in the low byte, e4m3(hi) in the high byte; round to nearest even, finite values
@@ -259,6 +227,17 @@ __device__ __forceinline__ float2 scale_of(uint32_t amax, bool pow2) {
 // ---------------------------------------------------------------------------------------------
 // The phases of one row block
 
+struct Thread {
+  int tid, warp, lane, i, j;  // (i, j): this thread's 8 x 8 block of every tile
+  __device__ Thread() {
+    tid = threadIdx.x;
+    warp = tid >> 5;
+    lane = tid & 31;
+    i = 4 * (warp & 3) + (lane >> 3);
+    j = 8 * (warp >> 2) + (lane & 7);
+  }
+};
+
 __device__ __forceinline__ void load8(const float* p, float (&v)[8]) {  // 16-byte aligned
   const float4 lo = *reinterpret_cast<const float4*>(p);
   const float4 hi = *reinterpret_cast<const float4*>(p + 4);
@@ -275,32 +254,6 @@ __device__ __forceinline__ void unpack8(uint4 v, float (&x)[8]) {
     x[2 * c + 1] = bf16_hi(words[c]);
   }
 }
-
-// w[col0 .. col0 + 7] as floats (zeros past K); loaded one tile ahead of its use, since it comes
-// from L2 (shared memory is full, and L1 is invalidated by every exchange's acquire).
-__device__ __forceinline__ void load_weights(const Args& a, int col0, float (&w)[8]) {
-  if (col0 >= a.K) {  // K % 8 == 0: a group of 8 columns is all inside or all outside
-#pragma unroll
-    for (int c = 0; c < 8; ++c) w[c] = 0.0f;
-  } else if (a.w_bf16) {
-    unpack8(*reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(a.w) + col0), w);
-  } else {
-    load8(static_cast<const float*>(a.w) + col0, w);
-  }
-}
-
-#if NORM_WARPS == 8  // the default design: 8 warps, 8 x 8 elements a thread
-
-struct Thread {
-  int tid, warp, lane, i, j;  // (i, j): this thread's 8 x 8 block of every tile
-  __device__ Thread() {
-    tid = threadIdx.x;
-    warp = tid >> 5;
-    lane = tid & 31;
-    i = 4 * (warp & 3) + (lane >> 3);
-    j = 8 * (warp >> 2) + (lane & 7);
-  }
-};
 
 // Row 8i + r of this thread's 8 x 8 block of the tile.
 __device__ __forceinline__ void tile_row(const uint8_t* tile, const Thread& t, int r,
@@ -360,6 +313,19 @@ __device__ __forceinline__ void row_rstd(float (&ss)[8], const Smem& sm, const T
   if (t.tid == 0) {  // this round is over in this CTA: arm both barriers for the next one
     mbar_expect(sm.bar_a, TILE * sizeof(float));
     mbar_expect(sm.bar_b, TILE * sizeof(float));
+  }
+}
+
+// w[col0 .. col0 + 7] as floats (zeros past K); loaded one tile ahead of its use, since it comes
+// from L2 (shared memory is full, and L1 is invalidated by every exchange's acquire).
+__device__ __forceinline__ void load_weights(const Args& a, int col0, float (&w)[8]) {
+  if (col0 >= a.K) {  // K % 8 == 0: a group of 8 columns is all inside or all outside
+#pragma unroll
+    for (int c = 0; c < 8; ++c) w[c] = 0.0f;
+  } else if (a.w_bf16) {
+    unpack8(*reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(a.w) + col0), w);
+  } else {
+    load8(static_cast<const float*>(a.w) + col0, w);
   }
 }
 
@@ -469,227 +435,6 @@ __device__ __forceinline__ void tile_store(const float (&y)[8][8], const Smem& s
   }
 }
 
-#else  // NORM_WARPS == 16: 16 warps, 4 x 8 elements a thread (see the header's "NORM_WARPS=16")
-
-// Two maps of threads to a tile's elements, both 4 rows x 8 columns a thread (an 8-column group is
-// a 16-byte chunk of a tile row). Sums (s*): warp w holds si = 4 (w % 8) + lane / 8, sj = 8 (w / 8)
-// + lane % 8, so a row's 8-lane groups are the default's (the same fp32 sums, see row_rstd) and a
-// quarter-warp reads 128 contiguous bytes. Quantizing (i, j): warp w holds i = 8 (w % 4) + lane / 4,
-// j = 4 (w / 4) + lane % 4, i.e. 32 rows x 32 columns, so a q store of a warp writes 32 rows x 32
-// bytes and a qt store (4 bytes a lane) 4 rows of qt x 32 bytes: whole sectors. Its tile reads
-// cover 64 bytes of each row, which all fall in the same 16 banks unless the tile is swizzled
-// (NORM_SWIZZLE), so they take 2 wavefronts per 128 bytes.
-struct Thread {
-  int tid, warp, lane, i, j, si, sj;
-  __device__ Thread() {
-    tid = threadIdx.x;
-    warp = tid >> 5;
-    lane = tid & 31;
-    i = 8 * (warp & 3) + (lane >> 2);
-    j = 4 * (warp >> 2) + (lane & 3);
-    si = 4 * (warp & 7) + (lane >> 3);
-    sj = 8 * (warp >> 3) + (lane & 7);
-  }
-};
-
-// The 16-byte chunk of columns 8j .. 8j + 7 of tile row `row`. NORM_SWIZZLE: the tile is two
-// 128 x 64 halves loaded with the 128-byte swizzle (chunk c of row r at chunk c ^ (r % 8)).
-__device__ __forceinline__ const uint8_t* chunk(const uint8_t* tile, int row, int j) {
-#if NORM_SWIZZLE
-  return tile + (j >> 3) * (TILE_BYTES / 2) + row * 128 + (((j & 7) ^ (row & 7)) << 4);
-#else
-  return tile + row * 256 + j * 16;
-#endif
-}
-
-__device__ __forceinline__ void tile_row(const uint8_t* tile, int row, int j, float (&x)[8]) {
-  unpack8(*reinterpret_cast<const uint4*>(chunk(tile, row, j)), x);
-}
-
-// ss[r] += the squares of this thread's 8 columns of row 4 si + r, left to right.
-__device__ __forceinline__ void add_squares(const uint8_t* tile, const Thread& t, float (&ss)[4]) {
-#pragma unroll
-  for (int r = 0; r < 4; ++r) {
-    float x[8];
-    tile_row(tile, 4 * t.si + r, t.sj, x);
-#pragma unroll
-    for (int c = 0; c < 8; ++c) ss[r] = fmaf(x[c], x[c], ss[r]);
-  }
-}
-
-// The default's row_rstd with 4 rows a thread. Its butterfly (xor 1, 2, 4 over the 8 lanes of a
-// row) becomes a reduce-scatter in the same order: the same pairs added at each level (fp32
-// addition is commutative), so each row's sum is bitwise the default's; lane l of a group ends
-// with row 4 si + ((l / 2) % 2) + 2 (l % 2).
-__device__ __forceinline__ void row_rstd(float (&ss)[4], const Smem& sm, const Thread& t,
-                                         const Args& a, uint32_t rank, uint32_t csize, int rb,
-                                         uint32_t round, float (&rstd)[4]) {
-  const int h = t.lane & 1, g = (t.lane >> 1) & 1;
-  float u[2];
-#pragma unroll
-  for (int k = 0; k < 2; ++k) {
-    const float keep = h ? ss[k + 2] : ss[k], send = h ? ss[k] : ss[k + 2];
-    u[k] = keep + __shfl_xor_sync(0xFFFFFFFFu, send, 1);
-  }
-  float mine = (g ? u[1] : u[0]) + __shfl_xor_sync(0xFFFFFFFFu, g ? u[0] : u[1], 2);
-  mine += __shfl_xor_sync(0xFFFFFFFFu, mine, 4);
-  const int row = 4 * t.si + g + 2 * h;
-  const bool sender = (t.lane & 4) == 0;
-  const int slice = TILE / int(csize);  // rows per owner
-  __syncthreads();  // the last tile's uses of recv_b are over
-  if (t.warp >= 8 && sender) sm.recv_b[row] = mine;  // columns 64..127 of each tile
-  __syncthreads();
-  if (t.warp < 8 && sender) {
-    const float partial = mine + sm.recv_b[row];
-    const uint32_t owner = uint32_t(row / slice);
-    st_async(sm.recv_a + rank * slice + row % slice, partial, sm.bar_a, owner);
-  }
-  if (t.tid < slice) {
-    mbar_wait_cluster(sm.bar_a, round & 1);
-    float total = sm.recv_a[t.tid];
-    for (int sender = 1; sender < int(csize); ++sender) total += sm.recv_a[sender * slice + t.tid];
-    const float r = __fdiv_rn(1.0f, __fsqrt_rn(__fdiv_rn(total, float(a.K)) + a.eps));
-    const int own_row = int(rank) * slice + t.tid;
-    for (uint32_t dest = 0; dest < csize; ++dest) st_async(sm.recv_b + own_row, r, sm.bar_b, dest);
-    if (rb * TILE + own_row < a.M) a.rstd[rb * TILE + own_row] = r;
-  }
-  mbar_wait_cluster(sm.bar_b, round & 1);
-  const float4 v = *reinterpret_cast<const float4*>(sm.recv_b + 4 * t.i);
-  rstd[0] = v.x, rstd[1] = v.y, rstd[2] = v.z, rstd[3] = v.w;
-  if (t.tid == 0) {  // this round is over in this CTA: arm both barriers for the next one
-    mbar_expect(sm.bar_a, TILE * sizeof(float));
-    mbar_expect(sm.bar_b, TILE * sizeof(float));
-  }
-}
-
-// y = x * rstd * w of this thread's 4 x 8 block of the tile.
-__device__ __forceinline__ void normalize(const uint8_t* tile, const Thread& t,
-                                          const float (&w)[8], const float (&rstd)[4],
-                                          float (&y)[4][8]) {
-#pragma unroll
-  for (int r = 0; r < 4; ++r) {
-    float x[8];
-    tile_row(tile, 4 * t.i + r, t.j, x);
-#pragma unroll
-    for (int c = 0; c < 8; ++c) y[r][c] = x[c] * rstd[r] * w[c];
-  }
-}
-
-// Row and column amaxes (|y|'s bits) of the warp's 32 x 32 block, reduce-scattered over its lanes
-// (max is exact in any order): lane l ends with row 4 (l / 4) + l % 4 of the warp's rows, i.e.
-// row 32 (w % 4) + l of the tile, and column 8 (l % 4) + l / 4 of the warp's columns.
-__device__ __forceinline__ void warp_amax(const float (&y)[4][8], const Thread& t, bool colwise,
-                                          uint32_t& row_amax, uint32_t& col_amax, int& row,
-                                          int& col) {
-  uint32_t ra[4], ca[8];
-#pragma unroll
-  for (int c = 0; c < 8; ++c) ca[c] = 0;
-#pragma unroll
-  for (int r = 0; r < 4; ++r) {
-    ra[r] = 0;
-#pragma unroll
-    for (int c = 0; c < 8; ++c) {
-      const uint32_t b = __float_as_uint(y[r][c]) & ABS_MASK;
-      ra[r] = max(ra[r], b);
-      ca[c] = max(ca[c], b);
-    }
-  }
-  {  // rows: over the 4 lanes of an i (lane bits 0, 1)
-    const int h = (t.lane >> 1) & 1, g = t.lane & 1;
-    uint32_t u[2];
-#pragma unroll
-    for (int k = 0; k < 2; ++k)
-      u[k] = max(h ? ra[k + 2] : ra[k], __shfl_xor_sync(0xFFFFFFFFu, h ? ra[k] : ra[k + 2], 2));
-    row_amax = max(g ? u[1] : u[0], __shfl_xor_sync(0xFFFFFFFFu, g ? u[0] : u[1], 1));
-    row = 4 * t.i + g + 2 * h;
-  }
-  col = 8 * t.j + ((t.lane >> 2) & 7);
-  col_amax = 0;
-  if (colwise) {  // columns: over the 8 i of a j (lane bits 2, 3, 4)
-    const int hi = (t.lane >> 4) & 1, mid = (t.lane >> 3) & 1, lo = (t.lane >> 2) & 1;
-    uint32_t u[4], v[2];
-#pragma unroll
-    for (int k = 0; k < 4; ++k)
-      u[k] = max(hi ? ca[k + 4] : ca[k], __shfl_xor_sync(0xFFFFFFFFu, hi ? ca[k] : ca[k + 4], 16));
-#pragma unroll
-    for (int k = 0; k < 2; ++k)
-      v[k] = max(mid ? u[k + 2] : u[k], __shfl_xor_sync(0xFFFFFFFFu, mid ? u[k] : u[k + 2], 8));
-    col_amax = max(lo ? v[1] : v[0], __shfl_xor_sync(0xFFFFFFFFu, lo ? v[0] : v[1], 4));
-  }
-}
-
-// Both FP8 copies (and hp) of this thread's block, given its reciprocal scales.
-__device__ __forceinline__ void store_block(const float (&y)[4][8], const float (&inv_rows)[4],
-                                            const float (&inv_cols)[8], const Thread& t,
-                                            const Args& a, int rb, int col0) {
-  if (col0 >= a.K) return;
-  const int row0 = rb * TILE + 4 * t.i;
-#pragma unroll
-  for (int r = 0; r < 4; ++r) {
-    if (row0 + r < a.M)
-      *reinterpret_cast<uint2*>(a.q + int64_t(row0 + r) * a.K + col0) = e4m3x8(y[r], inv_rows[r]);
-  }
-  if (a.colwise) {
-#pragma unroll
-    for (int c = 0; c < 8; ++c) {
-      const float inv = inv_cols[c];
-      *reinterpret_cast<uint32_t*>(a.qt + int64_t(col0 + c) * a.Mp + row0) =
-          e4m3x2(y[0][c] * inv, y[1][c] * inv) | (e4m3x2(y[2][c] * inv, y[3][c] * inv) << 16);
-    }
-  }
-  if (a.hp != nullptr) {
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      if (row0 + r < a.M) {
-        float4* p = reinterpret_cast<float4*>(a.hp + int64_t(row0 + r) * a.K + col0);
-        p[0] = make_float4(y[r][0], y[r][1], y[r][2], y[r][3]);
-        p[1] = make_float4(y[r][4], y[r][5], y[r][6], y[r][7]);
-      }
-    }
-  }
-}
-
-// Across the 4 warps of a row (or column) through shared-memory atomicMax, as the default does.
-__device__ __forceinline__ void tile_amax(const float (&y)[4][8], const Thread& t, bool colwise,
-                                          uint32_t* am) {
-  uint32_t ra, ca;
-  int row, col;
-  warp_amax(y, t, colwise, ra, ca, row, col);
-  atomicMax(am + row, ra);
-  if (colwise) atomicMax(am + TILE + col, ca);
-}
-
-// The default's tile_scales: threads 0..255 compute one scale each.
-__device__ __forceinline__ void tile_scales(const Smem& sm, const Thread& t, const Args& a, int rb,
-                                            int kb) {
-  if (t.tid >= 2 * TILE) return;
-  const int u = t.tid & (TILE - 1);
-  if (t.tid < TILE) {
-    const float2 s = scale_of(sm.amax[t.tid], a.pow2);
-    const int row = rb * TILE + u;
-    if (row < a.M) a.s[int64_t(kb) * a.M + row] = s.x;
-    sm.recv_b[u] = s.y;
-  } else if (a.colwise) {
-    const float2 s = scale_of(sm.amax[t.tid], a.pow2);
-    const int k = kb * TILE + u;
-    if (k < a.K) a.st[int64_t(rb) * a.K + k] = s.x;
-    sm.inv_cols[u] = s.y;
-  }
-  sm.amax[t.tid] = 0;
-}
-
-__device__ __forceinline__ void tile_store(const float (&y)[4][8], const Smem& sm, const Thread& t,
-                                           const Args& a, int rb, int col0) {
-  if (col0 >= a.K) return;
-  float inv_rows[4], inv_cols[8];
-  const float4 v = *reinterpret_cast<const float4*>(sm.recv_b + 4 * t.i);
-  inv_rows[0] = v.x, inv_rows[1] = v.y, inv_rows[2] = v.z, inv_rows[3] = v.w;
-  load8(sm.inv_cols + 8 * t.j, inv_cols);
-  store_block(y, inv_rows, inv_cols, t, a, rb, col0);
-}
-
-#endif  // NORM_WARPS
-
 // ---------------------------------------------------------------------------------------------
 // The kernel
 
@@ -746,9 +491,6 @@ rmsnorm_quant_kernel(const __grid_constant__ CUtensorMap x_map, const Args a) {
   sm.full = sm.bar_a + 2;
 
   const Thread t;
-#if NORM_SWIZZLE
-  if (smem_addr(smem) % 1024) __trap();  // the swizzle pattern assumes 1024-byte aligned tiles
-#endif
   const uint32_t rank = special(0), csize = special(1);
   const int cluster = int(special(2)), clusters = int(special(3));
   Ring ring;
@@ -773,7 +515,7 @@ rmsnorm_quant_kernel(const __grid_constant__ CUtensorMap x_map, const Args a) {
   for (int u = t.tid; u < 2 * TILE; u += THREADS) sm.amax[u] = 0;
   cluster_sync();  // every CTA's barriers exist before anyone sends to them
 
-  float ss[ROWS] = {};
+  float ss[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   float w[8];  // the weights of the next tile to quantize
   load_weights(a, ring.k_first * TILE + 8 * t.j, w);
   int summed = 0;  // elements of the sequence whose squares this thread has added
@@ -785,15 +527,15 @@ rmsnorm_quant_kernel(const __grid_constant__ CUtensorMap x_map, const Args a) {
       add_squares(ring.tile(summed), t, ss);
     }
     mark(round, 1);
-    float rstd[ROWS];
+    float rstd[8];
     row_rstd(ss, sm, t, a, rank, csize, rb, uint32_t(round), rstd);
 #pragma unroll
-    for (int r = 0; r < ROWS; ++r) ss[r] = 0.0f;
+    for (int r = 0; r < 8; ++r) ss[r] = 0.0f;
     mark(round, 2);
     for (int k = 0; k < ring.n_tiles; ++k) {
       const int s = round * ring.n_tiles + k;
       const int kb = ring.k_first + k, col0 = kb * TILE + 8 * t.j;
-      float y[ROWS][8];
+      float y[8][8];
       normalize(ring.tile(s), t, w, rstd, y);
       const int k_next = k + 1 < ring.n_tiles ? k + 1 : 0;  // the same columns every round
       load_weights(a, (ring.k_first + k_next) * TILE + 8 * t.j, w);
@@ -828,12 +570,11 @@ int x_tile_map(CUtensorMap* map, const void* x, int M, int K, int64_t ld, char* 
   if (encode == nullptr) return fail(err, err_len, "cuTensorMapEncodeTiled is not available");
   const cuuint64_t dims[2] = {cuuint64_t(K), cuuint64_t(M)};
   const cuuint64_t strides[1] = {cuuint64_t(ld) * 2};
-  const cuuint32_t box[2] = {NORM_SWIZZLE ? TILE / 2 : TILE, TILE};
+  const cuuint32_t box[2] = {TILE, TILE};
   const cuuint32_t elem_strides[2] = {1, 1};
   const CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(x), dims,
                             strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                            NORM_SWIZZLE ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_NONE,
-                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                            CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                             CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (r != CUDA_SUCCESS) {
     snprintf(err, err_len, "cuTensorMapEncodeTiled failed (CUresult %d) for x [%d, %d] with row "

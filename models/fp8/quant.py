@@ -127,8 +127,9 @@ Triton kernel's 64% / 44% in the same run (a focused timing with 16384x2048: 59-
 7 tiles, while the GPU moves 2.4 TB/s (81% of the copy's 3.0), 5% waiting for the last tile's
 load and 7% in the exchange; only 120 of the 132 SMs run (15 clusters of 8 fit), and 256 row
 blocks over 15 clusters leave a 4% tail. The quantizing runs 8 warps per SM (210 registers a
-thread: each holds the 64 values of its 8 x 8 block), too few to hide its latencies; 16 warps of
-32 values each is the next thing to try.
+thread: each holds the 64 values of its 8 x 8 block); 16 warps of 32 values each were only 2.5-5%
+faster (the .cu's header), so that phase is not mainly latency-bound: its stores are the next
+thing to profile.
 No model path calls it yet. In the model a norm's output also feeds bf16 consumers (the router,
 MLA projections that convert.py keeps bf16, the routed experts before their permutation), which
 need it in bf16 anyway; the one place it would stand alone is a dense layer's MLP (one layer of
