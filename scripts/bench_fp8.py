@@ -20,7 +20,9 @@ scripts/summary.py:
   mlp      FP8MLP (SwiGLU fused with its quantization) forward + backward against the bf16 MLP at
            the `small` model's dense-MLP and shared-expert shapes;
   memory   bytes autograd saves for backward (FP8 copies vs bf16 activations), Linear and MLP.
-Timing: median over 5 batches of back-to-back calls between CUDA events, random normal data.
+Timing: each figure and its baselines in three interleaved rounds (scripts/timing.interleaved_ms:
+every other round reversed, the median kept; timed one after another, whatever runs first meets a
+cooler GPU, and an H100 under FP8 load slows by up to 19% within a minute), random normal data.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from summary import record  # noqa: E402
-from timing import tflops, time_ms  # noqa: E402
+from timing import interleaved_ms, tflops  # noqa: E402
 
 BENCH = "fp8"
 DEVICE = "cuda"
@@ -64,22 +66,24 @@ def bench_gemm(shapes) -> None:
         qx, sx = quant.quantize_1x128(x)
         qw, sw = quant.quantize_128x128(w)
         flops = 2 * M * N * K
-        ours = tflops(flops, time_ms(lambda: gemm_1x128_128x128(qx, sx, qw, sw)))
-        raw = tflops(flops, time_ms(lambda: torch._scaled_mm(qx, qw.t(), sx, sw.t(), out_dtype=torch.bfloat16)))
-        bf16 = tflops(flops, time_ms(lambda: torch.matmul(x, w.t())))
-        _report_gemm(f"fprop {M}x{N}x{K}", ours, raw, bf16)
+        _report_gemm(f"fprop {M}x{N}x{K}", flops, interleaved_ms({
+            "ours": lambda: gemm_1x128_128x128(qx, sx, qw, sw),
+            "raw": lambda: torch._scaled_mm(qx, qw.t(), sx, sw.t(), out_dtype=torch.bfloat16),
+            "bf16": lambda: torch.matmul(x, w.t())}))
         dy = torch.randn(M, N, device=DEVICE, dtype=torch.bfloat16)
         *_, qt_dy, st_dy = quant.quantize_dual(dy)
         *_, qt_x, st_x = quant.quantize_dual(x)
-        ours = tflops(flops, time_ms(lambda: gemm_1x128_1x128(qt_dy, st_dy.t(), qt_x, st_x.t())))
-        raw = tflops(flops, time_ms(lambda: torch._scaled_mm(qt_dy, qt_x.t(), st_dy.t(), st_x, out_dtype=torch.float32)))
-        bf16 = tflops(flops, time_ms(lambda: torch.matmul(dy.t(), x)))
-        _report_gemm(f"wgrad {N}x{K} over {M}", ours, raw, bf16)
+        _report_gemm(f"wgrad {N}x{K} over {M}", flops, interleaved_ms({
+            "ours": lambda: gemm_1x128_1x128(qt_dy, st_dy.t(), qt_x, st_x.t()),
+            "raw": lambda: torch._scaled_mm(qt_dy, qt_x.t(), st_dy.t(), st_x,
+                                            out_dtype=torch.float32),
+            "bf16": lambda: torch.matmul(dy.t(), x)}))
         del x, w, qx, sx, qw, sw, dy, qt_dy, st_dy, qt_x, st_x
         torch.cuda.empty_cache()
 
 
-def _report_gemm(case: str, ours: float, raw: float, bf16: float) -> None:
+def _report_gemm(case: str, flops: int, ms: dict) -> None:
+    ours, raw, bf16 = (tflops(flops, ms[k]) for k in ("ours", "raw", "bf16"))
     print(f"{case:<26}{ours:>9.0f}{raw:>11.0f}{bf16:>9.0f}{ours / bf16:>10.2f}x")
     record(BENCH, f"gemm {case}", ours, "TFLOPS", "bf16 matmul", bf16)
     record(BENCH, f"gemm {case}", ours, "TFLOPS", "cuBLAS blockwise _scaled_mm", raw)
@@ -91,7 +95,7 @@ def bench_quant(M: int, K: int) -> None:
     print(f"\n== quantization of a [{M}, {K}] bf16 tensor, GB/s (bytes the operation must move)")
     x = torch.randn(M, K, device=DEVICE, dtype=torch.bfloat16)
     n = M * K
-    copy_gbs = 4 * n / time_ms(lambda: torch.empty_like(x).copy_(x)) / 1e6
+    copy_out = torch.empty_like(x)
     scales = 4 * n // 128
     gate, up = torch.randn(M, K, device=DEVICE, dtype=torch.bfloat16), torch.randn(M, K, device=DEVICE, dtype=torch.bfloat16)
     w_norm = torch.ones(K, device=DEVICE, dtype=torch.bfloat16)
@@ -116,8 +120,9 @@ def bench_quant(M: int, K: int) -> None:
     cases.append(("swiglu backward", n + n + n + n + n // 2 + scales * 7 // 2,
                   lambda: swiglu_backward_quantize(q_h, s_h, da)))
     print(f"{'kernel':<24}{'GB/s':>9}{'copy GB/s':>11}{'of copy':>9}")
-    for name, nbytes, fn in cases:
-        gbs = nbytes / time_ms(fn) / 1e6
+    for name, nbytes, fn in cases:  # each beside the copy (its own rounds), x read + written
+        ms = interleaved_ms({"copy": lambda: copy_out.copy_(x), name: fn})
+        gbs, copy_gbs = nbytes / ms[name] / 1e6, 4 * n / ms["copy"] / 1e6
         print(f"{name:<24}{gbs:>9.0f}{copy_gbs:>11.0f}{gbs / copy_gbs:>8.0%}")
         record(BENCH, f"quant {name} {M}x{K}", gbs, "GB/s", "D2D copy", copy_gbs)
 
@@ -161,20 +166,23 @@ def bench_linear(shapes) -> None:
         x = torch.randn(T, K, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
         dy = torch.randn(T, N, device=DEVICE, dtype=torch.bfloat16)
         flops = 6 * T * K * N
-        cached = tflops(flops, time_ms(_fwd_bwd(ours, x, dy), reps=5))
 
         def requant_step(step=_fwd_bwd(ours, x, dy)):
             ours.invalidate_fp8_cache()
             step()
-        requant = tflops(flops, time_ms(requant_step, reps=5))
-        bf16 = tflops(flops, time_ms(_fwd_bwd(base, x, dy), reps=5))
         te, te_note = _te_linear(K, N)
-        te_tf = tflops(flops, time_ms(_fwd_bwd(te[0], x, dy, te[1]), reps=5)) if te else float("nan")
+        steps = {"cached": _fwd_bwd(ours, x, dy), "requant": requant_step,
+                 "bf16": _fwd_bwd(base, x, dy)}
+        if te:
+            steps["te"] = _fwd_bwd(te[0], x, dy, te[1])
+        ms = interleaved_ms(steps, reps=3)
+        cached, requant, bf16 = (tflops(flops, ms[k]) for k in ("cached", "requant", "bf16"))
+        te_tf = tflops(flops, ms["te"]) if te else float("nan")
         case = f"{T}x{K}->{N}"
         print(f"{case:<22}{cached:>13.0f}{requant:>14.0f}{bf16:>8.0f}{te_tf:>8.0f}{cached / bf16:>9.2f}x")
         record(BENCH, f"linear {case}", cached, "TFLOPS", "bf16 nn.Linear", bf16)
         record(BENCH, f"linear {case} requant W", requant, "TFLOPS", "bf16 nn.Linear", bf16)
-        if te:
+        if te_tf == te_tf:  # TE imported and ran (interleaved_ms reports a failure, then nan)
             record(BENCH, f"linear {case}", cached, "TFLOPS", "TE Float8BlockScaling Linear", te_tf)
         del base, ours, te, x, dy
         torch.cuda.empty_cache()
@@ -228,8 +236,8 @@ def bench_mlp(shapes) -> None:
         x = torch.randn(T, D, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
         dy = torch.randn(T, D, device=DEVICE, dtype=torch.bfloat16)
         flops = 18 * T * D * F_
-        fp8 = tflops(flops, time_ms(_fwd_bwd(ours, x, dy), reps=5))
-        bf16 = tflops(flops, time_ms(_fwd_bwd(base, x, dy), reps=5))
+        ms = interleaved_ms({"fp8": _fwd_bwd(ours, x, dy), "bf16": _fwd_bwd(base, x, dy)}, reps=3)
+        fp8, bf16 = tflops(flops, ms["fp8"]), tflops(flops, ms["bf16"])
         case = f"{T}x{D}, F={F_}"
         print(f"{case:<22}{fp8:>10.0f}{bf16:>8.0f}{fp8 / bf16:>9.2f}x")
         record(BENCH, f"mlp {case}", fp8, "TFLOPS", "bf16 MLP", bf16)
