@@ -20,8 +20,13 @@ way, its auto_filter_small_kn), one log line each: FP8 pays a fixed quantization
 activation and gradient, and where one side of the GEMM is narrow the GEMM is too short for the
 faster FP8 math to repay it. Measured on the H100 (scripts/bench_fp8.py, forward + backward with
 all quantization, against bf16): a Linear 4096 -> 1024 ran at 0.75x (0.44x with the weight
-re-quantized), while 2048 <-> 7168 and 4096 -> 4096 ran at 1.12-1.46x; the SwiGLU MLP at
-D=4096 ran at 0.66x with width F=1536 (the `small` model's shared expert) and 0.98x at F=10240.
+re-quantized), while 2048 <-> 7168 and 4096 -> 4096 ran at 1.12-1.46x. The SwiGLU MLP at
+D=4096 and width F=1536 (the `small` model's shared expert) depends on the tokens per call more
+than on its width (later H100 run, interleaved rounds, two repeats): 0.65-0.67x bf16 at 4096
+tokens, 1.00-1.13x at 8192, 1.27x at 16384 (F=10240: 1.36-1.38x at 16384). A width threshold
+cannot see the token count; it keeps F=1536 in bf16, which is right for the short-sequence
+configs under conf/ and forgoes that MLP's 1.27x at 16k-token micro-batches (a dispatch on the
+token count at run time would get both).
 So a Linear with min(in, out) <= SMALL_LINEAR_SIDE and an MLP with F < MIN_MLP_WIDTH stay bf16.
 In `small` that keeps the MLA down/up projections (wq_a, wq_b, wkv_a, wkv_b) and the shared
 experts in bf16; wo, the dense MLP, the routed experts and the MTP projection run in FP8.
