@@ -284,14 +284,19 @@ def test_auto_backend_falls_back_to_triton_where_the_cuda_kernels_do_not_fit():
 
 def test_cuda_library_is_named_by_its_sources(tmp_path, monkeypatch):
     """ensure_built loads the library of the current grouped.cu whatever the file times say: it
-    is named by a digest of the sources, built when missing, kept when present, and libraries of
-    other sources are removed (nvcc is replaced by a stub that records its builds)."""
+    is named by a digest of the sources (csrc/common's headers included), built when missing,
+    kept when present, and libraries of other sources are removed (nvcc is replaced by a stub
+    that records its builds)."""
     from models.fp8.grouped_cuda import build_script
     build = build_script()
     source = tmp_path / "grouped.cu"
     source.write_text("// version 1\n")
+    common = tmp_path / "common"
+    common.mkdir()
+    (common / "shared.cuh").write_text("// header 1\n")
     monkeypatch.setattr(build, "SOURCE", source)
     monkeypatch.setattr(build, "LIBRARY_DIR", tmp_path)
+    monkeypatch.setattr(build.nvcc_build, "COMMON", common)
     built = []
 
     def fake_build(out, env=None, defines=()):
@@ -308,6 +313,9 @@ def test_cuda_library_is_named_by_its_sources(tmp_path, monkeypatch):
     source.write_text("// version 2\n")
     second = build.ensure_built()
     assert second != first and not first.exists() and second.read_text() == "// version 2\n"
+    (common / "shared.cuh").write_text("// header 2\n")  # an included header changed
+    third = build.ensure_built()
+    assert third != second and not second.exists() and len(built) == 3
 
 
 def test_cuda_kernels_compile_for_sm90a(tmp_path):
