@@ -106,11 +106,11 @@ def gemm(a_q, a_s, b_q, b_s, counts_E, out, m_tiles_bound: int) -> torch.Tensor:
     a_s = _mn_major(a_s)
     stream = torch.cuda.current_stream(a_q.device).cuda_stream
     cuda_lib.call(_library().fp8moe_grouped_fprop,
-          a_q.data_ptr(), a_q.stride(0), a_s.data_ptr(), a_s.stride(1),
-          b_q.data_ptr(), b_q.stride(1), b_s.data_ptr(), b_s.stride(0), b_s.stride(1),
-          b_s.stride(2), out.data_ptr(), out.stride(0), int(out.dtype == torch.float32),
-          counts_E.data_ptr(), int(counts_E.dtype == torch.int64), T, N, K, E, m_tiles_bound,
-          CLUSTER, stream)
+              a_q.data_ptr(), a_q.stride(0), a_s.data_ptr(), a_s.stride(1),
+              b_q.data_ptr(), b_q.stride(1), b_s.data_ptr(), b_s.stride(0), b_s.stride(1),
+              b_s.stride(2), out.data_ptr(), out.stride(0), int(out.dtype == torch.float32),
+              counts_E.data_ptr(), int(counts_E.dtype == torch.int64), T, N, K, E, m_tiles_bound,
+              CLUSTER, stream)
     return out
 
 
@@ -121,8 +121,8 @@ def wgrad(a_q, a_s, b_q, b_s, counts_E, out, accumulate: bool) -> torch.Tensor:
     padded_T = -(-T // 128) * 128
     stream = torch.cuda.current_stream(a_q.device).cuda_stream
     cuda_lib.call(_library().fp8moe_grouped_wgrad,
-          a_q.data_ptr(), a_q.stride(1), a_s.data_ptr(), a_s.stride(0), b_q.data_ptr(),
-          b_q.stride(1), b_s.data_ptr(), b_s.stride(0), out.data_ptr(), out.stride(0),
-          out.stride(1), int(out.dtype == torch.bfloat16), int(accumulate), counts_E.data_ptr(),
-          int(counts_E.dtype == torch.int64), T, padded_T, N, K, E, CLUSTER, stream)
+              a_q.data_ptr(), a_q.stride(1), a_s.data_ptr(), a_s.stride(0), b_q.data_ptr(),
+              b_q.stride(1), b_s.data_ptr(), b_s.stride(0), out.data_ptr(), out.stride(0),
+              out.stride(1), int(out.dtype == torch.bfloat16), int(accumulate), counts_E.data_ptr(),
+              int(counts_E.dtype == torch.int64), T, padded_T, N, K, E, CLUSTER, stream)
     return out
