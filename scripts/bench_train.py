@@ -18,8 +18,14 @@ Memory: the step's peak, and what one micro-batch's forward holds for its backwa
 that is the weights' transposed FP8 copies (where FP8's saving shows; the peak of a one-GPU run
 is the optimizer step's).
 
+Order: the recipes of a config run as A B ... B A (`--rounds 2`, the default: each measured twice,
+the second time in reverse order) and each recipe's step time is the mean of its runs. An H100
+under load slows by up to a fifth within a minute, so a recipe measured second meets a hotter GPU;
+the mirrored order gives every recipe the same average position (`--rounds 1`: one pass, half
+the time, the later recipes disadvantaged).
+
     python scripts/bench_train.py                       # small: 4x2048 x1 and 4x4096 x4, bf16 and fp8
-    python scripts/bench_train.py --configs 2x4096x1 --layers 2 --steps 6 --recipes off
+    python scripts/bench_train.py --configs 2x4096x1 --layers 2 --steps 6 --recipes off --rounds 1
 """
 from __future__ import annotations
 
@@ -131,6 +137,28 @@ def parse_config(text: str) -> tuple[int, int, int]:
     return micro, seq, accum
 
 
+def measure_mirrored(recipes: list[str], rounds: int, run) -> list[dict]:
+    """run(recipe) for every recipe, `rounds` passes, every other pass in reverse order (A B B A
+    for two recipes and two rounds); one result per recipe, in `recipes` order, whose step time
+    is the mean over its runs (tokens/s, TFLOP/s and MFU scaled to match; the peak memory the
+    largest) with every run's step time in runs_ms."""
+    runs = {recipe: [] for recipe in recipes}
+    for r in range(rounds):
+        for recipe in (recipes if r % 2 == 0 else recipes[::-1]):
+            runs[recipe].append(run(recipe))
+    return [_combine(runs[recipe]) for recipe in recipes]
+
+
+def _combine(results: list[dict]) -> dict:
+    step_ms = sum(r["step_ms"] for r in results) / len(results)
+    first = results[0]
+    speed = first["step_ms"] / step_ms  # first's rates rescaled to the mean step time
+    return dict(first, step_ms=step_ms, tokens_per_s=first["tokens_per_s"] * speed,
+                tflops=first["tflops"] * speed, mfu=first["mfu"] * speed,
+                peak_gib=max(r["peak_gib"] for r in results),
+                runs_ms=[r["step_ms"] for r in results])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--size", default="small")
@@ -141,7 +169,11 @@ def main() -> None:
                    help="fp8 recipes, each measured on every config")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=2,
+                   help="passes over the recipes, every other one reversed (see Order above)")
     args = p.parse_args()
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds {args.rounds}: at least 1")
     if not torch.cuda.is_available():
         raise SystemExit("bench_train.py needs a CUDA GPU")
     card = torch.cuda.get_device_name()
@@ -150,12 +182,13 @@ def main() -> None:
     print(f"{card}: {args.size}; bf16 8192^3 matmul {matmul:.0f} TFLOP/s; each engine in its own process")
     for config in args.configs:
         args.micro_batch, args.seq_len, grad_accum = parse_config(config)
-        results = []
-        for recipe in args.recipes:
-            if recipe != "off" and not fp8_available():
-                print(f"fp8={recipe} not measured: models.fp8.convert is missing or the GPU is not sm90")
-                continue
-            results.append(in_fresh_process(measure, args, recipe, grad_accum))
+        recipes = [r for r in args.recipes if r == "off" or fp8_available()]
+        for skipped in sorted(set(args.recipes) - set(recipes)):
+            print(f"fp8={skipped} not measured: models.fp8.convert is missing or the GPU is not sm90")
+        if not recipes:
+            continue
+        results = measure_mirrored(recipes, args.rounds,
+                                   lambda recipe: in_fresh_process(measure, args, recipe, grad_accum))
         total, activated = results[0]["params"]
         print(f"{args.micro_batch} x {args.seq_len} tokens x {grad_accum} micro-batches per step "
               f"({total / 1e9:.2f}B parameters, {activated / 1e9:.2f}B activated)")
@@ -163,7 +196,8 @@ def main() -> None:
             print(f"  fp8={r['recipe']:<9} step {r['step_ms']:8.1f} ms  {r['tokens_per_s']:10,.0f} tok/s  "
                   f"{r['tflops']:6.1f} TFLOP/s  MFU {100 * r['mfu']:5.1f}%  peak {r['peak_gib']:5.1f} GiB  "
                   f"held by a forward {r['held_gib']:5.2f} GiB (FP8 weight copies "
-                  f"{r['copies_gib']:4.2f})  loss {r['loss']:.3f}")
+                  f"{r['copies_gib']:4.2f})  loss {r['loss']:.3f}  (runs: "
+                  + " / ".join(f"{ms:.1f}" for ms in r["runs_ms"]) + " ms)")
         report(args, results, matmul)
 
 

@@ -72,3 +72,29 @@ def test_grouped_bench_picks_the_lowest_median_not_the_first_timing(scripted_tim
     best_ms, best = bench.sweep("dgrad", ran.append, [cuda, tile])
     assert ran == [cuda, tile, tile, cuda, cuda, tile]
     assert best == cuda and best_ms == 0.95
+
+
+def test_bench_train_mirrors_the_recipe_order():
+    """bench_train runs a config's recipes A B B A (two rounds) and reports each recipe's mean step
+    time, its rates rescaled to it and its largest peak; one round is a single pass in order."""
+    import bench_train
+    order = []
+    step_ms = {"off": [100.0, 110.0], "blockwise": [80.0, 90.0]}
+
+    def run(recipe):
+        order.append(recipe)
+        ms = step_ms[recipe][sum(r == recipe for r in order) - 1]
+        return dict(recipe=recipe, step_ms=ms, tokens_per_s=1000.0 / ms, tflops=2.0 / ms,
+                    mfu=0.5 / ms, peak_gib=ms / 10, held_gib=1.0, copies_gib=0.0, loss=3.0,
+                    params=(2, 1), grad_accum=1)
+
+    off, fp8 = bench_train.measure_mirrored(["off", "blockwise"], 2, run)
+    assert order == ["off", "blockwise", "blockwise", "off"]
+    assert off["step_ms"] == 105.0 and fp8["step_ms"] == 85.0
+    assert math.isclose(off["tokens_per_s"], 1000.0 / 105.0)
+    assert math.isclose(fp8["tflops"], 2.0 / 85.0) and math.isclose(fp8["mfu"], 0.5 / 85.0)
+    assert off["peak_gib"] == 11.0 and off["runs_ms"] == [100.0, 110.0]
+    assert off["recipe"] == "off" and fp8["runs_ms"] == [80.0, 90.0]
+    order.clear()
+    single = bench_train.measure_mirrored(["off", "blockwise"], 1, run)
+    assert order == ["off", "blockwise"] and [r["step_ms"] for r in single] == [100.0, 80.0]
