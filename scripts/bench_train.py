@@ -184,11 +184,12 @@ def main() -> None:
         args.micro_batch, args.seq_len, grad_accum = parse_config(config)
         recipes = [r for r in args.recipes if r == "off" or fp8_available()]
         for skipped in sorted(set(args.recipes) - set(recipes)):
-            print(f"fp8={skipped} not measured: models.fp8.convert is missing or the GPU is not sm90")
+            print(f"fp8={skipped} not measured: models.fp8.convert is missing or the GPU is not "
+                  "sm90")
         if not recipes:
             continue
-        results = measure_mirrored(recipes, args.rounds,
-                                   lambda recipe: in_fresh_process(measure, args, recipe, grad_accum))
+        results = measure_mirrored(
+            recipes, args.rounds, lambda recipe: in_fresh_process(measure, args, recipe, grad_accum))
         total, activated = results[0]["params"]
         print(f"{args.micro_batch} x {args.seq_len} tokens x {grad_accum} micro-batches per step "
               f"({total / 1e9:.2f}B parameters, {activated / 1e9:.2f}B activated)")
