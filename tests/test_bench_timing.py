@@ -98,3 +98,16 @@ def test_bench_train_mirrors_the_recipe_order():
     order.clear()
     single = bench_train.measure_mirrored(["off", "blockwise"], 1, run)
     assert order == ["off", "blockwise"] and [r["step_ms"] for r in single] == [100.0, 80.0]
+
+
+def test_grouped_bench_times_the_kernel_grouped_py_runs():
+    """Where the CUDA grouped kernels run, bench_fp8_grouped times them alone (what grouped.py
+    runs there; --full adds the Triton configs beside them); elsewhere the Triton configs."""
+    import bench_fp8_grouped as bench
+    for configs in (bench.gemm_configs, bench.wgrad_configs):
+        assert configs(full=False, cuda=True) == [bench.CUDA]
+        triton = configs(full=False, cuda=False)
+        assert len(triton) == 2 and bench.CUDA not in triton
+        full = configs(full=True, cuda=True)
+        assert full[0] == bench.CUDA and full[1:] == configs(full=True, cuda=False)
+        assert len(full) > 3
