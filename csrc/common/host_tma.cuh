@@ -4,12 +4,14 @@
 //
 // The libraries link only the static CUDA runtime: this machine class may have the toolkit but
 // no driver (`-lcuda` fails), so the driver's cuTensorMapEncodeTiled, which builds TMA
-// descriptors, is looked up at run time through cudaGetDriverEntryPointByVersion.
+// descriptors, is looked up at run time through cudaGetDriverEntryPointByVersion; tile_map
+// builds a 2-D descriptor from it.
 #pragma once
 
 #include <cuda.h>  // CUtensorMap and its enums only
 #include <cuda_runtime.h>
 
+#include <cstdint>
 #include <cstdio>
 
 namespace csrc_common {
@@ -38,6 +40,29 @@ inline EncodeTiledFn encode_tiled() {
 inline int fail(char* err, int err_len, const char* message) {
   snprintf(err, err_len, "%s", message);
   return 1;
+}
+
+// A row-major [rows, cols] matrix of `dtype` with row stride ld bytes, read in box_rows x
+// box_cols boxes with `swizzle`; zeros outside. 0, or 1 with the reason in err.
+inline int tile_map(CUtensorMap* map, CUtensorMapDataType dtype, CUtensorMapSwizzle swizzle,
+                    const void* base, int64_t rows, int64_t cols, int64_t ld, int box_cols,
+                    int box_rows, char* err, int err_len) {
+  const auto encode = encode_tiled();
+  if (encode == nullptr) return fail(err, err_len, "cuTensorMapEncodeTiled is not available");
+  const cuuint64_t dims[2] = {cuuint64_t(cols), cuuint64_t(rows)};
+  const cuuint64_t strides[1] = {cuuint64_t(ld)};
+  const cuuint32_t box[2] = {cuuint32_t(box_cols), cuuint32_t(box_rows)};
+  const cuuint32_t elem_strides[2] = {1, 1};
+  const CUresult r = encode(map, dtype, 2, const_cast<void*>(base), dims, strides, box,
+                            elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle,
+                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) {
+    snprintf(err, err_len, "cuTensorMapEncodeTiled failed (CUresult %d) for a [%lld, %lld] "
+             "operand with row stride %lld: bases and row strides must be 16-byte aligned",
+             int(r), (long long)rows, (long long)cols, (long long)ld);
+    return 1;
+  }
+  return 0;
 }
 
 }  // namespace csrc_common

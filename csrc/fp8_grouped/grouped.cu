@@ -115,7 +115,7 @@
 
 #include <algorithm>
 
-#include "../common/host_tma.cuh"  // encode_tiled, fail
+#include "../common/host_tma.cuh"  // tile_map, fail
 
 namespace {
 
@@ -1151,30 +1151,8 @@ grouped_wgrad_kernel(const __grid_constant__ CUtensorMap map_a,
 // ---------------------------------------------------------------------------------------------
 // Host side: TMA descriptors, launch, and a C ABI for ctypes (models/fp8/grouped_cuda.py)
 
-using csrc_common::encode_tiled;
 using csrc_common::fail;
-
-// A row-major [rows, cols] matrix with row stride ld bytes, read in box_rows x box_cols boxes.
-int tile_map(CUtensorMap* map, CUtensorMapDataType dtype, CUtensorMapSwizzle swizzle,
-             const void* base, int64_t rows, int64_t cols, int64_t ld, int box_cols, int box_rows,
-             char* err, int err_len) {
-  const auto encode = encode_tiled();
-  if (encode == nullptr) return fail(err, err_len, "cuTensorMapEncodeTiled is not available");
-  const cuuint64_t dims[2] = {cuuint64_t(cols), cuuint64_t(rows)};
-  const cuuint64_t strides[1] = {cuuint64_t(ld)};
-  const cuuint32_t box[2] = {cuuint32_t(box_cols), cuuint32_t(box_rows)};
-  const cuuint32_t elem_strides[2] = {1, 1};
-  const CUresult r = encode(map, dtype, 2, const_cast<void*>(base), dims, strides, box,
-                            elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle,
-                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (r != CUDA_SUCCESS) {
-    snprintf(err, err_len, "cuTensorMapEncodeTiled failed (CUresult %d) for a [%lld, %lld] "
-             "operand with row stride %lld: bases and row strides must be 16-byte aligned",
-             int(r), (long long)rows, (long long)cols, (long long)ld);
-    return 1;
-  }
-  return 0;
-}
+using csrc_common::tile_map;
 
 // An FP8 [rows, 128 k] operand with row stride ld bytes, read in box_rows x 128-byte swizzled
 // tiles.

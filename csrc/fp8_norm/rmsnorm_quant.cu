@@ -57,7 +57,7 @@
 #include <cstdint>
 #include <cstdio>
 
-#include "../common/host_tma.cuh"  // encode_tiled, fail
+#include "../common/host_tma.cuh"  // tile_map, fail
 
 namespace {
 
@@ -561,28 +561,13 @@ rmsnorm_quant_kernel(const __grid_constant__ CUtensorMap x_map, const Args a) {
 // ---------------------------------------------------------------------------------------------
 // Host side: the TMA descriptor of x, the launch, a C ABI for ctypes (models/fp8/norm_cuda.py)
 
-using csrc_common::encode_tiled;
 using csrc_common::fail;
+using csrc_common::tile_map;
 
 // x [M, K] bf16 with row stride ld elements, read in 128 x 128 boxes; zeros outside.
 int x_tile_map(CUtensorMap* map, const void* x, int M, int K, int64_t ld, char* err, int err_len) {
-  const auto encode = encode_tiled();
-  if (encode == nullptr) return fail(err, err_len, "cuTensorMapEncodeTiled is not available");
-  const cuuint64_t dims[2] = {cuuint64_t(K), cuuint64_t(M)};
-  const cuuint64_t strides[1] = {cuuint64_t(ld) * 2};
-  const cuuint32_t box[2] = {TILE, TILE};
-  const cuuint32_t elem_strides[2] = {1, 1};
-  const CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(x), dims,
-                            strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                            CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (r != CUDA_SUCCESS) {
-    snprintf(err, err_len, "cuTensorMapEncodeTiled failed (CUresult %d) for x [%d, %d] with row "
-             "stride %lld: the base and the row stride must be 16-byte aligned", int(r), M, K,
-             (long long)ld);
-    return 1;
-  }
-  return 0;
+  return tile_map(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, CU_TENSOR_MAP_SWIZZLE_NONE, x, M, K,
+                  ld * 2, TILE, TILE, err, err_len);
 }
 
 cudaLaunchConfig_t launch_config(int cluster, int buffers, int ctas, void* stream,
