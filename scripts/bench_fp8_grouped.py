@@ -251,8 +251,7 @@ def bench_gemm(cases, full: bool, quick: bool = False, deadline: float = float("
         ours, loop, bf16 = _ours(ops, T), _cublas_loop(one, case.experts), _bf16_grouped(ops)
         for op in ("fwd", "dgrad", "wgrad"):
             # one config: nothing to pick (the timing below is its figure)
-            ms, cfg = (sweep(op, ours[op], configs[op]) if len(configs[op]) > 1
-                       else (0.0, configs[op][0]))
+            cfg = sweep(op, ours[op], configs[op])[1] if len(configs[op]) > 1 else configs[op][0]
             if cfg is None:
                 print(f"    {op}: every config failed")
                 continue
@@ -375,7 +374,7 @@ def bench_layer(cases, deadline: float = float("inf")) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one case per section, two configs")
+    parser.add_argument("--quick", action="store_true", help="one case per section, at most two configs")
     parser.add_argument("--full", action="store_true", help="more cases and tile configs")
     parser.add_argument("--budget", type=float, default=90.0,
                         help="seconds after which no new case starts (default 90; inf with --full)")
