@@ -92,6 +92,11 @@ def apply_rope(x: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor) -> t
     return rotated.flatten(-2).to(x.dtype)
 
 
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up: the fused kernel where it runs, torch ops elsewhere."""
+    return kernels.swiglu(gate, up) if kernels.fused(gate) else F.silu(gate) * up
+
+
 class MLP(nn.Module):
     """SwiGLU feed-forward: w2(silu(w1 x) · w3 x). Used by dense blocks and shared experts."""
 
@@ -102,5 +107,4 @@ class MLP(nn.Module):
         self.w2 = nn.Linear(inter_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w1(x), self.w3(x)
-        return self.w2(kernels.swiglu(gate, up) if kernels.fused(gate) else F.silu(gate) * up)
+        return self.w2(swiglu(self.w1(x), self.w3(x)))

@@ -18,7 +18,8 @@ scripts/summary.py:
            step with several micro-batches, and again re-quantized every call as with one), against
            bf16 nn.Linear and Transformer Engine's Linear under Float8BlockScaling when TE imports;
   mlp      FP8MLP (SwiGLU fused with its quantization) forward + backward against the bf16 MLP at
-           the `small` model's dense-MLP and shared-expert shapes;
+           the `small` model's dense-MLP and shared-expert shapes (the latter at 4096, 8192 and
+           16384 tokens: convert.py's NARROW_MLP_MIN_TOKENS);
   memory   bytes autograd saves for backward (FP8 copies vs bf16 activations), Linear and MLP.
 Timing: each figure and its baselines in three interleaved rounds (scripts/timing.interleaved_ms:
 every other round reversed, the median kept; timed one after another, whatever runs first meets a
@@ -261,7 +262,9 @@ def main() -> None:
                    (8192, 1536, 7168), (16384, 4096, 4096)]
     linear_shapes = [(8192, 7168, 2048), (8192, 2048, 7168), (16384, 4096, 4096), (8192, 4096, 1024),
                      (8192, 1024, 8192)]  # the last two: convert's skip_small evidence
-    mlp_shapes = [(8192, 4096, 10240), (8192, 4096, 1536)]  # `small`: dense MLP, shared expert
+    # `small`: dense MLP, shared expert; the shared expert's three token counts are the evidence
+    # for convert's NARROW_MLP_MIN_TOKENS (every row here runs FP8 whatever the count)
+    mlp_shapes = [(8192, 4096, 10240), (4096, 4096, 1536), (8192, 4096, 1536), (16384, 4096, 1536)]
     if args.quick:
         gemm_shapes, linear_shapes, mlp_shapes = gemm_shapes[:1], linear_shapes[:1], mlp_shapes[:1]
     bench_gemm(gemm_shapes)

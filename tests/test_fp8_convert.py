@@ -14,10 +14,10 @@ from torch import nn
 
 from models import build_model, model_config
 from models.fp8 import FP8Config, FP8Linear, convert
+from models.fp8.convert import NARROW_MLP_MIN_TOKENS
 from models.fp8.experts import FP8GroupedExperts
 from models.fp8.linear import FP8MLP
 from models.fp8.gemm import has_blockwise_kernels
-from models.layers import MLP
 from models.moe import GroupedExperts, Router
 
 BLOCKWISE = FP8Config(recipe="blockwise", skip_small=False)  # the debug model is all small
@@ -76,27 +76,32 @@ def test_all_eligible_model_converts_every_projection():
 
 
 def test_small_modules_stay_bf16_in_the_small_model(caplog):
-    """skip_small (the default) keeps the narrow MLA projections and the F=1536 shared experts in
-    bf16, one log line each, and converts the rest; skip_small=False converts them too."""
+    """skip_small (the default) keeps the narrow MLA projections in bf16 and gives the F=1536
+    shared experts a token threshold, one log line each, and converts the rest unconditionally;
+    skip_small=False converts them all for every call."""
     model = build_model(model_config("small"), device="meta")  # shapes only
     with caplog.at_level(logging.INFO, logger="models.fp8.convert"):
         convert(model, FP8Config(recipe="blockwise"), emulate=True)
-    small = {n for n, m in model.named_modules() if n.endswith(("wq_a", "wq_b", "wkv_a", "wkv_b"))
-             or n.endswith(".shared")}
-    assert len(small) == 5 * 4 + 4  # 4 projections in 4 layers + the MTP block; 3 + 1 shared
+    small = {n for n, m in model.named_modules() if n.endswith(("wq_a", "wq_b", "wkv_a", "wkv_b"))}
+    assert len(small) == 5 * 4  # 4 projections in 4 layers + the MTP block
     for name in small:
-        kept = model.get_submodule(name)
-        assert type(kept) in (nn.Linear, MLP), name
-        assert all(type(m) is nn.Linear for m in kept.children()), name
+        assert type(model.get_submodule(name)) is nn.Linear, name
         assert sum(f"{name} in bf16" in r.getMessage() for r in caplog.records) == 1, name
+    shared = {n: m for n, m in model.named_modules() if n.endswith(".shared")}
+    assert len(shared) == 3 + 1  # the 3 MoE layers and the MTP block
+    for name, mlp in shared.items():
+        assert isinstance(mlp, FP8MLP) and mlp.min_tokens == NARROW_MLP_MIN_TOKENS, name
+        assert sum(f"{name} runs in bf16 below" in r.getMessage() for r in caplog.records) == 1
     for name in ("layers.0.attn.wo", "mtp.0.eh_proj"):
         assert isinstance(model.get_submodule(name), FP8Linear)
-    assert isinstance(model.layers[0].ffn, FP8MLP) and model.layers[0].ffn.w1.out_features == 10240
+    dense = model.layers[0].ffn
+    assert isinstance(dense, FP8MLP) and dense.w1.out_features == 10240 and dense.min_tokens == 0
     assert isinstance(model.layers[1].ffn.experts, FP8GroupedExperts)
     model = build_model(model_config("small"), device="meta")
     convert(model, FP8Config(recipe="blockwise", skip_small=False), emulate=True)
     assert isinstance(model.layers[1].attn.wq_b, FP8Linear)
-    assert isinstance(model.layers[1].ffn.shared, FP8MLP)
+    shared = model.layers[1].ffn.shared
+    assert isinstance(shared, FP8MLP) and shared.min_tokens == 0
 
 
 def test_off_leaves_the_model_alone():

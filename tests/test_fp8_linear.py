@@ -232,6 +232,34 @@ def test_mlp_matches_swiglu_mlp_cpu():
     _compare_mlp((2, 33, 256), 256, torch.float32, torch.float32, pow2=True)
 
 
+def test_mlp_below_min_tokens_is_the_high_precision_mlp(monkeypatch):
+    """Fewer tokens than min_tokens: models.layers.MLP's own ops on the shared parameters, bit
+    for bit in output and gradients, with no quantization and no FP8 weight copy; from
+    min_tokens on, the FP8 path."""
+    from models.layers import MLP
+    from models.fp8.linear import FP8MLP
+    torch.manual_seed(11)
+    ref = MLP(128, 256).to(DEVICE)
+    fp8 = FP8MLP.from_mlp(ref, min_tokens=2 * 33 + 1)
+    assert fp8.w1.weight is ref.w1.weight and "min_tokens=67" in repr(fp8)
+    calls = []
+    real = quant.quantize_dual
+    monkeypatch.setattr(quant, "quantize_dual", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.randn(2, 33, 128, device=DEVICE, requires_grad=True)
+    y = fp8(x)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, *ref.parameters()], dy)
+    y_ref = ref(x)
+    grads_ref = torch.autograd.grad(y_ref, [x, *ref.parameters()], dy)
+    assert torch.equal(y, y_ref) and all(map(torch.equal, grads, grads_ref))
+    assert calls == [] and fp8.cached_fp8_tensors() == () and fp8.w2.cached_fp8_tensors() == ()
+    fp8.min_tokens = 2 * 33
+    y8 = fp8(x)
+    assert calls == [1] and calc_diff(y8.float(), y_ref.float()) < 3e-3
+    with pytest.raises(ValueError, match="min_tokens"):
+        FP8MLP.from_mlp(ref, min_tokens=-1)
+
+
 def test_mlp_saves_only_fp8(monkeypatch):
     """The SwiGLU output comes from swiglu_quantize (never a high-precision tensor) and backward
     keeps only FP8 copies: x 128x1 and h = [gate | up] 1x128 (plus their fp32 scales)."""

@@ -18,9 +18,9 @@ class FP8Config:
     pow2_scales: bool = False
     """Round every scale up to a power of two (DeepSeek's UE8M0), exact under transposition."""
     skip_small: bool = True
-    """Keep in bf16 the modules FP8 measurably slows down on the H100 (models/fp8/convert.py:
-    a Linear with a side of at most 1024, a SwiGLU MLP narrower than 2048); False converts
-    everything the kernels can take."""
+    """Keep in bf16 what FP8 measurably slows down on the H100 (models/fp8/convert.py: a Linear
+    with a side of at most 1024; a SwiGLU MLP narrower than 2048 on calls of fewer than 8192
+    tokens); False converts everything the kernels can take, for every call."""
 
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:

@@ -24,12 +24,13 @@ re-quantized), while 2048 <-> 7168 and 4096 -> 4096 ran at 1.12-1.46x. The SwiGL
 D=4096 and width F=1536 (the `small` model's shared expert) depends on the tokens per call more
 than on its width (later H100 run, interleaved rounds, two repeats): 0.65-0.67x bf16 at 4096
 tokens, 1.00-1.13x at 8192, 1.27x at 16384 (F=10240: 1.36-1.38x at 16384). A width threshold
-cannot see the token count; it keeps F=1536 in bf16, which is right for the short-sequence
-configs under conf/ and forgoes that MLP's 1.27x at 16k-token micro-batches (a dispatch on the
-token count at run time would get both).
-So a Linear with min(in, out) <= SMALL_LINEAR_SIDE and an MLP with F < MIN_MLP_WIDTH stay bf16.
-In `small` that keeps the MLA down/up projections (wq_a, wq_b, wkv_a, wkv_b) and the shared
-experts in bf16; wo, the dense MLP, the routed experts and the MTP projection run in FP8.
+cannot see the token count, so the decision for such an MLP is made per call: it becomes an
+FP8MLP with `min_tokens = NARROW_MLP_MIN_TOKENS`, which runs calls with fewer tokens through the
+plain bf16 SwiGLU and the rest through FP8.
+So a Linear with min(in, out) <= SMALL_LINEAR_SIDE stays bf16, and an MLP with F < MIN_MLP_WIDTH
+runs FP8 only from NARROW_MLP_MIN_TOKENS tokens a call. In `small` that keeps the MLA down/up
+projections (wq_a, wq_b, wkv_a, wkv_b) in bf16 and the shared experts in bf16 for micro-batches
+under 8192 tokens; wo, the dense MLP, the routed experts and the MTP projection run in FP8.
 
 Hardware: the blockwise recipe needs an sm90 GPU (cuBLAS blockwise GEMMs); without one `convert`
 raises. `emulate=True` skips that check for tests: the converted model then runs the Triton
@@ -54,7 +55,10 @@ log = logging.getLogger(__name__)
 SMALL_LINEAR_SIDE = 1024
 """A Linear with in_features or out_features <= this stays bf16 under skip_small."""
 MIN_MLP_WIDTH = 2048
-"""A SwiGLU MLP whose width (w1's out_features) is below this stays bf16 under skip_small."""
+"""A SwiGLU MLP whose width (w1's out_features) is below this is narrow under skip_small."""
+NARROW_MLP_MIN_TOKENS = 8192
+"""A narrow MLP's calls with fewer tokens than this run in bf16 under skip_small (at 8192 tokens
+the F=1536 MLP measured 1.00-1.13x bf16 in FP8, at 4096 0.65-0.67x)."""
 
 
 def convert(model: nn.Module, fp8_cfg: FP8Config, emulate: bool = False) -> nn.Module:
@@ -76,7 +80,7 @@ def _convert_children(parent: nn.Module, prefix: str, keep: set, fp8_cfg: FP8Con
         name = f"{prefix}{attr}"
         if id(child) in keep or (fp8_cfg.skip_small and _too_small(name, child)):
             continue
-        new = _fp8_version(name, child, fp8_cfg.pow2_scales)
+        new = _fp8_version(name, child, fp8_cfg)
         if new is not None:
             setattr(parent, attr, new)
         else:
@@ -84,11 +88,7 @@ def _convert_children(parent: nn.Module, prefix: str, keep: set, fp8_cfg: FP8Con
 
 
 def _too_small(name: str, module: nn.Module) -> bool:
-    """True (with a log line) for a module FP8 would slow down; see the module docstring."""
-    if type(module) is MLP and module.w1.out_features < MIN_MLP_WIDTH:
-        log.info("fp8: keeping %s in bf16: SwiGLU width %d < %d is faster in bf16", name,
-                 module.w1.out_features, MIN_MLP_WIDTH)
-        return True
+    """True (with a log line) for a Linear FP8 would slow down; see the module docstring."""
     if type(module) is nn.Linear and min(module.in_features, module.out_features) <= SMALL_LINEAR_SIDE:
         log.info("fp8: keeping %s in bf16: %d -> %d has a side <= %d, faster in bf16", name,
                  module.in_features, module.out_features, SMALL_LINEAR_SIDE)
@@ -102,9 +102,21 @@ def _high_precision(model: nn.Module) -> list[nn.Module]:
     return [head] if isinstance(head, nn.Module) else []
 
 
-def _fp8_version(name: str, module: nn.Module, pow2_scales: bool) -> nn.Module | None:
+def _mlp_min_tokens(name: str, mlp: MLP, fp8_cfg: FP8Config) -> int:
+    """FP8MLP.min_tokens for `mlp`: NARROW_MLP_MIN_TOKENS (with a log line) for a narrow one
+    under skip_small, else 0 (every call in FP8)."""
+    width = mlp.w1.out_features
+    if not fp8_cfg.skip_small or width >= MIN_MLP_WIDTH:
+        return 0
+    log.info("fp8: %s runs in bf16 below %d tokens a call, FP8 from there: SwiGLU width %d < %d "
+             "is faster in bf16 on fewer tokens", name, NARROW_MLP_MIN_TOKENS, width, MIN_MLP_WIDTH)
+    return NARROW_MLP_MIN_TOKENS
+
+
+def _fp8_version(name: str, module: nn.Module, fp8_cfg: FP8Config) -> nn.Module | None:
+    pow2_scales = fp8_cfg.pow2_scales
     if type(module) is MLP and FP8MLP.supports(module):
-        return FP8MLP.from_mlp(module, pow2_scales)
+        return FP8MLP.from_mlp(module, pow2_scales, _mlp_min_tokens(name, module, fp8_cfg))
     if type(module) is nn.Linear:
         if module.bias is not None:
             log.info("fp8: keeping %s in high precision: it has a bias", name)

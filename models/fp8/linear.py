@@ -39,7 +39,10 @@ parameter's dtype), with no separate cast pass.
 `FP8MLP` replaces models.layers.MLP: gate and up in one GEMM, the SwiGLU output computed and
 quantized in one kernel (`swiglu_quantize`) and its backward fused with the quantization of its
 gradient (`swiglu_backward_quantize`, shared with the FP8 experts), so neither the down
-projection's input nor the SwiGLU gradients ever exist in high precision.
+projection's input nor the SwiGLU gradients ever exist in high precision. Its `min_tokens`
+(0 unless convert.py sets it) sends calls with fewer tokens than that through the plain
+high-precision SwiGLU instead, the same ops as models.layers.MLP on the same parameters: a narrow
+MLP's FP8 GEMMs repay the quantization passes only from several thousand tokens a call.
 
 Inputs: x must be bfloat16 or float32 (the GEMM output dtype follows x). Dimensions: K and N
 multiples of 128 (`FP8Linear.supports(in, out)`); models/fp8/convert.py leaves other layers in
@@ -49,7 +52,10 @@ GEMMs (slow; for tests).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from models.layers import swiglu
 
 from . import quant
 from .experts import swiglu_backward_quantize
@@ -276,15 +282,22 @@ class FP8MLP(nn.Module):
     """Drop-in for models.layers.MLP (SwiGLU: w2(silu(w1 x) * w3 x)) with FP8 GEMMs and the
     SwiGLU fused with its quantization both ways; see FP8MLPFunction. Children w1, w3, w2 are
     FP8Linear sharing the MLP's parameters (same state-dict keys); the gate and up weights are
-    quantized together, [w1; w3], into a cache of this module, keyed like FP8Linear's."""
+    quantized together, [w1; w3], into a cache of this module, keyed like FP8Linear's.
 
-    def __init__(self, w1: FP8Linear, w3: FP8Linear, w2: FP8Linear) -> None:
+    A call with fewer than `min_tokens` tokens (the product of x's leading dimensions) runs the
+    high-precision SwiGLU of models.layers.MLP instead, with the same parameters and no FP8 copy
+    made; 0, the default, sends every call through FP8."""
+
+    def __init__(self, w1: FP8Linear, w3: FP8Linear, w2: FP8Linear, min_tokens: int = 0) -> None:
         super().__init__()
+        if min_tokens < 0:
+            raise ValueError(f"FP8MLP min_tokens must be >= 0 (0: always FP8), got {min_tokens}")
         if w1.out_features != w3.out_features or w2.in_features != w1.out_features \
                 or w1.in_features != w3.in_features:
             raise ValueError(f"inconsistent SwiGLU shapes: w1 {w1.in_features}->{w1.out_features}, "
                              f"w3 {w3.in_features}->{w3.out_features}, w2 {w2.in_features}->{w2.out_features}")
         self.w1, self.w3, self.w2 = w1, w3, w2
+        self.min_tokens = min_tokens
         self._w13_fp8, self._w13_key = None, None
 
     @staticmethod
@@ -293,9 +306,10 @@ class FP8MLP(nn.Module):
                    for l in (mlp.w1, mlp.w3, mlp.w2))
 
     @classmethod
-    def from_mlp(cls, mlp: nn.Module, pow2_scales: bool = False) -> "FP8MLP":
+    def from_mlp(cls, mlp: nn.Module, pow2_scales: bool = False, min_tokens: int = 0) -> "FP8MLP":
         """FP8 version of an MLP with nn.Linear w1, w3, w2, sharing their parameters."""
-        return cls(*(FP8Linear.from_linear(l, pow2_scales) for l in (mlp.w1, mlp.w3, mlp.w2)))
+        return cls(*(FP8Linear.from_linear(l, pow2_scales) for l in (mlp.w1, mlp.w3, mlp.w2)),
+                   min_tokens=min_tokens)
 
     def invalidate_fp8_cache(self) -> None:
         self._w13_fp8, self._w13_key = None, None
@@ -318,9 +332,19 @@ class FP8MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.w1.check_input(x)
+        if x.numel() < self.min_tokens * x.shape[-1]:
+            return self.high_precision_forward(x)
         return FP8MLPFunction.apply(x, self.w1.weight, self.w3.weight, self.w2.weight,
                                     self.w13_fp8(), self.w2.fp8_weight(), self.w1.pow2_scales,
                                     torch.is_grad_enabled())
+
+    def high_precision_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """models.layers.MLP's forward on these parameters (the path below `min_tokens`)."""
+        gate, up = F.linear(x, self.w1.weight), F.linear(x, self.w3.weight)
+        return F.linear(swiglu(gate, up), self.w2.weight)
+
+    def extra_repr(self) -> str:
+        return f"min_tokens={self.min_tokens}" if self.min_tokens else ""
 
 
 def cached_weight_copies(model: nn.Module) -> list[torch.Tensor]:
