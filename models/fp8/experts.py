@@ -167,7 +167,13 @@ SWIGLU_BACKWARD_WARPS = 8
 """Warps of swiglu_backward_kernel on the GPU. Measured on the H100 at T = 32768-65536,
 F = 1536-3584, bytes moved against a device-to-device copy: 0.50-0.51 (16 warps 0.29-0.30; 4 spill
 registers). The kernel before it, two passes over 128 x 16-column slices of a block (row amaxes,
-then the row-wise copies recomputed) with a division per element, reached 0.22-0.23."""
+then the row-wise copies recomputed) with a division per element, reached 0.22-0.23.
+Measured and not kept: one program making all three outputs of a tile, each input read and g's
+sigmoid computed once (ordered so that three fp32 tiles were live at most): 0.41-0.42 at 8 warps,
+0.30 at 16, both spilling (1040 / 624 bytes); at T = 16384-65536, F = 1536-10240 in the same
+interleaved runs the one-output kernel held 0.49-0.50. With 8 warps it already needs all 255
+registers, so one 8-warp program runs per SM; that and its instruction count (exp, division, two
+amaxes and two casts per element) rather than memory are the likely limits (not profiled)."""
 
 
 def swiglu_backward_quantize(q_h: torch.Tensor, s_h: torch.Tensor, da_TF: torch.Tensor,
