@@ -214,10 +214,12 @@ def test_converted_model_gradients_close_gpu(pow2, monkeypatch):
 def test_small_model_gradients_close_gpu(monkeypatch):
     """The `small` model's own shapes (a dense block, a MoE block of 16 experts of width 1536, the
     MTP block; the default skip_small conversion, as bench_fp8_loss.py trains it) on the real
-    kernels, one 2048-token sequence: loss and every parameter's gradient direction and norm
-    against the same model in bf16. What the 500-step loss comparison runs, checked one step deep."""
+    kernels, four 2048-token sequences (NARROW_MLP_MIN_TOKENS: the shared experts run FP8 too):
+    loss and every parameter's gradient direction and norm against the same model in bf16. What
+    the 500-step loss comparison runs, checked one step deep."""
+    assert 4 * 2048 >= NARROW_MLP_MIN_TOKENS
     results, fp8_modules = _loss_and_grads(model_config("small", num_hidden_layers=2),
                                            FP8Config(recipe="blockwise"), "cuda", torch.bfloat16,
-                                           monkeypatch, shape=(1, 2049))
+                                           monkeypatch, shape=(4, 2049))
     assert any(".experts" in n for n in fp8_modules) and "layers.0.ffn.w1" in fp8_modules
     _check_close(results, fp8_modules)
