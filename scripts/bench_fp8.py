@@ -16,7 +16,9 @@ scripts/summary.py:
            the default launch of each (scripts/sweep_quant.py times the alternatives);
   linear   FP8Linear forward + backward (all quantization included; the FP8 weight cached as in a
            step with several micro-batches, and again re-quantized every call as with one), against
-           bf16 nn.Linear and Transformer Engine's Linear under Float8BlockScaling when TE imports;
+           bf16 nn.Linear and Transformer Engine's Linear under Float8BlockScaling when TE imports
+           (like against like: ours cached against TE's weight cached with is_first_microbatch,
+           ours re-quantized against TE quantizing its weight every call);
   mlp      FP8MLP (SwiGLU fused with its quantization) forward + backward against the bf16 MLP at
            the `small` model's dense-MLP and shared-expert shapes (the latter at 4096, 8192 and
            16384 tokens: convert.py's NARROW_MLP_MIN_TOKENS);
@@ -153,11 +155,27 @@ def _fwd_bwd(layer, x, dy, ctx=None):
     return step
 
 
+def _te_steps(layer, ctx, x, dy) -> dict:
+    """TE Linear forward + backward steps: "te" quantizes the weight every call (like ours with
+    the cache dropped); "te cached" reuses the FP8 weight TE cached on a first micro-batch
+    (`is_first_microbatch`, TE's weight caching across micro-batches, like ours kept)."""
+    steps = {"te": _fwd_bwd(layer, x, dy, ctx)}
+    try:
+        with ctx():
+            layer(x, is_first_microbatch=True).backward(dy)
+    except Exception as e:  # an older TE without weight caching: the re-quantizing step only
+        print(f"TE Linear(is_first_microbatch=True) failed ({type(e).__name__}: {e})")
+        return steps
+    steps["te cached"] = _fwd_bwd(lambda inp: layer(inp, is_first_microbatch=False), x, dy, ctx)
+    return steps
+
+
 def bench_linear(shapes) -> None:
     from models.fp8.linear import FP8Linear
 
     print("\n== one Linear, forward + backward (dx and dW), TFLOPS = 6 T K N / time")
-    print(f"{'T x K -> N':<22}{'fp8 cached W':>13}{'fp8 requant W':>14}{'bf16':>8}{'TE fp8':>8}{'ours/bf16':>10}")
+    print(f"{'T x K -> N':<22}{'fp8 cached W':>13}{'fp8 requant W':>14}{'bf16':>8}"
+          f"{'TE cached W':>12}{'TE requant W':>13}{'ours/bf16':>10}")
     te_note = None
     for T, K, N in shapes:
         if over_budget(f"linear {T}x{K}->{N}"):
@@ -175,16 +193,24 @@ def bench_linear(shapes) -> None:
         steps = {"cached": _fwd_bwd(ours, x, dy), "requant": requant_step,
                  "bf16": _fwd_bwd(base, x, dy)}
         if te:
-            steps["te"] = _fwd_bwd(te[0], x, dy, te[1])
+            steps.update(_te_steps(*te, x, dy))
         ms = interleaved_ms(steps, reps=3)
-        cached, requant, bf16 = (tflops(flops, ms[k]) for k in ("cached", "requant", "bf16"))
-        te_tf = tflops(flops, ms["te"]) if te else float("nan")
+        tf = {k: tflops(flops, ms[k]) if k in ms else float("nan")
+              for k in ("cached", "requant", "bf16", "te cached", "te")}
         case = f"{T}x{K}->{N}"
-        print(f"{case:<22}{cached:>13.0f}{requant:>14.0f}{bf16:>8.0f}{te_tf:>8.0f}{cached / bf16:>9.2f}x")
-        record(BENCH, f"linear {case}", cached, "TFLOPS", "bf16 nn.Linear", bf16)
-        record(BENCH, f"linear {case} requant W", requant, "TFLOPS", "bf16 nn.Linear", bf16)
-        if te_tf == te_tf:  # TE imported and ran (interleaved_ms reports a failure, then nan)
-            record(BENCH, f"linear {case}", cached, "TFLOPS", "TE Float8BlockScaling Linear", te_tf)
+        print(f"{case:<22}{tf['cached']:>13.0f}{tf['requant']:>14.0f}{tf['bf16']:>8.0f}"
+              f"{tf['te cached']:>12.0f}{tf['te']:>13.0f}{tf['cached'] / tf['bf16']:>9.2f}x")
+        record(BENCH, f"linear {case}", tf["cached"], "TFLOPS", "bf16 nn.Linear", tf["bf16"])
+        record(BENCH, f"linear {case} requant W", tf["requant"], "TFLOPS", "bf16 nn.Linear",
+               tf["bf16"])
+        # like against like: TE caching its FP8 weight as ours does, and both re-quantizing it;
+        # nan where TE is absent or failed (interleaved_ms reports a failure, then nan)
+        for ours_key, te_key, label in (("cached", "te cached", "linear {}"),
+                                        ("requant", "te", "linear {} requant W")):
+            if tf[te_key] == tf[te_key]:
+                record(BENCH, label.format(case), tf[ours_key], "TFLOPS",
+                       f"TE Float8BlockScaling Linear{' cached W' if te_key != 'te' else ''}",
+                       tf[te_key])
         del base, ours, te, x, dy
         torch.cuda.empty_cache()
     if te_note:

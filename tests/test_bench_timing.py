@@ -4,6 +4,8 @@ scripts/timing.interleaved_ms decides which kernel and which baseline run first 
 and scripts/bench_fp8_grouped.sweep picks the kernel a row reports; a wrong order or a wrong
 pick would skew every ratio gpu_check prints without failing anything on the GPU. Here the
 timer returns figures fixed in advance, so the expected order and pick are worked out by hand.
+bench_fp8's Transformer Engine steps are checked with a stand-in Linear: each of ours must meet
+TE's step that treats the FP8 weight the same way.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts"))
 
@@ -111,3 +114,34 @@ def test_grouped_bench_times_the_kernel_grouped_py_runs():
         full = configs(full=True, cuda=True)
         assert full[0] == bench.CUDA and full[1:] == configs(full=True, cuda=False)
         assert len(full) > 3
+
+
+class _FakeTELinear(torch.nn.Linear):
+    """A Linear taking TE's is_first_microbatch, recording what each call passed."""
+
+    def __init__(self, fail_caching: bool = False):
+        super().__init__(4, 3, bias=False)
+        self.calls, self.fail_caching = [], fail_caching
+
+    def forward(self, inp, is_first_microbatch=None):
+        if self.fail_caching and is_first_microbatch is not None:
+            raise TypeError("unexpected keyword argument 'is_first_microbatch'")
+        self.calls.append(is_first_microbatch)
+        return super().forward(inp)
+
+
+def test_te_linear_steps_compare_like_with_like():
+    """bench_fp8 times TE's Linear twice: re-quantizing its weight every call (None) and reusing
+    the FP8 weight cached by one first micro-batch (True once, then False); a TE without
+    weight caching leaves only the first."""
+    import contextlib
+    import bench_fp8
+    x, dy = torch.randn(5, 4, requires_grad=True), torch.randn(5, 3)
+    layer = _FakeTELinear()
+    steps = bench_fp8._te_steps(layer, contextlib.nullcontext, x, dy)
+    assert layer.calls == [True] and set(steps) == {"te", "te cached"}
+    steps["te cached"]()
+    steps["te"]()
+    assert layer.calls == [True, False, None]
+    old = _FakeTELinear(fail_caching=True)
+    assert set(bench_fp8._te_steps(old, contextlib.nullcontext, x, dy)) == {"te"}
