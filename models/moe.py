@@ -31,9 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import kernels
 from models.config import ModelConfig
-from models.layers import MLP
+from models.layers import MLP, swiglu
 
 
 @dataclass
@@ -140,11 +139,7 @@ class GroupedExperts(nn.Module):
     def forward(self, x_TD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         gate_TF = self.grouped_mm(x_TD, self.w1, counts_E)
         up_TF = self.grouped_mm(x_TD, self.w3, counts_E)
-        if kernels.fused(gate_TF):
-            h_TF = kernels.swiglu(gate_TF, up_TF)
-        else:
-            h_TF = F.silu(gate_TF) * up_TF
-        return self.grouped_mm(h_TF, self.w2, counts_E)
+        return self.grouped_mm(swiglu(gate_TF, up_TF), self.w2, counts_E)
 
 
 class MoE(nn.Module):
