@@ -12,8 +12,10 @@ Routing, per token (DeepSeek-V3 eqs. 12-16):
    normalized to sum to 1, times routed_scaling_factor.
 
 The routed experts run as grouped GEMMs over the token copies sorted by expert: one GEMM per
-projection for all experts, never a Python loop over experts. `GroupedExperts.grouped_mm` is the
-one seam FP8 replaces (by swapping the whole module, see models/fp8).
+projection for all experts, never a Python loop over experts. MoE hands them the unsorted tokens
+and the sort (`GroupedExperts.forward_tokens`): the bf16 experts gather the sorted copies
+(`DispatchTokens`), the FP8 experts of models/fp8, which replace the whole module, quantize
+straight from the unsorted rows.
 
 Sequence-wise balance loss (eqs. 17-20), per sequence of T tokens:
 f_i = E/(k·T) · #{t routed to i},  P_i = mean_t s_it / Σ_j s_jt,  L = Σ_i f_i P_i,
@@ -136,6 +138,13 @@ class GroupedExperts(nn.Module):
     def grouped_mm(self, x_TK, w_ENK, counts_E):
         return grouped_mm(x_TK, w_ENK, counts_E)
 
+    def forward_tokens(self, x_TD: torch.Tensor, counts_E: torch.Tensor,
+                       slot_to_pick: torch.Tensor, pick_to_slot: torch.Tensor,
+                       top_k: int) -> torch.Tensor:
+        """The experts' output for every slot, from the unsorted tokens: forward() on the token
+        copies DispatchTokens sorts by expert (FP8 experts quantize straight from x_TD instead)."""
+        return self(DispatchTokens.apply(x_TD, slot_to_pick, pick_to_slot, top_k), counts_E)
+
     def forward(self, x_TD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         gate_TF = self.grouped_mm(x_TD, self.w1, counts_E)
         up_TF = self.grouped_mm(x_TD, self.w3, counts_E)
@@ -169,8 +178,7 @@ class MoE(nn.Module):
         slot_to_pick = routing.expert_TK.flatten().argsort(stable=True)
         pick_to_slot = torch.empty_like(slot_to_pick)
         pick_to_slot[slot_to_pick] = torch.arange(T * K, device=x_TD.device)
-        x_slots = DispatchTokens.apply(x_TD, slot_to_pick, pick_to_slot, K)
-        y_slots = self.experts(x_slots, routing.counts_E)
+        y_slots = self.experts.forward_tokens(x_TD, routing.counts_E, slot_to_pick, pick_to_slot, K)
         y_TKD = PermuteRows.apply(y_slots, pick_to_slot, slot_to_pick).view(T, K, -1)
         # A weighted sum over K: elementwise, since a batched [1, K] x [K, D] GEMM per token runs
         # at a few percent of the GPU's bandwidth.
@@ -195,8 +203,13 @@ class DispatchTokens(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_slots):
         (pick_to_slot,) = ctx.saved_tensors
-        grad_TKD = grad_slots[pick_to_slot].unflatten(0, (-1, ctx.top_k))
-        return grad_TKD.sum(1), None, None, None
+        return undispatch(grad_slots, pick_to_slot, ctx.top_k), None, None, None
+
+
+def undispatch(grad_slots: torch.Tensor, pick_to_slot: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The tokens' gradient from their slots': un-sorted by a gather, each token's K copies
+    summed (DispatchTokens' backward, also run by the FP8 experts, which dispatch themselves)."""
+    return grad_slots[pick_to_slot].unflatten(0, (-1, top_k)).sum(1)
 
 
 class PermuteRows(torch.autograd.Function):

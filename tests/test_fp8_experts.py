@@ -136,6 +136,48 @@ def test_bad_input_is_a_clear_error():
         fp8(x, torch.tensor([3, 5], device=DEVICE))
 
 
+def _dispatch(T, E, K, seed):
+    """MoE's slot indices for T tokens routed to K distinct experts each (models.moe._routed)."""
+    gen = torch.Generator().manual_seed(seed)
+    expert_TK = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)]).to(DEVICE)
+    slot_to_pick = expert_TK.flatten().argsort(stable=True)
+    pick_to_slot = torch.empty_like(slot_to_pick)
+    pick_to_slot[slot_to_pick] = torch.arange(T * K, device=DEVICE)
+    return slot_to_pick, pick_to_slot, torch.bincount(expert_TK.flatten(), minlength=E)
+
+
+def _check_forward_tokens(E, D, F, T, K, seed):
+    """forward_tokens (copies quantized through the dispatch index) against forward on
+    DispatchTokens' sorted copy: output and every gradient bitwise equal."""
+    from models.moe import DispatchTokens
+    fp8 = FP8GroupedExperts.from_grouped(_experts(E, D, F, seed))
+    x, _ = _tokens([T], D, torch.bfloat16, seed + 1)
+    slot_to_pick, pick_to_slot, counts_E = _dispatch(T, E, K, seed + 2)
+    dy = torch.randn(T * K, D, generator=torch.Generator().manual_seed(seed + 3)).to(DEVICE,
+                                                                                     x.dtype)
+    results = []
+    for fused in (False, True):
+        fp8.zero_grad()
+        xg = x.detach().clone().requires_grad_(True)
+        if fused:
+            y = fp8.forward_tokens(xg, counts_E, slot_to_pick, pick_to_slot, K)
+        else:
+            y = fp8(DispatchTokens.apply(xg, slot_to_pick, pick_to_slot, K), counts_E)
+        y.backward(dy)
+        results.append((y, xg.grad, fp8.w1.grad, fp8.w3.grad, fp8.w2.grad))
+    for name, a, b in zip(("y", "dx", "dw1", "dw3", "dw2"), *results):
+        assert torch.equal(a, b), name
+
+
+def test_forward_tokens_equals_dispatch_then_forward():
+    _check_forward_tokens(E=4, D=128, F=128, T=50, K=2, seed=12)
+
+
+@pytest.mark.gpu
+def test_forward_tokens_real_shapes():
+    _check_forward_tokens(E=16, D=4096, F=1536, T=3000, K=4, seed=13)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("E,D,F,m", [(16, 4096, 1536, 256), (4, 7168, 2048, 256)])
 def test_fp8_experts_real_shapes(E, D, F, m):

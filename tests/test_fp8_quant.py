@@ -254,6 +254,38 @@ def test_bad_input():
         quant.swiglu_quantize(x, x, hp_out=torch.empty(4, 256, dtype=torch.bfloat16, device=DEVICE))
 
 
+def _gathered(shape, rows_count, seed, pow2, tiling=None):
+    """quantize_1x128 / quantize_dual with rows=idx against the same on x[idx]: bitwise (the
+    kernel reads the same values in the same order), for an index with repeats and any order."""
+    x = _rand(shape, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    idx = torch.randint(0, shape[0], (rows_count,), generator=g).to(DEVICE)
+    for fn in (quant.quantize_1x128, quant.quantize_dual):
+        got = fn(x, pow2, tiling=tiling, rows=idx)
+        want = fn(x[idx], pow2, tiling=tiling)
+        assert len(got) == len(want) and all(
+            _same(_bits(a) if a.dtype == torch.float8_e4m3fn else a,
+                  _bits(b) if b.dtype == torch.float8_e4m3fn else b) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("shape,rows_count,pow2", [((70, 256), 200, False), ((5, 130), 3, True)])
+def test_gathered_rows_bitwise(shape, rows_count, pow2):
+    _gathered(shape, rows_count, 61, pow2)
+
+
+def test_gathered_rows_bad_index():
+    x = _rand((4, 256), 62)
+    with pytest.raises(TypeError, match="rows must be a 1-D int32/int64"):
+        quant.quantize_dual(x, rows=torch.zeros(3, device=DEVICE))
+    with pytest.raises(TypeError, match="rows must be a 1-D"):
+        quant.quantize_dual(x, rows=torch.zeros(2, 2, dtype=torch.int64, device=DEVICE))
+    with pytest.raises(RuntimeError, match="outside x_MK's rows"):
+        quant.quantize_dual(x, rows=torch.tensor([0, 4], device=DEVICE))
+        torch.cuda.synchronize() if DEVICE == "cuda" else None
+    q, s, qt, st = quant.quantize_dual(x, rows=torch.empty(0, dtype=torch.int64, device=DEVICE))
+    assert q.shape == (0, 256) and qt.shape == (256, 0)
+
+
 def test_empty_input():
     q, s, qt, st = quant.quantize_dual(torch.empty(0, 256, dtype=torch.bfloat16, device=DEVICE))
     assert q.shape == (0, 256) and s.shape == (0, 2) and qt.shape == (256, 0) and st.shape == (0, 256)
@@ -268,6 +300,14 @@ def test_gpu_real_shapes(shape, pow2):
     _quant_dual(shape, torch.float32, pow2)
     _swiglu((shape[0], 2048), pow2, True)
     _rmsnorm(shape, pow2, True)
+
+
+@pytest.mark.gpu
+def test_gpu_gathered_rows():
+    """The default launches reading rows through an index (MoE's dispatch), compiled, at a real
+    shape: 5000 rows gathered from 4097 with repeats."""
+    _gathered((4097, 2048), 5000, 63, False)
+    _gathered((4097, 7168), 300, 64, True)
 
 
 @pytest.mark.gpu
@@ -464,10 +504,10 @@ out = {}
 for dt in ("bf16", "fp32"):  # activations arrive in either; master weights are fp32
     tile = dict(x_ptr=p(dt), u_ptr=p(dt), w_ptr=p("bf16"), rstd_ptr=p("fp32"), hp_ptr=p("fp32"),
                 q_ptr=p("fp8e4nv"), s_ptr=p("fp32"), qt_ptr=p("fp8e4nv"), st_ptr=p("fp32"),
-                M="i32", K="i32", Mp="i32", stride_xm="i32", stride_um="i32", PROLOGUE="constexpr",
-                COLWISE="constexpr", STORE_HP="constexpr", POW2="constexpr",
+                rows_ptr=p("i64"), M="i32", K="i32", Mp="i32", stride_xm="i32", stride_um="i32",
+                PROLOGUE="constexpr", COLWISE="constexpr", STORE_HP="constexpr", POW2="constexpr",
                 EXACT_CAST="constexpr", BLOCK_M="constexpr", TILES="constexpr", PREFETCH="constexpr",
-                COMPACT="constexpr")
+                COMPACT="constexpr", GATHER="constexpr")
     weight = dict(w_ptr=p(dt), q_ptr=p("fp8e4nv"), s_ptr=p("fp32"), qt_ptr=p("fp8e4nv"),
                   st_ptr=p("fp32"), N="i32", K="i32", Nb="i32", Kb="i32", TRANSPOSE="constexpr",
                   POW2="constexpr", EXACT_CAST="constexpr", HW_TRANSPOSE="constexpr",
@@ -479,14 +519,15 @@ for dt in ("bf16", "fp32"):  # activations arrive in either; master weights are 
                 POW2="constexpr", EXACT_CAST="constexpr", COMPACT="constexpr",
                 SUM_TILES="constexpr", PARTS="constexpr", PERSISTENT="constexpr",
                 L2_HINTS="constexpr")
-    for pro, col, pow2, tiles, pre, cmp, warps in [(0, True, False, 1, False, False, 8),
-                                                   (0, True, False, 1, False, True, 4),
-                                                   (0, False, True, 4, True, False, 4),
-                                                   (1, True, False, 4, True, True, 8),
-                                                   (2, True, True, 1, False, False, 8)]:
+    for pro, col, pow2, tiles, pre, cmp, warps, gather in [
+            (0, True, False, 1, False, False, 8, False), (0, True, False, 1, False, True, 4, False),
+            (0, False, True, 4, True, False, 4, False), (1, True, False, 4, True, True, 8, False),
+            (2, True, True, 1, False, False, 8, False),
+            (0, True, False, 1, False, True, 4, True), (0, False, False, 4, True, False, 4, True)]:
         consts = dict(PROLOGUE=pro, COLWISE=col, STORE_HP=False, POW2=pow2, EXACT_CAST=False,
-                      BLOCK_M=128 if col else 64, TILES=tiles, PREFETCH=pre, COMPACT=cmp)
-        out[f"tile{pro}{col}{pow2}{tiles}{pre}{cmp}{warps} {dt}"] = build(
+                      BLOCK_M=128 if col else 64, TILES=tiles, PREFETCH=pre, COMPACT=cmp,
+                      GATHER=gather)
+        out[f"tile{pro}{col}{pow2}{tiles}{pre}{cmp}{warps}{gather} {dt}"] = build(
             quant.quant_tile_kernel, tile, consts, warps)
     for col, tiles in ((True, 4), (False, 1)):
         out[f"norm{col}{tiles} {dt}"] = build(quant.rmsnorm_quant_kernel, norm, dict(

@@ -3,7 +3,9 @@
 For tokens sorted by expert, x_TD with counts_E rows per expert, and per-expert weights
 w1 (gate) and w3 (up) [E, F, D], w2 (down) [E, D, F]:
 
-    forward   x   -> quantize_dual     q_x 1x128 (Fprop operand), qt_x 128x1 (saved for Wgrad)
+    forward   x   -> quantize_dual     q_x 1x128 (Fprop operand), qt_x 128x1 (saved for Wgrad);
+                                       from MoE (forward_tokens) x's rows are read through the
+                                       dispatch index, so the sorted bf16 copy is never made
               h   = grouped_gemm(q_x, w13)              [T, 2F]   gate | up, one GEMM for both
               a   = swiglu_quantize(gate, up)           1x128, silu(gate) * up never stored in bf16
               y   = grouped_gemm(q_a, w2)               [T, D]    in x's dtype
@@ -15,7 +17,7 @@ w1 (gate) and w3 (up) [E, F, D], w2 (down) [E, D, F]:
                     (dh = [dgate | dup], both copies) and qt_a (a = silu(gate) * up recomputed,
                     128x1 copy): neither dh nor a ever exists in bf16
               dw2 = grouped_wgrad(qt_dy, qt_a)          [E, D, F] fp32
-              dx  = grouped_gemm(q_dh, w13^T)           [T, D]
+              dx  = grouped_gemm(q_dh, w13^T)           [T, D]  (summed per token after a dispatch)
               dw1 = grouped_wgrad(qt_dgate, qt_x), dw3 = grouped_wgrad(qt_dup, qt_x)
                                                         [E, F, D] fp32 each, written in place
 
@@ -44,7 +46,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from models.moe import GroupedExperts
+from models.moe import GroupedExperts, undispatch
 
 from . import quant
 from .grouped import grouped_gemm, grouped_wgrad
@@ -211,50 +213,67 @@ def swiglu_backward_quantize(q_h: torch.Tensor, s_h: torch.Tensor, da_TF: torch.
     return (q_dh, s_dh, qt_dh, st_dh), (qt_a, st_a)
 
 
-class FP8ExpertsFunction(torch.autograd.Function):
-    """apply(x_TD, counts_E, w1, w3, w2, weights_fp8, pow2_scales, grad_enabled) -> y_TD.
+@dataclass
+class Dispatch:
+    """How MoE sends tokens to the expert slots (models.moe.DispatchTokens' indices): slot s holds
+    token token_of_slot[s]; pick_to_slot and top_k un-sort and sum the slots' gradients."""
 
+    token_of_slot: torch.Tensor
+    pick_to_slot: torch.Tensor
+    top_k: int
+
+
+class FP8ExpertsFunction(torch.autograd.Function):
+    """apply(x, counts_E, w1, w3, w2, weights_fp8, pow2_scales, grad_enabled, dispatch) -> y_TD.
+
+    x is the tokens sorted by expert (dispatch None), or the unsorted tokens with the `Dispatch`
+    that sorts them: then the FP8 copies are made from x's rows through the index (the gathered
+    bf16 tensor never exists) and backward returns x's gradient, each token's slots summed.
     grad_enabled is torch.is_grad_enabled() at the call (forward itself runs without grad):
     without it nothing is saved for backward and no column-wise copy is made."""
 
     @staticmethod
-    def forward(ctx, x_TD, counts_E, w1, w3, w2, wq: ExpertWeightsFP8, pow2_scales: bool,
-                grad_enabled: bool):
+    def forward(ctx, x, counts_E, w1, w3, w2, wq: ExpertWeightsFP8, pow2_scales: bool,
+                grad_enabled: bool, dispatch: Dispatch | None = None):
         training = grad_enabled and any(ctx.needs_input_grad)
         need_wgrad = training and any(ctx.needs_input_grad[2:5])
-        T, n_inter = x_TD.shape[0], w1.shape[1]
+        rows = None if dispatch is None else dispatch.token_of_slot
+        T, n_inter = x.shape[0] if rows is None else rows.numel(), w1.shape[1]
         if need_wgrad:
-            q_x, s_x, qt_x, st_x = quant.quantize_dual(x_TD, pow2_scales, check_finite=False)
+            q_x, s_x, qt_x, st_x = quant.quantize_dual(x, pow2_scales, check_finite=False,
+                                                       rows=rows)
         else:
-            q_x, s_x = quant.quantize_1x128(x_TD, pow2_scales, check_finite=False)
+            q_x, s_x = quant.quantize_1x128(x, pow2_scales, check_finite=False, rows=rows)
             qt_x, st_x = None, None
         h_T2F = grouped_gemm(q_x, s_x, wq.w13_q, wq.w13_s, counts_E, out_dtype=torch.bfloat16)
         q_a, s_a = quant.swiglu_quantize(h_T2F[:, :n_inter], h_T2F[:, n_inter:], pow2_scales,
                                          colwise=False, check_finite=False)
-        y_TD = grouped_gemm(q_a, s_a, wq.w2_q, wq.w2_s, counts_E, out_dtype=x_TD.dtype)
+        y_TD = grouped_gemm(q_a, s_a, wq.w2_q, wq.w2_s, counts_E, out_dtype=x.dtype)
         if not training:  # inference: nothing to save for a backward
             return y_TD
         q_h, s_h = quant.quantize_1x128(h_T2F, pow2_scales, check_finite=False)
         # Only the transposed weight copies go to backward, as saved tensors (freed once this
         # backward has run, unlike a ctx attribute): see models/fp8/linear.py `_dgrad_copy`.
         ctx.save_for_backward(counts_E, q_h, s_h, qt_x, st_x, wq.w13t_q, wq.w13t_s, wq.w2t_q,
-                              wq.w2t_s)
-        ctx.pow2_scales, ctx.rows = pow2_scales, T
-        ctx.dtypes = (x_TD.dtype, w1.dtype, w3.dtype, w2.dtype)
+                              wq.w2t_s, None if dispatch is None else dispatch.pick_to_slot)
+        ctx.pow2_scales, ctx.rows, ctx.x_rows = pow2_scales, T, x.shape[0]
+        ctx.top_k = None if dispatch is None else dispatch.top_k
+        ctx.dtypes = (x.dtype, w1.dtype, w3.dtype, w2.dtype)
         ctx.w_shapes = (w1.shape, w3.shape, w2.shape)
         return y_TD
 
     @staticmethod
     def backward(ctx, dy_TD):
-        counts_E, q_h, s_h, qt_x, st_x, w13t_q, w13t_s, w2t_q, w2t_s = ctx.saved_tensors
+        (counts_E, q_h, s_h, qt_x, st_x, w13t_q, w13t_s, w2t_q, w2t_s,
+         pick_to_slot) = ctx.saved_tensors
         pow2, T = ctx.pow2_scales, ctx.rows
         x_dtype, w1_dtype, w3_dtype, w2_dtype = ctx.dtypes
         need_dx, need_wgrad = ctx.needs_input_grad[0], any(ctx.needs_input_grad[2:5])
         if T == 0:  # no tokens reached these experts: nothing to multiply
             dw1, dw3, dw2 = (torch.zeros(shape, dtype=dt, device=dy_TD.device)
                              for shape, dt in zip(ctx.w_shapes, (w1_dtype, w3_dtype, w2_dtype)))
-            dx = dy_TD.new_zeros(0, ctx.w_shapes[0][2], dtype=x_dtype)
-            return dx, None, dw1, dw3, dw2, None, None, None
+            dx = dy_TD.new_zeros(ctx.x_rows, ctx.w_shapes[0][2], dtype=x_dtype)
+            return dx, None, dw1, dw3, dw2, None, None, None, None
         if need_wgrad:
             q_dy, s_dy, qt_dy, st_dy = quant.quantize_dual(dy_TD.contiguous(), pow2,
                                                            check_finite=False)
@@ -265,6 +284,8 @@ class FP8ExpertsFunction(torch.autograd.Function):
         dx = dw1 = dw3 = dw2 = None
         if need_dx:
             dx = grouped_gemm(q_dh, s_dh, w13t_q, w13t_s, counts_E, out_dtype=x_dtype)
+            if pick_to_slot is not None:  # the slots' gradients back to the unsorted tokens
+                dx = undispatch(dx, pick_to_slot, ctx.top_k)
         if need_wgrad:
             dw2 = grouped_wgrad(_token_major(qt_dy, T), st_dy, _token_major(qt_a, T), st_a,
                                 counts_E, out_dtype=_wgrad_dtype(w2_dtype)).to(w2_dtype)
@@ -273,7 +294,7 @@ class FP8ExpertsFunction(torch.autograd.Function):
                                 counts_E, out_dtype=_wgrad_dtype(w1_dtype)).to(w1_dtype)
             dw3 = grouped_wgrad(_token_major(qt_dh[F:], T), st_dh[:, F:], x_tm, st_x,
                                 counts_E, out_dtype=_wgrad_dtype(w3_dtype)).to(w3_dtype)
-        return dx, None, dw1, dw3, dw2, None, None, None
+        return dx, None, dw1, dw3, dw2, None, None, None, None
 
 
 class FP8GroupedExperts(GroupedExperts):
@@ -327,17 +348,29 @@ class FP8GroupedExperts(GroupedExperts):
         return self._fp8
 
     def forward(self, x_TD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        return FP8ExpertsFunction.apply(self._checked(x_TD), counts_E, self.w1, self.w3, self.w2,
+                                        self.fp8_weights(), self.pow2_scales,
+                                        torch.is_grad_enabled())
+
+    def forward_tokens(self, x_TD: torch.Tensor, counts_E: torch.Tensor,
+                       slot_to_pick: torch.Tensor, pick_to_slot: torch.Tensor,
+                       top_k: int) -> torch.Tensor:
+        """GroupedExperts.forward_tokens without the sorted bf16 copy of the tokens: the FP8
+        copies are quantized from x_TD's rows through the dispatch index (bitwise the copies of
+        the sorted tokens), and backward sums each token's slots as DispatchTokens does."""
+        dispatch = Dispatch(slot_to_pick // top_k, pick_to_slot, top_k)
+        return FP8ExpertsFunction.apply(self._checked(x_TD), counts_E, self.w1, self.w3, self.w2,
+                                        self.fp8_weights(), self.pow2_scales,
+                                        torch.is_grad_enabled(), dispatch)
+
+    def _checked(self, x_TD: torch.Tensor) -> torch.Tensor:
         dim = self.w1.shape[2]
         if x_TD.dim() != 2 or x_TD.shape[1] != dim:
             raise ValueError(f"FP8GroupedExperts expects x_TD [tokens, {dim}], got "
                              f"{tuple(x_TD.shape)}")
         if x_TD.dtype not in INPUT_DTYPES:
             raise TypeError(f"FP8GroupedExperts input must be bfloat16 or float32, got {x_TD.dtype}")
-        if not x_TD.is_contiguous():
-            x_TD = x_TD.contiguous()
-        return FP8ExpertsFunction.apply(x_TD, counts_E, self.w1, self.w3, self.w2,
-                                        self.fp8_weights(), self.pow2_scales,
-                                        torch.is_grad_enabled())
+        return x_TD if x_TD.is_contiguous() else x_TD.contiguous()
 
     def extra_repr(self) -> str:
         E, F_, D = self.w1.shape

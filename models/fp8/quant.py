@@ -10,6 +10,8 @@ Wrappers (x_MK: 2-D bf16/fp16/fp32 with unit column stride; all return fresh ten
 -------------------------------------------------------------------------------------
     quantize_1x128(x_MK, pow2_scales=False, check_finite=True) -> (q_MK, s_MKb)
     quantize_dual(x_MK, pow2_scales=False, check_finite=True)  -> (q_MK, s_MKb, qt_KMp, st_MbK)
+        both with rows=idx: the copies of x_MK[idx] read through the index (the MoE dispatch's
+        gather fused into the quantization)
     swiglu_quantize(gate_MF, up_MF, pow2_scales=False, colwise=True, check_finite=True, hp_out=None)
         -> (q_MF, s_MFb) or (q_MF, s_MFb, qt_FMp, st_MbF);  value quantized: silu(gate) * up in fp32
     rmsnorm_quantize(x_MK, weight_K, eps=1e-6, pow2_scales=False, colwise=True, check_finite=True,
@@ -341,12 +343,13 @@ def rms_kernel(x_ptr, rstd_ptr, K, stride_xm, eps, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(x_ptr, u_ptr, rm, rk, M, k_end, stride_xm, stride_um, PROLOGUE: tl.constexpr,
+def _load_tile(x_ptr, u_ptr, rm, src, rk, M, k_end, stride_xm, stride_um, PROLOGUE: tl.constexpr,
                EVICT: tl.constexpr):
     """The raw input of one tile (and the up projection for SwiGLU); zeros outside M x k_end.
+    Output row rm[i] reads input row src[i] (rm itself, or a gathered row: `_source_rows`).
     EVICT: the L2 eviction policy of x's lines ("", "evict_first" or "evict_last")."""
     mask = (rm[:, None] < M) & (rk[None, :] < k_end)
-    rows = rm.to(tl.int64)[:, None]
+    rows = src.to(tl.int64)[:, None]
     x = tl.load(x_ptr + rows * stride_xm + rk[None, :], mask=mask, other=0.0, eviction_policy=EVICT)
     u = x
     if PROLOGUE == 1:
@@ -417,8 +420,9 @@ def store_colwise_compact(x, qt_ptr, st_ptr, rm, rk, row_block, Mp, K, POW2: tl.
 
 
 @triton.jit
-def _quant_group(x_ptr, u_ptr, w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, rm, row_block,
-                 k0, M, K, Mp, stride_xm, stride_um, PROLOGUE: tl.constexpr, COLWISE: tl.constexpr,
+def _quant_group(x_ptr, u_ptr, w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, rm, src,
+                 row_block, k0, M, K, Mp, stride_xm, stride_um, PROLOGUE: tl.constexpr,
+                 COLWISE: tl.constexpr,
                  STORE_HP: tl.constexpr, POW2: tl.constexpr, EXACT_CAST: tl.constexpr,
                  COMPACT: tl.constexpr, TILES: tl.constexpr, PREFETCH: tl.constexpr):
     """Quantize tiles k0 .. k0 + TILES - 1 of row block rm (those inside K)."""
@@ -426,37 +430,43 @@ def _quant_group(x_ptr, u_ptr, w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st
     k_end = tl.minimum(K, (k0 + TILES) * 128)
     outs = (w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st_ptr)
     if PREFETCH:
-        x, u = _load_tile(x_ptr, u_ptr, rm, k0 * 128 + cols, M, k_end, stride_xm, stride_um, PROLOGUE,
-                          "")
+        x, u = _load_tile(x_ptr, u_ptr, rm, src, k0 * 128 + cols, M, k_end, stride_xm, stride_um,
+                          PROLOGUE, "")
         for t in range(TILES):
             rk = (k0 + t) * 128 + cols
-            x_next, u_next = _load_tile(x_ptr, u_ptr, rm, rk + 128, M, k_end, stride_xm, stride_um,
-                                        PROLOGUE, "")
+            x_next, u_next = _load_tile(x_ptr, u_ptr, rm, src, rk + 128, M, k_end, stride_xm,
+                                        stride_um, PROLOGUE, "")
             _quant_tile(x, u, *outs, rm, rk, row_block, k0 + t, M, K, Mp,
                         PROLOGUE, COLWISE, STORE_HP, POW2, EXACT_CAST, COMPACT, "")
             x, u = x_next, u_next
     else:
         for t in range(TILES):
             rk = (k0 + t) * 128 + cols
-            x, u = _load_tile(x_ptr, u_ptr, rm, rk, M, k_end, stride_xm, stride_um, PROLOGUE, "")
+            x, u = _load_tile(x_ptr, u_ptr, rm, src, rk, M, k_end, stride_xm, stride_um, PROLOGUE,
+                              "")
             _quant_tile(x, u, *outs, rm, rk, row_block, k0 + t, M, K, Mp,
                         PROLOGUE, COLWISE, STORE_HP, POW2, EXACT_CAST, COMPACT, "")
 
 
 @triton.jit
 def quant_tile_kernel(x_ptr, u_ptr, w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st_ptr,
-                      M, K, Mp, stride_xm, stride_um,
+                      rows_ptr, M, K, Mp, stride_xm, stride_um,
                       PROLOGUE: tl.constexpr, COLWISE: tl.constexpr, STORE_HP: tl.constexpr,
                       POW2: tl.constexpr, EXACT_CAST: tl.constexpr, BLOCK_M: tl.constexpr,
-                      TILES: tl.constexpr, PREFETCH: tl.constexpr, COMPACT: tl.constexpr):
-    # program -> (row block, group of TILES consecutive 128-column tiles), K fastest
+                      TILES: tl.constexpr, PREFETCH: tl.constexpr, COMPACT: tl.constexpr,
+                      GATHER: tl.constexpr):
+    # program -> (row block, group of TILES consecutive 128-column tiles), K fastest.
+    # GATHER: output row m quantizes input row rows[m] (the copies of x[rows], never stored)
     groups = tl.cdiv(tl.cdiv(K, 128), TILES)
     pid = tl.program_id(0)
     row_block, k0 = pid // groups, (pid % groups) * TILES
     rm = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    _quant_group(x_ptr, u_ptr, w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, rm, row_block,
-                 k0, M, K, Mp, stride_xm, stride_um, PROLOGUE, COLWISE, STORE_HP, POW2, EXACT_CAST,
-                 COMPACT, TILES, PREFETCH)
+    src = rm
+    if GATHER:
+        src = tl.load(rows_ptr + rm, mask=rm < M, other=0)
+    _quant_group(x_ptr, u_ptr, w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, rm, src,
+                 row_block, k0, M, K, Mp, stride_xm, stride_um, PROLOGUE, COLWISE, STORE_HP, POW2,
+                 EXACT_CAST, COMPACT, TILES, PREFETCH)
 
 
 def _check_input(x: torch.Tensor, name: str) -> None:
@@ -506,20 +516,41 @@ def _alloc_outputs(M: int, K: int, colwise: bool, device):
     return q, s, qt, st
 
 
-def _launch_tiles(prologue, x, u, w, rstd, hp_out, colwise, pow2_scales, tiling: Tiling):
-    M, K = x.shape
+def _launch_tiles(prologue, x, u, w, rstd, hp_out, colwise, pow2_scales, tiling: Tiling,
+                  rows=None):
+    """rows (plain quantization only): quantize x[rows], reading x's rows through the index."""
+    M, K = x.shape if rows is None else (rows.numel(), x.shape[1])
     q, s, qt, st = _alloc_outputs(M, K, colwise, x.device)
     block_m = BLOCK if colwise else tiling.block_m
     if M and K:
         grid = (ceil_div(M, block_m) * ceil_div(ceil_div(K, BLOCK), tiling.tiles),)
         quant_tile_kernel[grid](
             x, x if u is None else u, x if w is None else w, s if rstd is None else rstd,
-            q if hp_out is None else hp_out, q, s, qt, st,
+            q if hp_out is None else hp_out, q, s, qt, st, s if rows is None else rows,
             M, K, qt.shape[1] if colwise else 0, x.stride(0), 0 if u is None else u.stride(0),
             PROLOGUE=prologue, COLWISE=colwise, STORE_HP=hp_out is not None, POW2=pow2_scales,
             EXACT_CAST=_INTERPRET, BLOCK_M=block_m, TILES=tiling.tiles, PREFETCH=tiling.prefetch,
-            COMPACT=tiling.compact_scales, **_launch_options(tiling))
+            COMPACT=tiling.compact_scales, GATHER=rows is not None, **_launch_options(tiling))
     return (q, s, qt, st) if colwise else (q, s)
+
+
+def _check_rows(rows, x: torch.Tensor) -> None:
+    """`rows` of the gathering wrappers: a 1-D integer index into x's rows, on x's device. The
+    range is checked on the device (no host sync): an index out of range stops the stream with
+    an assertion naming it."""
+    if rows is None:
+        return
+    if not isinstance(rows, torch.Tensor) or rows.dim() != 1 or rows.dtype not in (torch.int32,
+                                                                                   torch.int64):
+        raise TypeError("rows must be a 1-D int32/int64 tensor of row indices into x_MK, got "
+                        f"{rows.dtype if isinstance(rows, torch.Tensor) else type(rows).__name__}"
+                        f"{' ' + str(tuple(rows.shape)) if isinstance(rows, torch.Tensor) else ''}")
+    if rows.device != x.device or not rows.is_contiguous():
+        raise ValueError(f"rows must be contiguous and on x_MK's device ({x.device}), got "
+                         f"{rows.device}, strides {rows.stride()}")
+    if rows.numel():
+        torch._assert_async(((rows >= 0) & (rows < x.shape[0])).all(),
+                            "rows: a row index is outside x_MK's rows")
 
 
 def _check_hp_out(hp_out, M: int, K: int) -> None:
@@ -530,22 +561,27 @@ def _check_hp_out(hp_out, M: int, K: int) -> None:
 
 
 def quantize_1x128(x_MK: torch.Tensor, pow2_scales: bool = False, check_finite: bool = True,
-                   tiling: Tiling | None = None):
-    """Row-wise 1x128 quantization: (q_MK e4m3, s_MKb fp32 MN-major). See the module docstring."""
+                   tiling: Tiling | None = None, rows: torch.Tensor | None = None):
+    """Row-wise 1x128 quantization: (q_MK e4m3, s_MKb fp32 MN-major). See the module docstring.
+    With `rows`, the copies of x_MK[rows] (len(rows) rows), read through the index."""
     _check_input(x_MK, "x_MK")
+    _check_rows(rows, x_MK)
     out = _launch_tiles(_PLAIN, x_MK, None, None, None, None, False, pow2_scales,
-                        _tiling(tiling, "1x128"))
+                        _tiling(tiling, "1x128"), rows)
     if check_finite:
         _raise_if_nonfinite("x_MK", out[1])
     return out
 
 
 def quantize_dual(x_MK: torch.Tensor, pow2_scales: bool = False, check_finite: bool = True,
-                  tiling: Tiling | None = None):
-    """One read, both copies: (q_MK, s_MKb MN-major, qt_KMp transposed 128x1 copy, st_MbK)."""
+                  tiling: Tiling | None = None, rows: torch.Tensor | None = None):
+    """One read, both copies: (q_MK, s_MKb MN-major, qt_KMp transposed 128x1 copy, st_MbK).
+    With `rows`, the copies of x_MK[rows] (len(rows) rows; the 128x1 groups run over the gathered
+    order), read through the index: the gathered tensor never exists."""
     _check_input(x_MK, "x_MK")
+    _check_rows(rows, x_MK)
     out = _launch_tiles(_PLAIN, x_MK, None, None, None, None, True, pow2_scales,
-                        _tiling(tiling, "dual"))
+                        _tiling(tiling, "dual"), rows)
     if check_finite:
         _raise_if_nonfinite("x_MK", out[1], out[3])
     return out
@@ -599,8 +635,8 @@ def _norm_sum_item(x_ptr, rstd_ptr, part_ptr, count_ptr, flag_ptr, r, j, M, K, K
     order, whoever finishes last) and publishes rstd."""
     rm = r * 128 + tl.arange(0, 128)
     cols = tl.arange(0, 128)
-    x, _ = _load_tile(x_ptr, x_ptr, rm, j * SUM_TILES * 128 + tl.arange(0, SUM_TILES * 128), M, K,
-                      stride_xm, 0, 0, EVICT)
+    x, _ = _load_tile(x_ptr, x_ptr, rm, rm, j * SUM_TILES * 128 + tl.arange(0, SUM_TILES * 128),
+                      M, K, stride_xm, 0, 0, EVICT)
     x = x.to(tl.float32)
     part = tl.sum(tl.reshape(x * x, (128, SUM_TILES, 128)), axis=2)
     tile = j * SUM_TILES + tl.arange(0, SUM_TILES)
@@ -633,7 +669,7 @@ def _norm_work(x_ptr, w_ptr, rstd_ptr, part_ptr, count_ptr, flag_ptr, hp_ptr, q_
     rm = r * 128 + tl.arange(0, 128)
     if is_quant:
         rk = j * 128 + tl.arange(0, 128)
-        x, _ = _load_tile(x_ptr, x_ptr, rm, rk, M, K, stride_xm, 0, 0,
+        x, _ = _load_tile(x_ptr, x_ptr, rm, rm, rk, M, K, stride_xm, 0, 0,
                           "evict_first" if L2_HINTS else "")
         ready = tl.atomic_add(flag_ptr + r, 0, sem="acquire")
         while ready == 0:
