@@ -22,6 +22,8 @@ scripts/summary.py:
   mlp      FP8MLP (SwiGLU fused with its quantization) forward + backward against the bf16 MLP at
            the `small` model's dense-MLP and shared-expert shapes (the latter at 4096, 8192 and
            16384 tokens: convert.py's NARROW_MLP_MIN_TOKENS);
+  dispatch the routed experts' input: quantize_dual reading the tokens through MoE's dispatch
+           index against gathering the sorted bf16 copies, then quantizing (ms);
   memory   bytes autograd saves for backward (FP8 copies vs bf16 activations), Linear and MLP.
 Timing: each figure and its baselines in three interleaved rounds (scripts/timing.interleaved_ms:
 every other round reversed, the median kept; timed one after another, whatever runs first meets a
@@ -128,6 +130,32 @@ def bench_quant(M: int, K: int) -> None:
         gbs, copy_gbs = nbytes / ms[name] / 1e6, 4 * n / ms["copy"] / 1e6
         print(f"{name:<24}{gbs:>9.0f}{copy_gbs:>11.0f}{gbs / copy_gbs:>8.0%}")
         record(BENCH, f"quant {name} {M}x{K}", gbs, "GB/s", "D2D copy", copy_gbs)
+
+
+def dispatch_rows(T: int, K: int, n_experts: int, device) -> torch.Tensor:
+    """MoE's token_of_slot for T tokens each routed to K random experts: the slots sorted by
+    expert (models.moe.MoE._routed), each holding its token's row."""
+    expert_TK = torch.rand(T, n_experts, device=device).topk(K, dim=1).indices
+    return expert_TK.flatten().argsort(stable=True) // K
+
+
+def bench_dispatch_quant(cases) -> None:
+    """The routed experts' input: quantize_dual reading the tokens through the dispatch index
+    (what FP8GroupedExperts.forward_tokens runs) against gathering the sorted bf16 copies first."""
+    from models.fp8 import quant
+
+    print("\n== MoE dispatch into the experts' FP8 copies, ms (lower is better)")
+    for T, D, K, E in cases:
+        x = torch.randn(T, D, device=DEVICE, dtype=torch.bfloat16)
+        rows = dispatch_rows(T, K, E, DEVICE)
+        ms = interleaved_ms({
+            "through index": lambda: quant.quantize_dual(x, check_finite=False, rows=rows),
+            "gather, then dual": lambda: quant.quantize_dual(x[rows], check_finite=False)})
+        case = f"{T}x{D} top-{K} of {E}"
+        print(f"{case:<28}{ms['through index']:>8.3f}{ms['gather, then dual']:>8.3f}")
+        record(BENCH, f"dispatch->dual {case}", ms["through index"], "ms", "gather, then dual",
+               ms["gather, then dual"], higher_is_better=False)
+        del x, rows
 
 
 def _te_linear(K: int, N: int):
@@ -297,6 +325,7 @@ def main() -> None:
     bench_quant(32768, 7168)
     bench_linear(linear_shapes)
     bench_mlp(mlp_shapes)
+    bench_dispatch_quant([(16384, 4096, 4, 16), (8192, 7168, 8, 256)])  # `small`, DeepSeek-V3
     bench_saved_memory(8192, 4096, 10240)
     print(f"\nbench_fp8: {time.monotonic() - start:.0f} s")
 
