@@ -346,7 +346,8 @@ def rms_kernel(x_ptr, rstd_ptr, K, stride_xm, eps, BLOCK_K: tl.constexpr):
 def _load_tile(x_ptr, u_ptr, rm, src, rk, M, k_end, stride_xm, stride_um, PROLOGUE: tl.constexpr,
                EVICT: tl.constexpr):
     """The raw input of one tile (and the up projection for SwiGLU); zeros outside M x k_end.
-    Output row rm[i] reads input row src[i] (rm itself, or a gathered row: `_source_rows`).
+    Output row rm[i] reads input row src[i]: rm itself, or the index row quant_tile_kernel's
+    GATHER read for it.
     EVICT: the L2 eviction policy of x's lines ("", "evict_first" or "evict_last")."""
     mask = (rm[:, None] < M) & (rk[None, :] < k_end)
     rows = src.to(tl.int64)[:, None]
@@ -422,10 +423,11 @@ def store_colwise_compact(x, qt_ptr, st_ptr, rm, rk, row_block, Mp, K, POW2: tl.
 @triton.jit
 def _quant_group(x_ptr, u_ptr, w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, rm, src,
                  row_block, k0, M, K, Mp, stride_xm, stride_um, PROLOGUE: tl.constexpr,
-                 COLWISE: tl.constexpr,
-                 STORE_HP: tl.constexpr, POW2: tl.constexpr, EXACT_CAST: tl.constexpr,
-                 COMPACT: tl.constexpr, TILES: tl.constexpr, PREFETCH: tl.constexpr):
-    """Quantize tiles k0 .. k0 + TILES - 1 of row block rm (those inside K)."""
+                 COLWISE: tl.constexpr, STORE_HP: tl.constexpr, POW2: tl.constexpr,
+                 EXACT_CAST: tl.constexpr, COMPACT: tl.constexpr, TILES: tl.constexpr,
+                 PREFETCH: tl.constexpr):
+    """Quantize tiles k0 .. k0 + TILES - 1 of row block rm (those inside K), reading the input
+    rows src (see _load_tile)."""
     cols = tl.arange(0, 128)
     k_end = tl.minimum(K, (k0 + TILES) * 128)
     outs = (w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st_ptr)
