@@ -175,15 +175,23 @@ class MoE(nn.Module):
 
     def _routed(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
         T, K = routing.expert_TK.shape
-        slot_to_pick = routing.expert_TK.flatten().argsort(stable=True)
-        pick_to_slot = torch.empty_like(slot_to_pick)
-        pick_to_slot[slot_to_pick] = torch.arange(T * K, device=x_TD.device)
+        slot_to_pick, pick_to_slot = sort_by_expert(routing.expert_TK)
         y_slots = self.experts.forward_tokens(x_TD, routing.counts_E, slot_to_pick, pick_to_slot, K)
         y_TKD = PermuteRows.apply(y_slots, pick_to_slot, slot_to_pick).view(T, K, -1)
         # A weighted sum over K: elementwise, since a batched [1, K] x [K, D] GEMM per token runs
         # at a few percent of the GPU's bandwidth.
         gate_TK1 = routing.weight_TK.to(y_TKD.dtype)[:, :, None]
         return (y_TKD * gate_TK1).sum(1)
+
+
+def sort_by_expert(expert_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slot_to_pick, pick_to_slot) for the picks expert_TK (pick t*K + k is token t's k-th
+    expert): the picks in expert order (stable: a token's slots keep token order within an
+    expert) and its inverse."""
+    slot_to_pick = expert_TK.flatten().argsort(stable=True)
+    pick_to_slot = torch.empty_like(slot_to_pick)
+    pick_to_slot[slot_to_pick] = torch.arange(slot_to_pick.numel(), device=expert_TK.device)
+    return slot_to_pick, pick_to_slot
 
 
 class DispatchTokens(torch.autograd.Function):

@@ -134,9 +134,10 @@ def bench_quant(M: int, K: int) -> None:
 
 def dispatch_rows(T: int, K: int, n_experts: int, device) -> torch.Tensor:
     """MoE's token_of_slot for T tokens each routed to K random experts: the slots sorted by
-    expert (models.moe.MoE._routed), each holding its token's row."""
+    expert (models.moe.sort_by_expert), each holding its token's row."""
+    from models.moe import sort_by_expert
     expert_TK = torch.rand(T, n_experts, device=device).topk(K, dim=1).indices
-    return expert_TK.flatten().argsort(stable=True) // K
+    return sort_by_expert(expert_TK)[0] // K
 
 
 def bench_dispatch_quant(cases) -> None:

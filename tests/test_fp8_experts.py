@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 
 from models.fp8 import reference as ref  # noqa: E402
 from models.fp8.experts import FP8GroupedExperts, swiglu_backward_quantize  # noqa: E402
-from models.moe import GroupedExperts  # noqa: E402
+from models.moe import GroupedExperts, sort_by_expert  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -137,13 +137,10 @@ def test_bad_input_is_a_clear_error():
 
 
 def _dispatch(T, E, K, seed):
-    """MoE's slot indices for T tokens routed to K distinct experts each (models.moe._routed)."""
+    """MoE's slot indices for T tokens routed to K distinct experts each."""
     gen = torch.Generator().manual_seed(seed)
     expert_TK = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)]).to(DEVICE)
-    slot_to_pick = expert_TK.flatten().argsort(stable=True)
-    pick_to_slot = torch.empty_like(slot_to_pick)
-    pick_to_slot[slot_to_pick] = torch.arange(T * K, device=DEVICE)
-    return slot_to_pick, pick_to_slot, torch.bincount(expert_TK.flatten(), minlength=E)
+    return (*sort_by_expert(expert_TK), torch.bincount(expert_TK.flatten(), minlength=E))
 
 
 def _check_forward_tokens(E, D, F, T, K, seed):
