@@ -43,7 +43,7 @@ from models.fp8.config import FP8Config  # noqa: E402
 from models.fp8.linear import cached_weight_copies  # noqa: E402
 from isolate import in_fresh_process  # noqa: E402
 from summary import record  # noqa: E402
-from timing import bf16_matmul_tflops  # noqa: E402
+from timing import alternating_rounds, bf16_matmul_tflops  # noqa: E402
 from trainer import engine as eng  # noqa: E402
 from trainer.balance import LoadBalancer  # noqa: E402
 from trainer.optim import OptimConfig, build_optimizer, build_schedule  # noqa: E402
@@ -143,8 +143,8 @@ def measure_mirrored(recipes: list[str], rounds: int, run) -> list[dict]:
     is the mean over its runs (tokens/s, TFLOP/s and MFU scaled to match; the peak memory the
     largest) with every run's step time in runs_ms."""
     runs = {recipe: [] for recipe in recipes}
-    for r in range(rounds):
-        for recipe in (recipes if r % 2 == 0 else recipes[::-1]):
+    for order in alternating_rounds(recipes, rounds):
+        for recipe in order:
             runs[recipe].append(run(recipe))
     return [_combine(runs[recipe]) for recipe in recipes]
 

@@ -2,6 +2,7 @@
 
     ms = time_ms(fn)              # median ms per call; reps calls per timed batch, after a warm-up
     interleaved_ms({"a": f, "b": g})  # the same for several, timed in alternating rounds
+    alternating_rounds(names, rounds) # those rounds' orders (bench_train runs its recipes so)
     tflops(flops, ms)             # FLOPs over milliseconds, in TFLOP/s
     bf16_matmul_tflops()          # the dense bf16 rate this card reaches, measured now
 """
@@ -29,6 +30,13 @@ def time_ms(fn, reps: int = 10, batches: int = 5) -> float:
     return statistics.median(per_call)
 
 
+def alternating_rounds(names: list, rounds: int):
+    """Each round's order: `names`, then reversed, and so on (A B C, C B A, A B C), so that over
+    an even number of rounds every name has the same average position."""
+    for r in range(rounds):
+        yield list(names) if r % 2 == 0 else list(names)[::-1]
+
+
 def interleaved_ms(fns: dict, rounds: int = 3, reps: int = 5, batches: int = 3) -> dict:
     """{name: median ms per call} of each fn, timed once per round over `rounds` rounds, every
     other round in reverse order. Timed one after another, whatever runs first meets a cooler GPU:
@@ -36,8 +44,8 @@ def interleaved_ms(fns: dict, rounds: int = 3, reps: int = 5, batches: int = 3) 
     kernel's figure by up to 15% against the one timed next. A fn that raises is reported, then
     left out, its figure nan."""
     times = {name: [] for name in fns}
-    for r in range(rounds):
-        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+    for order in alternating_rounds(list(fns), rounds):
+        for name in order:
             if times[name] is None:
                 continue
             try:
