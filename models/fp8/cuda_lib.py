@@ -27,3 +27,8 @@ def call(fn, *args) -> None:
     err = ctypes.create_string_buffer(_ERR_LEN)
     if fn(*args, err, _ERR_LEN) != 0:
         raise RuntimeError(f"{fn.__name__}: {err.value.decode()}")
+
+
+def aligned16(t) -> bool:
+    """Whether tensor t's first element is 16-byte aligned (what TMA and vector loads need)."""
+    return t.data_ptr() % 16 == 0

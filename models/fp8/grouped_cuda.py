@@ -18,6 +18,7 @@ import functools
 import torch
 
 from . import cuda_lib
+from .cuda_lib import aligned16
 
 MAX_EXPERTS = 1024
 
@@ -65,22 +66,19 @@ def available(device: torch.device) -> bool:
     return device.type == "cuda" and unavailable_reason(device.index or 0) is None
 
 
-def _aligned(t: torch.Tensor) -> bool:
-    return t.data_ptr() % 16 == 0
-
 
 def fits_gemm(a_q: torch.Tensor, b_q: torch.Tensor) -> bool:
     E, N, K = b_q.shape
-    return (_aligned(a_q) and _aligned(b_q) and a_q.stride(0) % 16 == 0 and b_q.stride(1) % 16 == 0
+    return (aligned16(a_q) and aligned16(b_q) and a_q.stride(0) % 16 == 0 and b_q.stride(1) % 16 == 0
             and b_q.stride(0) == N * b_q.stride(1) and N % 128 == 0 and K % 128 == 0
             and 1 <= E <= MAX_EXPERTS)
 
 
 def fits_wgrad(a_q, a_s, b_q, b_s, n_experts: int) -> bool:
     (_, N), (_, K) = a_q.shape, b_q.shape
-    return (_aligned(a_q) and _aligned(b_q) and a_q.stride(1) % 16 == 0 and b_q.stride(1) % 16 == 0
+    return (aligned16(a_q) and aligned16(b_q) and a_q.stride(1) % 16 == 0 and b_q.stride(1) % 16 == 0
             and N % 128 == 0 and K % 256 == 0 and 1 <= n_experts <= MAX_EXPERTS
-            and all(s.stride(1) == 1 and s.stride(0) % 4 == 0 and _aligned(s) for s in (a_s, b_s)))
+            and all(s.stride(1) == 1 and s.stride(0) % 4 == 0 and aligned16(s) for s in (a_s, b_s)))
 
 
 CLUSTER = 1
@@ -91,7 +89,7 @@ is correct (the GPU tests pass with it) but measured 5-10% slower on an H100, so
 def _mn_major(a_s: torch.Tensor) -> torch.Tensor:
     """The [T, K/128] scales as the kernel's TMA reads them: unit stride along T and a 16-byte
     aligned stride between K blocks (what the quantizers write; anything else is copied)."""
-    if a_s.stride(0) == 1 and a_s.stride(1) % 4 == 0 and _aligned(a_s):
+    if a_s.stride(0) == 1 and a_s.stride(1) % 4 == 0 and aligned16(a_s):
         return a_s
     T, kb = a_s.shape
     padded = torch.empty(kb, -(-T // 4) * 4, dtype=a_s.dtype, device=a_s.device)

@@ -21,6 +21,7 @@ import functools
 import torch
 
 from . import cuda_lib
+from .cuda_lib import aligned16
 
 TILE = 128
 MAX_CLUSTER = 16
@@ -94,16 +95,13 @@ def plan(kb: int, most_tiles: int, cluster: int = 0) -> tuple[int, int] | None:
     return (cluster, tiles) if tiles <= most_tiles else None
 
 
-def _aligned(t: torch.Tensor) -> bool:
-    return t.data_ptr() % 16 == 0
-
 
 def fits(x: torch.Tensor, hp_out: torch.Tensor | None, cluster: int = 0) -> bool:
     """Whether the kernel takes this input (see the module docstring); x is 2-D and validated."""
     M, K = x.shape
-    return (x.dtype == torch.bfloat16 and (x.stride(1) == 1 or K == 1) and _aligned(x)
+    return (x.dtype == torch.bfloat16 and (x.stride(1) == 1 or K == 1) and aligned16(x)
             and x.stride(0) % 8 == 0 and K % 8 == 0 and M > 0
-            and (hp_out is None or _aligned(hp_out))
+            and (hp_out is None or aligned16(hp_out))
             and plan(-(-K // TILE), max_tiles(x.device.index or 0), cluster) is not None)
 
 
@@ -114,7 +112,7 @@ def rmsnorm_quantize(x, weight, eps: float, pow2_scales: bool, colwise: bool, hp
     (M, K), (q, s, qt, st) = x.shape, outputs
     if weight.dtype not in (torch.bfloat16, torch.float32):
         weight = weight.float()
-    if not _aligned(weight):
+    if not aligned16(weight):
         weight = weight.clone()
     buffers = max_tiles(x.device.index or 0)  # beyond the CTA's tiles: the next block's, early
     cluster = plan(-(-K // TILE), buffers, cluster)[0]
