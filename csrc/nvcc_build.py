@@ -61,7 +61,7 @@ def compile_library(source: Path, out: Path, env=None,
 
 
 COMMON = ROOT / "csrc" / "common"
-"""Headers every library includes (host_tma.cuh): part of every library's digest."""
+"""Headers every library includes (host_tma.cuh, device_ptx.cuh): in every library's digest."""
 
 
 def digest_path(library_dir: Path, stem: str, *sources: Path) -> Path:

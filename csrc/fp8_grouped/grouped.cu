@@ -115,9 +115,16 @@
 
 #include <algorithm>
 
+#include "../common/device_ptx.cuh"  // smem_addr, mbar_init, mbar_arrive_expect_tx, ...
 #include "../common/host_tma.cuh"  // tile_map, fail
 
 namespace {
+
+using csrc_common::cluster_sync;
+using csrc_common::mbar_arrive_expect_tx;
+using csrc_common::mbar_init;
+using csrc_common::smem_addr;
+using csrc_common::tma_load_tile;
 
 constexpr int BM = 128;             // output rows per tile (two consumer warpgroups x 64)
 // Wgrad output columns per tile: 256, two 128-column halves (one MMA batch and promotion each per
@@ -217,20 +224,7 @@ struct SharedStorage {
 };
 
 // ---------------------------------------------------------------------------------------------
-// PTX wrappers: mbarriers, TMA, WGMMA
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t arrivals) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(arrivals));
-}
-
-__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
-               ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
-}
+// PTX wrappers: mbarriers, TMA, WGMMA (the ones both libraries use: ../common/device_ptx.cuh)
 
 __device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
@@ -271,10 +265,6 @@ __device__ __forceinline__ void mbar_arrive_remote(uint64_t* bar, uint32_t cta_r
       ::"r"(smem_addr(bar)), "r"(cta_rank) : "memory");
 }
 
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;" ::: "memory");
-}
-
 // The same tile into the same shared-memory offset of every CTA in `cta_mask`, completing each
 // one's mbarrier at `bar`'s offset.
 __device__ __forceinline__ void tma_load_multicast(void* dst, const CUtensorMap* map, uint64_t* bar,
@@ -284,15 +274,6 @@ __device__ __forceinline__ void tma_load_multicast(void* dst, const CUtensorMap*
       ".multicast::cluster [%0], [%1, {%3, %4}], [%2], %5;"
       ::"r"(smem_addr(dst)), "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(bar)),
       "r"(inner), "r"(outer), "h"(cta_mask) : "memory");
-}
-
-__device__ __forceinline__ void tma_load_tile(void* dst, const CUtensorMap* map, uint64_t* bar,
-                                              int inner, int outer) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
-      " [%0], [%1, {%3, %4}], [%2];"
-      ::"r"(smem_addr(dst)), "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(bar)),
-      "r"(inner), "r"(outer) : "memory");
 }
 
 // Shared-memory matrix descriptor of a K-major tile with 128-byte rows and the 128-byte swizzle:

@@ -57,9 +57,16 @@
 #include <cstdint>
 #include <cstdio>
 
+#include "../common/device_ptx.cuh"  // smem_addr, mbar_init, mbar_arrive_expect_tx, ...
 #include "../common/host_tma.cuh"  // tile_map, fail
 
 namespace {
+
+using csrc_common::cluster_sync;
+using csrc_common::mbar_arrive_expect_tx;
+using csrc_common::mbar_init;
+using csrc_common::smem_addr;
+using csrc_common::tma_load_tile;
 
 constexpr int TILE = 128;
 constexpr int THREADS = 256;
@@ -105,11 +112,7 @@ struct Args {
 };
 
 // ---------------------------------------------------------------------------------------------
-// PTX wrappers
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
+// PTX wrappers (the ones both libraries use: ../common/device_ptx.cuh)
 
 __device__ __forceinline__ uint32_t special(int which) {
   uint32_t v;
@@ -118,10 +121,6 @@ __device__ __forceinline__ uint32_t special(int which) {
   else if (which == 2) asm volatile("mov.u32 %0, %%clusterid.x;" : "=r"(v));
   else asm volatile("mov.u32 %0, %%nclusterid.x;" : "=r"(v));
   return v;
-}
-
-__device__ __forceinline__ void mbar_init(uint64_t* bar) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(bar)));
 }
 
 __device__ __forceinline__ bool mbar_try_wait(uint64_t* bar, uint32_t parity) {
@@ -139,10 +138,6 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
   }
 }
 
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;" ::: "memory");
-}
-
 // Wait for a phase of an mbarrier completed by other CTAs' st.async (acquire at cluster scope:
 // their stores are visible after it).
 __device__ __forceinline__ void mbar_wait_cluster(uint64_t* bar, uint32_t parity) {
@@ -154,11 +149,6 @@ __device__ __forceinline__ void mbar_wait_cluster(uint64_t* bar, uint32_t parity
         "selp.u32 %0, 1, 0, p;\n}\n"
         : "=r"(done) : "r"(smem_addr(bar)), "r"(parity) : "memory");
   }
-}
-
-__device__ __forceinline__ void mbar_expect(uint64_t* bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
-               ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
 }
 
 // The address of `p`'s offset in the shared memory of CTA `rank` of this cluster.
@@ -178,12 +168,8 @@ __device__ __forceinline__ void st_async(float* p, float v, uint64_t* bar, uint3
 // The 128 x 128 bf16 box at (column col, row row) of x into `dst`; completes `bar`'s transaction.
 __device__ __forceinline__ void load_tile(void* dst, const CUtensorMap* map, uint64_t* bar,
                                           int col, int row) {
-  mbar_expect(bar, TILE_BYTES);
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
-      " [%0], [%1, {%3, %4}], [%2];"
-      ::"r"(smem_addr(dst)), "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(bar)),
-      "r"(col), "r"(row) : "memory");
+  mbar_arrive_expect_tx(bar, TILE_BYTES);
+  tma_load_tile(dst, map, bar, col, row);
 }
 
 // e4m3(lo) in the low byte, e4m3(hi) in the high byte; round to nearest even, finite values
@@ -311,8 +297,8 @@ __device__ __forceinline__ void row_rstd(float (&ss)[8], const Smem& sm, const T
   mbar_wait_cluster(sm.bar_b, round & 1);
   load8(sm.recv_b + 8 * t.i, rstd);
   if (t.tid == 0) {  // this round is over in this CTA: arm both barriers for the next one
-    mbar_expect(sm.bar_a, TILE * sizeof(float));
-    mbar_expect(sm.bar_b, TILE * sizeof(float));
+    mbar_arrive_expect_tx(sm.bar_a, TILE * sizeof(float));
+    mbar_arrive_expect_tx(sm.bar_b, TILE * sizeof(float));
   }
 }
 
@@ -504,12 +490,12 @@ rmsnorm_quant_kernel(const __grid_constant__ CUtensorMap x_map, const Args a) {
   ring.rounds = cluster < a.Mb ? (a.Mb - 1 - cluster) / clusters + 1 : 0;
 
   if (t.tid == 0) {
-    for (int b = 0; b < a.buffers; ++b) mbar_init(sm.full + b);
-    mbar_init(sm.bar_a);
-    mbar_init(sm.bar_b);
+    for (int b = 0; b < a.buffers; ++b) mbar_init(sm.full + b, 1);
+    mbar_init(sm.bar_a, 1);
+    mbar_init(sm.bar_b, 1);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    mbar_expect(sm.bar_a, TILE * sizeof(float));  // round 0
-    mbar_expect(sm.bar_b, TILE * sizeof(float));
+    mbar_arrive_expect_tx(sm.bar_a, TILE * sizeof(float));  // round 0
+    mbar_arrive_expect_tx(sm.bar_b, TILE * sizeof(float));
     for (int s = 0; s < a.buffers; ++s) ring.load(s, &x_map);
   }
   for (int u = t.tid; u < 2 * TILE; u += THREADS) sm.amax[u] = 0;

@@ -1,0 +1,43 @@
+// Device-side PTX wrappers the nvcc-built kernel libraries of csrc/ share (included by
+// fp8_grouped/grouped.cu and fp8_norm/rmsnorm_quant.cu, digested with each library's sources
+// like host_tma.cuh): shared-memory addresses, mbarriers, the cluster barrier and the TMA tile
+// load. Each kernel keeps the wrappers only it uses (WGMMA, st.async, its own wait loops).
+#pragma once
+
+#include <cuda.h>  // CUtensorMap
+
+#include <cstdint>
+
+namespace csrc_common {
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// An mbarrier whose phase completes after `arrivals` arrivals (and the bytes they announce).
+__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t arrivals) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(arrivals));
+}
+
+// One arrival that also announces `bytes` of asynchronous copies the phase must wait for.
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
+               ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+}
+
+// Every CTA of the cluster reaches this point (release / acquire at cluster scope).
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;" ::: "memory");
+}
+
+// The TMA box at (inner, outer) of `map` into `dst`, completing `bar`'s transaction bytes.
+__device__ __forceinline__ void tma_load_tile(void* dst, const CUtensorMap* map, uint64_t* bar,
+                                              int inner, int outer) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%3, %4}], [%2];"
+      ::"r"(smem_addr(dst)), "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(bar)),
+      "r"(inner), "r"(outer) : "memory");
+}
+
+}  // namespace csrc_common
