@@ -90,7 +90,7 @@ _EXACT_BF16 = tl.constexpr(INTERPRET)
 
 
 @triton.jit
-def _cast(x, dtype: tl.constexpr):
+def cast_rne(x, dtype: tl.constexpr):
     """fp32 x rounded to nearest even in dtype. The interpreter's fp32 -> bf16 cast truncates
     (Triton 3.6), so there bf16 is rounded on the integer path; compiled kernels use the cast."""
     if _EXACT_BF16 and dtype == tl.bfloat16:
@@ -113,10 +113,10 @@ def rms_norm_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, M, D, stride_xm, eps,
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
     x32 = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x32 * x32, axis=1) / D + eps)
-    normed = _cast(x32 * rstd[:, None], x.dtype).to(tl.float32)
+    normed = cast_rne(x32 * rstd[:, None], x.dtype).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
     y = normed * w[None, :]
-    tl.store(y_ptr + rows[:, None] * D + cols[None, :], _cast(y, y_ptr.dtype.element_ty),
+    tl.store(y_ptr + rows[:, None] * D + cols[None, :], cast_rne(y, y_ptr.dtype.element_ty),
              mask=mask)
     tl.store(rstd_ptr + rows, rstd, mask=rows < M)
 
@@ -154,11 +154,11 @@ def rms_norm_backward_kernel(x_ptr, w_ptr, rstd_ptr, dy_ptr, dx_ptr, dw_ptr, M, 
         rstd = tl.load(rstd_ptr + rows, mask=rows < M, other=0.0)
         normed = x.to(tl.float32) * rstd[:, None]
         dy32 = dy.to(tl.float32)
-        dw += dy32 * _cast(normed, x.dtype).to(tl.float32)
+        dw += dy32 * cast_rne(normed, x.dtype).to(tl.float32)
         dn = dy32 * tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)[None, :]
         dot = tl.sum(dn * normed, axis=1) / D
         dx = rstd[:, None] * (dn - normed * dot[:, None])
-        tl.store(dx_ptr + rows[:, None] * D + cols[None, :], _cast(dx, dx_ptr.dtype.element_ty),
+        tl.store(dx_ptr + rows[:, None] * D + cols[None, :], cast_rne(dx, dx_ptr.dtype.element_ty),
                  mask=mask)
     tl.store(dw_ptr + pid * D + cols, tl.sum(dw, axis=0), mask=cols < D)
 
@@ -221,7 +221,7 @@ def swiglu_kernel(a_ptr, b_ptr, y_ptr, N, BLOCK: tl.constexpr):
     a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     y = a * tl.sigmoid(a) * b
-    tl.store(y_ptr + offs, _cast(y, y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + offs, cast_rne(y, y_ptr.dtype.element_ty), mask=mask)
 
 
 def swiglu_forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -243,8 +243,8 @@ def swiglu_backward_kernel(a_ptr, b_ptr, dy_ptr, da_ptr, db_ptr, N, BLOCK: tl.co
     sig = tl.sigmoid(a)
     silu = a * sig
     da = dy * b * (sig + silu * (1.0 - sig))
-    tl.store(da_ptr + offs, _cast(da, da_ptr.dtype.element_ty), mask=mask)
-    tl.store(db_ptr + offs, _cast(dy * silu, db_ptr.dtype.element_ty), mask=mask)
+    tl.store(da_ptr + offs, cast_rne(da, da_ptr.dtype.element_ty), mask=mask)
+    tl.store(db_ptr + offs, cast_rne(dy * silu, db_ptr.dtype.element_ty), mask=mask)
 
 
 def swiglu_backward(a: torch.Tensor, b: torch.Tensor, dy: torch.Tensor):
@@ -300,7 +300,8 @@ def rope_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, n_rows, S, H, stride_xb, stride_
         sin = -sin
     y = tl.reshape(tl.join(even * cos - odd * sin, even * sin + odd * cos),
                    [BLOCK_ROWS, 2 * BLOCK_HALF])
-    tl.store(y_ptr + rows[:, None] * (2 * HALF) + lane[None, :], _cast(y, y_ptr.dtype.element_ty),
+    tl.store(y_ptr + rows[:, None] * (2 * HALF) + lane[None, :],
+             cast_rne(y, y_ptr.dtype.element_ty),
              mask=mask)
 
 

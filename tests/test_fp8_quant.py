@@ -147,6 +147,9 @@ def _swiglu(shape, pow2, colwise, tiling=None):
 
 
 def _rmsnorm(shape, pow2, colwise, tiling=None):
+    """rstd against torch; y (hp_out, fp32) against torch; the copies bitwise against the
+    reference quantization of that y. Then the same call with a bf16 hp_out: the copies are the
+    same bits, hp_out is y rounded to bf16 (y recomputed from the returned rstd: bitwise)."""
     x = _rand(shape, 31)
     w = (1 + 0.1 * torch.randn(shape[1])).to(torch.bfloat16).to(DEVICE)
     hp = torch.empty(shape, device=DEVICE)
@@ -157,6 +160,12 @@ def _rmsnorm(shape, pow2, colwise, tiling=None):
     _check_row(out[0], out[1], hp, pow2)
     if colwise:
         _check_col(out[2], out[3], hp, pow2)
+    hp16 = torch.empty(shape, dtype=torch.bfloat16, device=DEVICE)
+    out16 = quant.rmsnorm_quantize(x, w, 1e-6, pow2, colwise=colwise, hp_out=hp16, tiling=tiling)
+    assert all(_same(a.view(torch.uint8) if a.dtype == R.E4M3 else a,
+                     b.view(torch.uint8) if b.dtype == R.E4M3 else b) for a, b in zip(out, out16))
+    y = x.float() * out16[-1][:, None] * w.float()
+    assert _same(hp16, y.to(torch.bfloat16))
 
 
 @pytest.mark.parametrize("shape", [(3, 128), (130, 256)])
@@ -251,7 +260,10 @@ def test_bad_input():
     with pytest.raises(ValueError, match="weight_K"):
         quant.rmsnorm_quantize(x, torch.ones(128, device=DEVICE))
     with pytest.raises(ValueError, match="hp_out"):
-        quant.swiglu_quantize(x, x, hp_out=torch.empty(4, 256, dtype=torch.bfloat16, device=DEVICE))
+        quant.swiglu_quantize(x, x, hp_out=torch.empty(4, 256, dtype=torch.float16, device=DEVICE))
+    with pytest.raises(ValueError, match="non-contiguous"):
+        quant.rmsnorm_quantize(x, torch.ones(256, device=DEVICE),
+                               hp_out=torch.empty(256, 4, device=DEVICE).t())
 
 
 def _gathered(shape, rows_count, seed, pow2, tiling=None):
@@ -419,16 +431,16 @@ def test_gpu_rmsnorm_takes_the_cuda_path(monkeypatch):
                         lambda *a, **k: calls.append(1) or real(*a, **k))
     assert torch.cuda.get_device_capability() == (9, 0), "these GPU tests expect a Hopper GPU"
     _rmsnorm((2048, 7168), False, True)
-    assert calls == [1]
+    assert calls == [1, 1], "with an fp32 and with a bf16 hp_out"
     x, w = _rand((256, 2048), 34), torch.rand(2048, device=DEVICE) + 0.5
     q, s, qt, st, rstd = quant.rmsnorm_quantize(x, w)
     ref = quant.rmsnorm_quantize(x, w, tiling=quant.Tiling(warps=4, compact_scales=True))
-    assert len(calls) == 2 and torch.allclose(rstd, ref[-1], atol=0, rtol=1e-6)
+    assert len(calls) == 3 and torch.allclose(rstd, ref[-1], atol=0, rtol=1e-6)
     _rmsnorm((256, 260), False, True)
     x32 = _rand((256, 1024), 35, torch.float32)
     quant.rmsnorm_quantize(x32, torch.ones(1024, device=DEVICE))
     _rmsnorm((256, 1024), False, True, quant.Tiling())
-    assert len(calls) == 2
+    assert len(calls) == 3
 
 
 @pytest.mark.gpu

@@ -3,10 +3,12 @@
 // What it computes is models.fp8.quant.rmsnorm_quantize's contract (that module's docstring has
 // the layouts): y = x * rstd[row] * w[col] in fp32, rstd = 1 / sqrt(sum(x^2) / K + eps), then
 // the 1x128 copy q [M, K] with scales s (MN-major, [K/128][M] in memory), the 128x1 copy stored
-// transposed qt [K, Mp] (rows past M are zeros) with scales st [Mb, K], rstd [M] and, for tests,
-// y itself (hp). Scales and casts are the reference's operations (models/fp8/reference.py):
-// s = max(amax, 1e-12) / 448 correctly rounded [rounded up to 2^k], q = e4m3_satfinite(y * (1/s))
-// with the reciprocal correctly rounded; a tile holding inf/NaN gets a NaN scale.
+// transposed qt [K, Mp] (rows past M are zeros) with scales st [Mb, K], rstd [M] and, if asked,
+// y itself (hp: fp32 for tests, or rounded to bf16 for the model's consumers that read y in high
+// precision, models.fp8.linear.FP8RMSNorm). Scales and casts are the reference's operations
+// (models/fp8/reference.py): s = max(amax, 1e-12) / 448 correctly rounded [rounded up to 2^k],
+// q = e4m3_satfinite(y * (1/s)) with the reciprocal correctly rounded; a tile holding inf/NaN
+// gets a NaN scale.
 //
 // Why a cluster kernel: a row's scale needs the row's whole sum of squares, and a 128x1 scale
 // needs all 128 rows of its column, so a 128-row block of x must be on chip in full before any of
@@ -105,7 +107,8 @@ struct Args {
   uint8_t* qt;    // [K, Mp]
   float* st;      // [Mb, K]
   float* rstd;    // [M]
-  float* hp;      // [M, K] or null
+  void* hp;       // [M, K] or null: fp32, or bf16 (hp_bf16)
+  int hp_bf16;
   int M, K, Mp, Mb, Kb, buffers;  // buffers: tile buffers per CTA
   float eps;
   int pow2, colwise;
@@ -183,6 +186,13 @@ __device__ __forceinline__ uint32_t e4m3x2(float lo, float hi) {
 __device__ __forceinline__ uint2 e4m3x8(const float (&v)[8], float inv) {
   return make_uint2(e4m3x2(v[0] * inv, v[1] * inv) | (e4m3x2(v[2] * inv, v[3] * inv) << 16),
                     e4m3x2(v[4] * inv, v[5] * inv) | (e4m3x2(v[6] * inv, v[7] * inv) << 16));
+}
+
+// bf16(lo) in the low half, bf16(hi) in the high half, rounded to nearest even (torch's .to()).
+__device__ __forceinline__ uint32_t bf16x2(float lo, float hi) {
+  uint32_t r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
 }
 
 __device__ __forceinline__ float bf16_lo(uint32_t pair) { return __uint_as_float(pair << 16); }
@@ -385,6 +395,25 @@ __device__ __forceinline__ void tile_scales(const Smem& sm, const Thread& t, con
   sm.amax[t.tid] = 0;
 }
 
+// y of this thread's block into hp: 32 bytes a row in fp32, 16 in bf16.
+__device__ __forceinline__ void tile_store_hp(const float (&y)[8][8], const Args& a, int row0,
+                                              int col0) {
+#pragma unroll
+  for (int r = 0; r < 8; ++r) {
+    if (row0 + r >= a.M) continue;
+    const int64_t at = int64_t(row0 + r) * a.K + col0;
+    if (a.hp_bf16) {
+      *reinterpret_cast<uint4*>(static_cast<uint16_t*>(a.hp) + at) =
+          make_uint4(bf16x2(y[r][0], y[r][1]), bf16x2(y[r][2], y[r][3]),
+                     bf16x2(y[r][4], y[r][5]), bf16x2(y[r][6], y[r][7]));
+    } else {
+      float4* p = reinterpret_cast<float4*>(static_cast<float*>(a.hp) + at);
+      p[0] = make_float4(y[r][0], y[r][1], y[r][2], y[r][3]);
+      p[1] = make_float4(y[r][4], y[r][5], y[r][6], y[r][7]);
+    }
+  }
+}
+
 // Both FP8 copies (and hp) of this thread's block. Plain stores, and the reciprocal scales read
 // first, so the compiler issues the shared-memory loads together rather than one per store.
 __device__ __forceinline__ void tile_store(const float (&y)[8][8], const Smem& sm, const Thread& t,
@@ -409,16 +438,7 @@ __device__ __forceinline__ void tile_store(const float (&y)[8][8], const Smem& s
           e4m3x8(column, inv_cols[c]);
     }
   }
-  if (a.hp != nullptr) {
-#pragma unroll
-    for (int r = 0; r < 8; ++r) {
-      if (row0 + r < a.M) {
-        float4* p = reinterpret_cast<float4*>(a.hp + int64_t(row0 + r) * a.K + col0);
-        p[0] = make_float4(y[r][0], y[r][1], y[r][2], y[r][3]);
-        p[1] = make_float4(y[r][4], y[r][5], y[r][6], y[r][7]);
-      }
-    }
-  }
+  if (a.hp != nullptr) tile_store_hp(y, a, row0, col0);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -635,8 +655,8 @@ int fp8moe_rmsnorm_timeline(unsigned long long* out) {  // [1024][4 * 64] into h
 // aligned base and row stride; K % 8 == 0.
 int fp8moe_rmsnorm_quant(const void* x, int64_t ldx, const void* w, int w_bf16, float eps, int M,
                          int K, int pow2, int colwise, void* q, float* s, void* qt, float* st,
-                         float* rstd, float* hp, int Mp, int cluster, int buffers, void* stream,
-                         char* err, int err_len) {
+                         float* rstd, void* hp, int hp_bf16, int Mp, int cluster, int buffers,
+                         void* stream, char* err, int err_len) {
   const int Kb = (K + TILE - 1) / TILE, Mb = (M + TILE - 1) / TILE;
   if (M < 1 || K < 1 || K % 8)
     return fail(err, err_len, "need M >= 1 and K a positive multiple of 8");
@@ -651,7 +671,7 @@ int fp8moe_rmsnorm_quant(const void* x, int64_t ldx, const void* w, int w_bf16, 
   const int clusters = resident_clusters(cluster, buffers, err, err_len);
   if (clusters < 1) return 1;
   const Args args{w, w_bf16, static_cast<uint8_t*>(q), s, static_cast<uint8_t*>(qt), st, rstd, hp,
-                  M, K, Mp, Mb, Kb, buffers, eps, pow2, colwise};
+                  hp_bf16, M, K, Mp, Mb, Kb, buffers, eps, pow2, colwise};
   cudaLaunchAttribute attr;
   const cudaLaunchConfig_t config =
       launch_config(cluster, buffers, std::min(clusters, Mb) * cluster, stream, &attr);

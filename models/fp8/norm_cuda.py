@@ -10,7 +10,7 @@ first use) and `fits(...)`, and otherwise runs Triton:
   * x bf16 with unit column stride, its base and row stride 16-byte aligned (TMA);
   * K % 8 == 0 (8-column groups are stored as 8-byte vectors) and at most 16 CTAs x the tiles
     one CTA's shared memory holds (7 on an H100: K <= 14336);
-  * hp_out, if given, 16-byte aligned.
+  * hp_out, if given, 16-byte aligned (float32 or bfloat16, quant._check_hp_out).
 The weight may be bf16 or fp32 (anything else is converted to fp32 first).
 """
 from __future__ import annotations
@@ -33,8 +33,8 @@ def load_library(path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
     lib.fp8moe_rmsnorm_quant.argtypes = [ptr, i64, ptr, i32, ctypes.c_float, i32, i32, i32, i32,
-                                         ptr, ptr, ptr, ptr, ptr, ptr, i32, i32, i32, ptr,
-                                         ctypes.c_char_p, i32]
+                                         ptr, ptr, ptr, ptr, ptr, ptr, i32, i32, i32, i32,
+                                         ptr, ctypes.c_char_p, i32]
     lib.fp8moe_rmsnorm_smem_bytes.argtypes = [i32]
     lib.fp8moe_rmsnorm_smem_bytes.restype = ctypes.c_size_t
     lib.fp8moe_rmsnorm_resident_clusters.argtypes = [i32, i32, ctypes.c_char_p, i32]
@@ -121,5 +121,7 @@ def rmsnorm_quantize(x, weight, eps: float, pow2_scales: bool, colwise: bool, hp
                   x.data_ptr(), x.stride(0), weight.data_ptr(), int(weight.dtype == torch.bfloat16),
                   eps, M, K, int(pow2_scales), int(colwise), q.data_ptr(), s.data_ptr(),
                   qt.data_ptr(), st.data_ptr(), rstd.data_ptr(),
-                  None if hp_out is None else hp_out.data_ptr(), qt.shape[1] if colwise else 0,
+                  None if hp_out is None else hp_out.data_ptr(),
+                  int(hp_out is not None and hp_out.dtype == torch.bfloat16),
+                  qt.shape[1] if colwise else 0,
                   cluster, buffers, stream)

@@ -173,6 +173,8 @@ from models.triton_env import INTERPRET  # before triton: the interpreter on CPU
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from models.kernels import cast_rne  # noqa: E402
+
 from . import norm_cuda
 from .reference import AMAX_EPS, BLOCK, E4M3, FP8_MAX, ceil_div
 
@@ -377,7 +379,7 @@ def _quant_tile(x, u, w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, rm,
         w = tl.load(w_ptr + rk[None, :] + 0 * rm[:, None], mask=mask, other=0.0).to(tl.float32)
         x = x * rstd[:, None] * w
     if STORE_HP:
-        tl.store(hp_ptr + rows * K + rk[None, :], x, mask=mask)
+        tl.store(hp_ptr + rows * K + rk[None, :], cast_rne(x, hp_ptr.dtype.element_ty), mask=mask)
     if COMPACT:
         store_rowwise_compact(x, q_ptr, s_ptr, rm, rk, k_blk, M, K, POW2, EXACT_CAST, STORE_EVICT)
     else:
@@ -555,10 +557,16 @@ def _check_rows(rows, x: torch.Tensor) -> None:
                             "rows: a row index is outside x_MK's rows")
 
 
+HP_OUT_DTYPES = (torch.float32, torch.bfloat16)
+"""What `hp_out` may be: float32 holds the quantized value exactly (tests); bfloat16 is the
+high-precision copy a model's other consumers read (models.fp8.linear.FP8RMSNorm)."""
+
+
 def _check_hp_out(hp_out, M: int, K: int) -> None:
-    if hp_out is not None and (hp_out.shape != (M, K) or hp_out.dtype != torch.float32
+    if hp_out is not None and (hp_out.shape != (M, K) or hp_out.dtype not in HP_OUT_DTYPES
                                or not hp_out.is_contiguous()):
-        raise ValueError(f"hp_out must be a contiguous float32 [{M}, {K}] tensor, got "
+        raise ValueError(f"hp_out must be a contiguous float32 or bfloat16 [{M}, {K}] tensor, "
+                         f"got a {'' if hp_out.is_contiguous() else 'non-contiguous '}"
                          f"{hp_out.dtype} {tuple(hp_out.shape)}")
 
 
@@ -595,7 +603,8 @@ def swiglu_quantize(gate_MF: torch.Tensor, up_MF: torch.Tensor, pow2_scales: boo
     """Quantize h = silu(gate) * up (computed in fp32, never stored in bf16) as 1x128 [and 128x1].
 
     gate and up may be column slices of one fused [M, 2F] up-projection output. hp_out, when
-    given (float32 [M, F]), receives the fp32 h that was quantized (for tests and debugging).
+    given ([M, F] float32 or bfloat16), receives the h that was quantized (in bf16: rounded to
+    nearest even, as .to() rounds).
     """
     _check_input(gate_MF, "gate_MF")
     _check_input(up_MF, "up_MF")
@@ -744,6 +753,8 @@ def rmsnorm_quantize(x_MK: torch.Tensor, weight_K: torch.Tensor, eps: float = 1e
     """Quantize y = x * rsqrt(mean(x^2) + eps) * weight (fp32) as 1x128 [and 128x1]; also returns rstd_M.
 
     Returns (q, s[, qt, st], rstd_M float32 [M]); rstd is what the norm's backward reuses.
+    hp_out, when given ([M, K] float32 or bfloat16), receives y itself: in fp32 exactly what was
+    quantized, in bf16 rounded to nearest even (the copy high-precision consumers of y read).
     """
     _check_input(x_MK, "x_MK")
     M, K = x_MK.shape
