@@ -70,6 +70,15 @@ class MLA(nn.Module):
         self.wkv_b = nn.Linear(self.kv_rank, H * (self.nope_dim + self.v_dim), bias=False)
         self.wo = nn.Linear(H * self.v_dim, D, bias=False)
 
+    def input_projections(self) -> list[nn.Module]:
+        """The projections that read the attention's input x."""
+        return [self.wq if hasattr(self, "wq") else self.wq_a, self.wkv_a]
+
+    def norm_consumers(self) -> dict[str, list[nn.Module]]:
+        """The modules each of the latent norms feeds (see Block.norm_consumers)."""
+        latent = {"kv_norm": [self.wkv_b]}
+        return {"q_norm": [self.wq_b], **latent} if hasattr(self, "q_norm") else latent
+
     def _queries(self, x_BSD, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
         if hasattr(self, "wq"):
             q = self.wq(x_BSD)

@@ -23,6 +23,15 @@ class Block(nn.Module):
         self.ffn = (MoE(cfg) if cfg.is_moe_layer(layer_id)
                     else MLP(cfg.hidden_size, cfg.intermediate_size))
 
+    def norm_consumers(self) -> dict[str, list[nn.Module]]:
+        """The modules each of this block's norms feeds its output to as their input (FP8
+        conversion fuses a norm with its FP8 consumers' input quantization). In a MoE block
+        the router and the routed experts read the norm's output too, but not as a Linear's
+        input: only the shared experts are listed."""
+        ffn = self.ffn.shared if isinstance(self.ffn, MoE) else self.ffn
+        return {"attn_norm": self.attn.input_projections(),
+                "ffn_norm": [] if ffn is None else [ffn]}
+
     def forward(self, x_BSD: torch.Tensor, cos_SR, sin_SR) -> torch.Tensor:
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos_SR, sin_SR)
         return x_BSD + self.ffn(self.ffn_norm(x_BSD))

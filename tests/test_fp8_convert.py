@@ -104,6 +104,35 @@ def test_small_modules_stay_bf16_in_the_small_model(caplog):
     assert isinstance(shared, FP8MLP) and shared.min_tokens == 0
 
 
+def _norm_types(model):
+    return {n: type(m).__name__ for n, m in model.named_modules() if "norm" in n.rsplit(".", 1)[-1]}
+
+
+def test_norms_feeding_fp8_consumers_are_fused():
+    """fuse_norms (the default): a norm becomes an FP8RMSNorm exactly when a module it feeds
+    directly became FP8, counting its FP8 consumers, from their smallest token threshold; the
+    norms before the head and inside MTP's merge stay plain. fuse_norms=False: all plain."""
+    model = build_model(model_config("small"), device="meta")
+    convert(model, FP8Config(recipe="blockwise"), emulate=True)
+    fused = {n for n, t in _norm_types(model).items() if t == "FP8RMSNorm"}
+    ffn_norms = {f"layers.{i}.ffn_norm" for i in range(4)} | {"mtp.0.block.ffn_norm"}
+    assert fused == ffn_norms, "small's MLA projections stay bf16: only the FFN norms"
+    dense, moe = model.layers[0].ffn_norm, model.layers[1].ffn_norm
+    assert (dense.consumers, dense.min_tokens) == (1, 0)
+    assert (moe.consumers, moe.min_tokens) == (1, NARROW_MLP_MIN_TOKENS)
+    model = build_model(model_config("debug", **ALL_ELIGIBLE))
+    keys = list(model.state_dict())
+    convert(model, BLOCKWISE, emulate=True)
+    assert list(model.state_dict()) == keys
+    plain = {"norm", "mtp.0.enorm", "mtp.0.hnorm", "mtp.0.norm"}
+    assert {n for n, t in _norm_types(model).items() if t == "RMSNorm"} == plain
+    assert model.layers[0].attn_norm.consumers == 2, "wq_a and wkv_a"
+    assert model.layers[0].attn.q_norm.consumers == 1
+    model = build_model(model_config("debug", **ALL_ELIGIBLE))
+    convert(model, FP8Config(recipe="blockwise", skip_small=False, fuse_norms=False), emulate=True)
+    assert set(_norm_types(model).values()) == {"RMSNorm"}
+
+
 def test_off_leaves_the_model_alone():
     model = build_model(model_config("debug"))
     convert(model, FP8Config(recipe="off"))

@@ -280,3 +280,120 @@ def test_mlp_saves_only_fp8(monkeypatch):
     assert all(t.dtype == torch.float32 and t.numel() <= 256 * 4 for t in saved
                if t.dtype != torch.float8_e4m3fn), "only scales besides the FP8 copies"
     y.sum().backward()
+
+
+def _norm_pair(D, seed, dtype=torch.float32, consumers=1, min_tokens=0):
+    from models.layers import RMSNorm
+    from models.fp8.linear import FP8RMSNorm
+    torch.manual_seed(seed)
+    ref = RMSNorm(D).to(device=DEVICE, dtype=dtype)
+    with torch.no_grad():
+        ref.weight.copy_(1 + 0.2 * torch.randn(D))
+    return ref, FP8RMSNorm.from_norm(ref, consumers=consumers, min_tokens=min_tokens)
+
+
+def _counting(monkeypatch, name):
+    calls = []
+    real = getattr(quant, name)
+    monkeypatch.setattr(quant, name, lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    return calls
+
+
+def _norm_then_linears(norm, linears, x, dy):
+    """Outputs of the linears on norm(x), a MoE-style flattened view feeding the last one, and
+    the gradients of x and the norm weight for the cotangents dy."""
+    x = x.detach().clone().requires_grad_()
+    h = norm(x)
+    ys = [lin(h if i < len(linears) - 1 else h.flatten(0, 1)) for i, lin in enumerate(linears)]
+    loss = sum((y.float() * d.float().view_as(y)).sum() for y, d in zip(ys, dy))
+    grads = torch.autograd.grad(loss, [x, norm.weight])
+    return h, ys, grads
+
+
+def test_fp8_rmsnorm_feeds_its_consumers(monkeypatch):
+    """FP8RMSNorm's fused kernel quantizes for its FP8 consumers: none of them quantizes its
+    input (one reads it through a flattened view), the last one frees the copies, the output is
+    the plain norm's, and the consumers' outputs and every gradient match the plain norm's path
+    (same weights, fp32: only rstd's last bit may differ)."""
+    ref, norm = _norm_pair(256, 21, consumers=2)
+    assert norm.weight is ref.weight and "consumers=2" in repr(norm)
+    (_, a), (_, b) = _pair(256, 128, 22), _pair(256, 384, 23)
+    x = torch.randn(2, 65, 256, device=DEVICE)
+    dy = [torch.randn(2, 65, 128, device=DEVICE), torch.randn(130, 384, device=DEVICE)]
+    dual = _counting(monkeypatch, "quantize_dual")
+    norms = _counting(monkeypatch, "rmsnorm_quantize")
+    h, ys, grads = _norm_then_linears(norm, [a, b], x, dy)
+    assert len(norms) == 1 and len(dual) == 2, "inputs from the norm; only the two dy quantized"
+    assert getattr(h._base, "_fp8_copies", None) is None, "the second consumer frees the copies"
+    h_ref, ys_ref, grads_ref = _norm_then_linears(ref, [a, b], x, dy)
+    assert len(dual) == 2 + 3, "the plain norm: the consumers quantize h (once), then two dy"
+    torch.testing.assert_close(h, h_ref, atol=1e-6, rtol=1e-6)
+    for y, y_ref in zip(ys, ys_ref):
+        assert calc_diff(y, y_ref) < 1e-6
+    for g, g_ref in zip(grads, grads_ref):
+        assert _cos(g, g_ref) > 0.9999 and abs(float(g.norm() / g_ref.norm()) - 1) < 1e-4
+
+
+def test_fp8_rmsnorm_below_min_tokens_is_the_plain_norm(monkeypatch):
+    """Fewer tokens than min_tokens (or no grad and no FP8 input): the plain norm, bit for bit,
+    no kernel of the fused path, no copies attached."""
+    ref, norm = _norm_pair(128, 24, min_tokens=100)
+    norms = _counting(monkeypatch, "rmsnorm_quantize")
+    x = torch.randn(3, 33, 128, device=DEVICE)
+    assert torch.equal(norm(x), ref(x)) and not norms
+    assert getattr(norm(x), "_fp8_copies", None) is None
+    norm.min_tokens = 99
+    norm(x)
+    assert len(norms) == 1
+    assert torch.equal(norm(x.half()), ref(x.half())), "fp16 is not an FP8 input: the plain norm"
+    with pytest.raises(ValueError, match="consumers"):
+        type(norm).from_norm(ref, consumers=0)
+
+
+def test_fp8_rmsnorm_copies_follow_in_place_changes(monkeypatch):
+    """A consumer of a norm output changed in place after the norm re-quantizes it: the copies
+    are keyed on the version counter. Without grad the norm writes only the row-wise copy."""
+    _, norm = _norm_pair(128, 25)
+    _, lin = _pair(128, 128, 26)
+    dual = _counting(monkeypatch, "quantize_dual")
+    rows = _counting(monkeypatch, "quantize_1x128")
+    with torch.no_grad():
+        h = norm(torch.randn(40, 128, device=DEVICE))
+        assert h._base._fp8_copies.copies[2] is None
+        h.mul_(2)
+        assert calc_diff(lin(h), torch.nn.functional.linear(h, lin.weight)) < 2e-3
+    assert len(rows) == 1 and not dual
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_rmsnorm(monkeypatch):
+    """The CPU contracts on the compiled kernels; then bf16 at `small`'s width through the CUDA
+    norm kernel into an FP8MLP and an FP8Linear. Its output is the plain norm's to an ulp; the
+    consumers' outputs and all gradients match the high-precision path (plain norm, bf16 MLP and
+    Linear) as closely as the plain norm feeding the same FP8 modules does: the copies quantize
+    y in fp32 rather than y rounded to bf16, which moves single FP8 roundings, nothing more."""
+    from models.fp8 import norm_cuda
+    test_fp8_rmsnorm_feeds_its_consumers(monkeypatch)
+    test_fp8_rmsnorm_below_min_tokens_is_the_plain_norm(monkeypatch)
+    test_fp8_rmsnorm_copies_follow_in_place_changes(monkeypatch)
+    cuda_calls = []
+    real = norm_cuda.rmsnorm_quantize
+    monkeypatch.setattr(norm_cuda, "rmsnorm_quantize",
+                        lambda *a, **k: cuda_calls.append(1) or real(*a, **k))
+    ref, norm = _norm_pair(4096, 27, torch.bfloat16, consumers=2)
+    mlp_hp, mlp = _mlp_pair(4096, 2048, 28, torch.bfloat16)
+    lin_hp, lin = _pair(4096, 1024, 29, torch.bfloat16)
+    x = torch.randn(2, 2048, 4096, device=DEVICE, dtype=torch.bfloat16)
+    dy = [torch.randn(2, 2048, 4096, device=DEVICE), torch.randn(4096, 1024, device=DEVICE)]
+    h, ys, grads = _norm_then_linears(norm, [mlp, lin], x, dy)
+    assert cuda_calls == [1] and h.dtype == torch.bfloat16
+    h_ref, ys_plain, grads_plain = _norm_then_linears(ref, [mlp, lin], x, dy)
+    _, ys_hp, grads_hp = _norm_then_linears(ref, [mlp_hp, lin_hp], x, dy)
+    assert bool(((h.float() - h_ref.float()).abs() <= h_ref.float().abs() * 2 ** -7).all()), \
+        "one rounding instead of two: at most an ulp apart"
+    for y, y_plain, y_hp in zip(ys, ys_plain, ys_hp):
+        err = calc_diff(y.float(), y_hp.float())
+        err_plain = calc_diff(y_plain.float(), y_hp.float())
+        assert err < 3e-3 and err < 1.2 * err_plain, (err, err_plain)
+    for g, g_plain, g_hp in zip(grads, grads_plain, grads_hp):
+        assert _close(g, g_hp) and _cos(g, g_hp) >= _cos(g_plain, g_hp) - 1e-3

@@ -2,10 +2,10 @@
 
 reference.py (pure torch, the truth every kernel is tested against), quant.py (Triton
 quantization), gemm.py (dense block-scaled GEMMs through cuBLAS), grouped.py (grouped GEMMs of
-the routed experts), linear.py (FP8Linear, FP8MLP), experts.py (FP8GroupedExperts), convert.py
-(the module swap). On a machine without CUDA the Triton kernels run under Triton's interpreter
-(models/triton_env.py decides, before any kernel is defined): that is what lets the CPU test suite
-run the real kernels.
+the routed experts), linear.py (FP8Linear, FP8MLP, FP8RMSNorm), experts.py (FP8GroupedExperts),
+convert.py (the module swap). On a machine without CUDA the Triton kernels run under Triton's
+interpreter (models/triton_env.py decides, before any kernel is defined): that is what lets the
+CPU test suite run the real kernels.
 """
 from models.triton_env import INTERPRET  # noqa: F401  (before any kernel module imports triton)
 

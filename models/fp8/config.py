@@ -21,6 +21,10 @@ class FP8Config:
     """Keep in bf16 what FP8 measurably slows down on the H100 (models/fp8/convert.py: a Linear
     with a side of at most 1024; a SwiGLU MLP narrower than 2048 on calls of fewer than 8192
     tokens); False converts everything the kernels can take, for every call."""
+    fuse_norms: bool = True
+    """A norm whose output goes into FP8 Linears or MLPs computes their FP8 input copies in its
+    own kernel (models.fp8.linear.FP8RMSNorm: the output is not read back to be quantized);
+    False keeps the plain norm, and each consumer quantizes its input itself."""
 
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:

@@ -8,6 +8,10 @@ notice):
     every other nn.Linear except the output head   -> FP8Linear
         (MLA projections wq_a, wq_b / wq, wkv_a, wkv_b, wo; MTP eh_proj and the MTP blocks')
     models.moe.GroupedExperts                       -> models.fp8.experts.FP8GroupedExperts
+    a models.layers.RMSNorm whose output feeds      -> FP8RMSNorm (`fp8_cfg.fuse_norms`): the
+      FP8 Linears or MLPs directly                     norm's kernel writes their FP8 input
+                                                       copies (the modules that own norms say
+                                                       what each feeds: `norm_consumers()`)
 
 and keeps in high precision what DeepSeek-V3 keeps there (section 3.3.1): the embedding, the
 output head, the router (a models.moe.Router, not an nn.Linear), the norms and the attention core
@@ -42,13 +46,13 @@ import logging
 
 from torch import nn
 
-from models.layers import MLP
+from models.layers import MLP, RMSNorm
 from models.moe import GroupedExperts
 
 from .config import FP8Config
 from .experts import FP8GroupedExperts
 from .gemm import has_blockwise_kernels
-from .linear import FP8Linear, FP8MLP
+from .linear import FP8Linear, FP8MLP, FP8RMSNorm
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +76,24 @@ def convert(model: nn.Module, fp8_cfg: FP8Config, emulate: bool = False) -> nn.M
         raise RuntimeError(f"fp8.recipe={fp8_cfg.recipe} needs an sm90 (Hopper) GPU for its "
                            "block-scaled GEMMs and none is visible; use fp8=off on this machine")
     _convert_children(model, "", {id(m) for m in _high_precision(model)}, fp8_cfg)
+    if fp8_cfg.fuse_norms:
+        _fuse_norms(model, fp8_cfg)
     return model
+
+
+def _fuse_norms(model: nn.Module, fp8_cfg: FP8Config) -> None:
+    """Make each plain RMSNorm with FP8 consumers an FP8RMSNorm (after the consumers were
+    converted). It quantizes from the smallest token count any FP8 consumer runs FP8 at."""
+    for owner in list(model.modules()):
+        if not callable(getattr(owner, "norm_consumers", None)):
+            continue
+        for attr, consumers in owner.norm_consumers().items():
+            norm = getattr(owner, attr)
+            fp8 = [c for c in consumers if isinstance(c, (FP8Linear, FP8MLP))]
+            if type(norm) is RMSNorm and fp8:
+                min_tokens = min(getattr(c, "min_tokens", 0) for c in fp8)
+                setattr(owner, attr, FP8RMSNorm.from_norm(norm, fp8_cfg.pow2_scales, len(fp8),
+                                                          min_tokens))
 
 
 def _convert_children(parent: nn.Module, prefix: str, keep: set, fp8_cfg: FP8Config) -> None:

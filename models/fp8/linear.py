@@ -51,11 +51,14 @@ GEMMs (slow; for tests).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.layers import swiglu
+from models import kernels
+from models.layers import RMSNorm, swiglu
 
 from . import quant
 from .experts import swiglu_backward_quantize
@@ -72,22 +75,56 @@ def _quantize_act(t2d: torch.Tensor, pow2_scales: bool, colwise: bool):
     return q, s, None, None
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+@dataclass
+class _InputCopies:
+    """FP8 copies (q, s, qt, st) of a tensor, held as its `_fp8_copies` attribute."""
+
+    key: tuple  # (the tensor's version counter when they were made, pow2_scales)
+    copies: tuple
+    uses_left: int | None  # consumers still to read them; None: kept while the tensor lives
+
+
+def _copies_owner(x: torch.Tensor) -> torch.Tensor:
+    """The tensor whose attribute holds x's copies: the tensor x is a reshaped view of when
+    both are the same row-major [T, K] rows (MoE's x.flatten(0, 1) of a norm's output), else x."""
+    base = x._base
+    if (base is not None and base.shape[-1] == x.shape[-1] and base.numel() == x.numel()
+            and base.data_ptr() == x.data_ptr() and base.is_contiguous() and x.is_contiguous()):
+        return base
+    return x
+
+
+def attach_input_copies(x: torch.Tensor, copies: tuple, pow2_scales: bool, uses: int) -> None:
+    """Give x FP8 copies made elsewhere (FP8RMSNorm's kernel), for its next `uses` FP8 consumers;
+    the last one drops them from x (each consumer keeps what its backward needs)."""
+    owner = _copies_owner(x)
+    owner._fp8_copies = _InputCopies((owner._version, pow2_scales), copies, uses)
+
+
 def _quantize_input(x: torch.Tensor, pow2_scales: bool, colwise: bool):
     """FP8 copies of a Linear's input, made once per input tensor.
 
     A tensor that feeds several FP8 Linears (MLA's normed x feeds wq_a and wkv_a; an MLP's x
     feeds w1 and w3) carries its copies as an attribute, keyed on its version counter, so the
-    second consumer reuses them; they are freed with the tensor.
+    second consumer reuses them; they are freed with the tensor. A norm that made its output's
+    copies in its own kernel (FP8RMSNorm) attaches them the same way before any consumer runs.
     """
-    key = (x._version, pow2_scales)
-    cached = getattr(x, "_fp8_copies", None)
-    if cached is not None and cached[0] == key and (cached[1][2] is not None or not colwise):
-        return cached[1]
-    x2 = x.reshape(-1, x.shape[-1])
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    copies = _quantize_act(x2, pow2_scales, colwise)
-    x._fp8_copies = (key, copies)
+    owner = _copies_owner(x)
+    key = (owner._version, pow2_scales)
+    cached = getattr(owner, "_fp8_copies", None)
+    if cached is not None and cached.key == key and (cached.copies[2] is not None or not colwise):
+        if cached.uses_left is not None:
+            cached.uses_left -= 1
+            if cached.uses_left <= 0:
+                del owner._fp8_copies
+        return cached.copies
+    copies = _quantize_act(_rows(x), pow2_scales, colwise)
+    owner._fp8_copies = _InputCopies(key, copies, None)
     return copies
 
 
@@ -115,11 +152,6 @@ def _wgrad(qt_dy, st_dy, qt_x, st_x, w_dtype):
     """dy^T x over tokens from both 128x1 copies, written in the parameter's dtype."""
     out_dtype = w_dtype if w_dtype in OUT_DTYPES else torch.float32
     return gemm_1x128_1x128(qt_dy, st_dy.t(), qt_x, st_x.t(), out_dtype=out_dtype).to(w_dtype)
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
 class FP8LinearFunction(torch.autograd.Function):
@@ -345,6 +377,78 @@ class FP8MLP(nn.Module):
 
     def extra_repr(self) -> str:
         return f"min_tokens={self.min_tokens}" if self.min_tokens else ""
+
+
+class RMSNormQuantFunction(torch.autograd.Function):
+    """apply(x_MK, weight, eps, pow2_scales, colwise) -> (y_MK, q, s, qt, st).
+
+    Forward is one kernel, quant.rmsnorm_quantize with a high-precision output: x is read once
+    and y = x * rstd * weight (fp32) is written in high precision (the plain norm's dtype: x's
+    and weight's promoted) for the consumers that read it so, and as the 1x128 [and 128x1] FP8
+    copies the FP8 consumers read. The copies are outputs without a gradient. Backward is
+    models.layers.RMSNorm's (models.kernels' kernel), from x and the rstd this forward computed.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, eps, pow2_scales, colwise):
+        y = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+        *copies, rstd = quant.rmsnorm_quantize(x, weight, eps, pow2_scales, colwise,
+                                               check_finite=False, hp_out=y)
+        ctx.save_for_backward(x, weight, rstd)
+        copies = tuple(copies) if colwise else (*copies, None, None)
+        ctx.mark_non_differentiable(*(c for c in copies if c is not None))
+        return (y, *copies)
+
+    @staticmethod
+    def backward(ctx, dy, *_):
+        x, weight, rstd = ctx.saved_tensors
+        dx, dw = kernels.rms_norm_backward(x, weight, rstd, dy.contiguous())
+        return dx, dw, None, None, None
+
+
+class FP8RMSNorm(RMSNorm):
+    """models.layers.RMSNorm in front of FP8 consumers (models/fp8/convert.py puts it where a
+    norm's output goes straight into FP8Linear or FP8MLP inputs): the same `weight` parameter and
+    output, computed by the fused RMSNorm -> FP8 kernel, which also writes the output's FP8
+    copies and attaches them to it, so the consumers skip their own quantization of it and the
+    norm's output is never read back to be quantized (DeepSeek-V3 3.3's "RMSNorm -> quant").
+
+    `consumers`: how many FP8 modules read the output (the last one frees the copies from it).
+    `min_tokens`: calls with fewer tokens run the plain norm (the consumers' own threshold, so
+    no copy is made that no consumer reads). The output is y rounded once from fp32, where the
+    plain bf16 norm rounds x * rstd to bf16 before scaling by the weight: the two may differ by
+    an ulp.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6, pow2_scales: bool = False,
+                 consumers: int = 1, min_tokens: int = 0) -> None:
+        super().__init__(dim, eps)
+        if consumers < 1 or min_tokens < 0:
+            raise ValueError(f"FP8RMSNorm needs consumers >= 1 and min_tokens >= 0, got "
+                             f"{consumers} and {min_tokens}")
+        self.pow2_scales, self.consumers, self.min_tokens = pow2_scales, consumers, min_tokens
+
+    @classmethod
+    def from_norm(cls, norm: RMSNorm, pow2_scales: bool = False, consumers: int = 1,
+                  min_tokens: int = 0) -> "FP8RMSNorm":
+        """An FP8RMSNorm sharing `norm.weight` (the very Parameter object)."""
+        new = cls(1, norm.eps, pow2_scales, consumers, min_tokens)
+        new.weight = norm.weight
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.dtype not in INPUT_DTYPES or x.shape[-1] != self.weight.numel()
+                or x.numel() < max(self.min_tokens, 1) * x.shape[-1]):
+            return super().forward(x)
+        y, *copies = RMSNormQuantFunction.apply(_rows(x), self.weight, self.eps, self.pow2_scales,
+                                                torch.is_grad_enabled())
+        attach_input_copies(y, tuple(copies), self.pow2_scales, self.consumers)
+        return y.view(x.shape)
+
+    def extra_repr(self) -> str:
+        return (f"{self.weight.numel()}, eps={self.eps}, pow2_scales={self.pow2_scales}, "
+                f"consumers={self.consumers}" + (f", min_tokens={self.min_tokens}"
+                                                 if self.min_tokens else ""))
 
 
 def cached_weight_copies(model: nn.Module) -> list[torch.Tensor]:
