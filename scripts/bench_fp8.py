@@ -24,6 +24,8 @@ scripts/summary.py:
            16384 tokens: convert.py's NARROW_MLP_MIN_TOKENS);
   dispatch the routed experts' input: quantize_dual reading the tokens through MoE's dispatch
            index against gathering the sorted bf16 copies, then quantizing (ms);
+  norm     a norm feeding FP8 consumers: the fused kernel FP8RMSNorm runs (bf16 y and both FP8
+           copies) against the bf16 norm, then quantize_dual (ms);
   memory   bytes autograd saves for backward (FP8 copies vs bf16 activations), Linear and MLP.
 Timing: each figure and its baselines in three interleaved rounds (scripts/timing.interleaved_ms:
 every other round reversed, the median kept; timed one after another, whatever runs first meets a
@@ -157,6 +159,28 @@ def bench_dispatch_quant(cases) -> None:
         record(BENCH, f"dispatch->dual {case}", ms["through index"], "ms", "gather, then dual",
                ms["gather, then dual"], higher_is_better=False)
         del x, rows
+
+
+def bench_norm_fusion(cases) -> None:
+    """A norm feeding FP8 consumers: FP8RMSNorm's one kernel (x read once; y written in bf16 for
+    the high-precision readers and as both FP8 copies) against the plain norm, then quantize_dual
+    reading y back (what the model runs with fp8.fuse_norms=false)."""
+    from models import kernels
+    from models.fp8 import quant
+
+    print("\n== RMSNorm feeding FP8 consumers, ms (lower is better)")
+    for M, K in cases:
+        x = torch.randn(M, K, device=DEVICE, dtype=torch.bfloat16)
+        w = (1 + 0.1 * torch.randn(K, device=DEVICE)).to(torch.bfloat16)
+        y = torch.empty_like(x)
+        ms = interleaved_ms({
+            "fused": lambda: quant.rmsnorm_quantize(x, w, check_finite=False, hp_out=y),
+            "norm, then dual": lambda: quant.quantize_dual(kernels.rms_norm(x, w, 1e-6),
+                                                           check_finite=False)})
+        print(f"{M}x{K:<22}{ms['fused']:>8.3f}{ms['norm, then dual']:>8.3f}")
+        record(BENCH, f"rmsnorm->dual+bf16 y {M}x{K}", ms["fused"], "ms", "norm, then dual",
+               ms["norm, then dual"], higher_is_better=False)
+        del x, y
 
 
 def _te_linear(K: int, N: int):
@@ -327,6 +351,7 @@ def main() -> None:
     bench_linear(linear_shapes)
     bench_mlp(mlp_shapes)
     bench_dispatch_quant([(16384, 4096, 4, 16), (8192, 7168, 8, 256)])  # `small`, DeepSeek-V3
+    bench_norm_fusion([(16384, 4096), (8192, 7168)])
     bench_saved_memory(8192, 4096, 10240)
     print(f"\nbench_fp8: {time.monotonic() - start:.0f} s")
 

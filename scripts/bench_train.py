@@ -30,6 +30,7 @@ the time, the later recipes disadvantaged).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -52,13 +53,28 @@ from trainer.tracking import PEAK_BF16_FLOPS  # noqa: E402
 H100_PEAK = PEAK_BF16_FLOPS["H100"]
 
 
+def fp8_config(recipe: str) -> FP8Config:
+    """FP8Config of a --recipes entry: a recipe, optionally with settings after a colon,
+    e.g. "blockwise:fuse_norms=false,skip_small=false"."""
+    name, _, settings = recipe.partition(":")
+    fields = {f.name: f.type for f in dataclasses.fields(FP8Config)}
+    kwargs = {}
+    for item in filter(None, settings.split(",")):
+        key, _, value = item.partition("=")
+        if key not in fields or key == "recipe" or value.lower() not in ("true", "false"):
+            raise SystemExit(f"--recipes {recipe}: {item!r} is not a setting; give "
+                             f"<field>=true|false with a field of {sorted(set(fields) - {'recipe'})}")
+        kwargs[key] = value.lower() == "true"
+    return FP8Config(recipe=name, **kwargs)
+
+
 def build(args, recipe: str, job: eng.Job, grad_accum: int = 1):
     torch.manual_seed(0)
     cfg = model_config(args.size, **({"num_hidden_layers": args.layers} if args.layers else {}))
     model = build_model(cfg, device=job.device)
     if recipe != "off":
         from models.fp8 import convert
-        model = convert(model, FP8Config(recipe=recipe))
+        model = convert(model, fp8_config(recipe))
     optim = OptimConfig(lr=1e-4, warmup_steps=0)
     ds = eng.deepspeed_config(eng.ParallelConfig(grad_accum=grad_accum), optim.grad_clip, args.micro_batch,
                               1, "bf16")
@@ -166,7 +182,8 @@ def main() -> None:
     p.add_argument("--configs", nargs="+", default=["4x2048x1", "4x4096x4"],
                    help="micro-batch x sequence length x micro-batches per optimizer step")
     p.add_argument("--recipes", nargs="+", default=["off", "blockwise"],
-                   help="fp8 recipes, each measured on every config")
+                   help="fp8 recipes, each measured on every config; FP8Config settings after a "
+                        "colon: blockwise:fuse_norms=false")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--rounds", type=int, default=2,
@@ -174,6 +191,8 @@ def main() -> None:
     args = p.parse_args()
     if args.rounds < 1:
         raise SystemExit(f"--rounds {args.rounds}: at least 1")
+    for recipe in args.recipes:  # a bad entry fails here, not after the first measurements
+        fp8_config(recipe)
     if not torch.cuda.is_available():
         raise SystemExit("bench_train.py needs a CUDA GPU")
     card = torch.cuda.get_device_name()
@@ -208,6 +227,9 @@ def report(args, results: list[dict], matmul: float) -> None:
     record("train", f"{case} bf16 MFU", bf16["tflops"], "TFLOP/s", "H100 dense bf16 peak", H100_PEAK / 1e12)
     record("train", f"{case} bf16 model FLOP/s", bf16["tflops"], "TFLOP/s", "bf16 8192^3 matmul", matmul)
     for fp8 in results[1:]:
+        settings = fp8["recipe"].partition(":")[2]
+        case = f"{args.size} step {args.micro_batch}x{args.seq_len}x{bf16['grad_accum']}" + (
+            f" ({settings})" if settings else "")
         record("train", f"{case} fp8 tokens/s", fp8["tokens_per_s"], "tok/s", "bf16 tokens/s", bf16["tokens_per_s"])
         record("train", f"{case} fp8 peak memory", fp8["peak_gib"], "GiB", "bf16 peak memory", bf16["peak_gib"],
                higher_is_better=False)

@@ -103,6 +103,19 @@ def test_bench_train_mirrors_the_recipe_order():
     assert order == ["off", "blockwise"] and [r["step_ms"] for r in single] == [100.0, 80.0]
 
 
+def test_bench_train_recipe_settings():
+    """--recipes entries: a recipe, optionally with FP8Config switches after a colon; anything
+    else is refused with the fields it could have named."""
+    import bench_train
+    from models.fp8.config import FP8Config
+    assert bench_train.fp8_config("blockwise") == FP8Config(recipe="blockwise")
+    cfg = bench_train.fp8_config("blockwise:fuse_norms=false,skip_small=False")
+    assert cfg == FP8Config(recipe="blockwise", fuse_norms=False, skip_small=False)
+    for bad in ("blockwise:fuse_norm=false", "blockwise:fuse_norms=0", "blockwise:recipe=true"):
+        with pytest.raises(SystemExit, match="fuse_norms"):
+            bench_train.fp8_config(bad)
+
+
 def test_grouped_bench_times_the_kernel_grouped_py_runs():
     """Where the CUDA grouped kernels run, bench_fp8_grouped times them alone (what grouped.py
     runs there; --full adds the Triton configs beside them); elsewhere the Triton configs."""
