@@ -169,6 +169,22 @@ def test_bad_input_is_a_clear_error():
         grouped_wgrad(wa_q, wa_s, wb_q, wb_s, torch.tensor([30, 1]))
 
 
+def test_counts_are_checked_once_per_version():
+    """A counts tensor's values are checked once (an experts layer's seven GEMMs share it), again
+    after an in-place change (its version moves) or against another row count; a write that
+    bypasses the version counter (.data) is not seen, as with every version-keyed cache here."""
+    from models.fp8.grouped import _check_counts
+    counts = torch.tensor([10, 20])
+    _check_counts(counts, 2, 30)
+    with pytest.raises(ValueError, match="sum to the 31 rows"):
+        _check_counts(counts, 2, 31)
+    counts.data[0] = 11  # not a version change: the remembered check stands
+    _check_counts(counts, 2, 30)
+    counts[0] = 12  # in place: checked again
+    with pytest.raises(ValueError, match="sum to the 30 rows"):
+        _check_counts(counts, 2, 30)
+
+
 # ---------------------------------------------------------------------------------------------
 # The same checks at real expert shapes (DeepSeek-V3: D=7168, F=2048; `small`: D=4096, F=1536),
 # with the kernel variants the benchmark sweeps; references computed in fp32 on the GPU

@@ -8,6 +8,8 @@ import functools
 import importlib.util
 from pathlib import Path
 
+import torch
+
 _ROOT = Path(__file__).resolve().parents[2]
 _ERR_LEN = 512
 
@@ -27,6 +29,16 @@ def call(fn, *args) -> None:
     err = ctypes.create_string_buffer(_ERR_LEN)
     if fn(*args, err, _ERR_LEN) != 0:
         raise RuntimeError(f"{fn.__name__}: {err.value.decode()}")
+
+
+def current_stream(device: torch.device) -> int:
+    """The raw cudaStream_t of `device`'s current stream, for a launch. torch's private getter
+    (the one Triton's launcher calls) skips building a torch.cuda.Stream object on every launch;
+    the public API where a build lacks it."""
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is None:
+        return torch.cuda.current_stream(device).cuda_stream
+    return raw(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def aligned16(t) -> bool:

@@ -141,13 +141,20 @@ def _check_scales(s: torch.Tensor, name: str, shape: tuple) -> None:
 
 
 def _check_counts(counts_E: torch.Tensor, n_experts: int, rows: int) -> None:
-    """counts_E: E non-negative integers summing to the rows; checked without a host sync on GPU."""
+    """counts_E: E non-negative integers summing to the rows; checked without a host sync on GPU.
+
+    The values are checked once per counts tensor, version and row count (the tensor remembers
+    it): an experts layer passes one counts tensor to its seven grouped GEMMs, forward and
+    backward, and each GPU check is several small launches."""
     if not isinstance(counts_E, torch.Tensor) or counts_E.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"counts_E must be an int32/int64 tensor, got "
                         f"{getattr(counts_E, 'dtype', type(counts_E).__name__)}")
     if counts_E.shape != (n_experts,):
         raise ValueError(f"counts_E must have shape ({n_experts},) (one count per expert), "
                          f"got {tuple(counts_E.shape)}")
+    checked = (counts_E._version, rows)
+    if getattr(counts_E, "_fp8_checked", None) == checked:
+        return
     if counts_E.device.type == "cpu":
         if bool((counts_E < 0).any()) or int(counts_E.sum()) != rows:
             raise ValueError(f"counts_E must be non-negative and sum to the {rows} rows of the "
@@ -155,6 +162,7 @@ def _check_counts(counts_E: torch.Tensor, n_experts: int, rows: int) -> None:
     else:
         torch._assert_async((counts_E.sum() == rows) & (counts_E.min() >= 0),
                             "counts_E must be non-negative and sum to the input's rows")
+    counts_E._fp8_checked = checked
 
 
 def _check_token_major(q: torch.Tensor, name: str, padded_rows: int) -> None:

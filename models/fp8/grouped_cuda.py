@@ -102,7 +102,7 @@ def gemm(a_q, a_s, b_q, b_s, counts_E, out, m_tiles_bound: int) -> torch.Tensor:
     by grouped.grouped_gemm."""
     (T, K), (E, N, _) = a_q.shape, b_q.shape
     a_s = _mn_major(a_s)
-    stream = torch.cuda.current_stream(a_q.device).cuda_stream
+    stream = cuda_lib.current_stream(a_q.device)
     cuda_lib.call(_library().fp8moe_grouped_fprop,
               a_q.data_ptr(), a_q.stride(0), a_s.data_ptr(), a_s.stride(1),
               b_q.data_ptr(), b_q.stride(1), b_s.data_ptr(), b_s.stride(0), b_s.stride(1),
@@ -117,7 +117,7 @@ def wgrad(a_q, a_s, b_q, b_s, counts_E, out, accumulate: bool) -> torch.Tensor:
     operands (token-major) validated by grouped.grouped_wgrad."""
     (T, N), (_, K), E = a_q.shape, b_q.shape, counts_E.shape[0]
     padded_T = -(-T // 128) * 128
-    stream = torch.cuda.current_stream(a_q.device).cuda_stream
+    stream = cuda_lib.current_stream(a_q.device)
     cuda_lib.call(_library().fp8moe_grouped_wgrad,
               a_q.data_ptr(), a_q.stride(1), a_s.data_ptr(), a_s.stride(0), b_q.data_ptr(),
               b_q.stride(1), b_s.data_ptr(), b_s.stride(0), out.data_ptr(), out.stride(0),

@@ -116,7 +116,7 @@ def rmsnorm_quantize(x, weight, eps: float, pow2_scales: bool, colwise: bool, hp
         weight = weight.clone()
     buffers = max_tiles(x.device.index or 0)  # beyond the CTA's tiles: the next block's, early
     cluster = plan(-(-K // TILE), buffers, cluster)[0]
-    stream = torch.cuda.current_stream(x.device).cuda_stream
+    stream = cuda_lib.current_stream(x.device)
     cuda_lib.call(_library().fp8moe_rmsnorm_quant,
                   x.data_ptr(), x.stride(0), weight.data_ptr(), int(weight.dtype == torch.bfloat16),
                   eps, M, K, int(pow2_scales), int(colwise), q.data_ptr(), s.data_ptr(),
