@@ -85,6 +85,28 @@ def test_bad_operands():
         gemm_1x128_1x128(qa, sa, qb, sb)
 
 
+def test_unchecked_calls_compute_the_same(monkeypatch):
+    """check=False (the FP8 modules' own calls, on operands straight from the quantizers) runs
+    none of the operand checks and computes exactly what the checked call computes."""
+    from models.fp8 import gemm
+    x, w, dy = _rand((130, 384), 13), _rand((256, 384), 14), _rand((130, 256), 15)
+    qx, sx, qt_x, st_x = quant.quantize_dual(x)
+    qw, sw, qwt, swt = quant.quantize_128x128(w, transpose=True)
+    qdy, sdy, qt_dy, st_dy = quant.quantize_dual(dy)
+    calls = [(gemm_1x128_128x128, (qx, sx, qw, sw)), (gemm_1x128_128x128, (qdy, sdy, qwt, swt)),
+             (gemm_1x128_1x128, (qt_dy, st_dy.t(), qt_x, st_x.t()))]
+    checked = [fn(*args) for fn, args in calls]
+
+    def refuse(*args):
+        raise AssertionError("a check ran")
+    for name in ("_check_operand", "_check_shapes", "_check_mn_major", "_check_blocks"):
+        monkeypatch.setattr(gemm, name, refuse)
+    with pytest.raises(AssertionError, match="a check ran"):
+        gemm_1x128_128x128(qx, sx, qw, sw)
+    for (fn, args), want in zip(calls, checked):
+        assert torch.equal(fn(*args, check=False), want)
+
+
 def test_unsupported_shapes():
     qa, sa = quant.quantize_1x128(_rand((8, 200), 9))
     qb, sb = quant.quantize_128x128(_rand((128, 200), 10))
