@@ -99,6 +99,14 @@ def _check_shapes(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> N
         raise ValueError(f"a is on {a.device} but b is on {b.device}")
 
 
+def _check_operands(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> int:
+    """What both GEMMs check of a, b and the output dtype; returns K / 128."""
+    _check_operand(a, "a")
+    _check_operand(b, "b")
+    _check_shapes(a, b, out_dtype)
+    return a.shape[1] // BLOCK
+
+
 def _padded(q: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """q zero-padded to [rows, cols] (zeros contribute nothing to a product)."""
     out = torch.zeros(rows, cols, dtype=q.dtype, device=q.device)
@@ -170,10 +178,7 @@ def gemm_1x128_128x128(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: t
     (the FP8 modules' own calls): they cost about 17 us of host time a call on an H100 host,
     which a launch-bound step (a few thousand tokens) pays in full."""
     if check:
-        _check_operand(a, "a")
-        _check_operand(b, "b")
-        _check_shapes(a, b, out_dtype)
-        kb = a.shape[1] // BLOCK
+        kb = _check_operands(a, b, out_dtype)
         _check_mn_major(sa, a.shape[0], kb, "sa")
         _check_blocks(sb, ceil_div(b.shape[0], BLOCK), kb, "sb")
     if a.device.type == "cpu":
@@ -185,10 +190,7 @@ def gemm_1x128_1x128(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: tor
                      out_dtype: torch.dtype = torch.float32, check: bool = True) -> torch.Tensor:
     """out[M, N] = (a, 1x128 scales) @ (b, 1x128 scales)^T: Wgrad, K = tokens. check: as above."""
     if check:
-        _check_operand(a, "a")
-        _check_operand(b, "b")
-        _check_shapes(a, b, out_dtype)
-        kb = a.shape[1] // BLOCK
+        kb = _check_operands(a, b, out_dtype)
         _check_mn_major(sa, a.shape[0], kb, "sa")
         _check_mn_major(sb, b.shape[0], kb, "sb")
     if a.device.type == "cpu":
