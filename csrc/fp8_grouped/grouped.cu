@@ -81,6 +81,10 @@
 //     while its own MMAs of group g run (waited for before the loop's back edge: an MMA in flight
 //     across it makes ptxas serialize them, C7514): -4% to -9%. With the diagnostic builds
 //     (WGRAD_DIAG) at 1.15-1.70x, the promotion's FP32 work costs time even beside the MMAs;
+//   - Wgrad with the two consumer warpgroups issuing their MMA batches in strict turns (named
+//     barriers: warpgroup 1, 2, 1, 2, ...; commit 29ccfd8 has the code, WGRAD_ORDER=1), so that
+//     one promotes while the other's batch runs: 0.91-1.06x the default over the six bench
+//     cases (mean 1.00); at 128 x 128 tiles (64 x 128 a warpgroup) 0.77-0.91x;
 //   - DeepGEMM edits the yield bits of its promotion FFMAs in the SASS so that the other
 //     warpgroup's MMAs can issue meanwhile. The SASS ptxas 13 emits here already alternates the
 //     yield bit along those runs (checked with cuobjdump): nothing left to edit.
@@ -940,24 +944,6 @@ __device__ __forceinline__ void warpgroup_sync(int wg) {
   asm volatile("bar.sync %0, 128;" ::"r"(wg) : "memory");
 }
 
-// Wgrad, WGRAD_ORDER=1: the two consumer warpgroups issue their MMA batches in strict turns
-// (1, 2, 1, 2, ...), so that the tensor cores run one warpgroup's batch while the other promotes
-// its last one, instead of both issuing, waiting and promoting in phase. Warpgroup wg (1 or 2)
-// waits for its turn on named barrier TURN_BAR + wg - 1 and hands the turn over by arriving at
-// the other's (bar.sync / bar.arrive pairs of 256 threads; ids 1 and 2 are warpgroup_sync's).
-#ifndef WGRAD_ORDER
-#define WGRAD_ORDER 0
-#endif
-constexpr int TURN_BAR = 3;
-
-__device__ __forceinline__ void wait_turn(int wg) {
-  asm volatile("bar.sync %0, 256;" ::"r"(TURN_BAR + wg - 1) : "memory");
-}
-
-__device__ __forceinline__ void pass_turn(int wg) {
-  asm volatile("bar.arrive %0, 256;" ::"r"(TURN_BAR + 2 - wg) : "memory");
-}
-
 // Wgrad: how many of a thread's 16 column-scale pairs per 128-column half are read from shared
 // memory while the half's MMAs run (between commit and wait) rather than after them, where each
 // load's latency stalls the promotion that needs it. Each pair held costs two registers across the
@@ -1048,10 +1034,8 @@ __device__ void wgrad_consumer(SharedStorage& s, const WgradArgs& p, int wg, con
   float acc[HALVES][64], scratch[64];
   Ring ring(wgrad_stages(p));
   uint32_t out_phase = 0;
-  bool first_batch = true;  // WGRAD_ORDER: warpgroup 1's first batch needs no turn
   for (int t = c.index; t < wgrad_walk_length(p, c); t += c.count) {
     KTile tile = wgrad_tile(s, p, t, c);
-    const bool last_tile = t + c.count >= wgrad_walk_length(p, c);
     // the K loop's bounds and branches, read from shared memory, uniform for the descriptors
     tile.group_lo = warp_uniform(tile.group_lo);
     tile.groups = warp_uniform(tile.groups);
@@ -1077,13 +1061,7 @@ __device__ void wgrad_consumer(SharedStorage& s, const WgradArgs& p, int wg, con
         mma_wait(acc[h]);
         continue;
 #endif
-        if (WGRAD_ORDER && !(wg == 1 && first_batch)) wait_turn(wg);
-        first_batch = false;
         mma_issue(scratch, st.a + wg_row0 * BK, st.b + h * HALF * BK);
-        // warpgroup 2's very last batch hands over to nobody (no arrival left pending)
-        if (WGRAD_ORDER && !(wg == 2 && last_tile && g == tile.group_lo + tile.groups - 1 &&
-                             h == HALVES - 1))
-          pass_turn(wg);
         float4 early[PRELOAD + 1];
 #pragma unroll
         for (int j = 0; j < PRELOAD; ++j) {
