@@ -57,13 +57,13 @@ def fp8_config(recipe: str) -> FP8Config:
     """FP8Config of a --recipes entry: a recipe, optionally with settings after a colon,
     e.g. "blockwise:fuse_norms=false,skip_small=false"."""
     name, _, settings = recipe.partition(":")
-    fields = {f.name: f.type for f in dataclasses.fields(FP8Config)}
+    switches = {f.name for f in dataclasses.fields(FP8Config)} - {"recipe"}
     kwargs = {}
     for item in filter(None, settings.split(",")):
         key, _, value = item.partition("=")
-        if key not in fields or key == "recipe" or value.lower() not in ("true", "false"):
+        if key not in switches or value.lower() not in ("true", "false"):
             raise SystemExit(f"--recipes {recipe}: {item!r} is not a setting; give "
-                             f"<field>=true|false with a field of {sorted(set(fields) - {'recipe'})}")
+                             f"<field>=true|false with a field of {sorted(switches)}")
         kwargs[key] = value.lower() == "true"
     return FP8Config(recipe=name, **kwargs)
 
