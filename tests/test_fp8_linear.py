@@ -335,8 +335,8 @@ def test_fp8_rmsnorm_feeds_its_consumers(monkeypatch):
 
 
 def test_fp8_rmsnorm_below_min_tokens_is_the_plain_norm(monkeypatch):
-    """Fewer tokens than min_tokens (or no grad and no FP8 input): the plain norm, bit for bit,
-    no kernel of the fused path, no copies attached."""
+    """Fewer tokens than min_tokens, or an input dtype the FP8 path does not take (fp16): the
+    plain norm, bit for bit, no kernel of the fused path, no copies attached."""
     ref, norm = _norm_pair(128, 24, min_tokens=100)
     norms = _counting(monkeypatch, "rmsnorm_quantize")
     x = torch.randn(3, 33, 128, device=DEVICE)
