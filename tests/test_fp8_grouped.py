@@ -298,6 +298,23 @@ def test_auto_backend_falls_back_to_triton_where_the_cuda_kernels_do_not_fit():
         grouped_wgrad(a_q, a_s, b_q, b_s, counts_E, backend="cuda")
 
 
+def test_launches_take_the_raw_current_stream(monkeypatch):
+    """cuda_lib.current_stream: torch's raw-stream getter for the device's index where torch has
+    it, the public torch.cuda API where it does not (both replaced by recorders here)."""
+    from models.fp8 import cuda_lib
+    asked = []
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream",
+                        lambda index: asked.append(index) or 1000 + index, raising=False)
+    assert cuda_lib.current_stream(torch.device("cuda", 3)) == 1003 and asked == [3]
+    monkeypatch.delattr(torch._C, "_cuda_getCurrentRawStream")
+
+    class Stream:
+        cuda_stream = 77
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: asked.append(device) or Stream)
+    assert cuda_lib.current_stream(torch.device("cuda", 1)) == 77
+    assert asked == [3, torch.device("cuda", 1)]
+
+
 def test_cuda_library_is_named_by_its_sources(tmp_path, monkeypatch):
     """ensure_built loads the library of the current grouped.cu whatever the file times say: it
     is named by a digest of the sources (csrc/common's headers included), built when missing,
