@@ -44,6 +44,14 @@ projection's input nor the SwiGLU gradients ever exist in high precision. Its `m
 high-precision SwiGLU instead, the same ops as models.layers.MLP on the same parameters: a narrow
 MLP's FP8 GEMMs repay the quantization passes only from several thousand tokens a call.
 
+`FP8RMSNorm` replaces a models.layers.RMSNorm whose output goes straight into FP8 Linears or
+MLPs: one kernel (quant.rmsnorm_quantize) reads x once and writes y for the high-precision
+readers and y's FP8 copies for the FP8 ones. How the copies reach their consumers is the same
+contract that lets two Linears share one input's copies: they hang on the tensor (or on the
+tensor it is a same-rows view of) as `_fp8_copies`, keyed on its version counter, and a
+consumer's `_quantize_input` uses them instead of quantizing (the norm's copies carry a use
+count, so the last consumer drops them).
+
 Inputs: x must be bfloat16 or float32 (the GEMM output dtype follows x). Dimensions: K and N
 multiples of 128 (`FP8Linear.supports(in, out)`); models/fp8/convert.py leaves other layers in
 bf16. On CPU the same code runs the Triton kernels under the interpreter and the fp32 reference
