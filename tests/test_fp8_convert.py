@@ -57,8 +57,10 @@ def test_debug_model_conversion_picks_modules(caplog):
     assert type(model.head) is nn.Linear and type(model.embed) is nn.Embedding
     assert all(type(r) is Router for r in model.routers())
     kept = linears - expected - {"head"}
-    assert len(caplog.records) == len(kept)
-    assert all(any(k in r.getMessage() for r in caplog.records) for k in kept)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len([m for m in messages if "keeping" in m]) == len(kept) == len(messages) - 1
+    assert all(any(k in m for m in messages) for k in kept)
+    assert messages[-1].startswith("fp8: converted ") and " Linear, " in messages[-1]
     assert {n: id(p) for n, p in model.named_parameters()} == params_before, "parameters are shared"
 
 
@@ -96,6 +98,9 @@ def test_small_modules_stay_bf16_in_the_small_model(caplog):
         assert isinstance(model.get_submodule(name), FP8Linear)
     dense = model.layers[0].ffn
     assert isinstance(dense, FP8MLP) and dense.w1.out_features == 10240 and dense.min_tokens == 0
+    assert caplog.records[-1].getMessage() == ("fp8: converted 6 Linear, 5 SwiGLU MLP, "
+                                               "4 routed-experts, 5 fused norm"), \
+        "wo in 4 layers + MTP, eh_proj; the dense MLP and 4 shared experts; the FFN norms"
     assert isinstance(model.layers[1].ffn.experts, FP8GroupedExperts)
     model = build_model(model_config("small"), device="meta")
     convert(model, FP8Config(recipe="blockwise", skip_small=False), emulate=True)

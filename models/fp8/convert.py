@@ -79,7 +79,24 @@ def convert(model: nn.Module, fp8_cfg: FP8Config, emulate: bool = False) -> nn.M
     _convert_children(model, "", {id(m) for m in _high_precision(model)}, fp8_cfg)
     if fp8_cfg.fuse_norms:
         _fuse_norms(model, fp8_cfg)
+    log.info("fp8: converted %s", summary(model))
     return model
+
+
+_KINDS = {FP8Linear: "Linear", FP8MLP: "SwiGLU MLP", FP8GroupedExperts: "routed-experts",
+          FP8RMSNorm: "fused norm"}
+
+
+def summary(model: nn.Module) -> str:
+    """What `model` runs in FP8, a count per kind ('6 Linear, 5 SwiGLU MLP, ...'); an MLP's own
+    three projections count as the MLP."""
+    inside_mlp = {id(m) for mlp in model.modules() if isinstance(mlp, FP8MLP)
+                  for m in (mlp.w1, mlp.w3, mlp.w2)}
+    counts = dict.fromkeys(_KINDS.values(), 0)
+    for m in model.modules():
+        if type(m) in _KINDS and id(m) not in inside_mlp:
+            counts[_KINDS[type(m)]] += 1
+    return ", ".join(f"{n} {kind}" for kind, n in counts.items())
 
 
 def _fuse_norms(model: nn.Module, fp8_cfg: FP8Config) -> None:
