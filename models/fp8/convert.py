@@ -16,9 +16,9 @@ notice):
 and keeps in high precision what DeepSeek-V3 keeps there (section 3.3.1): the embedding, the
 output head, the router (a models.moe.Router, not an nn.Linear), the norms' arithmetic (an
 FP8RMSNorm computes in fp32 like the plain norm; it only also writes its FP8 consumers' copies)
-and the attention core (softmax(QK^T)V and the absorbed decode math). A module whose dimensions the FP8 kernels cannot
-take (a dimension not divisible by 128, a bias) stays as it is, with one log line saying why; an
-MLP with such a projection is converted Linear by Linear instead.
+and the attention core (softmax(QK^T)V and the absorbed decode math). A module whose dimensions
+the FP8 kernels cannot take (a dimension not divisible by 128, a bias) stays as it is, with one
+log line saying why; an MLP with such a projection is converted Linear by Linear instead.
 
 Small modules stay in bf16 too (`fp8_cfg.skip_small`, on by default; torchtitan filters the same
 way, its auto_filter_small_kn), one log line each: FP8 pays a fixed quantization pass over each

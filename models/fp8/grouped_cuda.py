@@ -66,18 +66,18 @@ def available(device: torch.device) -> bool:
     return device.type == "cuda" and unavailable_reason(device.index or 0) is None
 
 
-
 def fits_gemm(a_q: torch.Tensor, b_q: torch.Tensor) -> bool:
     E, N, K = b_q.shape
-    return (aligned16(a_q) and aligned16(b_q) and a_q.stride(0) % 16 == 0 and b_q.stride(1) % 16 == 0
-            and b_q.stride(0) == N * b_q.stride(1) and N % 128 == 0 and K % 128 == 0
-            and 1 <= E <= MAX_EXPERTS)
+    return (aligned16(a_q) and aligned16(b_q) and a_q.stride(0) % 16 == 0
+            and b_q.stride(1) % 16 == 0 and b_q.stride(0) == N * b_q.stride(1)
+            and N % 128 == 0 and K % 128 == 0 and 1 <= E <= MAX_EXPERTS)
 
 
 def fits_wgrad(a_q, a_s, b_q, b_s, n_experts: int) -> bool:
     (_, N), (_, K) = a_q.shape, b_q.shape
-    return (aligned16(a_q) and aligned16(b_q) and a_q.stride(1) % 16 == 0 and b_q.stride(1) % 16 == 0
-            and N % 128 == 0 and K % 256 == 0 and 1 <= n_experts <= MAX_EXPERTS
+    return (aligned16(a_q) and aligned16(b_q) and a_q.stride(1) % 16 == 0
+            and b_q.stride(1) % 16 == 0 and N % 128 == 0 and K % 256 == 0
+            and 1 <= n_experts <= MAX_EXPERTS
             and all(s.stride(1) == 1 and s.stride(0) % 4 == 0 and aligned16(s) for s in (a_s, b_s)))
 
 
@@ -104,11 +104,11 @@ def gemm(a_q, a_s, b_q, b_s, counts_E, out, m_tiles_bound: int) -> torch.Tensor:
     a_s = _mn_major(a_s)
     stream = cuda_lib.current_stream(a_q.device)
     cuda_lib.call(_library().fp8moe_grouped_fprop,
-              a_q.data_ptr(), a_q.stride(0), a_s.data_ptr(), a_s.stride(1),
-              b_q.data_ptr(), b_q.stride(1), b_s.data_ptr(), b_s.stride(0), b_s.stride(1),
-              b_s.stride(2), out.data_ptr(), out.stride(0), int(out.dtype == torch.float32),
-              counts_E.data_ptr(), int(counts_E.dtype == torch.int64), T, N, K, E, m_tiles_bound,
-              CLUSTER, stream)
+                  a_q.data_ptr(), a_q.stride(0), a_s.data_ptr(), a_s.stride(1),
+                  b_q.data_ptr(), b_q.stride(1), b_s.data_ptr(), b_s.stride(0), b_s.stride(1),
+                  b_s.stride(2), out.data_ptr(), out.stride(0),
+                  int(out.dtype == torch.float32), counts_E.data_ptr(),
+                  int(counts_E.dtype == torch.int64), T, N, K, E, m_tiles_bound, CLUSTER, stream)
     return out
 
 
@@ -119,8 +119,9 @@ def wgrad(a_q, a_s, b_q, b_s, counts_E, out, accumulate: bool) -> torch.Tensor:
     padded_T = -(-T // 128) * 128
     stream = cuda_lib.current_stream(a_q.device)
     cuda_lib.call(_library().fp8moe_grouped_wgrad,
-              a_q.data_ptr(), a_q.stride(1), a_s.data_ptr(), a_s.stride(0), b_q.data_ptr(),
-              b_q.stride(1), b_s.data_ptr(), b_s.stride(0), out.data_ptr(), out.stride(0),
-              out.stride(1), int(out.dtype == torch.bfloat16), int(accumulate), counts_E.data_ptr(),
-              int(counts_E.dtype == torch.int64), T, padded_T, N, K, E, CLUSTER, stream)
+                  a_q.data_ptr(), a_q.stride(1), a_s.data_ptr(), a_s.stride(0), b_q.data_ptr(),
+                  b_q.stride(1), b_s.data_ptr(), b_s.stride(0), out.data_ptr(), out.stride(0),
+                  out.stride(1), int(out.dtype == torch.bfloat16), int(accumulate),
+                  counts_E.data_ptr(), int(counts_E.dtype == torch.int64), T, padded_T, N, K, E,
+                  CLUSTER, stream)
     return out

@@ -123,5 +123,4 @@ def rmsnorm_quantize(x, weight, eps: float, pow2_scales: bool, colwise: bool, hp
                   qt.data_ptr(), st.data_ptr(), rstd.data_ptr(),
                   None if hp_out is None else hp_out.data_ptr(),
                   int(hp_out is not None and hp_out.dtype == torch.bfloat16),
-                  qt.shape[1] if colwise else 0,
-                  cluster, buffers, stream)
+                  qt.shape[1] if colwise else 0, cluster, buffers, stream)
