@@ -61,23 +61,26 @@
 #include <cstdio>
 
 #include "../common/device_ptx.cuh"  // smem_addr, mbar_init, mbar_arrive_expect_tx, ...
-#include "../common/host_tma.cuh"  // tile_map, fail
+#include "../common/fp8_cast.cuh"    // e4m3x8, scale_of, bf16x2, unpack8
+#include "../common/host_tma.cuh"    // tile_map, fail
 
 namespace {
 
+using csrc_common::ABS_MASK;
+using csrc_common::bf16x2;
 using csrc_common::cluster_sync;
+using csrc_common::e4m3x8;
 using csrc_common::mbar_arrive_expect_tx;
 using csrc_common::mbar_init;
+using csrc_common::scale_of;
 using csrc_common::smem_addr;
 using csrc_common::tma_load_tile;
+using csrc_common::unpack8;
 
 constexpr int TILE = 128;
 constexpr int THREADS = 256;
 constexpr uint32_t TILE_BYTES = TILE * TILE * 2;  // one 128 x 128 bf16 tile
 constexpr int MAX_CLUSTER = 16;                   // the largest (non-portable) cluster on sm90
-constexpr float FP8_MAX = 448.0f;
-constexpr uint32_t AMAX_EPS_BITS = 0x2B8CBCCCu;   // 1e-12f, the floor of an amax
-constexpr uint32_t ABS_MASK = 0x7FFFFFFFu;
 
 // Shared memory: `tiles` tile buffers, the amaxes of the tile being quantized [rows 0..127 |
 // columns 0..127], the reciprocal column scales, the two receive buffers of the rstd exchange
@@ -176,31 +179,6 @@ __device__ __forceinline__ void load_tile(void* dst, const CUtensorMap* map, uin
   tma_load_tile(dst, map, bar, col, row);
 }
 
-// e4m3(lo) in the low byte, e4m3(hi) in the high byte; round to nearest even, finite values
-// saturate to +-448 (the reference's clamp), NaN stays NaN.
-__device__ __forceinline__ uint32_t e4m3x2(float lo, float hi) {
-  uint16_t r;
-  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
-  return r;
-}
-
-__device__ __forceinline__ uint2 e4m3x8(const float (&v)[8], float inv) {
-  return make_uint2(e4m3x2(v[0] * inv, v[1] * inv) | (e4m3x2(v[2] * inv, v[3] * inv) << 16),
-                    e4m3x2(v[4] * inv, v[5] * inv) | (e4m3x2(v[6] * inv, v[7] * inv) << 16));
-}
-
-// bf16(lo) in the low half, bf16(hi) in the high half, rounded to nearest even (torch's .to()).
-__device__ __forceinline__ uint32_t bf16x2(float lo, float hi) {
-  uint32_t r;
-  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-  return r;
-}
-
-__device__ __forceinline__ float bf16_lo(uint32_t pair) { return __uint_as_float(pair << 16); }
-__device__ __forceinline__ float bf16_hi(uint32_t pair) {
-  return __uint_as_float(pair & 0xFFFF0000u);
-}
-
 // v[k] without indexing registers by a run-time value (which would put v in local memory).
 template <typename T>
 __device__ __forceinline__ T pick(const T (&v)[8], int k) {
@@ -208,17 +186,6 @@ __device__ __forceinline__ T pick(const T (&v)[8], int k) {
 #pragma unroll
   for (int r = 1; r < 8; ++r) out = k == r ? v[r] : out;
   return out;
-}
-
-// Scale of a tile whose max |y| has the bit pattern `amax`, and its correctly rounded reciprocal:
-// the reference's s = max(amax, 1e-12) / 448 [rounded up to 2^k], plus (amax - amax), which is
-// NaN exactly when amax is inf or NaN (quant.py's _scale).
-__device__ __forceinline__ float2 scale_of(uint32_t amax, bool pow2) {
-  const float a = __uint_as_float(amax);
-  float s = __fdiv_rn(__uint_as_float(max(amax, AMAX_EPS_BITS)), FP8_MAX);
-  if (pow2) s = __uint_as_float((__float_as_uint(s) + 0x7FFFFFu) & 0xFF800000u);
-  s += a - a;
-  return make_float2(s, __frcp_rn(s));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -240,16 +207,6 @@ __device__ __forceinline__ void load8(const float* p, float (&v)[8]) {  // 16-by
   const float4 hi = *reinterpret_cast<const float4*>(p + 4);
   v[0] = lo.x, v[1] = lo.y, v[2] = lo.z, v[3] = lo.w, v[4] = hi.x, v[5] = hi.y, v[6] = hi.z;
   v[7] = hi.w;
-}
-
-// 8 bf16 values (16 bytes) as floats.
-__device__ __forceinline__ void unpack8(uint4 v, float (&x)[8]) {
-  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int c = 0; c < 4; ++c) {
-    x[2 * c] = bf16_lo(words[c]);
-    x[2 * c + 1] = bf16_hi(words[c]);
-  }
 }
 
 // Row 8i + r of this thread's 8 x 8 block of the tile.
