@@ -1,8 +1,8 @@
 """What the nvcc-built kernel libraries share: find nvcc, compile one .cu for sm_90a, name the
 library by a digest of its sources, and build it on first use.
 
-The kernels under csrc/fp8_grouped and csrc/fp8_norm use sm_90a-only instructions (WGMMA, TMA,
-thread-block clusters), so each is compiled for exactly that target, on first use, by the CUDA
+The kernels under csrc/fp8_grouped, csrc/fp8_norm and csrc/fp8_swiglu use sm_90a-only
+instructions (WGMMA, TMA, thread-block clusters, FP8 conversions), so each is compiled for exactly that target, on first use, by the CUDA
 toolkit's `nvcc`, like DeepGEMM's JIT builds: an install needs no GPU and no compiler, and the GPU
 machine builds a library in a few seconds the first time it is used. The libraries link only the
 static CUDA runtime (they reach the driver's cuTensorMapEncodeTiled through
@@ -61,7 +61,8 @@ def compile_library(source: Path, out: Path, env=None,
 
 
 COMMON = ROOT / "csrc" / "common"
-"""Headers every library includes (host_tma.cuh, device_ptx.cuh): in every library's digest."""
+"""Headers the libraries include (host_tma.cuh, device_ptx.cuh, fp8_cast.cuh): all of them in
+every library's digest."""
 
 
 def digest_path(library_dir: Path, stem: str, *sources: Path) -> Path:

@@ -124,8 +124,11 @@ def bench_quant(M: int, K: int) -> None:
     from models.fp8.experts import swiglu_backward_quantize
     q_h, s_h = quant.quantize_1x128(x, check_finite=False)
     da = torch.randn(M, K // 2, device=DEVICE, dtype=torch.bfloat16)
-    cases.append(("swiglu backward", n + n + n + n + n // 2 + scales * 7 // 2,
-                  lambda: swiglu_backward_quantize(q_h, s_h, da)))
+    swiglu_bytes = n + n + n + n + n // 2 + scales * 7 // 2
+    cases.append(("swiglu backward", swiglu_bytes, lambda: swiglu_backward_quantize(q_h, s_h, da)))
+    # the default runs the CUDA kernel on sm90 (csrc/fp8_swiglu); the Triton kernel beside it
+    cases.append(("swiglu backward Triton", swiglu_bytes,
+                  lambda: swiglu_backward_quantize(q_h, s_h, da, cuda=False)))
     print(f"{'kernel':<24}{'GB/s':>9}{'copy GB/s':>11}{'of copy':>9}")
     for name, nbytes, fn in cases:  # each beside the copy (its own rounds), x read + written
         ms = interleaved_ms({"copy": lambda: copy_out.copy_(x), name: fn})

@@ -12,6 +12,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from models.fp8 import cuda_lib, swiglu_cuda  # noqa: E402
 from models.fp8 import reference as ref  # noqa: E402
 from models.fp8.experts import FP8GroupedExperts, swiglu_backward_quantize  # noqa: E402
 from models.moe import GroupedExperts, sort_by_expert  # noqa: E402
@@ -71,14 +72,17 @@ def test_fp8_experts_match_high_precision(counts, x_dtype):
     _compare(len(counts), 256, 128, counts, x_dtype, seed=len(counts))
 
 
-@pytest.mark.parametrize("T,F,pow2", [(200, 128, False), (77, 256, True)])
-def test_swiglu_backward_quantize_matches_reference(T, F, pow2):
-    """The fused kernel's FP8 outputs equal the reference quantizers applied to fp32 math."""
-    gen = torch.Generator().manual_seed(T + F)
+def _check_swiglu_backward(T, F, pow2, seed, cuda=True, rowmajor_scales=False):
+    """swiglu_backward_quantize's FP8 outputs against the reference quantizers applied to fp32
+    math on the same dequantized h; returns the outputs."""
+    gen = torch.Generator().manual_seed(seed)
     h = (torch.randn(T, 2 * F, generator=gen) * 2).to(DEVICE, torch.bfloat16)
     da = torch.randn(T, F, generator=gen).to(DEVICE, torch.bfloat16)
     q_h, s_h = ref.quantize_1x128(h)
-    (q_dh, s_dh, qt_dh, st_dh), (qt_a, st_a) = swiglu_backward_quantize(q_h, s_h, da, pow2)
+    if rowmajor_scales:  # the kernels take s_h at any strides, not only MN-major
+        s_h = s_h.contiguous()
+    out = swiglu_backward_quantize(q_h, s_h, da, pow2, cuda=cuda)
+    (q_dh, s_dh, qt_dh, st_dh), (qt_a, st_a) = out
 
     g, u = ref.dequantize_1x128(q_h, s_h).chunk(2, dim=1)
     sig = torch.sigmoid(g)
@@ -93,6 +97,68 @@ def test_swiglu_backward_quantize_matches_reference(T, F, pow2):
         mismatched = (q.float() != q_ref.float()).float().mean().item()
         assert mismatched < 1e-3  # only last-bit ties of exp() may round the other way
     assert bool((qt_dh[:, T:].float() == 0).all()) and bool((qt_a[:, T:].float() == 0).all())
+    return out
+
+
+@pytest.mark.parametrize("T,F,pow2", [(200, 128, False), (77, 256, True)])
+def test_swiglu_backward_quantize_matches_reference(T, F, pow2):
+    """The fused kernel's FP8 outputs equal the reference quantizers applied to fp32 math."""
+    _check_swiglu_backward(T, F, pow2, seed=T + F)
+
+
+def test_cuda_swiglu_backward_compiles_for_sm90a(tmp_path):
+    """csrc/fp8_swiglu builds with nvcc on any machine with the toolkit (no GPU needed), and the
+    kernel keeps everything in registers."""
+    build = cuda_lib.build_script("fp8_swiglu")
+    try:
+        build.find_nvcc()
+    except build.BuildUnavailable as err:
+        pytest.skip(str(err))
+    lib, report = build.build_library(tmp_path / "libswiglu.so")
+    kernel = report[report.index("swiglu_backward_kernel"):]
+    assert "0 bytes stack frame, 0 bytes spill stores" in kernel.splitlines()[2], kernel[:400]
+    assert swiglu_cuda.load_library(lib).fp8moe_swiglu_backward_smem_bytes() <= 232448
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,F,pow2,rowmajor", [
+    (4097, 1536, False, False),   # ragged T: a last row block of one row
+    (1, 128, True, False),
+    (3000, 2048, True, True),     # row-major s_h
+    (300, 7168 // 2, False, False)])
+def test_gpu_swiglu_backward_cuda(T, F, pow2, rowmajor, monkeypatch):
+    """The CUDA kernel (checked to run) against the reference, and against the Triton kernel:
+    the two sigmoids may differ in a last bit (swiglu_backward.cu's sigmoid()), so a value or a
+    scale that bit decides may differ by one step."""
+    calls = []
+    real = swiglu_cuda.swiglu_backward
+    monkeypatch.setattr(swiglu_cuda, "swiglu_backward",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    got = _check_swiglu_backward(T, F, pow2, seed=T, rowmajor_scales=rowmajor)
+    assert calls == [1], "the CUDA kernel did not run"
+    other = _check_swiglu_backward(T, F, pow2, seed=T, cuda=False, rowmajor_scales=rowmajor)
+    for x, y in zip((*got[0], *got[1]), (*other[0], *other[1])):
+        if x.dtype == torch.float32:
+            torch.testing.assert_close(x, y, rtol=1e-6, atol=0)
+        else:
+            assert (x.float() != y.float()).float().mean().item() < 1e-4
+
+
+@pytest.mark.gpu
+def test_gpu_swiglu_backward_cuda_non_finite():
+    """NaN or inf in da reaches the scales of the tiles holding it (and only those), so the
+    caller's finiteness checks see it; fp32 da runs the Triton kernel."""
+    T, F = 300, 256
+    q_h, s_h = ref.quantize_1x128(torch.randn(T, 2 * F, device=DEVICE).bfloat16())
+    da = torch.randn(T, F, device=DEVICE, dtype=torch.bfloat16)
+    da[129, 200] = float("nan")
+    (q_dh, s_dh, qt_dh, st_dh), (qt_a, st_a) = swiglu_backward_quantize(q_h, s_h, da)
+    s_dh, st_dh = s_dh.cpu(), st_dh.cpu()
+    assert bool(s_dh[129, 1].isnan()) and bool(s_dh[129, 3].isnan())  # dgate and dup groups
+    assert int(s_dh.isnan().sum()) == 2
+    assert bool(st_dh[1, 200].isnan()) and bool(st_dh[1, F + 200].isnan())
+    assert int(st_dh.isnan().sum()) == 2 and not bool(st_a.isnan().any())
+    assert not swiglu_cuda.fits(q_h, da.float())
 
 
 def test_from_grouped_shares_parameters_and_caches_weights():

@@ -48,7 +48,7 @@ from torch import nn
 
 from models.moe import GroupedExperts, undispatch
 
-from . import quant
+from . import quant, swiglu_cuda
 from .grouped import grouped_gemm, grouped_wgrad
 from .quant import _INTERPRET, store_colwise_compact, store_rowwise_compact  # quant.py's steps
 from .reference import BLOCK, E4M3, ceil_div
@@ -166,26 +166,31 @@ def swiglu_backward_kernel(qh_ptr, sh_ptr, da_ptr, qdh_ptr, sdh_ptr, qtdh_ptr, s
 
 
 SWIGLU_BACKWARD_WARPS = 8
-"""Warps of swiglu_backward_kernel on the GPU. Measured on the H100 at T = 32768-65536,
-F = 1536-3584, bytes moved against a device-to-device copy: 0.50-0.51 (16 warps 0.29-0.30; 4 spill
-registers). The kernel before it, two passes over 128 x 16-column slices of a block (row amaxes,
-then the row-wise copies recomputed) with a division per element, reached 0.22-0.23.
-Measured and not kept: one program making all three outputs of a tile, each input read and g's
-sigmoid computed once (ordered so that three fp32 tiles were live at most): 0.41-0.42 at 8 warps,
-0.30 at 16, both spilling (1040 / 624 bytes); at T = 16384-65536, F = 1536-10240 in the same
-interleaved runs the one-output kernel held 0.49-0.50. With 8 warps it already needs all 255
-registers, so one 8-warp program runs per SM; that and its instruction count (exp, division, two
-amaxes and two casts per element) rather than memory are the likely limits (not profiled)."""
+"""Warps of swiglu_backward_kernel (Triton) on the GPU. On an sm90 GPU the CUDA kernel
+(csrc/fp8_swiglu) runs instead wherever it takes the input; this one runs elsewhere and in the CPU
+tests. Measured on the H100 at T = 32768-65536, F = 1536-3584, bytes moved against a
+device-to-device copy: 0.50-0.51 (16 warps 0.29-0.30; 4 spill registers); the CUDA kernel 0.83-0.86
+in the same runs. An ncu profile at 32768 x 3584 (8 warps, 128 registers, two programs per SM):
+110 instructions per element over the three programs of a tile, 2.2 issued per cycle, DRAM 45%
+busy: instruction-bound, each input read and each sigmoid computed once per output.
+The kernel before it, two passes over 128 x 16-column slices of a block (row amaxes, then the
+row-wise copies recomputed) with a division per element, reached 0.22-0.23.
+Measured and not kept: programs making two or all three outputs of a tile, each input read and
+g's sigmoid computed once: 0.32-0.38 (dgate and dup | a; dgate | dup and a) and 0.25 (all three)
+at 8 warps, all spilling (three 128 x 128 fp32 tiles live); 0.41-0.42 for an earlier all-three
+variant ordered so that fewer tiles were live."""
 
 
 def swiglu_backward_quantize(q_h: torch.Tensor, s_h: torch.Tensor, da_TF: torch.Tensor,
-                             pow2_scales: bool = False):
+                             pow2_scales: bool = False, cuda: bool = True):
     """SwiGLU's backward from the FP8 copy of h = [gate | up], straight into FP8, in one pass.
 
     With a = silu(gate) * up and da = dL/da (bf16/fp32 [T, F]), returns
     dh = [dgate | dup] as quantize_dual lays it out (q [T, 2F], s MN-major, qt [2F, Tp], st) and
     the 128x1 copy of the recomputed a (qt_a [F, Tp], st_a [Tb, F]) for the down projection's
     Wgrad. All math in fp32 on the dequantized h; neither dh nor a is ever stored in bf16.
+    cuda: on an sm90 GPU, run the CUDA kernel (csrc/fp8_swiglu, models/fp8/swiglu_cuda.py: all
+    three outputs of a tile in one CTA) where it takes the input; the Triton kernel otherwise.
     """
     if q_h.dtype != E4M3 or q_h.dim() != 2 or not q_h.is_contiguous():
         raise TypeError(f"q_h must be a contiguous 2-D float8_e4m3fn [T, 2F] tensor, got "
@@ -205,12 +210,15 @@ def swiglu_backward_quantize(q_h: torch.Tensor, s_h: torch.Tensor, da_TF: torch.
     st_dh = torch.empty(Mb, F2, dtype=torch.float32, device=dev)
     qt_a = torch.empty(F, Mb * BLOCK, dtype=E4M3, device=dev)
     st_a = torch.empty(Mb, F, dtype=torch.float32, device=dev)
-    if M:
+    dh, a = (q_dh, s_dh, qt_dh, st_dh), (qt_a, st_a)
+    if cuda and swiglu_cuda.available(dev) and swiglu_cuda.fits(q_h, da_TF):
+        swiglu_cuda.swiglu_backward(q_h, s_h, da_TF, pow2_scales, dh, a)
+    elif M:
         swiglu_backward_kernel[(Mb * (F // BLOCK) * 3,)](
             q_h, s_h, da_TF, q_dh, s_dh, qt_dh, st_dh, qt_a, st_a, M, F, Mb * BLOCK,
             s_h.stride(0), s_h.stride(1), da_TF.stride(0), POW2=pow2_scales, EXACT=_INTERPRET,
             num_warps=SWIGLU_BACKWARD_WARPS)
-    return (q_dh, s_dh, qt_dh, st_dh), (qt_a, st_a)
+    return dh, a
 
 
 @dataclass
