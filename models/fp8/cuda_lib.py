@@ -24,6 +24,23 @@ def build_script(folder: str):
     return module
 
 
+def unavailable_reason(index: int, folder: str, library, smem_bytes=None) -> str | None:
+    """Why device `index` cannot run the kernels of csrc/`folder` (None when it can): not an sm90
+    GPU, the library (`library()`, built on first use) failing to build, or a CTA needing more
+    shared memory (`smem_bytes(lib)`) than the device grants one. Callers cache it per device
+    and fall back to Triton, saying why where they are asked."""
+    if torch.cuda.get_device_capability(index) != (9, 0):
+        return f"the CUDA kernels of csrc/{folder} need an sm90 (Hopper) GPU"
+    try:
+        lib = library()
+    except Exception as err:  # no nvcc, or the build failed: say why, use Triton
+        return f"building csrc/{folder} failed: {err}"
+    limit = torch.cuda.get_device_properties(index).shared_memory_per_block_optin
+    if smem_bytes is not None and smem_bytes(lib) > limit:
+        return f"csrc/{folder} needs {smem_bytes(lib)} bytes of shared memory, device has {limit}"
+    return None
+
+
 def call(fn, *args) -> None:
     """fn(*args, err, err_len); raises RuntimeError with the library's message if it fails."""
     err = ctypes.create_string_buffer(_ERR_LEN)

@@ -50,16 +50,8 @@ def _library() -> ctypes.CDLL:
 @functools.lru_cache(maxsize=None)
 def unavailable_reason(index: int) -> str | None:
     """None when device `index` can run the CUDA kernels, else why not (cached per device)."""
-    if torch.cuda.get_device_capability(index) != (9, 0):
-        return "the CUDA grouped kernels need an sm90 (Hopper) GPU"
-    try:
-        lib = _library()
-    except Exception as err:  # no nvcc, or the build failed: say why, use Triton
-        return f"building csrc/fp8_grouped failed: {err}"
-    limit = torch.cuda.get_device_properties(index).shared_memory_per_block_optin
-    if lib.fp8moe_grouped_smem_bytes() > limit:
-        return f"needs {lib.fp8moe_grouped_smem_bytes()} bytes of shared memory, device has {limit}"
-    return None
+    return cuda_lib.unavailable_reason(index, "fp8_grouped", _library,
+                                       lambda lib: lib.fp8moe_grouped_smem_bytes())
 
 
 def available(device: torch.device) -> bool:

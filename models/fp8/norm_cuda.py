@@ -49,12 +49,9 @@ def _library() -> ctypes.CDLL:
 @functools.lru_cache(maxsize=None)
 def unavailable_reason(index: int) -> str | None:
     """None when device `index` can run the kernel, else why not (cached per device)."""
-    if torch.cuda.get_device_capability(index) != (9, 0):
-        return "the CUDA rmsnorm kernel needs an sm90 (Hopper) GPU"
-    try:
-        _library()
-    except Exception as err:  # no nvcc, or the build failed: say why, use Triton
-        return f"building csrc/fp8_norm failed: {err}"
+    reason = cuda_lib.unavailable_reason(index, "fp8_norm", _library)
+    if reason is not None:
+        return reason
     if max_tiles(index) < 1:
         return "not even one 128 x 128 tile fits a CTA's shared memory"
     return None
