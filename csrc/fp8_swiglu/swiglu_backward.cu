@@ -23,14 +23,14 @@
 //      (dgate, dup) and per column (dgate, dup, a), reduced over lanes by shuffles and over warps
 //      by shared-memory atomicMax on the bits of |v| (for non-negative floats the integer order
 //      is the float order, and NaN's pattern is above inf's, so a NaN reaches its scale);
-//   2. 640 scales (2 x 128 rows, 3 x 128 columns), one per thread;
+//   2. 640 scales (2 x 128 rows, 3 x 128 columns), one or two per thread;
 //   3. each thread recomputes its block (the inputs are still in shared memory) and stores the
 //      row-wise copies from registers and the column-wise copies, 4 rows of a column as one word.
 // Recomputing costs the sigmoid twice per element instead of holding 3 x 64 KB of fp32.
 //
 // Measured on an H100 (bytes the operation must move against a device-to-device copy, each
 // interleaved with its copy): 0.83-0.86 at 32768-65536 x 1536-3584, 0.77-0.79 at 8192-16384 x
-// 1536-2048, 0.54 at 4096 x 1536 (0.47-0.51, 0.48-0.49 and 0.39 for Triton in the same runs:
+// 1536-2048, 0.54 at 4096 x 1536 (0.50-0.51, 0.48-0.49 and 0.39 for Triton in the same runs:
 // 1.6-1.7x, and 1.4x at the smallest). ncu at 32768 x 3584: 75 instructions per element (Triton
 // 110), 2.7 issued per cycle with 16 warps per SM, DRAM 77% busy.
 //
@@ -97,8 +97,8 @@ struct Args {
 // ---------------------------------------------------------------------------------------------
 // PTX wrappers
 
-// 16 (or `bytes`) bytes from global to shared memory, asynchronously; src_bytes < bytes zero-fills
-// the rest (rows past M).
+// 16 (cp_async16) or 4 (cp_async4) bytes from global to shared memory, asynchronously;
+// src_bytes 0 reads nothing and writes zeros (rows past M).
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, uint32_t src_bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
                ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes) : "memory");
@@ -232,9 +232,10 @@ __device__ __forceinline__ float amax(float m, float v) {
   return r;
 }
 
-// Max over the lanes whose ids differ in the bits of `mask` (xor butterfly) of 2^k values per
-// lane, reduce-scattered: afterwards each lane holds v[0 .. n / 2^bits - 1], the maxima of the
-// values at indices (its position among those lanes) * n / 2^bits + 0, 1, ...
+// The max over the 2^BITS lanes whose ids differ only in bits first_bit .. first_bit + BITS - 1 (an
+// xor butterfly) of each of the N values v[] per lane, reduce-scattered: afterwards a lane holds
+// in v[0 .. N / 2^BITS - 1] the maxima of indices p * N / 2^BITS + 0, 1, ..., where p is the
+// value of those bits of its id (its position among those lanes).
 template <int N, int BITS>
 __device__ __forceinline__ void reduce_scatter_max(uint32_t (&v)[N], int lane, int first_bit) {
   int n = N;
@@ -295,7 +296,7 @@ __device__ __forceinline__ void tile_amaxes(const Inputs& in, Smem& sm, const Th
   }
 }
 
-// Pass 2: the 640 scales, one per thread: rows (dgate, dup) into s_dh, columns into st_dh (dgate,
+// Pass 2: the 640 scales, one or two per thread: rows (dgate, dup) into s_dh, columns into st_dh (dgate,
 // dup) and st_a; reciprocals into shared memory, amaxes cleared for the next tile.
 __device__ __forceinline__ void tile_scales(Smem& sm, const Thread& t, const Args& a, int rb,
                                             int cb) {
@@ -354,18 +355,17 @@ __device__ __forceinline__ void tile_store(const Inputs& in, const Smem& sm, con
       packed[2][c] = r ? packed[2][c] | (pa << 16) : pa;
     }
   }
-  const int qt_row0 = rb * TILE + ROWS * t.i;  // qt holds Mp >= Mb * 128 rows: no bound check
-#pragma unroll
+#pragma unroll  // qt holds Mp >= Mb * 128 rows: no bound check
   for (int c = 0; c < COLS; ++c) {
     const int64_t col = col0 + c;
-    *reinterpret_cast<uint32_t*>(a.qt_dh + col * a.Mp + qt_row0) = packed[0][c];
-    *reinterpret_cast<uint32_t*>(a.qt_dh + (col + a.F) * a.Mp + qt_row0) = packed[1][c];
-    *reinterpret_cast<uint32_t*>(a.qt_a + col * a.Mp + qt_row0) = packed[2][c];
+    *reinterpret_cast<uint32_t*>(a.qt_dh + col * a.Mp + row0) = packed[0][c];
+    *reinterpret_cast<uint32_t*>(a.qt_dh + (col + a.F) * a.Mp + row0) = packed[1][c];
+    *reinterpret_cast<uint32_t*>(a.qt_a + col * a.Mp + row0) = packed[2][c];
   }
 }
 
 // ---------------------------------------------------------------------------------------------
-// The kernel: persistent, tiles t = blockIdx.x, + gridDim.x, ... (column block fastest), each
+// The kernel: persistent, CTA b takes tiles b, b + gridDim.x, ... (column block fastest), each
 // tile's inputs loaded while the previous one is worked on.
 
 __global__ void __launch_bounds__(THREADS, 1) swiglu_backward_kernel(const Args a) {
