@@ -44,15 +44,16 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <cstdio>
 
 #include "../common/device_ptx.cuh"  // smem_addr
 #include "../common/fp8_cast.cuh"    // e4m3x2, e4m3x8, scale_of, unpack8
+#include "../common/host_tma.cuh"    // fail (the C ABI's error message)
 
 namespace {
 
 using csrc_common::e4m3x2;
 using csrc_common::e4m3x8;
+using csrc_common::fail;
 using csrc_common::scale_of;
 using csrc_common::smem_addr;
 using csrc_common::unpack8;
@@ -395,11 +396,6 @@ __global__ void __launch_bounds__(THREADS, 1) swiglu_backward_kernel(const Args 
     __syncthreads();  // `in` is free for the load two tiles on, the reciprocals for the next tile
   }
   cp_async_wait<0>();
-}
-
-int fail(char* err, int err_len, const char* msg) {
-  snprintf(err, err_len, "%s", msg);
-  return 1;
 }
 
 }  // namespace
