@@ -1,5 +1,6 @@
 """Shared test set-up: GPU-marked tests skip themselves on machines without CUDA, the
-`compiled_sm90` fixture runs a kernel-compiling script outside the Triton interpreter, and
+`compiled_sm90` fixture runs a kernel-compiling script outside the Triton interpreter,
+`built_csrc` builds one of the nvcc libraries of csrc/ into the test's folder, and
 `saver_builder` is csrc/saver/build.py loaded as a module (it is a build script, not a package)."""
 import importlib.util
 import json
@@ -19,6 +20,24 @@ def saver_builder():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture
+def built_csrc(tmp_path):
+    """build(folder, kernel) -> (library path, ptxas' report from `kernel`'s entry on): the
+    library of csrc/<folder> compiled by its build.py into the test's folder. No GPU is needed,
+    only nvcc; without nvcc the test is skipped."""
+    from models.fp8 import cuda_lib
+
+    def build(folder: str, kernel: str):
+        script = cuda_lib.build_script(folder)
+        try:
+            script.find_nvcc()
+        except script.BuildUnavailable as err:
+            pytest.skip(str(err))
+        lib, report = script.build_library(tmp_path / f"lib{folder}.so")
+        return lib, report[report.index(kernel):]
+    return build
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from models.fp8 import cuda_lib, swiglu_cuda  # noqa: E402
+from models.fp8 import swiglu_cuda  # noqa: E402
 from models.fp8 import reference as ref  # noqa: E402
 from models.fp8.experts import FP8GroupedExperts, swiglu_backward_quantize  # noqa: E402
 from models.moe import GroupedExperts, sort_by_expert  # noqa: E402
@@ -106,16 +106,10 @@ def test_swiglu_backward_quantize_matches_reference(T, F, pow2):
     _check_swiglu_backward(T, F, pow2, seed=T + F)
 
 
-def test_cuda_swiglu_backward_compiles_for_sm90a(tmp_path):
+def test_cuda_swiglu_backward_compiles_for_sm90a(built_csrc):
     """csrc/fp8_swiglu builds with nvcc on any machine with the toolkit (no GPU needed), and the
     kernel keeps everything in registers."""
-    build = cuda_lib.build_script("fp8_swiglu")
-    try:
-        build.find_nvcc()
-    except build.BuildUnavailable as err:
-        pytest.skip(str(err))
-    lib, report = build.build_library(tmp_path / "libswiglu.so")
-    kernel = report[report.index("swiglu_backward_kernel"):]
+    lib, kernel = built_csrc("fp8_swiglu", "swiglu_backward_kernel")
     assert "0 bytes stack frame, 0 bytes spill stores" in kernel.splitlines()[2], kernel[:400]
     assert swiglu_cuda.load_library(lib).fp8moe_swiglu_backward_smem_bytes() <= 232448
 

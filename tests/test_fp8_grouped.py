@@ -351,18 +351,11 @@ def test_cuda_library_is_named_by_its_sources(tmp_path, monkeypatch):
     assert third != second and not second.exists() and len(built) == 3
 
 
-def test_cuda_kernels_compile_for_sm90a(tmp_path):
+def test_cuda_kernels_compile_for_sm90a(built_csrc):
     """csrc/fp8_grouped builds with nvcc on any machine with the toolkit (no GPU needed), and
     the Fprop/Dgrad kernel's consumers keep their accumulators and scratch in registers."""
-    from models.fp8.grouped_cuda import build_script
-    build = build_script()
-    try:
-        build.find_nvcc()
-    except build.BuildUnavailable as err:
-        pytest.skip(str(err))
-    lib, report = build.build_library(tmp_path / "libgrouped.so")
+    lib, fprop = built_csrc("fp8_grouped", "grouped_fprop_kernel")
     assert lib.exists() and lib.stat().st_size > 0
-    fprop = report[report.index("grouped_fprop_kernel"):]
     assert "0 bytes spill stores" in fprop.splitlines()[2], fprop[:400]
 
 

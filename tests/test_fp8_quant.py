@@ -9,7 +9,7 @@ if not __import__("torch").cuda.is_available():
 import pytest
 import torch
 
-from models.fp8 import cuda_lib, norm_cuda, quant
+from models.fp8 import norm_cuda, quant
 from models.fp8 import reference as R
 
 CPU_SHAPES = [(1, 128), (3, 200), (130, 260)]
@@ -389,16 +389,10 @@ def test_cuda_rmsnorm_plan():
         quant.Tiling(cluster=3)
 
 
-def test_cuda_rmsnorm_compiles_for_sm90a(tmp_path):
+def test_cuda_rmsnorm_compiles_for_sm90a(built_csrc):
     """csrc/fp8_norm builds with nvcc on any machine with the toolkit (no GPU needed), the kernel
     keeps everything in registers, and 7 tiles plus its scratch fit an H100 CTA's 227 KB."""
-    build = cuda_lib.build_script("fp8_norm")
-    try:
-        build.find_nvcc()
-    except build.BuildUnavailable as err:
-        pytest.skip(str(err))
-    lib, report = build.build_library(tmp_path / "libnorm.so")
-    kernel = report[report.index("rmsnorm_quant_kernel"):]
+    lib, kernel = built_csrc("fp8_norm", "rmsnorm_quant_kernel")
     assert "0 bytes stack frame, 0 bytes spill stores" in kernel.splitlines()[2], kernel[:400]
     smem = norm_cuda.load_library(lib).fp8moe_rmsnorm_smem_bytes
     assert smem(7) <= 232448 < smem(8)
