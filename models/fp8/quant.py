@@ -175,6 +175,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from models.kernels import cast_rne  # noqa: E402
+from models.triton_launch import CachedLauncher  # noqa: E402
 
 from . import norm_cuda
 from .reference import AMAX_EPS, BLOCK, E4M3, FP8_MAX, ceil_div
@@ -474,6 +475,10 @@ def quant_tile_kernel(x_ptr, u_ptr, w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_pt
                  EXACT_CAST, COMPACT, TILES, PREFETCH)
 
 
+# Launched a few hundred times a training step: skip the JIT's per-call work (models/triton_launch).
+_launch_quant_tile = CachedLauncher(quant_tile_kernel)
+
+
 def _check_input(x: torch.Tensor, name: str) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise ValueError(f"{name} must be a 2-D tensor [rows, cols]; got "
@@ -529,8 +534,8 @@ def _launch_tiles(prologue, x, u, w, rstd, hp_out, colwise, pow2_scales, tiling:
     block_m = BLOCK if colwise else tiling.block_m
     if M and K:
         grid = (ceil_div(M, block_m) * ceil_div(ceil_div(K, BLOCK), tiling.tiles),)
-        quant_tile_kernel[grid](
-            x, x if u is None else u, x if w is None else w, s if rstd is None else rstd,
+        _launch_quant_tile(
+            grid, x, x if u is None else u, x if w is None else w, s if rstd is None else rstd,
             q if hp_out is None else hp_out, q, s, qt, st, s if rows is None else rows,
             M, K, qt.shape[1] if colwise else 0, x.stride(0), 0 if u is None else u.stride(0),
             PROLOGUE=prologue, COLWISE=colwise, STORE_HP=hp_out is not None, POW2=pow2_scales,
@@ -816,6 +821,9 @@ def quant_128x128_kernel(w_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, N, K, Nb, Kb,
             tl.store(st_ptr + e * Nb * Kb + pid_k * Nb + pid_n, s, mask=pid_k < Kb)
 
 
+_launch_quant_128x128 = CachedLauncher(quant_128x128_kernel)
+
+
 def quantize_128x128(w_NK: torch.Tensor, pow2_scales: bool = False, transpose: bool = False,
                      check_finite: bool = True, tiling: Tiling | None = None):
     """128x128 block quantization of a weight [N, K] (or stacked experts [E, N, K], N % 128 == 0).
@@ -840,11 +848,10 @@ def quantize_128x128(w_NK: torch.Tensor, pow2_scales: bool = False, transpose: b
     st = torch.empty(*lead, Kb, Nb, dtype=torch.float32, device=w.device) if transpose else s
     if w.numel():
         grid = (Nb * ceil_div(Kb, tiling.tiles), E)
-        quant_128x128_kernel[grid](w, q, s, qt, st, N, K, Nb, Kb, TRANSPOSE=transpose,
-                                   POW2=pow2_scales, EXACT_CAST=_INTERPRET,
-                                   HW_TRANSPOSE=tiling.hw_transpose and w.element_size() == 2,
-                                   TILES=tiling.tiles,
-                                   num_warps=tiling.warps)
+        _launch_quant_128x128(grid, w, q, s, qt, st, N, K, Nb, Kb, TRANSPOSE=transpose,
+                              POW2=pow2_scales, EXACT_CAST=_INTERPRET,
+                              HW_TRANSPOSE=tiling.hw_transpose and w.element_size() == 2,
+                              TILES=tiling.tiles, num_warps=tiling.warps)
     if check_finite:
         _raise_if_nonfinite("w_NK", s)
     return (q, s, qt, st) if transpose else (q, s)
