@@ -44,6 +44,15 @@
 // 128 x 256 ptxas still forms their products after the wait, short of registers): +3% to +8% on
 // five of the six bench cases, -1% at 64 experts x 512 tokens; 4, 12 and 16 pairs measured no
 // better (16 spills).
+// Under sustained load every GEMM here runs at the H100's power cap (2.5 s back to back,
+// nvidia-smi every 50 ms: 650-680 W, power cap active in every sample), so the clock follows how
+// busy the SMs are. E8 x 4096, dsv3-down / dsv3-up: our Wgrad 754 / 739 TFLOPS at 1718 / 1525
+// MHz, the cuBLAS loop 842 / 878 at 1530 / 1497 MHz; Fprop ours 982 / 1054 at 1469 / 1413, the
+// loop 980 / 1111 at 1465 / 1326. ncu (dsv3-down, unlocked clocks) against cuBLAS's Wgrad kernel
+// (nvjet 128x128, cooperative, 1x2 clusters, 384 threads, 168 registers, 6 stages): the same
+// FP32 promotion work (14.7M FFMA and 14.7M FMUL per expert in both), but our tensor pipe busy in
+// 48.7% of active cycles against 56.5%, 13% more instructions in all, the ALU pipe 13% busy
+// against 5%. The idler SMs earn a higher clock, which does not make up the difference.
 // Fprop/Dgrad consumers start loading the next tile's first weight scales (global memory)
 // before handing the finished tile to the storers rather than at the next tile's first K block
 // (FPROP_SCALE_PREFETCH). Two interleaved sweeps (5 and 9 rounds, six cases each): Dgrad faster
