@@ -35,7 +35,8 @@ eager torch code everywhere else, so CPU results (and the HF parity and exact-re
 depend on this module. On a machine without CUDA the kernels run under Triton's interpreter
 (models/triton_env.py picks it, as for every kernel module): that is what lets tests/test_kernels.py
 run these very kernels on CPU tensors. Every kernel holds whole rows, so its loops have
-compile-time bounds.
+compile-time bounds. They are launched a few times per layer and step, through
+models/triton_launch.py's CachedLauncher, which skips the JIT's per-call work on GPU.
 
 Shape legend: M rows (all leading dims flattened), D normalized width, N elements,
 B batch, S sequence, H heads, R rotary dims (R/2 pairs).
@@ -47,6 +48,8 @@ import torch
 from models.triton_env import INTERPRET  # before triton: picks the interpreter on CPU-only machines
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+
+from models.triton_launch import CachedLauncher  # noqa: E402
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MAX_NORM_DIM = 16384
@@ -121,6 +124,9 @@ def rms_norm_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, M, D, stride_xm, eps,
     tl.store(rstd_ptr + rows, rstd, mask=rows < M)
 
 
+_launch_rms_norm = CachedLauncher(rms_norm_kernel)
+
+
 def _norm_tiles(D: int) -> tuple[int, int]:
     block_d = triton.next_power_of_2(D)
     return max(1, TILE_ELEMS // block_d), block_d
@@ -134,7 +140,7 @@ def rms_norm_forward(x_MD: torch.Tensor, weight_D: torch.Tensor, eps: float):
     rstd_M = torch.empty(M, dtype=torch.float32, device=x_MD.device)
     if M:
         block_m, block_d = _norm_tiles(D)
-        rms_norm_kernel[(triton.cdiv(M, block_m),)](
+        _launch_rms_norm[(triton.cdiv(M, block_m),)](
             x_MD, weight_D, y_MD, rstd_M, M, D, x_MD.stride(0), eps,
             BLOCK_M=block_m, BLOCK_D=block_d, num_warps=_warps(block_m * block_d))
     return y_MD, rstd_M
@@ -163,6 +169,9 @@ def rms_norm_backward_kernel(x_ptr, w_ptr, rstd_ptr, dy_ptr, dx_ptr, dw_ptr, M, 
     tl.store(dw_ptr + pid * D + cols, tl.sum(dw, axis=0), mask=cols < D)
 
 
+_launch_rms_norm_backward = CachedLauncher(rms_norm_backward_kernel)
+
+
 def rms_norm_backward(x_MD, weight_D, rstd_M, dy_MD):
     """(dx_MD in x's dtype, dweight_D in weight's dtype) of y = weight * rms_normed(x)."""
     M, D = x_MD.shape
@@ -174,7 +183,7 @@ def rms_norm_backward(x_MD, weight_D, rstd_M, dy_MD):
     tiles = triton.next_power_of_2(triton.cdiv(n_tiles, NORM_BWD_PROGRAMS))
     programs = triton.cdiv(n_tiles, tiles)
     dw_partial_PD = torch.empty((programs, D), dtype=torch.float32, device=x_MD.device)
-    rms_norm_backward_kernel[(programs,)](
+    _launch_rms_norm_backward[(programs,)](
         x_MD, weight_D, rstd_M, dy_MD, dx_MD, dw_partial_PD, M, D, x_MD.stride(0),
         TILES=tiles, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=_warps(block_m * block_d))
     return dx_MD, dw_partial_PD.sum(0).to(weight_D.dtype)
@@ -224,11 +233,14 @@ def swiglu_kernel(a_ptr, b_ptr, y_ptr, N, BLOCK: tl.constexpr):
     tl.store(y_ptr + offs, cast_rne(y, y_ptr.dtype.element_ty), mask=mask)
 
 
+_launch_swiglu = CachedLauncher(swiglu_kernel)
+
+
 def swiglu_forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """silu(a) * b for contiguous a, b of one shape and dtype."""
     y = torch.empty_like(a)
     if a.numel():
-        swiglu_kernel[(triton.cdiv(a.numel(), ELEM_BLOCK),)](
+        _launch_swiglu[(triton.cdiv(a.numel(), ELEM_BLOCK),)](
             a, b, y, a.numel(), BLOCK=ELEM_BLOCK, num_warps=ELEM_WARPS)
     return y
 
@@ -247,11 +259,14 @@ def swiglu_backward_kernel(a_ptr, b_ptr, dy_ptr, da_ptr, db_ptr, N, BLOCK: tl.co
     tl.store(db_ptr + offs, cast_rne(dy * silu, db_ptr.dtype.element_ty), mask=mask)
 
 
+_launch_swiglu_backward = CachedLauncher(swiglu_backward_kernel)
+
+
 def swiglu_backward(a: torch.Tensor, b: torch.Tensor, dy: torch.Tensor):
     """(da, db) of y = silu(a) * b from the saved a, b (silu recomputed); all contiguous."""
     da, db = torch.empty_like(a), torch.empty_like(b)
     if a.numel():
-        swiglu_backward_kernel[(triton.cdiv(a.numel(), ELEM_BLOCK),)](
+        _launch_swiglu_backward[(triton.cdiv(a.numel(), ELEM_BLOCK),)](
             a, b, dy, da, db, a.numel(), BLOCK=ELEM_BLOCK, num_warps=ELEM_WARPS)
     return da, db
 
@@ -305,6 +320,9 @@ def rope_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, n_rows, S, H, stride_xb, stride_
              mask=mask)
 
 
+_launch_rope = CachedLauncher(rope_kernel)
+
+
 def rope_rotate(x_BSHR: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor,
                 inverse: bool = False) -> torch.Tensor:
     """Pairs of the last dim of a 4-D x (unit last stride) rotated by +angle (or -angle): a fresh
@@ -316,7 +334,7 @@ def rope_rotate(x_BSHR: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor
         block_half = triton.next_power_of_2(R // 2)
         block_rows = max(1, ROPE_TILE_ELEMS // (2 * block_half))
         sb, ss, sh, _ = x_BSHR.stride()
-        rope_kernel[(triton.cdiv(n_rows, block_rows),)](
+        _launch_rope[(triton.cdiv(n_rows, block_rows),)](
             x_BSHR, cos_SR, sin_SR, y_BSHR, n_rows, S, H, sb, ss, sh, cos_SR.stride(0), R // 2,
             INVERSE=inverse, BLOCK_ROWS=block_rows, BLOCK_HALF=block_half,
             num_warps=_warps(block_rows * block_half * 2))

@@ -9,7 +9,7 @@ metadata for profiler hooks, and only then launches. For the FP8 quantizers (15 
 small micro-batches is bound by that host time (models/fp8/linear.py's docstring).
 
     quantize = CachedLauncher(quant_tile_kernel)
-    quantize(grid, x, q, s, M, K, COLWISE=True, num_warps=4)   # = quant_tile_kernel[grid](...)
+    quantize[grid](x, q, s, M, K, COLWISE=True, num_warps=4)   # = quant_tile_kernel[grid](...)
 
 `CachedLauncher` keys the variant on what Triton 3.6 specializes on - each tensor's dtype and
 whether its address is 16-byte aligned; each integer's being 1, a multiple of 16, and its width
@@ -76,14 +76,18 @@ def _hooks_installed() -> bool:
 
 
 class CachedLauncher:
-    """`launcher(grid, *args, **keywords)` does what `kernel[grid](*args, **keywords)` does:
-    args are the kernel's runtime arguments in order, keywords its constexprs (every one, by
-    name) and launch options (num_warps, ...). See the module docstring."""
+    """`launcher[grid](*args, **keywords)` (or `launcher(grid, *args, **keywords)`) does what
+    `kernel[grid](*args, **keywords)` does: args are the kernel's runtime arguments in order,
+    keywords its constexprs (every one, by name) and launch options (num_warps, ...). See the
+    module docstring."""
 
     def __init__(self, kernel) -> None:
         self.kernel = kernel
         self._variants: dict = {}  # key -> (CompiledKernel, the constexpr values in order)
         self.direct_launches = 0   # launches that skipped the JIT (for tests and curiosity)
+
+    def __getitem__(self, grid: tuple):
+        return lambda *args, **keywords: self(grid, *args, **keywords)
 
     def __call__(self, grid: tuple, *args, **keywords) -> None:
         if not ENABLED or _hooks_installed():

@@ -43,7 +43,7 @@ def _jit_reference(x, a, b):
 
 def _cached(launcher, x, a, b):
     y = torch.empty_like(x)
-    launcher((triton.cdiv(x.numel(), 128),), x, y, x.numel(), a, B=b, BLOCK=128)
+    launcher[(triton.cdiv(x.numel(), 128),)](x, y, x.numel(), a, B=b, BLOCK=128)
     return y
 
 

@@ -534,8 +534,8 @@ def _launch_tiles(prologue, x, u, w, rstd, hp_out, colwise, pow2_scales, tiling:
     block_m = BLOCK if colwise else tiling.block_m
     if M and K:
         grid = (ceil_div(M, block_m) * ceil_div(ceil_div(K, BLOCK), tiling.tiles),)
-        _launch_quant_tile(
-            grid, x, x if u is None else u, x if w is None else w, s if rstd is None else rstd,
+        _launch_quant_tile[grid](
+            x, x if u is None else u, x if w is None else w, s if rstd is None else rstd,
             q if hp_out is None else hp_out, q, s, qt, st, s if rows is None else rows,
             M, K, qt.shape[1] if colwise else 0, x.stride(0), 0 if u is None else u.stride(0),
             PROLOGUE=prologue, COLWISE=colwise, STORE_HP=hp_out is not None, POW2=pow2_scales,
@@ -848,10 +848,10 @@ def quantize_128x128(w_NK: torch.Tensor, pow2_scales: bool = False, transpose: b
     st = torch.empty(*lead, Kb, Nb, dtype=torch.float32, device=w.device) if transpose else s
     if w.numel():
         grid = (Nb * ceil_div(Kb, tiling.tiles), E)
-        _launch_quant_128x128(grid, w, q, s, qt, st, N, K, Nb, Kb, TRANSPOSE=transpose,
-                              POW2=pow2_scales, EXACT_CAST=_INTERPRET,
-                              HW_TRANSPOSE=tiling.hw_transpose and w.element_size() == 2,
-                              TILES=tiling.tiles, num_warps=tiling.warps)
+        _launch_quant_128x128[grid](w, q, s, qt, st, N, K, Nb, Kb, TRANSPOSE=transpose,
+                                    POW2=pow2_scales, EXACT_CAST=_INTERPRET,
+                                    HW_TRANSPOSE=tiling.hw_transpose and w.element_size() == 2,
+                                    TILES=tiling.tiles, num_warps=tiling.warps)
     if check_finite:
         _raise_if_nonfinite("w_NK", s)
     return (q, s, qt, st) if transpose else (q, s)
