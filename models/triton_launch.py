@@ -28,6 +28,8 @@ It takes the plain JIT launch instead:
     profilers such as Proton add): hooks expect the launch metadata the JIT builds;
   - for a call whose keywords leave a constexpr to its default, or that passes an argument of a
     kind the key does not know (the JIT resolves those).
+A variant, once kept, is not compiled again: Triton settings that change code generation
+mid-run (triton.knobs.runtime.debug, say) reach only variants first seen after the change.
 """
 from __future__ import annotations
 
