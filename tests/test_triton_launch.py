@@ -94,17 +94,20 @@ def test_gpu_hook_takes_the_jit_path():
 
 
 @pytest.mark.gpu
-def test_gpu_quantizers_launch_directly():
-    """The FP8 quantizers' launches go direct after their first call, with the outputs of a
-    JIT launch (the reference checks of tests/test_fp8_quant.py cover the JIT path)."""
+def test_gpu_quantizers_launch_directly(monkeypatch):
+    """The FP8 quantizer's direct launch gives bitwise the outputs of its JIT launch (which
+    tests/test_fp8_quant.py checks against the reference)."""
     if not triton_launch.ENABLED:
         pytest.skip("the launcher passes through on this Triton")
     from models.fp8 import quant
     x = torch.randn(1000, 2048, device="cuda", dtype=torch.bfloat16)
-    first = quant.quantize_dual(x)
+    quant.quantize_dual(x)  # the variant, kept (or already known)
+    monkeypatch.setattr(triton_launch, "ENABLED", False)
+    through_jit = quant.quantize_dual(x)
+    monkeypatch.setattr(triton_launch, "ENABLED", True)
     before = quant._launch_quant_tile.direct_launches
-    again = quant.quantize_dual(x)
+    direct = quant.quantize_dual(x)
     assert quant._launch_quant_tile.direct_launches == before + 1
-    for a, b in zip(first, again):
+    for a, b in zip(through_jit, direct):
         assert torch.equal(a.view(torch.uint8) if a.dtype != torch.float32 else a,
                            b.view(torch.uint8) if b.dtype != torch.float32 else b)
