@@ -53,6 +53,17 @@
 // FP32 promotion work (14.7M FFMA and 14.7M FMUL per expert in both), but our tensor pipe busy in
 // 48.7% of active cycles against 56.5%, 13% more instructions in all, the ALU pipe 13% busy
 // against 5%. The idler SMs earn a higher clock, which does not make up the difference.
+// Where a Wgrad K block's time goes (clock64 timestamps of one CTA's consumer warps, a patched
+// build, dsv3-down E8 x 4096; the instrumentation itself adds about a tenth): a K block takes
+// about 2500 cycles against 1024 of tensor work. The two warpgroups run in step, 50-250 cycles
+// apart: both issue their batch (the pair of batches then takes ~500 cycles), both promote at
+// once (~360 cycles each, sharing the issue slots) while the tensor cores idle, and the stretch
+// from the last promotion to the next K block's first MMA costs ~550 cycles (stage release, the
+// full-barrier wait of ~100, the scale loads, descriptors). Data is not what they wait for: the
+// producer issues a stage's loads ~5400 cycles before it is consumed, and a fourth stage
+// (WGRAD_STAGED=0, ~8200 cycles ahead) left the K block as long. Starting warpgroup 2 half a
+// period late (WGRAD_OFFSET, kept: +2%) does not last: within a few K blocks the two are in step
+// again. Promotion beside the other warpgroup's running MMAs also runs slower than alone (below).
 // Fprop/Dgrad consumers start loading the next tile's first weight scales (global memory)
 // before handing the finished tile to the storers rather than at the next tile's first K block
 // (FPROP_SCALE_PREFETCH). Two interleaved sweeps (5 and 9 rounds, six cases each): Dgrad faster
@@ -94,6 +105,10 @@
 //     barriers: warpgroup 1, 2, 1, 2, ...; commit 29ccfd8 has the code, WGRAD_ORDER=1), so that
 //     one promotes while the other's batch runs: 0.91-1.06x the default over the six bench
 //     cases (mean 1.00); at 128 x 128 tiles (64 x 128 a warpgroup) 0.77-0.91x;
+//   - Wgrad turns passed on completion (WGRAD_ORDER=2 in that experiment: a warpgroup hands the
+//     tensor cores to the other once its batch has completed, not once issued): warpgroup 2 ran
+//     ~220 cycles behind, but each promotion stretched to 540-570 cycles beside the other's
+//     MMAs; 0.99-1.06x the default over the six cases;
 //   - DeepGEMM edits the yield bits of its promotion FFMAs in the SASS so that the other
 //     warpgroup's MMAs can issue meanwhile. The SASS ptxas 13 emits here already alternates the
 //     yield bit along those runs (checked with cuobjdump): nothing left to edit.
@@ -949,6 +964,20 @@ __device__ void mask_other_experts(uint8_t* rows, int token0, int start, int end
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // visible to the tensor cores
 }
 
+// At the start of each tile consumer warpgroup 2 issues its first MMA batch only once warpgroup
+// 1's first batch has completed (both meet at named barrier OFFSET_BAR, 1 after that batch, 2
+// before its own), so that the two start half a period apart, one promoting while the other's
+// batch runs (the header's timeline: they drift back into step within a few K blocks). Both wait
+// there: with 1 only arriving, it could arrive twice (two tiles of one 128-token group each)
+// before 2 got there, and the barrier's count would pair the wrong tiles and hang. Three
+// interleaved sweeps over the six bench cases (two of the one-sided version): 0.95-1.07x the
+// kernel without it, 1.02x on average, 1.01-1.07x in every run of the three 8-expert DeepSeek-V3
+// cases. WGRAD_OFFSET=0 leaves it out.
+#ifndef WGRAD_OFFSET
+#define WGRAD_OFFSET 1
+#endif
+constexpr int OFFSET_BAR = 3;  // 0 is __syncthreads, 1 and 2 are warpgroup_sync's
+
 __device__ __forceinline__ void warpgroup_sync(int wg) {
   asm volatile("bar.sync %0, 128;" ::"r"(wg) : "memory");
 }
@@ -1070,6 +1099,8 @@ __device__ void wgrad_consumer(SharedStorage& s, const WgradArgs& p, int wg, con
         mma_wait(acc[h]);
         continue;
 #endif
+        const bool tile_start = WGRAD_OFFSET && g == tile.group_lo && h == 0;
+        if (tile_start && wg == 2) asm volatile("bar.sync %0, 256;" ::"r"(OFFSET_BAR) : "memory");
         mma_issue(scratch, st.a + wg_row0 * BK, st.b + h * HALF * BK);
         float4 early[PRELOAD + 1];
 #pragma unroll
@@ -1080,6 +1111,7 @@ __device__ void wgrad_consumer(SharedStorage& s, const WgradArgs& p, int wg, con
           asm volatile("" : "+f"(early[j].x), "+f"(early[j].y), "+f"(early[j].z), "+f"(early[j].w));
         }
         mma_wait(scratch);
+        if (tile_start && wg == 1) asm volatile("bar.sync %0, 256;" ::"r"(OFFSET_BAR) : "memory");
         if (EARLY_RELEASE && h == HALVES - 1) release_stage(s, ring.stage, c);
 #if WGRAD_DIAG == 1
         fence_registers(scratch);
