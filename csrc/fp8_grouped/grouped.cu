@@ -978,9 +978,12 @@ __device__ void mask_other_experts(uint8_t* rows, int token0, int start, int end
 #endif
 constexpr int OFFSET_BAR = 3;  // 0 is __syncthreads, 1 and 2 are warpgroup_sync's
 
-__device__ __forceinline__ void warpgroup_sync(int wg) {
-  asm volatile("bar.sync %0, 128;" ::"r"(wg) : "memory");
+// Named barrier `id` (1..15; 0 is __syncthreads) for `threads` threads, a multiple of 32.
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
 }
+
+__device__ __forceinline__ void warpgroup_sync(int wg) { named_barrier_sync(wg, 128); }
 
 // Wgrad: how many of a thread's 16 column-scale pairs per 128-column half are read from shared
 // memory while the half's MMAs run (between commit and wait) rather than after them, where each
@@ -1100,7 +1103,7 @@ __device__ void wgrad_consumer(SharedStorage& s, const WgradArgs& p, int wg, con
         continue;
 #endif
         const bool tile_start = WGRAD_OFFSET && g == tile.group_lo && h == 0;
-        if (tile_start && wg == 2) asm volatile("bar.sync %0, 256;" ::"r"(OFFSET_BAR) : "memory");
+        if (tile_start && wg == 2) named_barrier_sync(OFFSET_BAR, 256);
         mma_issue(scratch, st.a + wg_row0 * BK, st.b + h * HALF * BK);
         float4 early[PRELOAD + 1];
 #pragma unroll
@@ -1111,7 +1114,7 @@ __device__ void wgrad_consumer(SharedStorage& s, const WgradArgs& p, int wg, con
           asm volatile("" : "+f"(early[j].x), "+f"(early[j].y), "+f"(early[j].z), "+f"(early[j].w));
         }
         mma_wait(scratch);
-        if (tile_start && wg == 1) asm volatile("bar.sync %0, 256;" ::"r"(OFFSET_BAR) : "memory");
+        if (tile_start && wg == 1) named_barrier_sync(OFFSET_BAR, 256);
         if (EARLY_RELEASE && h == HALVES - 1) release_stage(s, ring.stage, c);
 #if WGRAD_DIAG == 1
         fence_registers(scratch);
