@@ -2,13 +2,14 @@
 library by a digest of its sources, and build it on first use.
 
 The kernels under csrc/fp8_grouped, csrc/fp8_norm and csrc/fp8_swiglu use sm_90a-only
-instructions (WGMMA, TMA, thread-block clusters, FP8 conversions), so each is compiled for exactly that target, on first use, by the CUDA
-toolkit's `nvcc`, like DeepGEMM's JIT builds: an install needs no GPU and no compiler, and the GPU
-machine builds a library in a few seconds the first time it is used. The libraries link only the
-static CUDA runtime (they reach the driver's cuTensorMapEncodeTiled through
-cudaGetDriverEntryPoint), so they also compile on machines with the toolkit but no driver: the
-CPU tests compile them and check that ptxas spills nothing. Each folder's build.py is the script
-for its library (`python csrc/<folder>/build.py` builds it and prints ptxas' report).
+instructions (WGMMA, TMA, thread-block clusters, FP8 conversions), so each is compiled for
+exactly that target, on first use, by the CUDA toolkit's `nvcc`, like DeepGEMM's JIT builds: an
+install needs no GPU and no compiler, and the GPU machine builds a library in a few seconds the
+first time it is used. The libraries link only the static CUDA runtime (they reach the driver's
+cuTensorMapEncodeTiled through cudaGetDriverEntryPoint), so they also compile on machines with
+the toolkit but no driver: the CPU tests compile them and check that ptxas spills nothing. Each
+folder's build.py is the script for its library (`python csrc/<folder>/build.py` builds it and
+prints ptxas' report).
 """
 from __future__ import annotations
 
