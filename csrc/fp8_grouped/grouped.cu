@@ -111,7 +111,22 @@
 //     MMAs; 0.99-1.06x the default over the six cases;
 //   - DeepGEMM edits the yield bits of its promotion FFMAs in the SASS so that the other
 //     warpgroup's MMAs can issue meanwhile. The SASS ptxas 13 emits here already alternates the
-//     yield bit along those runs (checked with cuobjdump): nothing left to edit.
+//     yield bit along those runs (checked with cuobjdump): nothing left to edit;
+//   - a leaner Wgrad K loop. ncu's source view of the two Wgrad kernels (dsv3-down E8 x 4096)
+//     counts 443 instructions per consumer warp and K block here (128 promotion FFMAs, 128 FMULs,
+//     34 shared loads, then 32 R2UR, 32 IMAD and 13 VIADD of descriptor and address arithmetic,
+//     an S2R of the thread index rematerialized per K block) against 194 in cuBLAS's for half as
+//     many elements (64 FFMA, 64 FMUL, 19 loads, the descriptors advanced by uniform adds). Each
+//     stage's descriptors one uniform add from stage 0's, the scale addresses one add from two
+//     per-thread constants and the next stage's full-barrier wait moved under the last half's MMAs
+//     brought it to about 400, all uniform, but ran 0.96-0.98x the default on five of the six
+//     cases (1.05x at 64 experts x 512 tokens): the issued-instruction count is not the limit.
+//     cuBLAS's kernel, as ncu shows it: per K block each warp reads its two row scales and 8
+//     column-scale pairs before waiting for its batch (issued at the end of the previous K
+//     block), promotes as FMUL scratch *= column scale in place then FFMA acc += scratch * row
+//     scale (loading the other 8 pairs in between), releases the stage mid-promotion, and issues
+//     the next batch between two 256-thread named-barrier syncs (warpgroup 0 issues before the
+//     sync, warpgroup 1 after it): the two warpgroups stay in step there too.
 //
 // Both kernels are persistent: one CTA per SM walks the tiles, so the producer is already
 // loading the next tile while the consumers store the previous one. The router's counts stay
