@@ -75,7 +75,9 @@ def fits_wgrad(a_q, a_s, b_q, b_s, n_experts: int) -> bool:
 
 CLUSTER = 1
 """CTAs per cluster. 2 pairs CTAs that share the `a` tile through TMA multicast (grouped.cu): it
-is correct (the GPU tests pass with it) but measured 5-10% slower on an H100, so it is off."""
+is correct (the GPU tests pass with it) but measured 5-10% slower on an H100, so it is off. Wgrad
+alone, measured again (tenth session, six bench cases, interleaved): 0.91-1.00x the kernel
+without it, 0.90-0.96x with 128-wide tiles, although cuBLAS's Wgrad kernel runs in pairs."""
 
 
 def _mn_major(a_s: torch.Tensor) -> torch.Tensor:
