@@ -13,6 +13,9 @@ profiler's overhead when one is attached.
 --define (repeatable) builds grouped.cu with those switches (the `#ifndef NAME` ones, as
 scripts/sweep_grouped_cuda.py does) into a temporary library and profiles that instead of the
 default build; a diagnostic build's output is wrong on purpose, only its timing means anything.
+
+With `--set full` the report holds ncu's per-instruction source view; scripts/ncu_source.py
+summarizes its CSV export (hottest instructions, one main-loop iteration's instruction mix).
 """
 from __future__ import annotations
 
