@@ -121,6 +121,10 @@
 //     per-thread constants and the next stage's full-barrier wait moved under the last half's MMAs
 //     brought it to about 400, all uniform, but ran 0.96-0.98x the default on five of the six
 //     cases (1.05x at 64 experts x 512 tokens): the issued-instruction count is not the limit.
+//     (Reading the column scales through a shared-space address instead of a generic pointer
+//     alone took the default loop to 398 with no change in time. Profiled side by side, the
+//     leaner loop's warps spend what they saved waiting at the next stage's barrier check
+//     instead of at the MMA wait, a third of the loop's samples in either.)
 //     cuBLAS's kernel, as ncu shows it: per K block each warp reads its two row scales and 8
 //     column-scale pairs before waiting for its batch (issued at the end of the previous K
 //     block), promotes as FMUL scratch *= column scale in place then FFMA acc += scratch * row
