@@ -65,10 +65,11 @@
 // period late (WGRAD_OFFSET, kept: +2%) does not last: within a few K blocks the two are in step
 // again. Promotion beside the other warpgroup's running MMAs also runs slower than alone (below).
 // Why no overlap pays (csrc/probes/wgmma_fp32_contention.cu, SM cycles): a 64 x 128 x 128 batch
-// takes 316 cycles alone, two warpgroups' batches issued together 512 each (the tensor cores
-// alternate, so both finish together: the lockstep), but 435 beside another warpgroup's FMUL/FFMA
-// stream, which itself runs 26% slower (IMAD beside the MMAs slows neither). Two batches with
-// the promotions overlapped cost ~870 cycles; in step, 512 plus the two promotions (~200).
+// takes 316-318 cycles alone, two warpgroups' batches issued together 512 each (the tensor cores
+// alternate, so both finish together: the lockstep), but 425-435 beside another warpgroup's
+// FMUL/FFMA stream, which itself runs 17-26% slower (IMAD beside the MMAs slows neither, nor do
+// TMA copies landing in shared memory at 33 bytes a cycle). Two batches with the promotions
+// overlapped cost ~860 cycles; in step, 512 plus the two promotions (~200).
 // Fprop/Dgrad consumers start loading the next tile's first weight scales (global memory)
 // before handing the finished tile to the storers rather than at the next tile's first K block
 // (FPROP_SCALE_PREFETCH). Two interleaved sweeps (5 and 9 rounds, six cases each): Dgrad faster

@@ -4,29 +4,35 @@
 //   nvcc -gencode arch=compute_90a,code=sm_90a -O3 -std=c++17 -o /tmp/probe \
 //       csrc/probes/wgmma_fp32_contention.cu && /tmp/probe
 //
-// One CTA of two warpgroups per SM. A warpgroup in the MMA role issues batches of four
+// One CTA of three warpgroups per SM. A warpgroup in the MMA role issues batches of four
 // m64n128k32 FP8 WGMMAs (operands in shared memory, 128-byte swizzle, one batch = one Wgrad K
 // block of a 64 x 128 half) and waits for each; one in the FP32 role runs a Wgrad promotion's
 // instructions on registers (64 FMUL scratch *= column scale, 64 FFMA acc += scratch * row
-// scale per iteration), or FFMA, FMUL or IMAD alone. Each times itself with clock64 (SM cycles,
-// so clock changes under the power cap do not enter); the median over the SMs is printed.
+// scale per iteration), or FFMA, FMUL or IMAD alone; the third can stream bulk copies (TMA)
+// from L2 into shared memory, as a GEMM's producer does. Each times itself with clock64 (SM
+// cycles, so clock changes under the power cap do not enter); the median over the SMs is printed.
 //
-// On the H100 80GB HBM3 (tenth session, two rounds, identical to the cycle):
-//   MMA alone                          316 cycles a batch (256 ideal: fill and drain of a waited
-//                                      batch)
+// On the H100 80GB HBM3 (tenth session; two rounds agree to the cycle; the first figure of a
+// pair from this three-warpgroup build, the second from the two-warpgroup one of commit 59751bd):
+//   MMA alone                          318 / 316 cycles a batch (256 ideal: the fill and drain
+//                                      of a batch waited for)
 //   MMA on both warpgroups             512 each: the tensor cores alternate between the two, so
 //                                      both batches finish together (the Wgrad K loop's lockstep)
-//   promotion alone / on both          143 / 265 cycles per 128 instructions (one instruction a
+//   promotion alone / on both          141 / 262 cycles per 128 instructions (one instruction a
 //                                      cycle per scheduler: two warps' promotions add up)
-//   MMA + promotion                    MMA 435 (+38%), promotion 180 (+26%)
-//   MMA + FFMA / FMUL                  MMA 449 / 434, the FP32 work 194 / 179 (alone 156 / 142)
-//   MMA + FFMA over 32 registers       MMA 443: fewer registers touched do not help
-//   MMA + IMAD                         MMA 317 (unchanged), IMAD 398 (alone 266)
-// FP32 FMA-pipe work beside the MMAs slows them by about 40%. So a schedule in which one
-// warpgroup promotes while the other's batch runs costs about 2 x 435 = 870 cycles for two
-// batches and two promotions, against 512 + the two promotions one after the other (about 200)
-// when both warpgroups issue together and then both promote: the lockstep is the better of the
-// two, which is what every overlapping Wgrad schedule measured in grouped.cu found.
+//   MMA + promotion                    MMA 425 / 435 (+34-38%), promotion 165 / 180 (+17-26%)
+//   MMA + FFMA / FMUL                  MMA 441 / 425, the FP32 work 181 / 165 (alone 155 / 141)
+//   MMA + FFMA over 32 registers       MMA 449: fewer registers touched do not help
+//   MMA + IMAD                         MMA 320 (unchanged), IMAD 395 (alone 266)
+//   MMA on both + bulk copies          MMA 512 (unchanged) with 16 KB copies landing at 24, 35 or,
+//                                      unpaced, 33 bytes a cycle (the most one thread with four
+//                                      in flight gets from L2 with every SM copying; alone 32)
+// FP32 FMA-pipe work beside the MMAs slows them by about 40%; the TMA's shared-memory writes at
+// a GEMM's rates do not. So a schedule in which one warpgroup promotes while the other's batch
+// runs costs about 2 x 430 = 860 cycles for two batches and two promotions, against 512 + the
+// two promotions one after the other (about 200) when both warpgroups issue together and then
+// both promote: the lockstep is the better of the two, which is what every overlapping Wgrad
+// schedule measured in grouped.cu found.
 // The MMA role uses grouped.cu's own WGMMA wrappers and shared-memory descriptors (included
 // whole: its kernels and C entry points come along unused).
 #include <cuda_runtime.h>
@@ -74,9 +80,9 @@ __device__ float fp32_role(int iters, const float* scales) {
 #pragma unroll
   for (int j = 0; j < 16; ++j) c[j] = scales[j];
   const float row = scales[16] + t;
-  int ia[64];
+  int ia[KIND == 3 ? 64 : 1];  // only the IMAD kind holds integers (registers: 384 threads)
 #pragma unroll
-  for (int i = 0; i < 64; ++i) ia[i] = threadIdx.x + i;
+  for (int i = 0; i < (KIND == 3 ? 64 : 1); ++i) ia[i] = threadIdx.x + i;
   const int im = int(scales[0] * 3.f) | 1;
   for (int it = 0; it < iters; ++it) {
 #pragma unroll
@@ -94,8 +100,8 @@ __device__ float fp32_role(int iters, const float* scales) {
           s[i] *= c[j];
           a[i] *= row;
         } else if (KIND == 3) {
-          ia[i] = ia[i] * im + j;
-          ia[i] = ia[i] * im + q;
+          ia[i % (KIND == 3 ? 64 : 1)] = ia[i % (KIND == 3 ? 64 : 1)] * im + j;
+          ia[i % (KIND == 3 ? 64 : 1)] = ia[i % (KIND == 3 ? 64 : 1)] * im + q;
         } else {
           a[i % 32] = fmaf(s[i % 32], row, a[i % 32]);
           s[i % 32] = fmaf(a[i % 32], c[j], s[i % 32]);
@@ -107,7 +113,8 @@ __device__ float fp32_role(int iters, const float* scales) {
   }
   float r = 0.f;
 #pragma unroll
-  for (int i = 0; i < 64; ++i) r += a[i] + s[i] + float(ia[i]);
+  for (int i = 0; i < 64; ++i) r += a[i] + s[i];
+  for (int i = 0; i < (KIND == 3 ? 64 : 1); ++i) r += float(ia[i]);
   return r;
 }
 
@@ -121,17 +128,43 @@ __device__ float fp32_any(int kind, int iters, const float* scales) {
   }
 }
 
+// Warpgroup 2's first thread: bulk copies (TMA) of 16 KB from global memory into a ring of
+// four shared-memory buffers, one started every `pace` cycles (as fast as they complete when
+// pace is 0), `copies` in all: the stage loads a GEMM's producer keeps in flight, whose writes
+// share the shared memory's bandwidth with the WGMMAs' operand reads.
+constexpr int COPY_BYTES = 16384, COPY_RING = 4;
+__device__ void copy_role(uint8_t* ring, uint64_t* bars, const uint8_t* src, int copies,
+                          int pace) {
+  long long next = clock64();
+  for (int c = 0; c < copies; ++c) {
+    const int slot = c % COPY_RING;
+    if (c >= COPY_RING) mbar_wait(&bars[slot], ((c / COPY_RING) - 1) & 1);
+    while (pace > 0 && clock64() < next) {
+    }
+    next += pace;
+    mbar_arrive_expect_tx(&bars[slot], COPY_BYTES);
+    bulk_load(ring + slot * COPY_BYTES, src + (c % 64) * COPY_BYTES, COPY_BYTES, &bars[slot]);
+  }
+  for (int c = max(0, copies - COPY_RING); c < copies; ++c)
+    mbar_wait(&bars[c % COPY_RING], (c / COPY_RING) & 1);
+}
+
 // Role bits: 1 warpgroup 0 runs the MMAs, 2 warpgroup 1 runs FP32 work of `kind`, 4 warpgroup 0
-// runs FP32 work (without bit 1), 8 warpgroup 1 runs MMAs (without bit 2).
-__global__ void __launch_bounds__(256, 1)
+// runs FP32 work (without bit 1), 8 warpgroup 1 runs MMAs (without bit 2), 16 warpgroup 2 runs
+// the bulk copies.
+__global__ void __launch_bounds__(384, 1)
 contention(int mode, int kind, int mma_iters, int fp_iters, const float* scales,
-           long long* cycles, float* sink) {
+           const uint8_t* copy_src, int copies, int pace, long long* cycles, float* sink) {
   extern __shared__ uint8_t raw[];
   uint8_t* base = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~1023ull);
   uint8_t* A = base;          // 64 x 128 e4m3
   uint8_t* B = base + 8192;   // 128 x 128 e4m3
+  uint8_t* copy_ring = base + 8192 + 16384;
+  uint64_t* bars = reinterpret_cast<uint64_t*>(copy_ring + COPY_RING * COPY_BYTES);
   for (int i = threadIdx.x; i < 8192 + 16384; i += blockDim.x) base[i] = 0x30 + (i % 7);
+  if (threadIdx.x < COPY_RING) mbar_init(&bars[threadIdx.x], 1);
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   __syncthreads();
   const int wg = threadIdx.x / 128;
   const long long t0 = clock64();
@@ -140,8 +173,10 @@ contention(int mode, int kind, int mma_iters, int fp_iters, const float* scales,
   else if (wg == 0 && (mode & 4)) r = fp32_any(kind, fp_iters, scales);
   else if (wg == 1 && (mode & 8)) r = mma_role(A, B, mma_iters);
   else if (wg == 1 && (mode & 2)) r = fp32_any(kind, fp_iters, scales);
+  else if (wg == 2 && (mode & 16) && threadIdx.x == 256)
+    copy_role(copy_ring, bars, copy_src + size_t(blockIdx.x % 16) * 64 * COPY_BYTES, copies, pace);
   const long long t1 = clock64();
-  if (threadIdx.x % 128 == 0) cycles[blockIdx.x * 2 + wg] = t1 - t0;
+  if (threadIdx.x % 128 == 0) cycles[blockIdx.x * 3 + wg] = t1 - t0;
   if (r == 1234.5f) sink[threadIdx.x] = r;
 }
 
@@ -150,11 +185,14 @@ contention(int mode, int kind, int mma_iters, int fp_iters, const float* scales,
 int main() {
   int sms = 0;
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0);
-  const size_t smem = 8192 + 16384 + 1024;
+  const size_t smem = 8192 + 16384 + COPY_RING * COPY_BYTES + 64 + 1024;
+  uint8_t* copy_src;  // 16 MB: stays in L2
+  cudaMalloc(&copy_src, size_t(16) * 64 * COPY_BYTES);
+  cudaMemset(copy_src, 0x31, size_t(16) * 64 * COPY_BYTES);
   cudaFuncSetAttribute(contention, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
   long long* cycles;
   float* sink;
-  cudaMalloc(&cycles, sizeof(long long) * sms * 2);
+  cudaMalloc(&cycles, sizeof(long long) * sms * 3);
   cudaMalloc(&sink, 1024 * sizeof(float));
   float host_scales[17];
   for (int j = 0; j < 17; ++j) host_scales[j] = 1.f - (j + 1) * 1e-7f;
@@ -162,37 +200,46 @@ int main() {
   cudaMalloc(&scales, sizeof(host_scales));
   cudaMemcpy(scales, host_scales, sizeof(host_scales), cudaMemcpyHostToDevice);
   const int mma_iters = 4000, fp_iters = 4000;
-  struct Mode { int bits, kind; const char* name; };
-  const Mode modes[] = {{1, 0, "MMA alone (wg0)"},
-                        {9, 0, "MMA on both warpgroups"},
-                        {2, 0, "promotion FMUL+FFMA alone (wg1)"},
-                        {6, 0, "promotion on both warpgroups"},
-                        {3, 0, "MMA + promotion FMUL+FFMA"},
-                        {2, 1, "FFMA alone"},
-                        {3, 1, "MMA + FFMA"},
-                        {2, 2, "FMUL alone"},
-                        {3, 2, "MMA + FMUL"},
-                        {2, 3, "IMAD alone"},
-                        {3, 3, "MMA + IMAD"},
-                        {2, 4, "FFMA on 32 registers alone"},
-                        {3, 4, "MMA + FFMA on 32 registers"}};
+  struct Mode { int bits, kind, pace; const char* name; };
+  const Mode modes[] = {{1, 0, 0, "MMA alone (wg0)"},
+                        {9, 0, 0, "MMA on both warpgroups"},
+                        {2, 0, 0, "promotion FMUL+FFMA alone (wg1)"},
+                        {6, 0, 0, "promotion on both warpgroups"},
+                        {3, 0, 0, "MMA + promotion FMUL+FFMA"},
+                        {2, 1, 0, "FFMA alone"},
+                        {3, 1, 0, "MMA + FFMA"},
+                        {2, 2, 0, "FMUL alone"},
+                        {3, 2, 0, "MMA + FMUL"},
+                        {2, 3, 0, "IMAD alone"},
+                        {3, 3, 0, "MMA + IMAD"},
+                        {2, 4, 0, "FFMA on 32 registers alone"},
+                        {3, 4, 0, "MMA + FFMA on 32 registers"},
+                        {16, 0, 0, "bulk copies alone, unpaced"},
+                        {25, 0, 0, "MMA on both + copies unpaced"},
+                        {25, 0, 340, "MMA on both + a copy every 340 cyc"},
+                        {25, 0, 680, "MMA on both + a copy every 680 cyc"}};
   for (int round = 0; round < 2; ++round) {
     for (const Mode& m : modes) {
-      contention<<<sms, 256, smem>>>(m.bits, m.kind, mma_iters, fp_iters, scales, cycles, sink);
+      // copies spanning the MMAs: a pair of batches takes about 512 cycles
+      const int copies = m.pace ? mma_iters * 512 / m.pace : mma_iters * 4;
+      contention<<<sms, 384, smem>>>(m.bits, m.kind, mma_iters, fp_iters, scales, copy_src,
+                                     copies, m.pace, cycles, sink);
       cudaError_t e = cudaDeviceSynchronize();
       if (e != cudaSuccess) { printf("error %s\n", cudaGetErrorString(e)); return 1; }
-      std::vector<long long> c(sms * 2);
+      std::vector<long long> c(sms * 3);
       cudaMemcpy(c.data(), cycles, c.size() * sizeof(long long), cudaMemcpyDeviceToHost);
-      std::vector<long long> w0, w1;
-      for (int i = 0; i < sms; ++i) { w0.push_back(c[2 * i]); w1.push_back(c[2 * i + 1]); }
-      std::sort(w0.begin(), w0.end());
-      std::sort(w1.begin(), w1.end());
-      const double m0 = w0[sms / 2], m1 = w1[sms / 2];
+      std::vector<long long> w[3];
+      for (int i = 0; i < sms; ++i)
+        for (int g = 0; g < 3; ++g) w[g].push_back(c[3 * i + g]);
+      for (auto& v : w) std::sort(v.begin(), v.end());
+      const double m0 = w[0][sms / 2], m1 = w[1][sms / 2], m2 = w[2][sms / 2];
       printf("%-36s", m.name);
       if (m.bits & 1) printf("  wg0 MMA batch %6.1f cyc", m0 / mma_iters);
       if (m.bits & 8) printf("  wg1 MMA batch %6.1f cyc", m1 / mma_iters);
       if (m.bits & 4) printf("  wg0 FP iteration %6.1f cyc", m0 / fp_iters);
       if (m.bits & 2) printf("  wg1 FP iteration %6.1f cyc (128 instr)", m1 / fp_iters);
+      if (m.bits & 16)
+        printf("  copies %5.1f B/cyc over %.0f cyc", double(copies) * COPY_BYTES / m2, m2);
       printf("\n");
     }
   }
