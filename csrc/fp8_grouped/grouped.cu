@@ -1031,6 +1031,11 @@ constexpr bool EARLY_RELEASE = PRELOAD == 16;
 // --diagnostic): 1 promotes with the row scales alone (one FFMA per element, no column scales),
 // 2 skips the promotion (the MMAs add straight into the accumulators). On the H100 (six cases):
 // 1.15-1.30x and 1.37-1.70x the real kernel: the promotion, not the data path, sets its pace.
+// 3 moves the consumers' wait for each stage's data from before its MMAs to before its release
+// (they multiply whatever the stage holds by then): 1.00-1.03x (tenth session), so waiting for
+// data costs at most 3%; 2 in the same sweep 1.17-1.56x, 1219-1272 TFLOPS on the DeepSeek-V3
+// shapes. The probe's K loop of the same arithmetic without barriers or loads
+// (csrc/probes/wgmma_fp32_contention.cu) takes ~1630 cycles a K block against ~2400 here.
 #ifndef WGRAD_DIAG
 #define WGRAD_DIAG 0
 #endif
@@ -1117,7 +1122,7 @@ __device__ void wgrad_consumer(SharedStorage& s, const WgradArgs& p, int wg, con
 #pragma unroll
       for (int i = 0; i < 64; ++i) acc[h][i] = 0.f;
     for (int g = tile.group_lo; g < tile.group_lo + tile.groups; ++g, ring.advance()) {
-      mbar_wait(&s.full[ring.stage], ring.phase);
+      if (WGRAD_DIAG != 3) mbar_wait(&s.full[ring.stage], ring.phase);
       WgradStage& st = s.wgrad_stage(ring.stage);
       if (g * BK < tile.start || (g + 1) * BK > tile.end) {
         mask_other_experts(st.a + wg_row0 * BK, g * BK, tile.start, tile.end);
@@ -1159,6 +1164,7 @@ __device__ void wgrad_consumer(SharedStorage& s, const WgradArgs& p, int wg, con
       continue;
 #endif
       // otherwise after the scale reads: the stage's scales are in it
+      if (WGRAD_DIAG == 3) mbar_wait(&s.full[ring.stage], ring.phase);
       if (!EARLY_RELEASE) release_stage(s, ring.stage, c);
     }
     if (wgrad_staged(p)) {

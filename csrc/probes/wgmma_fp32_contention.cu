@@ -32,7 +32,10 @@
 // runs costs about 2 x 430 = 860 cycles for two batches and two promotions, against 512 + the
 // two promotions one after the other (about 200) when both warpgroups issue together and then
 // both promote: the lockstep is the better of the two, which is what every overlapping Wgrad
-// schedule measured in grouped.cu found.
+// schedule measured in grouped.cu found. The Wgrad K loop's arithmetic alone (k_loop below: two
+// halves of batch, wait, 16 shared loads + 64 FMUL + 64 FFMA, both warpgroups in step) takes
+// 1617-1640 cycles a K block, 63% of the tensor cores' time; the kernel's K block, with its
+// barriers, loads and epilogue, about 2400.
 // The MMA role uses grouped.cu's own WGMMA wrappers and shared-memory descriptors (included
 // whole: its kernels and C entry points come along unused).
 #include <cuda_runtime.h>
@@ -180,6 +183,48 @@ contention(int mode, int kind, int mma_iters, int fp_iters, const float* scales,
   if (r == 1234.5f) sink[threadIdx.x] = r;
 }
 
+// The Wgrad K loop's arithmetic alone, on both warpgroups in step: per K block two halves, each
+// a batch into scratch, its wait, then the promotion acc[h] += scratch * (row scale x column
+// scale) (16 shared loads, 64 FMUL, 64 FFMA), with no barriers and no data movement:
+// the floor the kernel's K block would reach without its synchronization and loads.
+__global__ void __launch_bounds__(256, 1)
+k_loop(int iters, const float* scales, long long* cycles, float* sink) {
+  extern __shared__ uint8_t raw[];
+  uint8_t* base = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~1023ull);
+  float* col_scales = reinterpret_cast<float*>(base + 8192 + 16384);  // 256: two halves
+  for (int i = threadIdx.x; i < 8192 + 16384; i += blockDim.x) base[i] = 0x30 + (i % 7);
+  for (int i = threadIdx.x; i < 256; i += blockDim.x) col_scales[i] = scales[i % 16];
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+  __syncthreads();
+  float acc[2][64], scratch[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) acc[0][i] = acc[1][i] = 0.f;
+  float s0 = scales[16], s1 = scales[15];
+  const float* my_cols = col_scales + 2 * (threadIdx.x % 4);
+  const long long t0 = clock64();
+  for (int it = 0; it < iters; ++it) {
+    asm volatile("" : "+f"(s0), "+f"(s1));  // a new K block's row scales, as in the kernel
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      mma_k_block(scratch, base, base + 8192);
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {  // the half's column scales from shared memory, as there
+        const float2 c = ld_shared_v2(my_cols + h * 128 + 8 * j);
+        acc[h][4 * j + 0] += scratch[4 * j + 0] * (s0 * c.x);
+        acc[h][4 * j + 1] += scratch[4 * j + 1] * (s0 * c.y);
+        acc[h][4 * j + 2] += scratch[4 * j + 2] * (s1 * c.x);
+        acc[h][4 * j + 3] += scratch[4 * j + 3] * (s1 * c.y);
+      }
+    }
+  }
+  const long long t1 = clock64();
+  if (threadIdx.x % 128 == 0) cycles[blockIdx.x * 2 + threadIdx.x / 128] = t1 - t0;
+  float r = 0.f;
+#pragma unroll
+  for (int i = 0; i < 64; ++i) r += acc[0][i] + acc[1][i];
+  if (r == 1234.5f) sink[threadIdx.x] = r;
+}
+
 }  // namespace
 
 int main() {
@@ -242,6 +287,16 @@ int main() {
         printf("  copies %5.1f B/cyc over %.0f cyc", double(copies) * COPY_BYTES / m2, m2);
       printf("\n");
     }
+  }
+  cudaFuncSetAttribute(k_loop, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  for (int round = 0; round < 2; ++round) {
+    k_loop<<<sms, 256, smem>>>(mma_iters / 2, scales, cycles, sink);
+    if (cudaDeviceSynchronize() != cudaSuccess) { printf("k_loop failed\n"); return 1; }
+    std::vector<long long> c(sms * 2);
+    cudaMemcpy(c.data(), cycles, c.size() * sizeof(long long), cudaMemcpyDeviceToHost);
+    std::sort(c.begin(), c.end());
+    printf("%-36s  K block %6.1f cyc (two halves, both warpgroups)\n", "Wgrad K loop arithmetic",
+           double(c[sms]) / (mma_iters / 2));
   }
   return 0;
 }
