@@ -1035,7 +1035,10 @@ constexpr bool EARLY_RELEASE = PRELOAD == 16;
 // (they multiply whatever the stage holds by then): 1.00-1.03x (tenth session), so waiting for
 // data costs at most 3%; 2 in the same sweep 1.17-1.56x, 1219-1272 TFLOPS on the DeepSeek-V3
 // shapes. The probe's K loop of the same arithmetic without barriers or loads
-// (csrc/probes/wgmma_fp32_contention.cu) takes ~1630 cycles a K block against ~2400 here.
+// (csrc/probes/wgmma_fp32_contention.cu) takes ~1640 cycles a K block, ~1750 with this loop's
+// barrier wait, release, row-scale loads and stage ring, against ~2300 here: the rest (~550,
+// about a fifth) lies in what only the kernel has, loads in flight, producer and storer warps,
+// tile starts and epilogues, and is where a next attempt should look.
 #ifndef WGRAD_DIAG
 #define WGRAD_DIAG 0
 #endif

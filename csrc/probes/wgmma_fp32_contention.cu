@@ -34,8 +34,12 @@
 // both promote: the lockstep is the better of the two, which is what every overlapping Wgrad
 // schedule measured in grouped.cu found. The Wgrad K loop's arithmetic alone (k_loop below: two
 // halves of batch, wait, 16 shared loads + 64 FMUL + 64 FFMA, both warpgroups in step) takes
-// 1617-1640 cycles a K block, 63% of the tensor cores' time; the kernel's K block, with its
-// barriers, loads and epilogue, about 2400.
+// 1617-1640 cycles a K block, 63% of the tensor cores' time. Adding the kernel's bookkeeping one
+// piece at a time: row scales read from the stage 1679, a wait on a full barrier that completed
+// long ago 1880 (alone: less together with the rest), each warp's release 1692, a ring of three
+// stages 1735, all four together 1752. grouped.cu's K block, with the loads, the producer and
+// storer warps and the tile epilogue besides, takes about 2300 (its clock64 timeline, less the
+// timeline's own cost).
 // The MMA role uses grouped.cu's own WGMMA wrappers and shared-memory descriptors (included
 // whole: its kernels and C entry points come along unused).
 #include <cuda_runtime.h>
@@ -185,37 +189,66 @@ contention(int mode, int kind, int mma_iters, int fp_iters, const float* scales,
 
 // The Wgrad K loop's arithmetic alone, on both warpgroups in step: per K block two halves, each
 // a batch into scratch, its wait, then the promotion acc[h] += scratch * (row scale x column
-// scale) (16 shared loads, 64 FMUL, 64 FFMA), with no barriers and no data movement:
-// the floor the kernel's K block would reach without its synchronization and loads.
+// scale) (16 shared loads, 64 FMUL, 64 FFMA), with no barriers and no data movement: the floor
+// the kernel's K block would reach without its synchronization and loads. PARTS adds, one by
+// one, what grouped.cu's K loop does besides: ROW_SCALES its two row scales read from the
+// stage per K block; READY_WAIT a wait on a stage's full barrier whose phase completed long
+// ago (as when the loads run ahead); RELEASE each warp's arrival on the stage's empty barrier;
+// STAGES the operands and scales of a ring of three stages, the stage advancing per K block.
+enum KLoopParts { ROW_SCALES = 1, READY_WAIT = 2, RELEASE = 4, STAGES = 8 };
+constexpr int KSTAGES = 3, KSTAGE_BYTES = 8192 + 16384 + 1024;  // a, b, 256 scales (1 KB)
+
+template <int PARTS>
 __global__ void __launch_bounds__(256, 1)
 k_loop(int iters, const float* scales, long long* cycles, float* sink) {
   extern __shared__ uint8_t raw[];
   uint8_t* base = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~1023ull);
-  float* col_scales = reinterpret_cast<float*>(base + 8192 + 16384);  // 256: two halves
-  for (int i = threadIdx.x; i < 8192 + 16384; i += blockDim.x) base[i] = 0x30 + (i % 7);
-  for (int i = threadIdx.x; i < 256; i += blockDim.x) col_scales[i] = scales[i % 16];
+  uint64_t* bars = reinterpret_cast<uint64_t*>(base + KSTAGES * KSTAGE_BYTES);  // ready, empty
+  for (int st = 0; st < KSTAGES; ++st) {
+    uint8_t* stage = base + st * KSTAGE_BYTES;
+    for (int i = threadIdx.x; i < 8192 + 16384; i += blockDim.x) stage[i] = 0x30 + (i % 7);
+    float* sc = reinterpret_cast<float*>(stage + 8192 + 16384);
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) sc[i] = scales[i % 17];
+  }
+  if (threadIdx.x == 0) {
+    mbar_init(&bars[0], 1);
+    mbar_init(&bars[1], 8);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    mbar_arrive(&bars[0]);  // the ready barrier's phase 0 completes, once and for all
+  }
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
   __syncthreads();
   float acc[2][64], scratch[64];
 #pragma unroll
   for (int i = 0; i < 64; ++i) acc[0][i] = acc[1][i] = 0.f;
   float s0 = scales[16], s1 = scales[15];
-  const float* my_cols = col_scales + 2 * (threadIdx.x % 4);
+  const int lane = threadIdx.x % 32, row = (threadIdx.x % 128) / 32 * 16 + lane / 4;
   const long long t0 = clock64();
+  int stage = 0;
   for (int it = 0; it < iters; ++it) {
-    asm volatile("" : "+f"(s0), "+f"(s1));  // a new K block's row scales, as in the kernel
+    const uint8_t* st = base + ((PARTS & STAGES) ? stage : 0) * KSTAGE_BYTES;
+    const float* sc = reinterpret_cast<const float*>(st + 8192 + 16384);
+    if (PARTS & READY_WAIT) mbar_wait(&bars[0], 0);
+    if (PARTS & ROW_SCALES) {
+      s0 = ld_shared(sc + row);
+      s1 = ld_shared(sc + row + 8);
+    } else {
+      asm volatile("" : "+f"(s0), "+f"(s1));  // a new K block's row scales, as in the kernel
+    }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      mma_k_block(scratch, base, base + 8192);
+      mma_k_block(scratch, st, st + 8192);
 #pragma unroll
       for (int j = 0; j < 16; ++j) {  // the half's column scales from shared memory, as there
-        const float2 c = ld_shared_v2(my_cols + h * 128 + 8 * j);
+        const float2 c = ld_shared_v2(sc + 2 * (lane % 4) + h * 128 + 8 * j);
         acc[h][4 * j + 0] += scratch[4 * j + 0] * (s0 * c.x);
         acc[h][4 * j + 1] += scratch[4 * j + 1] * (s0 * c.y);
         acc[h][4 * j + 2] += scratch[4 * j + 2] * (s1 * c.x);
         acc[h][4 * j + 3] += scratch[4 * j + 3] * (s1 * c.y);
       }
     }
+    if ((PARTS & RELEASE) && lane == 0) mbar_arrive(&bars[1]);
+    if (++stage == KSTAGES) stage = 0;
   }
   const long long t1 = clock64();
   if (threadIdx.x % 128 == 0) cycles[blockIdx.x * 2 + threadIdx.x / 128] = t1 - t0;
@@ -223,6 +256,24 @@ k_loop(int iters, const float* scales, long long* cycles, float* sink) {
 #pragma unroll
   for (int i = 0; i < 64; ++i) r += acc[0][i] + acc[1][i];
   if (r == 1234.5f) sink[threadIdx.x] = r;
+}
+
+template <int PARTS>
+bool run_k_loop(int sms, int iters, const float* scales, long long* cycles, float* sink,
+                const char* name) {
+  const size_t smem = KSTAGES * KSTAGE_BYTES + 64 + 1024;
+  cudaFuncSetAttribute(k_loop<PARTS>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  k_loop<PARTS><<<sms, 256, smem>>>(iters, scales, cycles, sink);
+  if (cudaDeviceSynchronize() != cudaSuccess) {
+    printf("k_loop failed\n");
+    return false;
+  }
+  std::vector<long long> c(sms * 2);
+  cudaMemcpy(c.data(), cycles, c.size() * sizeof(long long), cudaMemcpyDeviceToHost);
+  std::sort(c.begin(), c.end());
+  printf("K loop %-29s  K block %6.1f cyc (two halves, both warpgroups)\n", name,
+         double(c[sms]) / iters);
+  return true;
 }
 
 }  // namespace
@@ -288,15 +339,15 @@ int main() {
       printf("\n");
     }
   }
-  cudaFuncSetAttribute(k_loop, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
   for (int round = 0; round < 2; ++round) {
-    k_loop<<<sms, 256, smem>>>(mma_iters / 2, scales, cycles, sink);
-    if (cudaDeviceSynchronize() != cudaSuccess) { printf("k_loop failed\n"); return 1; }
-    std::vector<long long> c(sms * 2);
-    cudaMemcpy(c.data(), cycles, c.size() * sizeof(long long), cudaMemcpyDeviceToHost);
-    std::sort(c.begin(), c.end());
-    printf("%-36s  K block %6.1f cyc (two halves, both warpgroups)\n", "Wgrad K loop arithmetic",
-           double(c[sms]) / (mma_iters / 2));
+    const int it = mma_iters / 2;
+    if (!run_k_loop<0>(sms, it, scales, cycles, sink, "arithmetic") ||
+        !run_k_loop<ROW_SCALES>(sms, it, scales, cycles, sink, "+ row scales from the stage") ||
+        !run_k_loop<READY_WAIT>(sms, it, scales, cycles, sink, "+ a full barrier's wait") ||
+        !run_k_loop<RELEASE>(sms, it, scales, cycles, sink, "+ the release") ||
+        !run_k_loop<STAGES>(sms, it, scales, cycles, sink, "+ a ring of three stages") ||
+        !run_k_loop<15>(sms, it, scales, cycles, sink, "+ all four"))
+      return 1;
   }
   return 0;
 }
