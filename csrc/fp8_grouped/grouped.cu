@@ -1033,12 +1033,16 @@ constexpr bool EARLY_RELEASE = PRELOAD == 16;
 // 1.15-1.30x and 1.37-1.70x the real kernel: the promotion, not the data path, sets its pace.
 // 3 moves the consumers' wait for each stage's data from before its MMAs to before its release
 // (they multiply whatever the stage holds by then): 1.00-1.03x (tenth session), so waiting for
-// data costs at most 3%; 2 in the same sweep 1.17-1.56x, 1219-1272 TFLOPS on the DeepSeek-V3
-// shapes. The probe's K loop of the same arithmetic without barriers or loads
-// (csrc/probes/wgmma_fp32_contention.cu) takes ~1640 cycles a K block, ~1750 with this loop's
-// barrier wait, release, row-scale loads and stage ring, against ~2300 here: the rest (~550,
-// about a fifth) lies in what only the kernel has, loads in flight, producer and storer warps,
-// tile starts and epilogues, and is where a next attempt should look.
+// data costs at most 3%. 4 leaves out the tile epilogue (no dW; a sum of the accumulators keeps
+// ptxas from deleting the whole computation, which an empty asm fence does not): 0.97-1.08x at
+// 2048-8192 tokens an expert, but 1.34x at 64 experts x 512 tokens, where a tile has 4 K blocks
+// and its start and end cost a quarter of the time. 2, in 3's sweep: 1.17-1.56x, 1219-1272
+// TFLOPS on the DeepSeek-V3 shapes. The probe's K loop of the same arithmetic without barriers or
+// loads (csrc/probes/wgmma_fp32_contention.cu) takes ~1640 cycles a K block, ~1750 with this
+// loop's barrier wait, release, row-scale loads and stage ring, against ~2300 here: the rest
+// (~550, about a fifth) lies in what only the kernel has, loads in flight, producer and storer
+// warps, tile starts and epilogues (at 4096 tokens an expert only 3-8% of it the epilogue), and
+// is where a next attempt should look.
 #ifndef WGRAD_DIAG
 #define WGRAD_DIAG 0
 #endif
@@ -1170,7 +1174,14 @@ __device__ void wgrad_consumer(SharedStorage& s, const WgradArgs& p, int wg, con
       if (WGRAD_DIAG == 3) mbar_wait(&s.full[ring.stage], ring.phase);
       if (!EARLY_RELEASE) release_stage(s, ring.stage, c);
     }
-    if (wgrad_staged(p)) {
+    if (WGRAD_DIAG == 4) {  // no epilogue; a sum of the accumulators keeps ptxas computing them
+      float sum = 0.f;
+#pragma unroll
+      for (int h = 0; h < HALVES; ++h)
+#pragma unroll
+        for (int i = 0; i < 64; ++i) sum += acc[h][i];
+      if (sum == 1234.5f) asm volatile("trap;");
+    } else if (wgrad_staged(p)) {
       hand_to_storers(s, s.wgrad_out_tile(), acc, row_in_tile, out_phase);
     } else {
 #pragma unroll
@@ -1183,7 +1194,7 @@ __device__ void wgrad_consumer(SharedStorage& s, const WgradArgs& p, int wg, con
 
 // The storer warps' walk (bf16 dW): each staged 128 x 256 tile, whole, while the consumers go on.
 __device__ void wgrad_storer(SharedStorage& s, const WgradArgs& p, const Cluster& c) {
-  if (!wgrad_staged(p)) return;
+  if (!wgrad_staged(p) || WGRAD_DIAG == 4) return;
   uint32_t phase = 0;
   for (int t = c.index; t < wgrad_walk_length(p, c); t += c.count, phase ^= 1) {
     const KTile tile = wgrad_tile(s, p, t, c);
