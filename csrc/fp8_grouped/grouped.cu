@@ -1036,13 +1036,13 @@ constexpr bool EARLY_RELEASE = PRELOAD == 16;
 // data costs at most 3%. 4 leaves out the tile epilogue (no dW; a sum of the accumulators keeps
 // ptxas from deleting the whole computation, which an empty asm fence does not): 0.97-1.08x at
 // 2048-8192 tokens an expert, but 1.34x at 64 experts x 512 tokens, where a tile has 4 K blocks
-// and its start and end cost a quarter of the time. 2, in 3's sweep: 1.17-1.56x, 1219-1272
+// and its start and end cost a quarter of the time. 2, timed in 3's sweep: 1.17-1.56x, 1219-1272
 // TFLOPS on the DeepSeek-V3 shapes. The probe's K loop of the same arithmetic without barriers or
 // loads (csrc/probes/wgmma_fp32_contention.cu) takes ~1640 cycles a K block, ~1750 with this
 // loop's barrier wait, release, row-scale loads and stage ring, against ~2300 here: the rest
 // (~550, about a fifth) lies in what only the kernel has, loads in flight, producer and storer
-// warps, tile starts and epilogues (at 4096 tokens an expert only 3-8% of it the epilogue), and
-// is where a next attempt should look.
+// warps, tile starts and epilogues (the epilogue 3-8% of the time at 2048-8192 tokens an
+// expert), and is where a next attempt should look.
 #ifndef WGRAD_DIAG
 #define WGRAD_DIAG 0
 #endif
@@ -1170,8 +1170,8 @@ __device__ void wgrad_consumer(SharedStorage& s, const WgradArgs& p, int wg, con
       release_stage(s, ring.stage, c);
       continue;
 #endif
-      // otherwise after the scale reads: the stage's scales are in it
       if (WGRAD_DIAG == 3) mbar_wait(&s.full[ring.stage], ring.phase);
+      // otherwise after the scale reads: the stage's scales are in it
       if (!EARLY_RELEASE) release_stage(s, ring.stage, c);
     }
     if (WGRAD_DIAG == 4) {  // no epilogue; a sum of the accumulators keeps ptxas computing them

@@ -87,9 +87,10 @@ __device__ float fp32_role(int iters, const float* scales) {
 #pragma unroll
   for (int j = 0; j < 16; ++j) c[j] = scales[j];
   const float row = scales[16] + t;
-  int ia[KIND == 3 ? 64 : 1];  // only the IMAD kind holds integers (registers: 384 threads)
+  constexpr int NI = KIND == 3 ? 64 : 1;  // only the IMAD kind holds integers (384 threads)
+  int ia[NI];
 #pragma unroll
-  for (int i = 0; i < (KIND == 3 ? 64 : 1); ++i) ia[i] = threadIdx.x + i;
+  for (int i = 0; i < NI; ++i) ia[i] = threadIdx.x + i;
   const int im = int(scales[0] * 3.f) | 1;
   for (int it = 0; it < iters; ++it) {
 #pragma unroll
@@ -107,8 +108,8 @@ __device__ float fp32_role(int iters, const float* scales) {
           s[i] *= c[j];
           a[i] *= row;
         } else if (KIND == 3) {
-          ia[i % (KIND == 3 ? 64 : 1)] = ia[i % (KIND == 3 ? 64 : 1)] * im + j;
-          ia[i % (KIND == 3 ? 64 : 1)] = ia[i % (KIND == 3 ? 64 : 1)] * im + q;
+          ia[i % NI] = ia[i % NI] * im + j;
+          ia[i % NI] = ia[i % NI] * im + q;
         } else {
           a[i % 32] = fmaf(s[i % 32], row, a[i % 32]);
           s[i % 32] = fmaf(a[i % 32], c[j], s[i % 32]);
@@ -121,7 +122,7 @@ __device__ float fp32_role(int iters, const float* scales) {
   float r = 0.f;
 #pragma unroll
   for (int i = 0; i < 64; ++i) r += a[i] + s[i];
-  for (int i = 0; i < (KIND == 3 ? 64 : 1); ++i) r += float(ia[i]);
+  for (int i = 0; i < NI; ++i) r += float(ia[i]);
   return r;
 }
 
