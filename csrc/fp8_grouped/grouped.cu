@@ -1035,8 +1035,9 @@ constexpr bool EARLY_RELEASE = PRELOAD == 16;
 // (they multiply whatever the stage holds by then): 1.00-1.03x (tenth session), so waiting for
 // data costs at most 3%. 4 leaves out the tile epilogue (no dW; a sum of the accumulators keeps
 // ptxas from deleting the whole computation, which an empty asm fence does not): 0.97-1.08x at
-// 2048-8192 tokens an expert, but 1.34x at 64 experts x 512 tokens, where a tile has 4 K blocks
-// and its start and end cost a quarter of the time. 2, timed in 3's sweep: 1.17-1.56x, 1219-1272
+// 2048-8192 tokens an expert, but 1.34x at 64 experts x 512 tokens, whose dW (64 x 4096 x 7168
+// bf16, 3.8 GB) is ten times its operands: writing it, not the epilogue's code, is what costs
+// there (the loop writes the same bytes). 2, timed in 3's sweep: 1.17-1.56x, 1219-1272
 // TFLOPS on the DeepSeek-V3 shapes. The probe's K loop of the same arithmetic without barriers or
 // loads (csrc/probes/wgmma_fp32_contention.cu) takes ~1640 cycles a K block, ~1750 with this
 // loop's barrier wait, release, row-scale loads and stage ring, against ~2300 here: the rest
