@@ -1039,12 +1039,11 @@ constexpr bool EARLY_RELEASE = PRELOAD == 16;
 // bf16, 3.8 GB) is ten times its operands: writing it, not the epilogue's code, is what costs
 // there (the loop writes the same bytes). 2, timed in 3's sweep: 1.17-1.56x, 1219-1272
 // TFLOPS on the DeepSeek-V3 shapes. The probe's K loop of the same arithmetic without barriers or
-// loads (csrc/probes/wgmma_fp32_contention.cu) takes ~1640 cycles a K block, ~1750 with this
-// loop's barrier wait, release, row-scale loads and stage ring, ~1700 fed by a producer's bulk
-// copies from L2 through full and empty barriers, against ~2300 here: the rest (~600, a
-// quarter) lies in what only the kernel has, tensor-map loads of real operands (16% L2 misses),
-// tiles, storer warps and epilogues (3-8% at 2048-8192 tokens an expert), and is where a next
-// attempt should look.
+// loads (csrc/probes/wgmma_fp32_contention.cu) takes ~1640 cycles a K block; fed by a producer
+// through full and empty barriers with this kernel's own tensor-map loads of real operands and
+// its promotion code, ~1760; this kernel ~2300-2500. The rest (~600, a quarter) is in what the
+// probe still lacks, the tiles' starts and ends and this kernel's own code, and is where a next
+// attempt should look (the epilogue and storers are 3-8%, DIAG=4).
 #ifndef WGRAD_DIAG
 #define WGRAD_DIAG 0
 #endif

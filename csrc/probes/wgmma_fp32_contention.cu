@@ -37,11 +37,16 @@
 // 1617-1640 cycles a K block, 63% of the tensor cores' time. Adding the kernel's bookkeeping one
 // piece at a time: row scales read from the stage 1679, a wait on a full barrier that completed
 // long ago 1880 (alone: less together with the rest), each warp's release 1692, a ring of three
-// stages 1735, all four together 1752; fed as the kernel is (k_loop_fed: a producer warpgroup,
-// 49 KB of bulk copies a K block from L2, full and empty barriers, three stages) 1696. So the
-// data path's mechanics cost nothing while the data sits in L2. grouped.cu's K block, with
-// tensor-map loads of real operands (about 84% L2 hits), tiles, storer warps and the epilogue
-// besides, takes about 2300 (its clock64 timeline, less the timeline's own cost).
+// stages 1735, all four together 1752. Fed as the kernel is (k_loop_fed: a producer warpgroup,
+// full and empty barriers, three stages): 49 KB of bulk copies a K block from L2 1696; one K
+// block in six or in three from DRAM 1731 / 1739; the kernel's own 2D tensor-map loads of
+// dsv3-down's Wgrad operands (E8 x 4096, walked tile by tile as a CTA does) 1705, and with
+// grouped.cu's promotion code (8 pairs' products formed under the MMAs) 1762. So neither the
+// data path nor the promotion's code explains grouped.cu's K block of about 2300-2500 (its
+// clock64 timeline; 754 TFLOPS at 1718 MHz sustained, dsv3-down E8 x 4096, is 2520), and its
+// build without promotion (WGRAD_DIAG=2, ~1600) is as far above the MMAs' 1024: what the probe
+// still lacks is the kernel's tiles (zeroed accumulators, the warpgroup offset barrier, the
+// epilogue and storer warps, which WGRAD_DIAG=4 puts at 3-8%) and the kernel's own code.
 // The MMA role uses grouped.cu's own WGMMA wrappers and shared-memory descriptors (included
 // whole: its kernels and C entry points come along unused).
 #include <cuda_runtime.h>
@@ -269,8 +274,12 @@ k_loop(int iters, const float* scales, long long* cycles, float* sink) {
 constexpr int PSTAGE_BYTES = 16384 + 32768 + 1024;
 constexpr int PSTAGES = 3;
 
+template <bool KERNEL_PROMOTION>
 __global__ void __launch_bounds__(384, 1)
-k_loop_fed(int iters, const uint8_t* src, const float* scales, long long* cycles, float* sink) {
+k_loop_fed(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
+           int tensor_loads, int iters, const uint8_t* src, const uint8_t* cold,
+           size_t cold_stages, int cold_every, const float* scales, long long* cycles,
+           float* sink) {
   extern __shared__ uint8_t raw[];
   uint8_t* base = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~1023ull);
   uint64_t* full = reinterpret_cast<uint64_t*>(base + PSTAGES * PSTAGE_BYTES);
@@ -290,7 +299,24 @@ k_loop_fed(int iters, const uint8_t* src, const float* scales, long long* cycles
       for (int it = 0, stage = 0, phase = 0; it < iters; ++it) {
         mbar_wait(&empty[stage], phase ^ 1);
         mbar_arrive_expect_tx(&full[stage], PSTAGE_BYTES);
-        const uint8_t* from = src + size_t(it % 64) * PSTAGE_BYTES;
+        if (tensor_loads) {  // the kernel's loads: 2D boxes of dsv3-down's dW operands, tile by
+                             // tile (32 K blocks each) as a CTA walks them
+          const int t = blockIdx.x + gridDim.x * (it / 32), kb = it % 32;
+          const int m = t % 56, n = (t / 56) % 8, expert = (t / 448) % 8;
+          const int token0 = expert * 4096 + kb * 128;
+          uint8_t* st = base + stage * PSTAGE_BYTES;
+          tma_load_tile(st, &map_a, &full[stage], token0, m * 128);
+          tma_load_tile(st + 16384, &map_b, &full[stage], token0, n * 256);
+          bulk_load(st + 16384 + 32768, src + size_t(it % 64) * 1024, 1024, &full[stage]);
+          if (++stage == PSTAGES) stage = 0, phase ^= 1;
+          continue;
+        }
+        // every cold_every-th K block from a buffer no other load touches (an L2 miss), the rest
+        // from the small shared one (hits)
+        const uint8_t* from =
+            cold_every > 0 && it % cold_every == 0
+                ? cold + ((size_t(blockIdx.x) * iters + it) % cold_stages) * PSTAGE_BYTES
+                : src + size_t(it % 64) * PSTAGE_BYTES;
         bulk_load(base + stage * PSTAGE_BYTES, from, PSTAGE_BYTES, &full[stage]);
         if (++stage == PSTAGES) stage = 0, phase ^= 1;
       }
@@ -310,10 +336,23 @@ k_loop_fed(int iters, const uint8_t* src, const float* scales, long long* cycles
     const float s0 = ld_shared(sc + row), s1 = ld_shared(sc + row + 8);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
+      const float* col_scales = sc + 2 * (lane % 4) + h * 128;
+      if (KERNEL_PROMOTION) {  // grouped.cu's own: PRELOAD pairs' products formed under the MMAs
+        mma_issue(scratch, st + (wg - 1) * 8192, st + 16384 + h * 16384);
+        float4 early[PRELOAD + 1];
+#pragma unroll
+        for (int j = 0; j < PRELOAD; ++j) {
+          early[j] = outer_scales(s0, s1, ld_shared_v2(col_scales + 8 * j));
+          asm volatile("" : "+f"(early[j].x), "+f"(early[j].y), "+f"(early[j].z), "+f"(early[j].w));
+        }
+        mma_wait(scratch);
+        promote_outer(acc[h], scratch, s0, s1, early, col_scales);
+        continue;
+      }
       mma_k_block(scratch, st + (wg - 1) * 8192, st + 16384 + h * 16384);
 #pragma unroll
       for (int j = 0; j < 16; ++j) {
-        const float2 c = ld_shared_v2(sc + 2 * (lane % 4) + h * 128 + 8 * j);
+        const float2 c = ld_shared_v2(col_scales + 8 * j);
         acc[h][4 * j + 0] += scratch[4 * j + 0] * (s0 * c.x);
         acc[h][4 * j + 1] += scratch[4 * j + 1] * (s0 * c.y);
         acc[h][4 * j + 2] += scratch[4 * j + 2] * (s1 * c.x);
@@ -358,6 +397,25 @@ int main() {
   uint8_t* copy_src;  // 16 MB: stays in L2
   cudaMalloc(&copy_src, size_t(16) * 64 * COPY_BYTES);
   cudaMemset(copy_src, 0x31, size_t(16) * 64 * COPY_BYTES);
+  const size_t cold_stages = 60000;  // 3 GB: K blocks that miss L2 (see k_loop_fed)
+  uint8_t* cold;
+  cudaMalloc(&cold, cold_stages * PSTAGE_BYTES);
+  cudaMemset(cold, 0x32, cold_stages * PSTAGE_BYTES);
+  // dsv3-down's Wgrad operands, token-major copies over 8 experts x 4096 tokens: dy^T [7168, T],
+  // x^T [2048, T] e4m3, read through the kernel's own tensor maps
+  const int64_t T = 8 * 4096;
+  uint8_t *op_a, *op_b;
+  cudaMalloc(&op_a, size_t(7168) * T);
+  cudaMalloc(&op_b, size_t(2048) * T);
+  cudaMemset(op_a, 0x33, size_t(7168) * T);
+  cudaMemset(op_b, 0x34, size_t(2048) * T);
+  CUtensorMap map_a, map_b;
+  char err[256];
+  if (fp8_tile_map(&map_a, op_a, 7168, T, T, 128, err, sizeof(err)) ||
+      fp8_tile_map(&map_b, op_b, 2048, T, T, 256, err, sizeof(err))) {
+    printf("tensor map: %s\n", err);
+    return 1;
+  }
   cudaFuncSetAttribute(contention, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
   long long* cycles;
   float* sink;
@@ -422,17 +480,36 @@ int main() {
         !run_k_loop<15>(sms, it, scales, cycles, sink, "+ all four"))
       return 1;
     const size_t fed_smem = PSTAGES * PSTAGE_BYTES + 64 + 1024;
-    cudaFuncSetAttribute(k_loop_fed, cudaFuncAttributeMaxDynamicSharedMemorySize, int(fed_smem));
-    k_loop_fed<<<sms, 384, fed_smem>>>(it, copy_src, scales, cycles, sink);
-    if (cudaDeviceSynchronize() != cudaSuccess) {
-      printf("k_loop_fed failed\n");
-      return 1;
+    cudaFuncSetAttribute(k_loop_fed<false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                         int(fed_smem));
+    cudaFuncSetAttribute(k_loop_fed<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                         int(fed_smem));
+    for (int cold_every : {0, 6, 3, -1, -2}) {
+      if (cold_every == -2)  // the tensor loads again, with grouped.cu's promotion code
+        k_loop_fed<true><<<sms, 384, fed_smem>>>(map_a, map_b, 1, it, copy_src, cold,
+                                                 cold_stages, 0, scales, cycles, sink);
+      else
+        k_loop_fed<false><<<sms, 384, fed_smem>>>(map_a, map_b, cold_every < 0, it, copy_src,
+                                                  cold, cold_stages, cold_every, scales, cycles,
+                                                  sink);
+      if (cudaDeviceSynchronize() != cudaSuccess) {
+        printf("k_loop_fed failed\n");
+        return 1;
+      }
+      std::vector<long long> c(sms * 2);
+      cudaMemcpy(c.data(), cycles, c.size() * sizeof(long long), cudaMemcpyDeviceToHost);
+      std::sort(c.begin(), c.end());
+      char name[64];
+      if (cold_every == -2)
+        snprintf(name, sizeof(name), "+ grouped.cu's promotion");
+      else if (cold_every < 0)
+        snprintf(name, sizeof(name), "fed by 2D tensor loads");
+      else
+        snprintf(name, sizeof(name), "fed, %s%d K blocks from DRAM", cold_every ? "1 in " : "",
+                 cold_every);
+      printf("K loop %-29s  K block %6.1f cyc (two halves, both warpgroups)\n", name,
+             double(c[sms]) / it);
     }
-    std::vector<long long> c(sms * 2);
-    cudaMemcpy(c.data(), cycles, c.size() * sizeof(long long), cudaMemcpyDeviceToHost);
-    std::sort(c.begin(), c.end());
-    printf("K loop %-29s  K block %6.1f cyc (two halves, both warpgroups)\n",
-           "fed by a producer (bulk copies)", double(c[sms]) / it);
   }
   return 0;
 }
