@@ -1060,6 +1060,18 @@ __device__ __forceinline__ float4 outer_scales(float s0, float s1, float2 sb) {
   return make_float4(s0 * sb.x, s0 * sb.y, s1 * sb.x, s1 * sb.y);
 }
 
+// The first PRELOAD column-scale pairs' products, read and formed between a half's MMA issue and
+// its wait. Asked for before the wait; ptxas keeps them there where registers allow (all 64
+// products at 128 x 128; at 128 x 256 it moves them into the promotion).
+__device__ __forceinline__ void early_products(float4 (&early)[PRELOAD + 1], float s0, float s1,
+                                               const float* col_scales) {
+#pragma unroll
+  for (int j = 0; j < PRELOAD; ++j) {
+    early[j] = outer_scales(s0, s1, ld_shared_v2(col_scales + 8 * j));
+    asm volatile("" : "+f"(early[j].x), "+f"(early[j].y), "+f"(early[j].z), "+f"(early[j].w));
+  }
+}
+
 // acc += scratch scaled by its rows' and columns' 128x1 scales (both operands scaled per token
 // group): column pair j's scale products are early[j] for j < PRELOAD (formed while the MMAs ran),
 // else formed here from the stage's column scales.
@@ -1149,13 +1161,7 @@ __device__ void wgrad_consumer(SharedStorage& s, const WgradArgs& p, int wg, con
         if (tile_start && wg == 2) named_barrier_sync(OFFSET_BAR, 256);
         mma_issue(scratch, st.a + wg_row0 * BK, st.b + h * HALF * BK);
         float4 early[PRELOAD + 1];
-#pragma unroll
-        for (int j = 0; j < PRELOAD; ++j) {
-          early[j] = outer_scales(s0, s1, ld_shared_v2(col_scales + 8 * j));
-          // asked for before the wait; ptxas keeps them there where registers allow (all 64
-          // products at 128 x 128; at 128 x 256 it moves them into the promotion)
-          asm volatile("" : "+f"(early[j].x), "+f"(early[j].y), "+f"(early[j].z), "+f"(early[j].w));
-        }
+        early_products(early, s0, s1, col_scales);
         mma_wait(scratch);
         if (tile_start && wg == 1) named_barrier_sync(OFFSET_BAR, 256);
         if (EARLY_RELEASE && h == HALVES - 1) release_stage(s, ring.stage, c);

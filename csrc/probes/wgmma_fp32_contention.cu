@@ -340,11 +340,7 @@ k_loop_fed(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CU
       if (KERNEL_PROMOTION) {  // grouped.cu's own: PRELOAD pairs' products formed under the MMAs
         mma_issue(scratch, st + (wg - 1) * 8192, st + 16384 + h * 16384);
         float4 early[PRELOAD + 1];
-#pragma unroll
-        for (int j = 0; j < PRELOAD; ++j) {
-          early[j] = outer_scales(s0, s1, ld_shared_v2(col_scales + 8 * j));
-          asm volatile("" : "+f"(early[j].x), "+f"(early[j].y), "+f"(early[j].z), "+f"(early[j].w));
-        }
+        early_products(early, s0, s1, col_scales);
         mma_wait(scratch);
         promote_outer(acc[h], scratch, s0, s1, early, col_scales);
         continue;
