@@ -40,8 +40,9 @@
 // stages 1735, all four together 1752. Fed as the kernel is (k_loop_fed: a producer warpgroup,
 // full and empty barriers, three stages): 49 KB of bulk copies a K block from L2 1696; one K
 // block in six or in three from DRAM 1731 / 1739; the kernel's own 2D tensor-map loads of
-// dsv3-down's Wgrad operands (E8 x 4096, walked tile by tile as a CTA does) 1705, and with
-// grouped.cu's promotion code (8 pairs' products formed under the MMAs) 1762. So neither the
+// dsv3-down's Wgrad operands (E8 x 4096, walked tile by tile as a CTA does) 1705-1713, with
+// grouped.cu's promotion code (8 pairs' products formed under the MMAs) 1762, and with three
+// more warps waiting on an mbarrier throughout, as the storer warps do, 1762. So neither the
 // data path nor the promotion's code explains grouped.cu's K block of about 2300-2500 (its
 // clock64 timeline; 754 TFLOPS at 1718 MHz sustained, dsv3-down E8 x 4096, is 2520), and its
 // build without promotion (WGRAD_DIAG=2, ~1600) is as far above the MMAs' 1024: what the probe
@@ -277,18 +278,20 @@ constexpr int PSTAGES = 3;
 template <bool KERNEL_PROMOTION>
 __global__ void __launch_bounds__(384, 1)
 k_loop_fed(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
-           int tensor_loads, int iters, const uint8_t* src, const uint8_t* cold,
+           int tensor_loads, int spinners, int iters, const uint8_t* src, const uint8_t* cold,
            size_t cold_stages, int cold_every, const float* scales, long long* cycles,
            float* sink) {
   extern __shared__ uint8_t raw[];
   uint8_t* base = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~1023ull);
   uint64_t* full = reinterpret_cast<uint64_t*>(base + PSTAGES * PSTAGE_BYTES);
   uint64_t* empty = full + PSTAGES;
+  uint64_t* done = empty + PSTAGES;  // the consumers have finished (what spinners wait for)
   if (threadIdx.x == 0) {
     for (int i = 0; i < PSTAGES; ++i) {
       mbar_init(&full[i], 1);
       mbar_init(&empty[i], 8);  // lane 0 of the eight consumer warps
     }
+    mbar_init(done, 8);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
@@ -321,6 +324,8 @@ k_loop_fed(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CU
         if (++stage == PSTAGES) stage = 0, phase ^= 1;
       }
     }
+    // the kernel's storer warps wait the whole tile for the consumers' next staged tile
+    if (spinners && threadIdx.x >= 32) mbar_wait(done, 0);
     return;
   }
   consumer_registers();
@@ -359,6 +364,7 @@ k_loop_fed(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CU
     if (++stage == PSTAGES) stage = 0, phase ^= 1;
   }
   const long long t1 = clock64();
+  if (lane == 0) mbar_arrive(done);
   if (threadIdx.x % 128 == 0) cycles[blockIdx.x * 2 + wg - 1] = t1 - t0;
   float r = 0.f;
 #pragma unroll
@@ -475,19 +481,20 @@ int main() {
         !run_k_loop<STAGES>(sms, it, scales, cycles, sink, "+ a ring of three stages") ||
         !run_k_loop<15>(sms, it, scales, cycles, sink, "+ all four"))
       return 1;
-    const size_t fed_smem = PSTAGES * PSTAGE_BYTES + 64 + 1024;
+    const size_t fed_smem = PSTAGES * PSTAGE_BYTES + 64 + 1024;  // + barriers
     cudaFuncSetAttribute(k_loop_fed<false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                          int(fed_smem));
     cudaFuncSetAttribute(k_loop_fed<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                          int(fed_smem));
-    for (int cold_every : {0, 6, 3, -1, -2}) {
-      if (cold_every == -2)  // the tensor loads again, with grouped.cu's promotion code
-        k_loop_fed<true><<<sms, 384, fed_smem>>>(map_a, map_b, 1, it, copy_src, cold,
-                                                 cold_stages, 0, scales, cycles, sink);
+    for (int cold_every : {0, 6, 3, -1, -2, -3}) {
+      if (cold_every <= -2)  // the tensor loads again, with grouped.cu's promotion code
+        k_loop_fed<true><<<sms, 384, fed_smem>>>(map_a, map_b, 1, cold_every == -3, it,
+                                                 copy_src, cold, cold_stages, 0, scales, cycles,
+                                                 sink);
       else
-        k_loop_fed<false><<<sms, 384, fed_smem>>>(map_a, map_b, cold_every < 0, it, copy_src,
-                                                  cold, cold_stages, cold_every, scales, cycles,
-                                                  sink);
+        k_loop_fed<false><<<sms, 384, fed_smem>>>(map_a, map_b, cold_every < 0, 0, it,
+                                                  copy_src, cold, cold_stages, cold_every,
+                                                  scales, cycles, sink);
       if (cudaDeviceSynchronize() != cudaSuccess) {
         printf("k_loop_fed failed\n");
         return 1;
@@ -496,7 +503,9 @@ int main() {
       cudaMemcpy(c.data(), cycles, c.size() * sizeof(long long), cudaMemcpyDeviceToHost);
       std::sort(c.begin(), c.end());
       char name[64];
-      if (cold_every == -2)
+      if (cold_every == -3)
+        snprintf(name, sizeof(name), "+ three warps waiting");
+      else if (cold_every == -2)
         snprintf(name, sizeof(name), "+ grouped.cu's promotion");
       else if (cold_every < 0)
         snprintf(name, sizeof(name), "fed by 2D tensor loads");
