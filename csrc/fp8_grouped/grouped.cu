@@ -1041,9 +1041,10 @@ constexpr bool EARLY_RELEASE = PRELOAD == 16;
 // TFLOPS on the DeepSeek-V3 shapes. The probe's K loop of the same arithmetic without barriers or
 // loads (csrc/probes/wgmma_fp32_contention.cu) takes ~1640 cycles a K block; fed by a producer
 // through full and empty barriers with this kernel's own tensor-map loads of real operands and
-// its promotion code, ~1760; this kernel ~2300-2500. The rest (~600, a quarter) is in what the
-// probe still lacks, the tiles' starts and ends and this kernel's own code, and is where a next
-// attempt should look (the epilogue and storers are 3-8%, DIAG=4).
+// its promotion code, ~1760; this kernel 2220-2240 at 8 experts x 4096 tokens (WGRAD_CYCLES,
+// below). The rest (~470, a fifth) is in what the probe still lacks, the tiles' starts and
+// ends and this kernel's own code, and is where a next attempt should look (the epilogue and
+// storers are 3-8%, DIAG=4).
 #ifndef WGRAD_DIAG
 #define WGRAD_DIAG 0
 #endif
@@ -1122,6 +1123,16 @@ __device__ void store_wgrad(const WgradArgs& p, const float (&acc)[64], int expe
   }
 }
 
+// WGRAD_CYCLES=1 (measurement only): the first four CTAs' consumer warpgroups print their SM
+// cycles from start to end and the K blocks they did (device printf), for cycles per K block
+// free of the clock's changes under the power cap. Tenth session, H100 (profile_grouped_cuda.py
+// --define WGRAD_CYCLES=1): 2220-2239 cycles a K block for dsv3-down E8 x 4096, 2232-2240 for
+// dsv3-up E8 x 4096, 2712-2720 for dsv3-up E64 x 512 (dsv3-down ran 1.266 ms: a 1.58 GHz clock).
+// (With WGRAD_DIAG=4 as well the build ran twice as slow: the two do not combine.)
+#ifndef WGRAD_CYCLES
+#define WGRAD_CYCLES 0
+#endif
+
 __device__ void wgrad_consumer(SharedStorage& s, const WgradArgs& p, int wg, const Cluster& c) {
   const int wg_row0 = (wg - 1) * 64;
   const int warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
@@ -1130,6 +1141,8 @@ __device__ void wgrad_consumer(SharedStorage& s, const WgradArgs& p, int wg, con
   float acc[HALVES][64], scratch[64];
   Ring ring(wgrad_stages(p));
   uint32_t out_phase = 0;
+  [[maybe_unused]] const long long cycles0 = WGRAD_CYCLES ? clock64() : 0;
+  [[maybe_unused]] long long k_blocks = 0;
   for (int t = c.index; t < wgrad_walk_length(p, c); t += c.count) {
     KTile tile = wgrad_tile(s, p, t, c);
     // the K loop's bounds and branches, read from shared memory, uniform for the descriptors
@@ -1181,6 +1194,7 @@ __device__ void wgrad_consumer(SharedStorage& s, const WgradArgs& p, int wg, con
       // otherwise after the scale reads: the stage's scales are in it
       if (!EARLY_RELEASE) release_stage(s, ring.stage, c);
     }
+    if (WGRAD_CYCLES) k_blocks += tile.groups;
     if (WGRAD_DIAG == 4) {  // no epilogue; a sum of the accumulators keeps ptxas computing them
       float sum = 0.f;
 #pragma unroll
@@ -1196,6 +1210,11 @@ __device__ void wgrad_consumer(SharedStorage& s, const WgradArgs& p, int wg, con
         store_wgrad(p, acc[h], tile.expert, tile.row0 + row_in_tile,
                     tile.col0 + h * HALF + col_in_tile);
     }
+  }
+  if (WGRAD_CYCLES && blockIdx.x < 4 && threadIdx.x % 128 == 0) {
+    const long long cycles = clock64() - cycles0;
+    printf("wgrad CTA %d warpgroup %d: %lld cycles, %lld K blocks, %.0f a K block\n",
+           int(blockIdx.x), wg, cycles, k_blocks, double(cycles) / double(max(k_blocks, 1ll)));
   }
 }
 

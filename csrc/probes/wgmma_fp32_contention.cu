@@ -43,11 +43,11 @@
 // dsv3-down's Wgrad operands (E8 x 4096, walked tile by tile as a CTA does) 1705-1713, with
 // grouped.cu's promotion code (8 pairs' products formed under the MMAs) 1762, and with three
 // more warps waiting on an mbarrier throughout, as the storer warps do, 1762. So neither the
-// data path nor the promotion's code explains grouped.cu's K block of about 2300-2500 (its
-// clock64 timeline; 754 TFLOPS at 1718 MHz sustained, dsv3-down E8 x 4096, is 2520), and its
-// build without promotion (WGRAD_DIAG=2, ~1600) is as far above the MMAs' 1024: what the probe
-// still lacks is the kernel's tiles (zeroed accumulators, the warpgroup offset barrier, the
-// epilogue and storer warps, which WGRAD_DIAG=4 puts at 3-8%) and the kernel's own code.
+// data path nor the promotion's code explains grouped.cu's K block, 2220-2240 cycles at 8
+// experts x 4096 tokens on both DeepSeek-V3 shapes and 2712-2720 at 64 x 512 (its WGRAD_CYCLES
+// build, first CTAs): what the probe still lacks is the kernel's tiles (zeroed accumulators,
+// the warpgroup offset barrier, the epilogue and storer warps, which WGRAD_DIAG=4 puts at 3-8%)
+// and the kernel's own code.
 // The MMA role uses grouped.cu's own WGMMA wrappers and shared-memory descriptors (included
 // whole: its kernels and C entry points come along unused).
 #include <cuda_runtime.h>
