@@ -197,6 +197,20 @@ contention(int mode, int kind, int mma_iters, int fp_iters, const float* scales,
   if (r == 1234.5f) sink[threadIdx.x] = r;
 }
 
+// One half's promotion with all its column scales read from shared memory after the wait:
+// acc += scratch * (row scale x column scale), 16 shared loads, 64 FMUL, 64 FFMA.
+__device__ __forceinline__ void promote_after_wait(float (&acc)[64], const float (&scratch)[64],
+                                                   float s0, float s1, const float* col_scales) {
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
+    const float2 c = ld_shared_v2(col_scales + 8 * j);
+    acc[4 * j + 0] += scratch[4 * j + 0] * (s0 * c.x);
+    acc[4 * j + 1] += scratch[4 * j + 1] * (s0 * c.y);
+    acc[4 * j + 2] += scratch[4 * j + 2] * (s1 * c.x);
+    acc[4 * j + 3] += scratch[4 * j + 3] * (s1 * c.y);
+  }
+}
+
 // The Wgrad K loop's arithmetic alone, on both warpgroups in step: per K block two halves, each
 // a batch into scratch, its wait, then the promotion acc[h] += scratch * (row scale x column
 // scale) (16 shared loads, 64 FMUL, 64 FFMA), with no barriers and no data movement: the floor
@@ -248,14 +262,7 @@ k_loop(int iters, const float* scales, long long* cycles, float* sink) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       mma_k_block(scratch, st, st + 8192);
-#pragma unroll
-      for (int j = 0; j < 16; ++j) {  // the half's column scales from shared memory, as there
-        const float2 c = ld_shared_v2(sc + 2 * (lane % 4) + h * 128 + 8 * j);
-        acc[h][4 * j + 0] += scratch[4 * j + 0] * (s0 * c.x);
-        acc[h][4 * j + 1] += scratch[4 * j + 1] * (s0 * c.y);
-        acc[h][4 * j + 2] += scratch[4 * j + 2] * (s1 * c.x);
-        acc[h][4 * j + 3] += scratch[4 * j + 3] * (s1 * c.y);
-      }
+      promote_after_wait(acc[h], scratch, s0, s1, sc + 2 * (lane % 4) + h * 128);
     }
     if ((PARTS & RELEASE) && lane == 0) mbar_arrive(&bars[1]);
     if (++stage == KSTAGES) stage = 0;
@@ -352,14 +359,7 @@ k_loop_fed(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CU
         continue;
       }
       mma_k_block(scratch, st + (wg - 1) * 8192, st + 16384 + h * 16384);
-#pragma unroll
-      for (int j = 0; j < 16; ++j) {
-        const float2 c = ld_shared_v2(col_scales + 8 * j);
-        acc[h][4 * j + 0] += scratch[4 * j + 0] * (s0 * c.x);
-        acc[h][4 * j + 1] += scratch[4 * j + 1] * (s0 * c.y);
-        acc[h][4 * j + 2] += scratch[4 * j + 2] * (s1 * c.x);
-        acc[h][4 * j + 3] += scratch[4 * j + 3] * (s1 * c.y);
-      }
+      promote_after_wait(acc[h], scratch, s0, s1, col_scales);
     }
     if (lane == 0) mbar_arrive(&empty[stage]);
     if (++stage == PSTAGES) stage = 0, phase ^= 1;
