@@ -9,6 +9,7 @@ them in the profiler (--launch-skip). Prints the op's time per call as a sanity 
 profiler's overhead when one is attached.
 
     python scripts/profile_grouped_cuda.py --op wgrad --define WGRAD_DIAG=2   # a variant build
+    python scripts/profile_grouped_cuda.py --op wgrad --fill 0x38   # constant operands
 
 --define (repeatable) builds grouped.cu with those switches (the `#ifndef NAME` ones, as
 scripts/sweep_grouped_cuda.py does) into a temporary library and profiles that instead of the
@@ -38,6 +39,9 @@ def main() -> None:
     parser.add_argument("--case", type=int, default=0, help="index into GEMM_CASES")
     parser.add_argument("--op", choices=("fwd", "dgrad", "wgrad"), default="fwd")
     parser.add_argument("--calls", type=int, default=4)
+    parser.add_argument("--fill", type=lambda v: int(v, 0), default=None, metavar="BYTE",
+                        help="overwrite the FP8 operands with this byte (e.g. 0x38, 1.0 in "
+                        "E4M3): constant data, to see what the data's bits cost (timing only)")
     parser.add_argument("--define", action="append", default=[], metavar="NAME=VALUE",
                         help="build grouped.cu with -DNAME=VALUE (repeat for several)")
     args = parser.parse_args()
@@ -52,11 +56,19 @@ def main() -> None:
         if args.define:
             library = sweep.build_variants([("variant", tuple(args.define))], folder)["variant"]
             sweep.use_library(library)
-        profile(case, args.op, args.calls)
+        profile(case, args.op, args.calls, args.fill)
 
 
-def profile(case, op: str, calls: int) -> None:
+def profile(case, op: str, calls: int, fill: int | None = None) -> None:
     ops = bench._operands(case)
+    if fill is not None:
+        if not 0 <= fill <= 255 or fill & 0x7F == 0x7F:
+            raise SystemExit(f"--fill {fill:#x}: pick a byte 0..0xff other than E4M3's NaN "
+                             "(0x7f, 0xff)")
+        for key in ("x8", "dy8"):  # the row-wise and the token-major copies, not their scales
+            q, _, qt, _ = ops[key]
+            q.view(torch.uint8).fill_(fill)
+            qt.view(torch.uint8).fill_(fill)
     run = bench._ours(ops, case.experts * case.tokens)[op]
     cfg = bench.CUDA
     start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -749,16 +749,29 @@ __device__ __forceinline__ void stage_tile(__nv_bfloat16* tile, const float (&ac
 
 // Consumers: stage a finished tile (PARTS parts of 2 R columns) into `tile` for the storer warps
 // once they have written out the previous one, and go on to the next tile.
-template <int PARTS, int R>
-__device__ __forceinline__ void hand_to_storers(SharedStorage& s, __nv_bfloat16* tile,
-                                                const float (&acc)[PARTS][R], int row_in_tile,
-                                                uint32_t& out_phase) {
+// In two steps where MMAs run meanwhile: wait_staging_free (a spin loop, which must not lie
+// between an MMA's issue and its wait) and stage_for_storers.
+__device__ __forceinline__ void wait_staging_free(SharedStorage& s, uint32_t out_phase) {
   mbar_wait(&s.out_empty, out_phase ^ 1);
+}
+
+template <int PARTS, int R>
+__device__ __forceinline__ void stage_for_storers(SharedStorage& s, __nv_bfloat16* tile,
+                                                  const float (&acc)[PARTS][R], int row_in_tile,
+                                                  uint32_t& out_phase) {
 #pragma unroll
   for (int h = 0; h < PARTS; ++h) stage_tile<PARTS * 2 * R>(tile, acc[h], row_in_tile, h * 2 * R);
   __syncwarp();
   if (threadIdx.x % 32 == 0) mbar_arrive(&s.out_full);
   out_phase ^= 1;
+}
+
+template <int PARTS, int R>
+__device__ __forceinline__ void hand_to_storers(SharedStorage& s, __nv_bfloat16* tile,
+                                                const float (&acc)[PARTS][R], int row_in_tile,
+                                                uint32_t& out_phase) {
+  wait_staging_free(s, out_phase);
+  stage_for_storers(s, tile, acc, row_in_tile, out_phase);
 }
 
 // Storer warps (producer-warpgroup warps 1..3): the staged tile's first `rows` rows and `cols`
@@ -1041,10 +1054,16 @@ constexpr bool EARLY_RELEASE = PRELOAD == 16;
 // TFLOPS on the DeepSeek-V3 shapes. The probe's K loop of the same arithmetic without barriers or
 // loads (csrc/probes/wgmma_fp32_contention.cu) takes ~1640 cycles a K block; fed by a producer
 // through full and empty barriers with this kernel's own tensor-map loads of real operands and
-// its promotion code, ~1760; this kernel 2220-2240 at 8 experts x 4096 tokens (WGRAD_CYCLES,
-// below). The rest (~470, a fifth) is in what the probe still lacks, the tiles' starts and
-// ends and this kernel's own code, and is where a next attempt should look (the epilogue and
-// storers are 3-8%, DIAG=4).
+// its promotion code, ~1760. This kernel (WGRAD_CYCLES=1, below), dsv3-down E8 x 4096 / dsv3-up
+// E64 x 512: 2092 / 2906 at the eleventh session's start; 1957 / 2742 with the expert-boundary
+// check against two per-tile group indices (mask_first, mask_last) instead of the token bounds,
+// and the ring's stage count a compile-time constant (wgrad_consumer<STAGED>); 1921 / 2671 with
+// the epilogue under the next tile's first MMAs (WGRAD_OVERLAP). Neither random operand bits
+// nor fewer CTAs (33, 66) move these counts (the probe's neither): the gap is per SM, not power,
+// L2 or DRAM. Fitted over 4096 and 8192 tokens an expert, a steady K block now takes ~1843
+// cycles and a tile's start and end ~2500 more. ncu (unlocked clocks, dsv3-down / dsv3-up E8 x
+// 4096): 1.768M / 3.448M cycles against the cuBLAS loop's 1.687M / 3.288M (+4.8% / +4.9%; 7% and
+// about 14% before), with 3% fewer instructions; tensor pipe 52.8-53.1% busy against 56.2-56.9%.
 #ifndef WGRAD_DIAG
 #define WGRAD_DIAG 0
 #endif
@@ -1123,41 +1142,173 @@ __device__ void store_wgrad(const WgradArgs& p, const float (&acc)[64], int expe
   }
 }
 
-// WGRAD_CYCLES=1 (measurement only): the first four CTAs' consumer warpgroups print their SM
-// cycles from start to end and the K blocks they did (device printf), for cycles per K block
-// free of the clock's changes under the power cap. Tenth session, H100 (profile_grouped_cuda.py
-// --define WGRAD_CYCLES=1): 2220-2239 cycles a K block for dsv3-down E8 x 4096, 2232-2240 for
-// dsv3-up E8 x 4096, 2712-2720 for dsv3-up E64 x 512 (dsv3-down ran 1.266 ms: a 1.58 GHz clock).
-// (With WGRAD_DIAG=4 as well the build ran twice as slow: the two do not combine.)
+// WGRAD_CYCLES=1 (measurement only): the first four CTAs' consumer warpgroups record their SM
+// cycles from start to end and the K blocks they did, for cycles per K block free of the clock's
+// changes under the power cap; a one-thread kernel launched after each Wgrad prints them
+// (report_wgrad_cycles). WGRAD_CYCLES=2 adds a timeline: CTA 0's consumer warpgroups stamp
+// clock64 at each step of every K block (KStep) and at each tile's start and end, and the report
+// gives each step's mean length. The probe's fed K loop stamps the same steps. The kernel itself
+// must not printf: a call inside it makes ptxas serialize every WGMMA (warning C7510), which
+// the tenth session's WGRAD_CYCLES build did (its 2220-2240 cycles a K block were that
+// serialized build's: the default ran about 7% faster in the same call).
 #ifndef WGRAD_CYCLES
 #define WGRAD_CYCLES 0
 #endif
+enum KStep { K_TOP, K_DATA, K_MMA0, K_PROMO0, K_MMA1, K_PROMO1, K_END, K_STEPS };
+constexpr int CYCLED_CTAS = 4, STAMPED_K_BLOCKS = 2048, STAMPED_TILES = 128;
+#if WGRAD_CYCLES
+__device__ long long consumer_cycles[CYCLED_CTAS][2][2];  // cycles, K blocks
+#endif
+#if WGRAD_CYCLES == 2
+__device__ long long k_stamps[2][STAMPED_K_BLOCKS][K_STEPS];
+__device__ long long tile_stamps[2][STAMPED_TILES][2];  // a tile's start, its epilogue's end
+__device__ int tile_first_k[2][STAMPED_TILES];           // the index of a tile's first K block
+__device__ int stamped_counts[2][2];                     // K blocks, tiles
+#endif
 
+__device__ __forceinline__ bool stamping() {
+  return WGRAD_CYCLES == 2 && blockIdx.x == 0 && threadIdx.x % 128 == 0;
+}
+
+__device__ __forceinline__ void stamp_k(int wg, int kb, KStep step) {
+#if WGRAD_CYCLES == 2
+  if (stamping() && kb < STAMPED_K_BLOCKS) k_stamps[wg - 1][kb][step] = clock64();
+#endif
+}
+
+// which: 0 a tile's start (its first K block is number kb), 1 the end of its epilogue
+__device__ __forceinline__ void stamp_tile(int wg, int tile, int kb, int which) {
+#if WGRAD_CYCLES == 2
+  if (!stamping() || tile >= STAMPED_TILES) return;
+  tile_stamps[wg - 1][tile][which] = clock64();
+  if (which == 0) tile_first_k[wg - 1][tile] = kb;
+#endif
+}
+
+// At a consumer warpgroup's end: its cycles since `start` and its K blocks; its timeline's size.
+__device__ __forceinline__ void record_cycles(int wg, long long start, long long k_blocks,
+                                              int stamped_k, int stamped_tiles) {
+#if WGRAD_CYCLES
+  if (blockIdx.x < CYCLED_CTAS && threadIdx.x % 128 == 0) {
+    consumer_cycles[blockIdx.x][wg - 1][0] = clock64() - start;
+    consumer_cycles[blockIdx.x][wg - 1][1] = k_blocks;
+  }
+#endif
+#if WGRAD_CYCLES == 2
+  if (stamping()) {
+    stamped_counts[wg - 1][0] = stamped_k;
+    stamped_counts[wg - 1][1] = stamped_tiles;
+  }
+#endif
+}
+
+// Mean cycles of each step of the K blocks that do not start a tile, and the gap before them;
+// of a tile's first K block whole; of a tile's start up to its first K block (head) and of its
+// last K block's end up to the epilogue's end; and of the step from one tile's epilogue to the
+// next tile's start.
+__device__ void report_k_steps(int wg) {
+#if WGRAD_CYCLES == 2
+  const long long(*k)[K_STEPS] = k_stamps[wg - 1];
+  const long long(*tl)[2] = tile_stamps[wg - 1];
+  const int k_blocks = min(stamped_counts[wg - 1][0], STAMPED_K_BLOCKS);
+  const int tiles = min(stamped_counts[wg - 1][1], STAMPED_TILES);
+  double step[K_STEPS] = {}, gap = 0, first = 0, head = 0, epilogue = 0, between = 0;
+  int inner = 0, counted = 0;
+  for (int t = 0; t < tiles; ++t) {
+    const int f = tile_first_k[wg - 1][t];
+    const int l = min(t + 1 < tiles ? tile_first_k[wg - 1][t + 1] : k_blocks, k_blocks) - 1;
+    if (t + 1 < tiles) between += tl[t + 1][0] - tl[t][1];
+    if (f > l) continue;
+    ++counted;
+    head += k[f][K_TOP] - tl[t][0];
+    epilogue += tl[t][1] - k[l][K_END];
+    first += k[f][K_END] - k[f][K_TOP];
+    for (int b = f + 1; b <= l; ++b, ++inner) {
+      for (int i = 0; i + 1 < K_STEPS; ++i) step[i] += k[b][i + 1] - k[b][i];
+      gap += k[b][K_TOP] - k[b - 1][K_END];
+    }
+  }
+  const double n = max(inner, 1), c = max(counted, 1);
+  printf("wgrad timeline, CTA 0 warpgroup %d, %d K blocks after a tile's first: data wait %.0f, "
+         "mma0 %.0f, promo0 %.0f, mma1 %.0f, promo1 %.0f, release %.0f, gap %.0f cycles; "
+         "%d tiles: first K block %.0f, head %.0f, epilogue %.0f, to the next tile %.0f\n",
+         wg, inner, step[0] / n, step[1] / n, step[2] / n, step[3] / n, step[4] / n, step[5] / n,
+         gap / n, counted, first / c, head / c, epilogue / c, between / max(tiles - 1, 1));
+#endif
+}
+
+#if WGRAD_CYCLES
+// One thread, launched after a WGRAD_CYCLES build's Wgrad: prints what its consumers recorded.
+__global__ void report_wgrad_cycles() {
+  for (int b = 0; b < CYCLED_CTAS; ++b)
+    for (int wg = 1; wg <= 2; ++wg) {
+      const long long cycles = consumer_cycles[b][wg - 1][0], k = consumer_cycles[b][wg - 1][1];
+      printf("wgrad CTA %d warpgroup %d: %lld cycles, %lld K blocks, %.0f a K block\n", b, wg,
+             cycles, k, double(cycles) / double(max(k, 1ll)));
+    }
+  report_k_steps(1);
+  report_k_steps(2);
+}
+#endif
+
+// WGRAD_OVERLAP=1: a finished tile's epilogue (staging its bf16 dW for the storer warps) runs
+// while the next tile's first MMA batch does, not before it starts. (dW stored from registers,
+// fp32 or accumulated, keeps its epilogue at the tile's end.) Eleventh session, H100: 1.2-1.7%
+// fewer SM cycles a K block on four cases (WGRAD_CYCLES); WGRAD_OVERLAP=0 ran 0.92-0.99x in a
+// sweep of the six bench cases, and 0.97-1.05x (mean 1.01x) in another.
+#ifndef WGRAD_OVERLAP
+#define WGRAD_OVERLAP 1
+#endif
+constexpr bool OVERLAP = WGRAD_OVERLAP && WGRAD_DIAG != 4;
+
+__device__ __forceinline__ void zero_accumulators(float (&acc)[HALVES][64]) {
+#pragma unroll
+  for (int h = 0; h < HALVES; ++h)
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[h][i] = 0.f;
+}
+
+// STAGED: wgrad_staged(p), as a compile-time constant (the ring's stage count with it)
+template <bool STAGED>
 __device__ void wgrad_consumer(SharedStorage& s, const WgradArgs& p, int wg, const Cluster& c) {
   const int wg_row0 = (wg - 1) * 64;
   const int warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
   const int row_in_tile = wg_row0 + warp * 16 + lane / 4;
   const int col_in_tile = 2 * (lane % 4);
   float acc[HALVES][64], scratch[64];
-  Ring ring(wgrad_stages(p));
+  Ring ring(STAGED ? WGRAD_STAGED_STAGES : WGRAD_DIRECT_STAGES);
+  constexpr bool overlap = STAGED && OVERLAP;
   uint32_t out_phase = 0;
+  bool pending = false;  // overlap: acc holds a finished tile not yet staged
+  if (overlap) zero_accumulators(acc);
   [[maybe_unused]] const long long cycles0 = WGRAD_CYCLES ? clock64() : 0;
   [[maybe_unused]] long long k_blocks = 0;
+  [[maybe_unused]] int stamped_k = 0, stamped_tiles = 0;  // WGRAD_CYCLES=2's timeline
   for (int t = c.index; t < wgrad_walk_length(p, c); t += c.count) {
+    stamp_tile(wg, stamped_tiles, stamped_k, 0);
     KTile tile = wgrad_tile(s, p, t, c);
     // the K loop's bounds and branches, read from shared memory, uniform for the descriptors
     tile.group_lo = warp_uniform(tile.group_lo);
     tile.groups = warp_uniform(tile.groups);
     tile.start = warp_uniform(tile.start);
     tile.end = warp_uniform(tile.end);
-#pragma unroll
-    for (int h = 0; h < HALVES; ++h)
-#pragma unroll
-      for (int i = 0; i < 64; ++i) acc[h][i] = 0.f;
+    // the tile's first and last 128-token groups when they hold another expert's tokens too
+    // (else -1): one check of the K block's index against these, not against the token bounds
+    const int mask_first = warp_uniform(tile.start % BK ? tile.group_lo : -1);
+    const int mask_last = warp_uniform(tile.end % BK ? tile.group_lo + tile.groups - 1 : -1);
+    if (!overlap) {
+      zero_accumulators(acc);
+    } else if (pending && tile.groups == 0) {  // no MMA to hide the finished tile's epilogue
+      hand_to_storers(s, s.wgrad_out_tile(), acc, row_in_tile, out_phase);
+      zero_accumulators(acc);
+      pending = false;
+    }
     for (int g = tile.group_lo; g < tile.group_lo + tile.groups; ++g, ring.advance()) {
+      stamp_k(wg, stamped_k, K_TOP);
       if (WGRAD_DIAG != 3) mbar_wait(&s.full[ring.stage], ring.phase);
+      stamp_k(wg, stamped_k, K_DATA);
       WgradStage& st = s.wgrad_stage(ring.stage);
-      if (g * BK < tile.start || (g + 1) * BK > tile.end) {
+      if (g == mask_first || g == mask_last) {
         mask_other_experts(st.a + wg_row0 * BK, g * BK, tile.start, tile.end);
         warpgroup_sync(wg);
       }
@@ -1172,10 +1323,18 @@ __device__ void wgrad_consumer(SharedStorage& s, const WgradArgs& p, int wg, con
 #endif
         const bool tile_start = WGRAD_OFFSET && g == tile.group_lo && h == 0;
         if (tile_start && wg == 2) named_barrier_sync(OFFSET_BAR, 256);
+        const bool finish_here = overlap && h == 0 && pending;
+        if (finish_here) wait_staging_free(s, out_phase);
         mma_issue(scratch, st.a + wg_row0 * BK, st.b + h * HALF * BK);
         float4 early[PRELOAD + 1];
         early_products(early, s0, s1, col_scales);
+        if (finish_here) {  // the previous tile's epilogue, under this tile's first MMAs
+          stage_for_storers(s, s.wgrad_out_tile(), acc, row_in_tile, out_phase);
+          zero_accumulators(acc);
+          pending = false;
+        }
         mma_wait(scratch);
+        stamp_k(wg, stamped_k, h == 0 ? K_MMA0 : K_MMA1);
         if (tile_start && wg == 1) named_barrier_sync(OFFSET_BAR, 256);
         if (EARLY_RELEASE && h == HALVES - 1) release_stage(s, ring.stage, c);
 #if WGRAD_DIAG == 1
@@ -1185,6 +1344,7 @@ __device__ void wgrad_consumer(SharedStorage& s, const WgradArgs& p, int wg, con
 #else
         promote_outer(acc[h], scratch, s0, s1, early, col_scales);
 #endif
+        stamp_k(wg, stamped_k, h == 0 ? K_PROMO0 : K_PROMO1);
       }
 #if WGRAD_DIAG == 2
       release_stage(s, ring.stage, c);
@@ -1193,6 +1353,7 @@ __device__ void wgrad_consumer(SharedStorage& s, const WgradArgs& p, int wg, con
       if (WGRAD_DIAG == 3) mbar_wait(&s.full[ring.stage], ring.phase);
       // otherwise after the scale reads: the stage's scales are in it
       if (!EARLY_RELEASE) release_stage(s, ring.stage, c);
+      stamp_k(wg, stamped_k++, K_END);
     }
     if (WGRAD_CYCLES) k_blocks += tile.groups;
     if (WGRAD_DIAG == 4) {  // no epilogue; a sum of the accumulators keeps ptxas computing them
@@ -1202,7 +1363,9 @@ __device__ void wgrad_consumer(SharedStorage& s, const WgradArgs& p, int wg, con
 #pragma unroll
         for (int i = 0; i < 64; ++i) sum += acc[h][i];
       if (sum == 1234.5f) asm volatile("trap;");
-    } else if (wgrad_staged(p)) {
+    } else if (overlap) {
+      pending = true;  // staged under the next tile's first MMAs
+    } else if (STAGED) {
       hand_to_storers(s, s.wgrad_out_tile(), acc, row_in_tile, out_phase);
     } else {
 #pragma unroll
@@ -1210,12 +1373,10 @@ __device__ void wgrad_consumer(SharedStorage& s, const WgradArgs& p, int wg, con
         store_wgrad(p, acc[h], tile.expert, tile.row0 + row_in_tile,
                     tile.col0 + h * HALF + col_in_tile);
     }
+    stamp_tile(wg, stamped_tiles++, stamped_k, 1);
   }
-  if (WGRAD_CYCLES && blockIdx.x < 4 && threadIdx.x % 128 == 0) {
-    const long long cycles = clock64() - cycles0;
-    printf("wgrad CTA %d warpgroup %d: %lld cycles, %lld K blocks, %.0f a K block\n",
-           int(blockIdx.x), wg, cycles, k_blocks, double(cycles) / double(max(k_blocks, 1ll)));
-  }
+  if (pending) hand_to_storers(s, s.wgrad_out_tile(), acc, row_in_tile, out_phase);
+  record_cycles(wg, cycles0, k_blocks, stamped_k, stamped_tiles);
 }
 
 // The storer warps' walk (bf16 dW): each staged 128 x 256 tile, whole, while the consumers go on.
@@ -1248,7 +1409,10 @@ grouped_wgrad_kernel(const __grid_constant__ CUtensorMap map_a,
     if (threadIdx.x >= 32) wgrad_storer(s, p, c);
   } else {
     consumer_registers();
-    wgrad_consumer(s, p, wg, c);
+    if (wgrad_staged(p))
+      wgrad_consumer<true>(s, p, wg, c);
+    else
+      wgrad_consumer<false>(s, p, wg, c);
   }
   if (c.size > 1) cluster_sync();
 }
@@ -1268,6 +1432,12 @@ int fp8_tile_map(CUtensorMap* map, const void* base, int64_t rows, int64_t cols,
 }
 
 constexpr size_t SMEM_BYTES = sizeof(SharedStorage) + 1024;  // + alignment slack
+
+// GRID_LIMIT=n (measurement only): at most n CTAs, so that fewer SMs share the chip's power,
+// L2 and DRAM (0: one per SM).
+#ifndef GRID_LIMIT
+#define GRID_LIMIT 0
+#endif
 
 // Launch `kernel` persistently over `work` tiles: as many CTAs as can be resident at once (one
 // per SM; in whole clusters), each cluster walking its share of the tiles.
@@ -1298,6 +1468,7 @@ int launch(void (*kernel)(CUtensorMap, CUtensorMap, CUtensorMap, Args), const CU
   e = cudaOccupancyMaxActiveClusters(&clusters, kernel, &config);
   if (e != cudaSuccess || clusters < 1) clusters = sms / args.cluster_size;
   const int walks = (work + args.cluster_size - 1) / args.cluster_size;
+  if (GRID_LIMIT > 0) clusters = std::min(clusters, std::max(1, GRID_LIMIT / args.cluster_size));
   config.gridDim = dim3(std::max(1, std::min(clusters, walks)) * args.cluster_size);
   e = cudaLaunchKernelEx(&config, kernel, map_a, map_b, map_sa, args);
   if (e != cudaSuccess) return fail(err, err_len, cudaGetErrorString(e));
@@ -1352,8 +1523,13 @@ int fp8moe_grouped_wgrad(const void* a, int64_t lda, const float* sa, int64_t sa
   if (fp8_tile_map(&map_b, b, K, padded_T, ldb, BN, err, err_len)) return 1;
   const WgradArgs args{cluster, sa, sa_g, sb, sb_g, out, out_e, out_n, out_bf16, accumulate,
                        Counts{counts, counts_int64}, T, N, K, E};
-  return launch(grouped_wgrad_kernel, map_a, map_b, map_b, args, E * (N / BM) * (K / BN), stream,
-                err, err_len);
+  if (launch(grouped_wgrad_kernel, map_a, map_b, map_b, args, E * (N / BM) * (K / BN), stream,
+             err, err_len))
+    return 1;
+#if WGRAD_CYCLES
+  report_wgrad_cycles<<<1, 1, 0, static_cast<cudaStream_t>(stream)>>>();
+#endif
+  return 0;
 }
 
 }  // extern "C"
