@@ -3,7 +3,10 @@
 // design (csrc/fp8_grouped/grouped.cu's header quotes them).
 //
 //   nvcc -gencode arch=compute_90a,code=sm_90a -O3 -std=c++17 -o /tmp/probe \
-//       csrc/probes/wgmma_fp32_contention.cu && /tmp/probe
+//       csrc/probes/wgmma_fp32_contention.cu && /tmp/probe [--random] [--fed-only] ...
+//
+// (--help lists the options; -DWGRAD_CYCLES=2 builds the fed K loops with grouped.cu's
+// step timeline, printed after each.)
 //
 // One CTA of three warpgroups per SM. A warpgroup in the MMA role issues batches of four
 // m64n128k32 FP8 WGMMAs (operands in shared memory, 128-byte swizzle, one batch = one Wgrad K
@@ -43,12 +46,13 @@
 // block in six or in three from DRAM 1731 / 1739; the kernel's own 2D tensor-map loads of
 // dsv3-down's Wgrad operands (E8 x 4096, walked tile by tile as a CTA does) 1705-1713, with
 // grouped.cu's promotion code (8 pairs' products formed under the MMAs) 1762, and with three
-// more warps waiting on an mbarrier throughout, as the storer warps do, 1762. So neither the
-// data path nor the promotion's code explains grouped.cu's K block, 2220-2240 cycles at 8
-// experts x 4096 tokens on both DeepSeek-V3 shapes and 2712-2720 at 64 x 512 (its WGRAD_CYCLES
-// build, first CTAs): what the probe still lacks is the kernel's tiles (zeroed accumulators,
-// the warpgroup offset barrier, the epilogue and storer warps, which WGRAD_DIAG=4 puts at 3-8%)
-// and the kernel's own code.
+// more warps waiting on an mbarrier throughout, as the storer warps do, 1762. With random
+// operand bits and scales (--random) instead of constant fills, over 300 launches at the power
+// cap, or on 33 or 66 SMs instead of all (--sms): 1712 / 1763 every time (the clock the cycles
+// imply falls from ~1.8 GHz to ~1.48 GHz with random bits; cycles do not). So neither the data
+// path, the promotion's code nor the data's power explains grouped.cu's K block (2092 cycles at
+// dsv3-down E8 x 4096 at the eleventh session's start, 1921 after it: grouped.cu's WGRAD_DIAG
+// note): what the probe lacks is the kernel's tiles and its own code.
 // The MMA role uses grouped.cu's own WGMMA wrappers and shared-memory descriptors (included
 // whole: its kernels and C entry points come along unused).
 #include <cuda_runtime.h>
@@ -56,6 +60,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "../fp8_grouped/grouped.cu"
@@ -342,8 +348,11 @@ k_loop_fed(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CU
   for (int i = 0; i < 64; ++i) acc[0][i] = acc[1][i] = 0.f;
   const int lane = threadIdx.x % 32, row = (threadIdx.x % 128) / 32 * 16 + lane / 4;
   const long long t0 = clock64();
+  stamp_tile(wg, 0, 0, 0);  // grouped.cu's WGRAD_CYCLES=2 timeline: the run as one tile
   for (int it = 0, stage = 0, phase = 0; it < iters; ++it) {
+    stamp_k(wg, it, K_TOP);
     mbar_wait(&full[stage], phase);
+    stamp_k(wg, it, K_DATA);
     const uint8_t* st = base + stage * PSTAGE_BYTES;
     const float* sc = reinterpret_cast<const float*>(st + 16384 + 32768);
     const float s0 = ld_shared(sc + row), s1 = ld_shared(sc + row + 8);
@@ -355,15 +364,20 @@ k_loop_fed(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CU
         float4 early[PRELOAD + 1];
         early_products(early, s0, s1, col_scales);
         mma_wait(scratch);
+        stamp_k(wg, it, h == 0 ? K_MMA0 : K_MMA1);
         promote_outer(acc[h], scratch, s0, s1, early, col_scales);
+        stamp_k(wg, it, h == 0 ? K_PROMO0 : K_PROMO1);
         continue;
       }
       mma_k_block(scratch, st + (wg - 1) * 8192, st + 16384 + h * 16384);
       promote_after_wait(acc[h], scratch, s0, s1, col_scales);
     }
     if (lane == 0) mbar_arrive(&empty[stage]);
+    stamp_k(wg, it, K_END);
     if (++stage == PSTAGES) stage = 0, phase ^= 1;
   }
+  stamp_tile(wg, 0, iters, 1);
+  record_cycles(wg, t0, iters, iters, 1);
   const long long t1 = clock64();
   if (lane == 0) mbar_arrive(done);
   if (threadIdx.x % 128 == 0) cycles[blockIdx.x * 2 + wg - 1] = t1 - t0;
@@ -371,6 +385,36 @@ k_loop_fed(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CU
 #pragma unroll
   for (int i = 0; i < 64; ++i) r += acc[0][i] + acc[1][i];
   if (r == 1234.5f) sink[threadIdx.x] = r;
+}
+
+// Pseudo-random bytes that are valid E4M3 (never the NaN pattern S.1111.111): operands whose
+// bits toggle as real data's do, unlike the constant fills (a tensor core's power, and so the
+// clock under the power cap, depends on how many bits change).
+__global__ void fill_random_e4m3(uint8_t* p, size_t n, uint32_t seed) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n;
+       i += size_t(gridDim.x) * blockDim.x) {
+    uint32_t x = uint32_t(i) * 0x9E3779B1u ^ seed ^ uint32_t(i >> 32) * 0x85EBCA77u;
+    x ^= x >> 15;
+    x *= 0x2C1B3C6Du;
+    x ^= x >> 12;
+    x *= 0x297A2D39u;
+    x ^= x >> 15;
+    uint8_t b = uint8_t(x >> 24);
+    if ((b & 0x7F) == 0x7F) b ^= 1;
+    p[i] = b;
+  }
+}
+
+// Pseudo-random floats in [1/512, 1/256): scales as a quantizer's would be, all normal.
+__global__ void fill_random_scales(float* p, size_t n, uint32_t seed) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n;
+       i += size_t(gridDim.x) * blockDim.x) {
+    uint32_t x = uint32_t(i) * 0x9E3779B1u ^ seed;
+    x ^= x >> 16;
+    x *= 0x7FEB352Du;
+    x ^= x >> 15;
+    p[i] = (1.f + float(x >> 8) * (1.f / 16777216.f)) * (1.f / 512.f);
+  }
 }
 
 template <int PARTS>
@@ -391,15 +435,108 @@ bool run_k_loop(int sms, int iters, const float* scales, long long* cycles, floa
   return true;
 }
 
+// One k_loop_fed variant: cold_every >= 0 bulk copies (1 in cold_every K blocks from DRAM);
+// -1 the kernel's 2D tensor loads; -2 those with grouped.cu's promotion code; -3 that and three
+// waiting warps. Launched `repeat` times back to back; the last launch is the one reported, with
+// its SM cycles per K block and the clock they imply (cycles over its wall time).
+struct FedRun {
+  CUtensorMap map_a, map_b;
+  const uint8_t *copy_src, *cold;
+  size_t cold_stages;
+  const float* scales;
+  long long* cycles;
+  float* sink;
+};
+
+bool run_fed(int sms, int iters, int repeat, int cold_every, const FedRun& f) {
+  const size_t fed_smem = PSTAGES * PSTAGE_BYTES + 64 + 1024;  // + barriers
+  cudaFuncSetAttribute(k_loop_fed<false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                       int(fed_smem));
+  cudaFuncSetAttribute(k_loop_fed<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                       int(fed_smem));
+  cudaEvent_t start, stop;
+  cudaEventCreate(&start);
+  cudaEventCreate(&stop);
+  for (int r = 0; r < repeat; ++r) {
+    if (r == repeat - 1) cudaEventRecord(start);
+    if (cold_every <= -2)
+      k_loop_fed<true><<<sms, 384, fed_smem>>>(f.map_a, f.map_b, 1, cold_every == -3, iters,
+                                               f.copy_src, f.cold, f.cold_stages, 0, f.scales,
+                                               f.cycles, f.sink);
+    else
+      k_loop_fed<false><<<sms, 384, fed_smem>>>(f.map_a, f.map_b, cold_every < 0, 0, iters,
+                                                f.copy_src, f.cold, f.cold_stages, cold_every,
+                                                f.scales, f.cycles, f.sink);
+  }
+  cudaEventRecord(stop);
+  if (cudaDeviceSynchronize() != cudaSuccess) {
+    printf("k_loop_fed failed\n");
+    return false;
+  }
+#if WGRAD_CYCLES == 2  // the timeline of CTA 0
+  report_wgrad_cycles<<<1, 1>>>();
+  cudaDeviceSynchronize();
+#endif
+  float ms = 0.f;
+  cudaEventElapsedTime(&ms, start, stop);
+  std::vector<long long> c(sms * 2);
+  cudaMemcpy(c.data(), f.cycles, c.size() * sizeof(long long), cudaMemcpyDeviceToHost);
+  std::sort(c.begin(), c.end());
+  char name[64];
+  if (cold_every == -3)
+    snprintf(name, sizeof(name), "+ three warps waiting");
+  else if (cold_every == -2)
+    snprintf(name, sizeof(name), "+ grouped.cu's promotion");
+  else if (cold_every < 0)
+    snprintf(name, sizeof(name), "fed by 2D tensor loads");
+  else
+    snprintf(name, sizeof(name), "fed, %s%d K blocks from DRAM", cold_every ? "1 in " : "",
+             cold_every);
+  printf("K loop %-29s  K block %6.1f cyc (two halves, both warpgroups), %.0f MHz\n", name,
+         double(c[sms]) / iters, double(c[sms]) / (ms * 1e3));
+  return true;
+}
+
+struct Options {
+  bool random = false;    // --random: operands and scales of random bits, not constant fills
+  bool fed_only = false;  // --fed-only: only the fed K loops over real tensor loads
+  int iters = 2000;       // --iters N: K blocks per K-loop launch
+  int repeat = 1;         // --repeat R: launches back to back, the last one reported
+  int sms = 0;            // --sms N: CTAs of the fed K loops (default: one per SM)
+};
+
+Options parse(int argc, char** argv) {
+  Options o;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    const bool more = i + 1 < argc;
+    if (a == "--random") o.random = true;
+    else if (a == "--fed-only") o.fed_only = true;
+    else if (a == "--iters" && more) o.iters = std::atoi(argv[++i]);
+    else if (a == "--repeat" && more) o.repeat = std::atoi(argv[++i]);
+    else if (a == "--sms" && more) o.sms = std::atoi(argv[++i]);
+    else {
+      printf("usage: %s [--random] [--fed-only] [--iters N] [--repeat R] [--sms N]\n", argv[0]);
+      std::exit(2);
+    }
+  }
+  o.iters = std::max(o.iters, 1);
+  o.repeat = std::max(o.repeat, 1);
+  return o;
+}
+
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
+  const Options opt = parse(argc, argv);
   int sms = 0;
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0);
+  const int fed_sms = opt.sms > 0 ? std::min(opt.sms, sms) : sms;
   const size_t smem = 8192 + 16384 + COPY_RING * COPY_BYTES + 64 + 1024;
   uint8_t* copy_src;  // 16 MB: stays in L2
-  cudaMalloc(&copy_src, size_t(16) * 64 * COPY_BYTES);
-  cudaMemset(copy_src, 0x31, size_t(16) * 64 * COPY_BYTES);
+  const size_t copy_bytes = size_t(16) * 64 * COPY_BYTES;
+  cudaMalloc(&copy_src, copy_bytes);
+  cudaMemset(copy_src, 0x31, copy_bytes);
   const size_t cold_stages = 60000;  // 3 GB: K blocks that miss L2 (see k_loop_fed)
   uint8_t* cold;
   cudaMalloc(&cold, cold_stages * PSTAGE_BYTES);
@@ -412,6 +549,12 @@ int main() {
   cudaMalloc(&op_b, size_t(2048) * T);
   cudaMemset(op_a, 0x33, size_t(7168) * T);
   cudaMemset(op_b, 0x34, size_t(2048) * T);
+  if (opt.random) {  // copy_src also holds the tensor-loaded K loops' scales: floats there
+    fill_random_e4m3<<<1024, 256>>>(op_a, size_t(7168) * T, 1);
+    fill_random_e4m3<<<1024, 256>>>(op_b, size_t(2048) * T, 2);
+    fill_random_e4m3<<<1024, 256>>>(cold, cold_stages * PSTAGE_BYTES, 3);
+    fill_random_scales<<<1024, 256>>>(reinterpret_cast<float*>(copy_src), copy_bytes / 4, 4);
+  }
   CUtensorMap map_a, map_b;
   char err[256];
   if (fp8_tile_map(&map_a, op_a, 7168, T, T, 128, err, sizeof(err)) ||
@@ -429,6 +572,15 @@ int main() {
   float* scales;
   cudaMalloc(&scales, sizeof(host_scales));
   cudaMemcpy(scales, host_scales, sizeof(host_scales), cudaMemcpyHostToDevice);
+  const FedRun fed{map_a, map_b, copy_src, cold, cold_stages, scales, cycles, sink};
+  printf("operands: %s; K loops: %d K blocks a launch, the last of %d launches reported\n",
+         opt.random ? "random bits" : "constant fills", opt.iters, opt.repeat);
+  if (opt.fed_only) {
+    printf("fed K loops on %d CTAs\n", fed_sms);
+    for (int cold_every : {-1, -2})
+      if (!run_fed(fed_sms, opt.iters, opt.repeat, cold_every, fed)) return 1;
+    return 0;
+  }
   const int mma_iters = 4000, fp_iters = 4000;
   struct Mode { int bits, kind, pace; const char* name; };
   const Mode modes[] = {{1, 0, 0, "MMA alone (wg0)"},
@@ -474,7 +626,7 @@ int main() {
     }
   }
   for (int round = 0; round < 2; ++round) {
-    const int it = mma_iters / 2;
+    const int it = opt.iters;
     if (!run_k_loop<0>(sms, it, scales, cycles, sink, "arithmetic") ||
         !run_k_loop<ROW_SCALES>(sms, it, scales, cycles, sink, "+ row scales from the stage") ||
         !run_k_loop<READY_WAIT>(sms, it, scales, cycles, sink, "+ a full barrier's wait") ||
@@ -482,40 +634,8 @@ int main() {
         !run_k_loop<STAGES>(sms, it, scales, cycles, sink, "+ a ring of three stages") ||
         !run_k_loop<15>(sms, it, scales, cycles, sink, "+ all four"))
       return 1;
-    const size_t fed_smem = PSTAGES * PSTAGE_BYTES + 64 + 1024;  // + barriers
-    cudaFuncSetAttribute(k_loop_fed<false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                         int(fed_smem));
-    cudaFuncSetAttribute(k_loop_fed<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                         int(fed_smem));
-    for (int cold_every : {0, 6, 3, -1, -2, -3}) {
-      if (cold_every <= -2)  // the tensor loads again, with grouped.cu's promotion code
-        k_loop_fed<true><<<sms, 384, fed_smem>>>(map_a, map_b, 1, cold_every == -3, it,
-                                                 copy_src, cold, cold_stages, 0, scales, cycles,
-                                                 sink);
-      else
-        k_loop_fed<false><<<sms, 384, fed_smem>>>(map_a, map_b, cold_every < 0, 0, it,
-                                                  copy_src, cold, cold_stages, cold_every,
-                                                  scales, cycles, sink);
-      if (cudaDeviceSynchronize() != cudaSuccess) {
-        printf("k_loop_fed failed\n");
-        return 1;
-      }
-      std::vector<long long> c(sms * 2);
-      cudaMemcpy(c.data(), cycles, c.size() * sizeof(long long), cudaMemcpyDeviceToHost);
-      std::sort(c.begin(), c.end());
-      char name[64];
-      if (cold_every == -3)
-        snprintf(name, sizeof(name), "+ three warps waiting");
-      else if (cold_every == -2)
-        snprintf(name, sizeof(name), "+ grouped.cu's promotion");
-      else if (cold_every < 0)
-        snprintf(name, sizeof(name), "fed by 2D tensor loads");
-      else
-        snprintf(name, sizeof(name), "fed, %s%d K blocks from DRAM", cold_every ? "1 in " : "",
-                 cold_every);
-      printf("K loop %-29s  K block %6.1f cyc (two halves, both warpgroups)\n", name,
-             double(c[sms]) / it);
-    }
+    for (int cold_every : {0, 6, 3, -1, -2, -3})
+      if (!run_fed(fed_sms, it, opt.repeat, cold_every, fed)) return 1;
   }
   return 0;
 }
