@@ -1155,20 +1155,21 @@ __device__ void store_wgrad(const WgradArgs& p, const float (&acc)[64], int expe
 #define WGRAD_CYCLES 0
 #endif
 enum KStep { K_TOP, K_DATA, K_MMA0, K_PROMO0, K_MMA1, K_PROMO1, K_END, K_STEPS };
-constexpr int CYCLED_CTAS = 4, STAMPED_K_BLOCKS = 2048, STAMPED_TILES = 128;
 #if WGRAD_CYCLES
+constexpr int CYCLED_CTAS = 4;
 __device__ long long consumer_cycles[CYCLED_CTAS][2][2];  // cycles, K blocks
 #endif
 #if WGRAD_CYCLES == 2
+constexpr int STAMPED_K_BLOCKS = 2048, STAMPED_TILES = 128;
 __device__ long long k_stamps[2][STAMPED_K_BLOCKS][K_STEPS];
 __device__ long long tile_stamps[2][STAMPED_TILES][2];  // a tile's start, its epilogue's end
 __device__ int tile_first_k[2][STAMPED_TILES];           // the index of a tile's first K block
 __device__ int stamped_counts[2][2];                     // K blocks, tiles
-#endif
 
 __device__ __forceinline__ bool stamping() {
-  return WGRAD_CYCLES == 2 && blockIdx.x == 0 && threadIdx.x % 128 == 0;
+  return blockIdx.x == 0 && threadIdx.x % 128 == 0;
 }
+#endif
 
 __device__ __forceinline__ void stamp_k(int wg, int kb, KStep step) {
 #if WGRAD_CYCLES == 2
@@ -1202,12 +1203,12 @@ __device__ __forceinline__ void record_cycles(int wg, long long start, long long
 #endif
 }
 
+#if WGRAD_CYCLES == 2
 // Mean cycles of each step of the K blocks that do not start a tile, and the gap before them;
 // of a tile's first K block whole; of a tile's start up to its first K block (head) and of its
 // last K block's end up to the epilogue's end; and of the step from one tile's epilogue to the
 // next tile's start.
 __device__ void report_k_steps(int wg) {
-#if WGRAD_CYCLES == 2
   const long long(*k)[K_STEPS] = k_stamps[wg - 1];
   const long long(*tl)[2] = tile_stamps[wg - 1];
   const int k_blocks = min(stamped_counts[wg - 1][0], STAMPED_K_BLOCKS);
@@ -1234,8 +1235,8 @@ __device__ void report_k_steps(int wg) {
          "%d tiles: first K block %.0f, head %.0f, epilogue %.0f, to the next tile %.0f\n",
          wg, inner, step[0] / n, step[1] / n, step[2] / n, step[3] / n, step[4] / n, step[5] / n,
          gap / n, counted, first / c, head / c, epilogue / c, between / max(tiles - 1, 1));
-#endif
 }
+#endif
 
 #if WGRAD_CYCLES
 // One thread, launched after a WGRAD_CYCLES build's Wgrad: prints what its consumers recorded.
@@ -1246,8 +1247,10 @@ __global__ void report_wgrad_cycles() {
       printf("wgrad CTA %d warpgroup %d: %lld cycles, %lld K blocks, %.0f a K block\n", b, wg,
              cycles, k, double(cycles) / double(max(k, 1ll)));
     }
+#if WGRAD_CYCLES == 2
   report_k_steps(1);
   report_k_steps(2);
+#endif
 }
 #endif
 
