@@ -43,7 +43,7 @@
 // Reading 8 of a thread's 16 scale pairs per half while the half's MMAs run (WGRAD_PRELOAD; at
 // 128 x 256 ptxas still forms their products after the wait, short of registers): +3% to +8% on
 // five of the six bench cases, -1% at 64 experts x 512 tokens; 4, 12 and 16 pairs measured no
-// better (16 spills).
+// better (16 spills). (Since the eleventh session 5 pairs: see WGRAD_PRELOAD.)
 // Under sustained load every GEMM here runs at the H100's power cap (2.5 s back to back,
 // nvidia-smi every 50 ms: 650-680 W, power cap active in every sample), so the clock follows how
 // busy the SMs are. E8 x 4096, dsv3-down / dsv3-up: our Wgrad 754 / 739 TFLOPS at 1718 / 1525
@@ -141,7 +141,12 @@
 //     registers a pair against four for a formed product; then scratch *= column scale, acc +=
 //     scratch * row scale; the stage released before the last half's promotion): 0.98-1.00x the
 //     default over the six cases; the same at 128 x 128 tiles, cuBLAS's shape, 0.89-0.92x. So
-//     neither the loop's form nor its tile shape is what cuBLAS gains its ~10% from here.
+//     neither the loop's form nor its tile shape is what cuBLAS gains its ~10% from here;
+//   - the Wgrad K loop with its tile's first K block peeled off (a generic lambda for the K
+//     block, instantiated for the first and for the rest, so that the rest carry no checks for
+//     the warpgroup offset, the overlapped epilogue or a masked first group): 1.03-1.05x the SM
+//     cycles a K block (eleventh session), because ptxas then built the MMA descriptors per
+//     thread in the loop (32 R2UR a K block) instead of in uniform registers.
 //
 // Both kernels are persistent: one CTA per SM walks the tiles, so the producer is already
 // loading the next tile while the consumers store the previous one. The router's counts stay
@@ -1031,9 +1036,13 @@ __device__ __forceinline__ void warpgroup_sync(int wg) { named_barrier_sync(wg, 
 // Wgrad: how many of a thread's 16 column-scale pairs per 128-column half are read from shared
 // memory while the half's MMAs run (between commit and wait) rather than after them, where each
 // load's latency stalls the promotion that needs it. Each pair held costs two registers across the
-// wait; all 16 spill.
+// wait; all 16 spill. Re-measured after the eleventh session's loop changes (WGRAD_CYCLES, SM
+// cycles a K block, dsv3-down E8 x 4096 / dsv3-up E64 x 512 / small-down E16 x 2048): 0 pairs
+// 1979 / 2492 / 2052, 4 1874 / 2625 / 1944, 5 1856 / 2569 / 1929, 6 1868 / 2624 / 1940, 7
+// 1869 / 2638 / 1943, 8 1921 / 2645 / 1979, 10 and 12 2000-2900 (they spill in the loop); in
+// a sweep of the six bench cases 5 reached 1.005-1.09x and 4 1.01-1.12x the TFLOPS of 8.
 #ifndef WGRAD_PRELOAD
-#define WGRAD_PRELOAD 8
+#define WGRAD_PRELOAD 5
 #endif
 constexpr int PRELOAD = WGRAD_PRELOAD;
 static_assert(PRELOAD >= 0 && PRELOAD <= 16, "WGRAD_PRELOAD: 0..16 scale pairs");
