@@ -1156,7 +1156,15 @@ __device__ void store_wgrad(const WgradArgs& p, const float (&acc)[64], int expe
 // changes under the power cap; a one-thread kernel launched after each Wgrad prints them
 // (report_wgrad_cycles). WGRAD_CYCLES=2 adds a timeline: CTA 0's consumer warpgroups stamp
 // clock64 at each step of every K block (KStep) and at each tile's start and end, and the report
-// gives each step's mean length. The probe's fed K loop stamps the same steps. The kernel itself
+// gives each step's mean length. The probe's fed K loop stamps the same steps. Its stamps inside
+// the K block make ptxas spill around the MMAs (~+10% a K block); WGRAD_CYCLES=3 stamps only each
+// K block's start and end and the tiles' (+5% a K block). Eleventh session, dsv3-down E8 x 4096,
+// CTA 0: a K block after a tile's first ~1790 cycles and ~110 between K blocks; a tile's first K
+// block (which also stages the previous tile and starts warpgroup 2 late) 2530-2680; the tile's
+// start up to its first K block (the tile's coordinates: divisions, shared loads, broadcasts)
+// ~420; from one tile's end to the next one's start 600-800. Reading the expert bounds through
+// shared-space loads instead of generic ones moved these by nothing measurable (1863 against
+// 1856 cycles a K block at E8 x 4096, 2550 against 2569 at E64 x 512). The kernel itself
 // must not printf: a call inside it makes ptxas serialize every WGMMA (warning C7510), which
 // the tenth session's WGRAD_CYCLES build did (its 2220-2240 cycles a K block were that
 // serialized build's: the default ran about 7% faster in the same call).
@@ -1168,7 +1176,7 @@ enum KStep { K_TOP, K_DATA, K_MMA0, K_PROMO0, K_MMA1, K_PROMO1, K_END, K_STEPS }
 constexpr int CYCLED_CTAS = 4;
 __device__ long long consumer_cycles[CYCLED_CTAS][2][2];  // cycles, K blocks
 #endif
-#if WGRAD_CYCLES == 2
+#if WGRAD_CYCLES >= 2
 constexpr int STAMPED_K_BLOCKS = 2048, STAMPED_TILES = 128;
 __device__ long long k_stamps[2][STAMPED_K_BLOCKS][K_STEPS];
 __device__ long long tile_stamps[2][STAMPED_TILES][2];  // a tile's start, its epilogue's end
@@ -1181,14 +1189,15 @@ __device__ __forceinline__ bool stamping() {
 #endif
 
 __device__ __forceinline__ void stamp_k(int wg, int kb, KStep step) {
-#if WGRAD_CYCLES == 2
+#if WGRAD_CYCLES >= 2
+  if (WGRAD_CYCLES == 3 && step != K_TOP && step != K_END) return;
   if (stamping() && kb < STAMPED_K_BLOCKS) k_stamps[wg - 1][kb][step] = clock64();
 #endif
 }
 
 // which: 0 a tile's start (its first K block is number kb), 1 the end of its epilogue
 __device__ __forceinline__ void stamp_tile(int wg, int tile, int kb, int which) {
-#if WGRAD_CYCLES == 2
+#if WGRAD_CYCLES >= 2
   if (!stamping() || tile >= STAMPED_TILES) return;
   tile_stamps[wg - 1][tile][which] = clock64();
   if (which == 0) tile_first_k[wg - 1][tile] = kb;
@@ -1204,7 +1213,7 @@ __device__ __forceinline__ void record_cycles(int wg, long long start, long long
     consumer_cycles[blockIdx.x][wg - 1][1] = k_blocks;
   }
 #endif
-#if WGRAD_CYCLES == 2
+#if WGRAD_CYCLES >= 2
   if (stamping()) {
     stamped_counts[wg - 1][0] = stamped_k;
     stamped_counts[wg - 1][1] = stamped_tiles;
@@ -1212,7 +1221,7 @@ __device__ __forceinline__ void record_cycles(int wg, long long start, long long
 #endif
 }
 
-#if WGRAD_CYCLES == 2
+#if WGRAD_CYCLES >= 2
 // Mean cycles of each step of the K blocks that do not start a tile, and the gap before them;
 // of a tile's first K block whole; of a tile's start up to its first K block (head) and of its
 // last K block's end up to the epilogue's end; and of the step from one tile's epilogue to the
@@ -1239,6 +1248,15 @@ __device__ void report_k_steps(int wg) {
     }
   }
   const double n = max(inner, 1), c = max(counted, 1);
+  if (WGRAD_CYCLES == 3) {  // only the K blocks' ends stamped: their steps' sum is the K block
+    double k_block = 0;
+    for (int i = 0; i + 1 < K_STEPS; ++i) k_block += step[i];
+    printf("wgrad tile timeline, CTA 0 warpgroup %d: %d K blocks after a tile's first %.0f cycles "
+           "each, gap %.0f; %d tiles: first K block %.0f, head %.0f, epilogue %.0f, to the next "
+           "tile %.0f\n", wg, inner, k_block / n, gap / n, counted, first / c, head / c,
+           epilogue / c, between / max(tiles - 1, 1));
+    return;
+  }
   printf("wgrad timeline, CTA 0 warpgroup %d, %d K blocks after a tile's first: data wait %.0f, "
          "mma0 %.0f, promo0 %.0f, mma1 %.0f, promo1 %.0f, release %.0f, gap %.0f cycles; "
          "%d tiles: first K block %.0f, head %.0f, epilogue %.0f, to the next tile %.0f\n",
@@ -1256,7 +1274,7 @@ __global__ void report_wgrad_cycles() {
       printf("wgrad CTA %d warpgroup %d: %lld cycles, %lld K blocks, %.0f a K block\n", b, wg,
              cycles, k, double(cycles) / double(max(k, 1ll)));
     }
-#if WGRAD_CYCLES == 2
+#if WGRAD_CYCLES >= 2
   report_k_steps(1);
   report_k_steps(2);
 #endif
