@@ -1298,6 +1298,28 @@ __device__ __forceinline__ void zero_accumulators(float (&acc)[HALVES][64]) {
     for (int i = 0; i < 64; ++i) acc[h][i] = 0.f;
 }
 
+// A consumer's tile: the K loop's bounds and branches, read from shared memory, uniform for the
+// descriptors.
+__device__ __forceinline__ KTile consumer_tile(const SharedStorage& s, const WgradArgs& p, int t,
+                                               const Cluster& c) {
+  KTile tile = wgrad_tile(s, p, t, c);
+  tile.group_lo = warp_uniform(tile.group_lo);
+  tile.groups = warp_uniform(tile.groups);
+  tile.start = warp_uniform(tile.start);
+  tile.end = warp_uniform(tile.end);
+  return tile;
+}
+
+// WGRAD_NEXT_TILE=1: each consumer works out its next tile's coordinates (divisions, shared
+// loads, broadcasts: ~420 cycles, WGRAD_CYCLES=3) while its current tile's first K block's
+// second MMA batch runs, not between the two tiles. Eleventh session (WGRAD_CYCLES=1, SM cycles
+// a K block, against WGRAD_NEXT_TILE=0): dsv3-up E64 x 512 (4 K blocks a tile) 2509 against 2633,
+// 1.07x the TFLOPS in a sweep; at 16-64 K blocks a tile (dsv3 E8 x 4096 / 8192, small-down) no
+// change (1862 / 1820 / 1934 against 1866 / 1819 / 1935).
+#ifndef WGRAD_NEXT_TILE
+#define WGRAD_NEXT_TILE 1
+#endif
+
 // STAGED: wgrad_staged(p), as a compile-time constant (the ring's stage count with it)
 template <bool STAGED>
 __device__ void wgrad_consumer(SharedStorage& s, const WgradArgs& p, int wg, const Cluster& c) {
@@ -1314,14 +1336,13 @@ __device__ void wgrad_consumer(SharedStorage& s, const WgradArgs& p, int wg, con
   [[maybe_unused]] const long long cycles0 = WGRAD_CYCLES ? clock64() : 0;
   [[maybe_unused]] long long k_blocks = 0;
   [[maybe_unused]] int stamped_k = 0, stamped_tiles = 0;  // WGRAD_CYCLES=2's timeline
-  for (int t = c.index; t < wgrad_walk_length(p, c); t += c.count) {
+  const int walk = wgrad_walk_length(p, c);
+  KTile next = consumer_tile(s, p, c.index, c);
+  for (int t = c.index; t < walk; t += c.count) {
     stamp_tile(wg, stamped_tiles, stamped_k, 0);
-    KTile tile = wgrad_tile(s, p, t, c);
-    // the K loop's bounds and branches, read from shared memory, uniform for the descriptors
-    tile.group_lo = warp_uniform(tile.group_lo);
-    tile.groups = warp_uniform(tile.groups);
-    tile.start = warp_uniform(tile.start);
-    tile.end = warp_uniform(tile.end);
+    const KTile tile = WGRAD_NEXT_TILE ? next : consumer_tile(s, p, t, c);
+    const bool more = t + c.count < walk;
+    if (WGRAD_NEXT_TILE && more && tile.groups == 0) next = consumer_tile(s, p, t + c.count, c);
     // the tile's first and last 128-token groups when they hold another expert's tokens too
     // (else -1): one check of the K block's index against these, not against the token bounds
     const int mask_first = warp_uniform(tile.start % BK ? tile.group_lo : -1);
@@ -1363,6 +1384,8 @@ __device__ void wgrad_consumer(SharedStorage& s, const WgradArgs& p, int wg, con
           zero_accumulators(acc);
           pending = false;
         }
+        if (WGRAD_NEXT_TILE && more && h == HALVES - 1 && g == tile.group_lo)
+          next = consumer_tile(s, p, t + c.count, c);  // its latency hidden by these MMAs
         mma_wait(scratch);
         stamp_k(wg, stamped_k, h == 0 ? K_MMA0 : K_MMA1);
         if (tile_start && wg == 1) named_barrier_sync(OFFSET_BAR, 256);
