@@ -34,12 +34,24 @@ import bench_fp8_grouped as bench  # noqa: E402
 import sweep_grouped_cuda as sweep  # noqa: E402
 
 
+def fill_byte(text: str) -> int:
+    """--fill's value: a byte (decimal or 0x..) that is not E4M3's NaN (0x7f or 0xff)."""
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number: give a byte such as 0x38")
+    if not 0 <= value <= 255 or value & 0x7F == 0x7F:
+        raise argparse.ArgumentTypeError(f"{text}: pick a byte 0..0xff other than E4M3's NaN "
+                                         "(0x7f, 0xff)")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--case", type=int, default=0, help="index into GEMM_CASES")
     parser.add_argument("--op", choices=("fwd", "dgrad", "wgrad"), default="fwd")
     parser.add_argument("--calls", type=int, default=4)
-    parser.add_argument("--fill", type=lambda v: int(v, 0), default=None, metavar="BYTE",
+    parser.add_argument("--fill", type=fill_byte, default=None, metavar="BYTE",
                         help="overwrite the FP8 operands with this byte (e.g. 0x38, 1.0 in "
                         "E4M3): constant data, to see what the data's bits cost (timing only)")
     parser.add_argument("--define", action="append", default=[], metavar="NAME=VALUE",
@@ -62,9 +74,6 @@ def main() -> None:
 def profile(case, op: str, calls: int, fill: int | None = None) -> None:
     ops = bench._operands(case)
     if fill is not None:
-        if not 0 <= fill <= 255 or fill & 0x7F == 0x7F:
-            raise SystemExit(f"--fill {fill:#x}: pick a byte 0..0xff other than E4M3's NaN "
-                             "(0x7f, 0xff)")
         for key in ("x8", "dy8"):  # the row-wise and the token-major copies, not their scales
             q, _, qt, _ = ops[key]
             q.view(torch.uint8).fill_(fill)
