@@ -1324,6 +1324,8 @@ __device__ __forceinline__ KTile consumer_tile(const SharedStorage& s, const Wgr
 #ifndef WGRAD_NEXT_TILE
 #define WGRAD_NEXT_TILE 1
 #endif
+// (WGRAD_DIAG=2's K blocks skip the place where the next tile is worked out)
+constexpr bool NEXT_TILE = WGRAD_NEXT_TILE && WGRAD_DIAG != 2;
 
 // STAGED: wgrad_staged(p), as a compile-time constant (the ring's stage count with it)
 template <bool STAGED>
@@ -1340,14 +1342,14 @@ __device__ void wgrad_consumer(SharedStorage& s, const WgradArgs& p, int wg, con
   if (overlap) zero_accumulators(acc);
   [[maybe_unused]] const long long cycles0 = WGRAD_CYCLES ? clock64() : 0;
   [[maybe_unused]] long long k_blocks = 0;
-  [[maybe_unused]] int stamped_k = 0, stamped_tiles = 0;  // WGRAD_CYCLES=2's timeline
+  [[maybe_unused]] int stamped_k = 0, stamped_tiles = 0;  // WGRAD_CYCLES>=2's timeline
   const int walk = wgrad_walk_length(p, c);
   KTile next = consumer_tile(s, p, c.index, c);
   for (int t = c.index; t < walk; t += c.count) {
     stamp_tile(wg, stamped_tiles, stamped_k, 0);
-    const KTile tile = WGRAD_NEXT_TILE ? next : consumer_tile(s, p, t, c);
+    const KTile tile = NEXT_TILE ? next : consumer_tile(s, p, t, c);
     const bool more = t + c.count < walk;
-    if (WGRAD_NEXT_TILE && more && tile.groups == 0) next = consumer_tile(s, p, t + c.count, c);
+    if (NEXT_TILE && more && tile.groups == 0) next = consumer_tile(s, p, t + c.count, c);
     // the tile's first and last 128-token groups when they hold another expert's tokens too
     // (else -1): one check of the K block's index against these, not against the token bounds
     const int mask_first = warp_uniform(tile.start % BK ? tile.group_lo : -1);
@@ -1389,7 +1391,7 @@ __device__ void wgrad_consumer(SharedStorage& s, const WgradArgs& p, int wg, con
           zero_accumulators(acc);
           pending = false;
         }
-        if (WGRAD_NEXT_TILE && more && h == HALVES - 1 && g == tile.group_lo)
+        if (NEXT_TILE && more && h == HALVES - 1 && g == tile.group_lo)
           next = consumer_tile(s, p, t + c.count, c);  // its latency hidden by these MMAs
         mma_wait(scratch);
         stamp_k(wg, stamped_k, h == 0 ? K_MMA0 : K_MMA1);
