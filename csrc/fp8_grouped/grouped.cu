@@ -1294,7 +1294,8 @@ __global__ void report_wgrad_cycles() {
 #ifndef WGRAD_OVERLAP
 #define WGRAD_OVERLAP 1
 #endif
-constexpr bool OVERLAP = WGRAD_OVERLAP && WGRAD_DIAG != 4;
+// (not with WGRAD_DIAG=4, which writes no dW, nor 2, whose K blocks skip the staging point)
+constexpr bool OVERLAP = WGRAD_OVERLAP && WGRAD_DIAG != 4 && WGRAD_DIAG != 2;
 
 __device__ __forceinline__ void zero_accumulators(float (&acc)[HALVES][64]) {
 #pragma unroll
