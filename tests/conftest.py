@@ -24,19 +24,22 @@ def saver_builder():
 
 @pytest.fixture
 def built_csrc(tmp_path):
-    """build(folder, kernel) -> (library path, ptxas' report from `kernel`'s entry on): the
-    library of csrc/<folder> compiled by its build.py into the test's folder. No GPU is needed,
-    only nvcc; without nvcc the test is skipped."""
+    """build(folder, kernel, defines=()) -> (library path, ptxas' report from the line of
+    `kernel`'s first mention on): the library of csrc/<folder> compiled by its build.py into the test's folder,
+    with -D `defines` where given. No GPU is needed, only nvcc; without nvcc the test is
+    skipped."""
     from models.fp8 import cuda_lib
 
-    def build(folder: str, kernel: str):
+    def build(folder: str, kernel: str, defines: tuple[str, ...] = ()):
         script = cuda_lib.build_script(folder)
         try:
             script.find_nvcc()
         except script.BuildUnavailable as err:
             pytest.skip(str(err))
-        lib, report = script.build_library(tmp_path / f"lib{folder}.so")
-        return lib, report[report.index(kernel):]
+        out = tmp_path / f"lib{folder}{'_'.join(('',) + defines)}.so"
+        lib, report = (script.build_library(out, defines=defines) if defines
+                       else script.build_library(out))
+        return lib, report[report.rfind("\n", 0, report.index(kernel)) + 1:]
     return build
 
 

@@ -359,6 +359,16 @@ def test_cuda_kernels_compile_for_sm90a(built_csrc):
     assert "0 bytes spill stores" in fprop.splitlines()[2], fprop[:400]
 
 
+@pytest.mark.parametrize("defines", [(), ("WGRAD_CYCLES=1",), ("WGRAD_CYCLES=3",)])
+def test_wgrad_builds_keep_their_mmas_asynchronous(built_csrc, defines):
+    """ptxas serializes every WGMMA of a kernel that makes a call (a device printf, say) and says
+    so (C7510). Neither the default Wgrad kernel nor its cycle-counting builds may pay that, or
+    the cycles they count belong to another kernel: the tenth session's did."""
+    _, report = built_csrc("fp8_grouped", "grouped_wgrad_kernel", defines)
+    assert "serialized" not in report, report[:600]
+    assert "C751" not in report, report[:600]
+
+
 def test_cuda_backend_without_a_hopper_gpu_is_a_clear_error():
     a_q, a_s, b_q, b_s, counts_E = _operands([3, 5], 128, 128, seed=1)
     if DEVICE == "cuda" and torch.cuda.get_device_capability() == (9, 0):
