@@ -479,6 +479,8 @@ bool run_fed(int sms, int iters, int repeat, int cold_every, const FedRun& f) {
 #endif
   float ms = 0.f;
   cudaEventElapsedTime(&ms, start, stop);
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
   std::vector<long long> c(sms * 2);
   cudaMemcpy(c.data(), f.cycles, c.size() * sizeof(long long), cudaMemcpyDeviceToHost);
   std::sort(c.begin(), c.end());
@@ -517,7 +519,7 @@ Options parse(int argc, char** argv) {
     else if (a == "--sms" && more) o.sms = std::atoi(argv[++i]);
     else {
       printf("usage: %s [--random] [--fed-only] [--iters N] [--repeat R] [--sms N]\n", argv[0]);
-      std::exit(2);
+      std::exit(a == "--help" ? 0 : 2);
     }
   }
   o.iters = std::max(o.iters, 1);
