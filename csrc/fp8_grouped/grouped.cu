@@ -154,7 +154,11 @@
 //     stays (WGRAD_OFFSET=0: 1893);
 //   - warpgroup 2 staging the previous tile before its late start (while it waits for warpgroup
 //     1's first batch) instead of under its own first batch: 1998 against 1864 SM cycles a K
-//     block at dsv3-down E8 x 4096, 2067 against 1933 at small-down, 0.94x the TFLOPS.
+//     block at dsv3-down E8 x 4096, 2067 against 1933 at small-down, 0.94x the TFLOPS;
+//   - warpgroup 1 only arriving at the offset barrier (bar.arrive on one of nine barriers in
+//     turn, so that it never waits for warpgroup 2 to reach the tile): 1899 against 1864 SM
+//     cycles a K block at dsv3-down E8 x 4096, 0.96-1.00x the TFLOPS. Both waiting keeps the
+//     two warpgroups close, which is worth more than the wait.
 //
 // Both kernels are persistent: one CTA per SM walks the tiles, so the producer is already
 // loading the next tile while the consumers store the previous one. The router's counts stay
