@@ -25,8 +25,8 @@ def saver_builder():
 @pytest.fixture
 def built_csrc(tmp_path):
     """build(folder, kernel, defines=()) -> (library path, ptxas' report from the line of
-    `kernel`'s first mention on): the library of csrc/<folder> compiled by its build.py into the test's folder,
-    with -D `defines` where given. No GPU is needed, only nvcc; without nvcc the test is
+    `kernel`'s first mention on): the library of csrc/<folder> compiled by its build.py, with -D
+    `defines`, into the test's folder. No GPU is needed, only nvcc; without nvcc the test is
     skipped."""
     from models.fp8 import cuda_lib
 
@@ -37,8 +37,7 @@ def built_csrc(tmp_path):
         except script.BuildUnavailable as err:
             pytest.skip(str(err))
         out = tmp_path / f"lib{folder}{'_'.join(('',) + defines)}.so"
-        lib, report = (script.build_library(out, defines=defines) if defines
-                       else script.build_library(out))
+        lib, report = script.build_library(out, defines=defines)
         return lib, report[report.rfind("\n", 0, report.index(kernel)) + 1:]
     return build
 

@@ -1217,8 +1217,7 @@ __device__ __forceinline__ void stamp_tile(int wg, int tile, int kb, int which) 
 }
 
 // At a consumer warpgroup's end: its cycles since `start` and its K blocks; its timeline's size.
-__device__ __forceinline__ void record_cycles(int wg, long long start, long long k_blocks,
-                                              int stamped_k, int stamped_tiles) {
+__device__ __forceinline__ void record_cycles(int wg, long long start, int k_blocks, int tiles) {
 #if WGRAD_CYCLES
   if (blockIdx.x < CYCLED_CTAS && threadIdx.x % 128 == 0) {
     consumer_cycles[blockIdx.x][wg - 1][0] = clock64() - start;
@@ -1227,8 +1226,8 @@ __device__ __forceinline__ void record_cycles(int wg, long long start, long long
 #endif
 #if WGRAD_CYCLES >= 2
   if (stamping()) {
-    stamped_counts[wg - 1][0] = stamped_k;
-    stamped_counts[wg - 1][1] = stamped_tiles;
+    stamped_counts[wg - 1][0] = k_blocks;
+    stamped_counts[wg - 1][1] = tiles;
   }
 #endif
 }
@@ -1349,12 +1348,12 @@ __device__ void wgrad_consumer(SharedStorage& s, const WgradArgs& p, int wg, con
   bool pending = false;  // overlap: acc holds a finished tile not yet staged
   if (overlap) zero_accumulators(acc);
   [[maybe_unused]] const long long cycles0 = WGRAD_CYCLES ? clock64() : 0;
-  [[maybe_unused]] long long k_blocks = 0;
-  [[maybe_unused]] int stamped_k = 0, stamped_tiles = 0;  // WGRAD_CYCLES>=2's timeline
+  // the K blocks and tiles done so far: WGRAD_CYCLES's counts and its timeline's indices
+  [[maybe_unused]] int k_done = 0, tiles_done = 0;
   const int walk = wgrad_walk_length(p, c);
   KTile next = consumer_tile(s, p, c.index, c);
   for (int t = c.index; t < walk; t += c.count) {
-    stamp_tile(wg, stamped_tiles, stamped_k, 0);
+    stamp_tile(wg, tiles_done, k_done, 0);
     const KTile tile = NEXT_TILE ? next : consumer_tile(s, p, t, c);
     const bool more = t + c.count < walk;
     if (NEXT_TILE && more && tile.groups == 0) next = consumer_tile(s, p, t + c.count, c);
@@ -1370,9 +1369,9 @@ __device__ void wgrad_consumer(SharedStorage& s, const WgradArgs& p, int wg, con
       pending = false;
     }
     for (int g = tile.group_lo; g < tile.group_lo + tile.groups; ++g, ring.advance()) {
-      stamp_k(wg, stamped_k, K_TOP);
+      stamp_k(wg, k_done, K_TOP);
       if (WGRAD_DIAG != 3) mbar_wait(&s.full[ring.stage], ring.phase);
-      stamp_k(wg, stamped_k, K_DATA);
+      stamp_k(wg, k_done, K_DATA);
       WgradStage& st = s.wgrad_stage(ring.stage);
       if (g == mask_first || g == mask_last) {
         mask_other_experts(st.a + wg_row0 * BK, g * BK, tile.start, tile.end);
@@ -1402,7 +1401,7 @@ __device__ void wgrad_consumer(SharedStorage& s, const WgradArgs& p, int wg, con
         if (NEXT_TILE && more && h == HALVES - 1 && g == tile.group_lo)
           next = consumer_tile(s, p, t + c.count, c);  // its latency hidden by these MMAs
         mma_wait(scratch);
-        stamp_k(wg, stamped_k, h == 0 ? K_MMA0 : K_MMA1);
+        stamp_k(wg, k_done, h == 0 ? K_MMA0 : K_MMA1);
         if (tile_start && wg == 1) named_barrier_sync(OFFSET_BAR, 256);
         if (EARLY_RELEASE && h == HALVES - 1) release_stage(s, ring.stage, c);
 #if WGRAD_DIAG == 1
@@ -1412,7 +1411,7 @@ __device__ void wgrad_consumer(SharedStorage& s, const WgradArgs& p, int wg, con
 #else
         promote_outer(acc[h], scratch, s0, s1, early, col_scales);
 #endif
-        stamp_k(wg, stamped_k, h == 0 ? K_PROMO0 : K_PROMO1);
+        stamp_k(wg, k_done, h == 0 ? K_PROMO0 : K_PROMO1);
       }
 #if WGRAD_DIAG == 2
       release_stage(s, ring.stage, c);
@@ -1421,9 +1420,8 @@ __device__ void wgrad_consumer(SharedStorage& s, const WgradArgs& p, int wg, con
       if (WGRAD_DIAG == 3) mbar_wait(&s.full[ring.stage], ring.phase);
       // otherwise after the scale reads: the stage's scales are in it
       if (!EARLY_RELEASE) release_stage(s, ring.stage, c);
-      stamp_k(wg, stamped_k++, K_END);
+      stamp_k(wg, k_done++, K_END);
     }
-    if (WGRAD_CYCLES) k_blocks += tile.groups;
     if (WGRAD_DIAG == 4) {  // no epilogue; a sum of the accumulators keeps ptxas computing them
       float sum = 0.f;
 #pragma unroll
@@ -1441,10 +1439,10 @@ __device__ void wgrad_consumer(SharedStorage& s, const WgradArgs& p, int wg, con
         store_wgrad(p, acc[h], tile.expert, tile.row0 + row_in_tile,
                     tile.col0 + h * HALF + col_in_tile);
     }
-    stamp_tile(wg, stamped_tiles++, stamped_k, 1);
+    stamp_tile(wg, tiles_done++, k_done, 1);
   }
   if (pending) hand_to_storers(s, s.wgrad_out_tile(), acc, row_in_tile, out_phase);
-  record_cycles(wg, cycles0, k_blocks, stamped_k, stamped_tiles);
+  record_cycles(wg, cycles0, k_done, tiles_done);
 }
 
 // The storer warps' walk (bf16 dW): each staged 128 x 256 tile, whole, while the consumers go on.

@@ -377,7 +377,7 @@ k_loop_fed(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CU
     if (++stage == PSTAGES) stage = 0, phase ^= 1;
   }
   stamp_tile(wg, 0, iters, 1);
-  record_cycles(wg, t0, iters, iters, 1);
+  record_cycles(wg, t0, iters, 1);
   const long long t1 = clock64();
   if (lane == 0) mbar_arrive(done);
   if (threadIdx.x % 128 == 0) cycles[blockIdx.x * 2 + wg - 1] = t1 - t0;
