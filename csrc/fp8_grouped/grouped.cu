@@ -1187,6 +1187,11 @@ enum KStep { K_TOP, K_DATA, K_MMA0, K_PROMO0, K_MMA1, K_PROMO1, K_END, K_STEPS }
 #if WGRAD_CYCLES
 constexpr int CYCLED_CTAS = 4;
 __device__ long long consumer_cycles[CYCLED_CTAS][2][2];  // cycles, K blocks
+// every CTA's cycles (its first consumer warpgroup's): the slowest is the kernel's length in SM
+// cycles, its gap to the mean what the last partial wave of tiles costs
+constexpr int MAX_CYCLED_CTAS = 1024;
+__device__ long long cta_cycles[MAX_CYCLED_CTAS];
+__device__ int cycled_ctas;
 #endif
 #if WGRAD_CYCLES >= 2
 constexpr int STAMPED_K_BLOCKS = 2048, STAMPED_TILES = 128;
@@ -1222,6 +1227,10 @@ __device__ __forceinline__ void record_cycles(int wg, long long start, int k_blo
   if (blockIdx.x < CYCLED_CTAS && threadIdx.x % 128 == 0) {
     consumer_cycles[blockIdx.x][wg - 1][0] = clock64() - start;
     consumer_cycles[blockIdx.x][wg - 1][1] = k_blocks;
+  }
+  if (wg == 1 && threadIdx.x % 128 == 0 && blockIdx.x < MAX_CYCLED_CTAS) {
+    cta_cycles[blockIdx.x] = clock64() - start;
+    if (blockIdx.x == 0) cycled_ctas = min(int(gridDim.x), MAX_CYCLED_CTAS);
   }
 #endif
 #if WGRAD_CYCLES >= 2
@@ -1285,6 +1294,14 @@ __global__ void report_wgrad_cycles() {
       printf("wgrad CTA %d warpgroup %d: %lld cycles, %lld K blocks, %.0f a K block\n", b, wg,
              cycles, k, double(cycles) / double(max(k, 1ll)));
     }
+  long long slowest = 0;
+  double sum = 0;
+  for (int b = 0; b < cycled_ctas; ++b) {
+    slowest = max(slowest, cta_cycles[b]);
+    sum += double(cta_cycles[b]);
+  }
+  printf("wgrad CTAs: %d, slowest %lld cycles, mean %.0f\n", cycled_ctas, slowest,
+         sum / max(cycled_ctas, 1));
 #if WGRAD_CYCLES >= 2
   report_k_steps(1);
   report_k_steps(2);
