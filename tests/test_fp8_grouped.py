@@ -277,56 +277,6 @@ def test_cuda_grouped_wgrad_matches_reference(counts, N, K):
     assert ref.calc_diff(grad.float(), summed) < 1e-3
 
 
-SPLIT_CASES = [  # counts, max_ctas; 6 tiles of 128 x 256 an expert (N = 384, K = 512)
-    ([300, 0, 1500], 4),  # 18 tiles on 4 CTAs: the 2 left over cut in 2 K pieces each
-    ([300, 0, 1500], 8),  # on 8: cut in 3 (13 groups, at least 4 a piece), the 4th CTAs idle
-    ([100, 1500, 0], 8),  # the left-over tiles are an empty expert's: zeros, unsplit
-    ([100, 1500, 0], 7),  # 4 left over on 7 CTAs: no split
-    ([70, 1800, 3], 16),  # a 3-token expert's: one group, unsplit
-    ([70, 1800], 5),      # 12 tiles on 5: pieces of groups 0-6 (shared with expert 0) and 7-14
-]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("counts,max_ctas", SPLIT_CASES)
-def test_cuda_wgrad_tail_split_matches_reference_and_repeats_bitwise(counts, max_ctas):
-    """The last partial wave's tiles split along K (grouped.cu, WGRAD_SPLIT), made to happen at
-    small shapes by running the persistent kernel on few CTAs: every output mode against the
-    reference and the unsplit kernel, and bitwise equal from run to run (the pieces are summed
-    in K order whichever arrives last)."""
-    from models.fp8 import grouped_cuda
-    N, K = 384, 512
-    a_q, a_s, b_q, b_s, counts_E = _wgrad_operands(counts, N, K, seed=sum(counts) + max_ctas)
-    expect = ref.grouped_gemm_128x1_128x1(a_q, a_s, b_q, b_s, counts_E)
-    tiles = len(counts) * (N // 128) * (K // 256)
-    left = tiles % max_ctas
-    split = left and max_ctas // left >= 2
-    workspace = grouped_cuda.wgrad_workspace_bytes(a_q.device, N, K, len(counts), max_ctas)
-    assert bool(workspace) == split
-
-    def run(out, accumulate=False, ctas=max_ctas):
-        return grouped_cuda.wgrad(a_q, a_s, b_q, b_s, counts_E, out, accumulate, ctas)
-
-    unsplit = run(torch.empty_like(expect), ctas=0)  # one CTA a tile here: nothing left over
-    first = run(torch.full_like(expect, float("nan")))
-    assert ref.calc_diff(first, expect) < 1e-3
-    for e, c in enumerate(counts):  # empty experts exactly zero
-        assert bool((first[e] == 0).all()) if c == 0 else ref.calc_diff(first[e], expect[e]) < 1e-3
-    torch.testing.assert_close(first, unsplit, rtol=1e-5, atol=1e-5 * expect.abs().max().item())
-    assert all(torch.equal(run(torch.empty_like(expect)), first) for _ in range(3))
-    main_grad = torch.randn_like(expect)
-    summed = main_grad + expect
-    run(main_grad, accumulate=True)
-    assert ref.calc_diff(main_grad, summed) < 1e-5
-    bf16 = run(torch.empty_like(expect, dtype=torch.bfloat16))  # staged for the storer warps
-    assert ref.calc_diff(bf16.float(), expect) < 1e-3
-    assert torch.equal(bf16, run(torch.empty_like(bf16)))
-    grad = torch.randn_like(bf16)
-    summed = grad.float() + expect
-    run(grad, accumulate=True)
-    assert ref.calc_diff(grad.float(), summed) < 1e-3
-
-
 @pytest.mark.gpu
 def test_auto_backend_falls_back_to_triton_where_the_cuda_kernels_do_not_fit():
     """An `a` that TMA cannot read (its base 8 bytes off a 16-byte boundary) and a Wgrad K that

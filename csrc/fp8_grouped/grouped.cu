@@ -276,24 +276,6 @@ constexpr int WGRAD_DIRECT_STAGES = std::min<int>(WGRAD_MAX_STAGES,
                                                   RING_BYTES / sizeof(WgradStage));
 static_assert(WGRAD_DIRECT_STAGES <= MAX_STAGES, "WGRAD_MAX_STAGES: 8 at most");
 
-// Wgrad's work item: an expert's output tile and the 128-token groups it sums over, all of the
-// expert's or a piece of them (WGRAD_SPLIT).
-struct KTile {
-  int expert, row0, col0, start, end, group_lo, groups;
-};
-
-// A CTA's walk: the whole tiles c.index, c.index + c.count, ... below `whole`, then with
-// WGRAD_SPLIT its piece of a tail tile (tail tile c.index / split, piece c.index % split), as
-// item t = whole + c.index, where that piece has groups to sum. Worked out once per CTA into
-// shared memory (the consumers' K loop has no registers to spare for it).
-struct WgradPlan {
-  int whole;   // the tiles below this are whole (a multiple of the CTAs)
-  int end;     // the walk's end: whole + c.index + 1 with a piece, else whole
-  int pieces;  // with a piece: its tail tile's pieces, and that tile's index among the tail tiles
-  int tail;
-  KTile piece;  // its tile and K range
-};
-
 struct SharedStorage {
   alignas(1024) uint8_t ring[RING_BYTES];
   uint64_t full[MAX_STAGES];
@@ -302,8 +284,6 @@ struct SharedStorage {
   uint64_t out_empty;  // the storer warps have written it to global memory
   int tile_start[MAX_EXPERTS + 1];  // grouped_fprop: first M tile of each expert
   int row_start[MAX_EXPERTS + 1];   // first sorted row (token) of each expert
-  WgradPlan plan;   // Wgrad: this CTA's walk (plan_wgrad_walk)
-  int split_last;   // Wgrad: this CTA's piece of a split tile arrived last (publish_piece)
 
   __device__ __forceinline__ Stage& stage(int i) { return reinterpret_cast<Stage*>(ring)[i]; }
   __device__ __forceinline__ WgradStage& wgrad_stage(int i) {
@@ -340,13 +320,6 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
 __device__ __forceinline__ float ld_shared(const float* p) {
   float v;
   asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(smem_addr(p)));
-  return v;
-}
-
-// An int in this CTA's shared memory, read where it stands (not hoisted into a register)
-__device__ __forceinline__ int ld_shared_int(const int* p) {
-  int v;
-  asm volatile("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(smem_addr(p)));
   return v;
 }
 
@@ -982,11 +955,11 @@ struct WgradArgs {
   int accumulate;   // out += result (fp32 arithmetic) instead of out = result
   Counts counts;
   int T, N, K, E;
-  int split;        // K pieces a tail tile is split into (0: none; see WGRAD_SPLIT)
-  float* partials;  // split: [CTAs][BM * BN] fp32, each CTA's piece of its tail tile
-  int* arrivals;    // split: [tail tiles], zero at launch: the pieces done so far
 };
 
+struct KTile {
+  int expert, row0, col0, start, end, group_lo, groups;
+};
 
 __device__ __forceinline__ int wgrad_walk_length(const WgradArgs& p, const Cluster& c) {
   return p.E * (p.N / BM) * (p.K / BN / c.size);
@@ -1009,53 +982,6 @@ __device__ __forceinline__ KTile wgrad_tile(const SharedStorage& s, const WgradA
   return tile;
 }
 
-// WGRAD_SPLIT=S: the last partial wave of tiles split along K. The tiles are dealt round-robin
-// to the persistent CTAs, so when their count is not a multiple of the CTAs' (3584 tiles of 128
-// x 256 at DeepSeek-V3's down projection, 8 experts, on 132 SMs: 27 each and 20 left over), a
-// few CTAs take one tile more while the rest idle (28 against 27.15 tiles' time: 3%). With r
-// tiles left over, each of them is instead cut into up to min(S, CTAs / r) pieces of at least
-// WGRAD_SPLIT_MIN_GROUPS 128-token groups, one piece per CTA. Each piece's CTA writes its fp32
-// partial tile to the workspace and counts itself in at the tile's arrival counter; the last to
-// arrive adds all the pieces, in piece order (so the result does not depend on which arrives
-// last: the same bits every run), and writes dW as an unsplit tile would. Nobody waits for
-// another CTA, so the CTAs need not all be resident at once. 0 or 1 turns it off.
-#ifndef WGRAD_SPLIT
-#define WGRAD_SPLIT 6
-#endif
-#ifndef WGRAD_SPLIT_MIN_GROUPS
-#define WGRAD_SPLIT_MIN_GROUPS 4
-#endif
-constexpr int SPLIT_BAR = 4;  // the consumers' meeting around a piece's arrival (publish_piece)
-
-// K pieces a tail tile of `groups` token groups is cut into (an empty expert's tile: one)
-__device__ __forceinline__ int tail_pieces(const WgradArgs& p, int groups) {
-  return max(1, min(groups / WGRAD_SPLIT_MIN_GROUPS, p.split));
-}
-
-__device__ void plan_wgrad_walk(WgradPlan& w, const SharedStorage& s, const WgradArgs& p,
-                                const Cluster& c) {
-  const int length = wgrad_walk_length(p, c), left = p.split ? length % c.count : 0;
-  w.whole = w.end = length - left;
-  w.pieces = 1;
-  w.tail = 0;
-  if (c.index >= left * p.split) return;
-  w.tail = c.index / p.split;
-  KTile tile = wgrad_tile(s, p, w.whole + w.tail, c);
-  const int piece = c.index % p.split, groups = tile.groups, lo = tile.group_lo;
-  w.pieces = tail_pieces(p, groups);
-  if (piece >= w.pieces) return;
-  tile.group_lo = lo + piece * groups / w.pieces;
-  tile.groups = lo + (piece + 1) * groups / w.pieces - tile.group_lo;
-  w.piece = tile;
-  w.end = w.whole + c.index + 1;
-}
-
-// Item t of the walk (c.index <= t < plan.end, in steps of c.count)
-__device__ __forceinline__ KTile wgrad_item(const SharedStorage& s, const WgradArgs& p, int t,
-                                            const Cluster& c) {
-  return t < s.plan.whole ? wgrad_tile(s, p, t, c) : s.plan.piece;
-}
-
 // (Accumulating into bf16 stays with the stores from registers: the sum is rounded once there.)
 __device__ __forceinline__ bool wgrad_staged(const WgradArgs& p) {
   return WGRAD_STAGED && p.out_bf16 && !p.accumulate;
@@ -1068,8 +994,8 @@ __device__ __forceinline__ int wgrad_stages(const WgradArgs& p) {
 __device__ void wgrad_producer(SharedStorage& s, const CUtensorMap* map_a, const CUtensorMap* map_b,
                                const WgradArgs& p, const Cluster& c) {
   Ring ring(wgrad_stages(p));
-  for (int t = c.index; t < s.plan.end; t += c.count) {
-    const KTile tile = wgrad_item(s, p, t, c);
+  for (int t = c.index; t < wgrad_walk_length(p, c); t += c.count) {
+    const KTile tile = wgrad_tile(s, p, t, c);
     for (int g = tile.group_lo; g < tile.group_lo + tile.groups; ++g, ring.advance()) {
       mbar_wait(&s.empty[ring.stage], ring.phase ^ 1);
       WgradStage& st = s.wgrad_stage(ring.stage);
@@ -1162,8 +1088,6 @@ constexpr bool EARLY_RELEASE = PRELOAD == 16;
 #ifndef WGRAD_DIAG
 #define WGRAD_DIAG 0
 #endif
-// WGRAD_SPLIT's tail split (not with WGRAD_DIAG=4, which writes no dW)
-constexpr bool SPLIT = WGRAD_SPLIT >= 2 && WGRAD_DIAG != 4;
 
 __device__ __forceinline__ float2 ld_shared_v2(const float* p) {
   float2 v;
@@ -1264,7 +1188,7 @@ enum KStep { K_TOP, K_DATA, K_MMA0, K_PROMO0, K_MMA1, K_PROMO1, K_END, K_STEPS }
 constexpr int CYCLED_CTAS = 4;
 __device__ long long consumer_cycles[CYCLED_CTAS][2][2];  // cycles, K blocks
 // every CTA's cycles (its first consumer warpgroup's): the slowest is the kernel's length in SM
-// cycles, which the tail split (WGRAD_SPLIT) shortens
+// cycles, its gap to the mean what the last partial wave of tiles costs
 constexpr int MAX_CYCLED_CTAS = 1024;
 __device__ long long cta_cycles[MAX_CYCLED_CTAS];
 __device__ int cycled_ctas;
@@ -1405,7 +1329,9 @@ __device__ __forceinline__ void zero_accumulators(float (&acc)[HALVES][64]) {
 
 // A consumer's tile: the K loop's bounds and branches, read from shared memory, uniform for the
 // descriptors.
-__device__ __forceinline__ KTile uniform_tile(KTile tile) {
+__device__ __forceinline__ KTile consumer_tile(const SharedStorage& s, const WgradArgs& p, int t,
+                                               const Cluster& c) {
+  KTile tile = wgrad_tile(s, p, t, c);
   tile.group_lo = warp_uniform(tile.group_lo);
   tile.groups = warp_uniform(tile.groups);
   tile.start = warp_uniform(tile.start);
@@ -1425,72 +1351,6 @@ __device__ __forceinline__ KTile uniform_tile(KTile tile) {
 // (WGRAD_DIAG=2's K blocks skip the place where the next tile is worked out)
 constexpr bool NEXT_TILE = WGRAD_NEXT_TILE && WGRAD_DIAG != 2;
 
-// A split tile's piece (WGRAD_SPLIT), after its K blocks: both consumer warpgroups write their
-// accumulators to this CTA's workspace slot, and the CTA counts itself in at the tile's arrival
-// counter. The last of the tile's pieces to arrive (true) then sums them all, piece by piece in
-// K order, and writes dW (sum_pieces); the others are done (false). The release/acquire pattern
-// is that of CUDA's threadfence reduction: stores, fence, CTA barrier, one atomic; on the
-// reading side, barrier, fence, loads (past L1: ld.global.cg).
-// Slot layout: consumer thread i's values 4 q .. 4 q + 3 (q < 32) as the float4 at q * 256 + i,
-// so that sum_pieces reads 512 contiguous bytes a warp. They are stored one float at a time: a
-// 16-byte store would want the four accumulators in an aligned register quad, and asking that
-// of them made ptxas allocate the K loop worse (+2% SM cycles a K block, measured), as did
-// summing the pieces into the accumulators.
-constexpr int PIECE_VEC4 = 256 * HALVES * 16;  // float4s of one CTA's piece
-
-__device__ bool publish_piece(SharedStorage& s, const WgradArgs& p, const float (&acc)[HALVES][64],
-                              const Cluster& c) {
-  const int i = threadIdx.x - 128;  // 0..255 over the two warpgroups
-  float* mine = p.partials + (size_t(c.index) * PIECE_VEC4 + i) * 4;
-#pragma unroll
-  for (int h = 0; h < HALVES; ++h)
-#pragma unroll
-    for (int e = 0; e < 64; ++e) __stcg(mine + (16 * h + e / 4) * 1024 + e % 4, acc[h][e]);
-  __threadfence();
-  named_barrier_sync(SPLIT_BAR, 256);
-  if (i == 0) s.split_last = atomicAdd(p.arrivals + s.plan.tail, 1) == s.plan.pieces - 1;
-  named_barrier_sync(SPLIT_BAR, 256);
-  const bool last = *reinterpret_cast<volatile int*>(&s.split_last);
-  if (last) __threadfence();
-  return last;
-}
-
-// The last piece's consumers: dW of the split tile, each value the sum of the pieces' in K order
-// (the same bits whichever piece arrived last), written where an unsplit tile's registers would
-// have gone (store_wgrad's pairs, so every output mode), 16 float4s of every piece in flight.
-__device__ void sum_pieces(const SharedStorage& s, const WgradArgs& p, int row_in_tile,
-                           int col_in_tile) {
-  const KTile& tile = s.plan.piece;
-  const float4* pieces = reinterpret_cast<const float4*>(p.partials) +
-                         size_t(s.plan.tail) * p.split * PIECE_VEC4 + (threadIdx.x - 128);
-  const int64_t base = int64_t(tile.expert) * p.out_e + int64_t(tile.row0 + row_in_tile) * p.out_n +
-                       tile.col0 + col_in_tile;
-#pragma unroll 1
-  for (int h = 0; h < HALVES; ++h) {  // a 128-column half: 16 column pairs, 4 values each
-    float4 sum[16], add[16];
-#pragma unroll
-    for (int q = 0; q < 16; ++q) sum[q] = __ldcg(pieces + (16 * h + q) * 256);
-#pragma unroll 1
-    for (int j = 1; j < s.plan.pieces; ++j) {
-#pragma unroll
-      for (int q = 0; q < 16; ++q) add[q] = __ldcg(pieces + j * PIECE_VEC4 + (16 * h + q) * 256);
-#pragma unroll
-      for (int q = 0; q < 16; ++q) {
-        sum[q].x += add[q].x;
-        sum[q].y += add[q].y;
-        sum[q].z += add[q].z;
-        sum[q].w += add[q].w;
-      }
-    }
-#pragma unroll
-    for (int q = 0; q < 16; ++q) {
-      const int64_t at = base + h * HALF + 8 * q;
-      store_wgrad_pair(p, at, sum[q].x, sum[q].y);
-      store_wgrad_pair(p, at + 8 * p.out_n, sum[q].z, sum[q].w);
-    }
-  }
-}
-
 // STAGED: wgrad_staged(p), as a compile-time constant (the ring's stage count with it)
 template <bool STAGED>
 __device__ void wgrad_consumer(SharedStorage& s, const WgradArgs& p, int wg, const Cluster& c) {
@@ -1507,19 +1367,15 @@ __device__ void wgrad_consumer(SharedStorage& s, const WgradArgs& p, int wg, con
   [[maybe_unused]] const long long cycles0 = WGRAD_CYCLES ? clock64() : 0;
   // the K blocks and tiles done so far: WGRAD_CYCLES's counts and its timeline's indices
   [[maybe_unused]] int k_done = 0, tiles_done = 0;
-  // The walk's bounds (s.plan) are read from shared memory where needed, not held in registers:
-  // the K loop has not one to spare (ptxas then spills the scale products around the MMAs).
-  KTile next = uniform_tile(wgrad_tile(s, p, c.index, c));
-  for (int t = c.index; t < ld_shared_int(&s.plan.end); t += c.count) {
+  const int walk = wgrad_walk_length(p, c);
+  KTile next = consumer_tile(s, p, c.index, c);
+  for (int t = c.index; t < walk; t += c.count) {
     stamp_tile(wg, tiles_done, k_done, 0);
-    const int whole = ld_shared_int(&s.plan.whole);
-    const bool piece = t >= whole;  // (WGRAD_SPLIT) the CTA's last item
-    const KTile tile = uniform_tile(piece ? s.plan.piece : NEXT_TILE ? next : wgrad_tile(s, p, t, c));
-    const bool more = t + c.count < whole;  // a whole tile comes next (NEXT_TILE works it out)
-    if (NEXT_TILE && more && tile.groups == 0) next = uniform_tile(wgrad_tile(s, p, t + c.count, c));
+    const KTile tile = NEXT_TILE ? next : consumer_tile(s, p, t, c);
+    const bool more = t + c.count < walk;
+    if (NEXT_TILE && more && tile.groups == 0) next = consumer_tile(s, p, t + c.count, c);
     // the tile's first and last 128-token groups when they hold another expert's tokens too
-    // (else -1): one check of the K block's index against these, not against the token bounds.
-    // (A tail piece's may lie inside the expert: masking them then zeroes nothing.)
+    // (else -1): one check of the K block's index against these, not against the token bounds
     const int mask_first = warp_uniform(tile.start % BK ? tile.group_lo : -1);
     const int mask_last = warp_uniform(tile.end % BK ? tile.group_lo + tile.groups - 1 : -1);
     if (!overlap) {
@@ -1560,7 +1416,7 @@ __device__ void wgrad_consumer(SharedStorage& s, const WgradArgs& p, int wg, con
           pending = false;
         }
         if (NEXT_TILE && more && h == HALVES - 1 && g == tile.group_lo)
-          next = uniform_tile(wgrad_tile(s, p, t + c.count, c));  // latency under these MMAs
+          next = consumer_tile(s, p, t + c.count, c);  // its latency hidden by these MMAs
         mma_wait(scratch);
         stamp_k(wg, k_done, h == 0 ? K_MMA0 : K_MMA1);
         if (tile_start && wg == 1) named_barrier_sync(OFFSET_BAR, 256);
@@ -1583,8 +1439,6 @@ __device__ void wgrad_consumer(SharedStorage& s, const WgradArgs& p, int wg, con
       if (!EARLY_RELEASE) release_stage(s, ring.stage, c);
       stamp_k(wg, k_done++, K_END);
     }
-    // (t, not `piece`: a flag kept across the K loop costs it a register)
-    if (SPLIT && t >= ld_shared_int(&s.plan.whole) && ld_shared_int(&s.plan.pieces) > 1) break;
     if (WGRAD_DIAG == 4) {  // no epilogue; a sum of the accumulators keeps ptxas computing them
       float sum = 0.f;
 #pragma unroll
@@ -1604,11 +1458,6 @@ __device__ void wgrad_consumer(SharedStorage& s, const WgradArgs& p, int wg, con
     }
     stamp_tile(wg, tiles_done++, k_done, 1);
   }
-  if (SPLIT && s.plan.end > s.plan.whole && s.plan.pieces > 1) {
-    // a split piece, the CTA's last item (the previous tile was staged under its first MMAs)
-    if (publish_piece(s, p, acc, c)) sum_pieces(s, p, row_in_tile, col_in_tile);
-    stamp_tile(wg, tiles_done++, k_done, 1);
-  }
   if (pending) hand_to_storers(s, s.wgrad_out_tile(), acc, row_in_tile, out_phase);
   record_cycles(wg, cycles0, k_done, tiles_done);
 }
@@ -1617,9 +1466,8 @@ __device__ void wgrad_consumer(SharedStorage& s, const WgradArgs& p, int wg, con
 __device__ void wgrad_storer(SharedStorage& s, const WgradArgs& p, const Cluster& c) {
   if (!wgrad_staged(p) || WGRAD_DIAG == 4) return;
   uint32_t phase = 0;
-  for (int t = c.index; t < s.plan.end; t += c.count, phase ^= 1) {
-    if (t >= s.plan.whole && s.plan.pieces > 1) break;  // a split piece: sum_pieces writes it
-    const KTile tile = wgrad_item(s, p, t, c);
+  for (int t = c.index; t < wgrad_walk_length(p, c); t += c.count, phase ^= 1) {
+    const KTile tile = wgrad_tile(s, p, t, c);
     __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out) + int64_t(tile.expert) * p.out_e +
                          int64_t(tile.row0) * p.out_n + tile.col0;
     write_staged_tile<BN>(s, s.wgrad_out_tile(), out, p.out_n, BM, BN, phase);
@@ -1633,11 +1481,7 @@ grouped_wgrad_kernel(const __grid_constant__ CUtensorMap map_a,
                      const WgradArgs p) {
   SharedStorage& s = shared_storage();
   const Cluster c = cluster_position(p.cluster_size);
-  if (threadIdx.x < 32) {
-    scan_counts(s, p.counts, p.E);
-    __syncwarp();
-    if (threadIdx.x == 0) plan_wgrad_walk(s.plan, s, p, c);
-  }
+  if (threadIdx.x < 32) scan_counts(s, p.counts, p.E);
   if (threadIdx.x == 32) init_barriers(s, c.size);
   __syncthreads();
   if (c.size > 1) cluster_sync();
@@ -1672,59 +1516,46 @@ int fp8_tile_map(CUtensorMap* map, const void* base, int64_t rows, int64_t cols,
 
 constexpr size_t SMEM_BYTES = sizeof(SharedStorage) + 1024;  // + alignment slack
 
-// The persistent grid of `kernel` over `work` tiles: as many CTAs as can be resident at once (one
-// per SM; in whole clusters), at most max_ctas (> 0: tests of the tail split, and measurements
-// on fewer SMs sharing the chip's power, L2 and DRAM), and no more clusters than walks.
+// GRID_LIMIT=n (measurement only): at most n CTAs, so that fewer SMs share the chip's power,
+// L2 and DRAM (0: one per SM).
+#ifndef GRID_LIMIT
+#define GRID_LIMIT 0
+#endif
+
+// Launch `kernel` persistently over `work` tiles: as many CTAs as can be resident at once (one
+// per SM; in whole clusters), each cluster walking its share of the tiles.
 template <typename Args>
-cudaError_t persistent_grid(void (*kernel)(CUtensorMap, CUtensorMap, CUtensorMap, Args),
-                            int cluster_size, int work, int max_ctas, cudaLaunchConfig_t& config,
-                            cudaLaunchAttribute& cluster_dim) {
+int launch(void (*kernel)(CUtensorMap, CUtensorMap, CUtensorMap, Args), const CUtensorMap& map_a,
+           const CUtensorMap& map_b, const CUtensorMap& map_sa, const Args& args, int work,
+           void* stream, char* err, int err_len) {
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        int(SMEM_BYTES));
-  if (e == cudaSuccess && cluster_size > 1)
+  if (e == cudaSuccess && args.cluster_size > 1)
     e = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
-  if (e != cudaSuccess) return e;
+  if (e != cudaSuccess) return fail(err, err_len, cudaGetErrorString(e));
+  cudaLaunchAttribute cluster_dim;
   cluster_dim.id = cudaLaunchAttributeClusterDimension;
-  cluster_dim.val.clusterDim.x = cluster_size;
+  cluster_dim.val.clusterDim.x = args.cluster_size;
   cluster_dim.val.clusterDim.y = 1;
   cluster_dim.val.clusterDim.z = 1;
+  cudaLaunchConfig_t config = {};
   config.blockDim = dim3(THREADS);
   config.dynamicSmemBytes = SMEM_BYTES;
+  config.stream = static_cast<cudaStream_t>(stream);
   config.attrs = &cluster_dim;
   config.numAttrs = 1;
   int device = 0, sms = 0, clusters = 0;
   cudaGetDevice(&device);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  config.gridDim = dim3(sms / cluster_size * cluster_size);
+  config.gridDim = dim3(sms / args.cluster_size * args.cluster_size);
   e = cudaOccupancyMaxActiveClusters(&clusters, kernel, &config);
-  if (e != cudaSuccess || clusters < 1) clusters = sms / cluster_size;
-  const int walks = (work + cluster_size - 1) / cluster_size;
-  if (max_ctas > 0) clusters = std::min(clusters, std::max(1, max_ctas / cluster_size));
-  config.gridDim = dim3(std::max(1, std::min(clusters, walks)) * cluster_size);
-  return cudaSuccess;
-}
-
-template <typename Args>
-int launch(void (*kernel)(CUtensorMap, CUtensorMap, CUtensorMap, Args), const CUtensorMap& map_a,
-           const CUtensorMap& map_b, const CUtensorMap& map_sa, const Args& args,
-           const cudaLaunchConfig_t& config, char* err, int err_len) {
-  const cudaError_t e = cudaLaunchKernelEx(&config, kernel, map_a, map_b, map_sa, args);
+  if (e != cudaSuccess || clusters < 1) clusters = sms / args.cluster_size;
+  const int walks = (work + args.cluster_size - 1) / args.cluster_size;
+  if (GRID_LIMIT > 0) clusters = std::min(clusters, std::max(1, GRID_LIMIT / args.cluster_size));
+  config.gridDim = dim3(std::max(1, std::min(clusters, walks)) * args.cluster_size);
+  e = cudaLaunchKernelEx(&config, kernel, map_a, map_b, map_sa, args);
   if (e != cudaSuccess) return fail(err, err_len, cudaGetErrorString(e));
   return 0;
-}
-
-// Wgrad's tail split (WGRAD_SPLIT) for `tiles` tiles on `ctas` CTAs: K pieces a tail tile is cut
-// into at most (0: no split), and the workspace it needs: the tail tiles' arrival counters
-// (padded to 256 bytes), then one fp32 BM x BN partial tile per CTA.
-int wgrad_split(int tiles, int ctas, int cluster_size) {
-  const int left = tiles % ctas;
-  if (!SPLIT || cluster_size > 1 || left == 0) return 0;
-  const int pieces = std::min(WGRAD_SPLIT, ctas / left);
-  return pieces >= 2 ? pieces : 0;
-}
-size_t split_counters_bytes(int ctas) { return (ctas * sizeof(int) + 255) / 256 * 256; }
-size_t wgrad_workspace_bytes(int split, int ctas) {
-  return split ? split_counters_bytes(ctas) + size_t(ctas) * BM * BN * sizeof(float) : 0;
 }
 
 }  // namespace
@@ -1754,35 +1585,15 @@ int fp8moe_grouped_fprop(const void* a, int64_t lda, const float* sa, int64_t sa
     return 1;
   const FpropArgs args{cluster, sb, sb_e, sb_n, sb_kb, out, ld_out, out_fp32,
                        Counts{counts, counts_int64}, T, N, K, E};
-  cudaLaunchConfig_t config = {};
-  cudaLaunchAttribute cluster_dim;
-  const cudaError_t e = persistent_grid(grouped_fprop_kernel, cluster, m_tiles_bound * n_tiles,
-                                        0, config, cluster_dim);
-  if (e != cudaSuccess) return fail(err, err_len, cudaGetErrorString(e));
-  config.stream = static_cast<cudaStream_t>(stream);
-  return launch(grouped_fprop_kernel, map_a, map_b, map_sa, args, config, err, err_len);
+  return launch(grouped_fprop_kernel, map_a, map_b, map_sa, args, m_tiles_bound * n_tiles,
+                stream, err, err_len);
 }
 
-// The persistent Wgrad's grid for these shapes (max_ctas > 0: at most that many CTAs), and the
-// workspace bytes its tail split needs (0: none), which the caller allocates.
-size_t fp8moe_grouped_wgrad_workspace_bytes(int N, int K, int E, int cluster, int max_ctas) {
-  if (N % BM || K % BN || E < 1 || (K / BN) % cluster) cluster = 1;
-  const int tiles = E * (N / BM) * (K / BN);
-  cudaLaunchConfig_t config = {};
-  cudaLaunchAttribute cluster_dim;
-  if (tiles < 1 ||
-      persistent_grid(grouped_wgrad_kernel, cluster, tiles, max_ctas, config, cluster_dim))
-    return 0;
-  return wgrad_workspace_bytes(wgrad_split(tiles, config.gridDim.x, cluster), config.gridDim.x);
-}
-
-// workspace: fp8moe_grouped_wgrad_workspace_bytes(N, K, E, cluster, max_ctas) bytes of device
-// memory, written and read by this launch only (its counters are cleared here, on `stream`).
 int fp8moe_grouped_wgrad(const void* a, int64_t lda, const float* sa, int64_t sa_g, const void* b,
                          int64_t ldb, const float* sb, int64_t sb_g, void* out, int64_t out_e,
                          int64_t out_n, int out_bf16, int accumulate, const void* counts,
-                         int counts_int64, int T, int padded_T, int N, int K, int E, int cluster,
-                         int max_ctas, void* workspace, size_t workspace_bytes, void* stream,
+                         int counts_int64,
+                         int T, int padded_T, int N, int K, int E, int cluster, void* stream,
                          char* err, int err_len) {
   if (E < 1 || E > MAX_EXPERTS) return fail(err, err_len, "expert count out of range (1..1024)");
   if (N % BM || K % BN) {
@@ -1793,30 +1604,13 @@ int fp8moe_grouped_wgrad(const void* a, int64_t lda, const float* sa, int64_t sa
   CUtensorMap map_a, map_b;
   if (fp8_tile_map(&map_a, a, N, padded_T, lda, BM / cluster, err, err_len)) return 1;
   if (fp8_tile_map(&map_b, b, K, padded_T, ldb, BN, err, err_len)) return 1;
-  const int tiles = E * (N / BM) * (K / BN);
-  cudaLaunchConfig_t config = {};
-  cudaLaunchAttribute cluster_dim;
-  cudaError_t e = persistent_grid(grouped_wgrad_kernel, cluster, tiles, max_ctas, config,
-                                  cluster_dim);
-  if (e != cudaSuccess) return fail(err, err_len, cudaGetErrorString(e));
-  config.stream = static_cast<cudaStream_t>(stream);
-  const int ctas = config.gridDim.x, split = wgrad_split(tiles, ctas, cluster);
-  const size_t needed = wgrad_workspace_bytes(split, ctas);
-  if (workspace_bytes < needed) {
-    snprintf(err, err_len, "Wgrad workspace of %zu bytes, %zu needed: allocate what "
-             "fp8moe_grouped_wgrad_workspace_bytes returns", workspace_bytes, needed);
-    return 1;
-  }
-  uint8_t* ws = static_cast<uint8_t*>(workspace);
   const WgradArgs args{cluster, sa, sa_g, sb, sb_g, out, out_e, out_n, out_bf16, accumulate,
-                       Counts{counts, counts_int64}, T, N, K, E, split,
-                       split ? reinterpret_cast<float*>(ws + split_counters_bytes(ctas)) : nullptr,
-                       split ? reinterpret_cast<int*>(ws) : nullptr};
-  if (split) e = cudaMemsetAsync(ws, 0, split_counters_bytes(ctas), config.stream);
-  if (e != cudaSuccess) return fail(err, err_len, cudaGetErrorString(e));
-  if (launch(grouped_wgrad_kernel, map_a, map_b, map_b, args, config, err, err_len)) return 1;
+                       Counts{counts, counts_int64}, T, N, K, E};
+  if (launch(grouped_wgrad_kernel, map_a, map_b, map_b, args, E * (N / BM) * (K / BN), stream,
+             err, err_len))
+    return 1;
 #if WGRAD_CYCLES
-  report_wgrad_cycles<<<1, 1, 0, config.stream>>>();
+  report_wgrad_cycles<<<1, 1, 0, static_cast<cudaStream_t>(stream)>>>();
 #endif
   return 0;
 }

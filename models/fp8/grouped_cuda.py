@@ -36,10 +36,8 @@ def load_library(path) -> ctypes.CDLL:
                                          ptr, i64, i32, ptr, i32, i32, i32, i32, i32, i32, i32,
                                          ptr, ctypes.c_char_p, i32]
     lib.fp8moe_grouped_wgrad.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, i64, ptr, i64, i64,
-                                         i32, i32, ptr, i32, i32, i32, i32, i32, i32, i32, i32,
-                                         ptr, ctypes.c_size_t, ptr, ctypes.c_char_p, i32]
-    lib.fp8moe_grouped_wgrad_workspace_bytes.argtypes = [i32, i32, i32, i32, i32]
-    lib.fp8moe_grouped_wgrad_workspace_bytes.restype = ctypes.c_size_t
+                                         i32, i32, ptr, i32, i32, i32, i32, i32, i32, i32, ptr,
+                                         ctypes.c_char_p, i32]
     lib.fp8moe_grouped_smem_bytes.restype = ctypes.c_size_t
     return lib
 
@@ -108,34 +106,16 @@ def gemm(a_q, a_s, b_q, b_s, counts_E, out, m_tiles_bound: int) -> torch.Tensor:
     return out
 
 
-@functools.lru_cache(maxsize=256)
-def _wgrad_workspace_bytes(lib, device_index: int, N: int, K: int, E: int, max_ctas: int) -> int:
-    """Bytes of workspace `lib`'s Wgrad launch needs on that device (0: none): its tail split's
-    partial tiles and arrival counters (grouped.cu, WGRAD_SPLIT). A pure function of the build,
-    the shapes and the device's SM count, so cached."""
-    with torch.cuda.device(device_index):
-        return lib.fp8moe_grouped_wgrad_workspace_bytes(N, K, E, CLUSTER, max_ctas)
-
-
-def wgrad_workspace_bytes(device: torch.device, N: int, K: int, E: int, max_ctas: int = 0) -> int:
-    return _wgrad_workspace_bytes(_library(), device.index or 0, N, K, E, max_ctas)
-
-
-def wgrad(a_q, a_s, b_q, b_s, counts_E, out, accumulate: bool, max_ctas: int = 0) -> torch.Tensor:
+def wgrad(a_q, a_s, b_q, b_s, counts_E, out, accumulate: bool) -> torch.Tensor:
     """out[e] (+)= deq(a)[rows of e]^T . deq(b)[rows of e] into `out` [E, N, K] (fp32 or bf16);
-    operands (token-major) validated by grouped.grouped_wgrad. max_ctas > 0 runs the persistent
-    kernel on at most that many CTAs (the tests use it to split the last wave's tiles at small
-    shapes; one CTA per SM otherwise)."""
+    operands (token-major) validated by grouped.grouped_wgrad."""
     (T, N), (_, K), E = a_q.shape, b_q.shape, counts_E.shape[0]
     padded_T = -(-T // 128) * 128
-    device = a_q.device
-    stream = cuda_lib.current_stream(device)
-    size = wgrad_workspace_bytes(device, N, K, E, max_ctas)
-    workspace = torch.empty(size, dtype=torch.uint8, device=device) if size else None
+    stream = cuda_lib.current_stream(a_q.device)
     cuda_lib.call(_library().fp8moe_grouped_wgrad,
                   a_q.data_ptr(), a_q.stride(1), a_s.data_ptr(), a_s.stride(0), b_q.data_ptr(),
                   b_q.stride(1), b_s.data_ptr(), b_s.stride(0), out.data_ptr(), out.stride(0),
                   out.stride(1), int(out.dtype == torch.bfloat16), int(accumulate),
                   counts_E.data_ptr(), int(counts_E.dtype == torch.int64), T, padded_T, N, K, E,
-                  CLUSTER, max_ctas, workspace.data_ptr() if size else None, size, stream)
+                  CLUSTER, stream)
     return out
