@@ -159,6 +159,23 @@
 //     turn, so that it never waits for warpgroup 2 to reach the tile): 1899 against 1864 SM
 //     cycles a K block at dsv3-down E8 x 4096, 0.96-1.00x the TFLOPS. Both waiting keeps the
 //     two warpgroups close, which is worth more than the wait.
+//   - the last partial wave's tiles split along K (twelfth session; commit 83fce72 has its last
+//     form and a GPU test): 3584 tiles on 132 CTAs leave 20 for a 28th round, 3% of the kernel's
+//     SM cycles (WGRAD_CYCLES's slowest CTA 1.673M against a mean of 1.617M at dsv3-down E8 x
+//     4096). Each left-over tile was cut into up to 6 pieces of >= 4 token groups, one per CTA;
+//     each piece's fp32 partial went to a workspace, and an atomic arrival counter picked the last
+//     piece's CTA to sum them in K order (the same bits every run; the GPU tests passed, bitwise
+//     repeatable). The tail shrank as meant, but every form of the summing code made ptxas
+//     schedule and allocate the unchanged K loop worse: +2% SM cycles a K block with the sum into
+//     the accumulators (their float4 loads and stores asked for aligned register quads), +17%
+//     with it inside the tile loop, +0.5-1% with the sum kept off the accumulators but then slow
+//     itself (its loads serialized: the slowest CTA +4%), +4% with it unrolled. Best slowest-CTA
+//     result -0.5% / -0.8% at dsv3-down E8 x 4096 / 8192, +2% at 64 x 512 where nothing is
+//     split. A separate fixup kernel would leave the K loop's code as it is;
+//   - a grid of 128 CTAs (GRID_LIMIT=128) at dsv3-down E8 x 4096, where 3584 tiles are then 28
+//     for every CTA, none idle at the end: 1.00x the TFLOPS (9 interleaved rounds); at dsv3-up E8
+//     x 4096 (56 rounds instead of 55) also 1.00x: under the power cap, it seems, the SMs left
+//     idle give their power to the others.
 //
 // Both kernels are persistent: one CTA per SM walks the tiles, so the producer is already
 // loading the next tile while the consumers store the previous one. The router's counts stay
