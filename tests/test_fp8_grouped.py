@@ -12,6 +12,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from models.fp8 import grouped_cuda  # noqa: E402
 from models.fp8 import reference as ref  # noqa: E402
 from models.fp8.grouped import (TileConfig, grouped_gemm, grouped_wgrad,  # noqa: E402
                                 m_tiles_bound, token_major)
@@ -357,6 +358,23 @@ def test_cuda_kernels_compile_for_sm90a(built_csrc):
     lib, fprop = built_csrc("fp8_grouped", "grouped_fprop_kernel")
     assert lib.exists() and lib.stat().st_size > 0
     assert "0 bytes spill stores" in fprop.splitlines()[2], fprop[:400]
+    _check_balanced_grid(grouped_cuda.load_library(lib).fp8moe_grouped_persistent_clusters)
+
+
+def _check_balanced_grid(clusters_for):
+    """The persistent grid (grouped.cu, BALANCED_GRID) runs a walk in as few rounds as the room
+    allows, on the fewest clusters that keep that many rounds, so that no cluster idles through
+    the last one: hand-computed cases (3584 Wgrad tiles of DeepSeek-V3's down projection at 8
+    experts on 132 SMs: 128 CTAs of 28), then the two properties on random walks."""
+    cases = {(3584, 132): 128, (7168, 132): 131, (57344, 132): 132, (5, 132): 5, (133, 132): 67,
+             (1, 1): 1, (264, 132): 132}
+    assert {key: clusters_for(*key) for key in cases} == cases
+    gen = torch.Generator().manual_seed(7)
+    for walks, room in torch.randint(1, 5000, (200, 2), generator=gen).tolist():
+        n = clusters_for(walks, room)
+        rounds = -(-walks // min(room, walks))
+        assert 1 <= n <= room and -(-walks // n) == rounds, (walks, room, n)
+        assert n == 1 or -(-walks // (n - 1)) > rounds, (walks, room, n)
 
 
 @pytest.mark.parametrize("defines", [(), ("WGRAD_CYCLES=1",), ("WGRAD_CYCLES=3",)])

@@ -171,11 +171,9 @@
 //     with it inside the tile loop, +0.5-1% with the sum kept off the accumulators but then slow
 //     itself (its loads serialized: the slowest CTA +4%), +4% with it unrolled. Best slowest-CTA
 //     result -0.5% / -0.8% at dsv3-down E8 x 4096 / 8192, +2% at 64 x 512 where nothing is
-//     split. A separate fixup kernel would leave the K loop's code as it is;
-//   - a grid of 128 CTAs (GRID_LIMIT=128) at dsv3-down E8 x 4096, where 3584 tiles are then 28
-//     for every CTA, none idle at the end: 1.00x the TFLOPS (9 interleaved rounds); at dsv3-up E8
-//     x 4096 (56 rounds instead of 55) also 1.00x: under the power cap, it seems, the SMs left
-//     idle give their power to the others.
+//     split. A separate fixup kernel would leave the K loop's code as it is. (The tail's
+//     idle SMs cost less wall time than cycles: at the power cap they lift the others' clock.
+//     BALANCED_GRID, below, runs such a walk on fewer CTAs instead.)
 //
 // Both kernels are persistent: one CTA per SM walks the tiles, so the producer is already
 // loading the next tile while the consumers store the previous one. The router's counts stay
@@ -1538,6 +1536,31 @@ constexpr size_t SMEM_BYTES = sizeof(SharedStorage) + 1024;  // + alignment slac
 #ifndef GRID_LIMIT
 #define GRID_LIMIT 0
 #endif
+// BALANCED_GRID=1: no more CTAs than the rounds of tiles need. With `walks` tiles on room for
+// `clusters`, ceil(walks / clusters) rounds are run either way; ceil(walks / rounds) clusters run
+// them with every CTA taking the same number of tiles (to within one), so none idles through
+// the last round: 3584 Wgrad tiles at DeepSeek-V3's down projection, 8 experts, take 28 rounds
+// on 128 CTAs instead of 27.15 on 132: the same SM cycles, and none spent idling at the end.
+// Measured on the H100 (twelfth session): 3 s of back-to-back calls, nvidia-smi sampling at 50 ms,
+// 821-828 TFLOPS at 1501-1507 MHz and ~700 W against 811-813 at 1632-1651 MHz and 691 W on 132
+// CTAs (whose idle last round lowers the power and lifts the clock, without giving the time
+// back), the same energy a call (814-818 mJ against 819-820); in a sweep of the six cases, Wgrad
+// +1.0% / +0.6% at dsv3-down E8 x 4096 / 8192 (the cases whose grid changes), inside the sweep's
+// +-3% noise (cases whose grid does not change moved -3% to +3%). BALANCED_GRID=0 fills every
+// SM. (Fprop/Dgrad balance on the bound of their M tiles, so their grid rarely changes.)
+#ifndef BALANCED_GRID
+#define BALANCED_GRID 1
+#endif
+
+// The clusters a persistent walk of `walks` tiles runs on, with room for `room` at once.
+int persistent_clusters(int walks, int room) {
+  int clusters = std::max(1, std::min(room, walks));
+  if (BALANCED_GRID) {
+    const int rounds = (walks + clusters - 1) / clusters;
+    clusters = std::max(1, (walks + rounds - 1) / rounds);
+  }
+  return clusters;
+}
 
 // Launch `kernel` persistently over `work` tiles: as many CTAs as can be resident at once (one
 // per SM; in whole clusters), each cluster walking its share of the tiles.
@@ -1569,7 +1592,7 @@ int launch(void (*kernel)(CUtensorMap, CUtensorMap, CUtensorMap, Args), const CU
   if (e != cudaSuccess || clusters < 1) clusters = sms / args.cluster_size;
   const int walks = (work + args.cluster_size - 1) / args.cluster_size;
   if (GRID_LIMIT > 0) clusters = std::min(clusters, std::max(1, GRID_LIMIT / args.cluster_size));
-  config.gridDim = dim3(std::max(1, std::min(clusters, walks)) * args.cluster_size);
+  config.gridDim = dim3(persistent_clusters(walks, clusters) * args.cluster_size);
   e = cudaLaunchKernelEx(&config, kernel, map_a, map_b, map_sa, args);
   if (e != cudaSuccess) return fail(err, err_len, cudaGetErrorString(e));
   return 0;
@@ -1581,6 +1604,12 @@ extern "C" {
 
 // Shared memory one CTA needs (bytes): the caller checks it against the device's limit.
 size_t fp8moe_grouped_smem_bytes() { return SMEM_BYTES; }
+
+// How many clusters a walk of `walks` tiles runs on with room for `room` (BALANCED_GRID), for
+// tests: it needs no GPU.
+int fp8moe_grouped_persistent_clusters(int walks, int room) {
+  return persistent_clusters(walks, room);
+}
 
 // cluster: 2 pairs CTAs on side-by-side tiles sharing the `a` tile (multicast); 1 does not.
 // Pairs need an even number of 128-column tiles; otherwise the kernel runs unpaired.

@@ -39,6 +39,7 @@ def load_library(path) -> ctypes.CDLL:
                                          i32, i32, ptr, i32, i32, i32, i32, i32, i32, i32, ptr,
                                          ctypes.c_char_p, i32]
     lib.fp8moe_grouped_smem_bytes.restype = ctypes.c_size_t
+    lib.fp8moe_grouped_persistent_clusters.argtypes = [i32, i32]
     return lib
 
 
