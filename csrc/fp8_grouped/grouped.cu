@@ -558,10 +558,20 @@ struct Ring {
 // Tile t of a band-major walk over m_tiles x n_tiles: bands of GROUP_M tile rows, column by
 // column inside a band, so the CTAs running at one time share operand tiles in L2.
 constexpr int GROUP_M = 8;  // 4, 16 and 32 measured no better on an H100
+// Wgrad's bands (twelfth session): with 8 rows, ncu counted 1.26 GB of DRAM reads for one Wgrad
+// at dsv3-up E8 x 4096 (3.4x the operands; each 256-column `b` stripe is read again for every
+// band), against 0.79 GB for the cuBLAS loop's 8 kernels, and 6.6 / 14.2 GB of L2 traffic at
+// dsv3-down / dsv3-up against the loop's 5.2 / 10.7. Bands of 16 or 32 rows (one `b` pass an
+// expert) ran 0.96-1.03x the TFLOPS of 8 over the six bench cases (5 interleaved rounds): DRAM
+// traffic is not what the Wgrad gap to the loop is made of.
+#ifndef WGRAD_GROUP_M
+#define WGRAD_GROUP_M GROUP_M
+#endif
+template <int GM = GROUP_M>
 __device__ __forceinline__ void band_order(int t, int m_tiles, int n_tiles, int& m, int& n) {
-  const int per_band = GROUP_M * n_tiles;
-  const int first_m = (t / per_band) * GROUP_M;
-  const int band_rows = min(m_tiles - first_m, GROUP_M);
+  const int per_band = GM * n_tiles;
+  const int first_m = (t / per_band) * GM;
+  const int band_rows = min(m_tiles - first_m, GM);
   m = first_m + (t % per_band) % band_rows;
   n = (t % per_band) / band_rows;
 }
@@ -986,7 +996,7 @@ __device__ __forceinline__ KTile wgrad_tile(const SharedStorage& s, const WgradA
   KTile tile;
   tile.expert = t / per_expert;
   int m, n;
-  band_order(t % per_expert, m_tiles, n_tiles, m, n);
+  band_order<WGRAD_GROUP_M>(t % per_expert, m_tiles, n_tiles, m, n);
   n = n * c.size + c.rank;
   tile.row0 = m * BM;
   tile.col0 = n * BN;
