@@ -211,6 +211,11 @@ def tail_gap(run: dict, base: dict, key: str = "loss/total") -> float:
     return sum(tail) / sum(tail_base) - 1
 
 
+def held_out_gap(run: dict, base: dict) -> float:
+    """`run`'s held-out loss relative to `base`'s, minus one."""
+    return run["held_out"] / base["held_out"] - 1
+
+
 def report(args, results: list[dict]) -> None:
     bf16, fp8, control = (results + [None])[:3]
     tokens = args.micro_batch * args.seq_len
@@ -228,7 +233,7 @@ def report(args, results: list[dict]) -> None:
                  for key in LOSSES if any(bf16["curves"][key])
                  for final, worst in [gaps(r, bf16, key)]]
         print(f"    {r['run']:<9} " + " | ".join(parts))
-    gaps_to_bf16 = (f"{r['run']} {r['held_out'] / bf16['held_out'] - 1:+.3%}" for r in results[1:])
+    gaps_to_bf16 = (f"{r['run']} {held_out_gap(r, bf16):+.3%}" for r in results[1:])
     print(f"  held-out next-token loss ({EVAL_ROWS} validation rows): "
           + ", ".join(f"{r['run']} {r['held_out']:.4f}" for r in results)
           + "; gaps to bf16: " + ", ".join(gaps_to_bf16))
@@ -255,7 +260,7 @@ def record_rows(args, bf16: dict, fp8: dict, control: dict | None) -> None:
         fp8_gap, control_gap = (abs(gaps(r, bf16, "loss/total")[0]) for r in (fp8, control))
         record("fp8_loss", f"{case}: |final EMA gap| fp8 vs bf16 (ratio: control/fp8)",
                100 * fp8_gap, "%", "bf16 control |gap|", 100 * control_gap, higher_is_better=False)
-        fp8_gap, control_gap = (abs(r["held_out"] / bf16["held_out"] - 1) for r in (fp8, control))
+        fp8_gap, control_gap = (abs(held_out_gap(r, bf16)) for r in (fp8, control))
         record("fp8_loss", f"{case}: |held-out loss gap| fp8 vs bf16 (ratio: control/fp8)",
                100 * fp8_gap, "%", "bf16 control |gap|", 100 * control_gap, higher_is_better=False)
 
@@ -268,7 +273,7 @@ def report_seeds(args, by_seed: dict[int, list[dict]]) -> None:
     for i, name in enumerate(args.runs.split(",")[1:], start=1):
         final = [gaps(results[i], results[0], "loss/total")[0] for results in by_seed.values()]
         tail = [tail_gap(results[i], results[0]) for results in by_seed.values()]
-        held = [results[i]["held_out"] / results[0]["held_out"] - 1 for results in by_seed.values()]
+        held = [held_out_gap(results[i], results[0]) for results in by_seed.values()]
         print(f"  {name:<9} " + "  ".join(f"seed {s}: {f:+.3%} | {t:+.3%} | held-out {h:+.3%}"
                                             for s, f, t, h in zip(by_seed, final, tail, held)))
         print(f"  {'':<9} mean {statistics.mean(final):+.3%} (sd {statistics.stdev(final):.3%}) | "

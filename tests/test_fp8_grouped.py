@@ -365,9 +365,10 @@ def _check_balanced_grid(clusters_for):
     """The persistent grid (grouped.cu, BALANCED_GRID) runs a walk in as few rounds as the room
     allows, on the fewest clusters that keep that many rounds, so that no cluster idles through
     the last one: hand-computed cases (3584 Wgrad tiles of DeepSeek-V3's down projection at 8
-    experts on 132 SMs: 128 CTAs of 28), then the two properties on random walks."""
+    experts on 132 SMs: 128 CTAs of 28; an empty walk gets one), then the two properties on random
+    walks."""
     cases = {(3584, 132): 128, (7168, 132): 131, (57344, 132): 132, (5, 132): 5, (133, 132): 67,
-             (1, 1): 1, (264, 132): 132}
+             (1, 1): 1, (264, 132): 132, (0, 132): 1}
     assert {key: clusters_for(*key) for key in cases} == cases
     gen = torch.Generator().manual_seed(7)
     for walks, room in torch.randint(1, 5000, (200, 2), generator=gen).tolist():

@@ -1562,14 +1562,12 @@ constexpr size_t SMEM_BYTES = sizeof(SharedStorage) + 1024;  // + alignment slac
 #define BALANCED_GRID 1
 #endif
 
-// The clusters a persistent walk of `walks` tiles runs on, with room for `room` at once.
+// The clusters a persistent walk of `walks` tiles runs on, with room for `room` at once (one
+// for an empty walk).
 int persistent_clusters(int walks, int room) {
-  int clusters = std::max(1, std::min(room, walks));
-  if (BALANCED_GRID) {
-    const int rounds = (walks + clusters - 1) / clusters;
-    clusters = std::max(1, (walks + rounds - 1) / rounds);
-  }
-  return clusters;
+  const int clusters = std::max(1, std::min(room, walks));
+  const int rounds = (walks + clusters - 1) / clusters;
+  return BALANCED_GRID && rounds > 0 ? (walks + rounds - 1) / rounds : clusters;
 }
 
 // Launch `kernel` persistently over `work` tiles: as many CTAs as can be resident at once (one
