@@ -43,12 +43,18 @@ are not the cause: against an fp32 reference on the same weights and batch, ever
 (torch._grouped_mm, the Triton kernels) is 2-4x closer than FP8 is, in every parameter family
 (scripts/grad_fidelity.py, README).
 
+Ablations: a run named `fake:PARTS` is the bf16 model with FP8's roundings emulated in fp32
+(models/fp8/fake_quant.py) for PARTS only, `weights`, `inputs`, `grads` joined by '+' (or `all`),
+in exactly the layers FP8 converts. `fake:all` should land with the FP8 run; the single parts say
+which rounding moves the trajectory. They are slow (fp32 GEMMs): allow a few minutes a run.
+
 On an H100 the bf16 run of the default took about 115 s with 2 x 2048 tokens per step (tokenizer
 preparation and engine set-up included); the default is now 1 x 2048 and three runs, so allow
 gpu_check.sh about five minutes for this script (BENCH_TIMEOUT unset or >= 300).
 
     python scripts/bench_fp8_loss.py                          # small, 500 steps of 1 x 2048 tokens
     python scripts/bench_fp8_loss.py --runs off,blockwise     # without the control
+    python scripts/bench_fp8_loss.py --runs off,blockwise,fake:weights,fake:inputs,fake:grads
     python scripts/bench_fp8_loss.py --steps 50 --layers 2    # a quick look
     python scripts/bench_fp8_loss.py --seeds 0,1,2 --runs off,blockwise --steps 1000
 
@@ -95,7 +101,8 @@ def corpus_of(args) -> Corpus:
 
 
 RUNS = ("off", "blockwise", "control")
-"""bf16, FP8 blockwise, and bf16 with its initial weights nudged by about one bf16 ulp."""
+"""bf16, FP8 blockwise, and bf16 with its initial weights nudged by about one bf16 ulp; after
+them any number of `fake:PARTS` ablations (module docstring)."""
 LOSSES = ("loss/total", "loss/lm", "loss/mtp")
 """The loss curves kept per run: the trained total and its next-token and MTP parts."""
 GRAD_NORM = "optim/grad_norm"
@@ -135,6 +142,9 @@ def train(args, run: str) -> dict:
     model = build_model(cfg, device=job.device)
     if run == "control":
         nudge(model, args.seed)
+    elif run.startswith("fake:"):
+        from models.fp8.fake_quant import fake_convert, parse_parts
+        model = fake_convert(model, parse_parts(run[len("fake:"):]))
     elif run != "off":
         from models.fp8 import convert
         model = convert(model, FP8Config(recipe=run))
@@ -187,7 +197,9 @@ def main() -> None:
                    help="peak learning rate (3e-4 is past the stable rate at 1 x 2048 tokens)")
     p.add_argument("--seeds", default="0", help="comma-separated: every run once per seed")
     p.add_argument("--runs", default=",".join(RUNS),
-                   help="comma-separated, the first two 'off,blockwise', then optionally 'control'")
+                   help="comma-separated: 'off,blockwise', then optionally 'control' and any "
+                        "'fake:PARTS' ablations (PARTS: weights, inputs, grads joined by '+', "
+                        "or all)")
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="where losses.json goes")
     args = p.parse_args()
     runs = args.runs.split(",")
@@ -197,8 +209,7 @@ def main() -> None:
         raise SystemExit(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2")
     if len(set(seeds)) != len(seeds):
         raise SystemExit(f"--seeds {args.seeds!r}: each seed once")
-    if runs[:2] != ["off", "blockwise"] or not set(runs) <= set(RUNS) or len(runs) > 3:
-        raise SystemExit(f"--runs {args.runs!r}: use 'off,blockwise' or 'off,blockwise,control'")
+    check_runs(args.runs)
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
         raise SystemExit("bench_fp8_loss.py needs an sm90 GPU (H100/H200)")
     corpus_of(args).prepare()  # tokenizer and token rows cached on disk for both runs
@@ -209,6 +220,26 @@ def main() -> None:
         report(args, by_seed[seed])
     if len(by_seed) > 1:
         report_seeds(args, by_seed)
+
+
+def check_runs(spec: str) -> None:
+    """Exit with the fix unless `spec` is 'off,blockwise' then at most one 'control' and any
+    distinct 'fake:PARTS' runs."""
+    from models.fp8.fake_quant import parse_parts
+    runs = spec.split(",")
+    usage = (f"--runs {spec!r}: use 'off,blockwise', then optionally 'control' and "
+             f"'fake:PARTS' runs, e.g. off,blockwise,control,fake:weights+inputs")
+    if runs[:2] != ["off", "blockwise"] or len(set(runs)) != len(runs):
+        raise SystemExit(usage)
+    for run in runs[2:]:
+        if run == "control":
+            continue
+        if not run.startswith("fake:"):
+            raise SystemExit(usage)
+        try:
+            parse_parts(run[len("fake:"):])
+        except ValueError as e:
+            raise SystemExit(f"--runs: {run}: {e}")
 
 
 def gaps(run: dict, base: dict, key: str) -> tuple[float, float]:
@@ -245,13 +276,15 @@ def grad_norms(run: dict) -> str:
 
 
 def report(args, results: list[dict]) -> None:
-    bf16, fp8, control = (results + [None])[:3]
-    tokens = args.micro_batch * args.seq_len
+    bf16, fp8, control = results[0], results[1], next(
+        (r for r in results if r["run"] == "control"), None)
+    tokens, width = args.micro_batch * args.seq_len, max(len(r["run"]) for r in results)
     print(f"{torch.cuda.get_device_name()}: {args.size}, {args.steps} steps of {args.micro_batch} x "
           f"{args.seq_len} tokens, seed {args.seed}, same batches")
     for r in results:
         e = ema(r["curves"]["loss/total"])
-        print(f"  {r['run']:<9} {tokens / r['step_s']:9,.0f} tok/s  peak {r['peak_gib']:5.1f} GiB "
+        print(f"  {r['run']:<{width}} {tokens / r['step_s']:9,.0f} tok/s  "
+              f"peak {r['peak_gib']:5.1f} GiB "
               f"(at the optimizer step {r['at_step_gib']:5.1f})  "
               f"EMA loss first {e[0]:.4f} last {e[-1]:.4f}  {grad_norms(r)}")
     print(f"  FP8/bf16 tokens/s {bf16['step_s'] / fp8['step_s']:.2f}x; EMA loss gaps to bf16 "
@@ -260,7 +293,7 @@ def report(args, results: list[dict]) -> None:
         parts = [f"{key.split('/')[1]} {final:+.3%} (max {worst:.3%})"
                  for key in LOSSES if any(bf16["curves"][key])
                  for final, worst in [gaps(r, bf16, key)]]
-        print(f"    {r['run']:<9} " + " | ".join(parts))
+        print(f"    {r['run']:<{width}} " + " | ".join(parts))
     gaps_to_bf16 = (f"{r['run']} {held_out_gap(r, bf16):+.3%}" for r in results[1:])
     print(f"  held-out next-token loss ({EVAL_ROWS} validation rows): "
           + ", ".join(f"{r['run']} {r['held_out']:.4f}" for r in results)
