@@ -174,6 +174,11 @@ def fake_swiglu(gate: torch.Tensor, up: torch.Tensor,
     return FakeSwiGLUFunction.apply(gate, up, g, u), a_wgrad
 
 
+def _rows(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t with its leading dimensions flattened into rows (None stays None)."""
+    return None if t is None else t.reshape(-1, t.shape[-1])
+
+
 class FakeFP8Linear(nn.Module):
     """A bias-free Linear on a shared `weight` whose three GEMMs round the operands in `parts`."""
 
@@ -183,8 +188,7 @@ class FakeFP8Linear(nn.Module):
         self.out_features, self.in_features = weight.shape
 
     def forward(self, x: torch.Tensor, x_wgrad: torch.Tensor | None = None) -> torch.Tensor:
-        rows = lambda t: None if t is None else t.reshape(-1, t.shape[-1])  # noqa: E731
-        y = FakeFP8MatmulFunction.apply(rows(x), self.weight, self.parts, rows(x_wgrad))
+        y = FakeFP8MatmulFunction.apply(_rows(x), self.weight, self.parts, _rows(x_wgrad))
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
