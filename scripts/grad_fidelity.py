@@ -144,7 +144,10 @@ def train_bf16(args, cfg, state: dict, rows, steps: int) -> dict:
         metrics = eng.train_step(engine, loader.micro_batches(step), eng.lm_loss, balancer)
         if step % 50 == 0:
             print(f"  bf16 step {step}: loss {metrics['loss/total']:.4f}", flush=True)
-    return {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
+    state = {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
+    del engine, model  # what the engine still holds stays allocated; the audits fit beside it
+    torch.cuda.empty_cache()
+    return state
 
 
 def main() -> None:
