@@ -236,3 +236,48 @@ def test_loss_bench_takes_fake_runs_and_refuses_bad_ones():
                       ("off,blockwise,bf16", "fake:PARTS")]:
         with pytest.raises(SystemExit, match=says):
             bench_fp8_loss.check_runs(bad)
+
+
+def test_loss_bench_reports_fake_runs_beside_the_others(tmp_path, monkeypatch, capsys):
+    """report() and report_seeds() on made-up runs (bf16, FP8, control, two ablations): every run
+    gets its row and its gaps, the control is found by name, the summary rows name it."""
+    import json
+    import sys
+    from argparse import Namespace
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts"))
+    import bench_fp8_loss as bench
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a test GPU")
+    monkeypatch.setenv("FP8MOE_SUMMARY", str(tmp_path / "summary.jsonl"))
+    names = ["off", "blockwise", "fake:weights", "control", "fake:inputs+grads"]
+    gen = torch.Generator().manual_seed(9)
+
+    def made_up(name, seed):
+        curve = (torch.linspace(8, 5, 120) + 0.1 * torch.randn(120, generator=gen)).tolist()
+        return dict(run=name, curves={"loss/total": curve, "loss/lm": curve, "loss/mtp": curve,
+                                      bench.GRAD_NORM: [5.0 + i % 7 for i in range(120)]},
+                    step_s=0.1 + 0.01 * names.index(name), held_out=4.0 + 0.01 * seed
+                    + 0.02 * names.index(name), peak_gib=30.0, at_step_gib=20.0)
+
+    args = Namespace(size="small", steps=120, micro_batch=1, seq_len=2048, seeds="0,1",
+                     runs=",".join(names), out=str(tmp_path))
+    by_seed = {}
+    for seed in (0, 1):
+        args.seed = seed
+        by_seed[seed] = [made_up(n, seed) for n in names]
+        bench.report(args, by_seed[seed])
+    bench.report_seeds(args, by_seed)
+    out = capsys.readouterr().out
+    for name in names[1:]:
+        assert out.count(f"  {name} ") >= 2, f"{name} has no gap rows"
+    assert "fake:inputs+grads 4.0" in out and "grad norm median" in out
+    curves = json.loads((tmp_path / "fp8_loss_curves_seed1.json").read_text())
+    assert sorted(curves) == sorted(names)
+    rows = [json.loads(line) for line in (tmp_path / "summary.jsonl").read_text().splitlines()]
+    control_rows = [r for r in rows if "(ratio: control/fp8)" in r["case"]]
+    assert len(control_rows) == 4  # final EMA and held-out gaps, two seeds
+    assert all(r["baseline_name"] == "bf16 control |gap|" for r in control_rows)
+    held_out = [r for r in control_rows if "held-out" in r["case"]][-1]  # seed 1's
+    bf16_loss, control_loss = 4.01, 4.01 + 0.02 * names.index("control")
+    assert held_out["baseline"] == pytest.approx(100 * abs(control_loss / bf16_loss - 1))
+    over_seeds = [r["case"] for r in rows if "mean over seeds" in r["case"]]
+    assert [c.split(": ")[1].split(" ")[0] for c in over_seeds] == names[1:]
