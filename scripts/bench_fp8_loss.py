@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -79,6 +80,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from models import build_model, model_config  # noqa: E402
 from models.fp8.config import FP8Config  # noqa: E402
+from models.fp8.fake_quant import fake_convert, parse_parts  # noqa: E402
 from isolate import in_fresh_process  # noqa: E402
 from summary import record  # noqa: E402
 from trainer import engine as eng  # noqa: E402
@@ -143,7 +145,6 @@ def train(args, run: str) -> dict:
     if run == "control":
         nudge(model, args.seed)
     elif run.startswith("fake:"):
-        from models.fp8.fake_quant import fake_convert, parse_parts
         model = fake_convert(model, parse_parts(run[len("fake:"):]))
     elif run != "off":
         from models.fp8 import convert
@@ -225,7 +226,6 @@ def main() -> None:
 def check_runs(spec: str) -> None:
     """Exit with the fix unless `spec` is 'off,blockwise' then at most one 'control' and any
     distinct 'fake:PARTS' runs."""
-    from models.fp8.fake_quant import parse_parts
     runs = spec.split(",")
     usage = (f"--runs {spec!r}: use 'off,blockwise', then optionally 'control' and "
              f"'fake:PARTS' runs, e.g. off,blockwise,control,fake:weights+inputs")
@@ -268,7 +268,7 @@ def grad_norms(run: dict) -> str:
     tenth of the steps (at init they are large for every run alike)."""
     norms = run["curves"][GRAD_NORM]
     later = norms[len(norms) // 10:]
-    if not later or any(n != n for n in later):
+    if not later or any(math.isnan(n) for n in later):
         return "grad norm not reported"
     peak = max(range(len(later)), key=later.__getitem__)
     return (f"grad norm median {statistics.median(norms):.3g}, max {later[peak]:.3g} "

@@ -130,14 +130,19 @@ def audit(title: str, cfg, state: dict, batch: dict) -> None:
     print(f"  ({time.time() - t0:.0f} s)", flush=True)
 
 
+SCHEDULE_STEPS = 500
+"""The run whose learning-rate schedule the training follows: bench_fp8_loss.py's default."""
+
+
 def train_bf16(args, cfg, state: dict, rows, steps: int) -> dict:
-    """`state` after `steps` bf16 steps of bench_fp8_loss.py's run (its warm-up and schedule as
-    for a 500-step run): the engine's bf16 weights, as fp32."""
+    """`state` after the first `steps` bf16 steps of bench_fp8_loss.py's run (its warm-up, a
+    tenth of SCHEDULE_STEPS, and its schedule): the engine's bf16 weights, as fp32."""
     model = build_model(cfg, device="cuda")
     model.load_state_dict(state)
-    optim = OptimConfig(lr=args.lr, warmup_steps=50)
+    optim = OptimConfig(lr=args.lr, warmup_steps=SCHEDULE_STEPS // 10)
     ds = eng.deepspeed_config(eng.ParallelConfig(), optim.grad_clip, 1, 1, "bf16")
-    engine = eng.build_engine(model, build_optimizer(model, optim), build_schedule(optim, 500), ds)
+    engine = eng.build_engine(model, build_optimizer(model, optim),
+                              build_schedule(optim, SCHEDULE_STEPS), ds)
     balancer = LoadBalancer(engine.module.routers(), optim.bias_update_rate)
     loader = TrainLoader(rows, 1, 1, 0, 1, seed=args.seed)
     for step in range(steps):

@@ -1,7 +1,9 @@
 """models/fp8/fake_quant.py: each switch rounds exactly its operands (checked against products
 composed by hand from the reference's quantizers), all three together compute what FP8Linear and
 the grouped FP8 references compute, and fake_convert puts its layers where convert puts FP8 ones."""
+import dataclasses
 import os
+import sys
 
 if not __import__("torch").cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel is defined
@@ -20,14 +22,12 @@ from models.fp8.fake_quant import (PARTS, FakeFP8GroupedExperts, FakeFP8GroupedM
 from models.fp8.linear import FP8Linear, FP8MLP
 from models.layers import MLP
 from models.moe import GroupedExperts
+from test_fp8_convert import ALL_ELIGIBLE, BLOCKWISE
 
 ALL = frozenset(PARTS)
-EVERYTHING = FP8Config(recipe="blockwise", skip_small=False, fuse_norms=False)
-"""The debug model's layers are all narrow: without skip_small every one the kernels take is FP8."""
-ELIGIBLE = dict(num_hidden_layers=2, n_routed_experts=4, n_group=1, topk_group=1, q_lora_rank=128,
-                kv_lora_rank=128, qk_rope_head_dim=128, qk_nope_head_dim=128, v_head_dim=128,
-                num_attention_heads=2, moe_intermediate_size=128)
-"""A debug model whose projections and experts are all multiples of 128 (every kind converts)."""
+EVERYTHING = dataclasses.replace(BLOCKWISE, fuse_norms=False)
+"""test_fp8_convert's recipe for the all-small debug model, without the fused norms (which
+fake_convert does not make)."""
 
 
 def _rt(t, quantize, dequantize):
@@ -153,7 +153,7 @@ def test_fake_experts_with_all_parts_track_fp8_experts():
 
 def test_fake_convert_puts_twins_where_convert_puts_fp8():
     torch.manual_seed(0)
-    cfg = model_config("debug", **ELIGIBLE)
+    cfg = model_config("debug", **ALL_ELIGIBLE)
     fp8_model, fake_model = build_model(cfg), build_model(cfg)
     fake_model.load_state_dict(fp8_model.state_dict())
     params_before = {n: p for n, p in fake_model.named_parameters()}
@@ -173,7 +173,7 @@ def test_fake_convert_puts_twins_where_convert_puts_fp8():
 
 def test_fake_model_with_all_parts_tracks_the_fp8_model():
     torch.manual_seed(1)
-    cfg = model_config("debug", **ELIGIBLE)
+    cfg = model_config("debug", **ALL_ELIGIBLE)
     fp8_model, fake_model, plain = build_model(cfg), build_model(cfg), build_model(cfg)
     for m in (fake_model, plain):
         m.load_state_dict(fp8_model.state_dict())
@@ -225,10 +225,15 @@ def test_parse_parts_and_bad_specs():
                      FP8Config(recipe="blockwise", pow2_scales=True))
 
 
-def test_loss_bench_takes_fake_runs_and_refuses_bad_ones():
-    import sys
+@pytest.fixture
+def bench_fp8_loss():
+    """scripts/bench_fp8_loss.py as a module."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts"))
     import bench_fp8_loss
+    return bench_fp8_loss
+
+
+def test_loss_bench_takes_fake_runs_and_refuses_bad_ones(bench_fp8_loss):
     bench_fp8_loss.check_runs("off,blockwise,control,fake:weights+inputs,fake:all")
     for bad, says in [("off", "use 'off,blockwise'"),
                       ("off,blockwise,fake:weight", "join distinct"),
@@ -238,14 +243,13 @@ def test_loss_bench_takes_fake_runs_and_refuses_bad_ones():
             bench_fp8_loss.check_runs(bad)
 
 
-def test_loss_bench_reports_fake_runs_beside_the_others(tmp_path, monkeypatch, capsys):
+def test_loss_bench_reports_fake_runs_beside_the_others(bench_fp8_loss, tmp_path, monkeypatch,
+                                                         capsys):
     """report() and report_seeds() on made-up runs (bf16, FP8, control, two ablations): every run
     gets its row and its gaps, the control is found by name, the summary rows name it."""
     import json
-    import sys
     from argparse import Namespace
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts"))
-    import bench_fp8_loss as bench
+    bench = bench_fp8_loss
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a test GPU")
     monkeypatch.setenv("FP8MOE_SUMMARY", str(tmp_path / "summary.jsonl"))
     names = ["off", "blockwise", "fake:weights", "control", "fake:inputs+grads"]

@@ -3,7 +3,8 @@
 reference.py (pure torch, the truth every kernel is tested against), quant.py (Triton
 quantization), gemm.py (dense block-scaled GEMMs through cuBLAS), grouped.py (grouped GEMMs of
 the routed experts), linear.py (FP8Linear, FP8MLP, FP8RMSNorm), experts.py (FP8GroupedExperts),
-convert.py (the module swap). On a machine without CUDA the Triton kernels run under Triton's
+convert.py (the module swap), fake_quant.py (FP8's roundings emulated in fp32, each switchable,
+for loss ablations). On a machine without CUDA the Triton kernels run under Triton's
 interpreter (models/triton_env.py decides, before any kernel is defined): that is what lets the
 CPU test suite run the real kernels.
 """

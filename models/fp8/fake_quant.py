@@ -44,6 +44,9 @@ from models.moe import GroupedExperts
 
 from . import reference
 from .config import FP8Config
+from .convert import convert
+from .experts import FP8GroupedExperts
+from .linear import FP8Linear, FP8MLP, swiglu_mlp
 
 PARTS = ("weights", "inputs", "grads")
 """The three roundings of the FP8 recipe that can be switched (module docstring)."""
@@ -206,8 +209,7 @@ class FakeFP8MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() < self.min_tokens * x.shape[-1]:
-            return F.linear(swiglu(F.linear(x, self.w1.weight), F.linear(x, self.w3.weight)),
-                            self.w2.weight)
+            return swiglu_mlp(x, self.w1.weight, self.w3.weight, self.w2.weight)
         return self.w2(*fake_swiglu(self.w1(x), self.w3(x), self.w1.parts))
 
 
@@ -236,10 +238,6 @@ def fake_convert(model: nn.Module, parts: frozenset[str],
     """Fake-quantized layers wherever `models.fp8.convert(model, fp8_cfg)` puts FP8 ones (in
     place; the same Parameter objects). fp8_cfg defaults to the blockwise recipe's defaults;
     power-of-two scales are not emulated."""
-    from .convert import convert
-    from .experts import FP8GroupedExperts
-    from .linear import FP8Linear, FP8MLP
-
     cfg = dataclasses.replace(fp8_cfg or FP8Config(recipe="blockwise"), fuse_norms=False)
     if cfg.pow2_scales:
         raise ValueError("fake_convert rounds with amax / 448 scales only; use pow2_scales=False")

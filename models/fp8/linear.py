@@ -319,6 +319,12 @@ class FP8MLPFunction(torch.autograd.Function):
         return dx, dw1, dw3, dw2, None, None, None, None
 
 
+def swiglu_mlp(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor,
+               w2: torch.Tensor) -> torch.Tensor:
+    """models.layers.MLP's forward on bare weights, in high precision: w2(silu(w1 x) * w3 x)."""
+    return F.linear(swiglu(F.linear(x, w1), F.linear(x, w3)), w2)
+
+
 class FP8MLP(nn.Module):
     """Drop-in for models.layers.MLP (SwiGLU: w2(silu(w1 x) * w3 x)) with FP8 GEMMs and the
     SwiGLU fused with its quantization both ways; see FP8MLPFunction. Children w1, w3, w2 are
@@ -381,8 +387,7 @@ class FP8MLP(nn.Module):
 
     def high_precision_forward(self, x: torch.Tensor) -> torch.Tensor:
         """models.layers.MLP's forward on these parameters (the path below `min_tokens`)."""
-        gate, up = F.linear(x, self.w1.weight), F.linear(x, self.w3.weight)
-        return F.linear(swiglu(gate, up), self.w2.weight)
+        return swiglu_mlp(x, self.w1.weight, self.w3.weight, self.w2.weight)
 
     def extra_repr(self) -> str:
         return f"min_tokens={self.min_tokens}" if self.min_tokens else ""
