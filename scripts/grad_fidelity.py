@@ -11,6 +11,10 @@ variant's loss and every parameter's gradient are compared with the reference's.
     bf16 eager  the Triton kernels off (models/kernels.py `fused` false: the eager torch code)
     bf16 bmm    the routed experts through the padded bmm instead of torch._grouped_mm
     fp8         models.fp8.convert(blockwise), as scripts/bench_fp8_loss.py trains it
+    fake:PARTS  FP8's roundings emulated in fp32 for PARTS only (models/fp8/fake_quant.py:
+                `weights`, `inputs`, `grads` joined by '+', `all`, or `none` for the same layers'
+                plain products in fp32), in the layers FP8 converts: which rounding makes FP8's
+                gradient differ, and whether the emulation (`fake:all`) lands where `fp8` does
 
 Per family of parameters (named alike in every layer, e.g. layers.*.ffn.experts.w1), two numbers:
 rel = |g - ref| / |ref|, how far the gradient is, and bias = <g - ref, ref> / |ref|^2, how much
@@ -30,9 +34,19 @@ everywhere (`bf16 again` differed from `bf16` in the fourth digit of a few famil
 bf16 path is not bitwise repeatable). No bf16 GPU path is defective, and bf16 is 2-4x closer to
 fp32 than FP8 in every family.
 
+Fourteenth session, H200, same settings, with the fake variants: `fake:all` lands on `fp8` in
+every family (rel within 0.008 of it at init and after training), so the emulation computes FP8's
+arithmetic at the scale of the model too, and `fake:none` on `bf16` (within 0.003). The weights'
+128x128 rounding alone makes most of FP8's distance: at init rel 0.03-0.26 (`fp8` 0.03-0.23)
+and the routed experts' shrink (bias -0.028 of `fp8`'s -0.037; inputs -0.014, grads -0.003);
+after 300 steps it alone moves the routers' gradients by 13% as FP8 does (the routers stay
+bf16: their gradient is a small difference of expert outputs, which the rounded weights change),
+against inputs 0.4-2.1% and grads 0.3-1.5% (bf16 0.3-1.2%).
+
     python scripts/grad_fidelity.py                   # small, seed 0: at init and after 300 steps
     python scripts/grad_fidelity.py --steps 0         # the init audit only
     python scripts/grad_fidelity.py --size debug --seq-len 512 --steps 20
+    python scripts/grad_fidelity.py --variants bf16,fp8,fake:all,fake:weights,fake:inputs,fake:grads
 """
 from __future__ import annotations
 
@@ -50,6 +64,7 @@ import models.kernels as kernels  # noqa: E402
 import models.moe as moe  # noqa: E402
 from models import build_model, model_config  # noqa: E402
 from models.fp8.config import FP8Config  # noqa: E402
+from models.fp8.fake_quant import fake_convert, parse_parts  # noqa: E402
 from trainer import engine as eng  # noqa: E402
 from trainer.balance import LoadBalancer  # noqa: E402
 from trainer.data import Corpus, DataConfig, TrainLoader  # noqa: E402
@@ -57,7 +72,9 @@ from trainer.optim import OptimConfig, build_optimizer, build_schedule  # noqa: 
 
 VARIANTS = {"bf16": {}, "bf16 again": {}, "bf16 eager": dict(fused=False),
             "bf16 bmm": dict(native=False), "fp8": dict(fp8=True)}
-"""Name -> how it differs from the model as it trains in bf16 (keywords of `gradients`)."""
+"""Name -> how it differs from the model as it trains in bf16 (keywords of `gradients`); a
+`fake:PARTS` name is one more (`variant`)."""
+DEFAULT_VARIANTS = ",".join(VARIANTS)
 FUSED, NATIVE = kernels.fused, moe._native_grouped_mm_ok
 
 
@@ -66,14 +83,27 @@ def family(name: str) -> str:
     return re.sub(r"\.\d+\.", ".*.", name)
 
 
-def build(cfg, state: dict, dtype: torch.dtype, fp8: bool) -> torch.nn.Module:
-    """A model holding `state`, converted to FP8 if asked, cast as the engine casts (fp32 buffers
-    such as the router bias stay fp32)."""
+def variant(name: str) -> dict:
+    """The keywords of `gradients` for variant `name` (VARIANTS, or fake:PARTS)."""
+    if name in VARIANTS:
+        return VARIANTS[name]
+    if name.startswith("fake:"):
+        return dict(fake=parse_parts(name[len("fake:"):]))
+    raise ValueError(f"unknown variant {name!r}: name some of {sorted(VARIANTS)} or "
+                     f"'fake:PARTS' (PARTS: weights, inputs, grads joined by '+', all or none)")
+
+
+def build(cfg, state: dict, dtype: torch.dtype, fp8: bool,
+          fake: frozenset[str] | None = None) -> torch.nn.Module:
+    """A model holding `state`, converted to FP8 (or its fake twin with the `fake` parts) if
+    asked, cast as the engine casts (fp32 buffers such as the router bias stay fp32)."""
     model = build_model(cfg, device="cuda")
     model.load_state_dict(state)
     if fp8:
         from models.fp8 import convert
         model = convert(model, FP8Config(recipe="blockwise"))
+    if fake is not None:
+        model = fake_convert(model, fake)
     if dtype != torch.float32:
         fp32_buffers = {n: b.detach().clone() for n, b in model.named_buffers()
                         if b.dtype == torch.float32}
@@ -82,12 +112,12 @@ def build(cfg, state: dict, dtype: torch.dtype, fp8: bool) -> torch.nn.Module:
     return model
 
 
-def gradients(cfg, state, batch, dtype, fp8=False, fused=True, native=True):
+def gradients(cfg, state, batch, dtype, fp8=False, fused=True, native=True, fake=None):
     """({parameter name: fp32 gradient}, (lm loss, mtp loss)) of one forward and backward."""
     kernels.fused = FUSED if fused else (lambda x: False)
     moe._native_grouped_mm_ok = NATIVE if native else (lambda *a: False)
     try:
-        model = build(cfg, state, dtype, fp8)
+        model = build(cfg, state, dtype, fp8, fake)
         out = model(batch["tokens"].cuda(), batch["labels"].cuda())
         out.loss.backward()
         grads = {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
@@ -109,24 +139,25 @@ def by_family(grads: dict, ref: dict) -> dict[str, tuple[float, float]]:
             for f, (dd, rr, dr) in sums.items()}
 
 
-def audit(title: str, cfg, state: dict, batch: dict) -> None:
+def audit(title: str, cfg, state: dict, batch: dict, names: list[str]) -> None:
     print(f"\n== {title}", flush=True)
     t0 = time.time()
     torch.set_float32_matmul_precision("highest")
     ref, ref_loss = gradients(cfg, state, batch, torch.float32, fused=False)
     print(f"  {'fp32 eager':<11} loss lm {ref_loss[0]:.5f}  mtp {ref_loss[1]:.5f}")
     table = {}
-    for name, how in VARIANTS.items():
-        grads, loss = gradients(cfg, state, batch, torch.bfloat16, **how)
+    for name in names:
+        grads, loss = gradients(cfg, state, batch, torch.bfloat16, **variant(name))
         print(f"  {name:<11} loss lm {loss[0]:.5f} ({loss[0] / ref_loss[0] - 1:+.3%})  mtp "
               f"{loss[1]:.5f} ({loss[1] / ref_loss[1] - 1:+.3%})", flush=True)
         table[name] = by_family(grads, ref)
         del grads
-    width = max(map(len, table["bf16"])) + 2
-    print("  rel | bias per family".ljust(width) + "".join(f"{n:>17}" for n in VARIANTS))
-    for fam in table["bf16"]:
+    families = table[names[0]]
+    width = max(map(len, families)) + 2
+    print("  rel | bias per family".ljust(width) + "".join(f"{n:>17}" for n in names))
+    for fam in families:
         print(f"  {fam:<{width - 2}}" + "".join(
-            f"{table[n][fam][0]:>9.4f} {table[n][fam][1]:+.4f}" for n in VARIANTS))
+            f"{table[n][fam][0]:>9.4f} {table[n][fam][1]:+.4f}" for n in names))
     print(f"  ({time.time() - t0:.0f} s)", flush=True)
 
 
@@ -162,7 +193,15 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=300, help="bf16 steps before the second audit")
     p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate of those steps")
+    p.add_argument("--variants", default=DEFAULT_VARIANTS,
+                   help="comma-separated, compared in this order (module docstring)")
     args = p.parse_args()
+    names = args.variants.split(",")
+    try:
+        for name in names:
+            variant(name)
+    except ValueError as err:
+        p.error(str(err))
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
         raise SystemExit("grad_fidelity.py needs an sm90 GPU (H100/H200): the paths it compares "
                          "are the GPU's")
@@ -176,11 +215,11 @@ def main() -> None:
     state = {k: v.clone() for k, v in build_model(cfg, device="cuda").state_dict().items()}
     print(f"{torch.cuda.get_device_name()}: {args.size}, 1 x {args.seq_len} tokens, "
           f"seed {args.seed}")
-    audit("at initialization, batch 0", cfg, state, loader.micro_batches(0)[0])
+    audit("at initialization, batch 0", cfg, state, loader.micro_batches(0)[0], names)
     if args.steps:
         state = train_bf16(args, cfg, state, rows, args.steps)
         audit(f"after {args.steps} bf16 steps at lr {args.lr:g}, batch {args.steps}", cfg, state,
-              loader.micro_batches(args.steps)[0])
+              loader.micro_batches(args.steps)[0], names)
 
 
 if __name__ == "__main__":

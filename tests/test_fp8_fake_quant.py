@@ -285,3 +285,34 @@ def test_loss_bench_reports_fake_runs_beside_the_others(bench_fp8_loss, tmp_path
     assert held_out["baseline"] == pytest.approx(100 * abs(control_loss / bf16_loss - 1))
     over_seeds = [r["case"] for r in rows if "mean over seeds" in r["case"]]
     assert [c.split(": ")[1].split(" ")[0] for c in over_seeds] == names[1:]
+
+
+def test_loss_bench_keeps_finished_runs_and_resumes_only_the_same_settings(
+        bench_fp8_loss, tmp_path, monkeypatch):
+    """finished_run writes each run's result as it ends; --resume reads it back instead of
+    training again, and refuses a file trained with other settings."""
+    from argparse import Namespace
+    bench = bench_fp8_loss
+    trained = []
+
+    def fake_train(fn, args, run):
+        trained.append(run)
+        gen = torch.Generator().manual_seed(len(trained))
+        return dict(run=run, curves={"loss/total": torch.rand(20, generator=gen).tolist()},
+                    held_out=4.0 + torch.rand(1, generator=gen).item())
+    monkeypatch.setattr(bench, "in_fresh_process", fake_train)
+    args = Namespace(size="small", layers=0, steps=20, micro_batch=1, seq_len=2048, lr=1e-4,
+                     seed=3, out=str(tmp_path), resume=False)
+    first = bench.finished_run(args, "fake:weights+grads")
+    assert (tmp_path / "fp8_loss_run_seed3_fake-weights+grads.json").exists()
+    assert bench.finished_run(args, "fake:weights+grads") != first  # no --resume: trained again
+    second = bench.finished_run(args, "off")
+    args.resume = True
+    assert bench.finished_run(args, "off") == second
+    assert trained == ["fake:weights+grads", "fake:weights+grads", "off"]
+    args.lr = 3e-4
+    with pytest.raises(SystemExit, match="pass another --out or delete the file"):
+        bench.finished_run(args, "off")
+    args.seed = 4  # another seed's run is not there yet: trained
+    bench.finished_run(args, "off")
+    assert trained[-1] == "off" and len(trained) == 4

@@ -7,6 +7,7 @@ import math
 import os
 import sys
 
+import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts"))
@@ -47,3 +48,16 @@ def test_by_family_matches_the_concatenated_family():
     assert math.isclose(rel, (d.norm() / r.norm()).item(), rel_tol=1e-5)
     assert math.isclose(bias, (d @ r / (r @ r)).item(), rel_tol=1e-4)
     assert bias < -0.05  # the gradients were shrunk by 10%: the bias says so
+
+
+def test_variants_by_name_and_fake_parts():
+    assert grad_fidelity.variant("fp8") == dict(fp8=True)
+    assert grad_fidelity.variant("bf16 eager") == dict(fused=False)
+    assert grad_fidelity.variant("fake:weights+grads") == dict(fake={"weights", "grads"})
+    assert grad_fidelity.variant("fake:all") == dict(fake={"weights", "inputs", "grads"})
+    assert grad_fidelity.variant("fake:none") == dict(fake=frozenset())
+    with pytest.raises(ValueError, match="fake:PARTS"):
+        grad_fidelity.variant("fp16")
+    for bad in ("fake:scales", "fake:weights+weights"):
+        with pytest.raises(ValueError, match="join distinct names"):
+            grad_fidelity.variant(bad)
