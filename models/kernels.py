@@ -1,4 +1,5 @@
-"""Fused Triton kernels for the bf16 model's elementwise work: RMSNorm, SwiGLU, rotary embedding.
+"""Fused Triton kernels for the bf16 model's elementwise work: RMSNorm, SwiGLU, rotary embedding,
+and the MoE's weighted combine of the experts' outputs.
 
 Written in plain torch, each of these ops is a chain of small kernels, every one a full pass over
 the activation in HBM: RMSNorm is a cast, a square, a mean, an rsqrt, a multiply, a cast and the
@@ -17,6 +18,14 @@ bytes the op must move going to HBM (b = bytes per element of the activation dty
     rope(x, cos, sin)          rotates the pairs (x[2i], x[2i+1]) of the last dim by the angle of
                                the row's position: 2Nb forward (x may be a strided view, e.g. the
                                rope slice of the queries), backward is the inverse rotation: 2Nb
+    moe_combine(y, p2s, gate)  out[t] = sum_k gate[t, k] y[p2s[t K + k]] for the experts' outputs y
+                               in slot order (N = T K D elements): forward reads y once and writes
+                               T D; saves y; backward reads the output gradient, y, and writes dy
+                               (gate times the token's gradient, straight into slot order) and the
+                               gates' gradient <g[t], y[slot]>: 2Nb + T D b. Eager torch makes
+                               [T, K, D] copies for the gather, the product and its gradients
+    sum_picks(y, p2s, K)       the same with unit gates, no autograd: the dispatch's backward, each
+                               token's K slot gradients gathered and summed in one pass
 
 Numerics, matching the eager formulas in models/layers.py:
     rms_norm  y = weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype), the normalized value rounded to
@@ -29,6 +38,9 @@ Numerics, matching the eager formulas in models/layers.py:
               apart at most); gradients in fp32, rounded once each.
     rope      the same fp32 products as eager, rounded once; the compiled kernel may contract a
               multiply-add into an FMA (last fp32 bit, rarely one ulp after rounding to bf16).
+    moe_combine  the K products summed in fp32 with the fp32 gate weights and rounded once (eager
+              rounds the gates and each product to the activation dtype first); the gates' gradient
+              an fp32 dot product over D (eager rounds the products first).
 
 `fused(x)` is the one dispatch rule: the model calls these kernels for CUDA tensors and keeps its
 eager torch code everywhere else, so CPU results (and the HF parity and exact-resume tests) do not
@@ -371,3 +383,144 @@ def rope(x: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor) -> torch.T
         x_BSHR = x_BSHR.contiguous()
     y_BSHR = RopeFunction.apply(x_BSHR, cos_SR.contiguous(), sin_SR.contiguous())
     return y_BSHR if x.dim() == 4 else y_BSHR[:, :, 0]
+
+
+# -- MoE combine ---------------------------------------------------------------------------------
+
+@triton.jit
+def moe_combine_kernel(y_ptr, pick_to_slot_ptr, gate_ptr, out_ptr, T, D, K: tl.constexpr,
+                       BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    tokens = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    live = tokens < T
+    mask = live[:, None] & (cols[None, :] < D)
+    acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    for k in tl.static_range(K):
+        slot = tl.load(pick_to_slot_ptr + tokens * K + k, mask=live, other=0).to(tl.int64)
+        gate = tl.load(gate_ptr + tokens * K + k, mask=live, other=0.0)
+        y = tl.load(y_ptr + slot[:, None] * D + cols[None, :], mask=mask, other=0.0)
+        acc += gate[:, None] * y.to(tl.float32)
+    tl.store(out_ptr + tokens[:, None] * D + cols[None, :],
+             cast_rne(acc, out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def moe_combine_backward_kernel(g_ptr, y_ptr, pick_to_slot_ptr, gate_ptr, dy_ptr, dgate_ptr, T, D,
+                                K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr,
+                                BLOCK_D: tl.constexpr):
+    tokens = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    live = tokens < T
+    ks = tl.arange(0, BLOCK_K)
+    dgate = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        mask = live[:, None] & (cols[None, :] < D)
+        g = tl.load(g_ptr + tokens[:, None] * D + cols[None, :], mask=mask, other=0.0)
+        g = g.to(tl.float32)
+        for k in tl.static_range(K):
+            slot = tl.load(pick_to_slot_ptr + tokens * K + k, mask=live, other=0).to(tl.int64)
+            gate = tl.load(gate_ptr + tokens * K + k, mask=live, other=0.0)
+            rows = slot[:, None] * D + cols[None, :]
+            y = tl.load(y_ptr + rows, mask=mask, other=0.0).to(tl.float32)
+            tl.store(dy_ptr + rows, cast_rne(gate[:, None] * g, dy_ptr.dtype.element_ty),
+                     mask=mask)
+            dot = tl.sum(g * y, axis=1)
+            dgate = tl.where(ks[None, :] == k, dgate + dot[:, None], dgate)
+    k_mask = live[:, None] & (ks[None, :] < K)
+    tl.store(dgate_ptr + tokens[:, None] * K + ks[None, :], dgate, mask=k_mask)
+
+
+_launch_combine = CachedLauncher(moe_combine_kernel)
+_launch_combine_backward = CachedLauncher(moe_combine_backward_kernel)
+COMBINE_TILE_ELEMS = 4096
+"""Elements (tokens x columns) a combine program handles per step."""
+
+
+def _combine_tiles(D: int, widest: int = 1024) -> tuple[int, int]:
+    """(BLOCK_T, BLOCK_D) of a combine program: up to `widest` columns, tokens filling the tile
+    (the backward takes 512: it holds the gradient and an expert row at once)."""
+    block_d = min(triton.next_power_of_2(D), widest)
+    return max(1, COMBINE_TILE_ELEMS // block_d), block_d
+
+
+def combine_forward(y_slots: torch.Tensor, pick_to_slot: torch.Tensor,
+                    gate_TK: torch.Tensor) -> torch.Tensor:
+    """out[t] = sum_k gate[t, k] * y_slots[pick_to_slot[t * K + k]], in fp32, rounded once."""
+    (T, K), D = gate_TK.shape, y_slots.shape[1]
+    out = torch.empty((T, D), dtype=y_slots.dtype, device=y_slots.device)
+    if T and D:
+        block_t, block_d = _combine_tiles(D)
+        _launch_combine[(triton.cdiv(T, block_t), triton.cdiv(D, block_d))](
+            y_slots, pick_to_slot, gate_TK, out, T, D, K=K, BLOCK_T=block_t, BLOCK_D=block_d,
+            num_warps=_warps(block_t * block_d))
+    return out
+
+
+def combine_backward(g_TD: torch.Tensor, y_slots: torch.Tensor, pick_to_slot: torch.Tensor,
+                     gate_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d y_slots, d gate) of combine_forward for the output gradient g_TD. Every slot a pick
+    points at gets gate * g of its token; slots no pick points at (padding) get zeros."""
+    (T, K), D = gate_TK.shape, y_slots.shape[1]
+    full = y_slots.shape[0] == T * K
+    dy = (torch.empty_like if full else torch.zeros_like)(y_slots)
+    dgate = torch.empty((T, K), dtype=torch.float32, device=g_TD.device)
+    if T and D:
+        block_t, block_d = _combine_tiles(D, widest=512)
+        _launch_combine_backward[(triton.cdiv(T, block_t),)](
+            g_TD, y_slots, pick_to_slot, gate_TK, dy, dgate, T, D, K=K,
+            BLOCK_K=triton.next_power_of_2(K), BLOCK_T=block_t, BLOCK_D=block_d,
+            num_warps=_warps(block_t * block_d))
+    elif T:
+        dgate.zero_()
+    return dy, dgate
+
+
+def sum_picks(y_slots: torch.Tensor, pick_to_slot: torch.Tensor, top_k: int) -> torch.Tensor:
+    """out[t] = sum over k of y_slots[pick_to_slot[t * top_k + k]]: the combine with unit gates,
+    for the dispatch's backward (the slots' gradients summed back onto their tokens; no autograd
+    of its own). fp32 sums rounded once, as torch's sum of the gathered rows rounds them."""
+    _check_float("sum_picks rows", y_slots)
+    _check_device("sum_picks pick_to_slot", pick_to_slot, y_slots)
+    if y_slots.dim() != 2 or pick_to_slot.dim() != 1 or pick_to_slot.numel() % top_k:
+        raise ValueError(f"sum_picks takes rows [slots, D] and pick_to_slot [T * {top_k}]; got "
+                         f"{tuple(y_slots.shape)} and {tuple(pick_to_slot.shape)}")
+    ones = torch.ones(pick_to_slot.numel() // top_k, top_k, device=y_slots.device)
+    return combine_forward(y_slots.contiguous(), pick_to_slot.contiguous(), ones)
+
+
+class MoECombineFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y_slots, pick_to_slot, gate_TK):
+        ctx.save_for_backward(y_slots, pick_to_slot, gate_TK)
+        return combine_forward(y_slots, pick_to_slot, gate_TK)
+
+    @staticmethod
+    def backward(ctx, g_TD):
+        y_slots, pick_to_slot, gate_TK = ctx.saved_tensors
+        dy, dgate = combine_backward(g_TD.contiguous(), y_slots, pick_to_slot, gate_TK)
+        return dy, None, dgate.to(gate_TK.dtype)
+
+
+def moe_combine(y_slots: torch.Tensor, pick_to_slot: torch.Tensor,
+                gate_TK: torch.Tensor) -> torch.Tensor:
+    """The routed experts' output per token: sum over k of gate_TK[t, k] times the expert output
+    in slot pick_to_slot[t * K + k] of y_slots [slots, D] (models.moe.MoE._routed's eager
+    gather, multiply and sum, in one pass). Returns [T, D] in y_slots' dtype; gate_TK is fp32."""
+    _check_float("moe_combine expert outputs", y_slots)
+    _check_device("moe_combine pick_to_slot", pick_to_slot, y_slots)
+    _check_device("moe_combine gates", gate_TK, y_slots)
+    if gate_TK.dtype != torch.float32:
+        raise TypeError(f"moe_combine gates have dtype {gate_TK.dtype}; pass the router's fp32 "
+                        f"weights (gate_TK.float())")
+    if y_slots.dim() != 2 or gate_TK.dim() != 2 or pick_to_slot.shape != (gate_TK.numel(),):
+        raise ValueError(f"moe_combine takes y_slots [slots, D], gate_TK [T, K] and pick_to_slot "
+                         f"[T * K]; got {tuple(y_slots.shape)}, {tuple(gate_TK.shape)} and "
+                         f"{tuple(pick_to_slot.shape)}")
+    if y_slots.shape[0] < gate_TK.numel():
+        raise ValueError(f"moe_combine: {gate_TK.numel()} picks but only {y_slots.shape[0]} "
+                         f"slots of expert output")
+    if pick_to_slot.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"moe_combine pick_to_slot has dtype {pick_to_slot.dtype}; expected "
+                        f"int64 (models.moe.sort_by_expert's)")
+    return MoECombineFunction.apply(y_slots.contiguous(), pick_to_slot.contiguous(),
+                                    gate_TK.contiguous())

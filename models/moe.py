@@ -15,7 +15,10 @@ The routed experts run as grouped GEMMs over the token copies sorted by expert: 
 projection for all experts, never a Python loop over experts. MoE hands them the unsorted tokens
 and the sort (`GroupedExperts.forward_tokens`): the bf16 experts gather the sorted copies
 (`DispatchTokens`), the FP8 experts of models/fp8, which replace the whole module, quantize
-straight from the unsorted rows.
+straight from the unsorted rows. The experts' outputs come back in slot order; each token's K of
+them are weighted by its gate weights and summed: in eager torch a gather into [T, K, D], a
+multiply and a sum (three passes over the T·K·D copies forward and more backward), on the GPU one
+kernel each way (models.kernels.moe_combine, fp32 arithmetic, the gate weights unrounded).
 
 Sequence-wise balance loss (eqs. 17-20), per sequence of T tokens:
 f_i = E/(k·T) · #{t routed to i},  P_i = mean_t s_it / Σ_j s_jt,  L = Σ_i f_i P_i,
@@ -33,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import kernels
 from models.config import ModelConfig
 from models.layers import MLP, swiglu
 
@@ -174,14 +178,24 @@ class MoE(nn.Module):
         return y_TD.view_as(x_BSD)
 
     def _routed(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
-        T, K = routing.expert_TK.shape
+        K = routing.expert_TK.shape[1]
         slot_to_pick, pick_to_slot = sort_by_expert(routing.expert_TK)
         y_slots = self.experts.forward_tokens(x_TD, routing.counts_E, slot_to_pick, pick_to_slot, K)
-        y_TKD = PermuteRows.apply(y_slots, pick_to_slot, slot_to_pick).view(T, K, -1)
-        # A weighted sum over K: elementwise, since a batched [1, K] x [K, D] GEMM per token runs
-        # at a few percent of the GPU's bandwidth.
-        gate_TK1 = routing.weight_TK.to(y_TKD.dtype)[:, :, None]
-        return (y_TKD * gate_TK1).sum(1)
+        return combine(y_slots, routing.weight_TK, slot_to_pick, pick_to_slot)
+
+
+def combine(y_slots: torch.Tensor, weight_TK: torch.Tensor, slot_to_pick: torch.Tensor,
+            pick_to_slot: torch.Tensor) -> torch.Tensor:
+    """Each token's K expert outputs (rows of y_slots, in slot order) weighted by its gate weights
+    and summed: [T, D]. One kernel each way on the GPU (models.kernels.moe_combine)."""
+    if kernels.fused(y_slots):
+        return kernels.moe_combine(y_slots, pick_to_slot, weight_TK.float())
+    T, K = weight_TK.shape
+    y_TKD = PermuteRows.apply(y_slots, pick_to_slot, slot_to_pick).view(T, K, -1)
+    # A weighted sum over K: elementwise, since a batched [1, K] x [K, D] GEMM per token runs
+    # at a few percent of the GPU's bandwidth.
+    gate_TK1 = weight_TK.to(y_TKD.dtype)[:, :, None]
+    return (y_TKD * gate_TK1).sum(1)
 
 
 def sort_by_expert(expert_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,7 +230,10 @@ class DispatchTokens(torch.autograd.Function):
 
 def undispatch(grad_slots: torch.Tensor, pick_to_slot: torch.Tensor, top_k: int) -> torch.Tensor:
     """The tokens' gradient from their slots': un-sorted by a gather, each token's K copies
-    summed (DispatchTokens' backward, also run by the FP8 experts, which dispatch themselves)."""
+    summed (DispatchTokens' backward, also run by the FP8 experts, which dispatch themselves).
+    One kernel on the GPU (models.kernels.sum_picks)."""
+    if kernels.fused(grad_slots):
+        return kernels.sum_picks(grad_slots, pick_to_slot, top_k)
     return grad_slots[pick_to_slot].unflatten(0, (-1, top_k)).sum(1)
 
 

@@ -1,11 +1,13 @@
-"""Fused RMSNorm, SwiGLU and rotary kernels (models/kernels.py) against the model's eager code.
+"""Fused RMSNorm, SwiGLU, rotary and MoE-combine kernels (models/kernels.py) against the model's
+eager code.
 
     python scripts/bench_kernels.py            # the `small` model's shapes, well under a minute
 
 Each op runs forward + backward (torch.autograd.grad of the output, the way the model uses it) at
 the sizes one H100 step of the `small` model has (4 x 4096 tokens; hidden 4096, q_lora 1024,
 kv_lora 512 read as a strided slice, 16 experts of width 1536 with top-4 (65536 token copies),
-32 heads with 128 rope dims read as the rope slice of the queries, the shared rope key likewise).
+32 heads with 128 rope dims read as the rope slice of the queries, the shared rope key likewise,
+the MoE's combine of each token's 4 expert outputs; and DeepSeek-V3's combine, 8 of width 7168).
 The baseline is the model's own eager code path in the same run (models/layers.py with the
 dispatch to the kernels switched off), so the ratio is what the fused path saves per call.
 
@@ -14,6 +16,7 @@ Columns: forward ms (no grad), forward + backward ms as the wall clock sees back
 profiler (what the step costs once the GPU is the bottleneck), both speedups, GB/s of the fused
 kernels: the bytes each op must move forward + backward (b bytes per element, N elements):
 rms_norm 5Nb (x, y; x, dy, dx), swiglu 8Nb (a, b, y; a, b, dy, da, db), rope 4Nb (x, y; dy, dx),
+moe combine 3Nb + 2Mb for N = T K D expert-output elements and M = T D (y, out; dout, y, dy),
 over the kernel time, set against a device-to-device copy (what HBM gives a pure stream); then
 the MB autograd keeps for backward after one forward (distinct storages, inputs included).
 Wall times: scripts/timing.py (median over batches of back-to-back calls between CUDA events);
@@ -83,6 +86,18 @@ def rope_case(shape, full_last: int):
     angles = torch.rand(S, R // 2, device=DEVICE) * 100
     cos, sin = angles.cos(), angles.sin()
     return (lambda t: apply_rope(t, cos, sin)), (x,), 4 * x.numel() * 2
+
+
+def combine_case(T: int, K: int, D: int, experts: int):
+    """The experts' outputs y [T K, D] in slot order of a random routing and fp32 gates [T, K]:
+    models.moe.combine, as MoE runs it after the routed experts."""
+    from models.moe import combine, sort_by_expert
+    expert_TK = torch.rand(T, experts, device=DEVICE).topk(K, dim=1).indices
+    slot_to_pick, pick_to_slot = sort_by_expert(expert_TK)
+    y = _randn(T * K, D).requires_grad_()
+    gate = torch.rand(T, K, device=DEVICE).requires_grad_()
+    op = (lambda y_slots, gate_TK: combine(y_slots, gate_TK, slot_to_pick, pick_to_slot))
+    return op, (y, gate), (3 * T * K * D + 2 * T * D) * 2
 
 
 def _fwd_bwd(op, inputs):
@@ -223,6 +238,8 @@ def main() -> None:
         ("swiglu 16384x1536 (shared)", lambda: swiglu_case(T, 1536)),
         ("rope q 4x4096x32x128 (slice)", lambda: rope_case((4, 4096, 32, 128), 256)),
         ("rope k 4x4096x128 (slice)", lambda: rope_case((4, 4096, 128), 512 + 128)),
+        ("moe combine 16384x4x4096", lambda: combine_case(T, 4, 4096, 16)),
+        ("moe combine 8192x8x7168 (DSv3)", lambda: combine_case(T // 2, 8, 7168, 256)),
     ]
     copy_gbs = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}, bf16; ms per call (fused, then eager); GB/s of the "

@@ -287,6 +287,108 @@ def test_rope_rejects_bad_tables():
         kernels.rope(x[..., :63], cos, sin)
 
 
+# -- MoE combine ---------------------------------------------------------------------------------
+
+def _routing(T, K, E, seed, extra=0):
+    """pick_to_slot of a random routing (models.moe.sort_by_expert's, plus `extra` padding slots
+    after the picks, which no pick points at) and positive fp32 gates."""
+    from models.moe import sort_by_expert
+    g = torch.Generator().manual_seed(seed)
+    expert_TK = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]) if T else \
+        torch.empty(0, K, dtype=torch.int64)
+    _, pick_to_slot = sort_by_expert(expert_TK)
+    gate_TK = torch.rand(T, K, generator=g) * 2.5 / K + 0.01
+    return pick_to_slot.to(DEVICE), gate_TK.to(DEVICE)
+
+
+def _check_combine(T, K, D, dtype, seed, extra=0):
+    """Forward and both gradients against the exact (fp64) weighted sum on the same inputs: the
+    output and d y_slots within one rounding to dtype plus fp32 arithmetic, the gates' fp32
+    gradient within fp32 summation of its D products; padding slots get zero gradient."""
+    pick_to_slot, gate = _routing(T, K, max(K, 8), seed)
+    y = _rand((T * K + extra, D), dtype, seed + 1).requires_grad_()
+    gate = gate.requires_grad_()
+    out = kernels.moe_combine(y, pick_to_slot, gate)
+    y64, gate64 = y.detach().double(), gate.detach().double()
+    picked = y64[pick_to_slot].view(T, K, D)
+    exact = (picked * gate64[:, :, None]).sum(1)
+    scale = exact.abs().amax() if exact.numel() else 0.0
+    err = (out.double() - exact).abs()
+    assert out.dtype == dtype and out.shape == (T, D)
+    assert (err <= UNIT_ROUNDOFF[dtype] * exact.abs() + ARITHMETIC[dtype] * scale).all()
+    dout = _rand((T, D), dtype, seed + 2)
+    dy, dgate = torch.autograd.grad(out, (y, gate), dout)
+    g64 = dout.double()
+    dy_exact = torch.zeros_like(y64)
+    dy_exact[pick_to_slot] = (gate64[:, :, None] * g64[:, None, :]).reshape(T * K, D)
+    dy_err = (dy.double() - dy_exact).abs()
+    # gate * g rounded to fp32, then to dtype: one rounding to dtype plus the fp32 product's
+    assert (dy_err <= (UNIT_ROUNDOFF[dtype] + 2.0 ** -23) * dy_exact.abs()).all(), "combine dy"
+    assert not dy[T * K:].any(), "padding slots got a gradient"
+    dgate_exact = (picked * g64[:, None, :]).sum(-1)
+    bound = 2.0 ** -20 * (picked.abs() * g64.abs()[:, None, :]).sum(-1)
+    assert dgate.dtype == torch.float32
+    assert ((dgate.double() - dgate_exact).abs() <= bound + 1e-30).all(), "combine d gate"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_moe_combine_exact_forward_and_gradients(dtype):
+    _check_combine(T=37, K=4, D=96, dtype=dtype, seed=11)
+
+
+def test_moe_combine_odd_k_ragged_width_padding_and_empty():
+    """K not a power of two, one expert per token, D past one column block and not a power of
+    two, padding slots after the picks, and no tokens at all."""
+    _check_combine(T=9, K=6, D=1100, dtype=torch.bfloat16, seed=12, extra=5)
+    _check_combine(T=5, K=1, D=40, dtype=torch.bfloat16, seed=13)
+    _check_combine(T=0, K=4, D=64, dtype=torch.bfloat16, seed=14)
+
+
+def test_moe_combine_matches_the_eager_moe_path():
+    """The kernel against MoE._routed's own eager gather, multiply and sum in fp32."""
+    from models.moe import PermuteRows
+    T, K, D = 23, 4, 80
+    pick_to_slot, gate = _routing(T, K, 8, 15)
+    slot_to_pick = torch.empty_like(pick_to_slot)
+    slot_to_pick[pick_to_slot] = torch.arange(T * K, device=DEVICE)
+    y = _rand((T * K, D), torch.float32, 16)
+    eager = (PermuteRows.apply(y, pick_to_slot, slot_to_pick).view(T, K, D)
+             * gate[:, :, None]).sum(1)
+    torch.testing.assert_close(kernels.moe_combine(y, pick_to_slot, gate), eager,
+                               rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_sum_picks_is_the_eager_undispatch(dtype):
+    """Each token's K slot rows summed (the dispatch's backward): the exact sum rounded once, as
+    torch's fp32-accumulated sum of the gathered rows (models.moe.undispatch's eager code)."""
+    from models.moe import undispatch
+    T, K, D = 19, 4, 72
+    pick_to_slot, _ = _routing(T, K, 8, 19)
+    rows = _rand((T * K + 3, D), dtype, 20)
+    ours = kernels.sum_picks(rows, pick_to_slot, K)
+    picked = rows.double()[pick_to_slot].view(T, K, D)
+    exact, fp32_sums = picked.sum(1), K * 2.0 ** -24 * picked.abs().sum(1)
+    assert ours.dtype == dtype and ours.shape == (T, D)
+    assert ((ours.double() - exact).abs() <= UNIT_ROUNDOFF[dtype] * exact.abs() + fp32_sums).all()
+    torch.testing.assert_close(ours, undispatch(rows, pick_to_slot, K), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"pick_to_slot \[T \* 3\]"):
+        kernels.sum_picks(rows, pick_to_slot, 3)
+
+
+def test_moe_combine_rejects_bad_input():
+    pick_to_slot, gate = _routing(6, 2, 8, 17)
+    y = _rand((12, 32), torch.bfloat16, 18)
+    with pytest.raises(TypeError, match="fp32 weights"):
+        kernels.moe_combine(y, pick_to_slot, gate.bfloat16())
+    with pytest.raises(ValueError, match="only 11 slots"):
+        kernels.moe_combine(y[:11], pick_to_slot, gate)
+    with pytest.raises(ValueError, match=r"pick_to_slot \[T \* K\]"):
+        kernels.moe_combine(y, pick_to_slot[:5], gate)
+    with pytest.raises(TypeError, match="int64"):
+        kernels.moe_combine(y, pick_to_slot.float(), gate)
+
+
 # -- Dispatch in the model -----------------------------------------------------------------------
 
 def test_fused_only_for_compiled_cuda_tensors():
@@ -322,10 +424,10 @@ def test_model_runs_the_kernels_when_dispatched(monkeypatch):
     model = build_model(cfg)
     tokens = torch.randint(0, cfg.vocab_size, (2, 17))
     eager_loss, eager_grads = _model_loss_and_grads(model, tokens)
-    calls = _count_calls(monkeypatch, ("rms_norm", "swiglu", "rope"))
+    calls = _count_calls(monkeypatch, ("rms_norm", "swiglu", "rope", "moe_combine", "sum_picks"))
     monkeypatch.setattr(kernels, "fused", lambda x: True)
     fused_loss, fused_grads = _model_loss_and_grads(model, tokens)
-    assert set(calls) == {"rms_norm", "swiglu", "rope"}
+    assert set(calls) == {"rms_norm", "swiglu", "rope", "moe_combine", "sum_picks"}
     torch.testing.assert_close(fused_loss, eager_loss, rtol=1e-5, atol=0)
     for (name, _), f, e in zip(model.named_parameters(), fused_grads, eager_grads):
         torch.testing.assert_close(f, e, rtol=1e-4, atol=1e-6, msg=name)
@@ -403,6 +505,18 @@ for dt in ("bf16", "fp32"):
             S="i32", H="i32", stride_xb="i32", stride_xs="i32", stride_xh="i32", stride_cs="i32",
             HALF="i32"), dict(INVERSE=inverse, BLOCK_ROWS=block_rows, BLOCK_HALF=32),
             kernels._warps(block_rows * 64))
+    for D in (4096, 7168):
+        for K in (4, 8):
+            bt, bd = kernels._combine_tiles(D)
+            rows = dict(y_ptr=p(dt), pick_to_slot_ptr=p("i64"), gate_ptr=p("fp32"))
+            out[f"moe_combine {dt} D{D} K{K}"] = build(kernels.moe_combine_kernel, dict(
+                rows, out_ptr=p(dt), T="i32", D="i32"), dict(K=K, BLOCK_T=bt, BLOCK_D=bd),
+                kernels._warps(bt * bd))
+            bt, bd = kernels._combine_tiles(D, widest=512)
+            out[f"moe_combine_backward {dt} D{D} K{K}"] = build(
+                kernels.moe_combine_backward_kernel, dict(
+                    g_ptr=p(dt), **rows, dy_ptr=p(dt), dgate_ptr=p("fp32"), T="i32", D="i32"),
+                dict(K=K, BLOCK_K=K, BLOCK_T=bt, BLOCK_D=bd), kernels._warps(bt * bd))
 print(json.dumps(out))
 '''
 
@@ -462,6 +576,20 @@ def test_gpu_rope_attention_sizes(R):
     q = _rand((4, 4096, 32, 128 + R), torch.bfloat16, 1)[..., 128:]
     _check_rope(q, seed=2, share=0.99)
     _check_rope(_rand((4, 4096, 512 + R), torch.bfloat16, 3)[..., 512:], seed=4, share=0.99)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T, K, D", [(16384, 4, 4096), (4096, 8, 7168)])
+def test_gpu_moe_combine_model_sizes(T, K, D):
+    """The `small` model's combine (4 x 4096 tokens, top-4 of hidden 4096) and DeepSeek-V3's
+    (top-8 of 7168), with padding slots after the picks; the dispatch's backward (sum_picks)
+    against torch's sum of the gathered rows."""
+    _check_combine(T=T, K=K, D=D, dtype=torch.bfloat16, seed=K, extra=128)
+    pick_to_slot, _ = _routing(T, K, 2 * K, K + 1)
+    rows = _rand((T * K, D), torch.bfloat16, K + 2)
+    eager = rows[pick_to_slot].view(T, K, D).sum(1)
+    torch.testing.assert_close(kernels.sum_picks(rows, pick_to_slot, K), eager,
+                               rtol=2 * UNIT_ROUNDOFF[torch.bfloat16], atol=0)  # an ulp
 
 
 @pytest.mark.gpu
