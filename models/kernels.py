@@ -24,10 +24,13 @@ bytes the op must move going to HBM (b = bytes per element of the activation dty
                                (gate times the token's gradient, straight into slot order) and the
                                gates' gradient <g[t], y[slot]>: 2Nb + T D b. Eager torch makes
                                [T, K, D] copies for the gather, the product and its gradients
+                               (H200: fwd+bwd 0.54 ms against eager's 3.03 at 16384 tokens x
+                               top-4 x 4096, 93% of a copy's bandwidth; a `small` training step
+                               at 4 x 4096 x 4 gained 3.4% bf16 / 5.0% FP8 tokens/s)
     sum_picks(y, p2s, K)       the same with unit gates, no autograd: the dispatch's backward, each
                                token's K slot gradients gathered and summed in one pass
 
-Numerics, matching the eager formulas in models/layers.py:
+Numerics, matching the eager formulas in models/layers.py (the combine's: models/moe.py):
     rms_norm  y = weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype), the normalized value rounded to
               x's dtype BEFORE the weight multiply (as the eager module and Hugging Face's do), the
               product in the promoted dtype of x and weight. Forward equals eager up to the
