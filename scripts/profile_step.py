@@ -6,8 +6,8 @@ Two views of it:
 - phases: CUDA events around the forward, the backward and `engine.step()` (the optimizer, the
   gradient norm and clipping, ZeRO's copies between BF16 and FP32), over a few steps;
 - kernels: torch.profiler over two steps, kernels summed by name and grouped into families
-  (GEMMs, attention, Triton kernels, elementwise and reductions, copies, communication), top
-  kernels listed with their share of GPU time.
+  (attention, GEMMs, our fused Triton and CUDA kernels, elementwise and reductions, copies,
+  communication), top kernels listed with their share of GPU time.
 
 This is a diagnostic for developers, not a benchmark of record (it records nothing in the summary
 table): use it to decide what to fuse next.
@@ -33,10 +33,10 @@ from isolate import in_fresh_process  # noqa: E402
 from models.fp8.linear import invalidate_weight_caches  # noqa: E402
 from trainer import engine as eng  # noqa: E402
 
-FAMILIES = [
-    ("gemm", r"gemm|sm90_xmma|nvjet|cutlass|cublas|_scaled_mm|wgmma|grouped_gemm|grouped_wgrad"),
+FAMILIES = [  # first match wins: cuDNN's attention kernels carry "wgmma" in their names too
     ("attention", r"flash|fmha|attention|sdpa"),
-    ("triton", r"^triton_|_kernel$"),
+    ("gemm", r"gemm|sm90_xmma|nvjet|cutlass|cublas|_scaled_mm|wgmma|grouped_fprop|grouped_wgrad"),
+    ("fused", r"^triton_|_kernel$|_kernel\("),  # ours: Triton, and the CUDA ones (name(args))
     ("copy", r"memcpy|memset|copy|cat|fill"),
     ("comm", r"nccl|all_reduce|allreduce|gloo"),
     ("reduce", r"reduce|sum|norm|max|softmax|topk|sort|scan|cumsum|bincount|histogram"),

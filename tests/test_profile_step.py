@@ -1,0 +1,27 @@
+"""scripts/profile_step.py's kernel families: each kernel name of an H200 profile of a `small`
+step (fourteenth session) lands in the family it belongs to."""
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts"))
+
+import profile_step  # noqa: E402
+
+
+@pytest.mark.parametrize("name, family", [
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64x64x256_1x4x1_cga1x1x1"
+     "_kernel0_0", "attention"),
+    ("nvjet_sm90_qqtst_128x128_128x6_2x1_v_bz_coopA_algo2_Ablk128_Bvec128_TNN", "gemm"),
+    ("(anonymous namespace)::grouped_fprop_kernel(CUtensorMap_st, CUtensorMap_st)", "gemm"),
+    ("(anonymous namespace)::grouped_wgrad_kernel(CUtensorMap_st, CUtensorMap_st)", "gemm"),
+    ("(anonymous namespace)::swiglu_backward_kernel((anonymous namespace)::Args)", "fused"),
+    ("quant_tile_kernel", "fused"),
+    ("moe_combine_backward_kernel", "fused"),
+    ("void at::native::(anonymous namespace)::CatArrayBatchedCopy<at::native::(anonymous "
+     "namespace)::OpaqueType<2u>, unsigned int, 4, 64, 64>", "copy"),
+    ("void at::native::vectorized_gather_kernel<16, long>(char*, char*, long*, int)", "index"),
+])
+def test_kernel_families(name, family):
+    assert profile_step.family(name) == family
