@@ -45,18 +45,21 @@ Numerics, matching the eager formulas in models/layers.py (the combine's: models
               rounds the gates and each product to the activation dtype first); the gates' gradient
               an fp32 dot product over D (eager rounds the products first).
 
-`fused(x)` is the one dispatch rule: the model calls these kernels for CUDA tensors and keeps its
-eager torch code everywhere else, so CPU results (and the HF parity and exact-resume tests) do not
-depend on this module. On a machine without CUDA the kernels run under Triton's interpreter
-(models/triton_env.py picks it, as for every kernel module): that is what lets tests/test_kernels.py
-run these very kernels on CPU tensors. Every kernel holds whole rows, so its loops have
-compile-time bounds. They are launched a few times per layer and step, through
-models/triton_launch.py's CachedLauncher, which skips the JIT's per-call work on GPU.
+`fused(x)` is the one dispatch rule: the model calls these kernels for CUDA tensors (unless the
+environment says FP8MOE_FUSED_KERNELS=0) and keeps its eager torch code everywhere else, so CPU
+results (and the HF parity and exact-resume tests) do not depend on this module. On a machine
+without CUDA the kernels run under Triton's interpreter (models/triton_env.py picks it, as for
+every kernel module): that is what lets tests/test_kernels.py run these very kernels on CPU
+tensors. Every kernel holds whole rows, so its loops have compile-time bounds. They are launched a
+few times per layer and step, through models/triton_launch.py's CachedLauncher, which skips the
+JIT's per-call work on GPU.
 
 Shape legend: M rows (all leading dims flattened), D normalized width, N elements,
 B batch, S sequence, H heads, R rotary dims (R/2 pairs).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -82,10 +85,15 @@ reduction order, and the result, does not depend on the card)."""
 ELEM_BLOCK, ELEM_WARPS = 4096, 8
 
 
+ENABLED = os.environ.get("FP8MOE_FUSED_KERNELS", "1") != "0"
+"""FP8MOE_FUSED_KERNELS=0 keeps the model on its eager torch code on the GPU too: for ruling the
+kernels in or out when two runs part ways (read once, at import, in every process of a job)."""
+
+
 def fused(x: torch.Tensor) -> bool:
     """The one dispatch rule: the model calls the Triton kernels for x when x is a CUDA tensor of
-    a dtype they take and Triton compiles (is not the interpreter)."""
-    return x.is_cuda and x.dtype in FLOAT_DTYPES and not INTERPRET
+    a dtype they take and Triton compiles (is not the interpreter), and ENABLED."""
+    return ENABLED and x.is_cuda and x.dtype in FLOAT_DTYPES and not INTERPRET
 
 
 def _check_float(name: str, t: torch.Tensor) -> None:

@@ -398,6 +398,21 @@ def test_fused_only_for_compiled_cuda_tensors():
         assert not kernels.fused(torch.ones(2, device="cuda", dtype=torch.float64))
 
 
+def test_environment_switch_turns_the_kernels_off():
+    """FP8MOE_FUSED_KERNELS=0 (read once, at import: a fresh interpreter each) leaves every tensor
+    on the eager code, a CUDA one included where there is a GPU; unset or 1, the usual rule."""
+    import subprocess
+    import sys
+    probe = ("import torch; from models import kernels; x = torch.ones(1, device="
+             f"{DEVICE!r}); print(kernels.ENABLED, kernels.fused(x))")
+    usual = str(DEVICE == "cuda" and not kernels.INTERPRET)
+    for value, expected in (("0", ["False", "False"]), ("1", ["True", usual])):
+        env = dict(os.environ, FP8MOE_FUSED_KERNELS=value)
+        out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
+                             text=True, check=True).stdout.split()
+        assert out == expected, (value, out)
+
+
 def _model_loss_and_grads(model, tokens):
     model.zero_grad()
     out = model(tokens[:, :-1], tokens[:, 1:])
