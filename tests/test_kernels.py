@@ -1,12 +1,14 @@
-"""Fused RMSNorm, SwiGLU and rotary kernels (models/kernels.py) against independent pure-torch
-formulas, on fresh random data in bf16, fp16 and fp32.
+"""Fused RMSNorm, SwiGLU, rotary and MoE-combine kernels (models/kernels.py) against independent
+pure-torch formulas, on fresh random data in bf16, fp16 and fp32.
 
 What "equal" means here, and why:
 - forward vs the eager formula of models/layers.py: rope is the same fp32 products rounded once, so
   bitwise (on CPU; on the GPU an FMA may move the last fp32 bit, so at most one ulp there);
   rms_norm differs only in the summation order of mean(x^2): at least 99% of the elements bitwise,
   the rest within the rounding of one ulp of the normalized value; swiglu rounds silu(a) * b once
-  where eager rounds silu(a) first, so it is checked against the exact (fp64) value instead.
+  where eager rounds silu(a) first, so it is checked against the exact (fp64) value instead; so
+  is the MoE combine (fp32 sums of unrounded products, where eager rounds each product first),
+  and sum_picks is also bitwise torch's sum of the gathered rows.
 - gradients vs torch.autograd of the eager formula run in fp64 on the same inputs (the exact
   gradient; for rms_norm with the normalized values rounded exactly as the kernel's forward
   rounded them, see _exact_rms_norm): within one rounding to the output dtype plus fp32
@@ -289,9 +291,9 @@ def test_rope_rejects_bad_tables():
 
 # -- MoE combine ---------------------------------------------------------------------------------
 
-def _routing(T, K, E, seed, extra=0):
-    """pick_to_slot of a random routing (models.moe.sort_by_expert's, plus `extra` padding slots
-    after the picks, which no pick points at) and positive fp32 gates."""
+def _routing(T, K, E, seed):
+    """pick_to_slot of a random routing of T tokens to K of E experts each (models.moe's
+    sort_by_expert) and positive fp32 gates."""
     from models.moe import sort_by_expert
     g = torch.Generator().manual_seed(seed)
     expert_TK = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]) if T else \
