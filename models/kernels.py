@@ -474,15 +474,13 @@ def combine_backward(g_TD: torch.Tensor, y_slots: torch.Tensor, pick_to_slot: to
     (T, K), D = gate_TK.shape, y_slots.shape[1]
     full = y_slots.shape[0] == T * K
     dy = (torch.empty_like if full else torch.zeros_like)(y_slots)
-    dgate = torch.empty((T, K), dtype=torch.float32, device=g_TD.device)
+    dgate = (torch.empty if D else torch.zeros)((T, K), dtype=torch.float32, device=g_TD.device)
     if T and D:
         block_t, block_d = _combine_tiles(D, widest=512)
         _launch_combine_backward[(triton.cdiv(T, block_t),)](
             g_TD, y_slots, pick_to_slot, gate_TK, dy, dgate, T, D, K=K,
             BLOCK_K=triton.next_power_of_2(K), BLOCK_T=block_t, BLOCK_D=block_d,
             num_warps=_warps(block_t * block_d))
-    elif T:
-        dgate.zero_()
     return dy, dgate
 
 

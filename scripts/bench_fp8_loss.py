@@ -264,7 +264,7 @@ def finished_run(args, run: str) -> dict:
     is there is read back instead (an ablation can thus be spread over several jobs, each
     reusing the same bf16 run). A file of other settings is an error, never silently reused."""
     path, settings = run_file(args, run), {k: getattr(args, k) for k in SETTINGS}
-    if getattr(args, "resume", False) and os.path.exists(path):
+    if args.resume and os.path.exists(path):
         with open(path) as f:
             kept = json.load(f)
         if kept.get("settings") != settings:

@@ -139,25 +139,26 @@ def by_family(grads: dict, ref: dict) -> dict[str, tuple[float, float]]:
             for f, (dd, rr, dr) in sums.items()}
 
 
-def audit(title: str, cfg, state: dict, batch: dict, names: list[str]) -> None:
+def audit(title: str, cfg, state: dict, batch: dict, variants: dict[str, dict]) -> None:
+    """Each of `variants` ({name: keywords of `gradients`}) against the fp32 eager reference."""
     print(f"\n== {title}", flush=True)
     t0 = time.time()
     torch.set_float32_matmul_precision("highest")
     ref, ref_loss = gradients(cfg, state, batch, torch.float32, fused=False)
     print(f"  {'fp32 eager':<11} loss lm {ref_loss[0]:.5f}  mtp {ref_loss[1]:.5f}")
     table = {}
-    for name in names:
-        grads, loss = gradients(cfg, state, batch, torch.bfloat16, **variant(name))
+    for name, how in variants.items():
+        grads, loss = gradients(cfg, state, batch, torch.bfloat16, **how)
         print(f"  {name:<11} loss lm {loss[0]:.5f} ({loss[0] / ref_loss[0] - 1:+.3%})  mtp "
               f"{loss[1]:.5f} ({loss[1] / ref_loss[1] - 1:+.3%})", flush=True)
         table[name] = by_family(grads, ref)
         del grads
-    families = table[names[0]]
+    families = next(iter(table.values()))
     width = max(map(len, families)) + 2
-    print("  rel | bias per family".ljust(width) + "".join(f"{n:>17}" for n in names))
+    print("  rel | bias per family".ljust(width) + "".join(f"{n:>17}" for n in table))
     for fam in families:
         print(f"  {fam:<{width - 2}}" + "".join(
-            f"{table[n][fam][0]:>9.4f} {table[n][fam][1]:+.4f}" for n in names))
+            f"{t[fam][0]:>9.4f} {t[fam][1]:+.4f}" for t in table.values()))
     print(f"  ({time.time() - t0:.0f} s)", flush=True)
 
 
@@ -196,10 +197,8 @@ def main() -> None:
     p.add_argument("--variants", default=DEFAULT_VARIANTS,
                    help="comma-separated, compared in this order (module docstring)")
     args = p.parse_args()
-    names = args.variants.split(",")
     try:
-        for name in names:
-            variant(name)
+        variants = {name: variant(name) for name in args.variants.split(",")}
     except ValueError as err:
         p.error(str(err))
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
@@ -215,11 +214,11 @@ def main() -> None:
     state = {k: v.clone() for k, v in build_model(cfg, device="cuda").state_dict().items()}
     print(f"{torch.cuda.get_device_name()}: {args.size}, 1 x {args.seq_len} tokens, "
           f"seed {args.seed}")
-    audit("at initialization, batch 0", cfg, state, loader.micro_batches(0)[0], names)
+    audit("at initialization, batch 0", cfg, state, loader.micro_batches(0)[0], variants)
     if args.steps:
         state = train_bf16(args, cfg, state, rows, args.steps)
         audit(f"after {args.steps} bf16 steps at lr {args.lr:g}, batch {args.steps}", cfg, state,
-              loader.micro_batches(args.steps)[0], names)
+              loader.micro_batches(args.steps)[0], variants)
 
 
 if __name__ == "__main__":
