@@ -45,8 +45,9 @@ Numerics, matching the eager formulas in models/layers.py (the combine's: models
               rounds the gates and each product to the activation dtype first); the gates' gradient
               an fp32 dot product over D (eager rounds the products first).
 
-`fused(x)` is the one dispatch rule: the model calls these kernels for CUDA tensors (unless the
-environment says FP8MOE_FUSED_KERNELS=0) and keeps its eager torch code everywhere else, so CPU
+`fused(x, kernel)` is the one dispatch rule: the model calls these kernels for CUDA tensors (unless
+the environment turns them off: FP8MOE_FUSED_KERNELS=0 all of them, =rope,swiglu all but those
+two) and keeps its eager torch code everywhere else, so CPU
 results (and the HF parity and exact-resume tests) do not depend on this module. On a machine
 without CUDA the kernels run under Triton's interpreter (models/triton_env.py picks it, as for
 every kernel module): that is what lets tests/test_kernels.py run these very kernels on CPU
@@ -85,15 +86,37 @@ reduction order, and the result, does not depend on the card)."""
 ELEM_BLOCK, ELEM_WARPS = 4096, 8
 
 
-ENABLED = os.environ.get("FP8MOE_FUSED_KERNELS", "1") != "0"
-"""FP8MOE_FUSED_KERNELS=0 keeps the model on its eager torch code on the GPU too: for ruling the
-kernels in or out when two runs part ways (read once, at import, in every process of a job)."""
+KERNELS = ("rms_norm", "swiglu", "rope", "moe_combine", "cross_entropy")
+"""The fused kernels the model dispatches to, by the names FP8MOE_FUSED_KERNELS takes."""
 
 
-def fused(x: torch.Tensor) -> bool:
-    """The one dispatch rule: the model calls the Triton kernels for x when x is a CUDA tensor of
-    a dtype they take and Triton compiles (is not the interpreter), and ENABLED."""
-    return ENABLED and x.is_cuda and x.dtype in FLOAT_DTYPES and not INTERPRET
+def enabled_kernels(setting: str) -> frozenset[str]:
+    """Which kernels FP8MOE_FUSED_KERNELS turns on: 1 (or unset) all, 0 none, or a comma list of
+    names from KERNELS (the others keep their eager torch code): for ruling kernels in or out,
+    one at a time, when two runs part ways."""
+    if setting.strip() in ("", "1"):
+        return frozenset(KERNELS)
+    if setting.strip() == "0":
+        return frozenset()
+    names = {name.strip() for name in setting.split(",") if name.strip()}
+    unknown = sorted(names - set(KERNELS))
+    if unknown:
+        raise ValueError(f"FP8MOE_FUSED_KERNELS={setting!r} names no kernel {unknown}: set 1 "
+                         f"(all), 0 (none) or a comma list of {','.join(KERNELS)}")
+    return frozenset(names)
+
+
+ENABLED = enabled_kernels(os.environ.get("FP8MOE_FUSED_KERNELS", "1"))
+"""The kernels this process dispatches to (read once, at import, in every process of a job)."""
+
+
+def fused(x: torch.Tensor, kernel: str) -> bool:
+    """The one dispatch rule: the model calls the Triton `kernel` for x when x is a CUDA tensor of
+    a dtype it takes and Triton compiles (is not the interpreter), and the environment left
+    `kernel` on (ENABLED)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"no fused kernel {kernel!r}: one of {KERNELS}")
+    return kernel in ENABLED and x.is_cuda and x.dtype in FLOAT_DTYPES and not INTERPRET
 
 
 def _check_float(name: str, t: torch.Tensor) -> None:

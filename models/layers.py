@@ -30,7 +30,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if kernels.fused(x):
+        if kernels.fused(x, "rms_norm"):
             return kernels.rms_norm(x, self.weight, self.eps)
         x32 = x.float()
         y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -82,7 +82,7 @@ def apply_rope(x: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor) -> t
     cos/sin are [S, R/2]; x is [B, S, R] or [B, S, H, R] (a head axis after S is broadcast).
     Computed in fp32, returned in x's dtype.
     """
-    if kernels.fused(x):
+    if kernels.fused(x, "rope"):
         return kernels.rope(x, cos_SR, sin_SR)
     pairs = x.float().unflatten(-1, (-1, 2))
     if x.dim() == 4:
@@ -94,7 +94,7 @@ def apply_rope(x: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor) -> t
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up: the fused kernel where it runs, torch ops elsewhere."""
-    return kernels.swiglu(gate, up) if kernels.fused(gate) else F.silu(gate) * up
+    return kernels.swiglu(gate, up) if kernels.fused(gate, "swiglu") else F.silu(gate) * up
 
 
 class MLP(nn.Module):

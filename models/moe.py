@@ -188,7 +188,7 @@ def combine(y_slots: torch.Tensor, weight_TK: torch.Tensor, slot_to_pick: torch.
             pick_to_slot: torch.Tensor) -> torch.Tensor:
     """Each token's K expert outputs (rows of y_slots, in slot order) weighted by its gate weights
     and summed: [T, D]. One kernel each way on the GPU (models.kernels.moe_combine)."""
-    if kernels.fused(y_slots):
+    if kernels.fused(y_slots, "moe_combine"):
         return kernels.moe_combine(y_slots, pick_to_slot, weight_TK.float())
     T, K = weight_TK.shape
     y_TKD = PermuteRows.apply(y_slots, pick_to_slot, slot_to_pick).view(T, K, -1)
@@ -232,7 +232,7 @@ def undispatch(grad_slots: torch.Tensor, pick_to_slot: torch.Tensor, top_k: int)
     """The tokens' gradient from their slots': un-sorted by a gather, each token's K copies
     summed (DispatchTokens' backward, also run by the FP8 experts, which dispatch themselves).
     One kernel on the GPU (models.kernels.sum_picks)."""
-    if kernels.fused(grad_slots):
+    if kernels.fused(grad_slots, "moe_combine"):
         return kernels.sum_picks(grad_slots, pick_to_slot, top_k)
     return grad_slots[pick_to_slot].unflatten(0, (-1, top_k)).sum(1)
 

@@ -228,7 +228,7 @@ def cross_entropy(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Te
     On the GPU one fused kernel each way (models/cross_entropy.py) reads the bf16 logits as they
     are; elsewhere the eager fp32 formula.
     """
-    if kernels.fused(logits_BSV):
+    if kernels.fused(logits_BSV, "cross_entropy"):
         losses = cross_entropy_sum(logits_BSV.flatten(0, 1), labels_BS.flatten())
     else:
         losses = F.cross_entropy(logits_BSV.flatten(0, 1).float(), labels_BS.flatten(),

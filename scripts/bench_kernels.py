@@ -73,7 +73,7 @@ def swiglu_case(rows: int, F: int):
     a, b = _randn(rows, F).requires_grad_(), _randn(rows, F).requires_grad_()
 
     def op(gate, up):  # MLP.forward between its projections
-        if kernels.fused(gate):
+        if kernels.fused(gate, "swiglu"):
             return kernels.swiglu(gate, up)
         return torch.nn.functional.silu(gate) * up
     return op, (a, b), 8 * rows * F * 2
@@ -225,7 +225,8 @@ def tuning(deadline: float) -> None:
 def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels.py needs a CUDA GPU")
-    assert kernels.fused(torch.empty(1, device=DEVICE)), "the kernels are not dispatched on CUDA"
+    probe = torch.empty(1, device=DEVICE)
+    assert all(kernels.fused(probe, k) for k in kernels.KERNELS), "kernels not dispatched on CUDA"
     deadline = time.monotonic() + BUDGET_S
     torch.manual_seed(0)
     T = 4 * 4096

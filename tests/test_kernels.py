@@ -394,25 +394,34 @@ def test_moe_combine_rejects_bad_input():
 # -- Dispatch in the model -----------------------------------------------------------------------
 
 def test_fused_only_for_compiled_cuda_tensors():
-    assert not kernels.fused(torch.ones(2))
+    assert not kernels.fused(torch.ones(2), "rms_norm")
     if torch.cuda.is_available():
-        assert kernels.fused(torch.ones(2, device="cuda")) == (not kernels.INTERPRET)
-        assert not kernels.fused(torch.ones(2, device="cuda", dtype=torch.float64))
+        assert kernels.fused(torch.ones(2, device="cuda"), "rope") == (not kernels.INTERPRET)
+        assert not kernels.fused(torch.ones(2, device="cuda", dtype=torch.float64), "rope")
+    with pytest.raises(ValueError, match="no fused kernel 'rmsnorm'"):
+        kernels.fused(torch.ones(2), "rmsnorm")
 
 
-def test_environment_switch_turns_the_kernels_off():
-    """FP8MOE_FUSED_KERNELS=0 (read once, at import: a fresh interpreter each) leaves every tensor
-    on the eager code, a CUDA one included where there is a GPU; unset or 1, the usual rule."""
+def test_environment_switch_picks_the_kernels():
+    """FP8MOE_FUSED_KERNELS (read once, at import: a fresh interpreter each) turns all kernels off
+    (0), all on (1, the usual rule), or only those it lists; a name it does not know is an error
+    that lists the names."""
     import subprocess
     import sys
     probe = ("import torch; from models import kernels; x = torch.ones(1, device="
-             f"{DEVICE!r}); print(kernels.ENABLED, kernels.fused(x))")
+             f"{DEVICE!r}); print(sorted(kernels.ENABLED), kernels.fused(x, 'rope'), "
+             "kernels.fused(x, 'moe_combine'))")
     usual = str(DEVICE == "cuda" and not kernels.INTERPRET)
-    for value, expected in (("0", ["False", "False"]), ("1", ["True", usual])):
+    cases = (("0", ["[]", "False", "False"]),
+             ("1", [str(sorted(kernels.KERNELS)).replace(" ", ""), usual, usual]),
+             ("rope, swiglu", ["['rope','swiglu']", usual, "False"]))
+    for value, expected in cases:
         env = dict(os.environ, FP8MOE_FUSED_KERNELS=value)
         out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
-                             text=True, check=True).stdout.split()
+                             text=True, check=True).stdout.replace(", ", ",").split()
         assert out == expected, (value, out)
+    with pytest.raises(ValueError, match="names no kernel \\['combine'\\].*rms_norm,swiglu"):
+        kernels.enabled_kernels("rope,combine")
 
 
 def _model_loss_and_grads(model, tokens):
@@ -442,7 +451,7 @@ def test_model_runs_the_kernels_when_dispatched(monkeypatch):
     tokens = torch.randint(0, cfg.vocab_size, (2, 17))
     eager_loss, eager_grads = _model_loss_and_grads(model, tokens)
     calls = _count_calls(monkeypatch, ("rms_norm", "swiglu", "rope", "moe_combine", "sum_picks"))
-    monkeypatch.setattr(kernels, "fused", lambda x: True)
+    monkeypatch.setattr(kernels, "fused", lambda x, kernel: True)
     fused_loss, fused_grads = _model_loss_and_grads(model, tokens)
     assert set(calls) == {"rms_norm", "swiglu", "rope", "moe_combine", "sum_picks"}
     torch.testing.assert_close(fused_loss, eager_loss, rtol=1e-5, atol=0)
@@ -614,7 +623,7 @@ def test_gpu_model_dispatches_to_kernels(monkeypatch):
     """The debug model on the GPU, fused (the default there) against eager (dispatch off): fp32
     tight (bf16 rounding differences could flip near-tied routing choices), bf16 loosely."""
     from models import build_model, model_config
-    assert kernels.fused(torch.ones(1, device="cuda"))
+    assert kernels.fused(torch.ones(1, device="cuda"), "rms_norm")
     torch.manual_seed(0)
     cfg = model_config("debug")
     model = build_model(cfg).cuda()
@@ -623,7 +632,7 @@ def test_gpu_model_dispatches_to_kernels(monkeypatch):
     model_bf16 = build_model(cfg).cuda().bfloat16()
     model_bf16.load_state_dict(model.state_dict())
     fused_bf16 = _model_loss_and_grads(model_bf16, tokens)
-    monkeypatch.setattr(kernels, "fused", lambda x: False)
+    monkeypatch.setattr(kernels, "fused", lambda x, kernel: False)
     eager = _model_loss_and_grads(model, tokens)
     eager_bf16 = _model_loss_and_grads(model_bf16, tokens)
     torch.testing.assert_close(fused[0], eager[0], rtol=1e-5, atol=0)

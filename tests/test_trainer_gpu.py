@@ -31,20 +31,27 @@ def test_bf16_run_learns_and_keeps_fp32_biases(tmp_path):
 
 @pytest.mark.gpu
 def test_fp8_blockwise_follows_bf16(tmp_path):
+    """40 steps at lr 1e-3, not the debug config's 3e-3: there the bf16 engine's run spikes
+    (gradient norms up to 344 before clipping) and its step-40 validation loss moves by up to 5%
+    with nothing but the kernels' rounding changed (H200: fused against eager kernels, bf16 both),
+    so FP8 could not be told from noise. At 1e-3, on three seeds with fused and with eager kernels, FP8 landed
+    within 0.11% of bf16 every time; 1% leaves a margin and still catches a wrong scale."""
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("fp8=blockwise needs an sm90 GPU")
     pytest.importorskip("models.fp8.convert")
     losses, curves = {}, {}
     for recipe in ("off", "blockwise"):
         run_dir = tmp_path / recipe
-        _ok(_pretrain([*GPU_RUN, f"fp8={recipe}", "fp8.skip_small=false", f"hydra.run.dir={run_dir}"], cwd=ROOT))
+        _ok(_pretrain([*GPU_RUN, "optim.lr=1e-3", f"fp8={recipe}", "fp8.skip_small=false",
+                       f"hydra.run.dir={run_dir}"], cwd=ROOT))
         rows = _metrics(run_dir)
         losses[recipe] = [rows[step]["val/loss"] for step in (0, 20, 40)]
         curves[recipe] = [rows[s]["loss/total"] for s in range(1, 41)]
     assert curves["blockwise"] != curves["off"], "fp8=blockwise changed nothing: no module was converted"
+    assert losses["off"][-1] < 0.8 * losses["off"][0], f"the bf16 run did not learn: {losses}"
     bf16, fp8 = losses["off"][-1], losses["blockwise"][-1]
     # the numbers first: a summary line cut to the terminal's width still shows them
-    assert fp8 == pytest.approx(bf16, rel=0.03), (
+    assert fp8 == pytest.approx(bf16, rel=0.01), (
         f"val loss at step 40 fp8 {fp8:.4f} bf16 {bf16:.4f} ({fp8 / bf16 - 1:+.2%}); at steps "
         f"0/20/40 {losses}; train loss steps 36-40 fp8 {curves['blockwise'][-5:]} bf16 "
         f"{curves['off'][-5:]}")
