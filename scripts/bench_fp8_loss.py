@@ -57,13 +57,13 @@ nothing.
 
 Why 4 x 2048 tokens a step (the default since the fourteenth session; 1 x 2048 before). With
 four sequences a step the gradient is less noisy (its norm's median 3.0-3.1 against 5.4-5.5 at
-1 x 2048) and the runs stop wandering: on the H200 at lr 1e-4, seeds 0 and 1, FP8's final EMA
-gap to bf16 came out +0.12% and +0.21% (the largest |gap| over the last 100 steps 0.29% and
-0.69%; held-out -0.11% and +0.23%), against +1.44% and +0.11% for the bf16 control (held-out
-+0.93% and +0.29%): within the 0.25% aim in both seeds, and no further from bf16 than a one-ulp
-nudge of the initial weights lands. On that card a run takes about 2.5 minutes (50k tokens/s,
-engine set-up and evaluation included), so allow gpu_check.sh about eight minutes for this
-script's three runs (BENCH_TIMEOUT unset or >= 480); `--micro-batch 1` is the old, quicker form.
+1 x 2048) and the runs stop wandering: on the H200 at lr 1e-4, seeds 0 to 3, FP8's final EMA
+gap to bf16 came out +0.12%, +0.21%, +0.14% and +0.18% (mean +0.16%; the largest |gap| over the
+last 100 steps 0.29%, 0.69%, 0.29%, 0.34%; held-out -0.11%, +0.23%, +0.32%, +0.08%), against
++1.44% and +0.11% for the bf16 control of seeds 0 and 1 (held-out +0.93% and +0.29%): within the
+0.25% aim in every seed, and no further from bf16 than a one-ulp nudge of the initial weights
+lands. On that card a run takes 1.7 to 2.5 minutes (50k tokens/s, engine set-up and evaluation
+included), so allow gpu_check.sh about eight minutes for this script's three runs (BENCH_TIMEOUT unset or >= 480); `--micro-batch 1` is the old, quicker form.
 
     python scripts/bench_fp8_loss.py                          # small, 500 steps of 4 x 2048 tokens
     python scripts/bench_fp8_loss.py --runs off,blockwise     # without the control
