@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import kernels
 from models.config import ModelConfig
 from models.layers import RMSNorm, apply_rope
 
@@ -79,13 +80,17 @@ class MLA(nn.Module):
         latent = {"kv_norm": [self.wkv_b]}
         return {"q_norm": [self.wq_b], **latent} if hasattr(self, "q_norm") else latent
 
-    def _queries(self, x_BSD, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+    def _query_heads(self, x_BSD) -> torch.Tensor:
+        """The per-head queries [B, S, H, N+R], rope not yet applied."""
         if hasattr(self, "wq"):
             q = self.wq(x_BSD)
         else:
             q = self.wq_b(self.q_norm(self.wq_a(x_BSD)))
-        q_BSHK = q.unflatten(-1, (self.n_heads, -1))
-        q_nope_BSHN, q_pe_BSHR = q_BSHK.split([self.nope_dim, self.rope_dim], dim=-1)
+        return q.unflatten(-1, (self.n_heads, -1))
+
+    def _queries(self, x_BSD, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        q_nope_BSHN, q_pe_BSHR = self._query_heads(x_BSD).split([self.nope_dim, self.rope_dim],
+                                                                dim=-1)
         return q_nope_BSHN, apply_rope(q_pe_BSHR, cos, sin)
 
     def _latent(self, x_BSD, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,15 +99,26 @@ class MLA(nn.Module):
 
     def forward(self, x_BSD: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor):
         """Causal self-attention over the whole sequence (training and prefill)."""
-        q_nope, q_pe = self._queries(x_BSD, cos_SR, sin_SR)
-        c_BSC, k_pe_BSR = self._latent(x_BSD, cos_SR, sin_SR)
-        kv_BSHX = self.wkv_b(c_BSC).unflatten(-1, (self.n_heads, -1))
-        k_nope_BSHN, v_BSHV = kv_BSHX.split([self.nope_dim, self.v_dim], dim=-1)
-        k_pe_BSHR = k_pe_BSR[:, :, None].expand(-1, -1, self.n_heads, -1)
-        q_BHSK = torch.cat((q_nope, q_pe), dim=-1).transpose(1, 2)
-        k_BHSK = torch.cat((k_nope_BSHN, k_pe_BSHR), dim=-1).transpose(1, 2)
-        o_BHSV = self._sdpa(q_BHSK, k_BHSK, v_BSHV.transpose(1, 2))
+        q_BSHK = self._query_heads(x_BSD)
+        c_BSC, k_pe_BSR = self.wkv_a(x_BSD).split([self.kv_rank, self.rope_dim], dim=-1)
+        kv_BSHX = self.wkv_b(self.kv_norm(c_BSC)).unflatten(-1, (self.n_heads, -1))
+        if kernels.fused(q_BSHK, "mla_qk"):
+            q_BSHK, k_BSHK, v_BSHV = kernels.mla_qk(q_BSHK, kv_BSHX, k_pe_BSR, cos_SR, sin_SR,
+                                                    self.nope_dim)
+        else:
+            q_BSHK, k_BSHK, v_BSHV = self._eager_qkv(q_BSHK, kv_BSHX, k_pe_BSR, cos_SR, sin_SR)
+        o_BHSV = self._sdpa(q_BSHK.transpose(1, 2), k_BSHK.transpose(1, 2), v_BSHV.transpose(1, 2))
         return self.wo(o_BHSV.transpose(1, 2).flatten(2))
+
+    def _eager_qkv(self, q_BSHK, kv_BSHX, k_pe_BSR, cos_SR, sin_SR):
+        """Per-head q = [q_nope ; rope(q_pe)], k = [k_nope ; rope(k_pe) for every head], v: what
+        kernels.mla_qk computes in one pass each way, in torch ops."""
+        q_nope_BSHN, q_pe_BSHR = q_BSHK.split([self.nope_dim, self.rope_dim], dim=-1)
+        k_nope_BSHN, v_BSHV = kv_BSHX.split([self.nope_dim, self.v_dim], dim=-1)
+        k_pe_BSHR = apply_rope(k_pe_BSR, cos_SR, sin_SR)[:, :, None].expand(-1, -1, self.n_heads,
+                                                                            -1)
+        q_BSHK = torch.cat((q_nope_BSHN, apply_rope(q_pe_BSHR, cos_SR, sin_SR)), dim=-1)
+        return q_BSHK, torch.cat((k_nope_BSHN, k_pe_BSHR), dim=-1), v_BSHV
 
     def _sdpa(self, q_BHSK, k_BHSK, v_BHSV):
         K, V = q_BHSK.shape[-1], v_BHSV.shape[-1]

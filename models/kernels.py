@@ -86,7 +86,7 @@ reduction order, and the result, does not depend on the card)."""
 ELEM_BLOCK, ELEM_WARPS = 4096, 8
 
 
-KERNELS = ("rms_norm", "swiglu", "rope", "moe_combine", "cross_entropy")
+KERNELS = ("rms_norm", "swiglu", "rope", "mla_qk", "moe_combine", "cross_entropy")
 """The fused kernels the model dispatches to, by the names FP8MOE_FUSED_KERNELS takes."""
 
 
@@ -132,7 +132,9 @@ def _check_device(name: str, t: torch.Tensor, ref: torch.Tensor) -> None:
 
 
 def _warps(tile_elems: int) -> int:
-    return max(4, min(16, tile_elems // WARP_ELEMS))
+    """Warps for a tile: WARP_ELEMS elements each, a power of two from 4 to 16."""
+    warps = max(4, min(16, tile_elems // WARP_ELEMS))
+    return 1 << (warps.bit_length() - 1)
 
 
 _EXACT_BF16 = tl.constexpr(INTERPRET)
@@ -342,25 +344,35 @@ def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 # -- Rotary embedding ----------------------------------------------------------------------------
 
 @triton.jit
-def rope_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, n_rows, S, H, stride_xb, stride_xs, stride_xh,
-                stride_cs, HALF, INVERSE: tl.constexpr, BLOCK_ROWS: tl.constexpr,
-                BLOCK_HALF: tl.constexpr):
-    rows = (tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
-    h, s, b = rows % H, (rows // H) % S, rows // (H * S)
-    lane = tl.arange(0, 2 * BLOCK_HALF)
-    mask = (rows[:, None] < n_rows) & (lane[None, :] < 2 * HALF)
-    x_off = (b * stride_xb + s * stride_xs + h * stride_xh)[:, None] + lane[None, :]
-    x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(tl.float32)
+def _rotate_pairs(x, s, live, cos_ptr, sin_ptr, stride_cs, HALF, INVERSE: tl.constexpr,
+                  BLOCK_ROWS: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """x [BLOCK_ROWS, 2 BLOCK_HALF] fp32, its pairs rotated by the angles of each row's position s
+    (by minus them when INVERSE); fp32."""
     even, odd = tl.split(tl.reshape(x, [BLOCK_ROWS, BLOCK_HALF, 2]))
     pair = tl.arange(0, BLOCK_HALF)
-    cs_mask = (rows[:, None] < n_rows) & (pair[None, :] < HALF)
+    cs_mask = live[:, None] & (pair[None, :] < HALF)
     cs_off = s[:, None] * stride_cs + pair[None, :]
     cos = tl.load(cos_ptr + cs_off, mask=cs_mask, other=0.0).to(tl.float32)
     sin = tl.load(sin_ptr + cs_off, mask=cs_mask, other=0.0).to(tl.float32)
     if INVERSE:
         sin = -sin
-    y = tl.reshape(tl.join(even * cos - odd * sin, even * sin + odd * cos),
-                   [BLOCK_ROWS, 2 * BLOCK_HALF])
+    return tl.reshape(tl.join(even * cos - odd * sin, even * sin + odd * cos),
+                      [BLOCK_ROWS, 2 * BLOCK_HALF])
+
+
+@triton.jit
+def rope_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, n_rows, S, H, stride_xb, stride_xs, stride_xh,
+                stride_cs, HALF, INVERSE: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                BLOCK_HALF: tl.constexpr):
+    rows = (tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
+    h, s, b = rows % H, (rows // H) % S, rows // (H * S)
+    live = rows < n_rows
+    lane = tl.arange(0, 2 * BLOCK_HALF)
+    mask = live[:, None] & (lane[None, :] < 2 * HALF)
+    x_off = (b * stride_xb + s * stride_xs + h * stride_xh)[:, None] + lane[None, :]
+    x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(tl.float32)
+    y = _rotate_pairs(x, s, live, cos_ptr, sin_ptr, stride_cs, HALF, INVERSE, BLOCK_ROWS,
+                      BLOCK_HALF)
     tl.store(y_ptr + rows[:, None] * (2 * HALF) + lane[None, :],
              cast_rne(y, y_ptr.dtype.element_ty),
              mask=mask)
@@ -417,6 +429,193 @@ def rope(x: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor) -> torch.T
         x_BSHR = x_BSHR.contiguous()
     y_BSHR = RopeFunction.apply(x_BSHR, cos_SR.contiguous(), sin_SR.contiguous())
     return y_BSHR if x.dim() == 4 else y_BSHR[:, :, 0]
+
+
+# -- MLA's query and key assembly ----------------------------------------------------------------
+
+@triton.jit
+def rope_concat_kernel(a_ptr, p_ptr, cos_ptr, sin_ptr, y_ptr, n_rows, S, H, stride_ab, stride_as,
+                       stride_ah, stride_pb, stride_ps, stride_ph, stride_cs, N, HALF,
+                       INVERSE: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_HALF: tl.constexpr):
+    """y[row] = [a[row, :N] ; rotate(p[row, :2 HALF])] for rows (b, s, h), y contiguous."""
+    rows = (tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
+    h, s, b = rows % H, (rows // H) % S, rows // (H * S)
+    live = rows < n_rows
+    y_row = rows * (N + 2 * HALF)
+    col = tl.arange(0, BLOCK_N)
+    a_mask = live[:, None] & (col[None, :] < N)
+    a_off = (b * stride_ab + s * stride_as + h * stride_ah)[:, None] + col[None, :]
+    tl.store(y_ptr + y_row[:, None] + col[None, :], tl.load(a_ptr + a_off, mask=a_mask),
+             mask=a_mask)
+    lane = tl.arange(0, 2 * BLOCK_HALF)
+    p_mask = live[:, None] & (lane[None, :] < 2 * HALF)
+    p_off = (b * stride_pb + s * stride_ps + h * stride_ph)[:, None] + lane[None, :]
+    x = tl.load(p_ptr + p_off, mask=p_mask, other=0.0).to(tl.float32)
+    y = _rotate_pairs(x, s, live, cos_ptr, sin_ptr, stride_cs, HALF, INVERSE, BLOCK_ROWS,
+                      BLOCK_HALF)
+    tl.store(y_ptr + y_row[:, None] + N + lane[None, :], cast_rne(y, y_ptr.dtype.element_ty),
+             mask=p_mask)
+
+
+_launch_rope_concat = CachedLauncher(rope_concat_kernel)
+
+
+def rope_concat(a_BSHN: torch.Tensor, p_BSHR: torch.Tensor, cos_SR: torch.Tensor,
+                sin_SR: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """[a ; p rotated by +angle (or -angle)] along the last dim: a fresh contiguous [B, S, H, N+R]
+    in a's dtype. a and p are 4-D views with unit last stride; p may broadcast over heads (head
+    stride 0: MLA's one rope key shared by every head)."""
+    B, S, H, N = a_BSHN.shape
+    R = p_BSHR.shape[-1]
+    y_BSHK = torch.empty((B, S, H, N + R), dtype=a_BSHN.dtype, device=a_BSHN.device)
+    n_rows = B * S * H
+    if n_rows:
+        block_n, block_half = triton.next_power_of_2(N), triton.next_power_of_2(R // 2)
+        block_rows = max(1, ROPE_TILE_ELEMS // max(block_n, 2 * block_half))
+        _launch_rope_concat[(triton.cdiv(n_rows, block_rows),)](
+            a_BSHN, p_BSHR, cos_SR, sin_SR, y_BSHK, n_rows, S, H, *a_BSHN.stride()[:3],
+            *p_BSHR.stride()[:3], cos_SR.stride(0), N, R // 2, INVERSE=inverse,
+            BLOCK_ROWS=block_rows, BLOCK_N=block_n, BLOCK_HALF=block_half,
+            num_warps=_warps(block_rows * (block_n + 2 * block_half)))
+    return y_BSHK
+
+
+@triton.jit
+def mla_keys_backward_kernel(dk_ptr, dv_ptr, cos_ptr, sin_ptr, dkv_ptr, dpe_ptr, n_rows, S, H,
+                             stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                             stride_cs, N, V, HALF, BLOCK_ROWS: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                             BLOCK_HALF: tl.constexpr):
+    """For positions (b, s): dkv[b, s, h] = [dk[b, s, h, :N] ; dv[b, s, h]] for every head h, and
+    dpe[b, s] = rotate_back(sum over h of dk[b, s, h, N:]), the sum in fp32."""
+    rows = (tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
+    s, b = rows % S, rows // S
+    live = rows < n_rows
+    col_n, col_v = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_V)
+    lane = tl.arange(0, 2 * BLOCK_HALF)
+    n_mask = live[:, None] & (col_n[None, :] < N)
+    v_mask = live[:, None] & (col_v[None, :] < V)
+    p_mask = live[:, None] & (lane[None, :] < 2 * HALF)
+    dk_row, dv_row = b * stride_kb + s * stride_ks, b * stride_vb + s * stride_vs
+    pe_sum = tl.zeros([BLOCK_ROWS, 2 * BLOCK_HALF], dtype=tl.float32)
+    for h in range(H):
+        dk_off = (dk_row + h * stride_kh)[:, None]
+        dkv_off = ((rows * H + h) * (N + V))[:, None]
+        tl.store(dkv_ptr + dkv_off + col_n[None, :],
+                 tl.load(dk_ptr + dk_off + col_n[None, :], mask=n_mask), mask=n_mask)
+        tl.store(dkv_ptr + dkv_off + N + col_v[None, :],
+                 tl.load(dv_ptr + (dv_row + h * stride_vh)[:, None] + col_v[None, :],
+                         mask=v_mask), mask=v_mask)
+        pe_sum += tl.load(dk_ptr + dk_off + N + lane[None, :], mask=p_mask,
+                          other=0.0).to(tl.float32)
+    dpe = _rotate_pairs(pe_sum, s, live, cos_ptr, sin_ptr, stride_cs, HALF, True, BLOCK_ROWS,
+                        BLOCK_HALF)
+    tl.store(dpe_ptr + rows[:, None] * (2 * HALF) + lane[None, :],
+             cast_rne(dpe, dpe_ptr.dtype.element_ty), mask=p_mask)
+
+
+_launch_mla_keys_backward = CachedLauncher(mla_keys_backward_kernel)
+
+
+def mla_keys_backward(dk_BSHK: torch.Tensor, dv_BSHV: torch.Tensor, cos_SR: torch.Tensor,
+                      sin_SR: torch.Tensor, nope_dim: int, pe_dtype: torch.dtype):
+    """The gradients of mla_keys: (dkv [B, S, H, N+V] contiguous, dpe [B, S, R] in pe_dtype)."""
+    B, S, H, K = dk_BSHK.shape
+    V, R = dv_BSHV.shape[-1], K - nope_dim
+    dkv_BSHX = torch.empty((B, S, H, nope_dim + V), dtype=dk_BSHK.dtype, device=dk_BSHK.device)
+    dpe_BSR = torch.empty((B, S, R), dtype=pe_dtype, device=dk_BSHK.device)
+    n_rows = B * S
+    if n_rows:
+        block_n, block_v = triton.next_power_of_2(nope_dim), triton.next_power_of_2(V)
+        block_half = triton.next_power_of_2(R // 2)
+        block_rows = max(1, ROPE_TILE_ELEMS // max(block_n, block_v, 2 * block_half))
+        _launch_mla_keys_backward[(triton.cdiv(n_rows, block_rows),)](
+            dk_BSHK, dv_BSHV, cos_SR, sin_SR, dkv_BSHX, dpe_BSR, n_rows, S, H,
+            *dk_BSHK.stride()[:3], *dv_BSHV.stride()[:3], cos_SR.stride(0), nope_dim, V, R // 2,
+            BLOCK_ROWS=block_rows, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_HALF=block_half,
+            num_warps=_warps(block_rows * max(block_n, block_v, 2 * block_half)))
+    return dkv_BSHX, dpe_BSR
+
+
+def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class MLAQueryFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q_BSHK, cos_SR, sin_SR, nope_dim):
+        ctx.save_for_backward(cos_SR, sin_SR)
+        ctx.nope_dim = nope_dim
+        return rope_concat(q_BSHK[..., :nope_dim], q_BSHK[..., nope_dim:], cos_SR, sin_SR)
+
+    @staticmethod
+    def backward(ctx, dq_BSHK):
+        cos_SR, sin_SR = ctx.saved_tensors
+        dq_BSHK, n = _unit_last_stride(dq_BSHK), ctx.nope_dim
+        return rope_concat(dq_BSHK[..., :n], dq_BSHK[..., n:], cos_SR, sin_SR,
+                           inverse=True), None, None, None
+
+
+class MLAKeysFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, kv_BSHX, k_pe_BSR, cos_SR, sin_SR, nope_dim):
+        ctx.save_for_backward(cos_SR, sin_SR)
+        ctx.nope_dim, ctx.pe_dtype = nope_dim, k_pe_BSR.dtype
+        H = kv_BSHX.shape[2]
+        k_BSHK = rope_concat(kv_BSHX[..., :nope_dim], k_pe_BSR[:, :, None].expand(-1, -1, H, -1),
+                             cos_SR, sin_SR)
+        return k_BSHK, kv_BSHX[..., nope_dim:]
+
+    @staticmethod
+    def backward(ctx, dk_BSHK, dv_BSHV):
+        cos_SR, sin_SR = ctx.saved_tensors
+        dkv_BSHX, dpe_BSR = mla_keys_backward(_unit_last_stride(dk_BSHK),
+                                              _unit_last_stride(dv_BSHV), cos_SR, sin_SR,
+                                              ctx.nope_dim, ctx.pe_dtype)
+        return dkv_BSHX, dpe_BSR, None, None, None
+
+
+def _check_mla(q_BSHK, kv_BSHX, k_pe_BSR, cos_SR, sin_SR, nope_dim: int) -> None:
+    for name, t in (("MLA queries", q_BSHK), ("MLA keys/values", kv_BSHX),
+                    ("MLA rope key", k_pe_BSR), ("rope cos", cos_SR), ("rope sin", sin_SR)):
+        _check_float(name, t)
+        _check_device(name, t, q_BSHK)
+    if q_BSHK.dim() != 4 or kv_BSHX.dim() != 4 or k_pe_BSR.dim() != 3:
+        raise ValueError(f"mla_qk takes q [B, S, H, N+R], kv [B, S, H, N+V] and k_pe [B, S, R], "
+                         f"got {tuple(q_BSHK.shape)}, {tuple(kv_BSHX.shape)}, "
+                         f"{tuple(k_pe_BSR.shape)}")
+    B, S, H, K = q_BSHK.shape
+    R = K - nope_dim
+    if not 0 < nope_dim < K or R % 2:
+        raise ValueError(f"nope_dim {nope_dim} must split the query head dim {K} into a "
+                         f"no-position part and an even rope part")
+    if kv_BSHX.shape[:3] != (B, S, H) or kv_BSHX.shape[3] <= nope_dim:
+        raise ValueError(f"kv {tuple(kv_BSHX.shape)} must be [B, S, H, N+V] = [{B}, {S}, {H}, "
+                         f"{nope_dim}+V] for q {tuple(q_BSHK.shape)}")
+    if k_pe_BSR.shape != (B, S, R) or kv_BSHX.dtype != q_BSHK.dtype:
+        raise ValueError(f"k_pe {tuple(k_pe_BSR.shape)} must be [B, S, R] = [{B}, {S}, {R}] and "
+                         f"kv {kv_BSHX.dtype} of the queries' dtype {q_BSHK.dtype}")
+    if cos_SR.shape != (S, R // 2) or sin_SR.shape != (S, R // 2):
+        raise ValueError(f"rope tables must be [S, R/2] = [{S}, {R // 2}], got cos "
+                         f"{tuple(cos_SR.shape)} and sin {tuple(sin_SR.shape)}")
+
+
+def mla_qk(q_BSHK: torch.Tensor, kv_BSHX: torch.Tensor, k_pe_BSR: torch.Tensor,
+           cos_SR: torch.Tensor, sin_SR: torch.Tensor, nope_dim: int):
+    """MLA's per-head queries, keys and values for attention, from the projections' outputs:
+    q [B, S, H, N+R] (rope not yet applied), kv [B, S, H, N+V] (wkv_b's output), k_pe [B, S, R]
+    (the shared rope key, not yet rotated). Returns (q, k, v): q = [q_nope ; rope(q_pe)] and
+    k = [k_nope ; rope(k_pe) for every head], fresh contiguous tensors; v a view of kv. Eager
+    torch makes these with a rope pass each, an expand and two concatenations forward, and as
+    many copies backward; here one pass each way for q, one forward for k, and one backward for
+    k and v together (dk_pe summed over the heads in fp32)."""
+    _check_mla(q_BSHK, kv_BSHX, k_pe_BSR, cos_SR, sin_SR, nope_dim)
+    cos_SR, sin_SR = cos_SR.contiguous(), sin_SR.contiguous()
+    q_BSHK = MLAQueryFunction.apply(_unit_last_stride(q_BSHK), cos_SR, sin_SR, nope_dim)
+    k_BSHK, v_BSHV = MLAKeysFunction.apply(_unit_last_stride(kv_BSHX),
+                                           _unit_last_stride(k_pe_BSR), cos_SR, sin_SR, nope_dim)
+    return q_BSHK, k_BSHK, v_BSHV
 
 
 # -- MoE combine ---------------------------------------------------------------------------------

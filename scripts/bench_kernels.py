@@ -1,5 +1,5 @@
-"""Fused RMSNorm, SwiGLU, rotary and MoE-combine kernels (models/kernels.py) against the model's
-eager code.
+"""Fused RMSNorm, SwiGLU, rotary, MLA query/key assembly and MoE-combine kernels
+(models/kernels.py) against the model's eager code.
 
     python scripts/bench_kernels.py            # the `small` model's shapes, well under a minute
 
@@ -7,7 +7,8 @@ Each op runs forward + backward (torch.autograd.grad of the output, the way the 
 the sizes one H100 step of the `small` model has (4 x 4096 tokens; hidden 4096, q_lora 1024,
 kv_lora 512 read as a strided slice, 16 experts of width 1536 with top-4 (65536 token copies),
 32 heads with 128 rope dims read as the rope slice of the queries, the shared rope key likewise,
-the MoE's combine of each token's 4 expert outputs; and DeepSeek-V3's combine, 8 of width 7168).
+MLA's per-head queries, keys and values assembled from the projections (and DeepSeek-V3's, 128
+heads with 64 rope dims), the MoE's combine of each token's 4 expert outputs; and DeepSeek-V3's combine, 8 of width 7168).
 The baseline is the model's own eager code path in the same run (models/layers.py with the
 dispatch to the kernels switched off), so the ratio is what the fused path saves per call.
 
@@ -16,6 +17,8 @@ Columns: forward ms (no grad), forward + backward ms as the wall clock sees back
 profiler (what the step costs once the GPU is the bottleneck), both speedups, GB/s of the fused
 kernels: the bytes each op must move forward + backward (b bytes per element, N elements):
 rms_norm 5Nb (x, y; x, dy, dx), swiglu 8Nb (a, b, y; a, b, dy, da, db), rope 4Nb (x, y; dy, dx),
+mla 6(N+R) + 2N + 2V elements per token and head (q read and written, k written; dq read and
+written, dk read; kv's no-position part read, dkv's written; dv read, written into dkv),
 moe combine 3Nb + 2Mb for N = T K D expert-output elements and M = T D (y, out; dout, y, dy),
 over the kernel time, set against a device-to-device copy (what HBM gives a pure stream); then
 the MB autograd keeps for backward after one forward (distinct storages, inputs included).
@@ -51,7 +54,7 @@ BUDGET_S = 50
 def eager_path():
     """The model's eager torch code: the dispatch to the kernels switched off."""
     fused = kernels.fused
-    kernels.fused = lambda x: False
+    kernels.fused = lambda x, kernel: False
     try:
         yield
     finally:
@@ -88,6 +91,27 @@ def rope_case(shape, full_last: int):
     return (lambda t: apply_rope(t, cos, sin)), (x,), 4 * x.numel() * 2
 
 
+def mla_qk_case(B: int, S: int, H: int, N: int, R: int, V: int):
+    """MLA.forward's query/key/value assembly from wq_b's queries [B, S, H, N+R], wkv_b's
+    keys/values [B, S, H, N+V] and wkv_a's rope key (the slice after the 512-wide latent)."""
+    from types import SimpleNamespace
+
+    from models.attention import MLA
+    q = _randn(B, S, H, N + R).requires_grad_()
+    kv = _randn(B, S, H, N + V).requires_grad_()
+    k_pe = _randn(B, S, 512 + R)[..., 512:].requires_grad_()
+    angles = torch.rand(S, R // 2, device=DEVICE) * 100
+    cos, sin = angles.cos(), angles.sin()
+    dims = SimpleNamespace(nope_dim=N, rope_dim=R, v_dim=V, n_heads=H)
+
+    def op(q_BSHK, kv_BSHX, k_pe_BSR):  # MLA.forward's dispatch
+        if kernels.fused(q_BSHK, "mla_qk"):
+            return kernels.mla_qk(q_BSHK, kv_BSHX, k_pe_BSR, cos, sin, N)
+        return MLA._eager_qkv(dims, q_BSHK, kv_BSHX, k_pe_BSR, cos, sin)
+    per_head = 6 * (N + R) + 2 * N + 2 * V  # the module docstring's count
+    return op, (q, kv, k_pe), B * S * H * per_head * 2
+
+
 def combine_case(T: int, K: int, D: int, experts: int):
     """The experts' outputs y [T K, D] in slot order of a random routing and fp32 gates [T, K]:
     models.moe.combine, as MoE runs it after the routed experts."""
@@ -101,8 +125,9 @@ def combine_case(T: int, K: int, D: int, experts: int):
 
 
 def _fwd_bwd(op, inputs):
-    dy = torch.randn_like(op(*inputs))
-    return lambda: torch.autograd.grad(op(*inputs), inputs, dy)
+    out = op(*inputs)
+    dys = [torch.randn_like(t) for t in (out if isinstance(out, tuple) else (out,))]
+    return lambda: torch.autograd.grad(op(*inputs), inputs, dys)
 
 
 def saved_mb(op, inputs) -> float:
@@ -175,6 +200,18 @@ def norm_launches(rows: int, D: int) -> dict:
                 bwd=lambda: kernels.rms_norm_backward(x, w, rstd, dy))
 
 
+def mla_launches(B: int, S: int, H: int, R: int) -> dict:
+    """mla_qk's forward launches (queries, keys) and the keys' backward, no autograd."""
+    q, kv, dk = _randn(B, S, H, 128 + R), _randn(B, S, H, 256), _randn(B, S, H, 128 + R)
+    k_pe, dv = _randn(B, S, R), _randn(B, S, H, 128)
+    angles = torch.rand(S, R // 2, device=DEVICE)
+    cos, sin = angles.cos(), angles.sin()
+    keys = k_pe[:, :, None].expand(-1, -1, H, -1)
+    return dict(q=lambda: kernels.rope_concat(q[..., :128], q[..., 128:], cos, sin),
+                k=lambda: kernels.rope_concat(kv[..., :128], keys, cos, sin),
+                bwd=lambda: kernels.mla_keys_backward(dk, dv, cos, sin, 128, DTYPE))
+
+
 def rope_launches(shape, full_last: int) -> dict:
     """One rotation of the rope slice (forward and backward are the same kernel)."""
     x = _randn(*shape[:-1], full_last)[..., full_last - shape[-1]:]
@@ -196,6 +233,9 @@ TUNING = [  # (case, launches, knob of models.kernels, values): printed only
      (1024, 2048, 4096, 8192)),
     ("rope q 4x4096x32x128", lambda: rope_launches((4, 4096, 32, 128), 256), "WARP_ELEMS",
      (256, 512, 1024)),
+    ("mla 4x4096x32", lambda: mla_launches(4, 4096, 32, 128), "ROPE_TILE_ELEMS",
+     (2048, 4096, 8192)),
+    ("mla 4x4096x32", lambda: mla_launches(4, 4096, 32, 128), "WARP_ELEMS", (256, 512, 1024)),
 ]
 
 
@@ -239,6 +279,8 @@ def main() -> None:
         ("swiglu 16384x1536 (shared)", lambda: swiglu_case(T, 1536)),
         ("rope q 4x4096x32x128 (slice)", lambda: rope_case((4, 4096, 32, 128), 256)),
         ("rope k 4x4096x128 (slice)", lambda: rope_case((4, 4096, 128), 512 + 128)),
+        ("mla q,k,v 4x4096x32 (rope 128)", lambda: mla_qk_case(4, 4096, 32, 128, 128, 128)),
+        ("mla q,k,v 1x4096x128 (DSv3)", lambda: mla_qk_case(1, 4096, 128, 128, 64, 128)),
         ("moe combine 16384x4x4096", lambda: combine_case(T, 4, 4096, 16)),
         ("moe combine 8192x8x7168 (DSv3)", lambda: combine_case(T // 2, 8, 7168, 256)),
     ]

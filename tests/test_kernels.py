@@ -289,6 +289,103 @@ def test_rope_rejects_bad_tables():
         kernels.rope(x[..., :63], cos, sin)
 
 
+# -- MLA query and key assembly ------------------------------------------------------------------
+
+def _mla_inputs(B, S, H, N, R, V, dtype, seed):
+    """wq_b's per-head queries, wkv_b's per-head keys/values, wkv_a's rope key, rope tables."""
+    cos, sin = _tables(S, R, seed + 3)
+    return (_rand((B, S, H, N + R), dtype, seed), _rand((B, S, H, N + V), dtype, seed + 1),
+            _rand((B, S, R), dtype, seed + 2), cos, sin)
+
+
+def _eager_mla_qk(q, kv, k_pe, cos, sin, N):
+    """MLA.forward's eager assembly: rotated rope parts concatenated to the no-position parts,
+    the one rope key repeated for every head; v the rest of kv."""
+    heads = q.shape[2]
+    k_pe_rot = _eager_rope(k_pe, cos, sin)[:, :, None].expand(-1, -1, heads, -1)
+    return (torch.cat((q[..., :N], _eager_rope(q[..., N:], cos, sin)), -1),
+            torch.cat((kv[..., :N], k_pe_rot), -1), kv[..., N:])
+
+
+def _check_mla_qk(B, S, H, N, R, V, dtype, seed, share):
+    """Forward against the eager assembly (bitwise on the CPU); gradients within one rounding of
+    the exact fp64 ones and no further than eager autograd (the rope key's gradient, a sum over
+    heads, is summed in fp32 and rounded once; eager rounds the sum, then the rotation)."""
+    q, kv, k_pe, cos, sin = _mla_inputs(B, S, H, N, R, V, dtype, seed)
+    ours = kernels.mla_qk(q, kv, k_pe, cos, sin, N)
+    eager = _eager_mla_qk(q, kv, k_pe, cos, sin, N)
+    rel = 2 * UNIT_ROUNDOFF[dtype] if dtype != torch.float32 else 1e-6
+    for name, o, e in zip("qkv", ours, eager):
+        _assert_bitwise_mostly(o, e.contiguous(), share, rel, f"mla_qk {name}")
+    assert ours[2].data_ptr() == kv[..., N:].data_ptr(), "v is not a view of kv"
+    flat = lambda *ts: torch.cat([t.flatten() for t in ts])  # noqa: E731
+    dy = _rand((sum(t.numel() for t in ours),), dtype, seed + 4)
+    inputs = (q, kv, k_pe)
+    grads = _grads(lambda *t: flat(*kernels.mla_qk(*t, cos, sin, N)), inputs, dy)
+    _assert_grads_exact(lambda *t: flat(*_eager_mla_qk(*t, cos.double(), sin.double(), N)),
+                        lambda *t: flat(*_eager_mla_qk(*t, cos, sin, N)), grads, inputs, dy,
+                        ("dq", "dkv", "dk_pe"))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_mla_qk_matches_eager_and_exact_gradients(dtype):
+    """Ragged widths (no-position 48, values 40: not powers of two), 3 heads."""
+    _check_mla_qk(2, 7, 3, 48, 64, 40, dtype, seed=11, share=FULL_SHARE)
+
+
+def test_mla_qk_ragged_pairs_one_head_and_empty():
+    _check_mla_qk(1, 5, 1, 16, 24, 16, torch.bfloat16, seed=12, share=FULL_SHARE)
+    for B, S in ((0, 4), (2, 0)):
+        q, kv, k_pe, cos, sin = _mla_inputs(B, S, 2, 16, 8, 16, torch.bfloat16, 13)
+        inputs = [t.requires_grad_() for t in (q, kv, k_pe)]
+        out = kernels.mla_qk(*inputs, cos, sin, 16)
+        assert [tuple(t.shape) for t in out] == [(B, S, 2, 24), (B, S, 2, 24), (B, S, 2, 16)]
+        loss = sum(t.sum() for t in out)
+        assert [g.shape for g in torch.autograd.grad(loss, inputs)] == [t.shape for t in inputs]
+
+
+def test_mla_qk_rejects_bad_input():
+    q, kv, k_pe, cos, sin = _mla_inputs(2, 5, 3, 16, 8, 16, torch.bfloat16, 14)
+    with pytest.raises(ValueError, match=r"k_pe \(2, 5, 6\) must be \[B, S, R\]"):
+        kernels.mla_qk(q, kv, k_pe[..., :6], cos, sin, 16)
+    with pytest.raises(ValueError, match="even rope part"):
+        kernels.mla_qk(q, kv, k_pe, cos, sin, 15)
+    with pytest.raises(ValueError, match=r"kv \(2, 5, 2, 32\) must be"):
+        kernels.mla_qk(q, kv[:, :, :2], k_pe, cos, sin, 16)
+    with pytest.raises(ValueError, match=r"tables must be \[S, R/2\]"):
+        kernels.mla_qk(q, kv, k_pe, cos[:4], sin[:4], 16)
+    with pytest.raises(TypeError, match="MLA rope key has dtype torch.int64"):
+        kernels.mla_qk(q, kv, k_pe.long(), cos, sin, 16)
+
+
+def test_mla_forward_fused_matches_eager(monkeypatch):
+    """MLA.forward through mla_qk (forced on the CPU through the interpreter) against its eager
+    assembly: output and every parameter gradient (rope key's gradient summed in fp32: close, not
+    bitwise)."""
+    from models import model_config
+    from models.attention import MLA
+    from models.layers import rope_tables
+    torch.manual_seed(0)
+    cfg = model_config("debug")
+    attn = MLA(cfg)
+    x = torch.randn(2, 9, cfg.hidden_size, requires_grad=True)
+    cos, sin = rope_tables(cfg, 9)
+    runs = []
+    for dispatch in (False, True):
+        monkeypatch.setattr(kernels, "fused",
+                            lambda t, kernel, on=dispatch: on and kernel == "mla_qk")
+        attn.zero_grad()
+        y = attn(x, cos, sin)
+        dx, = torch.autograd.grad(y, x, torch.ones_like(y), retain_graph=True)
+        y.backward(torch.ones_like(y))
+        runs.append((y.detach(), dx, [p.grad.clone() for p in attn.parameters()]))
+    (y0, dx0, g0), (y1, dx1, g1) = runs
+    torch.testing.assert_close(y1, y0, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(dx1, dx0, rtol=1e-5, atol=1e-6)
+    for (name, _), a, b in zip(attn.named_parameters(), g1, g0):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
 # -- MoE combine ---------------------------------------------------------------------------------
 
 def _routing(T, K, E, seed):
@@ -442,18 +539,19 @@ def _count_calls(monkeypatch, names):
 
 
 def test_model_runs_the_kernels_when_dispatched(monkeypatch):
-    """The debug model with every norm, rotation and SwiGLU on the kernels (forced on CPU through
-    the interpreter) gives the eager model's loss and gradients."""
+    """The debug model with every norm, query/key assembly and SwiGLU on the kernels (forced on CPU
+    through the interpreter) gives the eager model's loss and gradients."""
     from models import build_model, model_config
     torch.manual_seed(0)
     cfg = model_config("debug", num_hidden_layers=2)
     model = build_model(cfg)
     tokens = torch.randint(0, cfg.vocab_size, (2, 17))
     eager_loss, eager_grads = _model_loss_and_grads(model, tokens)
-    calls = _count_calls(monkeypatch, ("rms_norm", "swiglu", "rope", "moe_combine", "sum_picks"))
+    names = ("rms_norm", "swiglu", "mla_qk", "moe_combine", "sum_picks")
+    calls = _count_calls(monkeypatch, names)
     monkeypatch.setattr(kernels, "fused", lambda x, kernel: True)
     fused_loss, fused_grads = _model_loss_and_grads(model, tokens)
-    assert set(calls) == {"rms_norm", "swiglu", "rope", "moe_combine", "sum_picks"}
+    assert set(calls) == set(names)
     torch.testing.assert_close(fused_loss, eager_loss, rtol=1e-5, atol=0)
     for (name, _), f, e in zip(model.named_parameters(), fused_grads, eager_grads):
         torch.testing.assert_close(f, e, rtol=1e-4, atol=1e-6, msg=name)
@@ -469,7 +567,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from models import kernels
 
-ALIGNED = ("D", "N", "HALF")  # besides pointers and strides: what a launch at model shapes has
+ALIGNED = ("D", "N", "V", "HALF")  # besides pointers and strides: what a launch at model shapes has
 BYTES = {"bf16": 2, "f16": 2, "f32": 4}
 
 def narrow_accesses(ttgir):
@@ -531,6 +629,24 @@ for dt in ("bf16", "fp32"):
             S="i32", H="i32", stride_xb="i32", stride_xs="i32", stride_xh="i32", stride_cs="i32",
             HALF="i32"), dict(INVERSE=inverse, BLOCK_ROWS=block_rows, BLOCK_HALF=32),
             kernels._warps(block_rows * 64))
+    tables = dict(cos_ptr=p("fp32"), sin_ptr=p("fp32"))
+    dims = dict(n_rows="i32", S="i32", H="i32")
+    for R in (128, 64):  # the `small` model's rope dims, DeepSeek-V3's
+        rows = kernels.ROPE_TILE_ELEMS // 128
+        strides = {f"stride_{t}{d}": "i32" for t in "ap" for d in "bsh"}
+        for inverse in (False, True):
+            out[f"rope_concat {dt} R{R} inverse={inverse}"] = build(
+                kernels.rope_concat_kernel, dict(
+                    a_ptr=p(dt), p_ptr=p(dt), **tables, y_ptr=p(dt), **dims, **strides,
+                    stride_cs="i32", N="i32", HALF="i32"),
+                dict(INVERSE=inverse, BLOCK_ROWS=rows, BLOCK_N=128, BLOCK_HALF=R // 2),
+                kernels._warps(rows * (128 + R)))
+        strides = {f"stride_{t}{d}": "i32" for t in "kv" for d in "bsh"}
+        out[f"mla_keys_backward {dt} R{R}"] = build(kernels.mla_keys_backward_kernel, dict(
+            dk_ptr=p(dt), dv_ptr=p(dt), **tables, dkv_ptr=p(dt), dpe_ptr=p(dt), **dims,
+            **strides, stride_cs="i32", N="i32", V="i32", HALF="i32"), dict(
+            BLOCK_ROWS=rows, BLOCK_N=128, BLOCK_V=128, BLOCK_HALF=R // 2),
+            kernels._warps(rows * 128))
     for D in (4096, 7168):
         for K in (4, 8):
             bt, bd = kernels._combine_tiles(D)
@@ -602,6 +718,14 @@ def test_gpu_rope_attention_sizes(R):
     q = _rand((4, 4096, 32, 128 + R), torch.bfloat16, 1)[..., 128:]
     _check_rope(q, seed=2, share=0.99)
     _check_rope(_rand((4, 4096, 512 + R), torch.bfloat16, 3)[..., 512:], seed=4, share=0.99)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B, H, R", [(4, 32, 128), (1, 128, 64)])
+def test_gpu_mla_qk_attention_sizes(B, H, R):
+    """The `small` model's queries and keys (4 x 4096 tokens, 32 heads, rope 128) and DeepSeek-V3's
+    (128 heads, rope 64), no-position and value heads of 128."""
+    _check_mla_qk(B, 4096, H, 128, R, 128, torch.bfloat16, seed=R, share=0.99)
 
 
 @pytest.mark.gpu
