@@ -14,6 +14,7 @@ table): use it to decide what to fuse next.
 
     python scripts/profile_step.py                     # small, 4 x 2048, bf16 then fp8
     python scripts/profile_step.py --recipes off --seq-len 4096 --top 40
+    python scripts/profile_step.py --recipes off --seq-len 4096 --copies   # who launches the copies
 """
 from __future__ import annotations
 
@@ -107,6 +108,36 @@ def op_table(engine, batch, top: int) -> str:
                           max_shapes_column_width=70)
 
 
+COPY_OPS = ("aten::copy_", "aten::cat")
+"""The aten ops whose kernels make up the "copy" family (besides DeepSpeed's memcpys)."""
+
+
+def copy_table(engine, batch, top: int) -> list[str]:
+    """Forward+backward only: the copy ops by GPU time, grouped by input shapes and by the ops
+    that called them (forward: the module code's ops; backward: autograd's node, such as
+    `evaluate_function: CatBackward0`), which says where each copy comes from."""
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                 record_shapes=True) as prof:
+        terms = eng.lm_loss(engine, {k: v.cuda() for k, v in batch.items()})
+        engine.backward(terms.loss)
+        torch.cuda.synchronize()
+    groups = defaultdict(lambda: [0.0, 0])
+    for evt in prof.events():
+        if evt.name in COPY_OPS:
+            callers, parent = [], evt.cpu_parent
+            while parent is not None and len(callers) < 3:
+                callers.append(parent.name.replace("autograd::engine::", ""))
+                parent = parent.cpu_parent
+            key = (evt.name, str(evt.input_shapes)[:90], " < ".join(callers)[:150])
+            groups[key][0] += evt.device_time_total / 1e3
+            groups[key][1] += 1
+    lines = ["copy ops of one forward+backward (ms, calls, op, input shapes, called from):"]
+    ranked = sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]
+    for (name, shapes, callers), (ms, calls) in ranked:
+        lines.append(f"  {ms:7.2f} ms {calls:4d}x  {name} {shapes}\n        < {callers}")
+    return lines
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--size", default="small")
@@ -116,6 +147,8 @@ def main() -> None:
     p.add_argument("--recipes", nargs="+", default=["off", "blockwise"])
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--ops", action="store_true", help="also a per-op table of forward+backward")
+    p.add_argument("--copies", action="store_true",
+                   help="also the copy ops of forward+backward: shapes, calling ops")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_step.py needs a CUDA GPU")
@@ -145,6 +178,8 @@ def profile_recipe(args, recipe: str) -> None:
     print("\n".join(kernel_table(engine, batch, balancer, args.top)))
     if args.ops:
         print(op_table(engine, batch, args.top), flush=True)
+    if args.copies:
+        print("\n".join(copy_table(engine, batch, args.top)), flush=True)
 
 
 if __name__ == "__main__":

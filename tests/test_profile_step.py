@@ -1,9 +1,10 @@
-"""scripts/profile_step.py's kernel families: each kernel name of an H200 profile of a `small`
-step (fourteenth session) lands in the family it belongs to."""
+"""scripts/profile_step.py: each kernel name of an H200 profile of a `small` step (fourteenth
+session) lands in the family it belongs to; the --copies table names who called each copy."""
 import os
 import sys
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts"))
 
@@ -25,3 +26,28 @@ import profile_step  # noqa: E402
 ])
 def test_kernel_families(name, family):
     assert profile_step.family(name) == family
+
+
+def test_copy_table_names_who_called_each_copy(monkeypatch):
+    """--copies: each copy op with its shapes and the ops that called it (a .contiguous() of a
+    transpose: clone < contiguous), on the CPU profiler (no GPU times there)."""
+    x = torch.randn(64, 48, requires_grad=True)
+
+    class Terms:
+        loss = None
+
+    class Engine:
+        def backward(self, loss):
+            loss.backward()
+
+    def lm_loss(engine, batch):
+        terms = Terms()
+        terms.loss = torch.cat((x.t().contiguous(), x.t()), 0).sum()
+        return terms
+    monkeypatch.setattr(profile_step.eng, "lm_loss", lm_loss)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    lines = profile_step.copy_table(Engine(), {}, top=10)
+    assert lines[0].startswith("copy ops of one forward+backward")
+    text = "\n".join(lines)
+    assert "aten::copy_ [[48, 64], [48, 64], []]\n        < aten::clone < aten::contiguous" in text
+    assert "aten::cat" in text
