@@ -10,7 +10,8 @@ Each head's query/key is [no-position part ; RoPE part] and the softmax scale is
 Two ways to compute the same attention:
 
 - training (`forward`): materialize per-head K and V from the latent and call PyTorch's
-  `scaled_dot_product_attention` with a causal mask (flash attention on GPU);
+  `scaled_dot_product_attention` with a causal mask (cuDNN or flash attention on GPU, where
+  `kernels.mla_qk` assembles the rotated queries and keys in one pass each way);
 - decode (`decode`): the "absorbed" form. Only c and k_pe are cached (kv_lora_rank + rope dims
   per token instead of H·(qk + v)), the key up-projection is folded into the query
   (q_latent_h = q_nope_h · W_UK_h) and the value up-projection is applied after attending over
