@@ -63,7 +63,8 @@ last 100 steps 0.29%, 0.69%, 0.29%, 0.34%; held-out -0.11%, +0.23%, +0.32%, +0.0
 +1.44% and +0.11% for the bf16 control of seeds 0 and 1 (held-out +0.93% and +0.29%): within the
 0.25% aim in every seed, and no further from bf16 than a one-ulp nudge of the initial weights
 lands. On that card a run takes 1.7 to 2.5 minutes (50k tokens/s, engine set-up and evaluation
-included), so allow gpu_check.sh about eight minutes for this script's three runs (BENCH_TIMEOUT unset or >= 480); `--micro-batch 1` is the old, quicker form.
+included), so allow gpu_check.sh about eight minutes for this script's three runs (BENCH_TIMEOUT
+unset or >= 480); `--micro-batch 1` is the old, quicker form.
 
     python scripts/bench_fp8_loss.py                          # small, 500 steps of 4 x 2048 tokens
     python scripts/bench_fp8_loss.py --runs off,blockwise     # without the control

@@ -8,7 +8,8 @@ the sizes one H100 step of the `small` model has (4 x 4096 tokens; hidden 4096, 
 kv_lora 512 read as a strided slice, 16 experts of width 1536 with top-4 (65536 token copies),
 32 heads with 128 rope dims read as the rope slice of the queries, the shared rope key likewise,
 MLA's per-head queries, keys and values assembled from the projections (and DeepSeek-V3's, 128
-heads with 64 rope dims), the MoE's combine of each token's 4 expert outputs; and DeepSeek-V3's combine, 8 of width 7168).
+heads with 64 rope dims), the MoE's combine of each token's 4 expert outputs; and DeepSeek-V3's
+combine, 8 of width 7168).
 The baseline is the model's own eager code path in the same run (models/layers.py with the
 dispatch to the kernels switched off), so the ratio is what the fused path saves per call.
 
