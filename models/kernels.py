@@ -60,20 +60,22 @@ MLA._eager_qkv in models/attention.py):
               an fp32 dot product over D (eager rounds the products first).
 
 `fused(x, kernel)` is the one dispatch rule: the model calls these kernels for CUDA tensors (unless
-the environment turns them off: FP8MOE_FUSED_KERNELS=0 all of them, =rope,swiglu all but those
-two) and keeps its eager torch code everywhere else, so CPU
-results (and the HF parity and exact-resume tests) do not depend on this module. On a machine
-without CUDA the kernels run under Triton's interpreter (models/triton_env.py picks it, as for
-every kernel module): that is what lets tests/test_kernels.py run these very kernels on CPU
-tensors. Every kernel holds whole rows, so its loops have compile-time bounds. They are launched a
-few times per layer and step, through models/triton_launch.py's CachedLauncher, which skips the
-JIT's per-call work on GPU.
+they are turned off: FP8MOE_FUSED_KERNELS=0 all of them, =rope,swiglu every one but rope and
+swiglu; `with kernels.eager():` all of them for a block of code) and keeps its eager torch code
+everywhere else, so CPU results (and the HF parity and exact-resume tests) do not depend on this
+module. On a machine without CUDA the kernels run under Triton's interpreter
+(models/triton_env.py picks it, as for every kernel module): that is what lets
+tests/test_kernels.py run these very kernels on CPU tensors. Every kernel holds whole rows, so
+its loops have compile-time bounds (but mla_keys_backward's, over the heads). They are launched
+a few times per layer and step, through models/triton_launch.py's CachedLauncher, which skips
+the JIT's per-call work on GPU.
 
 Shape legend: M rows (all leading dims flattened), D normalized width, N elements,
 B batch, S sequence, H heads, R rotary dims (R/2 pairs).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -122,6 +124,18 @@ def enabled_kernels(setting: str) -> frozenset[str]:
 
 ENABLED = enabled_kernels(os.environ.get("FP8MOE_FUSED_KERNELS", "1"))
 """The kernels this process dispatches to (read once, at import, in every process of a job)."""
+
+
+@contextlib.contextmanager
+def eager():
+    """Inside, the model runs its eager torch code everywhere (no kernel is ENABLED): the
+    baseline of benchmarks and gradient audits, in the same process as the fused runs."""
+    global ENABLED
+    saved, ENABLED = ENABLED, frozenset()
+    try:
+        yield
+    finally:
+        ENABLED = saved
 
 
 def fused(x: torch.Tensor, kernel: str) -> bool:

@@ -28,7 +28,6 @@ kernel times: torch.profiler's CUDA kernel durations, summed per call.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import time
@@ -49,17 +48,6 @@ DEVICE = "cuda"
 DTYPE = torch.bfloat16
 BUDGET_S = 50
 """Seconds after which the tuning sweep starts no new row (the bench should fit a minute)."""
-
-
-@contextlib.contextmanager
-def eager_path():
-    """The model's eager torch code: the dispatch to the kernels switched off."""
-    fused = kernels.fused
-    kernels.fused = lambda x, kernel: False
-    try:
-        yield
-    finally:
-        kernels.fused = fused
 
 
 def _randn(*shape):
@@ -170,7 +158,7 @@ def measure(op, inputs) -> dict:
 def bench(name: str, case, copy_gbs: float) -> None:
     op, inputs, nbytes = case
     ours = measure(op, inputs)
-    with eager_path():
+    with kernels.eager():
         eager = measure(op, inputs)
     gbs = nbytes / ours["kernels"] / 1e6
     cells = "".join(f"{ours[k]:>9.3f}{eager[k]:>8.3f}" for k in ("fwd", "both", "kernels"))

@@ -521,6 +521,18 @@ def test_environment_switch_picks_the_kernels():
         kernels.enabled_kernels("rope,combine")
 
 
+def test_eager_turns_every_kernel_off_for_its_block():
+    before = kernels.ENABLED
+    x = torch.ones(1, device=DEVICE)
+    with kernels.eager():
+        assert kernels.ENABLED == frozenset()
+        assert not any(kernels.fused(x, k) for k in kernels.KERNELS)
+    assert kernels.ENABLED == before
+    with pytest.raises(RuntimeError), kernels.eager():
+        raise RuntimeError("the switch is restored on the way out of an error too")
+    assert kernels.ENABLED == before
+
+
 def _model_loss_and_grads(model, tokens):
     model.zero_grad()
     out = model(tokens[:, :-1], tokens[:, 1:])
@@ -743,7 +755,7 @@ def test_gpu_moe_combine_model_sizes(T, K, D):
 
 
 @pytest.mark.gpu
-def test_gpu_model_dispatches_to_kernels(monkeypatch):
+def test_gpu_model_dispatches_to_kernels():
     """The debug model on the GPU, fused (the default there) against eager (dispatch off): fp32
     tight (bf16 rounding differences could flip near-tied routing choices), bf16 loosely."""
     from models import build_model, model_config
@@ -756,9 +768,9 @@ def test_gpu_model_dispatches_to_kernels(monkeypatch):
     model_bf16 = build_model(cfg).cuda().bfloat16()
     model_bf16.load_state_dict(model.state_dict())
     fused_bf16 = _model_loss_and_grads(model_bf16, tokens)
-    monkeypatch.setattr(kernels, "fused", lambda x, kernel: False)
-    eager = _model_loss_and_grads(model, tokens)
-    eager_bf16 = _model_loss_and_grads(model_bf16, tokens)
+    with kernels.eager():
+        eager = _model_loss_and_grads(model, tokens)
+        eager_bf16 = _model_loss_and_grads(model_bf16, tokens)
     torch.testing.assert_close(fused[0], eager[0], rtol=1e-5, atol=0)
     for f, e in zip(fused[1], eager[1]):
         torch.testing.assert_close(f, e, rtol=1e-3, atol=1e-4 * e.abs().max().item())
