@@ -159,6 +159,12 @@ def _check_device(name: str, t: torch.Tensor, ref: torch.Tensor) -> None:
                          f"move it to the input's device")
 
 
+def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    """t itself where its last dim is dense (the row kernels take any other strides), else a
+    contiguous copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def _warps(tile_elems: int) -> int:
     """Warps for a tile: WARP_ELEMS elements each, a power of two from 4 to 16."""
     warps = max(4, min(16, tile_elems // WARP_ELEMS))
@@ -452,9 +458,7 @@ def rope(x: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor) -> torch.T
     if cos_SR.shape != (S, R // 2) or sin_SR.shape != (S, R // 2):
         raise ValueError(f"rope tables must be [S, R/2] = [{S}, {R // 2}] for x {tuple(x.shape)}, "
                          f"got cos {tuple(cos_SR.shape)} and sin {tuple(sin_SR.shape)}")
-    x_BSHR = x if x.dim() == 4 else x[:, :, None]
-    if x_BSHR.stride(-1) != 1:
-        x_BSHR = x_BSHR.contiguous()
+    x_BSHR = _unit_last_stride(x if x.dim() == 4 else x[:, :, None])
     y_BSHR = RopeFunction.apply(x_BSHR, cos_SR.contiguous(), sin_SR.contiguous())
     return y_BSHR if x.dim() == 4 else y_BSHR[:, :, 0]
 
@@ -564,10 +568,6 @@ def mla_keys_backward(dk_BSHK: torch.Tensor, dv_BSHV: torch.Tensor, cos_SR: torc
             BLOCK_ROWS=block_rows, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_HALF=block_half,
             num_warps=_warps(block_rows * max(block_n, block_v, 2 * block_half)))
     return dkv_BSHX, dpe_BSR
-
-
-def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 class MLAQueryFunction(torch.autograd.Function):
