@@ -42,6 +42,12 @@ inline int fail(char* err, int err_len, const char* message) {
   return 1;
 }
 
+// How far each TMA read is widened in L2 (CUtensorMapL2promotion: 0 none, 1 64 B, 2 128 B,
+// 3 256 B). A build switch so that the choice can be measured (scripts/sweep_grouped_cuda.py).
+#ifndef TMA_L2_PROMOTION
+#define TMA_L2_PROMOTION 3
+#endif
+
 // A row-major [rows, cols] matrix of `dtype` with row stride ld bytes, read in box_rows x
 // box_cols boxes with `swizzle`; zeros outside. 0, or 1 with the reason in err.
 inline int tile_map(CUtensorMap* map, CUtensorMapDataType dtype, CUtensorMapSwizzle swizzle,
@@ -55,7 +61,8 @@ inline int tile_map(CUtensorMap* map, CUtensorMapDataType dtype, CUtensorMapSwiz
   const cuuint32_t elem_strides[2] = {1, 1};
   const CUresult r = encode(map, dtype, 2, const_cast<void*>(base), dims, strides, box,
                             elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle,
-                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+                            CUtensorMapL2promotion(TMA_L2_PROMOTION),
+                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (r != CUDA_SUCCESS) {
     snprintf(err, err_len, "cuTensorMapEncodeTiled failed (CUresult %d) for a [%lld, %lld] "
              "operand with row stride %lld: bases and row strides must be 16-byte aligned",

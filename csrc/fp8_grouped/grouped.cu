@@ -174,6 +174,13 @@
 //     split. A separate fixup kernel would leave the K loop's code as it is. (The tail's
 //     idle SMs cost less wall time than cycles: at the power cap they lift the others' clock.
 //     BALANCED_GRID, below, runs such a walk on fewer CTAs instead.)
+//   - Wgrad with the operands swapped (dW^T = b^T a, the 256-column side on the other operand:
+//     at DeepSeek-V3's down projection the wider one, as at its up projection, where the kernel
+//     kept up with the loop in earlier sessions), and the TMA reads widened in L2 by 128 or 0
+//     bytes instead of 256 (TMA_L2_PROMOTION in common/host_tma.cuh; ncu had counted 22-33% more
+//     L2 traffic than the loop's). Sixteenth session, H100, 5 interleaved rounds against the
+//     loop: 0.92-0.98x at dsv3-down E8 x 4096 / 8192 and dsv3-up E8 x 4096 for every
+//     combination, the default at 0.94-0.98x, all within a round's noise of each other.
 //
 // Both kernels are persistent: one CTA per SM walks the tiles, so the producer is already
 // loading the next tile while the consumers store the previous one. The router's counts stay

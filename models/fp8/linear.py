@@ -114,6 +114,16 @@ def attach_input_copies(x: torch.Tensor, copies: tuple, pow2_scales: bool, uses:
     owner._fp8_copies = _InputCopies((owner._version, pow2_scales), copies, uses)
 
 
+def drop_input_copies(x: torch.Tensor) -> None:
+    """Forget the FP8 copies x carries, so that the next FP8 consumer quantizes it again.
+
+    A benchmark that feeds the same tensor to a layer step after step needs this to time what a
+    training step pays: there every micro-batch brings fresh activations, while an unchanged x
+    would keep its copies from the first call (they are keyed on its version counter) and skip
+    its quantization in every later one."""
+    _copies_owner(x).__dict__.pop("_fp8_copies", None)
+
+
 def _quantize_input(x: torch.Tensor, pow2_scales: bool, colwise: bool):
     """FP8 copies of a Linear's input, made once per input tensor.
 
