@@ -30,6 +30,8 @@ scripts/summary.py:
 Timing: each figure and its baselines in three interleaved rounds (scripts/timing.interleaved_ms:
 every other round reversed, the median kept; timed one after another, whatever runs first meets a
 cooler GPU, and an H100 under FP8 load slows by up to 19% within a minute), random normal data.
+Layer steps (linear, mlp) quantize their input afresh every call and run their backward on the
+calling thread, as a training step does (_fwd_bwd).
 """
 from __future__ import annotations
 
@@ -45,7 +47,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from summary import record  # noqa: E402
-from timing import interleaved_ms, tflops  # noqa: E402
+from timing import interleaved_ms, tflops, train_backward  # noqa: E402
 
 BENCH = "fp8"
 DEVICE = "cuda"
@@ -204,7 +206,8 @@ def _fwd_bwd(layer, x, dy, ctx=None):
     """One forward + backward of `layer` on x. x is the same tensor every step, so the FP8 copies
     our layers hang on it are dropped first: each step quantizes its input, as a training step
     with fresh activations does (before the sixteenth session they were kept, and the linear
-    and mlp rows left the input's quantization out after the first call: 5% to 50% too fast)."""
+    and mlp rows left the input's quantization out after the first call: 5% to 50% too fast).
+    Backward on this thread, as the trainer runs it (timing.train_backward)."""
     from models.fp8.linear import drop_input_copies
 
     def step():
@@ -214,7 +217,7 @@ def _fwd_bwd(layer, x, dy, ctx=None):
         else:
             with ctx():
                 y = layer(x)
-        y.backward(dy)
+        train_backward(y, dy)
     return step
 
 

@@ -30,7 +30,8 @@ Sections (every figure next to a baseline measured in this run, recorded via scr
           weights cached (several micro-batches per optimizer step) and re-quantized every call.
 Timing: each kernel and its baselines in three interleaved rounds (scripts/timing.interleaved_ms:
 timed one after another, the first meets a cooler GPU), per round the median of 3 batches of
-back-to-back calls between CUDA events; the median round is reported. Random normal data.
+back-to-back calls between CUDA events; the median round is reported. Random normal data. Layer
+steps run their backward on the calling thread, as the trainer does (timing.train_backward).
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from summary import record  # noqa: E402
-from timing import interleaved_ms, tflops  # noqa: E402
+from timing import interleaved_ms, tflops, train_backward  # noqa: E402
 
 BENCH = "fp8_grouped"
 DEVICE = "cuda"
@@ -313,7 +314,7 @@ def _te_step(te_mods, x, dy, splits):
         with ctx():
             gate, upv = up(x, splits).chunk(2, dim=-1)
             y = down(torch.nn.functional.silu(gate) * upv, splits)
-        y.backward(dy)
+        train_backward(y, dy)
     return step
 
 
@@ -321,7 +322,7 @@ def _layer_step(layer, x, counts, dy, before=None):
     def step():
         if before is not None:
             before()
-        layer(x, counts).backward(dy)
+        train_backward(layer(x, counts), dy)
     return step
 
 

@@ -92,12 +92,12 @@ def measure(args, recipe: str, grad_accum: int) -> dict:
         rows = torch.randint(0, cfg.vocab_size, (args.micro_batch, args.seq_len + 1), generator=gen)
         batch.append({"tokens": rows[:, :-1], "labels": rows[:, 1:]})
     for _ in range(args.warmup):
-        eng.train_step(engine, batch, eng.lm_loss, balancer)
+        eng.train_step(engine, batch, eng.lm_loss, balancer, args.threaded_backward)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for _ in range(args.steps):
-        metrics = eng.train_step(engine, batch, eng.lm_loss, balancer)
+        metrics = eng.train_step(engine, batch, eng.lm_loss, balancer, args.threaded_backward)
     torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / args.steps
     tokens_per_s = args.micro_batch * args.seq_len * grad_accum / seconds
@@ -188,6 +188,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--rounds", type=int, default=2,
                    help="passes over the recipes, every other one reversed (see Order above)")
+    p.add_argument("--threaded-backward", action="store_true",
+                   help="backward on autograd's worker thread (parallel.threaded_backward=true)")
     args = p.parse_args()
     if args.rounds < 1:
         raise SystemExit(f"--rounds {args.rounds}: at least 1")
@@ -198,7 +200,9 @@ def main() -> None:
     card = torch.cuda.get_device_name()
     matmul = bf16_matmul_tflops()
     torch.cuda.empty_cache()  # the children below need the whole card
-    print(f"{card}: {args.size}; bf16 8192^3 matmul {matmul:.0f} TFLOP/s; each engine in its own process")
+    where = "autograd's worker thread" if args.threaded_backward else "the training loop's thread"
+    print(f"{card}: {args.size}; bf16 8192^3 matmul {matmul:.0f} TFLOP/s; each engine in its own process; "
+          f"backward on {where}")
     for config in args.configs:
         args.micro_batch, args.seq_len, grad_accum = parse_config(config)
         recipes = [r for r in args.recipes if r == "off" or fp8_available()]

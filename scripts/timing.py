@@ -4,6 +4,7 @@
     interleaved_ms({"a": f, "b": g})  # the same for several, timed in alternating rounds
     alternating_rounds(names, rounds) # those rounds' orders (bench_train runs its recipes so)
     tflops(flops, ms)             # FLOPs over milliseconds, in TFLOP/s
+    train_backward(y, dy)         # y.backward(dy) on this thread, as the trainer runs it
     bf16_matmul_tflops()          # the dense bf16 rate this card reaches, measured now
 """
 from __future__ import annotations
@@ -54,6 +55,15 @@ def interleaved_ms(fns: dict, rounds: int = 3, reps: int = 5, batches: int = 3) 
                 print(f"    {name} failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
                 times[name] = None
     return {name: statistics.median(v) if v else float("nan") for name, v in times.items()}
+
+
+def train_backward(y: torch.Tensor, dy: torch.Tensor) -> None:
+    """y.backward(dy) on the calling thread, as trainer.engine.train_step runs every backward
+    (parallel.threaded_backward=false), so that a layer benchmark times what a training step pays.
+    On autograd's worker thread (PyTorch's default) an H100 host spent ~100-250 us more per
+    Python-backward layer: FP8Linear at 8192x1024->8192 ran at 391 TFLOP/s there, 576 here."""
+    with torch.autograd.set_multithreading_enabled(False):
+        y.backward(dy)
 
 
 def tflops(flops: float, ms: float) -> float:

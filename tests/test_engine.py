@@ -84,6 +84,36 @@ def test_bias_moves_once_per_step_from_the_summed_counts(job):
     assert metrics["optim/lr"] == pytest.approx(1e-2)
 
 
+class _RecordThreading(torch.autograd.Function):
+    """Identity whose backward notes whether multithreaded backward was on where it ran."""
+    seen: list = []
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        _RecordThreading.seen.append(torch._C._is_multithreading_enabled())
+        return g
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+def test_backward_threading_follows_the_setting(job, threaded):
+    """parallel.threaded_backward reaches the backward (off: the loop's own thread), and the
+    caller's setting is back as it was afterwards."""
+    engine, balancer = _engine()
+
+    def loss_fn(model, batch):
+        terms = eng.lm_loss(model, batch)
+        return terms._replace(loss=_RecordThreading.apply(terms.loss))
+    _RecordThreading.seen.clear()
+    before = torch._C._is_multithreading_enabled()
+    eng.train_step(engine, [_batch(2, 4)], loss_fn, balancer, threaded_backward=threaded)
+    assert _RecordThreading.seen == [threaded]
+    assert torch._C._is_multithreading_enabled() == before
+
+
 def test_bf16_engine_keeps_fp32_buffers_bit_identical_and_trains(job):
     torch.manual_seed(0)
     reference = build_model(model_config("debug", **TINY))

@@ -23,7 +23,8 @@ the code path on a node:
   done, so no FP8 copy lives through the end of backward and the optimizer step, where the
   step's memory peaks (the `small` model's copies are 2.7 GiB). They are dropped again after the
   step: ZeRO writes the new weights through `.data`, which bumps no version counter, so a copy
-  made in between (none is, today) could not notice by itself.
+  made in between (none is, today) could not notice by itself. Backward runs on the loop's own
+  thread unless `parallel.threaded_backward=true` (see ParallelConfig).
 """
 from __future__ import annotations
 
@@ -52,6 +53,11 @@ class ParallelConfig:
     """Micro-batches per optimizer step on each rank."""
     precision: str = "auto"
     """'bf16', 'fp32', or 'auto' (bf16 on GPU, fp32 on CPU)."""
+    threaded_backward: bool = False
+    """Run each backward on PyTorch's autograd worker thread for the GPU (true: PyTorch's
+    default) instead of on the training loop's own thread (false). The model's FP8 layers and
+    fused kernels have their backward in Python, and every such node pays for the hand-off to the
+    worker thread in host time; with one GPU per process the worker thread buys no overlap."""
 
 
 @dataclass
@@ -178,8 +184,10 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
 
 
 def train_step(engine, micro_batches: list[dict[str, torch.Tensor]],
-               loss_fn: Callable[[nn.Module, dict], LossTerms], balancer: LoadBalancer) -> dict[str, float]:
-    """One optimizer step over this rank's micro-batches; returns metrics averaged over all ranks."""
+               loss_fn: Callable[[nn.Module, dict], LossTerms], balancer: LoadBalancer,
+               threaded_backward: bool = False) -> dict[str, float]:
+    """One optimizer step over this rank's micro-batches; returns metrics averaged over all ranks.
+    threaded_backward: ParallelConfig.threaded_backward."""
     if len(micro_batches) != engine.gradient_accumulation_steps():
         raise ValueError(f"got {len(micro_batches)} micro-batches for an engine that accumulates "
                          f"{engine.gradient_accumulation_steps()}; pass exactly one optimizer step's worth")
@@ -191,7 +199,8 @@ def train_step(engine, micro_batches: list[dict[str, torch.Tensor]],
         terms = loss_fn(engine, _to_device(batch, engine.device))
         if i == len(micro_batches) - 1:  # the FP8 weight copies' last use before the weights change
             invalidate_weight_caches(engine.module)
-        engine.backward(terms.loss)
+        with torch.autograd.set_multithreading_enabled(threaded_backward):
+            engine.backward(terms.loss)
         engine.step()
         if terms.expert_counts is not None:
             balancer.accumulate(terms.expert_counts)

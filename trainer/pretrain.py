@@ -154,7 +154,8 @@ def main(cfg: DictConfig) -> float:
         val_loss = log_eval(model, val, job, tracker, step)
     while step < c.train.steps:
         t0 = time.perf_counter()
-        metrics = eng.train_step(engine, loader.micro_batches(step), eng.lm_loss, balancer)
+        metrics = eng.train_step(engine, loader.micro_batches(step), eng.lm_loss, balancer,
+                                 c.parallel.threaded_backward)
         step += 1
         loader.step = step
         check_finite(metrics, step, ckpt)
