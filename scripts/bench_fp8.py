@@ -30,8 +30,9 @@ scripts/summary.py:
 Timing: each figure and its baselines in three interleaved rounds (scripts/timing.interleaved_ms:
 every other round reversed, the median kept; timed one after another, whatever runs first meets a
 cooler GPU, and an H100 under FP8 load slows by up to 19% within a minute), random normal data.
-Layer steps (linear, mlp) quantize their input afresh every call and run their backward on the
-calling thread, as a training step does (_fwd_bwd).
+Layer steps (linear, mlp) quantize their input afresh every call, run their backward on the
+calling thread and write dx rather than add it to the last step's, as in a training step
+(_fwd_bwd).
 """
 from __future__ import annotations
 
@@ -207,11 +208,14 @@ def _fwd_bwd(layer, x, dy, ctx=None):
     our layers hang on it are dropped first: each step quantizes its input, as a training step
     with fresh activations does (before the sixteenth session they were kept, and the linear
     and mlp rows left the input's quantization out after the first call: 5% to 50% too fast).
-    Backward on this thread, as the trainer runs it (timing.train_backward)."""
+    Backward on this thread, as the trainer runs it (timing.train_backward), and dx written, not
+    accumulated: each step starts with x.grad cleared (accumulating would add a pass over [T, K]
+    to every recipe's time, 120 us at 8192 x 7168 on an H100)."""
     from models.fp8.linear import drop_input_copies
 
     def step():
         drop_input_copies(x)
+        x.grad = None  # dx goes upstream in a model, not added into a leaf's .grad
         if ctx is None:
             y = layer(x)
         else:

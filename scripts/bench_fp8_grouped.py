@@ -31,7 +31,8 @@ Sections (every figure next to a baseline measured in this run, recorded via scr
 Timing: each kernel and its baselines in three interleaved rounds (scripts/timing.interleaved_ms:
 timed one after another, the first meets a cooler GPU), per round the median of 3 batches of
 back-to-back calls between CUDA events; the median round is reported. Random normal data. Layer
-steps run their backward on the calling thread, as the trainer does (timing.train_backward).
+steps run their backward on the calling thread, as the trainer does (timing.train_backward), and
+start with x.grad cleared (dx is written, not added to the last step's).
 """
 from __future__ import annotations
 
@@ -311,6 +312,7 @@ def _te_step(te_mods, x, dy, splits):
     up, down, ctx = te_mods
 
     def step():
+        x.grad = None  # as in _layer_step
         with ctx():
             gate, upv = up(x, splits).chunk(2, dim=-1)
             y = down(torch.nn.functional.silu(gate) * upv, splits)
@@ -322,6 +324,7 @@ def _layer_step(layer, x, counts, dy, before=None):
     def step():
         if before is not None:
             before()
+        x.grad = None  # dx goes upstream in a model, not added into a leaf's .grad
         train_backward(layer(x, counts), dy)
     return step
 
