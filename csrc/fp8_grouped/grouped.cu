@@ -180,7 +180,9 @@
 //     bytes instead of 256 (TMA_L2_PROMOTION in common/host_tma.cuh; ncu had counted 22-33% more
 //     L2 traffic than the loop's). Sixteenth session, H100, 5 interleaved rounds against the
 //     loop: 0.92-0.98x at dsv3-down E8 x 4096 / 8192 and dsv3-up E8 x 4096 for every
-//     combination, the default at 0.94-0.98x, all within a round's noise of each other.
+//     combination, the default at 0.94-0.98x, all within a round's noise of each other;
+//   - Wgrad pairs sharing the `b` tile instead of `a` (WGRAD_SHARE_B, sixteenth session): L2 reads
+//     as low as the loop's, 0.92-0.96x the time's worth (figures at the switch).
 //
 // Both kernels are persistent: one CTA per SM walks the tiles, so the producer is already
 // loading the next tile while the consumers store the previous one. The router's counts stay
@@ -993,18 +995,48 @@ struct KTile {
   int expert, row0, col0, start, end, group_lo, groups;
 };
 
+// Which tiles a Wgrad cluster pairs (sixteenth session; measurement builds). 0: side by side
+// (same rows, neighbouring columns), sharing the 128-row `a` tile by multicast, as Fprop does.
+// 1: one above the other (rows m and m + 1, same columns), sharing the 256-row `b` tile, which
+// halves the larger operand's L2 reads: ncu counted 5.64 GB of L2 reads from the SMs for one
+// Wgrad at dsv3-down E8 x 4096 here (the 128 x 256 tiles' operands exactly) against 4.25 GB for
+// the cuBLAS loop's 8 kernels (its 1x2 clusters of 128 x 128 tiles read like 256 x 256 ones),
+// a plausible share of the loop's 2-4.5% lower energy a call at the power cap. Measured (H100,
+// scripts/sweep_grouped_cuda.py, 5 rounds, WGRAD_CLUSTER=2): pairs sharing `b` ran 0.92-0.96x
+// the unpaired default on five of the six bench cases (1.03x at 64 experts x 512 tokens), pairs
+// sharing `a` 0.93-0.99x: the two CTAs' K loops wait for each other at every stage, which costs
+// more than the L2 traffic saves. Not kept (default 0, clusters of 1).
+#ifndef WGRAD_SHARE_B
+#define WGRAD_SHARE_B 0
+#endif
+// WGRAD_CLUSTER=n > 0: Wgrad's cluster size whatever the caller asks (measurement builds).
+#ifndef WGRAD_CLUSTER
+#define WGRAD_CLUSTER 0
+#endif
+constexpr bool SHARE_B = WGRAD_SHARE_B;
+
+// Wgrad tile rows and columns a cluster's walk steps over (the shared dimension counts pairs).
+__device__ __forceinline__ int wgrad_m_steps(const WgradArgs& p, const Cluster& c) {
+  return p.N / BM / (SHARE_B ? c.size : 1);
+}
+__device__ __forceinline__ int wgrad_n_steps(const WgradArgs& p, const Cluster& c) {
+  return p.K / BN / (SHARE_B ? 1 : c.size);
+}
+
 __device__ __forceinline__ int wgrad_walk_length(const WgradArgs& p, const Cluster& c) {
-  return p.E * (p.N / BM) * (p.K / BN / c.size);
+  return p.E * wgrad_m_steps(p, c) * wgrad_n_steps(p, c);
 }
 
 __device__ __forceinline__ KTile wgrad_tile(const SharedStorage& s, const WgradArgs& p, int t,
                                             const Cluster& c) {
-  const int m_tiles = p.N / BM, n_tiles = p.K / BN / c.size, per_expert = m_tiles * n_tiles;
+  const int m_tiles = wgrad_m_steps(p, c), n_tiles = wgrad_n_steps(p, c);
+  const int per_expert = m_tiles * n_tiles;
   KTile tile;
   tile.expert = t / per_expert;
   int m, n;
   band_order<WGRAD_GROUP_M>(t % per_expert, m_tiles, n_tiles, m, n);
-  n = n * c.size + c.rank;
+  if (SHARE_B) m = m * c.size + c.rank;
+  else n = n * c.size + c.rank;
   tile.row0 = m * BM;
   tile.col0 = n * BN;
   tile.start = s.row_start[tile.expert];
@@ -1032,8 +1064,15 @@ __device__ void wgrad_producer(SharedStorage& s, const CUtensorMap* map_a, const
       mbar_wait(&s.empty[ring.stage], ring.phase ^ 1);
       WgradStage& st = s.wgrad_stage(ring.stage);
       mbar_arrive_expect_tx(&s.full[ring.stage], WGRAD_TILE_BYTES + (BM + BN) * sizeof(float));
-      load_a_tile(st.a, map_a, &s.full[ring.stage], g * BK, tile.row0, c);
-      tma_load_tile(st.b, map_b, &s.full[ring.stage], g * BK, tile.col0);
+      if (SHARE_B && c.size > 1) {  // own `a`; this CTA's share of `b`'s rows, to the cluster
+        tma_load_tile(st.a, map_a, &s.full[ring.stage], g * BK, tile.row0);
+        const int rows = BN / c.size;
+        tma_load_multicast(st.b + c.rank * rows * BK, map_b, &s.full[ring.stage], g * BK,
+                           tile.col0 + c.rank * rows, uint16_t((1 << c.size) - 1));
+      } else {
+        load_a_tile(st.a, map_a, &s.full[ring.stage], g * BK, tile.row0, c);
+        tma_load_tile(st.b, map_b, &s.full[ring.stage], g * BK, tile.col0);
+      }
       bulk_load(st.sa, p.sa + int64_t(g) * p.sa_g + tile.row0, BM * sizeof(float),
                 &s.full[ring.stage]);
       bulk_load(st.sb, p.sb + int64_t(g) * p.sb_g + tile.col0, BN * sizeof(float),
@@ -1661,10 +1700,12 @@ int fp8moe_grouped_wgrad(const void* a, int64_t lda, const float* sa, int64_t sa
     snprintf(err, err_len, "N must be a multiple of %d and K of %d", BM, BN);
     return 1;
   }
-  if ((K / BN) % cluster) cluster = 1;
+  if (WGRAD_CLUSTER > 0) cluster = WGRAD_CLUSTER;
+  if ((SHARE_B ? N / BM : K / BN) % cluster) cluster = 1;  // the shared dimension pairs up
+  const int a_rows = SHARE_B ? BM : BM / cluster, b_rows = SHARE_B ? BN / cluster : BN;
   CUtensorMap map_a, map_b;
-  if (fp8_tile_map(&map_a, a, N, padded_T, lda, BM / cluster, err, err_len)) return 1;
-  if (fp8_tile_map(&map_b, b, K, padded_T, ldb, BN, err, err_len)) return 1;
+  if (fp8_tile_map(&map_a, a, N, padded_T, lda, a_rows, err, err_len)) return 1;
+  if (fp8_tile_map(&map_b, b, K, padded_T, ldb, b_rows, err, err_len)) return 1;
   const WgradArgs args{cluster, sa, sa_g, sb, sb_g, out, out_e, out_n, out_bf16, accumulate,
                        Counts{counts, counts_int64}, T, N, K, E};
   if (launch(grouped_wgrad_kernel, map_a, map_b, map_b, args, E * (N / BM) * (K / BN), stream,
