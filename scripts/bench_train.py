@@ -201,8 +201,8 @@ def main() -> None:
     matmul = bf16_matmul_tflops()
     torch.cuda.empty_cache()  # the children below need the whole card
     where = "autograd's worker thread" if args.threaded_backward else "the training loop's thread"
-    print(f"{card}: {args.size}; bf16 8192^3 matmul {matmul:.0f} TFLOP/s; each engine in its own process; "
-          f"backward on {where}")
+    print(f"{card}: {args.size}; bf16 8192^3 matmul {matmul:.0f} TFLOP/s; each engine in its own "
+          f"process; backward on {where}")
     for config in args.configs:
         args.micro_batch, args.seq_len, grad_accum = parse_config(config)
         recipes = [r for r in args.recipes if r == "off" or fp8_available()]
