@@ -395,18 +395,29 @@ def _rotate_pairs(x, s, live, cos_ptr, sin_ptr, stride_cs, HALF, INVERSE: tl.con
 
 
 @triton.jit
+def _load_rotated(p_ptr, b, s, h, live, stride_pb, stride_ps, stride_ph, cos_ptr, sin_ptr,
+                  stride_cs, HALF, INVERSE: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                  BLOCK_HALF: tl.constexpr):
+    """Rows (b, s, h) of p's 2 HALF rotary columns, rotated (_rotate_pairs): (y fp32, the column
+    lanes, the mask of live rows and real columns), for the caller's store."""
+    lane = tl.arange(0, 2 * BLOCK_HALF)
+    mask = live[:, None] & (lane[None, :] < 2 * HALF)
+    off = (b * stride_pb + s * stride_ps + h * stride_ph)[:, None] + lane[None, :]
+    x = tl.load(p_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    y = _rotate_pairs(x, s, live, cos_ptr, sin_ptr, stride_cs, HALF, INVERSE, BLOCK_ROWS,
+                      BLOCK_HALF)
+    return y, lane, mask
+
+
+@triton.jit
 def rope_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, n_rows, S, H, stride_xb, stride_xs, stride_xh,
                 stride_cs, HALF, INVERSE: tl.constexpr, BLOCK_ROWS: tl.constexpr,
                 BLOCK_HALF: tl.constexpr):
     rows = (tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
     h, s, b = rows % H, (rows // H) % S, rows // (H * S)
     live = rows < n_rows
-    lane = tl.arange(0, 2 * BLOCK_HALF)
-    mask = live[:, None] & (lane[None, :] < 2 * HALF)
-    x_off = (b * stride_xb + s * stride_xs + h * stride_xh)[:, None] + lane[None, :]
-    x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(tl.float32)
-    y = _rotate_pairs(x, s, live, cos_ptr, sin_ptr, stride_cs, HALF, INVERSE, BLOCK_ROWS,
-                      BLOCK_HALF)
+    y, lane, mask = _load_rotated(x_ptr, b, s, h, live, stride_xb, stride_xs, stride_xh, cos_ptr,
+                                  sin_ptr, stride_cs, HALF, INVERSE, BLOCK_ROWS, BLOCK_HALF)
     tl.store(y_ptr + rows[:, None] * (2 * HALF) + lane[None, :],
              cast_rne(y, y_ptr.dtype.element_ty),
              mask=mask)
@@ -480,12 +491,8 @@ def rope_concat_kernel(a_ptr, p_ptr, cos_ptr, sin_ptr, y_ptr, n_rows, S, H, stri
     a_off = (b * stride_ab + s * stride_as + h * stride_ah)[:, None] + col[None, :]
     tl.store(y_ptr + y_row[:, None] + col[None, :], tl.load(a_ptr + a_off, mask=a_mask),
              mask=a_mask)
-    lane = tl.arange(0, 2 * BLOCK_HALF)
-    p_mask = live[:, None] & (lane[None, :] < 2 * HALF)
-    p_off = (b * stride_pb + s * stride_ps + h * stride_ph)[:, None] + lane[None, :]
-    x = tl.load(p_ptr + p_off, mask=p_mask, other=0.0).to(tl.float32)
-    y = _rotate_pairs(x, s, live, cos_ptr, sin_ptr, stride_cs, HALF, INVERSE, BLOCK_ROWS,
-                      BLOCK_HALF)
+    y, lane, p_mask = _load_rotated(p_ptr, b, s, h, live, stride_pb, stride_ps, stride_ph, cos_ptr,
+                                    sin_ptr, stride_cs, HALF, INVERSE, BLOCK_ROWS, BLOCK_HALF)
     tl.store(y_ptr + y_row[:, None] + N + lane[None, :], cast_rne(y, y_ptr.dtype.element_ty),
              mask=p_mask)
 
