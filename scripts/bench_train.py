@@ -78,7 +78,8 @@ def build(args, recipe: str, job: eng.Job, grad_accum: int = 1):
     optim = OptimConfig(lr=1e-4, warmup_steps=0)
     ds = eng.deepspeed_config(eng.ParallelConfig(grad_accum=grad_accum), optim.grad_clip, args.micro_batch,
                               1, "bf16")
-    engine = eng.build_engine(model, build_optimizer(model, optim), build_schedule(optim, 10 ** 6), ds)
+    engine = eng.build_engine(model, build_optimizer(model, optim), build_schedule(optim, 10 ** 6),
+                              ds, fused_grad_clip=not getattr(args, "deepspeed_grad_clip", False))
     return cfg, engine, LoadBalancer(engine.module.routers(), optim.bias_update_rate)
 
 
@@ -190,6 +191,9 @@ def main() -> None:
                    help="passes over the recipes, every other one reversed (see Order above)")
     p.add_argument("--threaded-backward", action="store_true",
                    help="backward on autograd's worker thread (parallel.threaded_backward=true)")
+    p.add_argument("--deepspeed-grad-clip", action="store_true",
+                   help="DeepSpeed's own gradient norm and clipping "
+                        "(parallel.fused_grad_clip=false)")
     args = p.parse_args()
     if args.rounds < 1:
         raise SystemExit(f"--rounds {args.rounds}: at least 1")
@@ -201,8 +205,9 @@ def main() -> None:
     matmul = bf16_matmul_tflops()
     torch.cuda.empty_cache()  # the children below need the whole card
     where = "autograd's worker thread" if args.threaded_backward else "the training loop's thread"
+    clip = "DeepSpeed's" if args.deepspeed_grad_clip else "trainer/zero_clip.py's"
     print(f"{card}: {args.size}; bf16 8192^3 matmul {matmul:.0f} TFLOP/s; each engine in its own "
-          f"process; backward on {where}")
+          f"process; backward on {where}; {clip} gradient norm and clipping")
     for config in args.configs:
         args.micro_batch, args.seq_len, grad_accum = parse_config(config)
         recipes = [r for r in args.recipes if r == "off" or fp8_available()]

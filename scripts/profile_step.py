@@ -149,6 +149,9 @@ def main() -> None:
     p.add_argument("--ops", action="store_true", help="also a per-op table of forward+backward")
     p.add_argument("--copies", action="store_true",
                    help="also the copy ops of forward+backward: shapes, calling ops")
+    p.add_argument("--deepspeed-grad-clip", action="store_true",
+                   help="DeepSpeed's own gradient norm and clipping "
+                        "(parallel.fused_grad_clip=false)")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_step.py needs a CUDA GPU")

@@ -5,13 +5,14 @@ step on their concatenation; the router biases move once per optimizer step by g
 from the counts of both micro-batches; bf16 wrapping leaves FP32 buffers FP32 and bit-identical.
 """
 import copy
+import logging
 import os
 
 import pytest
 import torch
 
 from models import build_model, model_config
-from trainer import engine as eng
+from trainer import engine as eng, zero_clip
 from trainer.balance import LoadBalancer, bias_delta, max_vio
 from trainer.optim import OptimConfig, build_optimizer, build_schedule
 
@@ -35,13 +36,15 @@ def job():
     os.environ.update(saved)
 
 
-def _engine(grad_accum=1, micro=2, precision="fp32", seed=0, zero_stage=1):
+def _engine(grad_accum=1, micro=2, precision="fp32", seed=0, zero_stage=1, grad_clip=1.0,
+            fused_grad_clip=True):
     torch.manual_seed(seed)
     model = build_model(model_config("debug", **TINY))
-    optim = OptimConfig(lr=1e-2, warmup_steps=0)
+    optim = OptimConfig(lr=1e-2, warmup_steps=0, grad_clip=grad_clip)
     ds = eng.deepspeed_config(eng.ParallelConfig(zero_stage=zero_stage, grad_accum=grad_accum), optim.grad_clip,
                               micro, 1, precision)
-    engine = eng.build_engine(model, build_optimizer(model, optim), build_schedule(optim, 10), ds)
+    engine = eng.build_engine(model, build_optimizer(model, optim), build_schedule(optim, 10), ds,
+                              fused_grad_clip)
     return engine, LoadBalancer(engine.module.routers(), 1e-3)
 
 
@@ -112,6 +115,74 @@ def test_backward_threading_follows_the_setting(job, threaded):
     eng.train_step(engine, [_batch(2, 4)], loss_fn, balancer, threaded_backward=threaded)
     assert _RecordThreading.seen == [threaded]
     assert torch._C._is_multithreading_enabled() == before
+
+
+def _fp32_masters(engine) -> list[torch.Tensor]:
+    from deepspeed.utils import safe_get_full_fp32_param  # after trainer.engine picked a device
+    return [safe_get_full_fp32_param(p).clone() for p in engine.module.parameters()]
+
+
+@pytest.mark.parametrize("zero_stage,precision,grad_clip", [(1, "bf16", 0.05), (2, "bf16", 1.0),
+                                                            (1, "fp32", 1.0), (2, "fp32", 0.0)])
+def test_fused_grad_clip_is_deepspeeds_step_bit_for_bit(job, zero_stage, precision, grad_clip):
+    """trainer/zero_clip.py's norm (float64 norms read from the gradients as they lie) and clip
+    (folded into AdamW's read of the gradient) against DeepSpeed's own code: after three steps the
+    same FP32 masters and the same logged norms, bit for bit, with clipping on every step (0.05),
+    on some (1.0) and off."""
+    _fused_grad_clip_against_deepspeed(zero_stage, precision, grad_clip, steps=3, exact=True)
+
+
+@pytest.mark.gpu
+def test_gpu_fused_grad_clip_matches_deepspeed(job):
+    """The same on the GPU, bf16 ZeRO-1 with clipping on every step, one step: CUDA's float64 norm
+    kernels may sum in another order than DeepSpeed's, so the norms agree to 1e-6 and the masters to
+    1e-4 of a step (lr 1e-2)."""
+    _fused_grad_clip_against_deepspeed(1, "bf16", 0.05, steps=1, exact=False)
+
+
+def _fused_grad_clip_against_deepspeed(zero_stage, precision, grad_clip, steps, exact):
+    runs = {}
+    for fused in (True, False):
+        engine, balancer = _engine(precision=precision, zero_stage=zero_stage, grad_clip=grad_clip,
+                                   fused_grad_clip=fused, seed=11)
+        assert zero_clip.installed(engine) is fused
+        metrics = [eng.train_step(engine, [_batch(2, 20 + i)], eng.lm_loss, balancer)
+                   for i in range(steps)]
+        norms = [m["optim/grad_norm"] for m in metrics]
+        runs[fused] = norms, _fp32_masters(engine)
+    (norms, masters), (ds_norms, ds_masters) = runs[True], runs[False]
+    assert norms == (ds_norms if exact else pytest.approx(ds_norms, rel=1e-6))
+    if grad_clip:
+        assert any(n > grad_clip for n in norms), f"clipping never acted: {norms}"
+    for ours, theirs in zip(masters, ds_masters):
+        if exact:
+            assert torch.equal(ours, theirs)
+        else:
+            torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-6)
+
+
+def test_fused_grad_clip_skips_a_step_with_a_nan_gradient(job):
+    """A NaN in one gradient: the norm is inf, the step is skipped (masters untouched, DeepSpeed
+    counts it), and the next clean step updates again."""
+    engine, balancer = _engine(precision="bf16")
+    assert zero_clip.installed(engine)
+    first = next(engine.module.parameters())
+    hook = first.register_hook(lambda g: g.index_fill(0, torch.tensor([1]), float("nan")))
+    before = _fp32_masters(engine)
+    metrics = eng.train_step(engine, [_batch(2, 30)], eng.lm_loss, balancer)
+    assert metrics["optim/grad_norm"] == float("inf") and engine.skipped_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(_fp32_masters(engine), before))
+    hook.remove()
+    metrics = eng.train_step(engine, [_batch(2, 31)], eng.lm_loss, balancer)
+    assert 0 < metrics["optim/grad_norm"] < float("inf") and engine.skipped_steps == 1
+    assert not torch.equal(_fp32_masters(engine)[0], before[0])
+
+
+def test_fused_grad_clip_leaves_stage_0_to_deepspeed_and_says_so(job, caplog):
+    with caplog.at_level(logging.INFO, logger="trainer.zero_clip"):
+        engine, _ = _engine(zero_stage=0, precision="bf16")
+    assert not zero_clip.installed(engine)
+    assert "left to DeepSpeed" in caplog.text and "not the ZeRO-1/2 optimizer" in caplog.text
 
 
 def test_bf16_engine_keeps_fp32_buffers_bit_identical_and_trains(job):

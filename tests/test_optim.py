@@ -344,6 +344,46 @@ def test_fused_state_dict_round_trip_and_same_format_as_torch_path():
     assert all(torch.equal(a, b) for a, b in zip(params, straight))
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_scaled_grads_step_as_if_the_gradients_were_multiplied(fused):
+    """scale_next_grads(f): the next step reads grad * f (the FP32 multiply gradient clipping would
+    do in place), bitwise, on the torch path and in the kernel; the gradients stay as they are, and
+    the factor is used by one step only."""
+    params0, grads = _fresh(seed=21, steps=3)
+    params0 = [p.to(DEVICE) for p in params0]
+    grads = [[g.to(DEVICE) for g in step] for step in grads]
+    factors = [torch.tensor([f], device=DEVICE) for f in (0.37, 1.0, 2.5e-3)]
+    premultiplied = [[g * f for g in step] for step, f in zip(grads, factors)]
+    want, _ = _run(AdamW, params0, premultiplied, fused=fused)
+    params = [p.clone().requires_grad_(True) for p in params0]
+    groups = [dict(params=params[:1], weight_decay=0.1), dict(params=params[1:], weight_decay=0.0)]
+    opt = AdamW(groups, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+    for step_grads, factor in zip(grads, factors):
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        opt.scale_next_grads(factor)
+        opt.step()
+        assert all(torch.equal(p.grad, g) for p, g in zip(params, step_grads))
+    for a, b in zip(params, want):
+        assert torch.equal(a, b)
+    opt.step()  # no factor pending: the raw gradients
+    again, _ = _run(AdamW, params0, [*premultiplied, grads[-1]], fused=fused)
+    assert all(torch.equal(a, b) for a, b in zip(params, again))
+
+
+def test_grad_scale_must_be_one_fp32_value_beside_the_parameters():
+    p, grad, m, v = _state(300, torch.bfloat16, seed=41, device=DEVICE)
+    kw = dict(**HYPER, weight_decay=0.0, step=1)
+    for bad in (torch.tensor([0.5, 0.5], device=DEVICE),
+                torch.tensor([0.5], dtype=torch.float64, device=DEVICE), 0.5):
+        with pytest.raises(TypeError, match="one-element FP32 tensor"):
+            adamw_update(p, grad, m, v, **kw, grad_scale=bad)
+    if DEVICE == "cpu":
+        return
+    with pytest.raises(ValueError, match="parameters' device"):
+        adamw_update(p, grad, m, v, **kw, grad_scale=torch.tensor([0.5]))
+
+
 def test_fused_rejects_bad_operands(monkeypatch):
     p, grad, m, v = _state(300, torch.bfloat16, seed=40, device=DEVICE)
     kw = dict(**HYPER, weight_decay=0.0, step=1)
@@ -374,18 +414,22 @@ from trainer import optim
 
 out = {}
 for fusion in (False, True):
-    for moments in ("bf16", "fp32"):
-        sig = dict(p_ptr="*fp32", grad_ptr="*fp32", exp_avg_ptr="*" + moments, exp_avg_sq_ptr="*" + moments,
-                   n="i32", decay="fp32", one_minus_beta1="fp32", beta2="fp32", one_minus_beta2="fp32",
+    for moments, scaled in (("bf16", False), ("fp32", False), ("bf16", True)):
+        sig = dict(p_ptr="*fp32", grad_ptr="*fp32", exp_avg_ptr="*" + moments,
+                   exp_avg_sq_ptr="*" + moments, grad_scale_ptr="*fp32", n="i32", decay="fp32",
+                   one_minus_beta1="fp32", beta2="fp32", one_minus_beta2="fp32",
                    bias_correction2_sqrt="fp32", eps="fp32", step_size="fp32",
-                   MOMENTS_BF16="constexpr", BLOCK="constexpr")
-        attrs = {(i,): [["tt.divisibility", 16]] for i in range(5)}  # aligned pointers, n % 16 == 0
+                   MOMENTS_BF16="constexpr", SCALE_GRAD="constexpr", BLOCK="constexpr")
+        # aligned tensor pointers and n % 16 == 0 (the scale is one float anywhere)
+        attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 5)}
         src = ASTSource(fn=optim.adamw_kernel, signature=sig, attrs=attrs,
-                        constexprs=dict(MOMENTS_BF16=moments == "bf16", BLOCK=optim.FUSED_BLOCK))
+                        constexprs=dict(MOMENTS_BF16=moments == "bf16", SCALE_GRAD=scaled,
+                                        BLOCK=optim.FUSED_BLOCK))
         ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                              options=dict(num_warps=optim.FUSED_WARPS, enable_fp_fusion=fusion)).asm["ptx"]
-        out[f"{moments} fusion={fusion}"] = dict(fma="fma.rn.f32" in ptx, div_rn="div.rn.f32" in ptx,
-                                                 sqrt_rn="sqrt.rn.f32" in ptx, v4="ld.global.v4" in ptx)
+        out[f"{moments} scaled={scaled} fusion={fusion}"] = dict(
+            fma="fma.rn.f32" in ptx, div_rn="div.rn.f32" in ptx, sqrt_rn="sqrt.rn.f32" in ptx,
+            v4="ld.global.v4" in ptx)
 print(json.dumps(out))
 '''
 
@@ -484,3 +528,6 @@ def test_gpu_small_cases_compiled(job, monkeypatch):
     test_default_is_fused_on_cuda_only_and_non_contiguous_falls_back()
     test_fused_state_dict_round_trip_and_same_format_as_torch_path()
     test_fused_under_deepspeed_zero1_matches_torch_path(job, monkeypatch)
+    for fused in (False, True):
+        test_scaled_grads_step_as_if_the_gradients_were_multiplied(fused)
+    test_grad_scale_must_be_one_fp32_value_beside_the_parameters()

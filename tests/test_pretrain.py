@@ -132,6 +132,9 @@ def test_two_torchrun_ranks_match_one_rank_with_twice_the_accumulation(tiny, tmp
         for key in ("loss/total", "loss/lm", "loss/mtp"):
             if key in m1[step]:
                 assert m2[step][key] == pytest.approx(m1[step][key], rel=2e-5, abs=1e-6), (step, key)
+        # each rank's ZeRO-1 partition holds half the gradient: its norm is summed over the ranks
+        norm, one_rank_norm = m2[step]["optim/grad_norm"], m1[step]["optim/grad_norm"]
+        assert norm == pytest.approx(one_rank_norm, rel=1e-4), step
     for step in (0, 2, 4):
         assert m2[step]["val/loss"] == pytest.approx(m1[step]["val/loss"], rel=2e-5)
 

@@ -13,7 +13,10 @@ the code path on a node:
   Precision `auto` is BF16 on GPU (params and gradients BF16, FP32 masters inside ZeRO) and FP32
   on CPU. Every buffer that was FP32 before wrapping (the routers' correction biases, rotary
   tables) is FP32 after it: DeepSpeed before 0.19.2 cast buffers along with parameters, and a
-  BF16 bias could no longer absorb 1e-3 updates.
+  BF16 bias could no longer absorb 1e-3 updates. With `fused_grad_clip` (ParallelConfig, on by
+  default) the ZeRO optimizer's gradient norm, overflow check and clipping are replaced by FP32
+  multi-tensor versions with the clip folded into AdamW (trainer/zero_clip.py: `engine.step()` of
+  `small` 56.8 -> 27.8 ms on an H100).
 - `train_step()` is the whole optimizer step: for each micro-batch forward (through `loss_fn`),
   backward, `engine.step()` (DeepSpeed only steps at the accumulation boundary), token counts
   into the balancer; then the router-bias update from the all-reduced counts, and the metrics
@@ -39,6 +42,7 @@ import torch.distributed as dist
 from torch import nn
 
 from models.fp8.linear import invalidate_weight_caches
+from trainer import zero_clip
 from trainer.balance import LoadBalancer, all_reduce_sum, max_vio
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -58,6 +62,10 @@ class ParallelConfig:
     default) instead of on the training loop's own thread (false). The model's FP8 layers and
     fused kernels have their backward in Python, and every such node pays for the hand-off to the
     worker thread in host time; with one GPU per process the worker thread buys no overlap."""
+    fused_grad_clip: bool = True
+    """ZeRO stage 1/2: take the gradient norm in FP32 multi-tensor kernels and fold clipping into
+    AdamW's kernel (true), or leave norm, overflow check and clipping to DeepSpeed (false: a float64
+    copy of every gradient and a multiply pass of their own). See trainer/zero_clip.py."""
 
 
 @dataclass
@@ -143,14 +151,17 @@ def keep_fp32_buffers(module: nn.Module, saved: dict[str, torch.Tensor]) -> None
 
 
 def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Callable[[int], float],
-                 ds_config: dict):
-    """Wrap model + client optimizer + LambdaLR(schedule) in a DeepSpeed engine."""
+                 ds_config: dict, fused_grad_clip: bool = True):
+    """Wrap model + client optimizer + LambdaLR(schedule) in a DeepSpeed engine.
+    fused_grad_clip: ParallelConfig.fused_grad_clip."""
     deepspeed = _import_deepspeed()
     saved = {n: b.detach().clone() for n, b in model.named_buffers() if b.dtype == torch.float32}
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
     keep_fp32_buffers(engine.module, saved)
+    if fused_grad_clip:
+        zero_clip.install(engine)
     return engine
 
 

@@ -112,13 +112,15 @@ def _f32_to_bf16_rne(x):
 
 
 @triton.jit
-def adamw_kernel(p_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, n, decay, one_minus_beta1, beta2,
-                 one_minus_beta2, bias_correction2_sqrt, eps, step_size,
-                 MOMENTS_BF16: tl.constexpr, BLOCK: tl.constexpr):
+def adamw_kernel(p_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, grad_scale_ptr, n, decay,
+                 one_minus_beta1, beta2, one_minus_beta2, bias_correction2_sqrt, eps, step_size,
+                 MOMENTS_BF16: tl.constexpr, SCALE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     p = tl.load(p_ptr + offs, mask=mask)
     grad = tl.load(grad_ptr + offs, mask=mask)
+    if SCALE_GRAD:  # gradient clipping's factor, applied as the gradient is read (scale_next_grads)
+        grad = grad * tl.load(grad_scale_ptr)
     exp_avg = tl.load(exp_avg_ptr + offs, mask=mask)
     exp_avg_sq = tl.load(exp_avg_sq_ptr + offs, mask=mask)
     if MOMENTS_BF16:
@@ -140,10 +142,14 @@ def adamw_kernel(p_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, n, decay, one_min
 
 
 def adamw_update(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
-                 lr: float, betas: tuple[float, float], eps: float, weight_decay: float, step: int) -> None:
+                 lr: float, betas: tuple[float, float], eps: float, weight_decay: float, step: int,
+                 grad_scale: torch.Tensor | None = None) -> None:
     """One AdamW step (torch.optim.AdamW's math, `step` counted from 1) of the contiguous FP32 tensor p,
-    in place, with its FP32 gradient and its two moments (both bf16 or both fp32, updated in place)."""
+    in place, with its FP32 gradient and its two moments (both bf16 or both fp32, updated in place).
+    grad_scale: a one-element FP32 tensor beside p; the step uses grad * grad_scale (grad itself is
+    left as it is)."""
     _check_fused_operands(p, grad, exp_avg, exp_avg_sq)
+    _check_grad_scale(grad_scale, p)
     if step < 1:
         raise ValueError(f"adamw_update got step={step}; steps are counted from 1 (the first update is step 1)")
     n = p.numel()
@@ -151,11 +157,23 @@ def adamw_update(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp
         return
     beta1, beta2 = (float(b) for b in betas)
     adamw_kernel[(triton.cdiv(n, FUSED_BLOCK),)](
-        p, grad, exp_avg, exp_avg_sq, n,
+        p, grad, exp_avg, exp_avg_sq, p if grad_scale is None else grad_scale, n,
         float(1 - lr * weight_decay), float(1 - beta1), beta2, float(1 - beta2),
         float((1 - beta2 ** step) ** 0.5), float(eps), float(-lr / (1 - beta1 ** step)),
-        MOMENTS_BF16=exp_avg.dtype == torch.bfloat16, BLOCK=FUSED_BLOCK,
-        num_warps=FUSED_WARPS, enable_fp_fusion=False)
+        MOMENTS_BF16=exp_avg.dtype == torch.bfloat16, SCALE_GRAD=grad_scale is not None,
+        BLOCK=FUSED_BLOCK, num_warps=FUSED_WARPS, enable_fp_fusion=False)
+
+
+def _check_grad_scale(grad_scale: torch.Tensor | None, p: torch.Tensor) -> None:
+    if grad_scale is None:
+        return
+    if (not isinstance(grad_scale, torch.Tensor) or grad_scale.numel() != 1
+            or grad_scale.dtype != torch.float32):
+        raise TypeError("grad_scale must be a one-element FP32 tensor (the clip factor), got "
+                        f"{grad_scale!r:.80}")
+    if grad_scale.device != p.device:
+        raise ValueError(f"grad_scale is on {grad_scale.device}, the parameters on {p.device}; "
+                         "make it on the parameters' device (no host round trip)")
 
 
 def _check_fused_operands(p, grad, exp_avg, exp_avg_sq) -> None:
@@ -185,7 +203,11 @@ class AdamW(torch.optim.Optimizer):
 
     fused: None (default) runs `adamw_kernel` on CUDA tensors and torch ops elsewhere; True runs the
     kernel on every tensor it can take (on the CPU that needs TRITON_INTERPRET=1: tests); False
-    always uses torch ops. Non-contiguous tensors always take the torch path."""
+    always uses torch ops. Non-contiguous tensors always take the torch path.
+
+    `scale_next_grads(factor)` has the next step() read every gradient multiplied by `factor` (a
+    one-element FP32 tensor on the parameters' device): gradient clipping without a pass of its
+    own over the gradients (trainer/zero_clip.py hands DeepSpeed's clip factor over this way)."""
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.95),
                  eps: float = 1e-8, weight_decay: float = 0.0,
@@ -201,14 +223,21 @@ class AdamW(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.moment_dtype = moment_dtype
         self.fused = fused
+        self._grad_scale: torch.Tensor | None = None
+
+    def scale_next_grads(self, factor: torch.Tensor) -> None:
+        """Multiply the gradients by `factor` as the next step() reads them (they stay as they
+        are)."""
+        self._grad_scale = factor
 
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
+        grad_scale, self._grad_scale = self._grad_scale, None
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
-                    self._update(p, group)
+                    self._update(p, group, grad_scale)
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -219,7 +248,7 @@ class AdamW(torch.optim.Optimizer):
                 if key in state:
                     state[key] = state[key].to(self.moment_dtype)
 
-    def _update(self, p: torch.Tensor, group: dict) -> None:
+    def _update(self, p: torch.Tensor, group: dict, grad_scale: torch.Tensor | None) -> None:
         if p.dtype != torch.float32:
             raise TypeError(f"AdamW updates FP32 master weights, got a {p.dtype} parameter of shape "
                             f"{tuple(p.shape)}; let the engine keep FP32 masters (bf16 mode) or keep the model FP32")
@@ -228,20 +257,24 @@ class AdamW(torch.optim.Optimizer):
             state["step"] = 0
             state["exp_avg"] = torch.zeros_like(p, dtype=self.moment_dtype)
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.moment_dtype)
+        _check_grad_scale(grad_scale, p)
         state["step"] += 1
         tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
         contiguous = all(t.is_contiguous() for t in tensors)
         if contiguous and (p.is_cuda if self.fused is None else self.fused):
             adamw_update(*tensors, lr=group["lr"], betas=group["betas"], eps=group["eps"],
-                         weight_decay=group["weight_decay"], step=state["step"])
+                         weight_decay=group["weight_decay"], step=state["step"],
+                         grad_scale=grad_scale)
             return
         chunks = zip(*(t.view(-1).split(UPDATE_CHUNK) for t in tensors)) if contiguous else [tensors]
         for p_c, grad_c, exp_avg_c, exp_avg_sq_c in chunks:
-            self._update_chunk(p_c, grad_c, exp_avg_c, exp_avg_sq_c, group, state["step"])
+            self._update_chunk(p_c, grad_c, exp_avg_c, exp_avg_sq_c, group, state["step"],
+                               grad_scale)
 
-    def _update_chunk(self, p, grad, exp_avg_stored, exp_avg_sq_stored, group: dict, step: int) -> None:
+    def _update_chunk(self, p, grad, exp_avg_stored, exp_avg_sq_stored, group: dict, step: int,
+                      grad_scale: torch.Tensor | None) -> None:
         lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
-        grad = grad.float()
+        grad = grad.float() if grad_scale is None else grad.float() * grad_scale
         exp_avg, exp_avg_sq = exp_avg_stored.float(), exp_avg_sq_stored.float()
 
         p.mul_(1 - lr * group["weight_decay"])
