@@ -86,7 +86,7 @@ class Router(nn.Module):
         """The chosen experts' gate weights (their scores, normalized and scaled) and counts."""
         weight_TK = scores_TE.gather(1, expert_TK)
         weight_TK = weight_TK / weight_TK.sum(-1, keepdim=True) * self.scale
-        counts_E = torch.bincount(expert_TK.flatten(), minlength=self.n_experts)
+        counts_E = count_per_expert(expert_TK, self.n_experts)
         return Routing(expert_TK, weight_TK, scores_TE, counts_E)
 
     def _mask_groups(self, choice_TE: torch.Tensor) -> torch.Tensor:
@@ -95,6 +95,20 @@ class Router(nn.Module):
         keep_TG = group_score_TG.topk(self.topk_group, dim=-1).indices
         mask_TG = torch.ones_like(group_score_TG, dtype=torch.bool).scatter_(1, keep_TG, False)
         return choice_TGX.masked_fill(mask_TG[..., None], float("-inf")).flatten(1)
+
+
+def count_per_expert(expert_TK: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """How many of the chosen experts are each expert (int64 [n_experts]), `torch.bincount`'s
+    result, without its device-to-host sync: on CUDA bincount reads the input's largest value back
+    to the host to size its output, which in every MoE layer's forward stopped the host until the
+    GPU caught up and then left the GPU waiting for the next launches. H100, `small` at 4 x 2048
+    tokens a step: 4 such syncs a forward (5.5 ms of host stall in the profiler); without them
+    the step took 141.2 / 134.5 ms against 142.8 / 136.9 (bf16 / FP8, two interleaved A/B rounds
+    of scripts/bench_train.py, faster in all four pairs). Integer atomic adds are exact, so the
+    counts are the same bits in any order."""
+    ids = expert_TK.flatten()
+    counts_E = torch.zeros(n_experts, dtype=torch.int64, device=ids.device)
+    return counts_E.scatter_add_(0, ids, torch.ones_like(ids))
 
 
 def grouped_mm(x_TK: torch.Tensor, w_ENK: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:

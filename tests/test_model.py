@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from models import build_model, model_config
 from models.attention import MLA
 from models.layers import apply_rope, rope_tables
-from models.moe import GroupedExperts, Router, Routing, grouped_mm, sequence_balance_loss
+from models.moe import (GroupedExperts, Router, Routing, count_per_expert, grouped_mm,
+                        sequence_balance_loss)
 from models.transformer import cross_entropy
 
 
@@ -225,6 +226,18 @@ def test_router_matches_per_token_reference_with_group_limit():
             assert w == pytest.approx(weights[t][e], rel=1e-5)
     torch.testing.assert_close(routing.weight_TK.sum(-1), torch.full((40,), 2.5))
     assert routing.counts_E.tolist() == torch.bincount(routing.expert_TK.flatten(), minlength=16).tolist()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_count_per_expert_is_bincount(device):
+    """Random choices over 64 experts, some never chosen, one chosen by every token: bincount's
+    int64 counts, bit for bit (on the GPU from atomic adds, without bincount's host sync)."""
+    gen = torch.Generator().manual_seed(7)
+    expert_TK = torch.randint(0, 48, (5000, 6), generator=gen)
+    expert_TK[:, 0] = 50
+    counts_E = count_per_expert(expert_TK.to(device), 64)
+    assert counts_E.dtype == torch.int64 and counts_E.device.type == device
+    assert torch.equal(counts_E.cpu(), torch.bincount(expert_TK.flatten(), minlength=64))
 
 
 def test_bias_changes_selection_but_not_weights():
