@@ -68,3 +68,6 @@ def test_two_nccl_ranks_match_one_rank(tmp_path):
     one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
     for step in range(1, 7):
         assert two[step]["loss/total"] == pytest.approx(one[step]["loss/total"], rel=1e-2), step
+        # the gradient norm is summed over the two ranks' ZeRO-1 partitions (trainer/zero_clip.py)
+        norm, one_rank_norm = two[step]["optim/grad_norm"], one[step]["optim/grad_norm"]
+        assert norm == pytest.approx(one_rank_norm, rel=1e-2), step
