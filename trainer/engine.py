@@ -14,7 +14,7 @@ the code path on a node:
   on CPU. Every buffer that was FP32 before wrapping (the routers' correction biases, rotary
   tables) is FP32 after it: DeepSpeed before 0.19.2 cast buffers along with parameters, and a
   BF16 bias could no longer absorb 1e-3 updates. With `fused_grad_clip` (ParallelConfig, on by
-  default) the ZeRO optimizer's gradient norm, overflow check and clipping are replaced by FP32
+  default) the ZeRO optimizer's gradient norm, overflow check and clipping are replaced by
   multi-tensor versions with the clip folded into AdamW (trainer/zero_clip.py: `engine.step()` of
   `small` 56.8 -> 27.8 ms on an H100).
 - `train_step()` is the whole optimizer step: for each micro-batch forward (through `loss_fn`),
@@ -63,9 +63,10 @@ class ParallelConfig:
     fused kernels have their backward in Python, and every such node pays for the hand-off to the
     worker thread in host time; with one GPU per process the worker thread buys no overlap."""
     fused_grad_clip: bool = True
-    """ZeRO stage 1/2: take the gradient norm in FP32 multi-tensor kernels and fold clipping into
-    AdamW's kernel (true), or leave norm, overflow check and clipping to DeepSpeed (false: a float64
-    copy of every gradient and a multiply pass of their own). See trainer/zero_clip.py."""
+    """ZeRO stage 1/2: take the gradient norm with multi-tensor kernels (float64 sums, as
+    DeepSpeed's, read from the gradients as they lie) and fold clipping into AdamW's kernel (true),
+    or leave norm, overflow check and clipping to DeepSpeed (false: a float64 copy of every
+    gradient and a multiply pass of their own). See trainer/zero_clip.py."""
 
 
 @dataclass
