@@ -2,7 +2,9 @@
 
 Checks against independent recomputation: gradient accumulation over two micro-batches equals one
 step on their concatenation; the router biases move once per optimizer step by gamma*sign computed
-from the counts of both micro-batches; bf16 wrapping leaves FP32 buffers FP32 and bit-identical.
+from the counts of both micro-batches; bf16 wrapping leaves FP32 buffers FP32 and bit-identical;
+trainer/zero_clip.py's gradient norm and clip give DeepSpeed's own step bit for bit, skip a step
+with a NaN gradient as it does, and leave ZeRO stage 0 alone.
 """
 import copy
 import logging
