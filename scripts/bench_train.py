@@ -26,6 +26,7 @@ the time, the later recipes disadvantaged).
 
     python scripts/bench_train.py                       # small: 4x2048 x1 and 4x4096 x4, bf16 and fp8
     python scripts/bench_train.py --configs 2x4096x1 --layers 2 --steps 6 --recipes off --rounds 1
+    python scripts/bench_train.py --configs 4x2048x1 --deepspeed-grad-clip   # A/B of zero_clip.py
 """
 from __future__ import annotations
 
