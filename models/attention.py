@@ -94,15 +94,21 @@ class MLA(nn.Module):
                                                                 dim=-1)
         return q_nope_BSHN, apply_rope(q_pe_BSHR, cos, sin)
 
-    def _latent(self, x_BSD, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+    def _latent_unrotated(self, x_BSD) -> tuple[torch.Tensor, torch.Tensor]:
+        """The normalized latent [B, S, C] and the shared rope key [B, S, R], rope not yet
+        applied."""
         c_BSC, k_pe_BSR = self.wkv_a(x_BSD).split([self.kv_rank, self.rope_dim], dim=-1)
-        return self.kv_norm(c_BSC), apply_rope(k_pe_BSR, cos, sin)
+        return self.kv_norm(c_BSC), k_pe_BSR
+
+    def _latent(self, x_BSD, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        c_BSC, k_pe_BSR = self._latent_unrotated(x_BSD)
+        return c_BSC, apply_rope(k_pe_BSR, cos, sin)
 
     def forward(self, x_BSD: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor):
         """Causal self-attention over the whole sequence (training and prefill)."""
         q_BSHK = self._query_heads(x_BSD)
-        c_BSC, k_pe_BSR = self.wkv_a(x_BSD).split([self.kv_rank, self.rope_dim], dim=-1)
-        kv_BSHX = self.wkv_b(self.kv_norm(c_BSC)).unflatten(-1, (self.n_heads, -1))
+        c_BSC, k_pe_BSR = self._latent_unrotated(x_BSD)
+        kv_BSHX = self.wkv_b(c_BSC).unflatten(-1, (self.n_heads, -1))
         if kernels.fused(q_BSHK, "mla_qk"):
             q_BSHK, k_BSHK, v_BSHV = kernels.mla_qk(q_BSHK, kv_BSHX, k_pe_BSR, cos_SR, sin_SR,
                                                     self.nope_dim)
