@@ -3,8 +3,9 @@
 A step is `trainer.engine.train_step` on the same DeepSpeed ZeRO-1 engine `bench_train.py` builds.
 Two views of it:
 
-- phases: CUDA events around the forward, the backward and `engine.step()` (the optimizer, the
-  gradient norm and clipping, ZeRO's copies between BF16 and FP32), over a few steps;
+- phases: CUDA events around the forward, the backward (on this thread, as train_step runs it:
+  trainer.engine.backward) and `engine.step()` (the optimizer, the gradient norm and clipping,
+  ZeRO's copies between BF16 and FP32), over a few steps;
 - kernels: torch.profiler over two steps, kernels summed by name and grouped into families
   (attention, GEMMs, our fused Triton and CUDA kernels, elementwise and reductions, copies,
   communication), top kernels listed with their share of GPU time.
@@ -62,7 +63,7 @@ def phase_times(engine, batch, steps: int) -> dict[str, float]:
         marks[0].record()
         terms = eng.lm_loss(engine, {k: v.cuda() for k, v in batch.items()})
         marks[1].record()
-        engine.backward(terms.loss)
+        eng.backward(engine, terms.loss)
         marks[2].record()
         engine.step()
         marks[3].record()
@@ -101,7 +102,7 @@ def op_table(engine, batch, top: int) -> str:
     """Forward+backward only, GPU time per aten op and input shapes: which code the time is in."""
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         terms = eng.lm_loss(engine, {k: v.cuda() for k, v in batch.items()})
-        engine.backward(terms.loss)
+        eng.backward(engine, terms.loss)
         torch.cuda.synchronize()
     averages = prof.key_averages(group_by_input_shape=True)
     return averages.table(sort_by="self_device_time_total", row_limit=top, max_name_column_width=48,
@@ -119,7 +120,7 @@ def copy_table(engine, batch, top: int) -> list[str]:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
                  record_shapes=True) as prof:
         terms = eng.lm_loss(engine, {k: v.cuda() for k, v in batch.items()})
-        engine.backward(terms.loss)
+        eng.backward(engine, terms.loss)
         torch.cuda.synchronize()
     groups = defaultdict(lambda: [0.0, 0])
     for evt in prof.events():

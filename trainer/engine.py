@@ -195,6 +195,13 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def backward(engine, loss: torch.Tensor, threaded_backward: bool = False) -> None:
+    """engine.backward(loss) where ParallelConfig.threaded_backward puts it: on this thread
+    (false) or on autograd's worker thread (true)."""
+    with torch.autograd.set_multithreading_enabled(threaded_backward):
+        engine.backward(loss)
+
+
 def train_step(engine, micro_batches: list[dict[str, torch.Tensor]],
                loss_fn: Callable[[nn.Module, dict], LossTerms], balancer: LoadBalancer,
                threaded_backward: bool = False) -> dict[str, float]:
@@ -211,8 +218,7 @@ def train_step(engine, micro_batches: list[dict[str, torch.Tensor]],
         terms = loss_fn(engine, _to_device(batch, engine.device))
         if i == len(micro_batches) - 1:  # the FP8 weight copies' last use before the weights change
             invalidate_weight_caches(engine.module)
-        with torch.autograd.set_multithreading_enabled(threaded_backward):
-            engine.backward(terms.loss)
+        backward(engine, terms.loss, threaded_backward)
         engine.step()
         if terms.expert_counts is not None:
             balancer.accumulate(terms.expert_counts)
