@@ -80,7 +80,7 @@ def build(args, recipe: str, job: eng.Job, grad_accum: int = 1):
     ds = eng.deepspeed_config(eng.ParallelConfig(grad_accum=grad_accum), optim.grad_clip, args.micro_batch,
                               1, "bf16")
     engine = eng.build_engine(model, build_optimizer(model, optim), build_schedule(optim, 10 ** 6),
-                              ds, fused_grad_clip=not getattr(args, "deepspeed_grad_clip", False))
+                              ds, fused_grad_clip=not args.deepspeed_grad_clip)
     return cfg, engine, LoadBalancer(engine.module.routers(), optim.bias_update_rate)
 
 
