@@ -80,7 +80,8 @@ def build(args, recipe: str, job: eng.Job, grad_accum: int = 1):
     ds = eng.deepspeed_config(eng.ParallelConfig(grad_accum=grad_accum), optim.grad_clip, args.micro_batch,
                               1, "bf16")
     engine = eng.build_engine(model, build_optimizer(model, optim), build_schedule(optim, 10 ** 6),
-                              ds, fused_grad_clip=not args.deepspeed_grad_clip)
+                              ds, fused_grad_clip=not args.deepspeed_grad_clip,
+                              fused_zero_step=not args.deepspeed_zero_step)
     return cfg, engine, LoadBalancer(engine.module.routers(), optim.bias_update_rate)
 
 
@@ -195,6 +196,9 @@ def main() -> None:
     p.add_argument("--deepspeed-grad-clip", action="store_true",
                    help="DeepSpeed's own gradient norm and clipping "
                         "(parallel.fused_grad_clip=false)")
+    p.add_argument("--deepspeed-zero-step", action="store_true",
+                   help="DeepSpeed's FP32 gradient copy and bf16 weight cast-back "
+                        "(parallel.fused_zero_step=false)")
     args = p.parse_args()
     if args.rounds < 1:
         raise SystemExit(f"--rounds {args.rounds}: at least 1")
@@ -207,8 +211,10 @@ def main() -> None:
     torch.cuda.empty_cache()  # the children below need the whole card
     where = "autograd's worker thread" if args.threaded_backward else "the training loop's thread"
     clip = "DeepSpeed's" if args.deepspeed_grad_clip else "trainer/zero_clip.py's"
+    casts = "ZeRO's own" if args.deepspeed_zero_step else "trainer/zero_step.py's (inside AdamW)"
     print(f"{card}: {args.size}; bf16 8192^3 matmul {matmul:.0f} TFLOP/s; each engine in its own "
-          f"process; backward on {where}; {clip} gradient norm and clipping")
+          f"process; backward on {where}; {clip} gradient norm and clipping; {casts} "
+          "FP32 gradient copy and bf16 weight cast")
     for config in args.configs:
         args.micro_batch, args.seq_len, grad_accum = parse_config(config)
         recipes = [r for r in args.recipes if r == "off" or fp8_available()]

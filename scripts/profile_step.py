@@ -153,6 +153,9 @@ def main() -> None:
     p.add_argument("--deepspeed-grad-clip", action="store_true",
                    help="DeepSpeed's own gradient norm and clipping "
                         "(parallel.fused_grad_clip=false)")
+    p.add_argument("--deepspeed-zero-step", action="store_true",
+                   help="DeepSpeed's FP32 gradient copy and bf16 weight cast-back "
+                        "(parallel.fused_zero_step=false)")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_step.py needs a CUDA GPU")

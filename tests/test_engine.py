@@ -3,8 +3,9 @@
 Checks against independent recomputation: gradient accumulation over two micro-batches equals one
 step on their concatenation; the router biases move once per optimizer step by gamma*sign computed
 from the counts of both micro-batches; bf16 wrapping leaves FP32 buffers FP32 and bit-identical;
-trainer/zero_clip.py's gradient norm and clip give DeepSpeed's own step bit for bit, skip a step
-with a NaN gradient as it does, and leave ZeRO stage 0 alone.
+trainer/zero_clip.py's gradient norm and clip, and trainer/zero_step.py's step with the FP32
+copies folded into AdamW, give DeepSpeed's own step bit for bit, skip a step with a NaN gradient
+as it does, and leave what they do not cover (ZeRO stage 0; FP32 weights) to DeepSpeed, saying so.
 """
 import copy
 import logging
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from models import build_model, model_config
-from trainer import engine as eng, zero_clip
+from trainer import engine as eng, zero_clip, zero_step
 from trainer.balance import LoadBalancer, bias_delta, max_vio
 from trainer.optim import OptimConfig, build_optimizer, build_schedule
 
@@ -39,14 +40,14 @@ def job():
 
 
 def _engine(grad_accum=1, micro=2, precision="fp32", seed=0, zero_stage=1, grad_clip=1.0,
-            fused_grad_clip=True):
+            fused_grad_clip=True, fused_zero_step=True):
     torch.manual_seed(seed)
     model = build_model(model_config("debug", **TINY))
     optim = OptimConfig(lr=1e-2, warmup_steps=0, grad_clip=grad_clip)
     ds = eng.deepspeed_config(eng.ParallelConfig(zero_stage=zero_stage, grad_accum=grad_accum), optim.grad_clip,
                               micro, 1, precision)
     engine = eng.build_engine(model, build_optimizer(model, optim), build_schedule(optim, 10), ds,
-                              fused_grad_clip)
+                              fused_grad_clip, fused_zero_step)
     return engine, LoadBalancer(engine.module.routers(), 1e-3)
 
 
@@ -124,50 +125,119 @@ def _fp32_masters(engine) -> list[torch.Tensor]:
     return [safe_get_full_fp32_param(p).clone() for p in engine.module.parameters()]
 
 
-@pytest.mark.parametrize("zero_stage,precision,grad_clip", [(1, "bf16", 0.05), (2, "bf16", 1.0),
-                                                            (1, "fp32", 1.0), (2, "fp32", 0.0)])
-def test_fused_grad_clip_is_deepspeeds_step_bit_for_bit(job, zero_stage, precision, grad_clip):
+@pytest.mark.parametrize("zero_stage,precision,grad_clip,fold_copies",
+                         [(1, "bf16", 0.05, False), (2, "bf16", 1.0, False), (1, "fp32", 1.0, False),
+                          (2, "fp32", 0.0, False), (1, "bf16", 0.05, True), (2, "bf16", 1.0, True),
+                          (1, "bf16", 0.0, True)])
+def test_fused_step_is_deepspeeds_step_bit_for_bit(job, zero_stage, precision, grad_clip,
+                                                   fold_copies):
     """trainer/zero_clip.py's norm (float64 norms read from the gradients as they lie) and clip
-    (folded into AdamW's read of the gradient) against DeepSpeed's own code: after three steps the
-    same FP32 masters and the same logged norms, bit for bit, with clipping on every step (0.05),
-    on some (1.0) and off."""
-    _fused_grad_clip_against_deepspeed(zero_stage, precision, grad_clip, steps=3, exact=True)
+    (folded into AdamW's read of the gradient), alone and with trainer/zero_step.py (AdamW reading
+    the flat bf16 gradient and writing the bf16 weights), against DeepSpeed's own code: after three
+    steps the same FP32 masters, the same bf16 weights and the same logged norms, bit for bit, with
+    clipping on every step (0.05), on some (1.0) and off."""
+    _fused_step_against_deepspeed(zero_stage, precision, grad_clip, fold_copies, steps=3,
+                                  exact=True)
 
 
 @pytest.mark.gpu
-def test_gpu_fused_grad_clip_matches_deepspeed(job):
+def test_gpu_fused_step_matches_deepspeed(job):
     """The same on the GPU, bf16 ZeRO-1 with clipping on every step, one step: CUDA's float64 norm
     kernels may sum in another order than DeepSpeed's, so the norms agree to 1e-6 and the masters to
     1e-4 of a step (lr 1e-2)."""
-    _fused_grad_clip_against_deepspeed(1, "bf16", 0.05, steps=1, exact=False)
+    _fused_step_against_deepspeed(1, "bf16", 0.05, True, steps=1, exact=False)
 
 
-def _fused_grad_clip_against_deepspeed(zero_stage, precision, grad_clip, steps, exact):
+def _fused_step_against_deepspeed(zero_stage, precision, grad_clip, fold_copies, steps, exact):
     runs = {}
     for fused in (True, False):
         engine, balancer = _engine(precision=precision, zero_stage=zero_stage, grad_clip=grad_clip,
-                                   fused_grad_clip=fused, seed=11)
+                                   fused_grad_clip=fused, fused_zero_step=fused and fold_copies,
+                                   seed=11)
         assert zero_clip.installed(engine) is fused
+        assert zero_step.installed(engine) is (fused and fold_copies and precision == "bf16")
         metrics = [eng.train_step(engine, [_batch(2, 20 + i)], eng.lm_loss, balancer)
                    for i in range(steps)]
         norms = [m["optim/grad_norm"] for m in metrics]
-        runs[fused] = norms, _fp32_masters(engine)
-    (norms, masters), (ds_norms, ds_masters) = runs[True], runs[False]
+        weights = [p.detach().clone() for p in engine.module.parameters()]
+        runs[fused] = norms, _fp32_masters(engine), weights
+    (norms, masters, weights), (ds_norms, ds_masters, ds_weights) = runs[True], runs[False]
     assert norms == (ds_norms if exact else pytest.approx(ds_norms, rel=1e-6))
     if grad_clip:
         assert any(n > grad_clip for n in norms), f"clipping never acted: {norms}"
-    for ours, theirs in zip(masters, ds_masters):
+    for ours, theirs in zip(masters + weights, ds_masters + ds_weights):
         if exact:
             assert torch.equal(ours, theirs)
         else:
             torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-6)
+    for weight, master in zip(weights, masters):  # the model reads its masters, rounded
+        assert torch.equal(weight, master.to(weight.dtype))
+
+
+_TWO_RANKS = r'''
+import json, sys
+import torch
+from deepspeed.utils import safe_get_full_fp32_param
+from models import build_model, model_config
+from trainer import engine as eng, zero_step
+from trainer.balance import LoadBalancer
+from trainer.optim import OptimConfig, build_optimizer, build_schedule
+
+tiny, stage = json.loads(sys.argv[1]), int(sys.argv[2])
+job = eng.init_distributed()
+runs = []
+for fold in (True, False):
+    torch.manual_seed(11)
+    model = build_model(model_config("debug", **tiny))
+    optim = OptimConfig(lr=1e-2, warmup_steps=0, grad_clip=0.05)
+    ds = eng.deepspeed_config(eng.ParallelConfig(zero_stage=stage), optim.grad_clip, 2,
+                              job.world_size, "bf16")
+    engine = eng.build_engine(model, build_optimizer(model, optim), build_schedule(optim, 10), ds,
+                              True, fold)
+    assert zero_step.installed(engine) is fold
+    balancer = LoadBalancer(engine.module.routers(), 1e-3)
+    norms = []
+    for i in range(3):
+        rows = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(job.rank * 10 + i))
+        batch = {"tokens": rows[:, :-1], "labels": rows[:, 1:]}
+        norms.append(eng.train_step(engine, [batch], eng.lm_loss, balancer)["optim/grad_norm"])
+    runs.append((norms, [safe_get_full_fp32_param(p).clone() for p in engine.module.parameters()],
+                 [p.detach().clone() for p in engine.module.parameters()]))
+(norms, masters, weights), (ds_norms, ds_masters, ds_weights) = runs
+assert norms == ds_norms, (norms, ds_norms)
+assert all(torch.equal(a, b) for a, b in zip(masters + weights, ds_masters + ds_weights))
+assert all(torch.equal(w, m.to(w.dtype)) for w, m in zip(weights, masters))
+print(f"rank {job.rank} of {job.world_size}: same as DeepSpeed's step, norms {norms}")
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()  # a rank leaving without it may abort the other
+'''
+
+
+@pytest.mark.parametrize("zero_stage", [1, 2])
+def test_fused_zero_step_on_two_ranks_is_deepspeeds_step_bit_for_bit(tmp_path, zero_stage):
+    """Two gloo ranks under torchrun, bf16: each rank's partition (the first flattened as it is,
+    the last padded to the partition size) stepped by AdamW from the bf16 gradient gives the same
+    masters, weights and norms as DeepSpeed's own step, bit for bit, after three steps."""
+    import json
+    import subprocess
+    import sys
+    script = tmp_path / "two_ranks.py"
+    script.write_text(_TWO_RANKS)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k not in ENV}
+    env["PYTHONPATH"] = f"{root}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", str(script), json.dumps(TINY), str(zero_stage)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("same as DeepSpeed's step") == 2, proc.stdout[-3000:]
 
 
 def test_fused_grad_clip_skips_a_step_with_a_nan_gradient(job):
     """A NaN in one gradient: the norm is inf, the step is skipped (masters untouched, DeepSpeed
     counts it), and the next clean step updates again."""
     engine, balancer = _engine(precision="bf16")
-    assert zero_clip.installed(engine)
+    assert zero_clip.installed(engine) and zero_step.installed(engine)
     first = next(engine.module.parameters())
     hook = first.register_hook(lambda g: g.index_fill(0, torch.tensor([1]), float("nan")))
     before = _fp32_masters(engine)
@@ -181,10 +251,22 @@ def test_fused_grad_clip_skips_a_step_with_a_nan_gradient(job):
 
 
 def test_fused_grad_clip_leaves_stage_0_to_deepspeed_and_says_so(job, caplog):
-    with caplog.at_level(logging.INFO, logger="trainer.zero_clip"):
+    with caplog.at_level(logging.INFO, logger="trainer"):
         engine, _ = _engine(zero_stage=0, precision="bf16")
-    assert not zero_clip.installed(engine)
+    assert not zero_clip.installed(engine) and not zero_step.installed(engine)
     assert "left to DeepSpeed" in caplog.text and "not the ZeRO-1/2 optimizer" in caplog.text
+    assert "zero_clip.py's norm and clip are not installed" in caplog.text
+
+
+@pytest.mark.parametrize("precision,fused_grad_clip,why", [
+    ("fp32", True, "weights are torch.float32, not bf16"),
+    ("bf16", False, "zero_clip.py's norm and clip are not installed")])
+def test_fused_zero_step_says_why_it_is_not_installed(job, caplog, precision, fused_grad_clip,
+                                                      why):
+    with caplog.at_level(logging.INFO, logger="trainer.zero_step"):
+        engine, _ = _engine(precision=precision, fused_grad_clip=fused_grad_clip)
+    assert not zero_step.installed(engine)
+    assert "left to DeepSpeed" in caplog.text and why in caplog.text
 
 
 def test_bf16_engine_keeps_fp32_buffers_bit_identical_and_trains(job):

@@ -371,6 +371,51 @@ def test_scaled_grads_step_as_if_the_gradients_were_multiplied(fused):
     assert all(torch.equal(a, b) for a, b in zip(params, again))
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_bf16_grads_and_bf16_weight_copies_step_as_widened_and_cast(fused):
+    """use_for_next_step(p, grad_bf16, p_bf16), as trainer/zero_step.py hands ZeRO's partitions
+    over: the step equals one on grad_bf16.float() (the widening is exact) and p_bf16 receives
+    p.to(bfloat16), bitwise, on the torch path and in the kernel; p.grad is not read, and the
+    hand-over lasts one step."""
+    params0, grads = _fresh(seed=23, steps=3)
+    params0 = [p.to(DEVICE) for p in params0]
+    grads16 = [[g.to(DEVICE, torch.bfloat16) for g in step] for step in grads]
+    want, _ = _run(AdamW, params0, [[g.float() for g in step] for step in grads16], fused=fused)
+    params = [p.clone().requires_grad_(True) for p in params0]
+    groups = [dict(params=params[:1], weight_decay=0.1), dict(params=params[1:], weight_decay=0.0)]
+    opt = AdamW(groups, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+    copies = [torch.randn(p.shape, device=DEVICE).bfloat16() for p in params]
+    for step_grads in grads16:
+        for p, g, copy in zip(params, step_grads, copies):
+            p.grad = torch.randn_like(p)  # must not be read
+            opt.use_for_next_step(p, g, copy)
+        opt.step()
+        for p, copy in zip(params, copies):
+            assert torch.equal(copy, p.detach().bfloat16())
+    for a, b in zip(params, want):
+        assert torch.equal(a, b)
+    stale = [c.clone() for c in copies]
+    opt.step()  # nothing handed over: p.grad, and the copies stay as they are
+    assert all(torch.equal(a, b) for a, b in zip(copies, stale))
+    assert not torch.equal(params[0], want[0])
+
+
+def test_use_for_next_step_refuses_what_it_cannot_use():
+    p = torch.randn(10, requires_grad=True)
+    opt = AdamW([p])
+    with pytest.raises(TypeError, match="FP32 or bf16"):
+        opt.use_for_next_step(p, torch.randn(10).half())
+    with pytest.raises(ValueError, match="grad has shape"):
+        opt.use_for_next_step(p, torch.randn(9))
+    with pytest.raises(ValueError, match="p_bf16 has shape"):
+        opt.use_for_next_step(p, torch.randn(10), torch.randn(9).bfloat16())
+    with pytest.raises(TypeError, match="must be bfloat16"):
+        opt.use_for_next_step(p, torch.randn(10), torch.randn(10))
+    opt.use_for_next_step(torch.randn(10), torch.randn(10))  # not one of opt's parameters
+    with pytest.raises(ValueError, match="not parameters of this step"):
+        opt.step()
+
+
 def test_grad_scale_must_be_one_fp32_value_beside_the_parameters():
     p, grad, m, v = _state(300, torch.bfloat16, seed=41, device=DEVICE)
     kw = dict(**HYPER, weight_decay=0.0, step=1)
@@ -387,8 +432,10 @@ def test_grad_scale_must_be_one_fp32_value_beside_the_parameters():
 def test_fused_rejects_bad_operands(monkeypatch):
     p, grad, m, v = _state(300, torch.bfloat16, seed=40, device=DEVICE)
     kw = dict(**HYPER, weight_decay=0.0, step=1)
-    with pytest.raises(TypeError, match="FP32 p and grad"):
+    with pytest.raises(TypeError, match="an FP32 p and an FP32 or bf16 grad"):
         adamw_update(p.bfloat16(), grad, m, v, **kw)
+    with pytest.raises(TypeError, match="p_bf16 is torch.float32"):
+        adamw_update(p, grad, m, v, **kw, p_bf16=p.clone())
     with pytest.raises(TypeError, match="both moments"):
         adamw_update(p, grad, m, v.float(), **kw)
     with pytest.raises(ValueError, match="grad has shape"):
@@ -414,20 +461,24 @@ from trainer import optim
 
 out = {}
 for fusion in (False, True):
-    for moments, scaled in (("bf16", False), ("fp32", False), ("bf16", True)):
-        sig = dict(p_ptr="*fp32", grad_ptr="*fp32", exp_avg_ptr="*" + moments,
-                   exp_avg_sq_ptr="*" + moments, grad_scale_ptr="*fp32", n="i32", decay="fp32",
-                   one_minus_beta1="fp32", beta2="fp32", one_minus_beta2="fp32",
+    for moments, scaled, bf16_io in (("bf16", False, False), ("fp32", False, False),
+                                     ("bf16", True, False), ("bf16", True, True)):
+        sig = dict(p_ptr="*fp32", grad_ptr="*bf16" if bf16_io else "*fp32",
+                   exp_avg_ptr="*" + moments, exp_avg_sq_ptr="*" + moments,
+                   grad_scale_ptr="*fp32", p_bf16_ptr="*bf16" if bf16_io else "*fp32", n="i32",
+                   decay="fp32", one_minus_beta1="fp32", beta2="fp32", one_minus_beta2="fp32",
                    bias_correction2_sqrt="fp32", eps="fp32", step_size="fp32",
-                   MOMENTS_BF16="constexpr", SCALE_GRAD="constexpr", BLOCK="constexpr")
+                   MOMENTS_BF16="constexpr", SCALE_GRAD="constexpr", GRAD_BF16="constexpr",
+                   WRITE_BF16="constexpr", BLOCK="constexpr")
         # aligned tensor pointers and n % 16 == 0 (the scale is one float anywhere)
-        attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 5)}
+        attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 5, 6)}
         src = ASTSource(fn=optim.adamw_kernel, signature=sig, attrs=attrs,
                         constexprs=dict(MOMENTS_BF16=moments == "bf16", SCALE_GRAD=scaled,
+                                        GRAD_BF16=bf16_io, WRITE_BF16=bf16_io,
                                         BLOCK=optim.FUSED_BLOCK))
         ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                              options=dict(num_warps=optim.FUSED_WARPS, enable_fp_fusion=fusion)).asm["ptx"]
-        out[f"{moments} scaled={scaled} fusion={fusion}"] = dict(
+        out[f"{moments} scaled={scaled} bf16_io={bf16_io} fusion={fusion}"] = dict(
             fma="fma.rn.f32" in ptx, div_rn="div.rn.f32" in ptx, sqrt_rn="sqrt.rn.f32" in ptx,
             v4="ld.global.v4" in ptx)
 print(json.dumps(out))
@@ -447,6 +498,20 @@ def test_kernel_compiles_for_sm90_without_fma(compiled_sm90):
 @pytest.mark.parametrize("moment_dtype", [torch.float32, torch.bfloat16])
 def test_gpu_fused_bitwise_reference_10m(moment_dtype):
     _fused_matches_reference(10_000_000 + 123, moment_dtype, weight_decay=0.1, steps=2)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_grad_and_weight_copy_are_the_widened_step_10m():
+    """The kernel reading a bf16 gradient and writing a bf16 copy of p (trainer/zero_step.py's
+    step) against the same kernel on grad.float(), then p.to(bfloat16): bitwise, 10M elements."""
+    p, grad, m, v = _state(10_000_000 + 123, torch.bfloat16, seed=42, device="cuda")
+    grad16 = grad.bfloat16()
+    want = [t.clone() for t in (p, m, v)]
+    adamw_update(want[0], grad16.float(), want[1], want[2], **HYPER, weight_decay=0.1, step=3)
+    copy = torch.empty_like(p, dtype=torch.bfloat16)
+    adamw_update(p, grad16, m, v, **HYPER, weight_decay=0.1, step=3, p_bf16=copy)
+    for got, expected in zip((p, m, v, copy), (*want, want[0].bfloat16())):
+        assert torch.equal(got, expected)
 
 
 @pytest.mark.gpu

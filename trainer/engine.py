@@ -16,7 +16,9 @@ the code path on a node:
   BF16 bias could no longer absorb 1e-3 updates. With `fused_grad_clip` (ParallelConfig, on by
   default) the ZeRO optimizer's gradient norm, overflow check and clipping are replaced by
   multi-tensor versions with the clip folded into AdamW (trainer/zero_clip.py: `engine.step()` of
-  `small` 56.8 -> 27.8 ms on an H100).
+  `small` 56.8 -> 27.8 ms on an H100); with `fused_zero_step` (on by default, bf16) AdamW also
+  reads ZeRO's flat bf16 gradient and writes the bf16 weights itself, instead of ZeRO casting the
+  gradient to an FP32 copy and the new weights back (trainer/zero_step.py).
 - `train_step()` is the whole optimizer step: for each micro-batch forward (through `loss_fn`),
   backward, `engine.step()` (DeepSpeed only steps at the accumulation boundary), token counts
   into the balancer; then the router-bias update from the all-reduced counts, and the metrics
@@ -42,7 +44,7 @@ import torch.distributed as dist
 from torch import nn
 
 from models.fp8.linear import invalidate_weight_caches
-from trainer import zero_clip
+from trainer import zero_clip, zero_step
 from trainer.balance import LoadBalancer, all_reduce_sum, max_vio
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -67,6 +69,11 @@ class ParallelConfig:
     DeepSpeed's, read from the gradients as they lie) and fold clipping into AdamW's kernel (true),
     or leave norm, overflow check and clipping to DeepSpeed (false: a float64 copy of every
     gradient and a multiply pass of their own). See trainer/zero_clip.py."""
+    fused_zero_step: bool = True
+    """ZeRO stage 1/2 with bf16 weights and fused_grad_clip: AdamW reads the flat bf16 gradient
+    partition and writes the bf16 weights along with the FP32 masters (true), or ZeRO makes an
+    FP32 copy of the gradients and casts the new weights back in passes of their own (false).
+    The same results bit for bit. See trainer/zero_step.py."""
 
 
 @dataclass
@@ -152,9 +159,9 @@ def keep_fp32_buffers(module: nn.Module, saved: dict[str, torch.Tensor]) -> None
 
 
 def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Callable[[int], float],
-                 ds_config: dict, fused_grad_clip: bool = True):
+                 ds_config: dict, fused_grad_clip: bool = True, fused_zero_step: bool = True):
     """Wrap model + client optimizer + LambdaLR(schedule) in a DeepSpeed engine.
-    fused_grad_clip: ParallelConfig.fused_grad_clip."""
+    fused_grad_clip, fused_zero_step: ParallelConfig's."""
     deepspeed = _import_deepspeed()
     saved = {n: b.detach().clone() for n, b in model.named_buffers() if b.dtype == torch.float32}
     engine, _, _, _ = deepspeed.initialize(
@@ -163,6 +170,8 @@ def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, schedule: C
     keep_fp32_buffers(engine.module, saved)
     if fused_grad_clip:
         zero_clip.install(engine)
+    if fused_zero_step:
+        zero_step.install(engine)
     return engine
 
 

@@ -112,13 +112,16 @@ def _f32_to_bf16_rne(x):
 
 
 @triton.jit
-def adamw_kernel(p_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, grad_scale_ptr, n, decay,
-                 one_minus_beta1, beta2, one_minus_beta2, bias_correction2_sqrt, eps, step_size,
-                 MOMENTS_BF16: tl.constexpr, SCALE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+def adamw_kernel(p_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, grad_scale_ptr, p_bf16_ptr, n,
+                 decay, one_minus_beta1, beta2, one_minus_beta2, bias_correction2_sqrt, eps,
+                 step_size, MOMENTS_BF16: tl.constexpr, SCALE_GRAD: tl.constexpr,
+                 GRAD_BF16: tl.constexpr, WRITE_BF16: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     p = tl.load(p_ptr + offs, mask=mask)
     grad = tl.load(grad_ptr + offs, mask=mask)
+    if GRAD_BF16:  # widened exactly, as grad.float() would
+        grad = _bf16_bits_to_f32(grad)
     if SCALE_GRAD:  # gradient clipping's factor, applied as the gradient is read (scale_next_grads)
         grad = grad * tl.load(grad_scale_ptr)
     exp_avg = tl.load(exp_avg_ptr + offs, mask=mask)
@@ -134,6 +137,8 @@ def adamw_kernel(p_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, grad_scale_ptr, n
     p = p + tl.div_rn(step_size * exp_avg, denom)
 
     tl.store(p_ptr + offs, p, mask=mask)
+    if WRITE_BF16:  # the model's bf16 copy of the new weight, rounded as tensor.copy_ rounds
+        tl.store(p_bf16_ptr + offs, _f32_to_bf16_rne(p), mask=mask)
     if MOMENTS_BF16:
         exp_avg = _f32_to_bf16_rne(exp_avg)
         exp_avg_sq = _f32_to_bf16_rne(exp_avg_sq)
@@ -143,12 +148,14 @@ def adamw_kernel(p_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, grad_scale_ptr, n
 
 def adamw_update(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
                  lr: float, betas: tuple[float, float], eps: float, weight_decay: float, step: int,
-                 grad_scale: torch.Tensor | None = None) -> None:
+                 grad_scale: torch.Tensor | None = None, p_bf16: torch.Tensor | None = None) -> None:
     """One AdamW step (torch.optim.AdamW's math, `step` counted from 1) of the contiguous FP32 tensor p,
-    in place, with its FP32 gradient and its two moments (both bf16 or both fp32, updated in place).
+    in place, with its gradient (FP32, or bf16 widened as it is read) and its two moments (both bf16
+    or both fp32, updated in place).
     grad_scale: a one-element FP32 tensor beside p; the step uses grad * grad_scale (grad itself is
-    left as it is)."""
-    _check_fused_operands(p, grad, exp_avg, exp_avg_sq)
+    left as it is).
+    p_bf16: a bf16 tensor of p's shape that also receives the new p, rounded to nearest even."""
+    _check_fused_operands(p, grad, exp_avg, exp_avg_sq, p_bf16)
     _check_grad_scale(grad_scale, p)
     if step < 1:
         raise ValueError(f"adamw_update got step={step}; steps are counted from 1 (the first update is step 1)")
@@ -157,10 +164,12 @@ def adamw_update(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp
         return
     beta1, beta2 = (float(b) for b in betas)
     adamw_kernel[(triton.cdiv(n, FUSED_BLOCK),)](
-        p, grad, exp_avg, exp_avg_sq, p if grad_scale is None else grad_scale, n,
+        p, grad, exp_avg, exp_avg_sq, p if grad_scale is None else grad_scale,
+        p if p_bf16 is None else p_bf16, n,
         float(1 - lr * weight_decay), float(1 - beta1), beta2, float(1 - beta2),
         float((1 - beta2 ** step) ** 0.5), float(eps), float(-lr / (1 - beta1 ** step)),
         MOMENTS_BF16=exp_avg.dtype == torch.bfloat16, SCALE_GRAD=grad_scale is not None,
+        GRAD_BF16=grad.dtype == torch.bfloat16, WRITE_BF16=p_bf16 is not None,
         BLOCK=FUSED_BLOCK, num_warps=FUSED_WARPS, enable_fp_fusion=False)
 
 
@@ -176,11 +185,16 @@ def _check_grad_scale(grad_scale: torch.Tensor | None, p: torch.Tensor) -> None:
                          "make it on the parameters' device (no host round trip)")
 
 
-def _check_fused_operands(p, grad, exp_avg, exp_avg_sq) -> None:
+def _check_fused_operands(p, grad, exp_avg, exp_avg_sq, p_bf16=None) -> None:
     named = dict(p=p, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
-    if p.dtype != torch.float32 or grad.dtype != torch.float32:
-        raise TypeError(f"adamw_update needs FP32 p and grad, got {p.dtype} and {grad.dtype}; "
-                        "keep FP32 master weights and gradients (or use AdamW's torch path)")
+    if p.dtype != torch.float32 or grad.dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"adamw_update needs an FP32 p and an FP32 or bf16 grad, got {p.dtype} and "
+                        f"{grad.dtype}; keep FP32 master weights (or use AdamW's torch path)")
+    if p_bf16 is not None:
+        if p_bf16.dtype != torch.bfloat16:
+            raise TypeError(f"adamw_update: p_bf16 is {p_bf16.dtype}; it receives the new weight "
+                            "rounded to bf16, so pass a bfloat16 tensor (or None)")
+        named["p_bf16"] = p_bf16
     if exp_avg.dtype != exp_avg_sq.dtype or exp_avg.dtype not in MOMENT_DTYPES.values():
         raise TypeError(f"adamw_update needs both moments in bfloat16 or both in float32, got "
                         f"{exp_avg.dtype} and {exp_avg_sq.dtype}")
@@ -207,7 +221,11 @@ class AdamW(torch.optim.Optimizer):
 
     `scale_next_grads(factor)` has the next step() read every gradient multiplied by `factor` (a
     one-element FP32 tensor on the parameters' device): gradient clipping without a pass of its
-    own over the gradients (trainer/zero_clip.py hands DeepSpeed's clip factor over this way)."""
+    own over the gradients (trainer/zero_clip.py hands DeepSpeed's clip factor over this way).
+
+    `use_for_next_step(p, grad, p_bf16)` has the next step() update p from `grad` (FP32 or bf16)
+    instead of p.grad and also write the new p, rounded to bf16, into `p_bf16`: ZeRO's step
+    without an FP32 copy of the gradients or a cast of the weights back (trainer/zero_step.py)."""
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.95),
                  eps: float = 1e-8, weight_decay: float = 0.0,
@@ -224,20 +242,41 @@ class AdamW(torch.optim.Optimizer):
         self.moment_dtype = moment_dtype
         self.fused = fused
         self._grad_scale: torch.Tensor | None = None
+        self._next_io: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
 
     def scale_next_grads(self, factor: torch.Tensor) -> None:
         """Multiply the gradients by `factor` as the next step() reads them (they stay as they
         are)."""
         self._grad_scale = factor
 
+    def use_for_next_step(self, p: torch.Tensor, grad: torch.Tensor,
+                          p_bf16: torch.Tensor | None = None) -> None:
+        """The next step() updates p from `grad` (its gradient, FP32 or bf16) instead of p.grad,
+        and writes the new p, rounded to bf16, into `p_bf16` as well when one is given."""
+        if grad.dtype not in (torch.float32, torch.bfloat16):
+            raise TypeError(f"use_for_next_step: grad is {grad.dtype}; pass it in FP32 or bf16")
+        for name, t in (("grad", grad), ("p_bf16", p_bf16)):
+            if t is not None and t.shape != p.shape:
+                raise ValueError(f"use_for_next_step: {name} has shape {tuple(t.shape)}, the "
+                                 f"parameter {tuple(p.shape)}; pass tensors of the parameter's shape")
+        if p_bf16 is not None and p_bf16.dtype != torch.bfloat16:
+            raise TypeError(f"use_for_next_step: p_bf16 is {p_bf16.dtype}; it must be bfloat16")
+        self._next_io[id(p)] = (p, grad, p_bf16)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
         grad_scale, self._grad_scale = self._grad_scale, None
+        next_io, self._next_io = self._next_io, {}
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is not None:
-                    self._update(p, group, grad_scale)
+                _, grad, p_bf16 = next_io.pop(id(p), (p, p.grad, None))
+                if grad is not None:
+                    self._update(p, grad, group, grad_scale, p_bf16)
+        if next_io:
+            raise ValueError(f"use_for_next_step was given {len(next_io)} tensor(s) that are not "
+                             "parameters of this step's param_groups; pass the optimizer's own "
+                             "parameters")
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -248,7 +287,8 @@ class AdamW(torch.optim.Optimizer):
                 if key in state:
                     state[key] = state[key].to(self.moment_dtype)
 
-    def _update(self, p: torch.Tensor, group: dict, grad_scale: torch.Tensor | None) -> None:
+    def _update(self, p: torch.Tensor, grad: torch.Tensor, group: dict,
+                grad_scale: torch.Tensor | None, p_bf16: torch.Tensor | None) -> None:
         if p.dtype != torch.float32:
             raise TypeError(f"AdamW updates FP32 master weights, got a {p.dtype} parameter of shape "
                             f"{tuple(p.shape)}; let the engine keep FP32 masters (bf16 mode) or keep the model FP32")
@@ -259,17 +299,20 @@ class AdamW(torch.optim.Optimizer):
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.moment_dtype)
         _check_grad_scale(grad_scale, p)
         state["step"] += 1
-        tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
+        tensors = (p, grad, state["exp_avg"], state["exp_avg_sq"])
         contiguous = all(t.is_contiguous() for t in tensors)
-        if contiguous and (p.is_cuda if self.fused is None else self.fused):
+        if contiguous and (p.is_cuda if self.fused is None else self.fused) and (
+                p_bf16 is None or p_bf16.is_contiguous()):
             adamw_update(*tensors, lr=group["lr"], betas=group["betas"], eps=group["eps"],
                          weight_decay=group["weight_decay"], step=state["step"],
-                         grad_scale=grad_scale)
+                         grad_scale=grad_scale, p_bf16=p_bf16)
             return
         chunks = zip(*(t.view(-1).split(UPDATE_CHUNK) for t in tensors)) if contiguous else [tensors]
         for p_c, grad_c, exp_avg_c, exp_avg_sq_c in chunks:
             self._update_chunk(p_c, grad_c, exp_avg_c, exp_avg_sq_c, group, state["step"],
                                grad_scale)
+        if p_bf16 is not None:
+            p_bf16.copy_(p)
 
     def _update_chunk(self, p, grad, exp_avg_stored, exp_avg_sq_stored, group: dict, step: int,
                       grad_scale: torch.Tensor | None) -> None:

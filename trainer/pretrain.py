@@ -133,7 +133,7 @@ def main(cfg: DictConfig) -> float:
     ds_config = eng.deepspeed_config(c.parallel, c.optim.grad_clip, c.data.micro_batch_size, job.world_size,
                                      precision)
     engine = eng.build_engine(model, optimizer, build_schedule(c.optim, c.train.steps), ds_config,
-                              c.parallel.fused_grad_clip)
+                              c.parallel.fused_grad_clip, c.parallel.fused_zero_step)
     model = engine.module
     balancer = LoadBalancer(model.routers(), c.optim.bias_update_rate)
     loader = TrainLoader(data.train_rows, c.data.micro_batch_size, c.parallel.grad_accum, job.rank,
