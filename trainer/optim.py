@@ -148,7 +148,8 @@ def adamw_kernel(p_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, grad_scale_ptr, p
 
 def adamw_update(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
                  lr: float, betas: tuple[float, float], eps: float, weight_decay: float, step: int,
-                 grad_scale: torch.Tensor | None = None, p_bf16: torch.Tensor | None = None) -> None:
+                 grad_scale: torch.Tensor | None = None,
+                 p_bf16: torch.Tensor | None = None) -> None:
     """One AdamW step (torch.optim.AdamW's math, `step` counted from 1) of the contiguous FP32 tensor p,
     in place, with its gradient (FP32, or bf16 widened as it is read) and its two moments (both bf16
     or both fp32, updated in place).
@@ -258,7 +259,7 @@ class AdamW(torch.optim.Optimizer):
         for name, t in (("grad", grad), ("p_bf16", p_bf16)):
             if t is not None and t.shape != p.shape:
                 raise ValueError(f"use_for_next_step: {name} has shape {tuple(t.shape)}, the "
-                                 f"parameter {tuple(p.shape)}; pass tensors of the parameter's shape")
+                                 f"parameter {tuple(p.shape)}; pass tensors of its shape")
         if p_bf16 is not None and p_bf16.dtype != torch.bfloat16:
             raise TypeError(f"use_for_next_step: p_bf16 is {p_bf16.dtype}; it must be bfloat16")
         self._next_io[id(p)] = (p, grad, p_bf16)
