@@ -133,11 +133,20 @@ def test_fused_step_is_deepspeeds_step_bit_for_bit(job, zero_stage, precision, g
                                                    fold_copies):
     """trainer/zero_clip.py's norm (float64 norms read from the gradients as they lie) and clip
     (folded into AdamW's read of the gradient), alone and with trainer/zero_step.py (AdamW reading
-    the flat bf16 gradient and writing the bf16 weights), against DeepSpeed's own code: after three
-    steps the same FP32 masters, the same bf16 weights and the same logged norms, bit for bit, with
-    clipping on every step (0.05), on some (1.0) and off."""
+    the flat bf16 gradient and writing the bf16 weights; under ZeRO-1 no reduction on this one
+    rank), against DeepSpeed's own code: after three steps the same FP32 masters, the same bf16
+    weights and the same logged norms, bit for bit, with clipping on every step (0.05), on some
+    (1.0) and off."""
     _fused_step_against_deepspeed(zero_stage, precision, grad_clip, fold_copies, steps=3,
                                   exact=True)
+
+
+@pytest.mark.parametrize("zero_stage", [1, 2])
+def test_fused_step_accumulating_two_micro_batches_is_deepspeeds_bit_for_bit(job, zero_stage):
+    """The same with two micro-batches a step (bf16 gradients accumulated by autograd; under
+    ZeRO-1 on one rank without DeepSpeed's bucket copies and reduction)."""
+    _fused_step_against_deepspeed(zero_stage, "bf16", 0.05, True, steps=2, exact=True,
+                                  grad_accum=2)
 
 
 @pytest.mark.gpu
@@ -148,16 +157,18 @@ def test_gpu_fused_step_matches_deepspeed(job):
     _fused_step_against_deepspeed(1, "bf16", 0.05, True, steps=1, exact=False)
 
 
-def _fused_step_against_deepspeed(zero_stage, precision, grad_clip, fold_copies, steps, exact):
+def _fused_step_against_deepspeed(zero_stage, precision, grad_clip, fold_copies, steps, exact,
+                                  grad_accum=1):
     runs = {}
     for fused in (True, False):
         engine, balancer = _engine(precision=precision, zero_stage=zero_stage, grad_clip=grad_clip,
                                    fused_grad_clip=fused, fused_zero_step=fused and fold_copies,
-                                   seed=11)
+                                   seed=11, grad_accum=grad_accum)
         assert zero_clip.installed(engine) is fused
         assert zero_step.installed(engine) is (fused and fold_copies and precision == "bf16")
-        metrics = [eng.train_step(engine, [_batch(2, 20 + i)], eng.lm_loss, balancer)
-                   for i in range(steps)]
+        assert zero_step.reduction_skipped(engine) is (fused and fold_copies and zero_stage == 1)
+        metrics = [eng.train_step(engine, [_batch(2, 20 + 2 * i + j) for j in range(grad_accum)],
+                                  eng.lm_loss, balancer) for i in range(steps)]
         norms = [m["optim/grad_norm"] for m in metrics]
         weights = [p.detach().clone() for p in engine.module.parameters()]
         runs[fused] = norms, _fp32_masters(engine), weights

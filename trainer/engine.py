@@ -16,9 +16,10 @@ the code path on a node:
   BF16 bias could no longer absorb 1e-3 updates. With `fused_grad_clip` (ParallelConfig, on by
   default) the ZeRO optimizer's gradient norm, overflow check and clipping are replaced by
   multi-tensor versions with the clip folded into AdamW (trainer/zero_clip.py: `engine.step()` of
-  `small` 56.8 -> 27.8 ms on an H100); with `fused_zero_step` (on by default, bf16) AdamW also
-  reads ZeRO's flat bf16 gradient and writes the bf16 weights itself, instead of ZeRO casting the
-  gradient to an FP32 copy and the new weights back (trainer/zero_step.py).
+  `small` 56.8 -> 27.8 ms on an H100); with `fused_zero_step` (on by default) AdamW also reads
+  ZeRO's flat bf16 gradient and writes the bf16 weights itself, instead of ZeRO casting the
+  gradient to an FP32 copy and the new weights back, and a one-rank job skips the gradient
+  reduction's two copies of every gradient (trainer/zero_step.py).
 - `train_step()` is the whole optimizer step: for each micro-batch forward (through `loss_fn`),
   backward, `engine.step()` (DeepSpeed only steps at the accumulation boundary), token counts
   into the balancer; then the router-bias update from the all-reduced counts, and the metrics
@@ -73,7 +74,9 @@ class ParallelConfig:
     """ZeRO stage 1/2 with bf16 weights and fused_grad_clip: AdamW reads the flat bf16 gradient
     partition and writes the bf16 weights along with the FP32 masters (true), or ZeRO makes an
     FP32 copy of the gradients and casts the new weights back in passes of their own (false).
-    The same results bit for bit. See trainer/zero_step.py."""
+    Also, for a one-rank ZeRO-1 job: no gradient reduction (true), or ZeRO's all-reduce over the
+    one rank with two copies of every gradient (false). The same results bit for bit. See
+    trainer/zero_step.py."""
 
 
 @dataclass
@@ -164,6 +167,8 @@ def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, schedule: C
     fused_grad_clip, fused_zero_step: ParallelConfig's."""
     deepspeed = _import_deepspeed()
     saved = {n: b.detach().clone() for n, b in model.named_buffers() if b.dtype == torch.float32}
+    if fused_zero_step:
+        ds_config = zero_step.one_rank_config(ds_config)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
