@@ -74,15 +74,26 @@ def install(engine) -> bool:
 
 
 def installed(engine) -> bool:
-    method = getattr(engine.optimizer, "get_grad_norm_direct", None)
-    return getattr(method, "__func__", None) is _grad_norm_without_copies
+    return swapped_in(engine.optimizer, "get_grad_norm_direct", _grad_norm_without_copies)
+
+
+def swapped_in(obj, name: str, func) -> bool:
+    """Whether obj's method `name` is `func`, bound to obj (swapped in by install())."""
+    return getattr(getattr(obj, name, None), "__func__", None) is func
+
+
+def not_zero_optimizer(engine) -> str:
+    """Why engine.optimizer is not DeepSpeed's ZeRO-1/2 optimizer; "" when it is."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+    if isinstance(engine.optimizer, DeepSpeedZeroOptimizer):
+        return ""
+    return f"its optimizer wrapper is {type(engine.optimizer).__name__}, not the ZeRO-1/2 optimizer"
 
 
 def _unsupported(engine) -> str:
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+    if not_zero_optimizer(engine):
+        return not_zero_optimizer(engine)
     zero = engine.optimizer
-    if not isinstance(zero, DeepSpeedZeroOptimizer):
-        return f"its optimizer wrapper is {type(zero).__name__}, not the ZeRO-1/2 optimizer"
     if not all(callable(getattr(zero, name, None)) for name in REPLACED):
         return f"this DeepSpeed's ZeRO optimizer lacks one of {REPLACED}"
     if not isinstance(getattr(zero, "optimizer", None), AdamW):

@@ -99,21 +99,19 @@ def install(engine) -> None:
 
 def installed(engine) -> bool:
     """Whether `step` is this module's."""
-    method = getattr(engine.optimizer, "step", None)
-    return getattr(method, "__func__", None) is _step_without_copies
+    return zero_clip.swapped_in(engine.optimizer, "step", _step_without_copies)
 
 
 def reduction_skipped(engine) -> bool:
     """Whether the one-rank gradient reduction is skipped."""
-    method = getattr(engine.optimizer, "buffered_reduce_fallback", None)
-    return getattr(method, "__func__", None) is _one_rank_reduces_nothing
+    return zero_clip.swapped_in(engine.optimizer, "buffered_reduce_fallback",
+                                _one_rank_reduces_nothing)
 
 
 def _reduction_needed(engine) -> str:
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+    if zero_clip.not_zero_optimizer(engine):
+        return zero_clip.not_zero_optimizer(engine)
     zero = engine.optimizer
-    if not isinstance(zero, DeepSpeedZeroOptimizer):
-        return f"its optimizer wrapper is {type(zero).__name__}, not the ZeRO-1/2 optimizer"
     if dist.get_world_size(group=zero.dp_process_group) != 1:
         return "the data-parallel group has more than one rank"
     if zero.partition_gradients or zero.contiguous_gradients or zero.overlap_comm:
