@@ -371,12 +371,19 @@ def test_scaled_grads_step_as_if_the_gradients_were_multiplied(fused):
     assert all(torch.equal(a, b) for a, b in zip(params, again))
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_bf16_grads_and_bf16_weight_copies_step_as_widened_and_cast(fused):
+def _pieces(g: torch.Tensor) -> list[torch.Tensor]:
+    """g's elements in order, cut into uneven pieces of several shapes (ZeRO's gradient list)."""
+    flat, half = g.reshape(-1), g.numel() // 2
+    return [flat[:1], flat[1:half].view(-1, 1), flat[half:]]
+
+
+@pytest.mark.parametrize("fused,in_pieces", [(False, False), (True, False), (False, True),
+                                             (True, True)])
+def test_bf16_grads_and_bf16_weight_copies_step_as_widened_and_cast(fused, in_pieces):
     """use_for_next_step(p, grad_bf16, p_bf16), as trainer/zero_step.py hands ZeRO's partitions
     over: the step equals one on grad_bf16.float() (the widening is exact) and p_bf16 receives
-    p.to(bfloat16), bitwise, on the torch path and in the kernel; p.grad is not read, and the
-    hand-over lasts one step."""
+    p.to(bfloat16), bitwise, on the torch path and in the kernel, with the gradient whole or in
+    pieces; p.grad is not read, and the hand-over lasts one step."""
     params0, grads = _fresh(seed=23, steps=3)
     params0 = [p.to(DEVICE) for p in params0]
     grads16 = [[g.to(DEVICE, torch.bfloat16) for g in step] for step in grads]
@@ -388,7 +395,7 @@ def test_bf16_grads_and_bf16_weight_copies_step_as_widened_and_cast(fused):
     for step_grads in grads16:
         for p, g, copy in zip(params, step_grads, copies):
             p.grad = torch.randn_like(p)  # must not be read
-            opt.use_for_next_step(p, g, copy)
+            opt.use_for_next_step(p, _pieces(g) if in_pieces else g, copy)
         opt.step()
         for p, copy in zip(params, copies):
             assert torch.equal(copy, p.detach().bfloat16())
@@ -411,6 +418,13 @@ def test_use_for_next_step_refuses_what_it_cannot_use():
         opt.use_for_next_step(p, torch.randn(10), torch.randn(9).bfloat16())
     with pytest.raises(TypeError, match="must be bfloat16"):
         opt.use_for_next_step(p, torch.randn(10), torch.randn(10))
+    with pytest.raises(ValueError, match="hold 9 elements, the parameter 10"):
+        opt.use_for_next_step(p, [torch.randn(4), torch.randn(5)])
+    with pytest.raises(TypeError, match="FP32 or bf16"):
+        opt.use_for_next_step(p, [torch.randn(4), torch.randn(6).half()])
+    q = torch.randn(4, 5).t().requires_grad_(True)
+    with pytest.raises(ValueError, match="needs a contiguous parameter"):
+        AdamW([q]).use_for_next_step(q, [torch.randn(20)])
     opt.use_for_next_step(torch.randn(10), torch.randn(10))  # not one of opt's parameters
     with pytest.raises(ValueError, match="not parameters of this step"):
         opt.step()

@@ -250,19 +250,31 @@ class AdamW(torch.optim.Optimizer):
         are)."""
         self._grad_scale = factor
 
-    def use_for_next_step(self, p: torch.Tensor, grad: torch.Tensor,
+    def use_for_next_step(self, p: torch.Tensor, grad: torch.Tensor | list[torch.Tensor],
                           p_bf16: torch.Tensor | None = None) -> None:
         """The next step() updates p from `grad` (its gradient, FP32 or bf16) instead of p.grad,
-        and writes the new p, rounded to bf16, into `p_bf16` as well when one is given."""
-        if grad.dtype not in (torch.float32, torch.bfloat16):
-            raise TypeError(f"use_for_next_step: grad is {grad.dtype}; pass it in FP32 or bf16")
+        and writes the new p, rounded to bf16, into `p_bf16` as well when one is given.
+        `grad` may also be a list of pieces, of any shapes, that make up p's gradient in order
+        when laid end to end (p and p_bf16 contiguous): ZeRO's gradients, not flattened."""
+        pieces = [grad] if isinstance(grad, torch.Tensor) else list(grad)
+        for piece in pieces:
+            if piece.dtype not in (torch.float32, torch.bfloat16):
+                raise TypeError(f"use_for_next_step: grad is {piece.dtype}; pass FP32 or bf16")
         for name, t in (("grad", grad), ("p_bf16", p_bf16)):
-            if t is not None and t.shape != p.shape:
+            if isinstance(t, torch.Tensor) and t.shape != p.shape:
                 raise ValueError(f"use_for_next_step: {name} has shape {tuple(t.shape)}, the "
                                  f"parameter {tuple(p.shape)}; pass tensors of its shape")
         if p_bf16 is not None and p_bf16.dtype != torch.bfloat16:
             raise TypeError(f"use_for_next_step: p_bf16 is {p_bf16.dtype}; it must be bfloat16")
-        self._next_io[id(p)] = (p, grad, p_bf16)
+        if not isinstance(grad, torch.Tensor):
+            held = sum(piece.numel() for piece in pieces)
+            if held != p.numel():
+                raise ValueError(f"use_for_next_step: the pieces of grad hold {held} elements, "
+                                 f"the parameter {p.numel()}; pass all of its gradient")
+            if not p.is_contiguous() or (p_bf16 is not None and not p_bf16.is_contiguous()):
+                raise ValueError("use_for_next_step: a gradient in pieces needs a contiguous "
+                                 "parameter (and p_bf16); pass one tensor otherwise")
+        self._next_io[id(p)] = (p, grad if isinstance(grad, torch.Tensor) else pieces, p_bf16)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -288,7 +300,7 @@ class AdamW(torch.optim.Optimizer):
                 if key in state:
                     state[key] = state[key].to(self.moment_dtype)
 
-    def _update(self, p: torch.Tensor, grad: torch.Tensor, group: dict,
+    def _update(self, p: torch.Tensor, grad: torch.Tensor | list[torch.Tensor], group: dict,
                 grad_scale: torch.Tensor | None, p_bf16: torch.Tensor | None) -> None:
         if p.dtype != torch.float32:
             raise TypeError(f"AdamW updates FP32 master weights, got a {p.dtype} parameter of shape "
@@ -300,18 +312,33 @@ class AdamW(torch.optim.Optimizer):
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.moment_dtype)
         _check_grad_scale(grad_scale, p)
         state["step"] += 1
-        tensors = (p, grad, state["exp_avg"], state["exp_avg_sq"])
+        if isinstance(grad, torch.Tensor):
+            self._update_tensors(p, grad, state["exp_avg"], state["exp_avg_sq"], p_bf16, group,
+                                 state["step"], grad_scale)
+            return
+        offset = 0  # a gradient in pieces: each piece updates its stretch of the flat tensors
+        for piece in grad:
+            n = piece.numel()
+            p_c, exp_avg_c, exp_avg_sq_c, p_bf16_c = (
+                None if t is None else t.view(-1).narrow(0, offset, n)
+                for t in (p, state["exp_avg"], state["exp_avg_sq"], p_bf16))
+            self._update_tensors(p_c, piece.reshape(-1), exp_avg_c, exp_avg_sq_c, p_bf16_c, group,
+                                 state["step"], grad_scale)
+            offset += n
+
+    def _update_tensors(self, p, grad, exp_avg, exp_avg_sq, p_bf16, group: dict, step: int,
+                        grad_scale: torch.Tensor | None) -> None:
+        tensors = (p, grad, exp_avg, exp_avg_sq)
         contiguous = all(t.is_contiguous() for t in tensors)
         if contiguous and (p.is_cuda if self.fused is None else self.fused) and (
                 p_bf16 is None or p_bf16.is_contiguous()):
             adamw_update(*tensors, lr=group["lr"], betas=group["betas"], eps=group["eps"],
-                         weight_decay=group["weight_decay"], step=state["step"],
+                         weight_decay=group["weight_decay"], step=step,
                          grad_scale=grad_scale, p_bf16=p_bf16)
             return
         chunks = zip(*(t.view(-1).split(UPDATE_CHUNK) for t in tensors)) if contiguous else [tensors]
         for p_c, grad_c, exp_avg_c, exp_avg_sq_c in chunks:
-            self._update_chunk(p_c, grad_c, exp_avg_c, exp_avg_sq_c, group, state["step"],
-                               grad_scale)
+            self._update_chunk(p_c, grad_c, exp_avg_c, exp_avg_sq_c, group, step, grad_scale)
         if p_bf16 is not None:
             p_bf16.copy_(p)
 

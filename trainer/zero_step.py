@@ -27,18 +27,18 @@ this rank:
   4. copy the FP32 masters back into the bf16 partition the model reads (a cast);
   5. all-gather the bf16 partitions across the data-parallel group.
 
-Steps 2 and 4 only change precision, and our AdamW kernel already reads and writes every element
-once, so they can ride along: `install(engine)` replaces `step` on that one optimizer object with
-the same sequence in which AdamW reads the flat bf16 gradient (widened exactly as `.float()` does)
-and writes the new weight rounded to bf16 (round to nearest even, as `copy_` does) into the bf16
-partition beside the FP32 master (`AdamW.use_for_next_step`). The results are DeepSpeed's bit for
-bit (tests/test_engine.py compares masters, bf16 weights and norms with DeepSpeed's own step under
-ZeRO-1 and 2).
+Steps 1, 2 and 4 only move bytes or change precision, and our AdamW kernel already reads and
+writes every element once, so they can ride along: `install(engine)` replaces `step` on that one
+optimizer object with the same sequence in which AdamW reads the bf16 gradients where they lie
+(the partition's list of tensors, one kernel launch per piece, each widened exactly as `.float()`
+does) and writes the new weight rounded to bf16 (round to nearest even, as `copy_` does) into the
+bf16 partition beside the FP32 master (`AdamW.use_for_next_step`). The results are DeepSpeed's
+bit for bit (tests/test_engine.py compares masters, bf16 weights and norms with DeepSpeed's own
+step under ZeRO-1 and 2, on one rank and on two).
 
 The rest is DeepSpeed's own code called in DeepSpeed's order: the overflow check and the norm
 (trainer/zero_clip.py's, which this needs: DeepSpeed's clip would multiply the bf16 gradient in
-place), the loss-scale update, the skip on an inf/NaN norm, the partition flattening, freeing the
-gradients, the all-gather and the re-pointing of the model's weights into the flat buffers. It
+place), the loss-scale update, the skip on an inf/NaN norm, freeing the gradients, the all-gather and the re-pointing of the model's weights into the flat buffers. It
 mirrors DeepSpeed 0.19's `step()` for that configuration, so it installs only on DeepSpeed 0.19
 and only where that configuration holds (bf16, no CPU offload: see `_unsupported`); anything else
 keeps DeepSpeed's step, with one log line saying why.
@@ -69,8 +69,8 @@ TESTED_DEEPSPEED = (0, 19)
 """Major and minor version of the DeepSpeed whose ZeRO step `_step_without_copies` mirrors."""
 NEEDED = ("check_overflow", "scaled_global_norm", "_update_scale", "zero_grad", "_optimizer_step",
           "free_grad_in_param_list", "_get_preflattened_grad_partition",
-          "_release_preflattened_grad_buffers", "flatten_dense_tensors_aligned", "flatten",
-          "_update_model_bit16_weights", "unscale_and_clip_grads")
+          "_release_preflattened_grad_buffers", "_update_model_bit16_weights",
+          "unscale_and_clip_grads")
 
 
 def one_rank_config(ds_config: dict) -> dict:
@@ -183,33 +183,30 @@ def _step_without_copies(zero, closure=None):
 
 
 def _step_group(zero, i: int, norm, ds) -> None:
-    """One parameter group: flatten this rank's bf16 gradients, free the per-parameter ones, and
-    let AdamW update the FP32 masters from the flat bf16 gradient and write the bf16 weights."""
+    """One parameter group: hand AdamW this rank's bf16 gradients, the pieces that make up the
+    partition (DeepSpeed's list: tensors, or parts of the first and last, and zeros for the last
+    rank's padding) as they lie, to update the FP32 masters and write the bf16 weights."""
     zero.timers(ds.OPTIMIZER_GRADIENTS_TIMER).start()
     partition_id = dist.get_rank(group=zero.real_dp_process_group[i])
     zero.free_grad_in_param_list(zero.params_not_in_partition[i])
     flat_grad = zero._get_preflattened_grad_partition(i)
-    if flat_grad is None:
-        if partition_id == dist.get_world_size(group=zero.real_dp_process_group[i]) - 1:
-            flat_grad = zero.flatten_dense_tensors_aligned(zero.averaged_gradients[i],
-                                                           int(zero.partition_size[i]))
-        else:
-            flat_grad = zero.flatten(zero.averaged_gradients[i])
-    if flat_grad.numel() != zero.partition_size[i]:
-        raise RuntimeError(f"ZeRO group {i}: the flat gradient partition has {flat_grad.numel()} "
-                           f"elements, the partition {zero.partition_size[i]}; run with "
+    pieces = [flat_grad] if flat_grad is not None else list(zero.averaged_gradients[i])
+    held = sum(piece.numel() for piece in pieces)
+    if held != zero.partition_size[i]:
+        raise RuntimeError(f"ZeRO group {i}: the gradient pieces hold {held} elements, the "
+                           f"partition {zero.partition_size[i]}; run with "
                            "parallel.fused_zero_step=false and report this DeepSpeed version")
     zero.free_grad_in_param_list(zero.params_in_partition[i])
     zero._release_preflattened_grad_buffers(i)
     zero.averaged_gradients[i] = None
     zero.all_grad_tensors[i] = None
-    zero.unscale_and_clip_grads([flat_grad], norm)  # zero_clip's: a factor for AdamW to apply
+    zero.unscale_and_clip_grads(pieces, norm)  # zero_clip's: a factor for AdamW to apply
     zero.timers(ds.OPTIMIZER_GRADIENTS_TIMER).stop()
 
     zero.timers(ds.OPTIMIZER_STEP_TIMER).start()
     master = zero.single_partition_of_fp32_groups[i]
     weights = zero.parallel_partitioned_bit16_groups[i][partition_id]
-    zero.optimizer.use_for_next_step(master, flat_grad.view(master.shape), weights.data)
+    zero.optimizer.use_for_next_step(master, pieces, weights.data)
     zero._optimizer_step(i)
     zero.timers(ds.OPTIMIZER_STEP_TIMER).stop()
 
