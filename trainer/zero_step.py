@@ -38,10 +38,11 @@ step under ZeRO-1 and 2, on one rank and on two).
 
 The rest is DeepSpeed's own code called in DeepSpeed's order: the overflow check and the norm
 (trainer/zero_clip.py's, which this needs: DeepSpeed's clip would multiply the bf16 gradient in
-place), the loss-scale update, the skip on an inf/NaN norm, freeing the gradients, the all-gather and the re-pointing of the model's weights into the flat buffers. It
-mirrors DeepSpeed 0.19's `step()` for that configuration, so it installs only on DeepSpeed 0.19
-and only where that configuration holds (bf16, no CPU offload: see `_unsupported`); anything else
-keeps DeepSpeed's step, with one log line saying why.
+place), the loss-scale update, the skip on an inf/NaN norm, freeing the gradients, the
+all-gather and the re-pointing of the model's weights into the flat buffers. It mirrors
+DeepSpeed 0.19's `step()` for that configuration, so it installs only on DeepSpeed 0.19 and only
+where that configuration holds (bf16, no CPU offload: see `_unsupported`); anything else keeps
+DeepSpeed's step, with one log line saying why.
 
 `parallel.fused_zero_step=false` keeps DeepSpeed's reduction and step (the A/B of
 scripts/bench_train.py and scripts/profile_step.py).
