@@ -157,6 +157,32 @@ def test_gpu_fused_step_matches_deepspeed(job):
     _fused_step_against_deepspeed(1, "bf16", 0.05, True, steps=1, exact=False)
 
 
+@pytest.mark.gpu
+def test_gpu_train_step_returns_while_the_optimizer_step_runs(job):
+    """train_step reads everything it reports before the optimizer's kernels are queued: with
+    the AdamW step held up on the GPU (a 0.1 s sleep kernel queued ahead of it), train_step has
+    returned its metrics while the GPU is still busy with that step. Then the next step's batch
+    goes up from pinned memory without waiting either."""
+    engine, balancer = _engine(precision="bf16")
+    assert engine.device.type == "cuda" and zero_step.installed(engine)
+    adamw = engine.optimizer.optimizer
+    step = adamw.step
+
+    def held_up_step(*args, **kwargs):
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU cycles ahead of AdamW's kernels
+        return step(*args, **kwargs)
+    adamw.step = held_up_step
+    eng.train_step(engine, [_batch(2, 40)], eng.lm_loss, balancer)  # warm-up
+    torch.cuda.synchronize()
+    metrics = eng.train_step(engine, [_batch(2, 41)], eng.lm_loss, balancer)
+    assert not torch.cuda.current_stream().query(), "train_step waited for the optimizer step"
+    batch = eng._to_device(_batch(2, 42), engine.device)
+    assert not torch.cuda.current_stream().query(), "the batch upload waited for the GPU"
+    torch.cuda.synchronize()
+    assert 0 < metrics["optim/grad_norm"] < float("inf") and metrics["loss/total"] > 0
+    assert batch["tokens"].is_cuda
+
+
 def _fused_step_against_deepspeed(zero_stage, precision, grad_clip, fold_copies, steps, exact,
                                   grad_accum=1):
     runs = {}

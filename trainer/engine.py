@@ -31,6 +31,12 @@ the code path on a node:
   step: ZeRO writes the new weights through `.data`, which bumps no version counter, so a copy
   made in between (none is, today) could not notice by itself. Backward runs on the loop's own
   thread unless `parallel.threaded_backward=true` (see ParallelConfig).
+  The step's metrics (losses averaged over micro-batches and ranks, the balancer's update and
+  loads) are read to the host after the last backward and before `engine.step()` queues the
+  optimizer's kernels, and trainer/zero_step.py reads the gradient norm before it queues AdamW:
+  the host then waits for the backward only, and train_step returns while the optimizer step
+  runs, so the next step's forward is queued behind it instead of launched after it (with the
+  batch copied from pinned memory, which waits for nothing).
 """
 from __future__ import annotations
 
@@ -206,7 +212,12 @@ def _mean_over_ranks(sums: dict[str, torch.Tensor], count: int) -> dict[str, flo
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    """The batch on `device`; CPU tensors bound for a GPU go through pinned memory, so the copy
+    waits for nothing queued before it (a copy from pageable memory waits for the whole stream)."""
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    return {k: (v.pin_memory() if v.device.type == "cpu" else v).to(device, non_blocking=True)
+            for k, v in batch.items()}
 
 
 def backward(engine, loss: torch.Tensor, threaded_backward: bool = False) -> None:
@@ -229,19 +240,21 @@ def train_step(engine, micro_batches: list[dict[str, torch.Tensor]],
     sums: dict[str, torch.Tensor] = {}
     engine.train()
     for i, batch in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
         terms = loss_fn(engine, _to_device(batch, engine.device))
-        if i == len(micro_batches) - 1:  # the FP8 weight copies' last use before the weights change
+        if last:  # the FP8 weight copies' last use before the weights change
             invalidate_weight_caches(engine.module)
         backward(engine, terms.loss, threaded_backward)
-        engine.step()
         if terms.expert_counts is not None:
             balancer.accumulate(terms.expert_counts)
         for key, value in terms.metrics.items():
             sums[key] = sums.get(key, 0) + value.detach().float()
+        if last:  # before the optimizer's kernels are queued: see the module docstring
+            metrics = _mean_over_ranks(sums, len(micro_batches))
+            metrics.update(balancer.step())
+        engine.step()
     assert engine.global_steps == steps_before + 1, "DeepSpeed did not step at the accumulation boundary"
     invalidate_weight_caches(engine.module)
-    metrics = _mean_over_ranks(sums, len(micro_batches))
-    metrics.update(balancer.step())
     grad_norm = engine.get_global_grad_norm()
     metrics["optim/lr"] = lr
     if grad_norm is not None:

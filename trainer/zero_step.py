@@ -158,17 +158,20 @@ def _step_without_copies(zero, closure=None):
     zero.overflow = False
     if zero.check_grad_overflow:
         zero.check_overflow(partition_gradients=zero.partition_gradients)
-    norm = None
+    norm = norm_on_host = None
     if not zero.overflow:  # zero_clip requires compute_grad_norm
         norm = zero.scaled_global_norm()
-        if is_invalid_grad_norm(norm):  # a bf16 engine skips on it only when checking overflow
+        # The host needs it now to step or skip (DeepSpeed's check syncs here too); kept as a
+        # float, so that nobody reads it from the GPU after AdamW is queued (trainer/engine.py).
+        norm_on_host = float(norm)
+        if is_invalid_grad_norm(norm_on_host):  # bf16 skips on it only when checking overflow
             zero.overflow = zero.check_grad_overflow
     prev_scale = zero.loss_scale
     zero._update_scale(zero.overflow)
     if zero.overflow:
         _skip(zero, ds.OPTIMIZER_TIMERS)
         return
-    zero._global_grad_norm = norm / prev_scale
+    zero._global_grad_norm = norm_on_host / prev_scale
     for i in range(len(zero.bit16_groups)):
         _step_group(zero, i, norm, ds)
     zero.timers(ds.OPTIMIZER_ALLGATHER_TIMER).start()
