@@ -67,7 +67,11 @@ def rope_tables(cfg: ModelConfig, seq_len: int, device=None) -> tuple[torch.Tens
     if seq_len > cfg.max_position_embeddings:
         raise ValueError(f"sequence length {seq_len} exceeds max_position_embeddings="
                          f"{cfg.max_position_embeddings}; raise it in the model config")
-    inv_freq = rope_frequencies(cfg).to(device)
+    inv_freq = rope_frequencies(cfg)
+    if device is not None and torch.device(device).type == "cuda":
+        # through pinned memory: a copy from pageable memory would wait for all queued GPU work
+        # (the previous step's optimizer) at the start of every forward
+        inv_freq = inv_freq.pin_memory().to(device, non_blocking=True)
     angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
     amplitude = 1.0
     if cfg.rope_scaling_factor > 1.0:
