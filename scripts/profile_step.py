@@ -16,13 +16,22 @@ table): use it to decide what to fuse next.
     python scripts/profile_step.py                     # small, 4 x 2048, bf16 then fp8
     python scripts/profile_step.py --recipes off --seq-len 4096 --top 40
     python scripts/profile_step.py --recipes off --seq-len 4096 --copies   # who launches the copies
+    python scripts/profile_step.py --syncs      # every host sync of a step, with its source line
+
+--syncs runs one step under torch.cuda.set_sync_debug_mode("warn"), which warns at every CUDA
+call that makes the host wait for the GPU (an .item(), a copy to the host, a copy from pageable
+host memory): a sync after the optimizer step is queued keeps the next forward from being queued
+behind it (trainer/engine.py).
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import re
 import sys
+import traceback
+import warnings
 from collections import defaultdict
 
 import torch
@@ -139,6 +148,62 @@ def copy_table(engine, batch, top: int) -> list[str]:
     return lines
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class SyncRecorder:
+    """Collects the host-sync warnings of CUDA's sync debug mode raised inside the `with` block,
+    each under the innermost frames of this project's code (and DeepSpeed's) that led to it."""
+
+    MARK = "synchronizing CUDA operation"
+
+    def __init__(self, frames: int = 4):
+        self.frames = frames
+        self.sites: collections.Counter = collections.Counter()
+
+    def __enter__(self):
+        self._catch = warnings.catch_warnings()
+        self._catch.__enter__()
+        warnings.simplefilter("always")
+        warnings.showwarning = self._record
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._catch.__exit__(*exc)
+
+    def _record(self, message, category, filename, lineno, file=None, line=None) -> None:
+        if self.MARK not in str(message):
+            return
+        ours = [f for f in traceback.extract_stack()[:-1]
+                if f.filename.startswith(ROOT) or "deepspeed" in f.filename]
+        site = " < ".join(f"{_short(f.filename)}:{f.lineno} ({f.name})"
+                          for f in reversed(ours[-self.frames:]))
+        self.sites[site] += 1
+
+    def lines(self) -> list[str]:
+        out = [f"host syncs of one step: {sum(self.sites.values())}"]
+        out += [f"  {n:3d}x  {site}" for site, n in self.sites.most_common()]
+        return out
+
+
+def _short(filename: str) -> str:
+    if filename.startswith(ROOT):
+        return os.path.relpath(filename, ROOT)
+    return "deepspeed" + filename.split("deepspeed", 1)[-1]
+
+
+def sync_table(engine, batch, balancer) -> list[str]:
+    """One training step under CUDA's sync debug mode: where the host waited for the GPU."""
+    torch.cuda.synchronize()
+    with SyncRecorder() as recorder:
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            eng.train_step(engine, [batch], eng.lm_loss, balancer)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return recorder.lines()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--size", default="small")
@@ -150,6 +215,8 @@ def main() -> None:
     p.add_argument("--ops", action="store_true", help="also a per-op table of forward+backward")
     p.add_argument("--copies", action="store_true",
                    help="also the copy ops of forward+backward: shapes, calling ops")
+    p.add_argument("--syncs", action="store_true",
+                   help="also every host sync of one step, with the code that made it")
     p.add_argument("--deepspeed-grad-clip", action="store_true",
                    help="DeepSpeed's own gradient norm and clipping "
                         "(parallel.fused_grad_clip=false)")
@@ -187,6 +254,8 @@ def profile_recipe(args, recipe: str) -> None:
         print(op_table(engine, batch, args.top), flush=True)
     if args.copies:
         print("\n".join(copy_table(engine, batch, args.top)), flush=True)
+    if args.syncs:
+        print("\n".join(sync_table(engine, batch, balancer)), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """scripts/profile_step.py: each kernel name of an H200 profile of a `small` step (fourteenth
-session) lands in the family it belongs to; the --copies table names who called each copy."""
+session) lands in the family it belongs to; the --copies table names who called each copy; the
+--syncs recorder counts the sync warnings by the code that raised them."""
 import os
 import sys
+import warnings
 
 import pytest
 import torch
@@ -51,3 +53,25 @@ def test_copy_table_names_who_called_each_copy(monkeypatch):
     text = "\n".join(lines)
     assert "aten::copy_ [[48, 64], [48, 64], []]\n        < aten::clone < aten::contiguous" in text
     assert "aten::cat" in text
+
+
+def _sync_here():
+    warnings.warn("called a synchronizing CUDA operation", UserWarning)
+
+
+def test_sync_recorder_counts_sync_warnings_by_their_call_site():
+    """Sync debug mode's warnings, two from one line and one from another, are counted by the
+    code that raised them; other warnings are left out; warnings are as before afterwards."""
+    with profile_step.SyncRecorder(frames=2) as recorder:
+        for _ in range(2):
+            _sync_here()
+        _sync_here()
+        warnings.warn("something else")
+    lines = recorder.lines()
+    assert lines[0] == "host syncs of one step: 3"
+    counts = sorted(int(line.split("x")[0]) for line in lines[1:])
+    assert counts == [1, 2]
+    assert all("tests/test_profile_step.py" in line and "(_sync_here)" in line
+               for line in lines[1:])
+    with pytest.warns(UserWarning, match="after"):
+        warnings.warn("after", UserWarning)
