@@ -21,9 +21,9 @@ the code path on a node:
   gradient to an FP32 copy and the new weights back, and a one-rank job skips the gradient
   reduction's two copies of every gradient (trainer/zero_step.py).
 - `train_step()` is the whole optimizer step: for each micro-batch forward (through `loss_fn`),
-  backward, `engine.step()` (DeepSpeed only steps at the accumulation boundary), token counts
-  into the balancer; then the router-bias update from the all-reduced counts, and the metrics
-  averaged over micro-batches and ranks. RL reuses it with its own `loss_fn`. The FP8 layers'
+  backward, token counts into the balancer, `engine.step()` (DeepSpeed only steps at the
+  accumulation boundary); before the last one, the router-bias update from the all-reduced
+  counts and the metrics averaged over micro-batches and ranks. RL reuses it with its own `loss_fn`. The FP8 layers'
   cached weight quantizations are dropped after the step's last forward, before its backward: the
   backward keeps only each layer's transposed copy, freed as soon as that layer's gradient is
   done, so no FP8 copy lives through the end of backward and the optimizer step, where the
