@@ -17,9 +17,9 @@ the code path on a node:
   default) the ZeRO optimizer's gradient norm, overflow check and clipping are replaced by
   multi-tensor versions with the clip folded into AdamW (trainer/zero_clip.py: `engine.step()` of
   `small` 56.8 -> 27.8 ms on an H100); with `fused_zero_step` (on by default) AdamW also reads
-  ZeRO's flat bf16 gradient and writes the bf16 weights itself, instead of ZeRO casting the
-  gradient to an FP32 copy and the new weights back, and a one-rank job skips the gradient
-  reduction's two copies of every gradient (trainer/zero_step.py).
+  ZeRO's bf16 gradients where they lie and writes the bf16 weights itself, instead of ZeRO
+  flattening the gradients into an FP32 copy and casting the new weights back, and a one-rank
+  job skips the gradient reduction's two copies of every gradient (trainer/zero_step.py).
 - `train_step()` is the whole optimizer step: for each micro-batch forward (through `loss_fn`),
   backward, token counts into the balancer, `engine.step()` (DeepSpeed only steps at the
   accumulation boundary); before the last one, the router-bias update from the all-reduced
@@ -82,8 +82,8 @@ class ParallelConfig:
     or leave norm, overflow check and clipping to DeepSpeed (false: a float64 copy of every
     gradient and a multiply pass of their own). See trainer/zero_clip.py."""
     fused_zero_step: bool = True
-    """ZeRO stage 1/2 with bf16 weights and fused_grad_clip: AdamW reads the flat bf16 gradient
-    partition and writes the bf16 weights along with the FP32 masters (true), or ZeRO makes an
+    """ZeRO stage 1/2 with bf16 weights and fused_grad_clip: AdamW reads the partition's bf16
+    gradients and writes the bf16 weights along with the FP32 masters (true), or ZeRO makes an
     FP32 copy of the gradients and casts the new weights back in passes of their own (false).
     Also, for a one-rank ZeRO-1 job: no gradient reduction (true), or ZeRO's all-reduce over the
     one rank with two copies of every gradient (false). The same results bit for bit. See
