@@ -134,9 +134,9 @@ def test_fused_step_is_deepspeeds_step_bit_for_bit(job, zero_stage, precision, g
     """trainer/zero_clip.py's norm (float64 norms read from the gradients as they lie) and clip
     (folded into AdamW's read of the gradient), alone and with trainer/zero_step.py (AdamW reading
     the bf16 gradients where they lie and writing the bf16 weights; under ZeRO-1 no reduction on
-    this one rank), against DeepSpeed's own code: after three steps the same FP32 masters, the same bf16
-    weights and the same logged norms, bit for bit, with clipping on every step (0.05), on some
-    (1.0) and off."""
+    this one rank), against DeepSpeed's own code: after three steps the same FP32 masters, the
+    same bf16 weights and the same logged norms, bit for bit, with clipping on every step (0.05),
+    on some (1.0) and off."""
     _fused_step_against_deepspeed(zero_stage, precision, grad_clip, fold_copies, steps=3,
                                   exact=True)
 
