@@ -183,6 +183,27 @@ def test_gpu_train_step_returns_while_the_optimizer_step_runs(job):
     assert batch["tokens"].is_cuda
 
 
+@pytest.mark.gpu
+def test_gpu_forward_and_backward_make_no_host_sync(job):
+    """A micro-batch's forward and backward (bf16, one rank) make no call that waits for the GPU
+    (CUDA's sync debug mode raises at the first), so train_step's only waits are its metric reads
+    and the norm, before the optimizer step is queued. The rotary tables' pageable copy was one
+    until the eighteenth session; profile_step.py --syncs lists a whole step's."""
+    engine, balancer = _engine(precision="bf16")
+    batch = eng._to_device(_batch(2, 50), engine.device)
+    for _ in range(2):  # first calls compile and tune kernels, which may wait
+        eng.backward(engine, eng.lm_loss(engine, batch).loss)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        terms = eng.lm_loss(engine, batch)
+        eng.backward(engine, terms.loss)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert torch.isfinite(terms.loss)
+
+
 def _fused_step_against_deepspeed(zero_stage, precision, grad_clip, fold_copies, steps, exact,
                                   grad_accum=1):
     runs = {}
