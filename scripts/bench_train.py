@@ -85,6 +85,16 @@ def build(args, recipe: str, job: eng.Job, grad_accum: int = 1):
     return cfg, engine, LoadBalancer(engine.module.routers(), optim.bias_update_rate)
 
 
+def add_engine_flags(p: argparse.ArgumentParser) -> None:
+    """The A/B switches of the engine `build` makes (this script's and profile_step.py's)."""
+    p.add_argument("--deepspeed-grad-clip", action="store_true",
+                   help="DeepSpeed's own gradient norm and clipping "
+                        "(parallel.fused_grad_clip=false)")
+    p.add_argument("--deepspeed-zero-step", action="store_true",
+                   help="DeepSpeed's FP32 gradient copy, bf16 weight cast-back and one-rank "
+                        "gradient reduction (parallel.fused_zero_step=false)")
+
+
 def measure(args, recipe: str, grad_accum: int) -> dict:
     """One configuration's step time and peak memory; run in its own process (scripts/isolate.py)."""
     job = eng.init_distributed()
@@ -193,12 +203,7 @@ def main() -> None:
                    help="passes over the recipes, every other one reversed (see Order above)")
     p.add_argument("--threaded-backward", action="store_true",
                    help="backward on autograd's worker thread (parallel.threaded_backward=true)")
-    p.add_argument("--deepspeed-grad-clip", action="store_true",
-                   help="DeepSpeed's own gradient norm and clipping "
-                        "(parallel.fused_grad_clip=false)")
-    p.add_argument("--deepspeed-zero-step", action="store_true",
-                   help="DeepSpeed's FP32 gradient copy and bf16 weight cast-back "
-                        "(parallel.fused_zero_step=false)")
+    add_engine_flags(p)
     args = p.parse_args()
     if args.rounds < 1:
         raise SystemExit(f"--rounds {args.rounds}: at least 1")
@@ -211,10 +216,10 @@ def main() -> None:
     torch.cuda.empty_cache()  # the children below need the whole card
     where = "autograd's worker thread" if args.threaded_backward else "the training loop's thread"
     clip = "DeepSpeed's" if args.deepspeed_grad_clip else "trainer/zero_clip.py's"
-    casts = "ZeRO's own" if args.deepspeed_zero_step else "trainer/zero_step.py's (inside AdamW)"
+    copies = "ZeRO's own" if args.deepspeed_zero_step else "trainer/zero_step.py's"
     print(f"{card}: {args.size}; bf16 8192^3 matmul {matmul:.0f} TFLOP/s; each engine in its own "
-          f"process; backward on {where}; {clip} gradient norm and clipping; {casts} "
-          "FP32 gradient copy and bf16 weight cast")
+          f"process; backward on {where}; {clip} gradient norm and clipping; {copies} "
+          "FP32 gradient copy, bf16 weight cast and one-rank gradient reduction")
     for config in args.configs:
         args.micro_batch, args.seq_len, grad_accum = parse_config(config)
         recipes = [r for r in args.recipes if r == "off" or fp8_available()]

@@ -39,7 +39,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_train import build, fp8_available  # noqa: E402
+from bench_train import add_engine_flags, build, fp8_available  # noqa: E402
 from isolate import in_fresh_process  # noqa: E402
 from models.fp8.linear import invalidate_weight_caches  # noqa: E402
 from trainer import engine as eng  # noqa: E402
@@ -217,12 +217,7 @@ def main() -> None:
                    help="also the copy ops of forward+backward: shapes, calling ops")
     p.add_argument("--syncs", action="store_true",
                    help="also every host sync of one step, with the code that made it")
-    p.add_argument("--deepspeed-grad-clip", action="store_true",
-                   help="DeepSpeed's own gradient norm and clipping "
-                        "(parallel.fused_grad_clip=false)")
-    p.add_argument("--deepspeed-zero-step", action="store_true",
-                   help="DeepSpeed's FP32 gradient copy and bf16 weight cast-back "
-                        "(parallel.fused_zero_step=false)")
+    add_engine_flags(p)
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_step.py needs a CUDA GPU")

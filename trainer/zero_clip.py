@@ -91,8 +91,9 @@ def not_zero_optimizer(engine) -> str:
 
 
 def _unsupported(engine) -> str:
-    if not_zero_optimizer(engine):
-        return not_zero_optimizer(engine)
+    reason = not_zero_optimizer(engine)
+    if reason:
+        return reason
     zero = engine.optimizer
     if not all(callable(getattr(zero, name, None)) for name in REPLACED):
         return f"this DeepSpeed's ZeRO optimizer lacks one of {REPLACED}"

@@ -112,8 +112,9 @@ def reduction_skipped(engine) -> bool:
 
 
 def _reduction_needed(engine) -> str:
-    if zero_clip.not_zero_optimizer(engine):
-        return zero_clip.not_zero_optimizer(engine)
+    reason = zero_clip.not_zero_optimizer(engine)
+    if reason:
+        return reason
     zero = engine.optimizer
     if dist.get_world_size(group=zero.dp_process_group) != 1:
         return "the data-parallel group has more than one rank"
