@@ -17,19 +17,28 @@ table): use it to decide what to fuse next.
     python scripts/profile_step.py --recipes off --seq-len 4096 --top 40
     python scripts/profile_step.py --recipes off --seq-len 4096 --copies   # who launches the copies
     python scripts/profile_step.py --syncs      # every host sync of a step, with its source line
+    python scripts/profile_step.py --gaps       # where the GPU waits for the host, and for what code
 
 --syncs runs one step under torch.cuda.set_sync_debug_mode("warn"), which warns at every CUDA
 call that makes the host wait for the GPU (an .item(), a copy to the host, a copy from pageable
 host memory): a sync after the optimizer step is queued keeps the next forward from being queued
 behind it (trainer/engine.py).
+
+--gaps sums the intervals of a step in which the GPU ran nothing (no kernel, copy or memset on any
+stream), then profiles again with Python stacks to group them by the code whose launch ended each
+one: the time a step loses to the host (launch-bound stretches, syncs, Python between kernels),
+which the kernel table cannot show.
 """
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
+import json
 import os
 import re
 import sys
+import tempfile
 import traceback
 import warnings
 from collections import defaultdict
@@ -189,7 +198,9 @@ class SyncRecorder:
 def _short(filename: str) -> str:
     if filename.startswith(ROOT):
         return os.path.relpath(filename, ROOT)
-    return "deepspeed" + filename.split("deepspeed", 1)[-1]
+    if "deepspeed" in filename:
+        return "deepspeed" + filename.split("deepspeed", 1)[-1]
+    return filename
 
 
 def sync_table(engine, batch, balancer) -> list[str]:
@@ -202,6 +213,118 @@ def sync_table(engine, batch, balancer) -> list[str]:
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return recorder.lines()
+
+
+GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+LAUNCH_CATEGORIES = ("cuda_runtime", "cuda_driver")
+
+
+def idle_gaps(trace_events: list[dict], min_us: float) -> list[tuple[float, float, dict]]:
+    """(start us, length us, the GPU event that ended it) for every stretch of at least `min_us`
+    between the first and the last GPU event of a Chrome trace in which no stream ran anything."""
+    gpu = sorted((e for e in trace_events
+                  if e.get("ph") == "X" and e.get("cat") in GPU_CATEGORIES),
+                 key=lambda e: e["ts"])
+    gaps, busy_until = [], None
+    for e in gpu:
+        if busy_until is not None and e["ts"] - busy_until >= min_us:
+            gaps.append((busy_until, e["ts"] - busy_until, e))
+        end = e["ts"] + e.get("dur", 0)
+        busy_until = end if busy_until is None else max(busy_until, end)
+    return gaps
+
+
+class HostStacks:
+    """The Python frames (profiler `with_stack` events) open on the launching thread at a host
+    time: which code a kernel launch came from."""
+
+    def __init__(self, trace_events: list[dict]):
+        by_thread = defaultdict(list)
+        self.by_id = {}
+        for e in trace_events:
+            if e.get("ph") == "X" and e.get("cat") == "python_function":
+                by_thread[e["tid"]].append(e)
+                self.by_id[e["args"].get("Python id")] = e
+        self.frames = {tid: sorted(es, key=lambda e: e["ts"]) for tid, es in by_thread.items()}
+        self.starts = {tid: [e["ts"] for e in es] for tid, es in self.frames.items()}
+
+    def at(self, tid, ts: float, depth: int) -> str:
+        """The innermost `depth` frames of project or DeepSpeed code open at ts, innermost first."""
+        frames = self.frames.get(tid, [])
+        i = bisect.bisect_right(self.starts.get(tid, []), ts) - 1
+        while i >= 0 and frames[i]["ts"] + frames[i]["dur"] < ts:
+            i -= 1  # frames nest: the latest-started one still open is the innermost
+        chain, frame = [], frames[i] if i >= 0 else None
+        while frame is not None and len(chain) < depth:
+            if _is_ours(frame["name"]):
+                chain.append(_short_frame(frame["name"]))
+            frame = self.by_id.get(frame["args"].get("Python parent id"))
+        return " < ".join(chain) or "(no project frame)"
+
+
+def _is_ours(frame_name: str) -> bool:
+    path = frame_name.split("(", 1)[0]
+    return path.startswith(ROOT) or "deepspeed" in path or path.startswith(
+        ("models/", "trainer/", "scripts/"))
+
+
+def _short_frame(frame_name: str) -> str:
+    path, _, rest = frame_name.partition("(")
+    return f"{_short(path)}({rest}"
+
+
+def gap_lines(trace_events: list[dict], steps: int, top: int, min_us: float = 20.0,
+              depth: int = 3) -> list[str]:
+    """The idle stretches of `steps` profiled steps, summed by the code that launched the work
+    ending each one (ms per step)."""
+    launches = {e["args"]["correlation"]: e for e in trace_events
+                if e.get("ph") == "X" and e.get("cat") in LAUNCH_CATEGORIES
+                and "correlation" in e.get("args", {})}
+    stacks = HostStacks(trace_events)
+    sites = defaultdict(lambda: [0.0, 0, ""])
+    gaps = idle_gaps(trace_events, min_us)
+    for _, length, ended_by in gaps:
+        launch = launches.get(ended_by.get("args", {}).get("correlation"))
+        site = ("(launched from no traced call)" if launch is None
+                else stacks.at(launch["tid"], launch["ts"], depth))
+        entry = sites[site]
+        entry[0] += length / 1e3 / steps
+        entry[1] += 1
+        entry[2] = entry[2] or ended_by["name"][:60]
+    total = sum(length for _, length, _ in gaps) / 1e3 / steps
+    lines = [f"GPU idle per step: {total:.2f} ms in {len(gaps) / steps:.0f} stretches of "
+             f">= {min_us:.0f} us (ms per step, stretches per step, launched from; first kernel after)"]
+    for site, (ms, n, kernel) in sorted(sites.items(), key=lambda kv: -kv[1][0])[:top]:
+        lines.append(f"  {ms:7.2f} ms {n / steps:6.1f}x  {site}\n        then {kernel}")
+    return lines
+
+
+def gap_table(engine, batch, balancer, top: int) -> list[str]:
+    """Where the GPU sat idle in a training step. Two profiles of two steps each: the kernel
+    timeline alone (little host overhead: the idle time as it is), then with Python stacks to
+    name the code each wait ended on (the stacks slow the host, so there the waits grow; read
+    that table for where, not for how much)."""
+    plain = idle_gaps(_step_trace(engine, batch, balancer, with_stack=False), min_us=20.0)
+    idle_ms = sum(length for _, length, _ in plain) / 1e3 / 2
+    lines = [f"GPU idle per step, kernel timeline only: {idle_ms:.2f} ms in "
+             f"{len(plain) / 2:.0f} stretches of >= 20 us"]
+    stacked = _step_trace(engine, batch, balancer, with_stack=True)
+    return lines + ["with Python stacks:"] + gap_lines(stacked, steps=2, top=top)
+
+
+def _step_trace(engine, batch, balancer, with_stack: bool) -> list[dict]:
+    """The Chrome-trace events of two training steps."""
+    torch.cuda.synchronize()
+    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if with_stack else [])
+    with profile(activities=activities, with_stack=with_stack) as prof:
+        for _ in range(2):
+            eng.train_step(engine, [batch], eng.lm_loss, balancer)
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            return json.load(f)["traceEvents"]
 
 
 def main() -> None:
@@ -217,6 +340,8 @@ def main() -> None:
                    help="also the copy ops of forward+backward: shapes, calling ops")
     p.add_argument("--syncs", action="store_true",
                    help="also every host sync of one step, with the code that made it")
+    p.add_argument("--gaps", action="store_true",
+                   help="also where the GPU sat idle in a step, by the code that ended each wait")
     add_engine_flags(p)
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -251,6 +376,8 @@ def profile_recipe(args, recipe: str) -> None:
         print("\n".join(copy_table(engine, batch, args.top)), flush=True)
     if args.syncs:
         print("\n".join(sync_table(engine, batch, balancer)), flush=True)
+    if args.gaps:
+        print("\n".join(gap_table(engine, batch, balancer, args.top)), flush=True)
 
 
 if __name__ == "__main__":

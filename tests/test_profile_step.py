@@ -75,3 +75,40 @@ def test_sync_recorder_counts_sync_warnings_by_their_call_site():
                for line in lines[1:])
     with pytest.warns(UserWarning, match="after"):
         warnings.warn("after", UserWarning)
+
+
+def _frame(pid, parent, name, ts, dur):
+    return {"ph": "X", "cat": "python_function", "name": name, "tid": 7, "ts": ts, "dur": dur,
+            "args": {"Python id": pid, "Python parent id": parent}}
+
+
+def _gpu(cat, name, ts, dur, corr):
+    return {"ph": "X", "cat": cat, "name": name, "tid": 9, "ts": ts, "dur": dur,
+            "args": {"correlation": corr}}
+
+
+def _launch(ts, corr):
+    return {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "tid": 7, "ts": ts,
+            "dur": 5, "args": {"correlation": corr}}
+
+
+def test_gap_lines_sum_idle_stretches_by_the_code_that_ended_them():
+    """A hand-made trace of one step: kernels on two streams overlap (no gap), a 100 us and a
+    300 us stretch end with launches from the forward (the torch frame between is skipped), a
+    600 us one with a copy launched from train_step itself, a 10 us one is below the threshold."""
+    events = [
+        _frame(1, None, "trainer/engine.py(240): train_step", 0, 5000),
+        _frame(2, 1, "models/block.py(50): forward", 200, 1000),
+        _frame(3, 2, "torch/nn/modules/module.py(1): _call_impl", 210, 900),
+        _gpu("kernel", "k1", 0, 100, 1), _gpu("kernel", "k2", 50, 150, 2),  # busy until 200
+        _gpu("kernel", "k3", 300, 100, 3), _launch(250, 3),  # idle 200..300
+        _gpu("kernel", "k4", 700, 50, 4), _launch(650, 4),  # idle 400..700
+        _gpu("gpu_memcpy", "Memcpy HtoD", 1350, 10, 5), _launch(1300, 5),  # idle 750..1350
+        _gpu("kernel", "k6", 1370, 10, 6), _launch(1320, 6),  # 10 us: not counted
+    ]
+    lines = profile_step.gap_lines(events, steps=1, top=5, min_us=20)
+    assert lines[0].startswith("GPU idle per step: 1.00 ms in 3 stretches")
+    assert "0.60 ms    1.0x  trainer/engine.py(240): train_step\n        then Memcpy HtoD" in lines[1]
+    assert ("0.40 ms    2.0x  models/block.py(50): forward < trainer/engine.py(240): train_step"
+            "\n        then k3") in lines[2]
+    assert len(lines) == 3
