@@ -159,10 +159,10 @@ def test_gpu_fused_step_matches_deepspeed(job):
 
 @pytest.mark.gpu
 def test_gpu_train_step_returns_while_the_optimizer_step_runs(job):
-    """train_step reads everything it reports before the optimizer's kernels are queued: with
-    the AdamW step held up on the GPU (a 0.1 s sleep kernel queued ahead of it), train_step has
-    returned its metrics while the GPU is still busy with that step. Then the next step's batch
-    goes up from pinned memory without waiting either."""
+    """train_step copies everything it reports to the host ahead of the optimizer's kernels and
+    waits for those copies only: with the AdamW step held up on the GPU (a 0.1 s sleep kernel
+    queued ahead of it), train_step has returned its metrics while the GPU is still busy with that
+    step. Then the next step's batch goes up from pinned memory without waiting either."""
     engine, balancer = _engine(precision="bf16")
     assert engine.device.type == "cuda" and zero_step.installed(engine)
     adamw = engine.optimizer.optimizer
@@ -184,10 +184,25 @@ def test_gpu_train_step_returns_while_the_optimizer_step_runs(job):
 
 
 @pytest.mark.gpu
+def test_gpu_host_copies_wait_for_themselves_only():
+    """HostCopies hands back the values computed before it (behind a sleep kernel, so not yet
+    when it is made) while a sleep kernel queued after it still runs."""
+    torch.cuda._sleep(20_000_000)
+    values = torch.randn(3, 5, device="cuda") * 2
+    copies = eng.HostCopies({"v": values, "n": values.sum(dim=1).long()})
+    torch.cuda._sleep(400_000_000)  # ~0.2 s queued behind the copies
+    host = copies.get()
+    assert not torch.cuda.current_stream().query(), "get() waited for work queued after it"
+    assert host["v"].device.type == "cpu" and host["v"].is_pinned()
+    torch.cuda.synchronize()
+    assert torch.equal(host["v"], values.cpu()) and torch.equal(host["n"], values.sum(dim=1).long().cpu())
+
+
+@pytest.mark.gpu
 def test_gpu_forward_and_backward_make_no_host_sync(job):
     """A micro-batch's forward and backward (bf16, one rank) make no call that waits for the GPU
-    (CUDA's sync debug mode raises at the first), so train_step's only waits are its metric reads
-    and the norm, before the optimizer step is queued. The rotary tables' pageable copy was one
+    (CUDA's sync debug mode raises at the first), so train_step's only waits are for its metrics'
+    copies and the gradient norm, both ahead of AdamW. The rotary tables' pageable copy was one
     until the eighteenth session; profile_step.py --syncs lists a whole step's."""
     engine, balancer = _engine(precision="bf16")
     batch = eng._to_device(_batch(2, 50), engine.device)

@@ -55,6 +55,8 @@ class LoadBalancer:
 
     Call `accumulate(out.expert_counts)` after every micro-batch forward and `step()` once per
     optimizer step (at the gradient-accumulation boundary); `step()` returns that step's metrics.
+    `update()` is the same step leaving its figures on the device, for a caller that reads them
+    back later (trainer.engine.train_step: after the optimizer step is queued).
     """
 
     def __init__(self, routers: list[torch.nn.Module], update_rate: float):
@@ -73,8 +75,15 @@ class LoadBalancer:
 
     def step(self) -> dict[str, float]:
         """All-reduce this step's loads, move every bias by gamma*sign(mean - load), reset, report."""
+        loads = self.update()
+        return {} if loads is None else balance_metrics(*(t.cpu() for t in loads))
+
+    def update(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """step() without the report, reading nothing back to the host: the all-reduced loads
+        [L, E] and the moved biases [L, E] (a copy), on the routers' device, for balance_metrics;
+        None for a model without routers."""
         if not self.routers:
-            return {}
+            return None
         if self.counts_LE is None:
             raise RuntimeError("LoadBalancer.step() before any accumulate(): no expert counts this step")
         counts_LE = all_reduce_sum(self.counts_LE)
@@ -86,18 +95,18 @@ class LoadBalancer:
                     assert bias_E.dtype == torch.float32, (
                         f"router {layer} expert_bias is {bias_E.dtype}; it must stay FP32 (see engine.keep_fp32_buffers)")
                     bias_E.add_(bias_delta(counts_LE[layer], self.update_rate).to(bias_E.device))
-        return balance_metrics(counts_LE, self.routers)
+        return counts_LE, torch.stack([r.expert_bias.detach().float() for r in self.routers])
 
 
-def balance_metrics(counts_LE: torch.Tensor, routers: list[torch.nn.Module]) -> dict[str, float]:
-    """MaxVio_batch per layer and mean, expert-load fractions, and router-bias statistics."""
-    counts_LE = counts_LE.cpu()
-    bias_LE = torch.stack([r.expert_bias.detach().float() for r in routers]).cpu()
+def balance_metrics(counts_LE: torch.Tensor, bias_LE: torch.Tensor) -> dict[str, float]:
+    """MaxVio_batch per layer and mean, expert-load fractions, and router-bias statistics, from
+    host tensors: the step's loads and the biases after its update, [L, E] each."""
+    n_layers = counts_LE.shape[0]
     vio_L = max_vio(counts_LE)
     frac_LE = counts_LE.double() / counts_LE.sum(dim=-1, keepdim=True).clamp_min(1)
-    std_L = bias_LE.std(dim=-1) if bias_LE.shape[-1] > 1 else torch.zeros(len(routers))
+    std_L = bias_LE.std(dim=-1) if bias_LE.shape[-1] > 1 else torch.zeros(n_layers)
     metrics = {"balance/maxvio_batch": vio_L.mean().item()}
-    for layer in range(len(routers)):
+    for layer in range(n_layers):
         metrics[f"balance/maxvio_batch/layer{layer}"] = vio_L[layer].item()
         metrics[f"balance/bias_min/layer{layer}"] = bias_LE[layer].min().item()
         metrics[f"balance/bias_max/layer{layer}"] = bias_LE[layer].max().item()

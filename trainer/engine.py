@@ -31,17 +31,15 @@ the code path on a node:
   step: ZeRO writes the new weights through `.data`, which bumps no version counter, so a copy
   made in between (none is, today) could not notice by itself. Backward runs on the loop's own
   thread unless `parallel.threaded_backward=true` (see ParallelConfig).
-  The step's metrics (losses averaged over micro-batches and ranks, the balancer's update and
-  loads) are read to the host after the last backward and before `engine.step()` queues the
-  optimizer's kernels, and trainer/zero_step.py reads the gradient norm before it queues AdamW:
-  the host then waits for the backward only, and train_step returns while the optimizer step
-  runs, so the next step's forward is queued behind it instead of launched after it (with the
-  batch copied from pinned memory, which waits for nothing). Eighteenth session, H100, `small`
-  4 x 2048 x 1: no change in step time (122.9 / 114.4 ms bf16 / FP8 against 122.9 / 113.8, within
-  the runs' 1-2%), because the forward still began with a synchronizing copy (the rotary
-  frequencies, pageable -> GPU; torch.cuda.set_sync_debug_mode found it; now through pinned
-  memory too). With that gone a step makes four host syncs, all before the optimizer is
-  queued; the effect on step time has not been measured yet.
+  The step's metrics (losses averaged over micro-batches and ranks, the balancer's loads and
+  moved biases) are computed on the GPU after the last backward and copied to pinned host memory
+  without waiting (`HostCopies`); `engine.step()` is queued behind them, and only then does the
+  host wait, for those copies alone. trainer/zero_step.py reads the gradient norm before it
+  queues AdamW. So the host queues the optimizer step's first kernels while the backward still
+  runs, and train_step returns while AdamW runs: the next step's forward is queued behind it
+  instead of launched after it (its batch copied from pinned memory, which waits for nothing; the
+  rotary tables too, whose pageable copy synced every forward until the eighteenth session).
+  `scripts/profile_step.py --gaps` shows what GPU idle time is left and which code it waits on.
 """
 from __future__ import annotations
 
@@ -57,7 +55,7 @@ from torch import nn
 
 from models.fp8.linear import invalidate_weight_caches
 from trainer import zero_clip, zero_step
-from trainer.balance import LoadBalancer, all_reduce_sum, max_vio
+from trainer.balance import LoadBalancer, all_reduce_sum, balance_metrics, max_vio
 
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -209,20 +207,42 @@ def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> LossTerms:
     return LossTerms(out.loss, out.expert_counts, metrics)
 
 
-def _mean_over_ranks(sums: dict[str, torch.Tensor], count: int) -> dict[str, float]:
-    keys = sorted(sums)
-    stacked = all_reduce_sum(torch.stack([sums[k].float() for k in keys]))
+def _means_over_ranks(sums: dict[str, torch.Tensor], count: int) -> torch.Tensor:
+    """The metric sums (sorted by key) averaged over micro-batches and ranks, on the device."""
+    stacked = all_reduce_sum(torch.stack([sums[k].float() for k in sorted(sums)]))
     world = dist.get_world_size() if dist.is_initialized() else 1
-    return dict(zip(keys, (stacked / (count * world)).tolist()))
+    return stacked / (count * world)
+
+
+class HostCopies:
+    """Device tensors copied to host memory behind everything queued so far, without waiting:
+    `get()` waits for these copies only (a CUDA event recorded after them), not for the work
+    queued after them, such as the optimizer step."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.event = None
+        if not any(t.is_cuda for t in tensors.values()):
+            self.host = dict(tensors)
+            return
+        self.host = {k: torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                     for k, t in tensors.items()}
+        self.event = torch.cuda.Event()
+        self.event.record()
+
+    def get(self) -> dict[str, torch.Tensor]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """The batch on `device`; CPU tensors bound for a GPU go through pinned memory, so the copy
-    waits for nothing queued before it (a copy from pageable memory waits for the whole stream)."""
+    """The batch on `device`; CPU tensors bound for a GPU go through pinned memory, laid out
+    contiguously first (a strided view, such as rows[:, :-1], would otherwise be staged through
+    pageable memory by the copy), so the copy waits for nothing queued before it."""
     if device.type != "cuda":
         return {k: v.to(device) for k, v in batch.items()}
-    return {k: (v.pin_memory() if v.device.type == "cpu" else v).to(device, non_blocking=True)
-            for k, v in batch.items()}
+    return {k: (v.contiguous().pin_memory() if v.device.type == "cpu" else v).to(
+        device, non_blocking=True) for k, v in batch.items()}
 
 
 def backward(engine, loss: torch.Tensor, threaded_backward: bool = False) -> None:
@@ -254,12 +274,17 @@ def train_step(engine, micro_batches: list[dict[str, torch.Tensor]],
             balancer.accumulate(terms.expert_counts)
         for key, value in terms.metrics.items():
             sums[key] = sums.get(key, 0) + value.detach().float()
-        if last:  # before the optimizer's kernels are queued: see the module docstring
-            metrics = _mean_over_ranks(sums, len(micro_batches))
-            metrics.update(balancer.step())
+        if last:  # on their way to the host while the optimizer's kernels are queued
+            loads = balancer.update()
+            figures = HostCopies({"means": _means_over_ranks(sums, len(micro_batches)),
+                                  **({} if loads is None else dict(zip(("counts", "bias"), loads)))})
         engine.step()
     assert engine.global_steps == steps_before + 1, "DeepSpeed did not step at the accumulation boundary"
     invalidate_weight_caches(engine.module)
+    host = figures.get()
+    metrics = dict(zip(sorted(sums), host["means"].tolist()))
+    if loads is not None:
+        metrics.update(balance_metrics(host["counts"], host["bias"]))
     grad_norm = engine.get_global_grad_norm()
     metrics["optim/lr"] = lr
     if grad_norm is not None:
