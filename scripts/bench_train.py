@@ -16,7 +16,9 @@ against a bf16 8192^3 matmul measured in the same run. With `models.fp8.convert`
 sm90 GPU), the same step runs with fp8=blockwise and the FP8/bf16 tokens/s ratio is reported.
 Memory: the step's peak, and what one micro-batch's forward holds for its backward, with the part
 that is the weights' transposed FP8 copies (where FP8's saving shows; the peak of a one-GPU run
-is the optimizer step's).
+is the optimizer step's). GPU idle: the milliseconds per step in which the GPU ran nothing, from
+the profiler's kernel timeline of two more steps (the step waiting for the host: launches, syncs;
+`scripts/profile_step.py --gaps` names the code), also reported as the GPU's busy share.
 
 Order: the recipes of a config run as A B ... B A (`--rounds 2`, the default: each measured twice,
 the second time in reverse order) and each recipe's step time is the mean of its runs. An H100
@@ -45,7 +47,7 @@ from models.fp8.config import FP8Config  # noqa: E402
 from models.fp8.linear import cached_weight_copies  # noqa: E402
 from isolate import in_fresh_process  # noqa: E402
 from summary import record  # noqa: E402
-from timing import alternating_rounds, bf16_matmul_tflops  # noqa: E402
+from timing import alternating_rounds, bf16_matmul_tflops, idle_gaps, profiled_trace  # noqa: E402
 from trainer import engine as eng  # noqa: E402
 from trainer.balance import LoadBalancer  # noqa: E402
 from trainer.optim import OptimConfig, build_optimizer, build_schedule  # noqa: E402
@@ -117,10 +119,23 @@ def measure(args, recipe: str, grad_accum: int) -> dict:
     flops = engine.module.flops_per_token(args.seq_len) * tokens_per_s
     peak_gib = torch.cuda.max_memory_allocated() / 2 ** 30
     result = dict(recipe=recipe, grad_accum=grad_accum, step_ms=seconds * 1e3, tokens_per_s=tokens_per_s,
+                  idle_ms=gpu_idle_ms(lambda: eng.train_step(engine, batch, eng.lm_loss, balancer,
+                                                             args.threaded_backward)),
                   tflops=flops / 1e12, mfu=flops / H100_PEAK, peak_gib=peak_gib,
                   **dict(zip(("held_gib", "copies_gib"), forward_held_gib(engine, batch[0]))),
                   loss=metrics["loss/total"], params=tuple(engine.module.param_counts()))
     return result
+
+
+def gpu_idle_ms(step, steps: int = 2) -> float:
+    """Milliseconds per step in which the GPU ran nothing (stretches of 5 us and more between
+    the first and the last kernel of `steps` steps, timed by the profiler's kernel timeline):
+    the time a step waits for the host."""
+    def run():
+        for _ in range(steps):
+            step()
+    gaps = idle_gaps(profiled_trace(run), min_us=5.0)
+    return sum(length for _, length, _ in gaps) / 1e3 / steps
 
 
 def forward_held_gib(engine, micro_batch: dict) -> tuple[float, float]:
@@ -169,8 +184,8 @@ def parse_config(text: str) -> tuple[int, int, int]:
 def measure_mirrored(recipes: list[str], rounds: int, run) -> list[dict]:
     """run(recipe) for every recipe, `rounds` passes, every other pass in reverse order (A B B A
     for two recipes and two rounds); one result per recipe, in `recipes` order, whose step time
-    is the mean over its runs (tokens/s, TFLOP/s and MFU scaled to match; the peak memory the
-    largest) with every run's step time in runs_ms."""
+    is the mean over its runs (tokens/s, TFLOP/s and MFU scaled to match; the GPU's idle time
+    the mean too; the peak memory the largest) with every run's step time in runs_ms."""
     runs = {recipe: [] for recipe in recipes}
     for order in alternating_rounds(recipes, rounds):
         for recipe in order:
@@ -182,10 +197,13 @@ def _combine(results: list[dict]) -> dict:
     step_ms = sum(r["step_ms"] for r in results) / len(results)
     first = results[0]
     speed = first["step_ms"] / step_ms  # first's rates rescaled to the mean step time
-    return dict(first, step_ms=step_ms, tokens_per_s=first["tokens_per_s"] * speed,
-                tflops=first["tflops"] * speed, mfu=first["mfu"] * speed,
-                peak_gib=max(r["peak_gib"] for r in results),
-                runs_ms=[r["step_ms"] for r in results])
+    combined = dict(first, step_ms=step_ms, tokens_per_s=first["tokens_per_s"] * speed,
+                    tflops=first["tflops"] * speed, mfu=first["mfu"] * speed,
+                    peak_gib=max(r["peak_gib"] for r in results),
+                    runs_ms=[r["step_ms"] for r in results])
+    if "idle_ms" in first:
+        combined["idle_ms"] = sum(r["idle_ms"] for r in results) / len(results)
+    return combined
 
 
 def main() -> None:
@@ -237,7 +255,7 @@ def main() -> None:
             print(f"  fp8={r['recipe']:<9} step {r['step_ms']:8.1f} ms  {r['tokens_per_s']:10,.0f} tok/s  "
                   f"{r['tflops']:6.1f} TFLOP/s  MFU {100 * r['mfu']:5.1f}%  peak {r['peak_gib']:5.1f} GiB  "
                   f"held by a forward {r['held_gib']:5.2f} GiB (FP8 weight copies "
-                  f"{r['copies_gib']:4.2f})  loss {r['loss']:.3f}  (runs: "
+                  f"{r['copies_gib']:4.2f})  GPU idle {r['idle_ms']:4.1f} ms  loss {r['loss']:.3f}  (runs: "
                   + " / ".join(f"{ms:.1f}" for ms in r["runs_ms"]) + " ms)")
         report(args, results, matmul)
 
@@ -247,6 +265,9 @@ def report(args, results: list[dict], matmul: float) -> None:
     case = f"{args.size} step {args.micro_batch}x{args.seq_len}x{bf16['grad_accum']}"
     record("train", f"{case} bf16 MFU", bf16["tflops"], "TFLOP/s", "H100 dense bf16 peak", H100_PEAK / 1e12)
     record("train", f"{case} bf16 model FLOP/s", bf16["tflops"], "TFLOP/s", "bf16 8192^3 matmul", matmul)
+    for r in results:
+        record("train", f"{case} {'bf16' if r['recipe'] == 'off' else r['recipe']} GPU busy share "
+               "of the step", r["step_ms"] - r["idle_ms"], "ms", "step time", r["step_ms"])
     for fp8 in results[1:]:
         settings = fp8["recipe"].partition(":")[2]
         case = f"{args.size} step {args.micro_batch}x{args.seq_len}x{bf16['grad_accum']}" + (

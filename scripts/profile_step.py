@@ -34,11 +34,9 @@ from __future__ import annotations
 import argparse
 import bisect
 import collections
-import json
 import os
 import re
 import sys
-import tempfile
 import traceback
 import warnings
 from collections import defaultdict
@@ -50,6 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_train import add_engine_flags, build, fp8_available  # noqa: E402
 from isolate import in_fresh_process  # noqa: E402
+from timing import idle_gaps, profiled_trace  # noqa: E402
 from models.fp8.linear import invalidate_weight_caches  # noqa: E402
 from trainer import engine as eng  # noqa: E402
 
@@ -215,23 +214,7 @@ def sync_table(engine, batch, balancer) -> list[str]:
     return recorder.lines()
 
 
-GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 LAUNCH_CATEGORIES = ("cuda_runtime", "cuda_driver")
-
-
-def idle_gaps(trace_events: list[dict], min_us: float) -> list[tuple[float, float, dict]]:
-    """(start us, length us, the GPU event that ended it) for every stretch of at least `min_us`
-    between the first and the last GPU event of a Chrome trace in which no stream ran anything."""
-    gpu = sorted((e for e in trace_events
-                  if e.get("ph") == "X" and e.get("cat") in GPU_CATEGORIES),
-                 key=lambda e: e["ts"])
-    gaps, busy_until = [], None
-    for e in gpu:
-        if busy_until is not None and e["ts"] - busy_until >= min_us:
-            gaps.append((busy_until, e["ts"] - busy_until, e))
-        end = e["ts"] + e.get("dur", 0)
-        busy_until = end if busy_until is None else max(busy_until, end)
-    return gaps
 
 
 class HostStacks:
@@ -314,17 +297,10 @@ def gap_table(engine, batch, balancer, top: int) -> list[str]:
 
 def _step_trace(engine, batch, balancer, with_stack: bool) -> list[dict]:
     """The Chrome-trace events of two training steps."""
-    torch.cuda.synchronize()
-    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if with_stack else [])
-    with profile(activities=activities, with_stack=with_stack) as prof:
+    def two_steps():
         for _ in range(2):
             eng.train_step(engine, [batch], eng.lm_loss, balancer)
-        torch.cuda.synchronize()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "trace.json")
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            return json.load(f)["traceEvents"]
+    return profiled_trace(two_steps, with_stack)
 
 
 def main() -> None:

@@ -6,10 +6,17 @@
     tflops(flops, ms)             # FLOPs over milliseconds, in TFLOP/s
     train_backward(y, dy)         # y.backward(dy) on this thread, as the trainer runs it
     bf16_matmul_tflops()          # the dense bf16 rate this card reaches, measured now
+    events = profiled_trace(fn)   # the Chrome-trace events of one call of fn under the profiler
+    idle_gaps(events, min_us)     # the stretches in which the GPU ran nothing
 """
 from __future__ import annotations
 
+import json
+import os
 import statistics
+import tempfile
+
+from torch.profiler import ProfilerActivity, profile
 
 import torch
 
@@ -75,3 +82,38 @@ def bf16_matmul_tflops(n: int = 8192) -> float:
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     return tflops(2 * n ** 3, time_ms(lambda: a @ b))
+
+
+GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+"""Chrome-trace categories of work on the GPU (any stream)."""
+
+
+def profiled_trace(fn, with_stack: bool = False) -> list[dict]:
+    """fn() under torch.profiler, then a synchronize: the trace's events. CUDA activity only
+    (little host overhead), or with the host's ops and Python stacks (with_stack, which slows
+    the host several-fold)."""
+    torch.cuda.synchronize()
+    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if with_stack else [])
+    with profile(activities=activities, with_stack=with_stack) as prof:
+        fn()
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            return json.load(f)["traceEvents"]
+
+
+def idle_gaps(trace_events: list[dict], min_us: float) -> list[tuple[float, float, dict]]:
+    """(start us, length us, the GPU event that ended it) for every stretch of at least `min_us`
+    between the first and the last GPU event of a Chrome trace in which no stream ran anything."""
+    gpu = sorted((e for e in trace_events
+                  if e.get("ph") == "X" and e.get("cat") in GPU_CATEGORIES),
+                 key=lambda e: e["ts"])
+    gaps, busy_until = [], None
+    for e in gpu:
+        if busy_until is not None and e["ts"] - busy_until >= min_us:
+            gaps.append((busy_until, e["ts"] - busy_until, e))
+        end = e["ts"] + e.get("dur", 0)
+        busy_until = end if busy_until is None else max(busy_until, end)
+    return gaps

@@ -89,7 +89,7 @@ def test_bench_train_mirrors_the_recipe_order():
         ms = step_ms[recipe][sum(r == recipe for r in order) - 1]
         return dict(recipe=recipe, step_ms=ms, tokens_per_s=1000.0 / ms, tflops=2.0 / ms,
                     mfu=0.5 / ms, peak_gib=ms / 10, held_gib=1.0, copies_gib=0.0, loss=3.0,
-                    params=(2, 1), grad_accum=1)
+                    params=(2, 1), grad_accum=1, idle_ms=ms / 20)
 
     off, fp8 = bench_train.measure_mirrored(["off", "blockwise"], 2, run)
     assert order == ["off", "blockwise", "blockwise", "off"]
@@ -97,6 +97,7 @@ def test_bench_train_mirrors_the_recipe_order():
     assert math.isclose(off["tokens_per_s"], 1000.0 / 105.0)
     assert math.isclose(fp8["tflops"], 2.0 / 85.0) and math.isclose(fp8["mfu"], 0.5 / 85.0)
     assert off["peak_gib"] == 11.0 and off["runs_ms"] == [100.0, 110.0]
+    assert math.isclose(off["idle_ms"], 5.25) and math.isclose(fp8["idle_ms"], 4.25)
     assert off["recipe"] == "off" and fp8["runs_ms"] == [80.0, 90.0]
     order.clear()
     single = bench_train.measure_mirrored(["off", "blockwise"], 1, run)
