@@ -529,6 +529,29 @@ def test_gpu_bf16_grad_and_weight_copy_are_the_widened_step_10m():
 
 
 @pytest.mark.gpu
+def test_gpu_direct_launch_is_the_jit_launch(monkeypatch):
+    """adamw_update's launch without the JIT's per-call work (models/triton_launch.py) gives
+    bitwise the JIT launch's step, bf16 gradient and bf16 weight copy included."""
+    from models import triton_launch
+    from trainer import optim
+    if not triton_launch.ENABLED:
+        pytest.skip("the launcher passes through on this Triton")
+    p, grad, m, v = _state(1_000_003, torch.bfloat16, seed=7, device="cuda")
+    runs = {}
+    for direct in (False, True, True):  # the first direct call may compile; the second is direct
+        monkeypatch.setattr(triton_launch, "ENABLED", direct)
+        state = [t.clone() for t in (p, m, v)] + [torch.empty_like(p, dtype=torch.bfloat16)]
+        before = optim._launch_adamw.direct_launches
+        adamw_update(state[0], grad.bfloat16(), state[1], state[2], **HYPER, weight_decay=0.1,
+                     step=2, p_bf16=state[3])
+        runs[direct] = state, optim._launch_adamw.direct_launches - before
+    (jit, jit_direct), (direct, launched) = runs[False], runs[True]
+    assert jit_direct == 0 and launched == 1
+    for a, b in zip(jit, direct):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
 def test_gpu_fused_close_to_torch_cuda_path_10m():
     _fused_one_step_close_to_torch_path(10_000_000 + 123)
 

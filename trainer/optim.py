@@ -63,6 +63,8 @@ from models.triton_env import INTERPRET  # before triton: picks the interpreter 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from models.triton_launch import CachedLauncher  # noqa: E402
+
 MOMENT_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 UPDATE_CHUNK = 1 << 26
 """Elements updated at a time by the torch path: ZeRO hands the optimizer one flat partition per group
@@ -146,6 +148,11 @@ def adamw_kernel(p_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, grad_scale_ptr, p
     tl.store(exp_avg_sq_ptr + offs, exp_avg_sq, mask=mask)
 
 
+_launch_adamw = CachedLauncher(adamw_kernel)
+"""adamw_kernel launched without the JIT's per-call work (models/triton_launch.py): under ZeRO
+the step launches it once per gradient piece, 83 times a step on `small`."""
+
+
 def adamw_update(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
                  lr: float, betas: tuple[float, float], eps: float, weight_decay: float, step: int,
                  grad_scale: torch.Tensor | None = None,
@@ -164,7 +171,7 @@ def adamw_update(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp
     if n == 0:
         return
     beta1, beta2 = (float(b) for b in betas)
-    adamw_kernel[(triton.cdiv(n, FUSED_BLOCK),)](
+    _launch_adamw[(triton.cdiv(n, FUSED_BLOCK),)](
         p, grad, exp_avg, exp_avg_sq, p if grad_scale is None else grad_scale,
         p if p_bf16 is None else p_bf16, n,
         float(1 - lr * weight_decay), float(1 - beta1), beta2, float(1 - beta2),
