@@ -16,9 +16,8 @@ import os
 import statistics
 import tempfile
 
-from torch.profiler import ProfilerActivity, profile
-
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 
 def time_ms(fn, reps: int = 10, batches: int = 5) -> float:
