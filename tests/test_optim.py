@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from trainer.optim import (AdamW, OptimConfig, Schedule, adamw_update, build_optimizer, build_schedule,
+from trainer.optim import (AdamW, OptimConfig, Schedule, adamw_update, adamw_update_pieces, build_optimizer, build_schedule,
                            param_groups)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -407,6 +407,49 @@ def test_bf16_grads_and_bf16_weight_copies_step_as_widened_and_cast(fused, in_pi
     assert not torch.equal(params[0], want[0])
 
 
+def _one_launch_against_piece_by_piece(sizes, grad_dtype, device, scale=True, seed=5):
+    """adamw_update_pieces on pieces of `sizes` against adamw_update piece by piece: masters,
+    moments and the bf16 copy, bitwise."""
+    n = sum(sizes)
+    p, grad, m, v = _state(n, torch.bfloat16, seed=seed, device=device)
+    gen = torch.Generator().manual_seed(seed + 1)
+    pieces = [g.to(grad_dtype).reshape(-1, 1) if i % 2 else g.to(grad_dtype)  # shapes vary
+              for i, g in enumerate(grad.split(sizes))]
+    grad_scale = torch.rand(1, generator=gen).to(device) + 0.5 if scale else None
+    ours = [t.clone() for t in (p, m, v)] + [torch.empty_like(p, dtype=torch.bfloat16)]
+    adamw_update_pieces(ours[0], pieces, ours[1], ours[2], **HYPER, weight_decay=0.1, step=4,
+                        grad_scale=grad_scale, p_bf16=ours[3])
+    want = [t.clone() for t in (p, m, v)] + [torch.empty_like(p, dtype=torch.bfloat16)]
+    offset = 0
+    for piece in pieces:
+        k = piece.numel()
+        if k:
+            adamw_update(*(t.narrow(0, offset, k) for t in (want[0],)), piece.reshape(-1),
+                         *(t.narrow(0, offset, k) for t in want[1:3]), **HYPER, weight_decay=0.1,
+                         step=4, grad_scale=grad_scale, p_bf16=want[3].narrow(0, offset, k))
+        offset += k
+    for a, b in zip(ours, want):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float32])
+def test_one_launch_over_pieces_is_the_piece_by_piece_step(grad_dtype):
+    """One launch over ZeRO's gradient pieces (each program finds its piece by binary search in
+    the launch's table): pieces smaller and larger than a program's block, an empty one, starts
+    off the 16-byte grid (so the kernel's unaligned form) and on it, with the clip factor."""
+    _one_launch_against_piece_by_piece([5, 2048, 0, 3000, 1, 4100], grad_dtype, DEVICE)
+    _one_launch_against_piece_by_piece([8, 2048, 4096, 16], grad_dtype, DEVICE, scale=False)
+
+
+def test_one_launch_over_pieces_refuses_what_it_cannot_take():
+    p, grad, m, v = _state(20, torch.bfloat16, seed=1, device=DEVICE)
+    with pytest.raises(ValueError, match="one dtype"):
+        adamw_update_pieces(p, [grad[:10], grad[10:].bfloat16()], m, v, **HYPER,
+                            weight_decay=0.0, step=1)
+    with pytest.raises(ValueError, match="pass all of p's gradient"):
+        adamw_update_pieces(p, [grad[:10]], m, v, **HYPER, weight_decay=0.0, step=1)
+
+
 def test_use_for_next_step_refuses_what_it_cannot_use():
     p = torch.randn(10, requires_grad=True)
     opt = AdamW([p])
@@ -499,6 +542,46 @@ print(json.dumps(out))
 '''
 
 
+_COMPILE_PIECES_SM90 = r'''
+import json, os
+os.environ["TRITON_INTERPRET"] = "0"
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from trainer import optim
+
+out = {}
+for aligned in (True, False):
+    sig = dict(p_ptr="*fp32", table_ptr="*i64", n_pieces="i32", exp_avg_ptr="*bf16",
+               exp_avg_sq_ptr="*bf16", grad_scale_ptr="*fp32", p_bf16_ptr="*bf16",
+               decay="fp32", one_minus_beta1="fp32", beta2="fp32", one_minus_beta2="fp32",
+               bias_correction2_sqrt="fp32", eps="fp32", step_size="fp32",
+               MOMENTS_BF16="constexpr", SCALE_GRAD="constexpr", GRAD_BF16="constexpr",
+               WRITE_BF16="constexpr", ALIGNED="constexpr", SEARCH_STEPS="constexpr",
+               BLOCK="constexpr")
+    attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 3, 4, 6)}
+    src = ASTSource(fn=optim.adamw_pieces_kernel, signature=sig, attrs=attrs,
+                    constexprs=dict(MOMENTS_BF16=True, SCALE_GRAD=True, GRAD_BF16=True,
+                                    WRITE_BF16=True, ALIGNED=aligned, SEARCH_STEPS=7,
+                                    BLOCK=optim.FUSED_BLOCK))
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                         options=dict(num_warps=optim.FUSED_WARPS, enable_fp_fusion=False)).asm["ptx"]
+    out[f"aligned={aligned}"] = dict(fma="fma.rn.f32" in ptx, div_rn="div.rn.f32" in ptx,
+                                     sqrt_rn="sqrt.rn.f32" in ptx, v4="ld.global.v4" in ptx)
+print(json.dumps(out))
+'''
+
+
+def test_pieces_kernel_compiles_for_sm90_and_vectorizes_when_aligned(compiled_sm90):
+    """The one-launch kernel over gradient pieces compiles for sm90 with the same rounding (no
+    FMA, correctly rounded division and sqrt); with every piece on the 16-byte grid (ALIGNED) its
+    loads are 16 bytes wide, as the whole-tensor kernel's are; off it they need not be."""
+    out = compiled_sm90(_COMPILE_PIECES_SM90)
+    assert out["aligned=True"] == dict(fma=False, div_rn=True, sqrt_rn=True, v4=True), out
+    assert {k: v for k, v in out["aligned=False"].items() if k != "v4"} == dict(
+        fma=False, div_rn=True, sqrt_rn=True), out
+
+
 def test_kernel_compiles_for_sm90_without_fma(compiled_sm90):
     """The compiled kernel (sm90 PTX, built here without a GPU) rounds every operation once: no fused
     multiply-add (which it would have with Triton's default enable_fp_fusion=True: checked too),
@@ -526,6 +609,16 @@ def test_gpu_bf16_grad_and_weight_copy_are_the_widened_step_10m():
     adamw_update(p, grad16, m, v, **HYPER, weight_decay=0.1, step=3, p_bf16=copy)
     for got, expected in zip((p, m, v, copy), (*want, want[0].bfloat16())):
         assert torch.equal(got, expected)
+
+
+@pytest.mark.gpu
+def test_gpu_one_launch_over_83_pieces_is_the_piece_by_piece_step():
+    """The same at `small`'s scale on the GPU: 83 pieces of ZeRO-like sizes (10M elements),
+    starts on the 16-byte grid (the vectorized form), then one piece off it."""
+    gen = torch.Generator().manual_seed(0)
+    sizes = [int(s) * 128 for s in torch.randint(1, 2000, (83,), generator=gen)]
+    _one_launch_against_piece_by_piece(sizes, torch.bfloat16, "cuda")
+    _one_launch_against_piece_by_piece([3] + sizes[:20], torch.bfloat16, "cuda", scale=False)
 
 
 @pytest.mark.gpu

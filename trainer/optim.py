@@ -36,7 +36,12 @@ are runtime kernel arguments, so a new step never recompiles.
 The master weights are whatever tensors the optimizer is handed. Under DeepSpeed with bf16 the
 engine keeps an FP32 copy of every parameter (ZeRO's flat FP32 partitions, FP32 .grad) and gives
 those to the client optimizer, so the update always happens in FP32; on the CPU the model itself is
-FP32.
+FP32. trainer/zero_step.py hands AdamW a flat partition's gradient as ZeRO holds it, one bf16
+tensor per parameter (83 on `small`): `adamw_pieces_kernel` steps the whole partition from them in
+one launch (a small table of the pieces' addresses and offsets goes up with it; each program finds
+its piece by binary search), where a launch per piece cost the host about as much time as the
+GPU's step of the small pieces took. Its loads and stores are 16 bytes wide when every piece
+starts on a multiple of 8 elements (`ALIGNED`, checked at each launch), element-wide otherwise.
 
 Schedules map the optimizer step (0-based) to a factor of the peak learning rate:
 `cosine` (linear warmup, then cosine down to `min_lr_ratio`) and `wsd` (warmup, stable, then a
@@ -114,18 +119,16 @@ def _f32_to_bf16_rne(x):
 
 
 @triton.jit
-def adamw_kernel(p_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, grad_scale_ptr, p_bf16_ptr, n,
+def _adamw_block(p_ptr, grad, exp_avg_ptr, exp_avg_sq_ptr, grad_scale_ptr, p_bf16_ptr, offs, mask,
                  decay, one_minus_beta1, beta2, one_minus_beta2, bias_correction2_sqrt, eps,
                  step_size, MOMENTS_BF16: tl.constexpr, SCALE_GRAD: tl.constexpr,
-                 GRAD_BF16: tl.constexpr, WRITE_BF16: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    p = tl.load(p_ptr + offs, mask=mask)
-    grad = tl.load(grad_ptr + offs, mask=mask)
+                 GRAD_BF16: tl.constexpr, WRITE_BF16: tl.constexpr):
+    """AdamW on the elements `offs` of the flat state, given their gradient as loaded."""
     if GRAD_BF16:  # widened exactly, as grad.float() would
         grad = _bf16_bits_to_f32(grad)
     if SCALE_GRAD:  # gradient clipping's factor, applied as the gradient is read (scale_next_grads)
         grad = grad * tl.load(grad_scale_ptr)
+    p = tl.load(p_ptr + offs, mask=mask)
     exp_avg = tl.load(exp_avg_ptr + offs, mask=mask)
     exp_avg_sq = tl.load(exp_avg_sq_ptr + offs, mask=mask)
     if MOMENTS_BF16:
@@ -148,9 +151,61 @@ def adamw_kernel(p_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, grad_scale_ptr, p
     tl.store(exp_avg_sq_ptr + offs, exp_avg_sq, mask=mask)
 
 
+@triton.jit
+def adamw_kernel(p_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, grad_scale_ptr, p_bf16_ptr, n,
+                 decay, one_minus_beta1, beta2, one_minus_beta2, bias_correction2_sqrt, eps,
+                 step_size, MOMENTS_BF16: tl.constexpr, SCALE_GRAD: tl.constexpr,
+                 GRAD_BF16: tl.constexpr, WRITE_BF16: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    _adamw_block(p_ptr, tl.load(grad_ptr + offs, mask=mask), exp_avg_ptr, exp_avg_sq_ptr,
+                 grad_scale_ptr, p_bf16_ptr, offs, mask, decay, one_minus_beta1, beta2,
+                 one_minus_beta2, bias_correction2_sqrt, eps, step_size, MOMENTS_BF16, SCALE_GRAD,
+                 GRAD_BF16, WRITE_BF16)
+
+
+@triton.jit
+def adamw_pieces_kernel(p_ptr, table_ptr, n_pieces, exp_avg_ptr, exp_avg_sq_ptr, grad_scale_ptr,
+                        p_bf16_ptr, decay, one_minus_beta1, beta2, one_minus_beta2,
+                        bias_correction2_sqrt, eps, step_size, MOMENTS_BF16: tl.constexpr,
+                        SCALE_GRAD: tl.constexpr, GRAD_BF16: tl.constexpr,
+                        WRITE_BF16: tl.constexpr, ALIGNED: tl.constexpr,
+                        SEARCH_STEPS: tl.constexpr, BLOCK: tl.constexpr):
+    """adamw_kernel over a gradient in pieces, one launch for all of them. table (int64):
+    [addresses of the n pieces | their first elements in p, and p's length | their first
+    programs, and the grid's size]; each program finds its piece by binary search."""
+    pid = tl.program_id(0)
+    starts_ptr = table_ptr + n_pieces
+    first_programs_ptr = starts_ptr + n_pieces + 1
+    lo = 0
+    hi = n_pieces
+    for _ in tl.static_range(SEARCH_STEPS):  # the last piece whose first program <= pid
+        mid = (lo + hi) // 2
+        right = tl.load(first_programs_ptr + mid) <= pid
+        lo = tl.where(right, mid, lo)
+        hi = tl.where(right, hi, mid)
+    start = tl.load(starts_ptr + lo)
+    length = tl.load(starts_ptr + lo + 1) - start
+    if ALIGNED:  # every piece starts (and so ends) on a multiple of 8 elements: 16-byte accesses
+        start = tl.multiple_of(start, 8)
+        length = tl.multiple_of(length, 8)
+    local = (pid - tl.load(first_programs_ptr + lo)).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = local < length
+    if GRAD_BF16:
+        grad_base = tl.load(table_ptr + lo).to(tl.pointer_type(tl.bfloat16))
+    else:
+        grad_base = tl.load(table_ptr + lo).to(tl.pointer_type(tl.float32))
+    if ALIGNED:
+        grad_base = tl.multiple_of(grad_base, 16)
+    _adamw_block(p_ptr, tl.load(grad_base + local, mask=mask), exp_avg_ptr, exp_avg_sq_ptr,
+                 grad_scale_ptr, p_bf16_ptr, start + local, mask, decay, one_minus_beta1, beta2,
+                 one_minus_beta2, bias_correction2_sqrt, eps, step_size, MOMENTS_BF16, SCALE_GRAD,
+                 GRAD_BF16, WRITE_BF16)
+
+
 _launch_adamw = CachedLauncher(adamw_kernel)
-"""adamw_kernel launched without the JIT's per-call work (models/triton_launch.py): under ZeRO
-the step launches it once per gradient piece, 83 times a step on `small`."""
+"""adamw_kernel launched without the JIT's per-call work (models/triton_launch.py)."""
+_launch_adamw_pieces = CachedLauncher(adamw_pieces_kernel)
 
 
 def adamw_update(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
@@ -170,15 +225,84 @@ def adamw_update(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp
     n = p.numel()
     if n == 0:
         return
-    beta1, beta2 = (float(b) for b in betas)
     _launch_adamw[(triton.cdiv(n, FUSED_BLOCK),)](
         p, grad, exp_avg, exp_avg_sq, p if grad_scale is None else grad_scale,
         p if p_bf16 is None else p_bf16, n,
-        float(1 - lr * weight_decay), float(1 - beta1), beta2, float(1 - beta2),
-        float((1 - beta2 ** step) ** 0.5), float(eps), float(-lr / (1 - beta1 ** step)),
+        *_step_scalars(lr, betas, eps, weight_decay, step),
         MOMENTS_BF16=exp_avg.dtype == torch.bfloat16, SCALE_GRAD=grad_scale is not None,
         GRAD_BF16=grad.dtype == torch.bfloat16, WRITE_BF16=p_bf16 is not None,
         BLOCK=FUSED_BLOCK, num_warps=FUSED_WARPS, enable_fp_fusion=False)
+
+
+def _step_scalars(lr, betas, eps, weight_decay, step) -> tuple[float, ...]:
+    """The kernels' per-step scalars: decay, 1 - beta1, beta2, 1 - beta2, sqrt of the second
+    moment's bias correction, eps, and the step size (negative)."""
+    beta1, beta2 = (float(b) for b in betas)
+    return (float(1 - lr * weight_decay), float(1 - beta1), beta2, float(1 - beta2),
+            float((1 - beta2 ** step) ** 0.5), float(eps), float(-lr / (1 - beta1 ** step)))
+
+
+def pieces_take_one_launch(p: torch.Tensor, pieces: list[torch.Tensor], exp_avg: torch.Tensor,
+                           p_bf16: torch.Tensor | None) -> bool:
+    """Whether adamw_update_pieces can step p from these gradient pieces: CUDA tensors (or the
+    interpreter's CPU ones), the pieces one dtype, each contiguous, on p's device."""
+    if not pieces or (p.device.type != "cuda" and not INTERPRET):
+        return False
+    dtype = pieces[0].dtype
+    return all(t.dtype == dtype and t.is_contiguous() and t.device == p.device for t in pieces) and (
+        dtype in (torch.float32, torch.bfloat16) and p.is_contiguous() and exp_avg.is_contiguous()
+        and (p_bf16 is None or p_bf16.is_contiguous()))
+
+
+def adamw_update_pieces(p: torch.Tensor, pieces: list[torch.Tensor], exp_avg: torch.Tensor,
+                        exp_avg_sq: torch.Tensor, *, lr: float, betas: tuple[float, float],
+                        eps: float, weight_decay: float, step: int,
+                        grad_scale: torch.Tensor | None = None,
+                        p_bf16: torch.Tensor | None = None) -> None:
+    """adamw_update of the flat p from its gradient in pieces (laid end to end they are p's
+    gradient; ZeRO's, not flattened) in one launch: a table of the pieces' addresses and
+    offsets goes to the GPU with the launch, where each program finds its piece. Bitwise the
+    piece-by-piece adamw_update. pieces_take_one_launch(...) says whether the pieces qualify."""
+    if not pieces_take_one_launch(p, pieces, exp_avg, p_bf16):
+        raise ValueError("adamw_update_pieces: the pieces must be contiguous, of one dtype (FP32 or "
+                         "bf16) and on p's device, and p, the moments and p_bf16 contiguous; step "
+                         "them one by one with adamw_update otherwise")
+    _check_fused_operands(p, p, exp_avg, exp_avg_sq, p_bf16)
+    _check_grad_scale(grad_scale, p)
+    pieces = [t for t in pieces if t.numel()]
+    if sum(t.numel() for t in pieces) != p.numel():
+        raise ValueError(f"adamw_update_pieces: the pieces hold {sum(t.numel() for t in pieces)} "
+                         f"elements, p {p.numel()}; pass all of p's gradient")
+    if step < 1:
+        raise ValueError(f"adamw_update_pieces got step={step}; steps are counted from 1")
+    if not pieces:
+        return
+    table, grid, aligned = _piece_table(pieces, p, p_bf16)
+    _launch_adamw_pieces[(grid,)](
+        p, table, len(pieces), exp_avg, exp_avg_sq, p if grad_scale is None else grad_scale,
+        p if p_bf16 is None else p_bf16, *_step_scalars(lr, betas, eps, weight_decay, step),
+        MOMENTS_BF16=exp_avg.dtype == torch.bfloat16, SCALE_GRAD=grad_scale is not None,
+        GRAD_BF16=pieces[0].dtype == torch.bfloat16, WRITE_BF16=p_bf16 is not None,
+        ALIGNED=aligned, SEARCH_STEPS=len(pieces).bit_length(), BLOCK=FUSED_BLOCK,
+        num_warps=FUSED_WARPS, enable_fp_fusion=False)
+
+
+def _piece_table(pieces: list[torch.Tensor], p: torch.Tensor,
+                 p_bf16: torch.Tensor | None) -> tuple[torch.Tensor, int, bool]:
+    """adamw_pieces_kernel's table on p's device (through pinned memory, without waiting), the
+    grid size, and whether every piece's start is 16-byte aligned in all the tensors it touches
+    (the kernel then reads and writes 16 bytes at a time)."""
+    starts, first_programs = [0], [0]
+    for t in pieces:
+        starts.append(starts[-1] + t.numel())
+        first_programs.append(first_programs[-1] + triton.cdiv(t.numel(), FUSED_BLOCK))
+    addresses = [t.data_ptr() for t in pieces]
+    table = torch.tensor(addresses + starts + first_programs, dtype=torch.int64)
+    if p.is_cuda:
+        table = table.pin_memory().to(p.device, non_blocking=True)
+    aligned = (all(a % 16 == 0 for a in addresses) and all(s % 8 == 0 for s in starts)
+               and all(t.data_ptr() % 16 == 0 for t in (p, p_bf16) if t is not None))
+    return table, first_programs[-1], aligned
 
 
 def _check_grad_scale(grad_scale: torch.Tensor | None, p: torch.Tensor) -> None:
@@ -323,6 +447,12 @@ class AdamW(torch.optim.Optimizer):
             self._update_tensors(p, grad, state["exp_avg"], state["exp_avg_sq"], p_bf16, group,
                                  state["step"], grad_scale)
             return
+        if self._kernel_for(p) and pieces_take_one_launch(p, grad, state["exp_avg"], p_bf16):
+            adamw_update_pieces(p, grad, state["exp_avg"], state["exp_avg_sq"], lr=group["lr"],
+                                betas=group["betas"], eps=group["eps"],
+                                weight_decay=group["weight_decay"], step=state["step"],
+                                grad_scale=grad_scale, p_bf16=p_bf16)
+            return
         offset = 0  # a gradient in pieces: each piece updates its stretch of the flat tensors
         for piece in grad:
             n = piece.numel()
@@ -333,11 +463,15 @@ class AdamW(torch.optim.Optimizer):
                                  state["step"], grad_scale)
             offset += n
 
+    def _kernel_for(self, p: torch.Tensor) -> bool:
+        """Whether `fused` sends p's update to the kernels."""
+        return p.is_cuda if self.fused is None else self.fused
+
     def _update_tensors(self, p, grad, exp_avg, exp_avg_sq, p_bf16, group: dict, step: int,
                         grad_scale: torch.Tensor | None) -> None:
         tensors = (p, grad, exp_avg, exp_avg_sq)
         contiguous = all(t.is_contiguous() for t in tensors)
-        if contiguous and (p.is_cuda if self.fused is None else self.fused) and (
+        if contiguous and self._kernel_for(p) and (
                 p_bf16 is None or p_bf16.is_contiguous()):
             adamw_update(*tensors, lr=group["lr"], betas=group["betas"], eps=group["eps"],
                          weight_decay=group["weight_decay"], step=step,
