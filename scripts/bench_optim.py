@@ -13,7 +13,11 @@ Cases (one optimizer.step() each, CUDA-event median over 25 steps after 5 warm-u
   torch-ops     the same optimizer with fused=False: the torch elementwise ops of _update_chunk
   fused fp32    our kernel with FP32 moments (same bytes as torch's fused AdamW)
   torch fused   torch.optim.AdamW(fused=True), FP32 moments: the public baseline
-then a sweep of the kernel's BLOCK x num_warps (bf16 moments) to show the chosen default holds.
+then a sweep of the kernel's BLOCK x num_warps (bf16 moments) to show the chosen default holds,
+and the step trainer/zero_step.py takes: one flat partition whose bf16 gradient comes in 83 pieces
+(one per parameter, as ZeRO holds them) and whose bf16 weights AdamW writes too, stepped by
+`adamw_pieces_kernel` in one launch against a launch per piece: GPU time (CUDA events) and the
+host's time to queue a step (no synchronization).
 
     python scripts/bench_optim.py                    # 1.9e9 parameters (~31 GB at the peak), < 60 s
     python scripts/bench_optim.py --params 2e8 --no-sweep
@@ -24,6 +28,7 @@ import argparse
 import gc
 import os
 import sys
+import time
 
 import torch
 
@@ -87,6 +92,61 @@ def sweep(params, n: int) -> None:
         optim.FUSED_BLOCK, optim.FUSED_WARPS = default
 
 
+PIECES = 83  # `small`'s parameters: ZeRO's gradient pieces of one partition on one rank
+
+
+def piece_sizes(n: int, count: int) -> list[int]:
+    """`count` sizes that add up to n, multiples of 128 as `small`'s parameters are (so both
+    forms run the vectorized kernel): a third of them norm-sized (512-4096), the rest matrices of
+    uneven sizes."""
+    norms = [512 * (1 + i % 8) for i in range(count // 3)]
+    gen = torch.Generator().manual_seed(0)
+    weights = torch.rand(count - len(norms), generator=gen) ** 2 + 0.05
+    matrices = [int(w) // 128 * 128 for w in weights / weights.sum() * (n - sum(norms))]
+    matrices[0] += n - sum(norms) - sum(matrices)
+    return [size for pair in zip(matrices, norms) for size in pair] + matrices[len(norms):]
+
+
+def pieces_case(n: int) -> tuple[float, float, float, float]:
+    """(GPU ms, host ms) of one launch, then of a launch per piece, for a partition of n."""
+    p = torch.empty(n, device="cuda").normal_()
+    grad = torch.empty(n, device="cuda", dtype=torch.bfloat16).normal_().mul_(1e-3)
+    pieces, p_bf16 = list(grad.split(piece_sizes(n, PIECES))), torch.empty_like(grad)
+    opt = optim.AdamW([p], **HYPER, moment_dtype=torch.bfloat16)
+
+    def step():
+        opt.use_for_next_step(p, pieces, p_bf16)
+        opt.step()
+    one_launch = optim.pieces_take_one_launch
+    figures = []
+    try:
+        for takes_one in (True, False):
+            optim.pieces_take_one_launch = one_launch if takes_one else (lambda *args: False)
+            gpu_ms = time_ms(step, reps=5, batches=5)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(5):  # 5 x 83 launches stay inside CUDA's launch queue
+                step()
+            host_ms = (time.perf_counter() - start) / 5 * 1e3
+            torch.cuda.synchronize()
+            figures += [gpu_ms, host_ms]
+    finally:
+        optim.pieces_take_one_launch = one_launch
+    return tuple(figures)
+
+
+def report_pieces(n: int) -> None:
+    one_gpu, one_host, each_gpu, each_host = pieces_case(n)
+    print(f"\nbf16 gradient in {PIECES} pieces, bf16 weights written (trainer/zero_step.py's step):"
+          f"\n  one launch         {one_gpu:8.2f} ms GPU  {one_host:6.2f} ms host to queue it"
+          f"\n  a launch per piece {each_gpu:8.2f} ms GPU  {each_host:6.2f} ms host", flush=True)
+    size = f"{n / 1e9:.2f}B params"
+    record("optim", f"AdamW step {size} from {PIECES} bf16 gradient pieces: one launch, GPU",
+           one_gpu, "ms", "a launch per piece", each_gpu, higher_is_better=False)
+    record("optim", f"AdamW step {size} from {PIECES} bf16 gradient pieces: one launch, host",
+           one_host, "ms", "a launch per piece", each_host, higher_is_better=False)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", type=float, default=1.9e9, help="FP32 parameters in all partitions")
@@ -127,6 +187,10 @@ def main() -> None:
            "copy", copy)
     if not args.no_sweep:
         sweep(params, n)
+    del params
+    gc.collect()
+    torch.cuda.empty_cache()
+    report_pieces(n)
 
 
 if __name__ == "__main__":
