@@ -255,7 +255,8 @@ def main() -> None:
             print(f"  fp8={r['recipe']:<9} step {r['step_ms']:8.1f} ms  {r['tokens_per_s']:10,.0f} tok/s  "
                   f"{r['tflops']:6.1f} TFLOP/s  MFU {100 * r['mfu']:5.1f}%  peak {r['peak_gib']:5.1f} GiB  "
                   f"held by a forward {r['held_gib']:5.2f} GiB (FP8 weight copies "
-                  f"{r['copies_gib']:4.2f})  GPU idle {r['idle_ms']:4.1f} ms  loss {r['loss']:.3f}  (runs: "
+                  f"{r['copies_gib']:4.2f})  GPU idle {r['idle_ms']:4.1f} ms  "
+                  f"loss {r['loss']:.3f}  (runs: "
                   + " / ".join(f"{ms:.1f}" for ms in r["runs_ms"]) + " ms)")
         report(args, results, matmul)
 

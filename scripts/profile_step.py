@@ -17,7 +17,7 @@ table): use it to decide what to fuse next.
     python scripts/profile_step.py --recipes off --seq-len 4096 --top 40
     python scripts/profile_step.py --recipes off --seq-len 4096 --copies   # who launches the copies
     python scripts/profile_step.py --syncs      # every host sync of a step, with its source line
-    python scripts/profile_step.py --gaps       # where the GPU waits for the host, and for what code
+    python scripts/profile_step.py --gaps       # where the GPU waits for the host, and for what
 
 --syncs runs one step under torch.cuda.set_sync_debug_mode("warn"), which warns at every CUDA
 call that makes the host wait for the GPU (an .item(), a copy to the host, a copy from pageable
@@ -276,7 +276,8 @@ def gap_lines(trace_events: list[dict], steps: int, top: int, min_us: float = 20
         entry[2] = entry[2] or ended_by["name"][:60]
     total = sum(length for _, length, _ in gaps) / 1e3 / steps
     lines = [f"GPU idle per step: {total:.2f} ms in {len(gaps) / steps:.0f} stretches of "
-             f">= {min_us:.0f} us (ms per step, stretches per step, launched from; first kernel after)"]
+             f">= {min_us:.0f} us (ms per step, stretches per step, launched from; "
+             "first kernel after)"]
     for site, (ms, n, kernel) in sorted(sites.items(), key=lambda kv: -kv[1][0])[:top]:
         lines.append(f"  {ms:7.2f} ms {n / steps:6.1f}x  {site}\n        then {kernel}")
     return lines

@@ -195,7 +195,8 @@ def test_gpu_host_copies_wait_for_themselves_only():
     assert not torch.cuda.current_stream().query(), "get() waited for work queued after it"
     assert host["v"].device.type == "cpu" and host["v"].is_pinned()
     torch.cuda.synchronize()
-    assert torch.equal(host["v"], values.cpu()) and torch.equal(host["n"], values.sum(dim=1).long().cpu())
+    assert torch.equal(host["v"], values.cpu())
+    assert torch.equal(host["n"], values.sum(dim=1).long().cpu())
 
 
 @pytest.mark.gpu

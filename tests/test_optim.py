@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from trainer.optim import (AdamW, OptimConfig, Schedule, adamw_update, adamw_update_pieces, build_optimizer, build_schedule,
-                           param_groups)
+from trainer.optim import (AdamW, OptimConfig, Schedule, adamw_update, adamw_update_pieces,
+                           build_optimizer, build_schedule, param_groups)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 RAGGED = 4133  # not a multiple of the kernel's block
@@ -564,8 +564,8 @@ for aligned in (True, False):
                     constexprs=dict(MOMENTS_BF16=True, SCALE_GRAD=True, GRAD_BF16=True,
                                     WRITE_BF16=True, ALIGNED=aligned, SEARCH_STEPS=7,
                                     BLOCK=optim.FUSED_BLOCK))
-    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                         options=dict(num_warps=optim.FUSED_WARPS, enable_fp_fusion=False)).asm["ptx"]
+    options = dict(num_warps=optim.FUSED_WARPS, enable_fp_fusion=False)
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
     out[f"aligned={aligned}"] = dict(fma="fma.rn.f32" in ptx, div_rn="div.rn.f32" in ptx,
                                      sqrt_rn="sqrt.rn.f32" in ptx, v4="ld.global.v4" in ptx)
 print(json.dumps(out))
@@ -690,9 +690,9 @@ def _zero1_run(job, fused, precision):
 
 def test_fused_under_deepspeed_zero1_matches_torch_path(job, monkeypatch):
     """A ZeRO-1 step of a tiny model (bf16 engine on CUDA, fp32 on the CPU) with the kernel and with
-    torch ops: the kernels ran on the flat FP32 partitions, and the FP32 masters agree to an FP32 rounding
-    on the CPU, to 0.1% of a step (lr 1e-2) on the GPU, whose gradients may differ in their last bits
-    between two runs."""
+    torch ops: the kernels ran on the flat FP32 partitions, and the FP32 masters agree to an FP32
+    rounding on the CPU, to 0.1% of a step (lr 1e-2) on the GPU, whose gradients may differ in
+    their last bits between two runs."""
     import trainer.optim as optim_module
     calls = []
 

@@ -108,7 +108,8 @@ def test_gap_lines_sum_idle_stretches_by_the_code_that_ended_them():
     ]
     lines = profile_step.gap_lines(events, steps=1, top=5, min_us=20)
     assert lines[0].startswith("GPU idle per step: 1.00 ms in 3 stretches")
-    assert "0.60 ms    1.0x  trainer/engine.py(240): train_step\n        then Memcpy HtoD" in lines[1]
+    assert ("0.60 ms    1.0x  trainer/engine.py(240): train_step\n        then Memcpy HtoD"
+            in lines[1])
     assert ("0.40 ms    2.0x  models/block.py(50): forward < trainer/engine.py(240): train_step"
             "\n        then k3") in lines[2]
     assert len(lines) == 3

@@ -224,8 +224,8 @@ class HostCopies:
         if not any(t.is_cuda for t in tensors.values()):
             self.host = dict(tensors)
             return
-        self.host = {k: torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
-                     for k, t in tensors.items()}
+        self.host = {k: torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(
+            t, non_blocking=True) for k, t in tensors.items()}
         self.event = torch.cuda.Event()
         self.event.record()
 
@@ -276,8 +276,10 @@ def train_step(engine, micro_batches: list[dict[str, torch.Tensor]],
             sums[key] = sums.get(key, 0) + value.detach().float()
         if last:  # on their way to the host while the optimizer's kernels are queued
             loads = balancer.update()
-            figures = HostCopies({"means": _means_over_ranks(sums, len(micro_batches)),
-                                  **({} if loads is None else dict(zip(("counts", "bias"), loads)))})
+            on_device = {"means": _means_over_ranks(sums, len(micro_batches))}
+            if loads is not None:
+                on_device.update(zip(("counts", "bias"), loads))
+            figures = HostCopies(on_device)
         engine.step()
     assert engine.global_steps == steps_before + 1, "DeepSpeed did not step at the accumulation boundary"
     invalidate_weight_caches(engine.module)

@@ -256,9 +256,10 @@ def pieces_take_one_launch(p: torch.Tensor, pieces: list[torch.Tensor], exp_avg:
     if not pieces or (p.device.type != "cuda" and not INTERPRET):
         return False
     dtype = pieces[0].dtype
-    return all(t.dtype == dtype and t.is_contiguous() and t.device == p.device for t in pieces) and (
-        dtype in (torch.float32, torch.bfloat16) and p.is_contiguous() and exp_avg.is_contiguous()
-        and (p_bf16 is None or p_bf16.is_contiguous()))
+    pieces_ok = all(t.dtype == dtype and t.is_contiguous() and t.device == p.device
+                    for t in pieces)
+    return pieces_ok and dtype in (torch.float32, torch.bfloat16) and p.is_contiguous() and (
+        exp_avg.is_contiguous() and (p_bf16 is None or p_bf16.is_contiguous()))
 
 
 def adamw_update_pieces(p: torch.Tensor, pieces: list[torch.Tensor], exp_avg: torch.Tensor,
@@ -271,9 +272,9 @@ def adamw_update_pieces(p: torch.Tensor, pieces: list[torch.Tensor], exp_avg: to
     offsets goes to the GPU with the launch, where each program finds its piece. Bitwise the
     piece-by-piece adamw_update. pieces_take_one_launch(...) says whether the pieces qualify."""
     if not pieces_take_one_launch(p, pieces, exp_avg, p_bf16):
-        raise ValueError("adamw_update_pieces: the pieces must be contiguous, of one dtype (FP32 or "
-                         "bf16) and on p's device, and p, the moments and p_bf16 contiguous; step "
-                         "them one by one with adamw_update otherwise")
+        raise ValueError("adamw_update_pieces: the pieces must be contiguous, of one dtype (FP32 "
+                         "or bf16) and on p's device, and p, the moments and p_bf16 contiguous; "
+                         "step them one by one with adamw_update otherwise")
     _check_fused_operands(p, p, exp_avg, exp_avg_sq, p_bf16)
     _check_grad_scale(grad_scale, p)
     pieces = [t for t in pieces if t.numel()]
