@@ -255,10 +255,14 @@ from deepspeed.utils import safe_get_full_fp32_param
 from models import build_model, model_config
 from trainer import engine as eng, zero_step
 from trainer.balance import LoadBalancer
+from trainer import optim as optim_module
 from trainer.optim import OptimConfig, build_optimizer, build_schedule
 
-tiny, stage = json.loads(sys.argv[1]), int(sys.argv[2])
+tiny, stage, kernels = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "kernels"
 job = eng.init_distributed()
+one_launches = []
+step_pieces = optim_module.adamw_update_pieces
+optim_module.adamw_update_pieces = lambda *a, **k: one_launches.append(1) or step_pieces(*a, **k)
 runs = []
 for fold in (True, False):
     torch.manual_seed(11)
@@ -266,8 +270,9 @@ for fold in (True, False):
     optim = OptimConfig(lr=1e-2, warmup_steps=0, grad_clip=0.05)
     ds = eng.deepspeed_config(eng.ParallelConfig(zero_stage=stage), optim.grad_clip, 2,
                               job.world_size, "bf16")
-    engine = eng.build_engine(model, build_optimizer(model, optim), build_schedule(optim, 10), ds,
-                              True, fold)
+    adamw = build_optimizer(model, optim)
+    adamw.fused = True if kernels else None  # the Triton kernels, under the CPU's interpreter
+    engine = eng.build_engine(model, adamw, build_schedule(optim, 10), ds, True, fold)
     assert zero_step.installed(engine) is fold
     balancer = LoadBalancer(engine.module.routers(), 1e-3)
     norms = []
@@ -276,6 +281,8 @@ for fold in (True, False):
         rows = torch.randint(0, 256, (2, 17), generator=seed)
         batch = {"tokens": rows[:, :-1], "labels": rows[:, 1:]}
         norms.append(eng.train_step(engine, [batch], eng.lm_loss, balancer)["optim/grad_norm"])
+    assert len(one_launches) == (3 * len(adamw.param_groups) if fold and kernels else 0)
+    one_launches.clear()
     runs.append((norms, [safe_get_full_fp32_param(p).clone() for p in engine.module.parameters()],
                  [p.detach().clone() for p in engine.module.parameters()]))
 (norms, masters, weights), (ds_norms, ds_masters, ds_weights) = runs
@@ -288,11 +295,15 @@ torch.distributed.destroy_process_group()  # a rank leaving without it may abort
 '''
 
 
-@pytest.mark.parametrize("zero_stage", [1, 2])
-def test_fused_zero_step_on_two_ranks_is_deepspeeds_step_bit_for_bit(tmp_path, zero_stage):
+@pytest.mark.parametrize("zero_stage,adamw", [(1, "torch"), (2, "torch"), (1, "kernels"),
+                                              (2, "kernels")])
+def test_fused_zero_step_on_two_ranks_is_deepspeeds_step_bit_for_bit(tmp_path, zero_stage, adamw):
     """Two gloo ranks under torchrun, bf16: each rank's partition (the first flattened as it is,
     the last padded to the partition size) stepped by AdamW from the bf16 gradient gives the same
-    masters, weights and norms as DeepSpeed's own step, bit for bit, after three steps."""
+    masters, weights and norms as DeepSpeed's own step, bit for bit, after three steps. With
+    `kernels` AdamW runs its Triton kernels (the interpreter): ours steps ZeRO's pieces, parameters
+    cut at the partition boundary and the padding's zeros among them, in one launch of
+    adamw_pieces_kernel, DeepSpeed's step its flat FP32 copy with adamw_kernel."""
     import json
     import subprocess
     import sys
@@ -302,7 +313,8 @@ def test_fused_zero_step_on_two_ranks_is_deepspeeds_step_bit_for_bit(tmp_path, z
     env = {k: v for k, v in os.environ.items() if k not in ENV}
     env["PYTHONPATH"] = f"{root}{os.pathsep}{env.get('PYTHONPATH', '')}"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node=2", str(script), json.dumps(TINY), str(zero_stage)],
+                           "--nproc_per_node=2", str(script), json.dumps(TINY), str(zero_stage),
+                           adamw],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("same as DeepSpeed's step") == 2, proc.stdout[-3000:]
