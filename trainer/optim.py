@@ -43,11 +43,12 @@ its piece by binary search): on an H100, 0.9 ms of host time to queue a 1.9B-par
 against 7.8 ms for a launch per piece (scripts/bench_optim.py), the GPU's time the same or 4%
 less. Its loads and stores are 16 bytes wide when every piece starts on a multiple of 8 elements
 (`ALIGNED`, checked at each launch), element-wide otherwise. On several ranks ZeRO cuts a
-parameter at each partition boundary, on a multiple of 2 elements only, so a partition whose first
-piece's length is not a multiple of 8 has every later piece off that grid too, and steps
-element-wide, as the per-piece launches did then (their narrowed views lose the alignment the
-same way), and the bf16 weights of a rank past the first may start off the 16-byte grid (ZeRO
-asserts 4); not measured on several GPUs yet.
+parameter at each partition boundary, which it only keeps on a multiple of 2 elements: where a
+partition's first piece is not a multiple of 8 long, every later piece is off the grid too, and
+the step runs element-wide (as the per-piece launches did then: their narrowed views lose the
+alignment the same way). `small`'s partitions are on the grid on 2, 4 and 8 ranks (computed
+from its parameter sizes); a model whose parameter count per group is not a multiple of 16 x
+ranks may not be.
 
 Schedules map the optimizer step (0-based) to a factor of the peak learning rate:
 `cosine` (linear warmup, then cosine down to `min_lr_ratio`) and `wsd` (warmup, stable, then a
