@@ -293,7 +293,9 @@ def gap_table(engine, batch, balancer, top: int) -> list[str]:
     lines = [f"GPU idle per step, kernel timeline only: {idle_ms:.2f} ms in "
              f"{len(plain) / 2:.0f} stretches of >= 20 us"]
     stacked = _step_trace(engine, batch, balancer, with_stack=True)
-    return lines + ["with Python stacks:"] + gap_lines(stacked, steps=2, top=top)
+    return lines + ["with Python stacks (which slow the host severalfold: read this table for "
+                    "where the GPU waits, the figure above for how long):"] + gap_lines(
+        stacked, steps=2, top=top)
 
 
 def _step_trace(engine, batch, balancer, with_stack: bool) -> list[dict]:
