@@ -47,7 +47,8 @@ from models.fp8.config import FP8Config  # noqa: E402
 from models.fp8.linear import cached_weight_copies  # noqa: E402
 from isolate import in_fresh_process  # noqa: E402
 from summary import record  # noqa: E402
-from timing import alternating_rounds, bf16_matmul_tflops, idle_gaps, profiled_trace  # noqa: E402
+from timing import (alternating_rounds, bf16_matmul_tflops, idle_gaps, idle_ms,  # noqa: E402
+                    profiled_trace)
 from trainer import engine as eng  # noqa: E402
 from trainer.balance import LoadBalancer  # noqa: E402
 from trainer.optim import OptimConfig, build_optimizer, build_schedule  # noqa: E402
@@ -134,8 +135,7 @@ def gpu_idle_ms(step, steps: int = 2) -> float:
     def run():
         for _ in range(steps):
             step()
-    gaps = idle_gaps(profiled_trace(run), min_us=5.0)
-    return sum(length for _, length, _ in gaps) / 1e3 / steps
+    return idle_ms(idle_gaps(profiled_trace(run), min_us=5.0), steps)
 
 
 def forward_held_gib(engine, micro_batch: dict) -> tuple[float, float]:

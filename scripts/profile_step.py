@@ -48,7 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_train import add_engine_flags, build, fp8_available  # noqa: E402
 from isolate import in_fresh_process  # noqa: E402
-from timing import idle_gaps, profiled_trace  # noqa: E402
+from timing import idle_gaps, idle_ms, profiled_trace  # noqa: E402
 from models.fp8.linear import invalidate_weight_caches  # noqa: E402
 from trainer import engine as eng  # noqa: E402
 
@@ -182,8 +182,7 @@ class SyncRecorder:
     def _record(self, message, category, filename, lineno, file=None, line=None) -> None:
         if self.MARK not in str(message):
             return
-        ours = [f for f in traceback.extract_stack()[:-1]
-                if f.filename.startswith(ROOT) or "deepspeed" in f.filename]
+        ours = [f for f in traceback.extract_stack()[:-1] if _is_ours(f.filename)]
         site = " < ".join(f"{_short(f.filename)}:{f.lineno} ({f.name})"
                           for f in reversed(ours[-self.frames:]))
         self.sites[site] += 1
@@ -239,14 +238,15 @@ class HostStacks:
             i -= 1  # frames nest: the latest-started one still open is the innermost
         chain, frame = [], frames[i] if i >= 0 else None
         while frame is not None and len(chain) < depth:
-            if _is_ours(frame["name"]):
+            if _is_ours(frame["name"].split("(", 1)[0]):
                 chain.append(_short_frame(frame["name"]))
             frame = self.by_id.get(frame["args"].get("Python parent id"))
         return " < ".join(chain) or "(no project frame)"
 
 
-def _is_ours(frame_name: str) -> bool:
-    path = frame_name.split("(", 1)[0]
+def _is_ours(path: str) -> bool:
+    """Whether a source path (absolute, or relative to the project as the profiler's Python
+    frames name it) is this project's code or DeepSpeed's."""
     return path.startswith(ROOT) or "deepspeed" in path or path.startswith(
         ("models/", "trainer/", "scripts/"))
 
@@ -274,9 +274,8 @@ def gap_lines(trace_events: list[dict], steps: int, top: int, min_us: float = 20
         entry[0] += length / 1e3 / steps
         entry[1] += 1
         entry[2] = entry[2] or ended_by["name"][:60]
-    total = sum(length for _, length, _ in gaps) / 1e3 / steps
-    lines = [f"GPU idle per step: {total:.2f} ms in {len(gaps) / steps:.0f} stretches of "
-             f">= {min_us:.0f} us (ms per step, stretches per step, launched from; "
+    lines = [f"GPU idle per step: {idle_ms(gaps, steps):.2f} ms in {len(gaps) / steps:.0f} "
+             f"stretches of >= {min_us:.0f} us (ms per step, stretches per step, launched from; "
              "first kernel after)"]
     for site, (ms, n, kernel) in sorted(sites.items(), key=lambda kv: -kv[1][0])[:top]:
         lines.append(f"  {ms:7.2f} ms {n / steps:6.1f}x  {site}\n        then {kernel}")
@@ -289,8 +288,7 @@ def gap_table(engine, batch, balancer, top: int) -> list[str]:
     name the code each wait ended on (the stacks slow the host, so there the waits grow; read
     that table for where, not for how much)."""
     plain = idle_gaps(_step_trace(engine, batch, balancer, with_stack=False), min_us=20.0)
-    idle_ms = sum(length for _, length, _ in plain) / 1e3 / 2
-    lines = [f"GPU idle per step, kernel timeline only: {idle_ms:.2f} ms in "
+    lines = [f"GPU idle per step, kernel timeline only: {idle_ms(plain, 2):.2f} ms in "
              f"{len(plain) / 2:.0f} stretches of >= 20 us"]
     stacked = _step_trace(engine, batch, balancer, with_stack=True)
     return lines + ["with Python stacks (which slow the host severalfold: read this table for "

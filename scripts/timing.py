@@ -8,6 +8,7 @@
     bf16_matmul_tflops()          # the dense bf16 rate this card reaches, measured now
     events = profiled_trace(fn)   # the Chrome-trace events of one call of fn under the profiler
     idle_gaps(events, min_us)     # the stretches in which the GPU ran nothing
+    idle_ms(gaps, steps)          # their milliseconds per step
 """
 from __future__ import annotations
 
@@ -116,3 +117,8 @@ def idle_gaps(trace_events: list[dict], min_us: float) -> list[tuple[float, floa
         end = e["ts"] + e.get("dur", 0)
         busy_until = end if busy_until is None else max(busy_until, end)
     return gaps
+
+
+def idle_ms(gaps: list[tuple[float, float, dict]], steps: int) -> float:
+    """Milliseconds per step of idle_gaps' stretches over `steps` steps."""
+    return sum(length for _, length, _ in gaps) / 1e3 / steps

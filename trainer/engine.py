@@ -23,8 +23,9 @@ the code path on a node:
 - `train_step()` is the whole optimizer step: for each micro-batch forward (through `loss_fn`),
   backward, token counts into the balancer, `engine.step()` (DeepSpeed only steps at the
   accumulation boundary); before the last one, the router-bias update from the all-reduced
-  counts and the metrics averaged over micro-batches and ranks. RL reuses it with its own `loss_fn`. The FP8 layers'
-  cached weight quantizations are dropped after the step's last forward, before its backward: the
+  counts and the metrics averaged over micro-batches and ranks. RL reuses it with its own
+  `loss_fn`. The FP8 layers' cached weight quantizations are dropped after the step's last
+  forward, before its backward: the
   backward keeps only each layer's transposed copy, freed as soon as that layer's gradient is
   done, so no FP8 copy lives through the end of backward and the optimizer step, where the
   step's memory peaks (the `small` model's copies are 2.7 GiB). They are dropped again after the
