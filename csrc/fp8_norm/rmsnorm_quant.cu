@@ -31,8 +31,9 @@
 // tiles that have landed are added between this block's tiles.
 //
 // Measured on an H100 (models/fp8/quant.py's docstring has the figures and where the time goes):
-// 69% of a device-to-device copy's bandwidth at 32768 x 7168 and 60% at 8192 x 4096, against 64%
-// and 44% for the Triton kernel; the quantizing phase, 8 warps per SM, is what holds it back.
+// 77% of a device-to-device copy's bandwidth at 32768 x 7168, 58% at 8192 x 4096 and 61-62% at
+// 16384 x 2048 (68%, 54% and 58% before the weights were loaded a tile ahead, load_weights());
+// the quantizing phase, 8 warps per SM in lockstep, is what holds it back.
 //
 // Threads: 256 (8 warps); in every phase thread (i, j), i, j in 0..15, owns the 8 x 8 elements at
 // rows 8i.., columns 8j.. of a tile: warp w holds i = 4 (w % 4) + lane / 8, j = 8 (w / 4) +
@@ -270,16 +271,37 @@ __device__ __forceinline__ void row_rstd(float (&ss)[8], const Smem& sm, const T
   }
 }
 
-// w[col0 .. col0 + 7] as floats (zeros past K); loaded one tile ahead of its use, since it comes
-// from L2 (shared memory is full, and L1 is invalidated by every exchange's acquire).
-__device__ __forceinline__ void load_weights(const Args& a, int col0, float (&w)[8]) {
-  if (col0 >= a.K) {  // K % 8 == 0: a group of 8 columns is all inside or all outside
-#pragma unroll
-    for (int c = 0; c < 8; ++c) w[c] = 0.0f;
-  } else if (a.w_bf16) {
-    unpack8(*reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(a.w) + col0), w);
+// w[col0 .. col0 + 7] as loaded: 16 bytes of bf16 (lo) or 32 of fp32 (lo, hi). It comes from L2
+// (shared memory is full, and L1 is invalidated by every exchange's acquire), so it is loaded one
+// tile ahead of its use and converted to floats only then (weights()): a conversion next to the
+// load made every warp wait for the L2 round trip at the same point of every tile, a fifth of the
+// kernel's stall samples in an ncu profile (H100, 32768 x 7168).
+struct RawWeights {
+  uint4 lo, hi;
+};
+
+__device__ __forceinline__ RawWeights load_weights(const Args& a, int col0) {
+  RawWeights raw{make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};
+  if (col0 < a.K) {  // K % 8 == 0: a group of 8 columns is all inside or all outside
+    if (a.w_bf16) {
+      raw.lo = *reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(a.w) + col0);
+    } else {
+      const uint4* p = reinterpret_cast<const uint4*>(static_cast<const float*>(a.w) + col0);
+      raw.lo = p[0];
+      raw.hi = p[1];
+    }
+  }
+  return raw;
+}
+
+__device__ __forceinline__ void weights(const RawWeights& raw, int w_bf16, float (&w)[8]) {
+  if (w_bf16) {
+    unpack8(raw.lo, w);  // zeros past K: bf16 0 is float 0
   } else {
-    load8(static_cast<const float*>(a.w) + col0, w);
+    const uint32_t words[8] = {raw.lo.x, raw.lo.y, raw.lo.z, raw.lo.w,
+                               raw.hi.x, raw.hi.y, raw.hi.z, raw.hi.w};
+#pragma unroll
+    for (int c = 0; c < 8; ++c) w[c] = __uint_as_float(words[c]);
   }
 }
 
@@ -480,8 +502,7 @@ rmsnorm_quant_kernel(const __grid_constant__ CUtensorMap x_map, const Args a) {
   cluster_sync();  // every CTA's barriers exist before anyone sends to them
 
   float ss[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  float w[8];  // the weights of the next tile to quantize
-  load_weights(a, ring.k_first * TILE + 8 * t.j, w);
+  RawWeights next_w = load_weights(a, ring.k_first * TILE + 8 * t.j);  // of the next tile
   int summed = 0;  // elements of the sequence whose squares this thread has added
   for (int round = 0; round < ring.rounds; ++round) {
     const int rb = cluster + round * clusters, end = (round + 1) * ring.n_tiles;
@@ -499,10 +520,11 @@ rmsnorm_quant_kernel(const __grid_constant__ CUtensorMap x_map, const Args a) {
     for (int k = 0; k < ring.n_tiles; ++k) {
       const int s = round * ring.n_tiles + k;
       const int kb = ring.k_first + k, col0 = kb * TILE + 8 * t.j;
-      float y[8][8];
-      normalize(ring.tile(s), t, w, rstd, y);
+      float w[8], y[8][8];
+      weights(next_w, a.w_bf16, w);
       const int k_next = k + 1 < ring.n_tiles ? k + 1 : 0;  // the same columns every round
-      load_weights(a, (ring.k_first + k_next) * TILE + 8 * t.j, w);
+      next_w = load_weights(a, (ring.k_first + k_next) * TILE + 8 * t.j);
+      normalize(ring.tile(s), t, w, rstd, y);
       tile_amax(y, t, a.colwise != 0, sm.amax);
       __syncthreads();  // the tile is in registers: its buffer takes the element `buffers` on
       if (t.tid == 0) ring.load(s + a.buffers, &x_map);
