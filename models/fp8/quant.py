@@ -124,14 +124,21 @@ row's per-CTA sums of squares to the CTA owning the row with st.async, gets its 
 same way, and quantizes the tiles from shared memory while the next row block's tiles load.
 Measured on the H100 (bench_fp8, 32768x7168 / 8192x4096): 69% / 60% of the copy, against this
 Triton kernel's 64% / 44% in the same run (a focused timing with 16384x2048: 59-61% against
-35-50%). Still short of the dual kernel's 92%. A per-CTA timeline at
+35-50%). Since then an ncu profile found every warp waiting for the norm weights' L2 round trip
+at the same point of every tile (the load's result was converted to fp32 right after it was
+issued: a fifth of the stall samples); loaded a tile ahead as raw bits and converted at use, the
+kernel went from 68% to 77% of the copy at 32768x7168, 54% to 58% at 8192x4096 and 58% to 61% at
+16384x2048 (same run, outputs bitwise the same). Still short of the dual kernel's 92%. What the
+profile shows after that fix: the stall samples spread over the tile's phases, the largest
+single site (a tenth) warps waiting for their own global stores to drain before they can reuse
+the registers, then the round boundary (the last tile's load, the exchange: another eighth);
+16-CTA clusters ran 74% against 77%. The figures below predate the fix. A per-CTA timeline at
 32768x7168 (the .cu's NORM_TIMELINE switch) has each row block take 25 us: 88% of it quantizing
 7 tiles, while the GPU moves 2.4 TB/s (81% of the copy's 3.0), 5% waiting for the last tile's
 load and 7% in the exchange; only 120 of the 132 SMs run (15 clusters of 8 fit), and 256 row
 blocks over 15 clusters leave a 4% tail. The quantizing runs 8 warps per SM (210 registers a
 thread: each holds the 64 values of its 8 x 8 block); 16 warps of 32 values each were only 2.5-5%
-faster (the .cu's header), so that phase is not mainly latency-bound: its stores are the next
-thing to profile.
+faster (the .cu's header), so that phase is not mainly latency-bound (its stores: above).
 The model calls it through models.fp8.linear.FP8RMSNorm, for a norm whose output goes
 straight into FP8 Linears or MLPs, with a bf16 hp_out: a norm's output also feeds bf16 consumers
 (the router, MLA projections that convert.py keeps bf16, the routed experts' dispatch), which
