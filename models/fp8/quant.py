@@ -132,7 +132,13 @@ kernel went from 68% to 77% of the copy at 32768x7168, 54% to 58% at 8192x4096 a
 profile shows after that fix: the stall samples spread over the tile's phases, the largest
 single site (a tenth) warps waiting for their own global stores to drain before they can reuse
 the registers, then the round boundary (the last tile's load, the exchange: another eighth);
-16-CTA clusters ran 74% against 77%. The figures below predate the fix. A per-CTA timeline at
+16-CTA clusters ran 74% against 77%. Per SM it is now near the dual kernel: ncu counted 2.44
+TB/s from DRAM with the SMs active 90% of the elapsed cycles (120 of 132 SMs hold a cluster of
+8, plus the tail), 20.4 GB/s per active SM against the dual kernel's 21.5 (2.80 TB/s, 132 SMs):
+95%. So what is left is mostly the 12 SMs no cluster of 8 fits on; using them needs the row
+block's sums exchanged beyond a hardware cluster (through L2, slower than the st.async exchange
+and on the round's critical path), not a faster tile loop. The figures below predate the fix. A
+per-CTA timeline at
 32768x7168 (the .cu's NORM_TIMELINE switch) has each row block take 25 us: 88% of it quantizing
 7 tiles, while the GPU moves 2.4 TB/s (81% of the copy's 3.0), 5% waiting for the last tile's
 load and 7% in the exchange; only 120 of the 132 SMs run (15 clusters of 8 fit), and 256 row
