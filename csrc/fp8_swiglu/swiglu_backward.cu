@@ -33,6 +33,13 @@
 // 1536-2048, 0.54 at 4096 x 1536 (0.50-0.51, 0.48-0.49 and 0.39 for Triton in the same runs:
 // 1.6-1.7x, and 1.4x at the smallest). ncu at 32768 x 3584: 75 instructions per element (Triton
 // 110), 2.7 issued per cycle with 16 warps per SM, DRAM 77% busy.
+// Measured and not kept (twenty-third session, H100, bitwise the same outputs, each against this
+// kernel in interleaved rounds at 32768 x 7168, 16384 x 4096 / 3072 and 65536 x 3072): pass 1's
+// sigmoids kept in shared memory for pass 3 (64 KB; 4 of the 75 instructions a pair saved,
+// among them both MUFU): 83.3-83.6% of a copy against 83.3-83.4%; three input buffers, two tiles
+// loaded ahead: +0.3%; three barriers a tile instead of four (the loads issued after the first):
+// within 1% either way. ncu's stall samples spread over the whole tile (no site above 6%), so
+// neither the instruction count nor the load depth is the limit on its own.
 //
 // Threads: 512 (16 warps); thread (i, j), i in 0..31, j in 0..15, owns rows 4i.., columns 8j.. of
 // the tile: warp w holds i = 8 (w % 4) + lane / 4, j = 4 (w / 4) + lane % 4. A warp's q_dh store
