@@ -33,7 +33,7 @@
 // 1536-2048, 0.54 at 4096 x 1536 (0.50-0.51, 0.48-0.49 and 0.39 for Triton in the same runs:
 // 1.6-1.7x, and 1.4x at the smallest). ncu at 32768 x 3584: 75 instructions per element (Triton
 // 110), 2.7 issued per cycle with 16 warps per SM, DRAM 77% busy.
-// Measured and not kept (twenty-third session, H100, bitwise the same outputs, each against this
+// Measured and not kept (twentieth session, H100, bitwise the same outputs, each against this
 // kernel in interleaved rounds at 32768 x 7168, 16384 x 4096 / 3072 and 65536 x 3072): pass 1's
 // sigmoids kept in shared memory for pass 3 (64 KB; 4 of the 75 instructions a pair saved,
 // among them both MUFU): 83.3-83.6% of a copy against 83.3-83.4%; three input buffers, two tiles
