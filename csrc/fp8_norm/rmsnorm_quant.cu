@@ -32,8 +32,9 @@
 //
 // Measured on an H100 (models/fp8/quant.py's docstring has the figures and where the time goes):
 // 77% of a device-to-device copy's bandwidth at 32768 x 7168, 58% at 8192 x 4096 and 61-62% at
-// 16384 x 2048 (68%, 54% and 58% before the weights were loaded a tile ahead, load_weights());
-// the quantizing phase, 8 warps per SM in lockstep, is what holds it back.
+// 16384 x 2048 (68%, 54% and 58% before the weights were loaded a tile ahead, load_weights()).
+// Per active SM that is 95% of the dual quantizer's DRAM rate; what holds it back now is mostly
+// that only 120 of the 132 SMs can hold a cluster of 8 (quant.py's docstring has the profile).
 //
 // Threads: 256 (8 warps); in every phase thread (i, j), i, j in 0..15, owns the 8 x 8 elements at
 // rows 8i.., columns 8j.. of a tile: warp w holds i = 4 (w % 4) + lane / 8, j = 8 (w / 4) +

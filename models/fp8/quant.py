@@ -137,14 +137,14 @@ TB/s from DRAM with the SMs active 90% of the elapsed cycles (120 of 132 SMs hol
 8, plus the tail), 20.4 GB/s per active SM against the dual kernel's 21.5 (2.80 TB/s, 132 SMs):
 95%. So what is left is mostly the 12 SMs no cluster of 8 fits on; using them needs the row
 block's sums exchanged beyond a hardware cluster (through L2, slower than the st.async exchange
-and on the round's critical path), not a faster tile loop. The figures below predate the fix. A
-per-CTA timeline at
-32768x7168 (the .cu's NORM_TIMELINE switch) has each row block take 25 us: 88% of it quantizing
-7 tiles, while the GPU moves 2.4 TB/s (81% of the copy's 3.0), 5% waiting for the last tile's
-load and 7% in the exchange; only 120 of the 132 SMs run (15 clusters of 8 fit), and 256 row
-blocks over 15 clusters leave a 4% tail. The quantizing runs 8 warps per SM (210 registers a
-thread: each holds the 64 values of its 8 x 8 block); 16 warps of 32 values each were only 2.5-5%
-faster (the .cu's header), so that phase is not mainly latency-bound (its stores: above).
+and on the round's critical path), not a faster tile loop. The figures below predate the fix.
+A per-CTA timeline at 32768x7168 (the .cu's NORM_TIMELINE switch) had each row block take 25 us:
+88% of it quantizing 7 tiles, while the GPU moved 2.4 TB/s (81% of the copy's 3.0), 5% waiting
+for the last tile's load and 7% in the exchange; only 120 of the 132 SMs run (15 clusters of 8
+fit), and 256 row blocks over 15 clusters leave a 4% tail. The quantizing runs 8 warps per SM
+(210 registers a thread: each holds the 64 values of its 8 x 8 block); 16 warps of 32 values each
+were only 2.5-5% faster (the .cu's header), so that phase is not mainly latency-bound (its
+stores: above).
 The model calls it through models.fp8.linear.FP8RMSNorm, for a norm whose output goes
 straight into FP8 Linears or MLPs, with a bf16 hp_out: a norm's output also feeds bf16 consumers
 (the router, MLA projections that convert.py keeps bf16, the routed experts' dispatch), which
