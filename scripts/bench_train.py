@@ -197,13 +197,11 @@ def _combine(results: list[dict]) -> dict:
     step_ms = sum(r["step_ms"] for r in results) / len(results)
     first = results[0]
     speed = first["step_ms"] / step_ms  # first's rates rescaled to the mean step time
-    combined = dict(first, step_ms=step_ms, tokens_per_s=first["tokens_per_s"] * speed,
-                    tflops=first["tflops"] * speed, mfu=first["mfu"] * speed,
-                    peak_gib=max(r["peak_gib"] for r in results),
-                    runs_ms=[r["step_ms"] for r in results])
-    if "idle_ms" in first:
-        combined["idle_ms"] = sum(r["idle_ms"] for r in results) / len(results)
-    return combined
+    return dict(first, step_ms=step_ms, tokens_per_s=first["tokens_per_s"] * speed,
+                tflops=first["tflops"] * speed, mfu=first["mfu"] * speed,
+                peak_gib=max(r["peak_gib"] for r in results),
+                idle_ms=sum(r["idle_ms"] for r in results) / len(results),
+                runs_ms=[r["step_ms"] for r in results])
 
 
 def main() -> None:
