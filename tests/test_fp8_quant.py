@@ -1,6 +1,7 @@
 """Triton quantization kernels (models/fp8/quant.py) against the pure-torch reference: bitwise on
 identical input. CPU runs the kernels under TRITON_INTERPRET=1 on small shapes; the `gpu` tests run
 the compiled kernels at real shapes."""
+import math
 import os
 
 if not __import__("torch").cuda.is_available():
@@ -95,6 +96,41 @@ def test_quantize_128x128_stacked_experts():
         assert _same(_bits(qt[e]), _bits(rq.t().contiguous())) and _same(st[e], rs.t().contiguous())
     with pytest.raises(ValueError, match="straddle"):
         quant.quantize_128x128(_rand((2 * 100, 128), 1).view(2, 100, 128))
+
+
+def _quant_joined(shapes, pow2):
+    parts = [_rand((math.prod(shape[:-1]), shape[-1]), 20 + i).view(shape)
+             for i, shape in enumerate(shapes)]
+    got = quant.quantize_128x128(parts, pow2, transpose=True)
+    joined = torch.cat(parts, dim=-2).cpu()
+    for e, w in enumerate(joined if joined.dim() == 3 else [joined]):
+        rq, rs = R.quantize_128x128(w, pow2)
+        q, s, qt, st = (t[e] if joined.dim() == 3 else t for t in got)
+        assert _same(_bits(q), _bits(rq)) and _same(s, rs)
+        assert _same(_bits(qt), _bits(rq.t().contiguous())) and _same(st, rs.t().contiguous())
+    q, s = quant.quantize_128x128(tuple(parts), pow2)  # no transpose: (q, s) only
+    assert _same(_bits(q), _bits(got[0])) and _same(s, got[1])
+
+
+@pytest.mark.parametrize("shapes,pow2", [([(2, 128, 200), (2, 256, 200)], False),
+                                         ([(256, 130), (128, 130), (70, 130)], True)])
+def test_quantize_128x128_joined_along_n(shapes, pow2):
+    """Parts joined along N (FP8MLP's and the experts' gate|up) quantize into their rows of the
+    joined outputs: bitwise the quantization of their torch.cat, which the reference gives
+    (a ragged last part included)."""
+    _quant_joined(shapes, pow2)
+
+
+def test_quantize_128x128_join_refuses_what_it_cannot_join():
+    w = _rand((256, 128), 1)
+    with pytest.raises(ValueError, match="straddle two parts"):
+        quant.quantize_128x128([w[:100], w[100:]])
+    with pytest.raises(ValueError, match="same E, K, dtype"):
+        quant.quantize_128x128([w, _rand((128, 256), 2)])
+    with pytest.raises(ValueError, match="same E, K, dtype"):
+        quant.quantize_128x128([w, w.float()])
+    with pytest.raises(ValueError, match="empty sequence"):
+        quant.quantize_128x128([])
 
 
 def test_cast_rounds_to_nearest_even():
@@ -469,6 +505,13 @@ def test_gpu_weights(shape):
 
 
 @pytest.mark.gpu
+def test_gpu_weights_joined():
+    """gate|up joined at the `small` model's expert and dense MLP shapes."""
+    _quant_joined([(4, 1536, 4096)] * 2, False)
+    _quant_joined([(10240, 4096)] * 2, True)
+
+
+@pytest.mark.gpu
 def test_gpu_cast_and_non_finite():
     """The hardware e4m3 conversion (not the interpreter's integer rounding) and the NaN-scale
     propagation of the compiled kernels."""
@@ -515,7 +558,8 @@ for dt in ("bf16", "fp32"):  # activations arrive in either; master weights are 
                 EXACT_CAST="constexpr", BLOCK_M="constexpr", TILES="constexpr", PREFETCH="constexpr",
                 COMPACT="constexpr", GATHER="constexpr")
     weight = dict(w_ptr=p(dt), q_ptr=p("fp8e4nv"), s_ptr=p("fp32"), qt_ptr=p("fp8e4nv"),
-                  st_ptr=p("fp32"), N="i32", K="i32", Nb="i32", Kb="i32", TRANSPOSE="constexpr",
+                  st_ptr=p("fp32"), N="i32", K="i32", Nb="i32", Kb="i32", row0="i32", NJ="i32",
+                  NJb="i32", TRANSPOSE="constexpr",
                   POW2="constexpr", EXACT_CAST="constexpr", HW_TRANSPOSE="constexpr",
                   TILES="constexpr")
     norm = dict(x_ptr=p(dt), w_ptr=p("bf16"), rstd_ptr=p("fp32"), part_ptr=p("fp32"),

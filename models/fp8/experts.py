@@ -28,12 +28,13 @@ rounding at the end); with fp32 parameters autograd accumulates micro-batches in
 
 Weights are quantized once per optimizer step: `FP8GroupedExperts` keeps w13 = [w1; w3] and w2
 in both orientations (Fprop and Dgrad operands, each weight read once by
-`quantize_128x128(transpose=True)`; gate and up are joined as FP8) and reuses them while the
-parameters are unchanged, keyed on their version counters and storage. Writes that bypass the
-version counter (`param.data.copy_`, as DeepSpeed does) are invisible to that key: the training
-loop calls `models.fp8.linear.invalidate_weight_caches(model)` after each step's last forward,
-which reaches `invalidate_fp8_cache()` here. Backward holds only the transposed copies, as saved
-tensors, so they are freed as soon as this layer's backward has run (models/fp8/linear.py).
+`quantize_128x128(transpose=True)`, which writes gate and up into their rows of w13 directly)
+and reuses them while the parameters are unchanged, keyed on their version counters and
+storage. Writes that bypass the version counter (`param.data.copy_`, as DeepSpeed does) are
+invisible to that key: the training loop calls `models.fp8.linear.invalidate_weight_caches(model)`
+after each step's last forward, which reaches `invalidate_fp8_cache()` here. Backward holds only
+the transposed copies, as saved tensors, so they are freed as soon as this layer's backward has
+run (models/fp8/linear.py).
 
 Shape legend: T tokens (sorted by expert), D model dim, F expert width, E experts.
 """
@@ -71,19 +72,11 @@ class ExpertWeightsFP8:
 
     @classmethod
     def quantize(cls, w1_EFD, w3_EFD, w2_EDF, pow2_scales: bool) -> "ExpertWeightsFP8":
-        with torch.no_grad():  # gate and up quantized apart, joined in FP8 (a quarter of the bytes)
-            gate, up = (quant.quantize_128x128(w, pow2_scales, transpose=True, check_finite=False)
-                        for w in (w1_EFD, w3_EFD))
-            w13 = [_cat(g, u, dim) for g, u, dim in zip(gate, up, (1, 1, 2, 2))]
+        with torch.no_grad():  # gate and up written straight into their rows of w13
+            w13 = quant.quantize_128x128((w1_EFD, w3_EFD), pow2_scales, transpose=True,
+                                         check_finite=False)
             w2 = quant.quantize_128x128(w2_EDF, pow2_scales, transpose=True, check_finite=False)
         return cls(*w13, *w2)
-
-
-def _cat(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
-    """torch.cat that also takes float8 (joined as bytes)."""
-    if a.dtype != E4M3:
-        return torch.cat([a, b], dim=dim)
-    return torch.cat([a.view(torch.uint8), b.view(torch.uint8)], dim=dim).view(E4M3)
 
 
 def _wgrad_dtype(param_dtype: torch.dtype) -> torch.dtype:

@@ -389,7 +389,7 @@ class FP8MLP(nn.Module):
         key = tuple((w._version, w.data_ptr(), w.device, w.dtype) for w in (w1, w3))
         if self._w13_fp8 is None or self._w13_key != key:
             with torch.no_grad():
-                self._w13_fp8 = quant.quantize_128x128(torch.cat([w1.detach(), w3.detach()]),
+                self._w13_fp8 = quant.quantize_128x128((w1.detach(), w3.detach()),
                                                        self.w1.pow2_scales, transpose=True,
                                                        check_finite=False)
             self._w13_key = key

@@ -18,7 +18,8 @@ Wrappers (x_MK: 2-D bf16/fp16/fp32 with unit column stride; all return fresh ten
                      hp_out=None) -> (q, s[, qt, st], rstd_M);  value quantized: x * rstd * weight in fp32
                      (on an sm90 GPU the CUDA cluster kernel of csrc/fp8_norm, see below)
     quantize_128x128(w_NK or w_ENK, pow2_scales=False, transpose=False, check_finite=True)
-        -> (q, s) or (q, s, qt, st)
+        -> (q, s) or (q, s, qt, st);  w may be a list of weights joined along N (quantized as
+        their torch.cat, into the joined outputs directly)
 Every wrapper also takes `tiling=` (a `Tiling`; default `DEFAULT_TILING[kernel]`): how the launch
 cuts the work. It never changes a result, only the speed; scripts/sweep_quant.py times them.
 
@@ -178,6 +179,7 @@ the hardware conversion. Both are checked bitwise against torch's cast.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -804,67 +806,112 @@ def rmsnorm_quantize(x_MK: torch.Tensor, weight_K: torch.Tensor, eps: float = 1e
     return (*out, rstd)
 
 
+# Quantizes w [E, N, K] into rows row0.. of outputs NJ rows high (NJb of 128-row blocks): the
+# whole output for one weight (row0 = 0, NJ = N), one part of a join along N otherwise.
 @triton.jit
-def quant_128x128_kernel(w_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, N, K, Nb, Kb,
+def quant_128x128_kernel(w_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, N, K, Nb, Kb, row0, NJ, NJb,
                          TRANSPOSE: tl.constexpr, POW2: tl.constexpr, EXACT_CAST: tl.constexpr,
                          HW_TRANSPOSE: tl.constexpr, TILES: tl.constexpr):
     pid_n, e = tl.program_id(0), tl.program_id(1).to(tl.int64)
     groups = tl.cdiv(Kb, TILES)
     pid_n, k0 = pid_n // groups, (pid_n % groups) * TILES
-    rn = pid_n * 128 + tl.arange(0, 128)
-    base = e * N * K
+    rn = pid_n * 128 + tl.arange(0, 128)  # rows of w
+    rj = row0 + rn                        # the same rows in the (joined) outputs
+    bj = row0 // 128 + pid_n              # and their block row
+    w_base, out_base = e * N * K, e * NJ * K
     for t in range(TILES):
         pid_k = k0 + t
         rk = pid_k * 128 + tl.arange(0, 128)
         mask = (rn[:, None] < N) & (rk[None, :] < K)
-        w = tl.load(w_ptr + base + rn[:, None].to(tl.int64) * K + rk[None, :], mask=mask, other=0.0)
+        w = tl.load(w_ptr + w_base + rn[:, None].to(tl.int64) * K + rk[None, :], mask=mask,
+                    other=0.0)
         wf = w.to(tl.float32)
         amax = _amax(_amax(wf, 1), 0)
         s = _scale(amax, amax - amax, POW2)
-        tl.store(q_ptr + base + rn[:, None].to(tl.int64) * K + rk[None, :], _cast(wf, s, EXACT_CAST),
-                 mask=mask)
-        tl.store(s_ptr + e * Nb * Kb + pid_n * Kb + pid_k, s, mask=pid_k < Kb)
+        tl.store(q_ptr + out_base + rj[:, None].to(tl.int64) * K + rk[None, :],
+                 _cast(wf, s, EXACT_CAST), mask=mask)
+        tl.store(s_ptr + e * NJb * Kb + bj * Kb + pid_k, s, mask=pid_k < Kb)
         if TRANSPOSE:  # never the hardware-cast q shuffled (see the module docstring)
             if HW_TRANSPOSE:
                 qt = _cast(tl.trans(w).to(tl.float32), s, EXACT_CAST)
             else:
                 qt = tl.trans(_cast(wf, s, True))
-            tl.store(qt_ptr + base + rk[:, None].to(tl.int64) * N + rn[None, :], qt,
+            tl.store(qt_ptr + out_base + rk[:, None].to(tl.int64) * NJ + rj[None, :], qt,
                      mask=(rk[:, None] < K) & (rn[None, :] < N))
-            tl.store(st_ptr + e * Nb * Kb + pid_k * Nb + pid_n, s, mask=pid_k < Kb)
+            tl.store(st_ptr + e * Kb * NJb + pid_k * NJb + bj, s, mask=pid_k < Kb)
 
 
 _launch_quant_128x128 = CachedLauncher(quant_128x128_kernel)
 
 
-def quantize_128x128(w_NK: torch.Tensor, pow2_scales: bool = False, transpose: bool = False,
-                     check_finite: bool = True, tiling: Tiling | None = None):
+def quantize_128x128(w_NK: torch.Tensor | Sequence[torch.Tensor], pow2_scales: bool = False,
+                     transpose: bool = False, check_finite: bool = True,
+                     tiling: Tiling | None = None):
     """128x128 block quantization of a weight [N, K] (or stacked experts [E, N, K], N % 128 == 0).
 
     Returns (q, s) or, with transpose=True, (q, s, qt, st) where qt is q's transpose and st is s's
     transpose, both contiguous: the Fprop and the Dgrad operands from one read of the weight.
+
+    w_NK may also be a list or tuple of weights joined along N (same K, and same E when 3-D; every
+    part's N a multiple of 128 but the last's): the result is that of
+    quantize_128x128(torch.cat(w_NK, dim=-2)) bit for bit, each part written into its rows of the
+    joined outputs, without the concatenated bf16 copy or an FP8 one (how FP8MLP and the experts
+    quantize gate and up as one [w1; w3]).
     """
-    if not isinstance(w_NK, torch.Tensor) or w_NK.dim() not in (2, 3):
-        raise ValueError("w_NK must be a 2-D [N, K] or 3-D [E, N, K] tensor")
-    if w_NK.dim() == 3 and w_NK.shape[1] % BLOCK:
-        raise ValueError(f"stacked weights [E, N, K] need N % 128 == 0 (got N={w_NK.shape[1]}): a "
-                         "128x128 block must not straddle two experts")
-    _check_input(w_NK.reshape(-1, w_NK.shape[-1]), "w_NK")
+    parts = _joined_parts(w_NK)
     tiling = _tiling(tiling, "128x128")
-    w = w_NK.contiguous()
-    E, (N, K) = (w.shape[0] if w.dim() == 3 else 1), w.shape[-2:]
-    Nb, Kb = ceil_div(N, BLOCK), ceil_div(K, BLOCK)
-    lead = w.shape[:-2]
-    q = torch.empty_like(w, dtype=E4M3)
-    s = torch.empty(*lead, Nb, Kb, dtype=torch.float32, device=w.device)
-    qt = torch.empty(*lead, K, N, dtype=E4M3, device=w.device) if transpose else q
-    st = torch.empty(*lead, Kb, Nb, dtype=torch.float32, device=w.device) if transpose else s
-    if w.numel():
-        grid = (Nb * ceil_div(Kb, tiling.tiles), E)
-        _launch_quant_128x128[grid](w, q, s, qt, st, N, K, Nb, Kb, TRANSPOSE=transpose,
-                                    POW2=pow2_scales, EXACT_CAST=_INTERPRET,
-                                    HW_TRANSPOSE=tiling.hw_transpose and w.element_size() == 2,
-                                    TILES=tiling.tiles, num_warps=tiling.warps)
+    first = parts[0]
+    lead, K = first.shape[:-2], first.shape[-1]
+    NJ = sum(w.shape[-2] for w in parts)
+    NJb, Kb = ceil_div(NJ, BLOCK), ceil_div(K, BLOCK)
+    q = torch.empty(*lead, NJ, K, dtype=E4M3, device=first.device)
+    s = torch.empty(*lead, NJb, Kb, dtype=torch.float32, device=first.device)
+    qt = torch.empty(*lead, K, NJ, dtype=E4M3, device=first.device) if transpose else q
+    st = torch.empty(*lead, Kb, NJb, dtype=torch.float32, device=first.device) if transpose else s
+    row0 = 0
+    for w in parts:
+        _launch_128x128(w, q, s, qt, st, row0, NJ, NJb, transpose, pow2_scales, tiling)
+        row0 += w.shape[-2]
     if check_finite:
         _raise_if_nonfinite("w_NK", s)
     return (q, s, qt, st) if transpose else (q, s)
+
+
+def _joined_parts(w_NK) -> list[torch.Tensor]:
+    """The weights to quantize as one (a single tensor: itself), checked and contiguous."""
+    many = isinstance(w_NK, (list, tuple))
+    parts = list(w_NK) if many else [w_NK]
+    name = "w_NK" if not many else "each part of w_NK"
+    if not parts:
+        raise ValueError("w_NK is an empty sequence; pass a weight or the parts to join along N")
+    for i, w in enumerate(parts):
+        if not isinstance(w, torch.Tensor) or w.dim() not in (2, 3):
+            raise ValueError(f"{name} must be a 2-D [N, K] or 3-D [E, N, K] tensor")
+        if w.dim() == 3 and w.shape[1] % BLOCK:
+            raise ValueError(f"stacked weights [E, N, K] need N % 128 == 0 (got N={w.shape[1]}): a "
+                             "128x128 block must not straddle two experts")
+        if i < len(parts) - 1 and w.shape[-2] % BLOCK:
+            raise ValueError(f"part {i} of w_NK has N={w.shape[-2]}, not a multiple of 128, so a "
+                             "128x128 block would straddle two parts; torch.cat them first")
+        _check_input(w.reshape(-1, w.shape[-1]), "w_NK")
+    first = parts[0]
+    for i, w in enumerate(parts[1:], start=1):
+        if (w.dim(), w.shape[:-2], w.shape[-1], w.dtype, w.device) != (
+                first.dim(), first.shape[:-2], first.shape[-1], first.dtype, first.device):
+            raise ValueError(f"part {i} of w_NK is {w.dtype} {tuple(w.shape)} on {w.device}, part "
+                             f"0 {first.dtype} {tuple(first.shape)} on {first.device}: parts "
+                             "joined along N need the same E, K, dtype and device")
+    return [w.contiguous() for w in parts]
+
+
+def _launch_128x128(w, q, s, qt, st, row0, NJ, NJb, transpose, pow2_scales, tiling) -> None:
+    """quant_128x128_kernel over one weight w, into rows row0.. of the outputs."""
+    if not w.numel():
+        return
+    E, (N, K) = (w.shape[0] if w.dim() == 3 else 1), w.shape[-2:]
+    Nb, Kb = ceil_div(N, BLOCK), ceil_div(K, BLOCK)
+    grid = (Nb * ceil_div(Kb, tiling.tiles), E)
+    _launch_quant_128x128[grid](w, q, s, qt, st, N, K, Nb, Kb, row0, NJ, NJb,
+                                TRANSPOSE=transpose, POW2=pow2_scales, EXACT_CAST=_INTERPRET,
+                                HW_TRANSPOSE=tiling.hw_transpose and w.element_size() == 2,
+                                TILES=tiling.tiles, num_warps=tiling.warps)
