@@ -62,8 +62,8 @@ class RouterLogits(torch.autograd.Function):
     which bf16 shared experts hold anyway; FP8 ones hold FP8 copies, so there x costs 2 bytes an
     element instead of 4), and the backward widens it again for W's gradient. Forward and
     backward are the operations autograd runs for the plain expression (mm with W transposed;
-    MmBackward's two mm's, TBackward, ToCopyBackward's casts), so the results are bitwise the
-    same; the cost is one more cast of x, in the backward.
+    MmBackward's two mm's in the operand order it picks for these layouts, ToCopyBackward's
+    casts), so the results are bitwise the same; the cost is one more cast of x, in the backward.
     (A bf16 GEMM with an fp32 result, torch.mm's out_dtype, would save the forward's cast too but
     changes the sums' order and leaves the reduction to cuBLAS's choice: a 500-step run with it
     ended 0.78% from bf16 against 0.12-0.23% in five runs before, README.)"""
@@ -81,8 +81,9 @@ class RouterLogits(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = d2.mm(weight_ED.float()).to(x_TD.dtype).view_as(x_TD)
         if ctx.needs_input_grad[1]:
-            x2 = x_TD.reshape(-1, x_TD.shape[-1]).float()
-            dw = x2.t().mm(d2).t().to(weight_ED.dtype)
+            # MmBackward gives the column-major mat2 W.t() the grad (dlogits^T x).t(); the
+            # transpose's backward undoes the .t(): one mm, dlogits^T x
+            dw = d2.t().mm(x_TD.reshape(-1, x_TD.shape[-1]).float()).to(weight_ED.dtype)
         return dx, dw
 
 
