@@ -132,10 +132,7 @@ def gpu_idle_ms(step, steps: int = 2) -> float:
     """Milliseconds per step in which the GPU ran nothing (stretches of 5 us and more between
     the first and the last kernel of `steps` steps, timed by the profiler's kernel timeline):
     the time a step waits for the host."""
-    def run():
-        for _ in range(steps):
-            step()
-    return idle_ms(idle_gaps(profiled_trace(run), min_us=5.0), steps)
+    return idle_ms(idle_gaps(profiled_trace(step, calls=steps), min_us=5.0), steps)
 
 
 def forward_held_gib(engine, micro_batch: dict) -> tuple[float, float]:

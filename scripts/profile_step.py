@@ -298,10 +298,8 @@ def gap_table(engine, batch, balancer, top: int) -> list[str]:
 
 def _step_trace(engine, batch, balancer, with_stack: bool) -> list[dict]:
     """The Chrome-trace events of two training steps."""
-    def two_steps():
-        for _ in range(2):
-            eng.train_step(engine, [batch], eng.lm_loss, balancer)
-    return profiled_trace(two_steps, with_stack)
+    return profiled_trace(lambda: eng.train_step(engine, [batch], eng.lm_loss, balancer),
+                          with_stack, calls=2)
 
 
 def main() -> None:

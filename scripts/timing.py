@@ -6,7 +6,7 @@
     tflops(flops, ms)             # FLOPs over milliseconds, in TFLOP/s
     train_backward(y, dy)         # y.backward(dy) on this thread, as the trainer runs it
     bf16_matmul_tflops()          # the dense bf16 rate this card reaches, measured now
-    events = profiled_trace(fn)   # the Chrome-trace events of one call of fn under the profiler
+    events = profiled_trace(fn, calls=2)  # the Chrome-trace events of fn's calls under the profiler
     idle_gaps(events, min_us)     # the stretches in which the GPU ran nothing
     idle_ms(gaps, steps)          # their milliseconds per step
 """
@@ -88,14 +88,15 @@ GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 """Chrome-trace categories of work on the GPU (any stream)."""
 
 
-def profiled_trace(fn, with_stack: bool = False) -> list[dict]:
-    """fn() under torch.profiler, then a synchronize: the trace's events. CUDA activity only
-    (little host overhead), or with the host's ops and Python stacks (with_stack, which slows
-    the host several-fold)."""
+def profiled_trace(fn, with_stack: bool = False, calls: int = 1) -> list[dict]:
+    """fn() `calls` times under torch.profiler, then a synchronize: the trace's events. CUDA
+    activity only (little host overhead), or with the host's ops and Python stacks (with_stack,
+    which slows the host several-fold)."""
     torch.cuda.synchronize()
     activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if with_stack else [])
     with profile(activities=activities, with_stack=with_stack) as prof:
-        fn()
+        for _ in range(calls):
+            fn()
         torch.cuda.synchronize()
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "trace.json")

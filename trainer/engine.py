@@ -25,13 +25,13 @@ the code path on a node:
   accumulation boundary); before the last one, the router-bias update from the all-reduced
   counts and the metrics averaged over micro-batches and ranks. RL reuses it with its own
   `loss_fn`. The FP8 layers' cached weight quantizations are dropped after the step's last
-  forward, before its backward: the
-  backward keeps only each layer's transposed copy, freed as soon as that layer's gradient is
-  done, so no FP8 copy lives through the end of backward and the optimizer step, where the
-  step's memory peaks (the `small` model's copies are 2.7 GiB). They are dropped again after the
-  step: ZeRO writes the new weights through `.data`, which bumps no version counter, so a copy
-  made in between (none is, today) could not notice by itself. Backward runs on the loop's own
-  thread unless `parallel.threaded_backward=true` (see ParallelConfig).
+  forward, before its backward: the backward keeps only each layer's transposed copy, freed as
+  soon as that layer's gradient is done, so no FP8 copy lives through the end of backward and
+  the optimizer step, where the step's memory peaks (the `small` model's copies are 2.7 GiB).
+  They are dropped again after the step: ZeRO writes the new weights through `.data`, which
+  bumps no version counter, so a copy made in between (none is, today) could not notice by
+  itself. Backward runs on the loop's own thread unless `parallel.threaded_backward=true` (see
+  ParallelConfig).
   The step's metrics (losses averaged over micro-batches and ranks, the balancer's loads and
   moved biases) are computed on the GPU after the last backward and copied to pinned host memory
   without waiting (`HostCopies`); `engine.step()` is queued behind them, and only then does the

@@ -31,10 +31,10 @@ Steps 1, 2 and 4 only move bytes or change precision, and our AdamW kernel alrea
 writes every element once, so they can ride along: `install(engine)` replaces `step` on that one
 optimizer object with the same sequence in which AdamW reads the bf16 gradients where they lie
 (the partition's list of tensors, all stepped by one launch of `adamw_pieces_kernel`, each
-widened exactly as `.float()` does) and writes the new weight rounded to bf16 (round to nearest even, as `copy_` does) into the
-bf16 partition beside the FP32 master (`AdamW.use_for_next_step`). The results are DeepSpeed's
-bit for bit (tests/test_engine.py compares masters, bf16 weights and norms with DeepSpeed's own
-step under ZeRO-1 and 2, on one rank and on two).
+widened exactly as `.float()` does) and writes the new weight rounded to bf16 (round to nearest
+even, as `copy_` does) into the bf16 partition beside the FP32 master (`AdamW.use_for_next_step`).
+The results are DeepSpeed's bit for bit (tests/test_engine.py compares masters, bf16 weights and
+norms with DeepSpeed's own step under ZeRO-1 and 2, on one rank and on two).
 
 The rest is DeepSpeed's own code called in DeepSpeed's order: the overflow check and the norm
 (trainer/zero_clip.py's, which this needs: DeepSpeed's clip would multiply the bf16 gradient in
