@@ -160,8 +160,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class SyncRecorder:
-    """Collects the host-sync warnings of CUDA's sync debug mode raised inside the `with` block,
-    each under the innermost frames of this project's code (and DeepSpeed's) that led to it."""
+    """Collects, inside the `with` block, the host-sync warnings of CUDA's sync debug mode and
+    every explicit `torch.cuda.synchronize()` (which that mode does not report: DeepSpeed's
+    throughput timer made two a step that way until the twenty-second session), each under the
+    innermost frames of this project's code (and DeepSpeed's) that led to it."""
 
     MARK = "synchronizing CUDA operation"
 
@@ -174,18 +176,26 @@ class SyncRecorder:
         self._catch.__enter__()
         warnings.simplefilter("always")
         warnings.showwarning = self._record
+        self._synchronize = torch.cuda.synchronize
+
+        def recorded_synchronize(*args, **kwargs):
+            self._count("torch.cuda.synchronize: ")
+            return self._synchronize(*args, **kwargs)
+        torch.cuda.synchronize = recorded_synchronize
         return self
 
     def __exit__(self, *exc) -> None:
+        torch.cuda.synchronize = self._synchronize
         self._catch.__exit__(*exc)
 
     def _record(self, message, category, filename, lineno, file=None, line=None) -> None:
-        if self.MARK not in str(message):
-            return
-        ours = [f for f in traceback.extract_stack()[:-1] if _is_ours(f.filename)]
-        site = " < ".join(f"{_short(f.filename)}:{f.lineno} ({f.name})"
-                          for f in reversed(ours[-self.frames:]))
-        self.sites[site] += 1
+        if self.MARK in str(message):
+            self._count("")
+
+    def _count(self, kind: str) -> None:
+        ours = [f for f in traceback.extract_stack()[:-2] if _is_ours(f.filename)]
+        self.sites[kind + " < ".join(f"{_short(f.filename)}:{f.lineno} ({f.name})"
+                                     for f in reversed(ours[-self.frames:]))] += 1
 
     def lines(self) -> list[str]:
         out = [f"host syncs of one step: {sum(self.sites.values())}"]

@@ -172,7 +172,8 @@ def test_gpu_train_step_returns_while_the_optimizer_step_runs(job):
         torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU cycles ahead of AdamW's kernels
         return step(*args, **kwargs)
     adamw.step = held_up_step
-    eng.train_step(engine, [_batch(2, 40)], eng.lm_loss, balancer)  # warm-up
+    for seed in (38, 39, 40):  # warm-up past the third step, where DeepSpeed's timers begin
+        eng.train_step(engine, [_batch(2, seed)], eng.lm_loss, balancer)
     torch.cuda.synchronize()
     metrics = eng.train_step(engine, [_batch(2, 41)], eng.lm_loss, balancer)
     assert not torch.cuda.current_stream().query(), "train_step waited for the optimizer step"
@@ -181,6 +182,24 @@ def test_gpu_train_step_returns_while_the_optimizer_step_runs(job):
     torch.cuda.synchronize()
     assert 0 < metrics["optim/grad_norm"] < float("inf") and metrics["loss/total"] > 0
     assert batch["tokens"].is_cuda
+
+
+def test_train_steps_never_ask_the_accelerator_to_synchronize(job, monkeypatch):
+    """DeepSpeed's throughput timer synchronized the device at every forward and every
+    engine.step() from the third step on, so the host never ran ahead of the GPU there
+    (eng.deepspeed_config turns the timer off). Counted through the accelerator object DeepSpeed
+    calls, over steps past the timer's start, with and without accumulation: no call."""
+    from deepspeed.accelerator import get_accelerator
+    for grad_accum in (1, 2):
+        engine, balancer = _engine(grad_accum=grad_accum)
+        calls = []
+        monkeypatch.setattr(get_accelerator(), "synchronize", lambda *a, **k: calls.append(a))
+        for step in range(4):
+            batches = [_batch(2, 60 + 2 * step + i) for i in range(grad_accum)]
+            eng.train_step(engine, batches, eng.lm_loss, balancer)
+        monkeypatch.undo()
+        assert engine.global_steps == 4
+        assert not calls, f"{len(calls)} synchronizations in 4 steps, grad_accum={grad_accum}"
 
 
 @pytest.mark.gpu

@@ -1,6 +1,7 @@
 """scripts/profile_step.py: each kernel name of an H200 profile of a `small` step (fourteenth
 session) lands in the family it belongs to; the --copies table names who called each copy; the
---syncs recorder counts the sync warnings by the code that raised them."""
+--syncs recorder counts the sync warnings and the explicit synchronizations by the code that
+made them."""
 import os
 import sys
 import warnings
@@ -75,6 +76,23 @@ def test_sync_recorder_counts_sync_warnings_by_their_call_site():
                for line in lines[1:])
     with pytest.warns(UserWarning, match="after"):
         warnings.warn("after", UserWarning)
+
+
+def test_sync_recorder_counts_explicit_synchronize_calls(monkeypatch):
+    """torch.cuda.synchronize() raises no sync warning; the recorder counts it by its caller all
+    the same, still calls through, and puts torch.cuda.synchronize back afterwards."""
+    through = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: through.append(device))
+    before = torch.cuda.synchronize
+    with profile_step.SyncRecorder(frames=1) as recorder:
+        torch.cuda.synchronize(0)
+        _sync_here()
+    assert torch.cuda.synchronize is before and through == [0]
+    lines = recorder.lines()
+    assert lines[0] == "host syncs of one step: 2"
+    explicit = [line for line in lines[1:] if "torch.cuda.synchronize: " in line]
+    assert len(explicit) == 1
+    assert "(test_sync_recorder_counts_explicit_synchronize_calls)" in explicit[0]
 
 
 def _frame(pid, parent, name, ts, dur):

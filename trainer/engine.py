@@ -158,6 +158,12 @@ def deepspeed_config(parallel: ParallelConfig, grad_clip: float, micro_batch_siz
         "bf16": {"enabled": precision == "bf16"},
         "steps_per_print": 2 ** 62,
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer (on by default, for its samples/s log line, which
+        # steps_per_print silences anyway) synchronizes the device at every forward's start and
+        # at every engine.step() from the third step on: the host could not queue the next
+        # forward while AdamW ran, nor a micro-batch's first kernels while the last backward
+        # ran. trainer/pretrain.py reports throughput itself.
+        "timers": {"throughput": {"enabled": False}},
     }
 
 
