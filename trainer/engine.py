@@ -39,7 +39,9 @@ the code path on a node:
   queues AdamW. So the host queues the optimizer step's first kernels while the backward still
   runs, and train_step returns while AdamW runs: the next step's forward is queued behind it
   instead of launched after it (its batch copied from pinned memory, which waits for nothing; the
-  rotary tables too, whose pageable copy synced every forward until the eighteenth session).
+  rotary tables too, whose pageable copy synced every forward until the eighteenth session;
+  DeepSpeed's throughput timer, which synchronized the device at every forward and every
+  engine.step() until the twenty-second, is off in `deepspeed_config`).
   `scripts/profile_step.py --gaps` shows what GPU idle time is left and which code it waits on.
 """
 from __future__ import annotations
