@@ -219,23 +219,29 @@ def test_gpu_host_copies_wait_for_themselves_only():
 
 
 @pytest.mark.gpu
-def test_gpu_forward_and_backward_make_no_host_sync(job):
+def test_gpu_forward_and_backward_make_no_host_sync(job, monkeypatch):
     """A micro-batch's forward and backward (bf16, one rank) make no call that waits for the GPU
-    (CUDA's sync debug mode raises at the first), so train_step's only waits are for its metrics'
-    copies and the gradient norm, both ahead of AdamW. The rotary tables' pageable copy was one
-    until the eighteenth session; profile_step.py --syncs lists a whole step's."""
+    (CUDA's sync debug mode raises at the first) and call no torch.cuda.synchronize() (which that
+    mode lets through: DeepSpeed's throughput timer did, from the third step on), so train_step's
+    only waits are for its metrics' copies and the gradient norm, both ahead of AdamW. The rotary
+    tables' pageable copy was one until the eighteenth session; profile_step.py --syncs lists a
+    whole step's."""
     engine, balancer = _engine(precision="bf16")
     batch = eng._to_device(_batch(2, 50), engine.device)
-    for _ in range(2):  # first calls compile and tune kernels, which may wait
-        eng.backward(engine, eng.lm_loss(engine, batch).loss)
+    for seed in range(3):  # first calls compile and tune kernels, which may wait
+        eng.train_step(engine, [_batch(2, 51 + seed)], eng.lm_loss, balancer)
     torch.cuda.synchronize()
+    explicit = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: explicit.append(a))
     torch.cuda.set_sync_debug_mode("error")
     try:
         terms = eng.lm_loss(engine, batch)
         eng.backward(engine, terms.loss)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+        monkeypatch.undo()
     torch.cuda.synchronize()
+    assert not explicit, f"{len(explicit)} torch.cuda.synchronize() calls in forward + backward"
     assert torch.isfinite(terms.loss)
 
 
