@@ -232,8 +232,10 @@ class Tiling:
     cuda         rmsnorm: the CUDA cluster kernel (csrc/fp8_norm, models/fp8/norm_cuda.py) where
                  it runs (an sm90 GPU, bf16 x, see norm_cuda.fits); the Triton fields above
                  apply where it does not
-    cluster      CUDA rmsnorm: CTAs per thread-block cluster (a power of two up to 16; 0: the
-                 fewest whose shared memory holds a 128-row block)
+    cluster      CUDA rmsnorm: CTAs sharing a row block (0: norm_cuda's plan picks); with
+                 hardware clusters a power of two up to 16, spread any size up to 16
+    spread       CUDA rmsnorm: one cooperative launch of every CTA the GPU holds, groups of
+                 them exchanging through L2 (True), or a hardware cluster per row block (False)
     """
 
     warps: int = 8
@@ -251,6 +253,7 @@ class Tiling:
     l2_hints: bool = False
     cuda: bool = False
     cluster: int = 0
+    spread: bool = False
 
     def __post_init__(self):
         for name in ("warps", "stages", "tiles", "ctas_per_sm", "lag"):
@@ -262,9 +265,11 @@ class Tiling:
             raise ValueError(f"Tiling.maxnreg must be 0 (no cap) or 24..255, got {self.maxnreg}")
         if self.block_m not in (16, 32, 64, 128):
             raise ValueError(f"Tiling.block_m must be 16, 32, 64 or 128, got {self.block_m}")
-        if self.cluster not in (0, 1, 2, 4, 8, 16):
-            raise ValueError(f"Tiling.cluster must be 0 (auto) or a power of two up to 16, got "
-                             f"{self.cluster}")
+        if self.spread and self.cluster not in range(17):
+            raise ValueError(f"Tiling.cluster must be 0 (auto) or 1..16 CTAs, got {self.cluster}")
+        if not self.spread and self.cluster not in (0, 1, 2, 4, 8, 16):
+            raise ValueError(f"Tiling.cluster must be 0 (auto) or a power of two up to 16 (any "
+                             f"size up to 16 with spread=True), got {self.cluster}")
 
 
 DEFAULT_TILING = MappingProxyType({  # H100 sweep (fraction of a D2D copy, 32768x7168 / 8192x4096)
@@ -790,10 +795,10 @@ def rmsnorm_quantize(x_MK: torch.Tensor, weight_K: torch.Tensor, eps: float = 1e
         out = _alloc_outputs(M, K, colwise, x_MK.device)
         out = out if colwise else out[:2]
     elif (tiling.cuda and norm_cuda.available(x_MK.device)
-          and norm_cuda.fits(x_MK, hp_out, tiling.cluster)):
+          and norm_cuda.fits(x_MK, hp_out, tiling.cluster, tiling.spread)):
         out = _alloc_outputs(M, K, colwise, x_MK.device)
         norm_cuda.rmsnorm_quantize(x_MK, w, eps, pow2_scales, colwise, hp_out, rstd, out,
-                                   tiling.cluster)
+                                   tiling.cluster, tiling.spread)
         out = out if colwise else out[:2]
     elif tiling.fused:
         out = _launch_norm(x_MK, w, rstd, hp_out, colwise, pow2_scales, eps, tiling)
