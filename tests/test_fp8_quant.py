@@ -425,24 +425,6 @@ def test_cuda_rmsnorm_plan():
         quant.Tiling(cluster=3)
 
 
-def test_cuda_rmsnorm_spread_plan():
-    """How a spread launch groups an H100's 132 CTAs (7 tiles each): the group size with the
-    fewest rounds x (tiles + an exchange), hand-counted here, or the one asked for."""
-    assert norm_cuda.spread_plan(56, 256, 7, 132) == (8, 7, 16)   # 32768 x 7168: 16 rounds
-    assert norm_cuda.spread_plan(32, 64, 7, 132) == (8, 4, 16)    # 8192 x 4096: 4 rounds of 4
-    assert norm_cuda.spread_plan(16, 128, 7, 132) == (4, 4, 33)   # 16384 x 2048: 4 rounds of 4
-    assert norm_cuda.spread_plan(56, 33, 7, 132) == (12, 5, 11)   # 4097 x 7168: 3 rounds of 5
-    assert norm_cuda.spread_plan(56, 1, 7, 132) == (14, 4, 1)     # one row block: 4 tiles a CTA
-    assert norm_cuda.spread_plan(4, 64, 7, 132) == (2, 2, 64)     # K = 512: 128 CTAs, 1 round
-    assert norm_cuda.spread_plan(56, 256, 7, 132, group=11) == (11, 6, 12)
-    assert norm_cuda.spread_plan(56, 256, 7, 132, group=7) is None   # 8 tiles do not fit
-    assert norm_cuda.spread_plan(56, 256, 7, 6) is None             # fewer CTAs than needed
-    assert norm_cuda.spread_plan(113, 256, 7, 132) is None
-    assert quant.Tiling(cuda=True, spread=True, cluster=11).cluster == 11
-    with pytest.raises(ValueError, match="cluster"):
-        quant.Tiling(spread=True, cluster=17)
-
-
 def test_cuda_rmsnorm_compiles_for_sm90a(built_csrc):
     """csrc/fp8_norm builds with nvcc on any machine with the toolkit (no GPU needed), the kernel
     keeps everything in registers, and 7 tiles plus its scratch fit an H100 CTA's 227 KB."""
@@ -458,44 +440,15 @@ def test_cuda_rmsnorm_compiles_for_sm90a(built_csrc):
     ((300, 520), quant.Tiling(cuda=True)),                  # ragged K: a last tile of 8 columns
     ((1000, 1024), quant.Tiling(cuda=True, cluster=2)),     # 4 tiles per CTA
     ((129, 1024), quant.Tiling(cuda=True, cluster=16)),     # CTAs without tiles
-    ((8192, 4096), quant.Tiling(cuda=True, cluster=16)),    # 2 tiles per CTA
-    ((4097, 7168), quant.Tiling(cuda=True, spread=True)),   # groups of 12 x 5 tiles, 3 rounds
-    ((32768, 7168), quant.Tiling(cuda=True, spread=True)),  # 16 groups of 8 x 7, 16 rounds
-    ((300, 520), quant.Tiling(cuda=True, spread=True, cluster=3)),     # CTAs without tiles
-    ((1000, 1024), quant.Tiling(cuda=True, spread=True, cluster=2)),   # 4 tiles per CTA
-    ((16384, 2048), quant.Tiling(cuda=True, spread=True, cluster=16)),  # 8 groups, 16 rounds
+    ((8192, 4096), quant.Tiling(cuda=True, cluster=16)),    # 2 tiles per CTA, 3 CTAs per SM
 ])
 def test_gpu_rmsnorm_cuda(shape, tiling):
-    """The CUDA kernel (not Triton: checked), with hardware clusters and spread, bitwise against
-    the reference quantization of the value it normalized, with and without power-of-two scales
-    and the 128x1 copy."""
+    """The CUDA cluster kernel (not Triton: checked) bitwise against the reference quantization
+    of the value it normalized, with and without power-of-two scales and the 128x1 copy."""
     x = _rand(shape, 33)
-    assert norm_cuda.available(x.device)
-    assert norm_cuda.fits(x, None, tiling.cluster, tiling.spread)
+    assert norm_cuda.available(x.device) and norm_cuda.fits(x, None, tiling.cluster)
     for pow2, colwise in [(False, True), (True, True), (False, False)]:
         _rmsnorm(shape, pow2, colwise, tiling)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("shape", [(4097, 7168), (8192, 4096), (1000, 1032)])
-def test_gpu_rmsnorm_spread_equals_clusters(shape):
-    """A spread launch adds the same partial sums in the same order as hardware clusters of the
-    same size (each CTA its even share of the tiles, the CTAs' partials in rank order), so with
-    8 CTAs a row block every output is bitwise the cluster kernel's, in several runs (the spread
-    groups' flags and partials live in a fresh, unzeroed workspace each call)."""
-    x = _rand(shape, 36)
-    w = (1 + 0.1 * torch.randn(shape[1])).to(torch.bfloat16).to(DEVICE)
-    hp = torch.empty(shape, device=DEVICE, dtype=torch.bfloat16)
-    want = quant.rmsnorm_quantize(x, w, hp_out=hp, tiling=quant.Tiling(cuda=True, cluster=8))
-    want_hp = hp.clone()
-    for _ in range(3):
-        hp.fill_(float("nan"))
-        got = quant.rmsnorm_quantize(x, w, hp_out=hp,
-                                     tiling=quant.Tiling(cuda=True, spread=True, cluster=8))
-        assert torch.equal(hp, want_hp)
-        for a, b in zip(got, want):
-            assert torch.equal(a.view(torch.uint8) if a.dtype == R.E4M3 else a,
-                               b.view(torch.uint8) if b.dtype == R.E4M3 else b)
 
 
 @pytest.mark.gpu

@@ -33,8 +33,9 @@
 // Measured on an H100 (models/fp8/quant.py's docstring has the figures and where the time goes):
 // 77% of a device-to-device copy's bandwidth at 32768 x 7168, 58% at 8192 x 4096 and 61-62% at
 // 16384 x 2048 (68%, 54% and 58% before the weights were loaded a tile ahead, load_weights()).
-// Per active SM that is 95% of the dual quantizer's DRAM rate; what holds it back now is mostly
-// that only 120 of the 132 SMs can hold a cluster of 8 (quant.py's docstring has the profile).
+// Per active SM that is 95% of the dual quantizer's DRAM rate, on the 120 of 132 SMs that hold a
+// cluster of 8; a launch over all 132 (groups exchanging through L2, commit 3f64301) was no
+// faster: each SM slowed as SMs were added (quant.py's docstring has the figures).
 //
 // Threads: 256 (8 warps); in every phase thread (i, j), i, j in 0..15, owns the 8 x 8 elements at
 // rows 8i.., columns 8j.. of a tile: warp w holds i = 4 (w % 4) + lane / 8, j = 8 (w / 4) +
@@ -118,11 +119,6 @@ struct Args {
   int M, K, Mp, Mb, Kb, buffers;  // buffers: tile buffers per CTA
   float eps;
   int pow2, colwise;
-  // Spread launch (group > 0): groups of `group` CTAs, blockIdx-consecutive, share a row block
-  // and exchange through `part` [groups][2][group][128] (round parity, sender, row; tagged
-  // words, zeroed before the launch, row_rstd_spread) instead of a hardware cluster.
-  int group;
-  uint64_t* part;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -275,65 +271,6 @@ __device__ __forceinline__ void row_rstd(float (&ss)[8], const Smem& sm, const T
     mbar_arrive_expect_tx(sm.bar_a, TILE * sizeof(float));
     mbar_arrive_expect_tx(sm.bar_b, TILE * sizeof(float));
   }
-}
-
-// One partial sum of squares with the round it belongs to, as one 64-bit word (tag << 32 | the
-// float's bits): a single-copy-atomic store, so a reader that sees the tag sees the value.
-__device__ __forceinline__ void st_tagged(uint64_t* p, float v, uint32_t tag) {
-  const uint64_t word = (uint64_t(tag) << 32) | __float_as_uint(v);
-  asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(word) : "memory");
-}
-
-__device__ __forceinline__ uint64_t ld_tagged(const uint64_t* p) {
-  uint64_t word;
-  asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(word) : "l"(p) : "memory");
-  return word;
-}
-
-// row_rstd for a spread launch: the same sums in the same order, exchanged through L2. Each CTA
-// stores its 128 row partials, tagged round + 1, into its slot of the group's `part` buffer for
-// this round's parity; then the thread of each row polls the group's partials of its row until
-// every tag is round + 1, adds them in rank order and so forms the same rstd the cluster kernel's
-// owner would, in every CTA, with one trip through L2 instead of two hops. No fence and no flag:
-// a release would wait for this CTA's output stores of the last tile still in flight, which
-// measured 3 us a round (the .cu header). Two parities suffice: a CTA stores round n + 2's
-// partials only after reading round n + 1's from every CTA of its group, which each stores only
-// after reading round n's. The workspace is zeroed before the launch (no tag is 0).
-__device__ __forceinline__ void row_rstd_spread(float (&ss)[8], const Smem& sm, const Thread& t,
-                                                const Args& a, uint32_t rank, int group_index,
-                                                int rb, uint32_t round, float (&rstd)[8]) {
-#pragma unroll
-  for (int r = 0; r < 8; ++r) {
-#pragma unroll
-    for (int m = 1; m < 8; m <<= 1) ss[r] += __shfl_xor_sync(0xFFFFFFFFu, ss[r], m);
-  }
-  const float mine = pick(ss, t.lane & 7);
-  const int row = 8 * t.i + (t.lane & 7);
-  const int csize = a.group;
-  uint64_t* part = a.part + (size_t(group_index) * 2 + (round & 1)) * csize * TILE;
-  const uint32_t tag = round + 1;
-  __syncthreads();  // the last tile's reciprocal row scales in recv_b have been read
-  if (t.warp >= 4) sm.recv_b[row] = mine;  // columns 64..127 of each tile
-  __syncthreads();
-  if (t.warp < 4) {
-    st_tagged(part + rank * TILE + row, mine + sm.recv_b[row], tag);
-    uint64_t p[MAX_CLUSTER];
-#pragma unroll
-    for (int sender = 0; sender < MAX_CLUSTER; ++sender)  // all loads in flight, then the checks
-      p[sender] = sender < csize ? ld_tagged(part + sender * TILE + row) : uint64_t(tag) << 32;
-#pragma unroll
-    for (int sender = 0; sender < MAX_CLUSTER; ++sender)
-      while (uint32_t(p[sender] >> 32) != tag) p[sender] = ld_tagged(part + sender * TILE + row);
-    float total = __uint_as_float(uint32_t(p[0]));
-#pragma unroll
-    for (int sender = 1; sender < MAX_CLUSTER; ++sender)
-      if (sender < csize) total += __uint_as_float(uint32_t(p[sender]));
-    const float r = __fdiv_rn(1.0f, __fsqrt_rn(__fdiv_rn(total, float(a.K)) + a.eps));
-    sm.recv_b[row] = r;  // this thread read recv_b[row] above, no other thread touches it
-    if (rank == 0 && rb * TILE + row < a.M) a.rstd[rb * TILE + row] = r;
-  }
-  __syncthreads();
-  load8(sm.recv_b + 8 * t.i, rstd);
 }
 
 // w[col0 .. col0 + 7] as loaded: 16 bytes of bf16 (lo) or 32 of fp32 (lo, hi). It comes from L2
@@ -542,11 +479,8 @@ rmsnorm_quant_kernel(const __grid_constant__ CUtensorMap x_map, const Args a) {
   sm.full = sm.bar_a + 2;
 
   const Thread t;
-  const bool spread = a.group > 0;
-  const uint32_t rank = spread ? blockIdx.x % a.group : special(0);
-  const uint32_t csize = spread ? a.group : special(1);
-  const int cluster = spread ? int(blockIdx.x) / a.group : int(special(2));
-  const int clusters = spread ? int(gridDim.x) / a.group : int(special(3));
+  const uint32_t rank = special(0), csize = special(1);
+  const int cluster = int(special(2)), clusters = int(special(3));
   Ring ring;
   ring.tiles = sm.tiles;
   ring.full = sm.full;
@@ -567,8 +501,7 @@ rmsnorm_quant_kernel(const __grid_constant__ CUtensorMap x_map, const Args a) {
     for (int s = 0; s < a.buffers; ++s) ring.load(s, &x_map);
   }
   for (int u = t.tid; u < 2 * TILE; u += THREADS) sm.amax[u] = 0;
-  if (spread) __syncthreads();
-  else cluster_sync();  // every CTA's barriers exist before anyone sends to them
+  cluster_sync();  // every CTA's barriers exist before anyone sends to them
 
   float ss[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   RawWeights next_w = load_weights(a, ring.k_first * TILE + 8 * t.j);  // of the next tile
@@ -582,8 +515,7 @@ rmsnorm_quant_kernel(const __grid_constant__ CUtensorMap x_map, const Args a) {
     }
     mark(round, 1);
     float rstd[8];
-    if (spread) row_rstd_spread(ss, sm, t, a, rank, cluster, rb, uint32_t(round), rstd);
-    else row_rstd(ss, sm, t, a, rank, csize, rb, uint32_t(round), rstd);
+    row_rstd(ss, sm, t, a, rank, csize, rb, uint32_t(round), rstd);
 #pragma unroll
     for (int r = 0; r < 8; ++r) ss[r] = 0.0f;
     mark(round, 2);
@@ -611,7 +543,7 @@ rmsnorm_quant_kernel(const __grid_constant__ CUtensorMap x_map, const Args a) {
     }
     mark(round, 3);
   }
-  if (!spread) cluster_sync();  // no CTA leaves while a st.async to or from it may be in flight
+  cluster_sync();  // no CTA leaves while a st.async to or from it may be in flight
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -626,19 +558,12 @@ int x_tile_map(CUtensorMap* map, const void* x, int M, int K, int64_t ld, char* 
                   ld * 2, TILE, TILE, err, err_len);
 }
 
-// A hardware-cluster launch (cluster CTAs each), or with cluster = 0 a cooperative one: every CTA
-// resident at once (the spread launch's groups wait on each other), or an error, never a hang.
 cudaLaunchConfig_t launch_config(int cluster, int buffers, int ctas, void* stream,
                                  cudaLaunchAttribute* attr) {
-  if (cluster > 0) {
-    attr->id = cudaLaunchAttributeClusterDimension;
-    attr->val.clusterDim.x = cluster;
-    attr->val.clusterDim.y = 1;
-    attr->val.clusterDim.z = 1;
-  } else {
-    attr->id = cudaLaunchAttributeCooperative;
-    attr->val.cooperative = 1;
-  }
+  attr->id = cudaLaunchAttributeClusterDimension;
+  attr->val.clusterDim.x = cluster;
+  attr->val.clusterDim.y = 1;
+  attr->val.clusterDim.z = 1;
   cudaLaunchConfig_t config = {};
   config.blockDim = dim3(THREADS);
   config.gridDim = dim3(ctas);
@@ -649,10 +574,9 @@ cudaLaunchConfig_t launch_config(int cluster, int buffers, int ctas, void* strea
   return config;
 }
 
-// Clusters of `cluster` CTAs with `buffers` tile buffers each that can be resident at once, or
-// with cluster = 0 single CTAs (the spread launch's); 0 with err set if none. Cached per device
-// and shape: the attributes and the occupancy query cost microseconds per launch, and a model
-// launches a few shapes (one per norm width) many times.
+// Clusters of `cluster` CTAs with `buffers` tile buffers each that can be resident at once; 0
+// with err set if none. Cached per device and shape: the attributes and the occupancy query cost
+// microseconds per launch, and a model launches a few shapes (one per norm width) many times.
 int resident_clusters(int cluster, int buffers, char* err, int err_len) {
   struct Entry {
     int device, cluster, buffers, clusters;
@@ -676,21 +600,13 @@ int resident_clusters(int cluster, int buffers, char* err, int err_len) {
                              cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
   int clusters = 0;
   cudaLaunchAttribute attr;
-  const cudaLaunchConfig_t config = launch_config(cluster, buffers, std::max(cluster, 1), nullptr,
-                                                  &attr);
-  if (e == cudaSuccess && cluster > 0)
+  const cudaLaunchConfig_t config = launch_config(cluster, buffers, cluster, nullptr, &attr);
+  if (e == cudaSuccess)
     e = cudaOccupancyMaxActiveClusters(&clusters, rmsnorm_quant_kernel, &config);
-  if (e == cudaSuccess && cluster == 0) {
-    int per_sm = 0, sms = 0;
-    e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, rmsnorm_quant_kernel, THREADS,
-                                                      smem_bytes(buffers));
-    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-    clusters = per_sm * sms;
-  }
   if (e != cudaSuccess) return fail(err, err_len, cudaGetErrorString(e)) - 1;
   if (clusters < 1) {
     snprintf(err, err_len, "no cluster of %d CTAs with %zu bytes of shared memory each fits "
-             "this device", std::max(cluster, 1), smem_bytes(buffers));
+             "this device", cluster, smem_bytes(buffers));
     return 0;
   }
   if (cached < 16) cache[cached++] = Entry{device, cluster, buffers, clusters};
@@ -704,15 +620,9 @@ extern "C" {
 // Shared memory one CTA with `buffers` tile buffers needs (bytes).
 size_t fp8moe_rmsnorm_smem_bytes(int buffers) { return smem_bytes(buffers); }
 
-// Clusters of this shape resident at once on the current device (0: none, err says why); with
-// cluster = 0, the CTAs a spread launch may have.
+// Clusters of this shape resident at once on the current device (0: none, err says why).
 int fp8moe_rmsnorm_resident_clusters(int cluster, int buffers, char* err, int err_len) {
   return resident_clusters(cluster, buffers, err, err_len);
-}
-
-// Bytes of the workspace a spread launch of `groups` groups of `group` CTAs needs.
-size_t fp8moe_rmsnorm_spread_workspace_bytes(int groups, int group) {
-  return size_t(groups) * 2 * group * TILE * sizeof(uint64_t);
 }
 
 #ifdef NORM_TIMELINE
@@ -721,49 +631,33 @@ int fp8moe_rmsnorm_timeline(unsigned long long* out) {  // [1024][4 * 64] into h
 }
 #endif
 
-// The whole operation, launched on `stream`: see the header and models/fp8/norm_cuda.py. The
-// `cluster` CTAs sharing a row block split the ceil(K / 128) column tiles evenly, at most
+// The whole operation, launched on `stream`: see the header and models/fp8/norm_cuda.py. cluster
+// divides 128 (at most 16) and its CTAs split the ceil(K / 128) column tiles evenly, at most
 // `buffers` each (CTAs without a tile only take part in the exchange); x bf16 with a 16-byte
-// aligned base and row stride; K % 8 == 0. groups = 0: hardware clusters (cluster a power of two
-// up to 16), as many as are resident; groups > 0: a spread launch of groups x cluster CTAs (at
-// most 16 a group, at most the resident CTAs in all) exchanging through `workspace`
-// (fp8moe_rmsnorm_spread_workspace_bytes, any contents: it is zeroed here first).
+// aligned base and row stride; K % 8 == 0.
 int fp8moe_rmsnorm_quant(const void* x, int64_t ldx, const void* w, int w_bf16, float eps, int M,
                          int K, int pow2, int colwise, void* q, float* s, void* qt, float* st,
                          float* rstd, void* hp, int hp_bf16, int Mp, int cluster, int buffers,
-                         int groups, void* workspace, void* stream, char* err, int err_len) {
+                         void* stream, char* err, int err_len) {
   const int Kb = (K + TILE - 1) / TILE, Mb = (M + TILE - 1) / TILE;
-  const bool spread = groups > 0;
   if (M < 1 || K < 1 || K % 8)
     return fail(err, err_len, "need M >= 1 and K a positive multiple of 8");
-  if (cluster < 1 || cluster > MAX_CLUSTER || (!spread && TILE % cluster) || buffers < 1 ||
+  if (cluster < 1 || cluster > MAX_CLUSTER || TILE % cluster || buffers < 1 ||
       cluster * buffers < Kb) {
     snprintf(err, err_len, "%d CTAs x %d tile buffers do not hold the %d column tiles (cluster: "
-             "up to %d, a power of two unless spread)", cluster, buffers, Kb, MAX_CLUSTER);
+             "a power of two up to %d)", cluster, buffers, Kb, MAX_CLUSTER);
     return 1;
   }
-  if (spread && workspace == nullptr) return fail(err, err_len, "a spread launch needs a workspace");
   CUtensorMap map;
   if (x_tile_map(&map, x, M, K, ldx, err, err_len)) return 1;
-  const int resident = resident_clusters(spread ? 0 : cluster, buffers, err, err_len);
-  if (resident < 1) return 1;
-  if (spread && groups * cluster > resident) {
-    snprintf(err, err_len, "%d groups of %d CTAs are more than the %d CTAs resident at once",
-             groups, cluster, resident);
-    return 1;
-  }
-  const int ctas = spread ? std::min(groups, Mb) * cluster : std::min(resident, Mb) * cluster;
+  const int clusters = resident_clusters(cluster, buffers, err, err_len);
+  if (clusters < 1) return 1;
   const Args args{w, w_bf16, static_cast<uint8_t*>(q), s, static_cast<uint8_t*>(qt), st, rstd, hp,
-                  hp_bf16, M, K, Mp, Mb, Kb, buffers, eps, pow2, colwise,
-                  spread ? cluster : 0, static_cast<uint64_t*>(workspace)};
-  cudaError_t e = cudaSuccess;
-  if (spread)
-    e = cudaMemsetAsync(workspace, 0, fp8moe_rmsnorm_spread_workspace_bytes(groups, cluster),
-                        static_cast<cudaStream_t>(stream));
+                  hp_bf16, M, K, Mp, Mb, Kb, buffers, eps, pow2, colwise};
   cudaLaunchAttribute attr;
   const cudaLaunchConfig_t config =
-      launch_config(spread ? 0 : cluster, buffers, ctas, stream, &attr);
-  if (e == cudaSuccess) e = cudaLaunchKernelEx(&config, rmsnorm_quant_kernel, map, args);
+      launch_config(cluster, buffers, std::min(clusters, Mb) * cluster, stream, &attr);
+  const cudaError_t e = cudaLaunchKernelEx(&config, rmsnorm_quant_kernel, map, args);
   if (e != cudaSuccess) return fail(err, err_len, cudaGetErrorString(e));
   return 0;
 }

@@ -136,9 +136,18 @@ the registers, then the round boundary (the last tile's load, the exchange: anot
 16-CTA clusters ran 74% against 77%. Per SM it is now near the dual kernel: ncu counted 2.44
 TB/s from DRAM with the SMs active 90% of the elapsed cycles (120 of 132 SMs hold a cluster of
 8, plus the tail), 20.4 GB/s per active SM against the dual kernel's 21.5 (2.80 TB/s, 132 SMs):
-95%. So what is left is mostly the 12 SMs no cluster of 8 fits on; using them needs the row
-block's sums exchanged beyond a hardware cluster (through L2, slower than the st.async exchange
-and on the round's critical path), not a faster tile loop. The figures below predate the fix.
+95%. That suggested the 12 SMs no cluster of 8 fits on as what is left; measured, it is not.
+Tried and not kept (commit 3f64301 has the code): a spread launch, one cooperative grid of all 132
+CTAs in groups of 8 (or any size up to 16) that exchange the sums through L2 as tagged 64-bit
+words, bitwise the cluster kernel's outputs, which cuts 32768x7168 from 18 rounds to 16. In one
+interleaved run on the H100 it reached 75.5% of the copy against the clusters' 76.9% (groups of
+10: 75.3%, 12: 72.7%), and 50-52% / 49-51% / 46-47% against 58% / 59% / 52% at 8192x4096 /
+16384x2048 / 4096x7168. Its per-CTA timeline says why: with 128 SMs instead of 120 a round's
+quantizing took 19.0 us instead of 18.0 and the wait for its tiles 2.6 instead of 1.8, so the
+rate of the whole GPU did not rise with the SMs: what holds the kernel near 77% is shared by all
+SMs (the memory system under this kernel's access pattern), not the idle ones. The exchange itself
+cost 2.2 us a round through L2 (2.9 with a release fence and a flag, which waits for the CTA's
+output stores in flight) against st.async's 1.9. The figures below predate the weights fix.
 A per-CTA timeline at 32768x7168 (the .cu's NORM_TIMELINE switch) had each row block take 25 us:
 88% of it quantizing 7 tiles, while the GPU moved 2.4 TB/s (81% of the copy's 3.0), 5% waiting
 for the last tile's load and 7% in the exchange; only 120 of the 132 SMs run (15 clusters of 8
@@ -232,10 +241,8 @@ class Tiling:
     cuda         rmsnorm: the CUDA cluster kernel (csrc/fp8_norm, models/fp8/norm_cuda.py) where
                  it runs (an sm90 GPU, bf16 x, see norm_cuda.fits); the Triton fields above
                  apply where it does not
-    cluster      CUDA rmsnorm: CTAs sharing a row block (0: norm_cuda's plan picks); with
-                 hardware clusters a power of two up to 16, spread any size up to 16
-    spread       CUDA rmsnorm: one cooperative launch of every CTA the GPU holds, groups of
-                 them exchanging through L2 (True), or a hardware cluster per row block (False)
+    cluster      CUDA rmsnorm: CTAs per thread-block cluster (a power of two up to 16; 0: the
+                 fewest whose shared memory holds a 128-row block)
     """
 
     warps: int = 8
@@ -253,7 +260,6 @@ class Tiling:
     l2_hints: bool = False
     cuda: bool = False
     cluster: int = 0
-    spread: bool = False
 
     def __post_init__(self):
         for name in ("warps", "stages", "tiles", "ctas_per_sm", "lag"):
@@ -265,11 +271,9 @@ class Tiling:
             raise ValueError(f"Tiling.maxnreg must be 0 (no cap) or 24..255, got {self.maxnreg}")
         if self.block_m not in (16, 32, 64, 128):
             raise ValueError(f"Tiling.block_m must be 16, 32, 64 or 128, got {self.block_m}")
-        if self.spread and self.cluster not in range(17):
-            raise ValueError(f"Tiling.cluster must be 0 (auto) or 1..16 CTAs, got {self.cluster}")
-        if not self.spread and self.cluster not in (0, 1, 2, 4, 8, 16):
-            raise ValueError(f"Tiling.cluster must be 0 (auto) or a power of two up to 16 (any "
-                             f"size up to 16 with spread=True), got {self.cluster}")
+        if self.cluster not in (0, 1, 2, 4, 8, 16):
+            raise ValueError(f"Tiling.cluster must be 0 (auto) or a power of two up to 16, got "
+                             f"{self.cluster}")
 
 
 DEFAULT_TILING = MappingProxyType({  # H100 sweep (fraction of a D2D copy, 32768x7168 / 8192x4096)
@@ -795,10 +799,10 @@ def rmsnorm_quantize(x_MK: torch.Tensor, weight_K: torch.Tensor, eps: float = 1e
         out = _alloc_outputs(M, K, colwise, x_MK.device)
         out = out if colwise else out[:2]
     elif (tiling.cuda and norm_cuda.available(x_MK.device)
-          and norm_cuda.fits(x_MK, hp_out, tiling.cluster, tiling.spread)):
+          and norm_cuda.fits(x_MK, hp_out, tiling.cluster)):
         out = _alloc_outputs(M, K, colwise, x_MK.device)
         norm_cuda.rmsnorm_quantize(x_MK, w, eps, pow2_scales, colwise, hp_out, rstd, out,
-                                   tiling.cluster, tiling.spread)
+                                   tiling.cluster)
         out = out if colwise else out[:2]
     elif tiling.fused:
         out = _launch_norm(x_MK, w, rstd, hp_out, colwise, pow2_scales, eps, tiling)
