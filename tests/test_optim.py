@@ -703,7 +703,7 @@ def test_fused_under_deepspeed_zero1_matches_torch_path(job, monkeypatch):
         return spied
     monkeypatch.setattr(optim_module, "adamw_update", spy(adamw_update))
     # on CUDA trainer/zero_step.py hands the gradients over in pieces: one launch for them all
-    monkeypatch.setattr(optim_module, "adamw_update_pieces", spy(adamw_update_pieces))
+    monkeypatch.setattr(optim_module, "_launch_pieces", spy(optim_module._launch_pieces))
     precision = "bf16" if DEVICE == "cuda" else "fp32"
     fused = _zero1_run(job, None if DEVICE == "cuda" else True, precision)
     assert calls and all(c == (1, torch.float32, DEVICE) for c in calls), calls

@@ -276,14 +276,23 @@ def adamw_update_pieces(p: torch.Tensor, pieces: list[torch.Tensor], exp_avg: to
         raise ValueError("adamw_update_pieces: the pieces must be contiguous, of one dtype (FP32 "
                          "or bf16) and on p's device, and p, the moments and p_bf16 contiguous; "
                          "step them one by one with adamw_update otherwise")
-    _check_fused_operands(p, p, exp_avg, exp_avg_sq, p_bf16)
     _check_grad_scale(grad_scale, p)
+    if step < 1:
+        raise ValueError(f"adamw_update_pieces got step={step}; steps are counted from 1")
+    _launch_pieces(p, pieces, exp_avg, exp_avg_sq, lr=lr, betas=betas, eps=eps,
+                   weight_decay=weight_decay, step=step, grad_scale=grad_scale, p_bf16=p_bf16)
+
+
+def _launch_pieces(p, pieces, exp_avg, exp_avg_sq, *, lr, betas, eps, weight_decay, step,
+                   grad_scale, p_bf16) -> None:
+    """adamw_update_pieces after the checks its callers make once (pieces_take_one_launch,
+    grad_scale, step): AdamW._update makes them itself, and walking ZeRO's pieces twice would
+    cost host time while the GPU waits for the optimizer."""
+    _check_fused_operands(p, p, exp_avg, exp_avg_sq, p_bf16)
     pieces = [t for t in pieces if t.numel()]
     if sum(t.numel() for t in pieces) != p.numel():
         raise ValueError(f"adamw_update_pieces: the pieces hold {sum(t.numel() for t in pieces)} "
                          f"elements, p {p.numel()}; pass all of p's gradient")
-    if step < 1:
-        raise ValueError(f"adamw_update_pieces got step={step}; steps are counted from 1")
     if not pieces:
         return
     table, grid, aligned = _piece_table(pieces, p, p_bf16)
@@ -457,10 +466,10 @@ class AdamW(torch.optim.Optimizer):
                                  state["step"], grad_scale)
             return
         if self._kernel_for(p) and pieces_take_one_launch(p, grad, state["exp_avg"], p_bf16):
-            adamw_update_pieces(p, grad, state["exp_avg"], state["exp_avg_sq"], lr=group["lr"],
-                                betas=group["betas"], eps=group["eps"],
-                                weight_decay=group["weight_decay"], step=state["step"],
-                                grad_scale=grad_scale, p_bf16=p_bf16)
+            _launch_pieces(p, grad, state["exp_avg"], state["exp_avg_sq"], lr=group["lr"],
+                           betas=group["betas"], eps=group["eps"],
+                           weight_decay=group["weight_decay"], step=state["step"],
+                           grad_scale=grad_scale, p_bf16=p_bf16)
             return
         offset = 0  # a gradient in pieces: each piece updates its stretch of the flat tensors
         for piece in grad:
