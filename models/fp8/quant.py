@@ -147,7 +147,12 @@ quantizing took 19.0 us instead of 18.0 and the wait for its tiles 2.6 instead o
 rate of the whole GPU did not rise with the SMs: what holds the kernel near 77% is shared by all
 SMs (the memory system under this kernel's access pattern), not the idle ones. The exchange itself
 cost 2.2 us a round through L2 (2.9 with a release fence and a flag, which waits for the CTA's
-output stores in flight) against st.async's 1.9. The figures below predate the weights fix.
+output stores in flight) against st.async's 1.9. Two more probes in that session, same H100:
+without the 128x1 copy the kernel reached 73.5% of the copy's rate on its bytes (against 75-77%
+with it), so the 128x1 copy's 32-byte stores are not the bound; and a cluster's CTAs taking
+interleaved column tiles (CTA r: r, r + 8, ..., so that the cluster's loads in flight are
+adjacent along each row) instead of 7 consecutive ones gained 0.5-1.5 points at five shapes,
+within the run's noise: not kept. The figures below predate the weights fix.
 A per-CTA timeline at 32768x7168 (the .cu's NORM_TIMELINE switch) had each row block take 25 us:
 88% of it quantizing 7 tiles, while the GPU moved 2.4 TB/s (81% of the copy's 3.0), 5% waiting
 for the last tile's load and 7% in the exchange; only 120 of the 132 SMs run (15 clusters of 8
