@@ -18,7 +18,10 @@ scripts/summary.py:
            step with several micro-batches, and again re-quantized every call as with one), against
            bf16 nn.Linear and Transformer Engine's Linear under Float8BlockScaling when TE imports
            (like against like: ours cached against TE's weight cached with is_first_microbatch,
-           ours re-quantized against TE quantizing its weight every call);
+           ours re-quantized against TE quantizing its weight every call), and the GPU's busy
+           time a call of ours (cached) and of bf16 (timing.gpu_busy_ms): at the narrow shapes the
+           FP8 layer's wall time is its host's (Python, autograd, five launches), which varies
+           from host to host, and its busy time says what the GPU spends;
   mlp      FP8MLP (SwiGLU fused with its quantization) forward + backward against the bf16 MLP at
            the `small` model's dense-MLP and shared-expert shapes (the latter at 4096, 8192 and
            16384 tokens: convert.py's NARROW_MLP_MIN_TOKENS);
@@ -48,7 +51,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from summary import record  # noqa: E402
-from timing import interleaved_ms, tflops, train_backward  # noqa: E402
+from timing import gpu_busy_ms, interleaved_ms, tflops, train_backward  # noqa: E402
 
 BENCH = "fp8"
 DEVICE = "cuda"
@@ -243,9 +246,11 @@ def _te_steps(layer, ctx, x, dy) -> dict:
 def bench_linear(shapes) -> None:
     from models.fp8.linear import FP8Linear
 
-    print("\n== one Linear, forward + backward (dx and dW), TFLOPS = 6 T K N / time")
+    print("\n== one Linear, forward + backward (dx and dW), TFLOPS = 6 T K N / time; GPU us: the"
+          " GPU's busy time per call (a wall time well above it is the host's)")
     print(f"{'T x K -> N':<22}{'fp8 cached W':>13}{'fp8 requant W':>14}{'bf16':>8}"
-          f"{'TE cached W':>12}{'TE requant W':>13}{'ours/bf16':>10}")
+          f"{'TE cached W':>12}{'TE requant W':>13}{'ours/bf16':>10}{'GPU us fp8':>11}"
+          f"{'bf16':>7}")
     te_note = None
     for T, K, N in shapes:
         if over_budget(f"linear {T}x{K}->{N}"):
@@ -267,12 +272,16 @@ def bench_linear(shapes) -> None:
         ms = interleaved_ms(steps, reps=3)
         tf = {k: tflops(flops, ms[k]) if k in ms else float("nan")
               for k in ("cached", "requant", "bf16", "te cached", "te")}
+        busy = {k: gpu_busy_ms(steps[k]) for k in ("cached", "bf16")}
         case = f"{T}x{K}->{N}"
         print(f"{case:<22}{tf['cached']:>13.0f}{tf['requant']:>14.0f}{tf['bf16']:>8.0f}"
-              f"{tf['te cached']:>12.0f}{tf['te']:>13.0f}{tf['cached'] / tf['bf16']:>9.2f}x")
+              f"{tf['te cached']:>12.0f}{tf['te']:>13.0f}{tf['cached'] / tf['bf16']:>9.2f}x"
+              f"{busy['cached'] * 1e3:>11.0f}{busy['bf16'] * 1e3:>7.0f}")
         record(BENCH, f"linear {case}", tf["cached"], "TFLOPS", "bf16 nn.Linear", tf["bf16"])
         record(BENCH, f"linear {case} requant W", tf["requant"], "TFLOPS", "bf16 nn.Linear",
                tf["bf16"])
+        record(BENCH, f"linear {case} GPU busy a call", busy["cached"] * 1e3, "us",
+               "bf16 nn.Linear", busy["bf16"] * 1e3, higher_is_better=False)
         # like against like: TE caching its FP8 weight as ours does, and both re-quantizing it;
         # nan where TE is absent or failed (interleaved_ms reports a failure, then nan)
         for ours_key, te_key, label in (("cached", "te cached", "linear {}"),

@@ -159,3 +159,15 @@ def test_te_linear_steps_compare_like_with_like():
     assert layer.calls == [True, False, None]
     old = _FakeTELinear(fail_caching=True)
     assert set(bench_fp8._te_steps(old, contextlib.nullcontext, x, dy)) == {"te"}
+
+
+def test_busy_us_counts_overlapping_gpu_work_once():
+    """Two streams' kernels overlapping (0..150 and 100..200: 200 us), a memcpy alone (300..310),
+    a memset inside a kernel (400..500 holds 420..430), host events ignored: 310 us."""
+    def gpu(cat, ts, dur):
+        return {"ph": "X", "cat": cat, "name": cat, "ts": ts, "dur": dur}
+    events = [gpu("kernel", 100, 100), gpu("kernel", 0, 150), gpu("gpu_memcpy", 300, 10),
+              gpu("kernel", 400, 100), gpu("gpu_memset", 420, 10),
+              {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 0, "dur": 600}]
+    assert timing.busy_us(events) == 310.0
+    assert timing.busy_us([]) == 0.0
