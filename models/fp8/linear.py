@@ -53,12 +53,18 @@ consumer's `_quantize_input` uses them instead of quantizing (the norm's copies 
 count, so the last consumer drops them).
 
 Host cost: a forward + backward issues two quantizer launches and three cuBLAS calls through
-Python and autograd, about 0.35-0.6 ms of host time on the project's H100 hosts against 0.15-0.25
-ms for nn.Linear (sixteenth session, 512-token calls where the GPU waits), so a call whose kernels
-take less than that is bound by the host: 8192 tokens at 4096 -> 1024 runs at 0.5x bf16
-(README, Measured), which is one reason convert keeps such layers bf16. Backward on autograd's
-worker thread added 80-250 us a layer more; the trainer runs it on its own thread
-(trainer.engine.ParallelConfig.threaded_backward).
+Python and autograd, about 0.35-0.6 ms of host time on the project's H100 hosts against 0.1-0.25
+ms for nn.Linear, so a call whose kernels take less than that is bound by the host: at 8192
+tokens, 4096 -> 1024, the FP8 layer keeps the GPU busy 274 us against bf16's 282 but its wall
+time was 0.40x-0.89x bf16's on H100 hosts running the same code (bench_fp8's "GPU busy" rows),
+which is one reason convert keeps such layers bf16. Where it goes (twenty-third session, one
+host, 2048 tokens, 503 us a forward + backward; perf_counter around each piece): each
+quantize_dual 88 us (its four output allocations 26, the Triton launch 41 of which 10 classify
+the arguments), each torch._scaled_mm 40 us plus 14 in gemm.py, autograd's engine about 85 us
+around the backward and the Function's apply about 35 around the forward. No one piece is large:
+a much smaller figure needs fewer Python-level calls (a C++ autograd Function, a cuBLASLt binding
+with its algorithm cached), not trimming. Backward on autograd's worker thread added 80-250 us a
+layer more; the trainer runs it on its own thread (trainer.engine.ParallelConfig.threaded_backward).
 
 Inputs: x must be bfloat16 or float32 (the GEMM output dtype follows x). Dimensions: K and N
 multiples of 128 (`FP8Linear.supports(in, out)`); models/fp8/convert.py leaves other layers in
