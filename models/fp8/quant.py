@@ -136,23 +136,23 @@ the registers, then the round boundary (the last tile's load, the exchange: anot
 16-CTA clusters ran 74% against 77%. Per SM it is now near the dual kernel: ncu counted 2.44
 TB/s from DRAM with the SMs active 90% of the elapsed cycles (120 of 132 SMs hold a cluster of
 8, plus the tail), 20.4 GB/s per active SM against the dual kernel's 21.5 (2.80 TB/s, 132 SMs):
-95%. That suggested the 12 SMs no cluster of 8 fits on as what is left; measured, it is not.
-Tried and not kept (commit 3f64301 has the code): a spread launch, one cooperative grid of all 132
-CTAs in groups of 8 (or any size up to 16) that exchange the sums through L2 as tagged 64-bit
-words, bitwise the cluster kernel's outputs, which cuts 32768x7168 from 18 rounds to 16. In one
-interleaved run on the H100 it reached 75.5% of the copy against the clusters' 76.9% (groups of
-10: 75.3%, 12: 72.7%), and 50-52% / 49-51% / 46-47% against 58% / 59% / 52% at 8192x4096 /
-16384x2048 / 4096x7168. Its per-CTA timeline says why: with 128 SMs instead of 120 a round's
-quantizing took 19.0 us instead of 18.0 and the wait for its tiles 2.6 instead of 1.8, so the
-rate of the whole GPU did not rise with the SMs: what holds the kernel near 77% is shared by all
-SMs (the memory system under this kernel's access pattern), not the idle ones. The exchange itself
-cost 2.2 us a round through L2 (2.9 with a release fence and a flag, which waits for the CTA's
-output stores in flight) against st.async's 1.9. Two more probes in that session, same H100:
+95%. That suggested the 12 SMs no cluster of 8 fits on as what is left; measured, it is not. Tried
+in the twenty-third session and not kept (commit 3f64301 has the code): a spread launch, one
+cooperative grid of all 132 CTAs in groups of 8 (or any size up to 16) that exchange the sums
+through L2 as tagged 64-bit words, bitwise the cluster kernel's outputs, which cuts 32768x7168 from
+18 rounds to 16. In one interleaved run on the H100 it reached 75.5% of the copy against the
+clusters' 76.9% (groups of 10: 75.3%, 12: 72.7%), and 50-52% / 49-51% / 46-47% against 58% / 59% /
+52% at 8192x4096 / 16384x2048 / 4096x7168. Its per-CTA timeline says why: with 128 SMs instead of
+120 a round's quantizing took 19.0 us instead of 18.0 and the wait for its tiles 2.6 instead of
+1.8, so the rate of the whole GPU did not rise with the SMs: what holds the kernel near 77% is
+shared by all SMs (the memory system under this kernel's access pattern), not the idle ones. The
+exchange itself cost 2.2 us a round through L2 (2.9 with a release fence and a flag, which waits
+for the CTA's output stores in flight) against st.async's 1.9. Two more probes then, same H100:
 without the 128x1 copy the kernel reached 73.5% of the copy's rate on its bytes (against 75-77%
 with it), so the 128x1 copy's 32-byte stores are not the bound; and a cluster's CTAs taking
-interleaved column tiles (CTA r: r, r + 8, ..., so that the cluster's loads in flight are
-adjacent along each row) instead of 7 consecutive ones gained 0.5-1.5 points at five shapes,
-within the run's noise: not kept. The figures below predate the weights fix.
+interleaved column tiles (CTA r: r, r + 8, ..., so that the cluster's loads in flight are adjacent
+along each row) instead of 7 consecutive ones gained 0.5-1.5 points at five shapes, within the
+run's noise: not kept. The figures below predate the weights fix.
 A per-CTA timeline at 32768x7168 (the .cu's NORM_TIMELINE switch) had each row block take 25 us:
 88% of it quantizing 7 tiles, while the GPU moved 2.4 TB/s (81% of the copy's 3.0), 5% waiting
 for the last tile's load and 7% in the exchange; only 120 of the 132 SMs run (15 clusters of 8
