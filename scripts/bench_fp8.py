@@ -24,7 +24,7 @@ scripts/summary.py:
            from host to host, and its busy time says what the GPU spends;
   mlp      FP8MLP (SwiGLU fused with its quantization) forward + backward against the bf16 MLP at
            the `small` model's dense-MLP and shared-expert shapes (the latter at 4096, 8192 and
-           16384 tokens: convert.py's NARROW_MLP_MIN_TOKENS);
+           16384 tokens: convert.py's NARROW_MLP_MIN_TOKENS), with the GPU's busy time a call;
   dispatch the routed experts' input: quantize_dual reading the tokens through MoE's dispatch
            index against gathering the sorted bf16 copies, then quantizing (ms);
   norm     a norm feeding FP8 consumers: the fused kernel FP8RMSNorm runs (bf16 y and both FP8
@@ -332,8 +332,10 @@ def bench_mlp(shapes) -> None:
     from models.fp8.linear import FP8MLP
     from models.layers import MLP
 
-    print("\n== SwiGLU MLP w2(silu(w1 x) * w3 x), forward + backward, TFLOPS = 18 T D F / time")
-    print(f"{'T x D, F':<22}{'fp8 fused':>10}{'bf16':>8}{'ours/bf16':>10}")
+    print("\n== SwiGLU MLP w2(silu(w1 x) * w3 x), forward + backward, TFLOPS = 18 T D F / time;"
+          " GPU us: as for the Linear")
+    print(f"{'T x D, F':<22}{'fp8 fused':>10}{'bf16':>8}{'ours/bf16':>10}{'GPU us fp8':>11}"
+          f"{'bf16':>7}")
     for T, D, F_ in shapes:
         if over_budget(f"mlp {T}x{D}, F={F_}"):
             continue
@@ -342,11 +344,16 @@ def bench_mlp(shapes) -> None:
         x = torch.randn(T, D, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
         dy = torch.randn(T, D, device=DEVICE, dtype=torch.bfloat16)
         flops = 18 * T * D * F_
-        ms = interleaved_ms({"fp8": _fwd_bwd(ours, x, dy), "bf16": _fwd_bwd(base, x, dy)}, reps=3)
+        steps = {"fp8": _fwd_bwd(ours, x, dy), "bf16": _fwd_bwd(base, x, dy)}
+        ms = interleaved_ms(steps, reps=3)
         fp8, bf16 = tflops(flops, ms["fp8"]), tflops(flops, ms["bf16"])
+        busy = {k: gpu_busy_ms(step) * 1e3 for k, step in steps.items()}
         case = f"{T}x{D}, F={F_}"
-        print(f"{case:<22}{fp8:>10.0f}{bf16:>8.0f}{fp8 / bf16:>9.2f}x")
+        print(f"{case:<22}{fp8:>10.0f}{bf16:>8.0f}{fp8 / bf16:>9.2f}x{busy['fp8']:>11.0f}"
+              f"{busy['bf16']:>7.0f}")
         record(BENCH, f"mlp {case}", fp8, "TFLOPS", "bf16 MLP", bf16)
+        record(BENCH, f"mlp {case} GPU busy a call", busy["fp8"], "us", "bf16 MLP",
+               busy["bf16"], higher_is_better=False)
         del base, ours, x, dy
         torch.cuda.empty_cache()
 

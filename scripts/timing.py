@@ -97,7 +97,7 @@ def profiled_trace(fn, with_stack: bool = False, calls: int = 1) -> list[dict]:
     torch.cuda.synchronize()
     activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if with_stack else [])
     with warnings.catch_warnings():  # torch 2.11 warns that each profile keeps only its own events
-        warnings.filterwarnings("ignore", message="Profiler clears events")
+        warnings.filterwarnings("ignore", message=".*Profiler clears events")
         with profile(activities=activities, with_stack=with_stack) as prof:
             for _ in range(calls):
                 fn()
