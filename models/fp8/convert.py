@@ -32,6 +32,10 @@ tokens, 0.97-1.13x at 8192, 1.25-1.27x at 16384 (F=10240: 1.36-1.38x at 16384). 
 cannot see the token count, so the decision for such an MLP is made per call: it becomes an
 FP8MLP with `min_tokens = NARROW_MLP_MIN_TOKENS`, which runs calls with fewer tokens through the
 plain bf16 SwiGLU and the rest through FP8.
+Those are wall times of the layer alone, and there it is bound by its host: on the GPU the F=1536
+MLP is 1.25x bf16 already at 4096 tokens, and 4096 -> 1024 about 1.05x (twenty-third session,
+bench_fp8's "GPU busy" rows). The step keeps the verdict: `small` at 2 x 2048 tokens x 2 ran
+119.3 ms with skip_small and 126.8 ms without it (bf16 128.8), its GPU idle 9.7 against 39.4 ms.
 So a Linear with min(in, out) <= SMALL_LINEAR_SIDE stays bf16, and an MLP with F < MIN_MLP_WIDTH
 runs FP8 only from NARROW_MLP_MIN_TOKENS tokens a call. In `small` that keeps the MLA down/up
 projections (wq_a, wq_b, wkv_a, wkv_b) in bf16 and the shared experts in bf16 for micro-batches
