@@ -213,13 +213,16 @@ class Transformer(nn.Module):
         Attention core: 2·H·(qk_dim + v_dim) per attended key per layer, with the causal mask
         halving the keys on average, times 3 for training.
         """
-        cfg = self.cfg
-        matmul = self.param_counts(include_mtp=True).activated - cfg.hidden_size
+        matmul = self.param_counts(include_mtp=True).activated - self.cfg.hidden_size
         matmul += self.head.weight.numel() * len(self.mtp)  # the shared head runs once per depth
+        return 6.0 * matmul + self.attention_flops_per_token(seq_len)
+
+    def attention_flops_per_token(self, seq_len: int) -> float:
+        """The attention core's share of `flops_per_token` (softmax(QK^T)V, no projections)."""
+        cfg = self.cfg
         n_attn = len(self.layers) + len(self.mtp)
-        attn = (2 * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim)
-                * (seq_len + 1) / 2 * n_attn)
-        return 6.0 * matmul + 3.0 * attn
+        return 3.0 * (2 * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim)
+                      * (seq_len + 1) / 2 * n_attn)
 
 
 def cross_entropy(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:

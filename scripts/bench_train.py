@@ -20,6 +20,12 @@ is the optimizer step's). GPU idle: the milliseconds per step in which the GPU r
 the profiler's kernel timeline of two more steps (the step waiting for the host: launches, syncs;
 `scripts/profile_step.py --gaps` names the code), also reported as the GPU's busy share.
 
+Bound: the FP8/bf16 tokens/s ratio is set against what the FP8 step could reach at most were its
+FP8 GEMMs FP8_GEMM_SPEEDUP times bf16's (quantization free) and all else as in bf16, every FLOP
+taking the same time (`models.fp8.convert.flop_shares`; the output heads, the layers kept bf16 and
+the attention core are the rest). In `small` FP8 takes 56% of the FLOPs at 16384 tokens a
+micro-batch (49% below 8192, where the narrow shared experts run bf16), so the bound is ~1.23x.
+
 Order: the recipes of a config run as A B ... B A (`--rounds 2`, the default: each measured twice,
 the second time in reverse order) and each recipe's step time is the mean of its runs. An H100
 under load slows by up to a fifth within a minute, so a recipe measured second meets a hotter GPU;
@@ -44,6 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from models import build_model, model_config  # noqa: E402
 from models.fp8.config import FP8Config  # noqa: E402
+from models.fp8.convert import flop_shares  # noqa: E402
 from models.fp8.linear import cached_weight_copies  # noqa: E402
 from isolate import in_fresh_process  # noqa: E402
 from summary import record  # noqa: E402
@@ -55,6 +62,9 @@ from trainer.optim import OptimConfig, build_optimizer, build_schedule  # noqa: 
 from trainer.tracking import PEAK_BF16_FLOPS  # noqa: E402
 
 H100_PEAK = PEAK_BF16_FLOPS["H100"]
+FP8_GEMM_SPEEDUP = 1.5
+"""FP8 GEMMs against bf16 for the FLOP-share bound on the step's FP8/bf16 ratio (see Bound
+above): the dense blockwise GEMMs' 1.46-1.50x over bf16 matmul on the H100 (bench_fp8.py)."""
 
 
 def fp8_config(recipe: str) -> FP8Config:
@@ -124,7 +134,8 @@ def measure(args, recipe: str, grad_accum: int) -> dict:
                                                              args.threaded_backward)),
                   tflops=flops / 1e12, mfu=flops / H100_PEAK, peak_gib=peak_gib,
                   **dict(zip(("held_gib", "copies_gib"), forward_held_gib(engine, batch[0]))),
-                  loss=metrics["loss/total"], params=tuple(engine.module.param_counts()))
+                  loss=metrics["loss/total"], params=tuple(engine.module.param_counts()),
+                  shares=flop_shares(engine.module, args.seq_len, args.micro_batch * args.seq_len))
     return result
 
 
@@ -269,6 +280,15 @@ def report(args, results: list[dict], matmul: float) -> None:
         case = f"{args.size} step {args.micro_batch}x{args.seq_len}x{bf16['grad_accum']}" + (
             f" ({settings})" if settings else "")
         record("train", f"{case} fp8 tokens/s", fp8["tokens_per_s"], "tok/s", "bf16 tokens/s", bf16["tokens_per_s"])
+        shares, ratio = fp8["shares"], fp8["tokens_per_s"] / bf16["tokens_per_s"]
+        bound = shares.step_speedup_bound(FP8_GEMM_SPEEDUP)
+        print(f"  {fp8['recipe']}: FP8 runs {100 * shares.fp8:.1f}% of the step's FLOPs (high-"
+              f"precision GEMMs {100 * shares.high_precision_matmul:.1f}%, attention "
+              f"{100 * shares.attention:.1f}%): FP8/bf16 {ratio:.3f}x against a FLOP-share bound of "
+              f"{bound:.3f}x with FP8 GEMMs {FP8_GEMM_SPEEDUP}x bf16 "
+              f"({shares.step_speedup_bound(2.0):.3f}x at 2x)")
+        record("train", f"{case} fp8/bf16 step speed", ratio, "x",
+               f"FLOP-share bound, FP8 GEMMs {FP8_GEMM_SPEEDUP}x", bound)
         record("train", f"{case} fp8 peak memory", fp8["peak_gib"], "GiB", "bf16 peak memory", bf16["peak_gib"],
                higher_is_better=False)
         record("train", f"{case} fp8 memory held by a micro-batch's forward", fp8["held_gib"], "GiB",

@@ -14,7 +14,7 @@ from torch import nn
 
 from models import build_model, model_config
 from models.fp8 import FP8Config, FP8Linear, convert
-from models.fp8.convert import NARROW_MLP_MIN_TOKENS
+from models.fp8.convert import NARROW_MLP_MIN_TOKENS, flop_shares
 from models.fp8.experts import FP8GroupedExperts
 from models.fp8.linear import FP8MLP
 from models.fp8.gemm import has_blockwise_kernels
@@ -107,6 +107,36 @@ def test_small_modules_stay_bf16_in_the_small_model(caplog):
     assert isinstance(model.layers[1].attn.wq_b, FP8Linear)
     shared = model.layers[1].ffn.shared
     assert isinstance(shared, FP8MLP) and shared.min_tokens == 0
+
+
+def test_flop_shares_of_the_small_model_by_hand():
+    """flop_shares against the FLOPs counted from the config: wo (H x v_head -> D) in 4 layers +
+    the MTP block and eh_proj (2D -> D) in FP8, the dense MLP (3 D I), in 3 MoE layers + the MTP
+    block the 4 active of 16 routed experts (3 D F each) and, from NARROW_MLP_MIN_TOKENS tokens a
+    call, the shared expert (3 D F); the attention core as in Transformer.flops_per_token."""
+    cfg = model_config("small")
+    model = build_model(cfg, device="meta")
+    convert(model, FP8Config(recipe="blockwise"), emulate=True)
+    D, F, seq = cfg.hidden_size, cfg.moe_intermediate_size, 4096
+    moe_blocks = cfg.num_hidden_layers - cfg.first_k_dense + cfg.num_mtp_modules
+    always = ((cfg.num_hidden_layers + cfg.num_mtp_modules) * cfg.num_attention_heads
+              * cfg.v_head_dim * D + 2 * D * D + 3 * D * cfg.intermediate_size
+              + moe_blocks * cfg.num_experts_per_tok * 3 * D * F)
+    shared = moe_blocks * cfg.n_shared_experts * 3 * D * F
+    total = model.flops_per_token(seq)
+    attention = (3 * 2 * cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+                                                    + cfg.v_head_dim) * (seq + 1) / 2 * 5)
+    for tokens, weights in ((NARROW_MLP_MIN_TOKENS - 1, always),
+                            (NARROW_MLP_MIN_TOKENS, always + shared)):
+        shares = flop_shares(model, seq, tokens)
+        assert shares.fp8 == pytest.approx(6 * weights / total, rel=1e-12), tokens
+        assert shares.attention == pytest.approx(attention / total, rel=1e-12)
+        assert shares.fp8 + shares.high_precision_matmul + shares.attention == pytest.approx(1)
+    assert 0.5 < shares.fp8 < 0.6 and 0.3 < shares.high_precision_matmul  # the two heads: 24%
+    assert shares.step_speedup_bound(1.0) == pytest.approx(1.0)
+    assert shares.step_speedup_bound(2.0) == pytest.approx(1 / (1 - shares.fp8 / 2))
+    with pytest.raises(ValueError, match="fp8_speedup must be positive"):
+        shares.step_speedup_bound(0.0)
 
 
 def _norm_types(model):
