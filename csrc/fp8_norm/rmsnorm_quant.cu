@@ -35,7 +35,9 @@
 // 16384 x 2048 (68%, 54% and 58% before the weights were loaded a tile ahead, load_weights()).
 // Per active SM that is 95% of the dual quantizer's DRAM rate, on the 120 of 132 SMs that hold a
 // cluster of 8; a launch over all 132 (groups exchanging through L2, commit 3f64301) was no
-// faster: each SM slowed as SMs were added (quant.py's docstring has the figures).
+// faster: each SM slowed as SMs were added (quant.py's docstring has the figures). Fetching the
+// next round's tiles into L2 during each exchange (cp.async.bulk.prefetch.tensor) ran slower too:
+// 68% against 74% of a copy at 32768 x 7168.
 //
 // Threads: 256 (8 warps); in every phase thread (i, j), i, j in 0..15, owns the 8 x 8 elements at
 // rows 8i.., columns 8j.. of a tile: warp w holds i = 4 (w % 4) + lane / 8, j = 8 (w / 4) +

@@ -152,7 +152,15 @@ without the 128x1 copy the kernel reached 73.5% of the copy's rate on its bytes 
 with it), so the 128x1 copy's 32-byte stores are not the bound; and a cluster's CTAs taking
 interleaved column tiles (CTA r: r, r + 8, ..., so that the cluster's loads in flight are adjacent
 along each row) instead of 7 consecutive ones gained 0.5-1.5 points at five shapes, within the
-run's noise: not kept. The figures below predate the weights fix.
+run's noise: not kept. Twenty-fourth session, same H100 kind, not kept either: the coming
+round's tiles fetched into L2 (cp.async.bulk.prefetch.tensor) at the start of each exchange, so
+that DRAM works through it: 68.2% of the copy against 74.2% at 32768x7168 (two rounds ahead
+60.8%), no better at four smaller shapes, outputs bitwise the same; the extra reads crowd the
+quantizing phase's. And the smaller shapes' figures are partly the host's: timed as the GPU's busy
+time a call (bench timing.gpu_busy_ms) the kernel reached 66% of a copy at 8192x4096 and
+16384x2048 (52% / 59% in wall time of back-to-back calls, whose Python path took 63-71 us of host
+time a call against the kernel's 71 us), 77% at 16384x4096, 79% at 32768x7168. The figures below
+predate the weights fix.
 A per-CTA timeline at 32768x7168 (the .cu's NORM_TIMELINE switch) had each row block take 25 us:
 88% of it quantizing 7 tiles, while the GPU moved 2.4 TB/s (81% of the copy's 3.0), 5% waiting
 for the last tile's load and 7% in the exchange; only 120 of the 132 SMs run (15 clusters of 8
