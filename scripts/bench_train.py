@@ -16,9 +16,12 @@ against a bf16 8192^3 matmul measured in the same run. With `models.fp8.convert`
 sm90 GPU), the same step runs with fp8=blockwise and the FP8/bf16 tokens/s ratio is reported.
 Memory: the step's peak, and what one micro-batch's forward holds for its backward, with the part
 that is the weights' transposed FP8 copies (where FP8's saving shows; the peak of a one-GPU run
-is the optimizer step's). GPU idle: the milliseconds per step in which the GPU ran nothing, from
-the profiler's kernel timeline of two more steps (the step waiting for the host: launches, syncs;
-`scripts/profile_step.py --gaps` names the code), also reported as the GPU's busy share.
+is the optimizer step's). GPU busy: the milliseconds per step in which the GPU ran something (the
+union of the kernels', copies' and memsets' intervals over two more steps under the profiler),
+reported as a share of the step; GPU idle is the step's time less that (the step waiting for the
+host: launches, syncs; `scripts/profile_step.py --gaps` names the code). The profiled steps' own
+gaps would overstate it: the profiler's cost per launch stretches them (the printed "profiled
+span" is those steps' first kernel start to last kernel end, a step's worth).
 
 Bound: the FP8/bf16 tokens/s ratio is set against what the FP8 step could reach at most were its
 FP8 GEMMs FP8_GEMM_SPEEDUP times bf16's (quantization free) and all else as in bf16, every FLOP
@@ -54,8 +57,8 @@ from models.fp8.convert import flop_shares  # noqa: E402
 from models.fp8.linear import cached_weight_copies  # noqa: E402
 from isolate import in_fresh_process  # noqa: E402
 from summary import record  # noqa: E402
-from timing import (alternating_rounds, bf16_matmul_tflops, idle_gaps, idle_ms,  # noqa: E402
-                    profiled_trace)
+from timing import (GPU_CATEGORIES, alternating_rounds, bf16_matmul_tflops,  # noqa: E402
+                    busy_us, profiled_trace)
 from trainer import engine as eng  # noqa: E402
 from trainer.balance import LoadBalancer  # noqa: E402
 from trainer.optim import OptimConfig, build_optimizer, build_schedule  # noqa: E402
@@ -129,9 +132,10 @@ def measure(args, recipe: str, grad_accum: int) -> dict:
     tokens_per_s = args.micro_batch * args.seq_len * grad_accum / seconds
     flops = engine.module.flops_per_token(args.seq_len) * tokens_per_s
     peak_gib = torch.cuda.max_memory_allocated() / 2 ** 30
+    busy_ms, span_ms = gpu_busy_ms(lambda: eng.train_step(engine, batch, eng.lm_loss, balancer,
+                                                          args.threaded_backward))
     result = dict(recipe=recipe, grad_accum=grad_accum, step_ms=seconds * 1e3, tokens_per_s=tokens_per_s,
-                  idle_ms=gpu_idle_ms(lambda: eng.train_step(engine, batch, eng.lm_loss, balancer,
-                                                             args.threaded_backward)),
+                  idle_ms=max(0.0, seconds * 1e3 - busy_ms), span_ms=span_ms,
                   tflops=flops / 1e12, mfu=flops / H100_PEAK, peak_gib=peak_gib,
                   **dict(zip(("held_gib", "copies_gib"), forward_held_gib(engine, batch[0]))),
                   loss=metrics["loss/total"], params=tuple(engine.module.param_counts()),
@@ -139,11 +143,17 @@ def measure(args, recipe: str, grad_accum: int) -> dict:
     return result
 
 
-def gpu_idle_ms(step, steps: int = 2) -> float:
-    """Milliseconds per step in which the GPU ran nothing (stretches of 5 us and more between
-    the first and the last kernel of `steps` steps, timed by the profiler's kernel timeline):
-    the time a step waits for the host."""
-    return idle_ms(idle_gaps(profiled_trace(step, calls=steps), min_us=5.0), steps)
+def gpu_busy_ms(step, steps: int = 2) -> tuple[float, float]:
+    """(busy, span) in milliseconds per step over `steps` profiled steps: busy, the union of the
+    GPU's kernels, copies and memsets (what a step costs the GPU, however fast the host is); span,
+    the first one's start to the last one's end, which the profiler's cost per launch stretches
+    wherever the host is the bound."""
+    trace = profiled_trace(step, calls=steps)
+    gpu = [e for e in trace if e.get("ph") == "X" and e.get("cat") in GPU_CATEGORIES]
+    if not gpu:
+        return 0.0, 0.0
+    span = max(e["ts"] + e.get("dur", 0) for e in gpu) - min(e["ts"] for e in gpu)
+    return busy_us(trace) / 1e3 / steps, span / 1e3 / steps
 
 
 def forward_held_gib(engine, micro_batch: dict) -> tuple[float, float]:
@@ -261,7 +271,8 @@ def main() -> None:
             print(f"  fp8={r['recipe']:<9} step {r['step_ms']:8.1f} ms  {r['tokens_per_s']:10,.0f} tok/s  "
                   f"{r['tflops']:6.1f} TFLOP/s  MFU {100 * r['mfu']:5.1f}%  peak {r['peak_gib']:5.1f} GiB  "
                   f"held by a forward {r['held_gib']:5.2f} GiB (FP8 weight copies "
-                  f"{r['copies_gib']:4.2f})  GPU idle {r['idle_ms']:4.1f} ms  "
+                  f"{r['copies_gib']:4.2f})  GPU idle {r['idle_ms']:4.1f} ms (profiled span "
+                  f"{r['span_ms']:.1f} ms)  "
                   f"loss {r['loss']:.3f}  (runs: "
                   + " / ".join(f"{ms:.1f}" for ms in r["runs_ms"]) + " ms)")
         report(args, results, matmul)

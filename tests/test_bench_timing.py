@@ -104,6 +104,22 @@ def test_bench_train_mirrors_the_recipe_order():
     assert order == ["off", "blockwise"] and [r["step_ms"] for r in single] == [100.0, 80.0]
 
 
+def test_bench_train_gpu_busy_counts_kernels_not_gaps(monkeypatch):
+    """bench_train's GPU busy time per step is the union of the GPU events of the profiled steps
+    (overlaps once, host events and the gaps between kernels left out); the span runs from the
+    first GPU event's start to the last one's end. Hand-made trace of two steps, times in us."""
+    import bench_train
+    trace = [dict(ph="X", cat="kernel", ts=0, dur=10), dict(ph="X", cat="kernel", ts=5, dur=10),
+             dict(ph="X", cat="gpu_memcpy", ts=100, dur=20), dict(ph="X", cat="cpu_op", ts=0,
+                                                                 dur=500),
+             dict(ph="X", cat="kernel", ts=300, dur=30)]
+    monkeypatch.setattr(bench_train, "profiled_trace", lambda step, calls: trace)
+    busy, span = bench_train.gpu_busy_ms(lambda: None, steps=2)
+    assert math.isclose(busy, (15 + 20 + 30) / 2 / 1e3) and math.isclose(span, 330 / 2 / 1e3)
+    monkeypatch.setattr(bench_train, "profiled_trace", lambda step, calls: [])
+    assert bench_train.gpu_busy_ms(lambda: None) == (0.0, 0.0)
+
+
 def test_bench_train_recipe_settings():
     """--recipes entries: a recipe, optionally with FP8Config switches after a colon; anything
     else is refused with the fields it could have named."""
