@@ -25,8 +25,8 @@ span" is those steps' first kernel start to last kernel end, a step's worth).
 
 Bound: the FP8/bf16 tokens/s ratio is set against what the FP8 step could reach at most were its
 FP8 GEMMs FP8_GEMM_SPEEDUP times bf16's (quantization free) and all else as in bf16, every FLOP
-taking the same time (`models.fp8.convert.flop_shares`; the output heads, the layers kept bf16 and
-the attention core are the rest). In `small` FP8 takes 56% of the FLOPs at 16384 tokens a
+taking the same time (`models.fp8.convert.flop_shares` and `FP8_GEMM_SPEEDUP`; the output heads,
+the layers kept bf16 and the attention core are the rest). In `small` FP8 takes 56% of the FLOPs at 16384 tokens a
 micro-batch (49% below 8192, where the narrow shared experts run bf16), so the bound is ~1.23x.
 
 Order: the recipes of a config run as A B ... B A (`--rounds 2`, the default: each measured twice,
@@ -53,7 +53,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from models import build_model, model_config  # noqa: E402
 from models.fp8.config import FP8Config  # noqa: E402
-from models.fp8.convert import flop_shares  # noqa: E402
+from models.fp8.convert import FP8_GEMM_SPEEDUP, flop_shares  # noqa: E402
 from models.fp8.linear import cached_weight_copies  # noqa: E402
 from isolate import in_fresh_process  # noqa: E402
 from summary import record  # noqa: E402
@@ -65,9 +65,6 @@ from trainer.optim import OptimConfig, build_optimizer, build_schedule  # noqa: 
 from trainer.tracking import PEAK_BF16_FLOPS  # noqa: E402
 
 H100_PEAK = PEAK_BF16_FLOPS["H100"]
-FP8_GEMM_SPEEDUP = 1.5
-"""FP8 GEMMs against bf16 for the FLOP-share bound on the step's FP8/bf16 ratio (see Bound
-above): the dense blockwise GEMMs' 1.46-1.50x over bf16 matmul on the H100 (bench_fp8.py)."""
 
 
 def fp8_config(recipe: str) -> FP8Config:
@@ -295,8 +292,8 @@ def report(args, results: list[dict], matmul: float) -> None:
         bound = shares.step_speedup_bound(FP8_GEMM_SPEEDUP)
         print(f"  {fp8['recipe']}: FP8 runs {100 * shares.fp8:.1f}% of the step's FLOPs (high-"
               f"precision GEMMs {100 * shares.high_precision_matmul:.1f}%, attention "
-              f"{100 * shares.attention:.1f}%): FP8/bf16 {ratio:.3f}x against a FLOP-share bound of "
-              f"{bound:.3f}x with FP8 GEMMs {FP8_GEMM_SPEEDUP}x bf16 "
+              f"{100 * shares.attention:.1f}%): FP8/bf16 {ratio:.3f}x against a FLOP-share bound "
+              f"of {bound:.3f}x with FP8 GEMMs {FP8_GEMM_SPEEDUP}x bf16 "
               f"({shares.step_speedup_bound(2.0):.3f}x at 2x)")
         record("train", f"{case} fp8/bf16 step speed", ratio, "x",
                f"FLOP-share bound, FP8 GEMMs {FP8_GEMM_SPEEDUP}x", bound)

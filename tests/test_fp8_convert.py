@@ -14,7 +14,8 @@ from torch import nn
 
 from models import build_model, model_config
 from models.fp8 import FP8Config, FP8Linear, convert
-from models.fp8.convert import NARROW_MLP_MIN_TOKENS, flop_shares
+from models.fp8.convert import (FP8_GEMM_SPEEDUP, NARROW_MLP_MIN_TOKENS, flop_shares,
+                                 run_outlook)
 from models.fp8.experts import FP8GroupedExperts
 from models.fp8.linear import FP8MLP
 from models.fp8.gemm import has_blockwise_kernels
@@ -137,6 +138,23 @@ def test_flop_shares_of_the_small_model_by_hand():
     assert shares.step_speedup_bound(2.0) == pytest.approx(1 / (1 - shares.fp8 / 2))
     with pytest.raises(ValueError, match="fp8_speedup must be positive"):
         shares.step_speedup_bound(0.0)
+
+
+def test_run_outlook_states_the_fp8_share_and_warns_on_small_micro_batches():
+    """The line a training run logs: the FP8 share of the FLOPs and its bound, and below
+    MIN_MICRO_BATCH_TOKENS tokens a micro-batch a warning naming the micro-batch size that fixes
+    it."""
+    model = build_model(model_config("small"), device="meta")
+    convert(model, FP8Config(recipe="blockwise"), emulate=True)
+    big = run_outlook(model, 2048, 4)
+    shares = flop_shares(model, 2048, 4 * 2048)
+    assert f"{100 * shares.fp8:.1f}% of a step's FLOPs run in FP8" in big
+    assert f"at most {shares.step_speedup_bound(FP8_GEMM_SPEEDUP):.2f}x" in big
+    assert "Warning" not in big
+    small = run_outlook(model, 2048, 1)
+    assert "Warning: 2048 tokens a micro-batch is below 4096" in small
+    assert small.endswith("set data.micro_batch_size=2 or more, or fp8=off")
+    assert "data.micro_batch_size=3 or more" in run_outlook(model, 1500, 1)
 
 
 def _norm_types(model):

@@ -147,6 +147,9 @@ def main(cfg: DictConfig) -> float:
     tracker = make_tracker(c.logger, job.rank, run_dir, OmegaConf.to_container(cfg), c.train.steps, step)
     tracker.print(f"run dir {run_dir} | {job.world_size} rank(s) on {job.device} ({precision}) | "
                   f"params {model.param_counts()} | {'resumed at step ' + str(step) if start else 'from scratch'}")
+    if c.fp8.enabled:
+        from models.fp8.convert import run_outlook
+        tracker.print(run_outlook(model, c.data.seq_len, c.data.micro_batch_size))
     tokens_per_step = c.data.micro_batch_size * c.data.seq_len * c.parallel.grad_accum * job.world_size
     flops_per_token = model.flops_per_token(c.data.seq_len)
 

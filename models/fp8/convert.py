@@ -82,6 +82,15 @@ the F=1536 MLP measured 0.97-1.13x bf16 in FP8 (parity, and FP8 keeps for backwa
 third of the activation bytes bf16 keeps), at 4096 0.64-0.89x, at 16384 1.25-1.27x."""
 
 
+FP8_GEMM_SPEEDUP = 1.5
+"""FP8 GEMMs against bf16 for the FLOP-share bound (`FlopShares.step_speedup_bound`): the dense
+blockwise GEMMs' 1.46-1.50x over bf16 matmul on the H100 (scripts/bench_fp8.py)."""
+MIN_MICRO_BATCH_TOKENS = 4096
+"""Below this many tokens a micro-batch FP8 measured slower than bf16 (`small` on the H100:
+1 x 2048 tokens 0.88-0.97x, with the same GPU time as bf16's, 42 ms a step, and more host
+time; 2 x 2048 1.08x, 4 x 2048 1.10x): `run_outlook` warns."""
+
+
 def convert(model: nn.Module, fp8_cfg: FP8Config, emulate: bool = False) -> nn.Module:
     """Swap eligible modules of `model` for FP8 ones (in place) and return it. See the module doc."""
     if not isinstance(fp8_cfg, FP8Config):
@@ -235,3 +244,20 @@ def flop_shares(model: nn.Module, seq_len: int, tokens_per_call: int) -> FlopSha
     attention = model.attention_flops_per_token(seq_len) / total
     return FlopShares(fp8, 1.0 - fp8 - attention, attention)
 
+
+def run_outlook(model: nn.Module, seq_len: int, micro_batch_size: int) -> str:
+    """One line for a training run's log: how much of a converted model's step runs in FP8, the
+    most FP8 can then gain (FLOP-share bound at FP8_GEMM_SPEEDUP), and a warning with the fix
+    when the micro-batch is below MIN_MICRO_BATCH_TOKENS."""
+    tokens = seq_len * micro_batch_size
+    shares = flop_shares(model, seq_len, tokens)
+    line = (f"fp8: {100 * shares.fp8:.1f}% of a step's FLOPs run in FP8 (high-precision GEMMs "
+            f"{100 * shares.high_precision_matmul:.1f}%, attention {100 * shares.attention:.1f}%), "
+            f"so the step gains at most {shares.step_speedup_bound(FP8_GEMM_SPEEDUP):.2f}x over "
+            f"bf16 with FP8 GEMMs {FP8_GEMM_SPEEDUP}x bf16's")
+    if tokens < MIN_MICRO_BATCH_TOKENS:
+        rows = -(-MIN_MICRO_BATCH_TOKENS // seq_len)
+        line += (f". Warning: {tokens} tokens a micro-batch is below {MIN_MICRO_BATCH_TOKENS}, "
+                 "where FP8 ran slower than bf16 (its GEMMs too short to repay the quantization, "
+                 f"its host time longer): set data.micro_batch_size={rows} or more, or fp8=off")
+    return line
