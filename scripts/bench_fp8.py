@@ -29,6 +29,8 @@ scripts/summary.py:
            index against gathering the sorted bf16 copies, then quantizing (ms);
   norm     a norm feeding FP8 consumers: the fused kernel FP8RMSNorm runs (bf16 y and both FP8
            copies) against the bf16 norm, then quantize_dual (ms);
+  swiglu   an FP8 SwiGLU's forward quantization: a's 1x128 copy and h = [gate | up]'s own from one
+           read of h, against the SwiGLU quantizer, then quantize_1x128(h) (ms);
   memory   bytes autograd saves for backward (FP8 copies vs bf16 activations), Linear and MLP.
 Timing: each figure and its baselines in three interleaved rounds (scripts/timing.interleaved_ms:
 every other round reversed, the median kept; timed one after another, whatever runs first meets a
@@ -190,6 +192,29 @@ def bench_norm_fusion(cases) -> None:
         record(BENCH, f"rmsnorm->dual+bf16 y {M}x{K}", ms["fused"], "ms", "norm, then dual",
                ms["norm, then dual"], higher_is_better=False)
         del x, y
+
+
+def bench_swiglu_input_copy(cases) -> None:
+    """An FP8 SwiGLU's forward: the down projection's input a = silu(gate) * up and the 1x128
+    copy of h = [gate | up] the backward recomputes from, both from one read of h
+    (swiglu_quantize(input_copy=True), what FP8MLP and the FP8 experts run) against the SwiGLU
+    quantizer, then quantize_1x128 reading h again."""
+    from models.fp8 import quant
+
+    print("\n== SwiGLU -> a's 1x128 copy and h's own, ms (lower is better)")
+    for M, F in cases:
+        h = torch.randn(M, 2 * F, device=DEVICE, dtype=torch.bfloat16)
+        gate, up = h[:, :F], h[:, F:]
+        ms = interleaved_ms({
+            "one read": lambda: quant.swiglu_quantize(gate, up, colwise=False, check_finite=False,
+                                                      input_copy=True),
+            "two reads": lambda: (quant.swiglu_quantize(gate, up, colwise=False,
+                                                        check_finite=False),
+                                  quant.quantize_1x128(h, check_finite=False))})
+        print(f"{M}x{2 * F:<22}{ms['one read']:>8.3f}{ms['two reads']:>8.3f}")
+        record(BENCH, f"swiglu->1x128 + h's copy {M}x{2 * F}", ms["one read"], "ms",
+               "swiglu, then quantize_1x128(h)", ms["two reads"], higher_is_better=False)
+        del h, gate, up
 
 
 def _te_linear(K: int, N: int):
@@ -385,6 +410,7 @@ def main() -> None:
     bench_mlp(mlp_shapes)
     bench_dispatch_quant([(16384, 4096, 4, 16), (8192, 7168, 8, 256)])  # `small`, DeepSeek-V3
     bench_norm_fusion([(16384, 4096), (8192, 7168)])
+    bench_swiglu_input_copy([(16384, 10240), (65536, 1536)])  # `small`'s dense MLP, its experts
     bench_saved_memory(8192, 4096, 10240)
     print(f"\nbench_fp8: {time.monotonic() - start:.0f} s")
 

@@ -180,6 +180,13 @@ def _swiglu(shape, pow2, colwise, tiling=None):
     _check_row(out[0], out[1], hp, pow2)
     if colwise:
         _check_col(out[2], out[3], hp, pow2)
+    if F % 128 == 0:  # with the inputs' own 1x128 copy (what an FP8 SwiGLU saves for backward)
+        both = quant.swiglu_quantize(gate, up, pow2, colwise=colwise, tiling=tiling,
+                                     input_copy=True)
+        assert len(both) == len(out) + 2
+        assert all(_same(_bits(a) if a.dtype == R.E4M3 else a, _bits(b) if b.dtype == R.E4M3 else b)
+                   for a, b in zip(both, out)), "the SwiGLU's own copies must not change"
+        _check_row(both[-2], both[-1], h, pow2)
 
 
 def _rmsnorm(shape, pow2, colwise, tiling=None):
@@ -297,6 +304,8 @@ def test_bad_input():
         quant.rmsnorm_quantize(x, torch.ones(128, device=DEVICE))
     with pytest.raises(ValueError, match="hp_out"):
         quant.swiglu_quantize(x, x, hp_out=torch.empty(4, 256, dtype=torch.float16, device=DEVICE))
+    with pytest.raises(ValueError, match="multiple of 128"):
+        quant.swiglu_quantize(x[:, :200], x[:, 56:], input_copy=True)
     with pytest.raises(ValueError, match="non-contiguous"):
         quant.rmsnorm_quantize(x, torch.ones(256, device=DEVICE),
                                hp_out=torch.empty(256, 4, device=DEVICE).t())
@@ -553,10 +562,11 @@ out = {}
 for dt in ("bf16", "fp32"):  # activations arrive in either; master weights are fp32
     tile = dict(x_ptr=p(dt), u_ptr=p(dt), w_ptr=p("bf16"), rstd_ptr=p("fp32"), hp_ptr=p("fp32"),
                 q_ptr=p("fp8e4nv"), s_ptr=p("fp32"), qt_ptr=p("fp8e4nv"), st_ptr=p("fp32"),
+                qi_ptr=p("fp8e4nv"), si_ptr=p("fp32"),
                 rows_ptr=p("i64"), M="i32", K="i32", Mp="i32", stride_xm="i32", stride_um="i32",
                 PROLOGUE="constexpr", COLWISE="constexpr", STORE_HP="constexpr", POW2="constexpr",
                 EXACT_CAST="constexpr", BLOCK_M="constexpr", TILES="constexpr", PREFETCH="constexpr",
-                COMPACT="constexpr", GATHER="constexpr")
+                COMPACT="constexpr", GATHER="constexpr", INPUT_COPY="constexpr")
     weight = dict(w_ptr=p(dt), q_ptr=p("fp8e4nv"), s_ptr=p("fp32"), qt_ptr=p("fp8e4nv"),
                   st_ptr=p("fp32"), N="i32", K="i32", Nb="i32", Kb="i32", row0="i32", NJ="i32",
                   NJb="i32", TRANSPOSE="constexpr",
@@ -569,15 +579,19 @@ for dt in ("bf16", "fp32"):  # activations arrive in either; master weights are 
                 POW2="constexpr", EXACT_CAST="constexpr", COMPACT="constexpr",
                 SUM_TILES="constexpr", PARTS="constexpr", PERSISTENT="constexpr",
                 L2_HINTS="constexpr")
-    for pro, col, pow2, tiles, pre, cmp, warps, gather in [
-            (0, True, False, 1, False, False, 8, False), (0, True, False, 1, False, True, 4, False),
-            (0, False, True, 4, True, False, 4, False), (1, True, False, 4, True, True, 8, False),
-            (2, True, True, 1, False, False, 8, False),
-            (0, True, False, 1, False, True, 4, True), (0, False, False, 4, True, False, 4, True)]:
+    for pro, col, pow2, tiles, pre, cmp, warps, gather, copy in [
+            (0, True, False, 1, False, False, 8, False, False),
+            (0, True, False, 1, False, True, 4, False, False),
+            (0, False, True, 4, True, False, 4, False, False),
+            (1, True, False, 4, True, True, 8, False, False),
+            (1, False, False, 1, False, False, 4, False, True),  # the FP8 SwiGLU's forward
+            (2, True, True, 1, False, False, 8, False, False),
+            (0, True, False, 1, False, True, 4, True, False),
+            (0, False, False, 4, True, False, 4, True, False)]:
         consts = dict(PROLOGUE=pro, COLWISE=col, STORE_HP=False, POW2=pow2, EXACT_CAST=False,
                       BLOCK_M=128 if col else 64, TILES=tiles, PREFETCH=pre, COMPACT=cmp,
-                      GATHER=gather)
-        out[f"tile{pro}{col}{pow2}{tiles}{pre}{cmp}{warps}{gather} {dt}"] = build(
+                      GATHER=gather, INPUT_COPY=copy)
+        out[f"tile{pro}{col}{pow2}{tiles}{pre}{cmp}{warps}{gather}{copy} {dt}"] = build(
             quant.quant_tile_kernel, tile, consts, warps)
     for col, tiles in ((True, 4), (False, 1)):
         out[f"norm{col}{tiles} {dt}"] = build(quant.rmsnorm_quant_kernel, norm, dict(

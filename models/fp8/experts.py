@@ -7,7 +7,8 @@ w1 (gate) and w3 (up) [E, F, D], w2 (down) [E, D, F]:
                                        from MoE (forward_tokens) x's rows are read through the
                                        dispatch index, so the sorted bf16 copy is never made
               h   = grouped_gemm(q_x, w13)              [T, 2F]   gate | up, one GEMM for both
-              a   = swiglu_quantize(gate, up)           1x128, silu(gate) * up never stored in bf16
+              a   = swiglu_quantize(gate, up)           1x128, silu(gate) * up never stored in bf16;
+                                                        with h's own 1x128 copy from the same read
               y   = grouped_gemm(q_a, w2)               [T, D]    in x's dtype
               saved: qt_x (FP8), h as FP8 1x128 tiles (DeepSeek-V3 3.3.3 caches the SwiGLU input
               in FP8 and recomputes its output in backward), counts_E
@@ -247,12 +248,13 @@ class FP8ExpertsFunction(torch.autograd.Function):
             q_x, s_x = quant.quantize_1x128(x, pow2_scales, check_finite=False, rows=rows)
             qt_x, st_x = None, None
         h_T2F = grouped_gemm(q_x, s_x, wq.w13_q, wq.w13_s, counts_E, out_dtype=torch.bfloat16)
-        q_a, s_a = quant.swiglu_quantize(h_T2F[:, :n_inter], h_T2F[:, n_inter:], pow2_scales,
-                                         colwise=False, check_finite=False)
+        q_a, s_a, *h8 = quant.swiglu_quantize(h_T2F[:, :n_inter], h_T2F[:, n_inter:], pow2_scales,
+                                              colwise=False, check_finite=False,
+                                              input_copy=training)
         y_TD = grouped_gemm(q_a, s_a, wq.w2_q, wq.w2_s, counts_E, out_dtype=x.dtype)
         if not training:  # inference: nothing to save for a backward
             return y_TD
-        q_h, s_h = quant.quantize_1x128(h_T2F, pow2_scales, check_finite=False)
+        q_h, s_h = h8
         # Only the transposed weight copies go to backward, as saved tensors (freed once this
         # backward has run, unlike a ctx attribute): see models/fp8/linear.py `_dgrad_copy`.
         ctx.save_for_backward(counts_E, q_h, s_h, qt_x, st_x, wq.w13t_q, wq.w13t_s, wq.w2t_q,

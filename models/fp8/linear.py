@@ -300,7 +300,8 @@ class FP8MLPFunction(torch.autograd.Function):
     dense GEMMs instead of grouped ones), DeepSeek-V3 3.3.3's recipe:
 
         forward   h  = x [w1; w3]^T                  one GEMM for gate | up, [T, 2F]
-                  a  = swiglu_quantize(gate, up)     1x128 FP8 only: a never exists in bf16
+                  a  = swiglu_quantize(gate, up)     1x128 FP8 only: a never exists in bf16;
+                                                     h's own 1x128 copy from the same read
                   y  = a w2^T
                   saved: x's 128x1 copy, h's 1x128 copy (FP8; the SwiGLU is recomputed)
         backward da = dy w2
@@ -316,11 +317,11 @@ class FP8MLPFunction(torch.autograd.Function):
         q_x, s_x, qt_x, st_x = _quantize_input(x, pow2_scales, colwise=need_w13)
         h = _fprop(q_x, s_x, w13_fp8, x.dtype)
         F = h.shape[1] // 2
-        q_a, s_a = quant.swiglu_quantize(h[:, :F], h[:, F:], pow2_scales, colwise=False,
-                                         check_finite=False)
+        q_a, s_a, *h8 = quant.swiglu_quantize(h[:, :F], h[:, F:], pow2_scales, colwise=False,
+                                              check_finite=False, input_copy=training)
         y = _fprop(q_a, s_a, w2_fp8, x.dtype)
         if training:
-            q_h, s_h = quant.quantize_1x128(h, pow2_scales, check_finite=False)
+            q_h, s_h = h8
             ctx.save_for_backward(q_h, s_h, qt_x, st_x, *_dgrad_copy(w13_fp8), *_dgrad_copy(w2_fp8))
             ctx.meta = (x.shape, (w1.dtype, w3.dtype, w2.dtype), pow2_scales)
         return y.view(*x.shape[:-1], y.shape[-1])

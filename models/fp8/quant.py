@@ -12,8 +12,10 @@ Wrappers (x_MK: 2-D bf16/fp16/fp32 with unit column stride; all return fresh ten
     quantize_dual(x_MK, pow2_scales=False, check_finite=True)  -> (q_MK, s_MKb, qt_KMp, st_MbK)
         both with rows=idx: the copies of x_MK[idx] read through the index (the MoE dispatch's
         gather fused into the quantization)
-    swiglu_quantize(gate_MF, up_MF, pow2_scales=False, colwise=True, check_finite=True, hp_out=None)
+    swiglu_quantize(gate_MF, up_MF, pow2_scales=False, colwise=True, check_finite=True, hp_out=None,
+                    input_copy=False)
         -> (q_MF, s_MFb) or (q_MF, s_MFb, qt_FMp, st_MbF);  value quantized: silu(gate) * up in fp32
+        [+ (q_M2F, s_M2Fb), input_copy: [gate | up]'s own 1x128 copy from the same read]
     rmsnorm_quantize(x_MK, weight_K, eps=1e-6, pow2_scales=False, colwise=True, check_finite=True,
                      hp_out=None) -> (q, s[, qt, st], rstd_M);  value quantized: x * rstd * weight in fp32
                      (on an sm90 GPU the CUDA cluster kernel of csrc/fp8_norm, see below)
@@ -42,7 +44,10 @@ quantization as an extra HBM round trip, and on Hopper the FP8 WGMMA takes only 
 so every activation and gradient needs a row-wise and a column-wise copy. `quantize_dual` reads
 the bf16 tensor once and writes both. The fused producers compute the value they quantize
 (SwiGLU of the up-projection output, RMSNorm of the residual stream) so it never goes to HBM in
-bf16.
+bf16. The SwiGLU one can also write the 1x128 copy of its own input h = [gate | up], which an FP8
+SwiGLU saves for its backward, from the same read (`input_copy`; twenty-fourth session, H100:
+bitwise what quantize_1x128(h) writes, 1.47-1.52x faster than the two kernels one after the other
+at 8192-65536 rows x 3072-20480 columns, at 2.7-2.95 TB/s of GPU busy time, a copy's rate).
 
 What each kernel moves, and why it is tiled the way it is
 ---------------------------------------------------------
@@ -400,15 +405,21 @@ def _load_tile(x_ptr, u_ptr, rm, src, rk, M, k_end, stride_xm, stride_um, PROLOG
 
 
 @triton.jit
-def _quant_tile(x, u, w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, rm, rk, row_block, k_blk,
-                M, K, Mp, PROLOGUE: tl.constexpr, COLWISE: tl.constexpr, STORE_HP: tl.constexpr,
-                POW2: tl.constexpr, EXACT_CAST: tl.constexpr, COMPACT: tl.constexpr,
-                STORE_EVICT: tl.constexpr):
+def _quant_tile(x, u, w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, qi_ptr, si_ptr, rm,
+                rk, row_block, k_blk, M, K, Mp, PROLOGUE: tl.constexpr, COLWISE: tl.constexpr,
+                STORE_HP: tl.constexpr, POW2: tl.constexpr, EXACT_CAST: tl.constexpr,
+                COMPACT: tl.constexpr, INPUT_COPY: tl.constexpr, STORE_EVICT: tl.constexpr):
     """Prologue, then the 1x128 copy of the tile [and its 128x1 copy, stored transposed].
+    INPUT_COPY (SwiGLU): also the 1x128 copy of the inputs, [gate | up], into qi and si.
     STORE_EVICT: the L2 eviction policy of the FP8 copies' lines."""
     mask = (rm[:, None] < M) & (rk[None, :] < K)
     rows = rm.to(tl.int64)[:, None]
     x = x.to(tl.float32)
+    if INPUT_COPY:  # K % 128 == 0 here: gate's group k_blk is [gate | up]'s k_blk, up's Kb + k_blk
+        inside = k_blk * 128 < K
+        _store_1x128(x, qi_ptr, si_ptr, rm, rk, k_blk, inside, M, 2 * K, 0, K, POW2, EXACT_CAST)
+        _store_1x128(u.to(tl.float32), qi_ptr, si_ptr, rm, rk, K // 128 + k_blk, inside, M,
+                     2 * K, K, K, POW2, EXACT_CAST)
     if PROLOGUE == 1:  # SwiGLU: x is the gate, u the up projection
         x = x / (1.0 + tl.exp(-x)) * u.to(tl.float32)
     if PROLOGUE == 2:  # RMSNorm: x * rstd[row] * w[col]
@@ -441,6 +452,20 @@ def _quant_tile(x, u, w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, rm,
 
 
 @triton.jit
+def _store_1x128(v, q_ptr, s_ptr, rm, rk, group, inside, M, row_len, col0, K,
+                 POW2: tl.constexpr, EXACT_CAST: tl.constexpr):
+    """v [rows rm, columns rk < K] as columns col0 + rk of the 1x128 copy q [M, row_len] with
+    scales s (MN-major [row_len / 128, M]) at `group`: the operations of _quant_tile's row-wise
+    branch, so the same bits as quantizing [M, row_len] whole. inside: whether the tile starts
+    before K (a program's last group of TILES may run past it); nothing is stored if not."""
+    amax = _amax(v, 1)
+    sc = _scale(amax, amax - amax, POW2)
+    tl.store(s_ptr + group * M + rm, sc, mask=(rm < M) & inside)
+    tl.store(q_ptr + rm.to(tl.int64)[:, None] * row_len + col0 + rk[None, :],
+             _cast(v, sc[:, None], EXACT_CAST), mask=(rm[:, None] < M) & (rk[None, :] < K))
+
+
+@triton.jit
 def store_rowwise_compact(x, q_ptr, s_ptr, rm, rk, k_blk, M, K, POW2: tl.constexpr,
                           EXACT_CAST: tl.constexpr, STORE_EVICT: tl.constexpr):
     """x [rows rm, the 128 columns rk of group k_blk] of an [M, K] tensor: its 1x128 copy into
@@ -462,16 +487,16 @@ def store_colwise_compact(x, qt_ptr, st_ptr, rm, rk, row_block, Mp, K, POW2: tl.
 
 
 @triton.jit
-def _quant_group(x_ptr, u_ptr, w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, rm, src,
-                 row_block, k0, M, K, Mp, stride_xm, stride_um, PROLOGUE: tl.constexpr,
-                 COLWISE: tl.constexpr, STORE_HP: tl.constexpr, POW2: tl.constexpr,
-                 EXACT_CAST: tl.constexpr, COMPACT: tl.constexpr, TILES: tl.constexpr,
-                 PREFETCH: tl.constexpr):
+def _quant_group(x_ptr, u_ptr, w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, qi_ptr,
+                 si_ptr, rm, src, row_block, k0, M, K, Mp, stride_xm, stride_um,
+                 PROLOGUE: tl.constexpr, COLWISE: tl.constexpr, STORE_HP: tl.constexpr,
+                 POW2: tl.constexpr, EXACT_CAST: tl.constexpr, COMPACT: tl.constexpr,
+                 INPUT_COPY: tl.constexpr, TILES: tl.constexpr, PREFETCH: tl.constexpr):
     """Quantize tiles k0 .. k0 + TILES - 1 of row block rm (those inside K), reading the input
     rows src (see _load_tile)."""
     cols = tl.arange(0, 128)
     k_end = tl.minimum(K, (k0 + TILES) * 128)
-    outs = (w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st_ptr)
+    outs = (w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, qi_ptr, si_ptr)
     if PREFETCH:
         x, u = _load_tile(x_ptr, u_ptr, rm, src, k0 * 128 + cols, M, k_end, stride_xm, stride_um,
                           PROLOGUE, "")
@@ -480,7 +505,8 @@ def _quant_group(x_ptr, u_ptr, w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st
             x_next, u_next = _load_tile(x_ptr, u_ptr, rm, src, rk + 128, M, k_end, stride_xm,
                                         stride_um, PROLOGUE, "")
             _quant_tile(x, u, *outs, rm, rk, row_block, k0 + t, M, K, Mp,
-                        PROLOGUE, COLWISE, STORE_HP, POW2, EXACT_CAST, COMPACT, "")
+                        PROLOGUE, COLWISE, STORE_HP, POW2, EXACT_CAST, COMPACT, INPUT_COPY,
+                        "")
             x, u = x_next, u_next
     else:
         for t in range(TILES):
@@ -488,16 +514,17 @@ def _quant_group(x_ptr, u_ptr, w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st
             x, u = _load_tile(x_ptr, u_ptr, rm, src, rk, M, k_end, stride_xm, stride_um, PROLOGUE,
                               "")
             _quant_tile(x, u, *outs, rm, rk, row_block, k0 + t, M, K, Mp,
-                        PROLOGUE, COLWISE, STORE_HP, POW2, EXACT_CAST, COMPACT, "")
+                        PROLOGUE, COLWISE, STORE_HP, POW2, EXACT_CAST, COMPACT, INPUT_COPY,
+                        "")
 
 
 @triton.jit
 def quant_tile_kernel(x_ptr, u_ptr, w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st_ptr,
-                      rows_ptr, M, K, Mp, stride_xm, stride_um,
+                      qi_ptr, si_ptr, rows_ptr, M, K, Mp, stride_xm, stride_um,
                       PROLOGUE: tl.constexpr, COLWISE: tl.constexpr, STORE_HP: tl.constexpr,
                       POW2: tl.constexpr, EXACT_CAST: tl.constexpr, BLOCK_M: tl.constexpr,
                       TILES: tl.constexpr, PREFETCH: tl.constexpr, COMPACT: tl.constexpr,
-                      GATHER: tl.constexpr):
+                      GATHER: tl.constexpr, INPUT_COPY: tl.constexpr):
     # program -> (row block, group of TILES consecutive 128-column tiles), K fastest.
     # GATHER: output row m quantizes input row rows[m] (the copies of x[rows], never stored)
     groups = tl.cdiv(tl.cdiv(K, 128), TILES)
@@ -507,9 +534,9 @@ def quant_tile_kernel(x_ptr, u_ptr, w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_pt
     src = rm
     if GATHER:
         src = tl.load(rows_ptr + rm, mask=rm < M, other=0)
-    _quant_group(x_ptr, u_ptr, w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, rm, src,
-                 row_block, k0, M, K, Mp, stride_xm, stride_um, PROLOGUE, COLWISE, STORE_HP, POW2,
-                 EXACT_CAST, COMPACT, TILES, PREFETCH)
+    _quant_group(x_ptr, u_ptr, w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, qi_ptr,
+                 si_ptr, rm, src, row_block, k0, M, K, Mp, stride_xm, stride_um, PROLOGUE, COLWISE,
+                 STORE_HP, POW2, EXACT_CAST, COMPACT, INPUT_COPY, TILES, PREFETCH)
 
 
 # Launched a few hundred times a training step: skip the JIT's per-call work (models/triton_launch).
@@ -564,20 +591,23 @@ def _alloc_outputs(M: int, K: int, colwise: bool, device):
 
 
 def _launch_tiles(prologue, x, u, w, rstd, hp_out, colwise, pow2_scales, tiling: Tiling,
-                  rows=None):
-    """rows (plain quantization only): quantize x[rows], reading x's rows through the index."""
+                  rows=None, input_copy=None):
+    """rows (plain quantization only): quantize x[rows], reading x's rows through the index.
+    input_copy (SwiGLU only): (q, s) [M, 2K] outputs for the 1x128 copy of [x | u]."""
     M, K = x.shape if rows is None else (rows.numel(), x.shape[1])
     q, s, qt, st = _alloc_outputs(M, K, colwise, x.device)
+    qi, si = (q, s) if input_copy is None else input_copy
     block_m = BLOCK if colwise else tiling.block_m
     if M and K:
         grid = (ceil_div(M, block_m) * ceil_div(ceil_div(K, BLOCK), tiling.tiles),)
         _launch_quant_tile[grid](
             x, x if u is None else u, x if w is None else w, s if rstd is None else rstd,
-            q if hp_out is None else hp_out, q, s, qt, st, s if rows is None else rows,
+            q if hp_out is None else hp_out, q, s, qt, st, qi, si, s if rows is None else rows,
             M, K, qt.shape[1] if colwise else 0, x.stride(0), 0 if u is None else u.stride(0),
             PROLOGUE=prologue, COLWISE=colwise, STORE_HP=hp_out is not None, POW2=pow2_scales,
             EXACT_CAST=_INTERPRET, BLOCK_M=block_m, TILES=tiling.tiles, PREFETCH=tiling.prefetch,
-            COMPACT=tiling.compact_scales, GATHER=rows is not None, **_launch_options(tiling))
+            COMPACT=tiling.compact_scales, GATHER=rows is not None,
+            INPUT_COPY=input_copy is not None, **_launch_options(tiling))
     return (q, s, qt, st) if colwise else (q, s)
 
 
@@ -642,12 +672,15 @@ def quantize_dual(x_MK: torch.Tensor, pow2_scales: bool = False, check_finite: b
 
 def swiglu_quantize(gate_MF: torch.Tensor, up_MF: torch.Tensor, pow2_scales: bool = False,
                     colwise: bool = True, check_finite: bool = True, hp_out: torch.Tensor | None = None,
-                    tiling: Tiling | None = None):
+                    tiling: Tiling | None = None, input_copy: bool = False):
     """Quantize h = silu(gate) * up (computed in fp32, never stored in bf16) as 1x128 [and 128x1].
 
     gate and up may be column slices of one fused [M, 2F] up-projection output. hp_out, when
     given ([M, F] float32 or bfloat16), receives the h that was quantized (in bf16: rounded to
-    nearest even, as .to() rounds).
+    nearest even, as .to() rounds). input_copy=True (F a multiple of 128) also returns the 1x128
+    copy of the inputs themselves, (q [M, 2F], s MN-major) of [gate | up], bitwise what
+    quantize_1x128(torch.cat([gate, up], 1)) returns, from the same read: what an FP8 SwiGLU
+    saves for its backward (models.fp8.experts.swiglu_backward_quantize recomputes from it).
     """
     _check_input(gate_MF, "gate_MF")
     _check_input(up_MF, "up_MF")
@@ -655,11 +688,21 @@ def swiglu_quantize(gate_MF: torch.Tensor, up_MF: torch.Tensor, pow2_scales: boo
         raise ValueError(f"gate_MF {tuple(gate_MF.shape)} and up_MF {tuple(up_MF.shape)} must have "
                          "the same shape and device")
     _check_hp_out(hp_out, *gate_MF.shape)
+    M, F = gate_MF.shape
+    copy = None
+    if input_copy:
+        if F % BLOCK:
+            raise ValueError(f"input_copy needs the SwiGLU width (gate_MF's {F} columns) to be a "
+                             f"multiple of {BLOCK}; quantize torch.cat([gate, up], 1) instead")
+        copy = _alloc_outputs(M, 2 * F, False, gate_MF.device)[:2]
     tiling = _tiling(tiling, "swiglu" if colwise else "swiglu 1x128")
-    out = _launch_tiles(_SWIGLU, gate_MF, up_MF, None, None, hp_out, colwise, pow2_scales, tiling)
+    out = _launch_tiles(_SWIGLU, gate_MF, up_MF, None, None, hp_out, colwise, pow2_scales, tiling,
+                        input_copy=copy)
     if check_finite:
         _raise_if_nonfinite("silu(gate_MF) * up_MF", *out[1::2])
-    return out
+        if copy is not None:
+            _raise_if_nonfinite("gate_MF | up_MF", copy[1])
+    return out if copy is None else (*out, *copy)
 
 
 @triton.jit
@@ -728,8 +771,8 @@ def _norm_work(x_ptr, w_ptr, rstd_ptr, part_ptr, count_ptr, flag_ptr, hp_ptr, q_
         ready = tl.atomic_add(flag_ptr + r, 0, sem="acquire")
         while ready == 0:
             ready = tl.atomic_add(flag_ptr + r, 0, sem="acquire")
-        _quant_tile(x, x, w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, rm, rk, r, j,
-                    M, K, Mp, 2, COLWISE, STORE_HP, POW2, EXACT_CAST, COMPACT,
+        _quant_tile(x, x, w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, q_ptr, s_ptr, rm,
+                    rk, r, j, M, K, Mp, 2, COLWISE, STORE_HP, POW2, EXACT_CAST, COMPACT, False,
                     "evict_first" if L2_HINTS else "")
     else:
         _norm_sum_item(x_ptr, rstd_ptr, part_ptr, count_ptr, flag_ptr, r, j, M, K, Kb, Ls,
