@@ -26,8 +26,9 @@ span" is those steps' first kernel start to last kernel end, a step's worth).
 Bound: the FP8/bf16 tokens/s ratio is set against what the FP8 step could reach at most were its
 FP8 GEMMs FP8_GEMM_SPEEDUP times bf16's (quantization free) and all else as in bf16, every FLOP
 taking the same time (`models.fp8.convert.flop_shares` and `FP8_GEMM_SPEEDUP`; the output heads,
-the layers kept bf16 and the attention core are the rest). In `small` FP8 takes 56% of the FLOPs at 16384 tokens a
-micro-batch (49% below 8192, where the narrow shared experts run bf16), so the bound is ~1.23x.
+the layers kept bf16 and the attention core are the rest). In `small` FP8 takes 56% of the FLOPs
+at 16384 tokens a micro-batch (49% below 8192, where the narrow shared experts run bf16), so the
+bound is ~1.23x.
 
 Order: the recipes of a config run as A B ... B A (`--rounds 2`, the default: each measured twice,
 the second time in reverse order) and each recipe's step time is the mean of its runs. An H100
@@ -57,8 +58,8 @@ from models.fp8.convert import FP8_GEMM_SPEEDUP, flop_shares  # noqa: E402
 from models.fp8.linear import cached_weight_copies  # noqa: E402
 from isolate import in_fresh_process  # noqa: E402
 from summary import record  # noqa: E402
-from timing import (GPU_CATEGORIES, alternating_rounds, bf16_matmul_tflops,  # noqa: E402
-                    busy_us, profiled_trace)
+from timing import (alternating_rounds, bf16_matmul_tflops, busy_us,  # noqa: E402
+                    profiled_trace, span_us)
 from trainer import engine as eng  # noqa: E402
 from trainer.balance import LoadBalancer  # noqa: E402
 from trainer.optim import OptimConfig, build_optimizer, build_schedule  # noqa: E402
@@ -129,7 +130,7 @@ def measure(args, recipe: str, grad_accum: int) -> dict:
     tokens_per_s = args.micro_batch * args.seq_len * grad_accum / seconds
     flops = engine.module.flops_per_token(args.seq_len) * tokens_per_s
     peak_gib = torch.cuda.max_memory_allocated() / 2 ** 30
-    busy_ms, span_ms = gpu_busy_ms(lambda: eng.train_step(engine, batch, eng.lm_loss, balancer,
+    busy_ms, span_ms = gpu_busy_and_span_ms(lambda: eng.train_step(engine, batch, eng.lm_loss, balancer,
                                                           args.threaded_backward))
     result = dict(recipe=recipe, grad_accum=grad_accum, step_ms=seconds * 1e3, tokens_per_s=tokens_per_s,
                   idle_ms=max(0.0, seconds * 1e3 - busy_ms), span_ms=span_ms,
@@ -140,17 +141,13 @@ def measure(args, recipe: str, grad_accum: int) -> dict:
     return result
 
 
-def gpu_busy_ms(step, steps: int = 2) -> tuple[float, float]:
+def gpu_busy_and_span_ms(step, steps: int = 2) -> tuple[float, float]:
     """(busy, span) in milliseconds per step over `steps` profiled steps: busy, the union of the
     GPU's kernels, copies and memsets (what a step costs the GPU, however fast the host is); span,
     the first one's start to the last one's end, which the profiler's cost per launch stretches
     wherever the host is the bound."""
     trace = profiled_trace(step, calls=steps)
-    gpu = [e for e in trace if e.get("ph") == "X" and e.get("cat") in GPU_CATEGORIES]
-    if not gpu:
-        return 0.0, 0.0
-    span = max(e["ts"] + e.get("dur", 0) for e in gpu) - min(e["ts"] for e in gpu)
-    return busy_us(trace) / 1e3 / steps, span / 1e3 / steps
+    return busy_us(trace) / 1e3 / steps, span_us(trace) / 1e3 / steps
 
 
 def forward_held_gib(engine, micro_batch: dict) -> tuple[float, float]:

@@ -8,6 +8,7 @@
     bf16_matmul_tflops()          # the dense bf16 rate this card reaches, measured now
     events = profiled_trace(fn, calls=2)  # the Chrome-trace events of fn's calls under the profiler
     idle_gaps(events, min_us)     # the stretches in which the GPU ran nothing
+    busy_us(events), span_us(events)  # the GPU's busy microseconds; first start to last end
     idle_ms(gaps, steps)          # their milliseconds per step
     gpu_busy_ms(fn)               # the GPU's busy milliseconds per call of fn (profiled)
 """
@@ -109,12 +110,17 @@ def profiled_trace(fn, with_stack: bool = False, calls: int = 1) -> list[dict]:
             return json.load(f)["traceEvents"]
 
 
+def gpu_events(trace_events: list[dict]) -> list[dict]:
+    """The GPU's work in a Chrome trace (kernels, copies, memsets on any stream), by start."""
+    return sorted((e for e in trace_events
+                   if e.get("ph") == "X" and e.get("cat") in GPU_CATEGORIES),
+                  key=lambda e: e["ts"])
+
+
 def idle_gaps(trace_events: list[dict], min_us: float) -> list[tuple[float, float, dict]]:
     """(start us, length us, the GPU event that ended it) for every stretch of at least `min_us`
     between the first and the last GPU event of a Chrome trace in which no stream ran anything."""
-    gpu = sorted((e for e in trace_events
-                  if e.get("ph") == "X" and e.get("cat") in GPU_CATEGORIES),
-                 key=lambda e: e["ts"])
+    gpu = gpu_events(trace_events)
     gaps, busy_until = [], None
     for e in gpu:
         if busy_until is not None and e["ts"] - busy_until >= min_us:
@@ -127,16 +133,20 @@ def idle_gaps(trace_events: list[dict], min_us: float) -> list[tuple[float, floa
 def busy_us(trace_events: list[dict]) -> float:
     """Microseconds in which the GPU ran something (kernel, copy or memset on any stream) in a
     Chrome trace: the union of its GPU events, overlaps counted once."""
-    gpu = sorted((e["ts"], e["ts"] + e.get("dur", 0)) for e in trace_events
-                 if e.get("ph") == "X" and e.get("cat") in GPU_CATEGORIES)
     total, start, end = 0.0, None, None
-    for lo, hi in gpu:
+    for lo, hi in ((e["ts"], e["ts"] + e.get("dur", 0)) for e in gpu_events(trace_events)):
         if end is None or lo > end:  # a new busy stretch: close the one before
             total += 0.0 if end is None else end - start
             start, end = lo, hi
         else:
             end = max(end, hi)
     return total + (0.0 if end is None else end - start)
+
+
+def span_us(trace_events: list[dict]) -> float:
+    """Microseconds from the first GPU event's start to the last one's end (0 with none)."""
+    gpu = gpu_events(trace_events)
+    return max(e["ts"] + e.get("dur", 0) for e in gpu) - gpu[0]["ts"] if gpu else 0.0
 
 
 def gpu_busy_ms(fn, calls: int = 5) -> float:

@@ -114,10 +114,10 @@ def test_bench_train_gpu_busy_counts_kernels_not_gaps(monkeypatch):
                                                                  dur=500),
              dict(ph="X", cat="kernel", ts=300, dur=30)]
     monkeypatch.setattr(bench_train, "profiled_trace", lambda step, calls: trace)
-    busy, span = bench_train.gpu_busy_ms(lambda: None, steps=2)
+    busy, span = bench_train.gpu_busy_and_span_ms(lambda: None, steps=2)
     assert math.isclose(busy, (15 + 20 + 30) / 2 / 1e3) and math.isclose(span, 330 / 2 / 1e3)
     monkeypatch.setattr(bench_train, "profiled_trace", lambda step, calls: [])
-    assert bench_train.gpu_busy_ms(lambda: None) == (0.0, 0.0)
+    assert bench_train.gpu_busy_and_span_ms(lambda: None) == (0.0, 0.0)
 
 
 def test_bench_train_recipe_settings():
