@@ -417,9 +417,10 @@ def _quant_tile(x, u, w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, qi_
     x = x.to(tl.float32)
     if INPUT_COPY:  # K % 128 == 0 here: gate's group k_blk is [gate | up]'s k_blk, up's Kb + k_blk
         inside = k_blk * 128 < K
-        _store_1x128(x, qi_ptr, si_ptr, rm, rk, k_blk, inside, M, 2 * K, 0, K, POW2, EXACT_CAST)
+        _store_1x128(x, qi_ptr, si_ptr, rm, rk, k_blk, inside, M, 2 * K, 0, K, POW2, EXACT_CAST,
+                     "")
         _store_1x128(u.to(tl.float32), qi_ptr, si_ptr, rm, rk, K // 128 + k_blk, inside, M,
-                     2 * K, K, K, POW2, EXACT_CAST)
+                     2 * K, K, K, POW2, EXACT_CAST, "")
     if PROLOGUE == 1:  # SwiGLU: x is the gate, u the up projection
         x = x / (1.0 + tl.exp(-x)) * u.to(tl.float32)
     if PROLOGUE == 2:  # RMSNorm: x * rstd[row] * w[col]
@@ -433,11 +434,8 @@ def _quant_tile(x, u, w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, qi_
     if COMPACT:
         store_rowwise_compact(x, q_ptr, s_ptr, rm, rk, k_blk, M, K, POW2, EXACT_CAST, STORE_EVICT)
     else:
-        amax = _amax(x, 1)
-        s = _scale(amax, amax - amax, POW2)
-        tl.store(s_ptr + k_blk * M + rm, s, mask=(rm < M) & (k_blk * 128 < K))
-        q = _cast(x, s[:, None], EXACT_CAST)
-        tl.store(q_ptr + rows * K + rk[None, :], q, mask=mask, eviction_policy=STORE_EVICT)
+        _store_1x128(x, q_ptr, s_ptr, rm, rk, k_blk, k_blk * 128 < K, M, K, 0, K, POW2,
+                     EXACT_CAST, STORE_EVICT)
     if COLWISE:  # BLOCK_M == 128: this tile is also one row of 128x1 tiles
         if COMPACT:
             store_colwise_compact(x, qt_ptr, st_ptr, rm, rk, row_block, Mp, K, POW2, EXACT_CAST,
@@ -453,16 +451,19 @@ def _quant_tile(x, u, w_ptr, rstd_ptr, hp_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, qi_
 
 @triton.jit
 def _store_1x128(v, q_ptr, s_ptr, rm, rk, group, inside, M, row_len, col0, K,
-                 POW2: tl.constexpr, EXACT_CAST: tl.constexpr):
+                 POW2: tl.constexpr, EXACT_CAST: tl.constexpr, STORE_EVICT: tl.constexpr):
     """v [rows rm, columns rk < K] as columns col0 + rk of the 1x128 copy q [M, row_len] with
-    scales s (MN-major [row_len / 128, M]) at `group`: the operations of _quant_tile's row-wise
-    branch, so the same bits as quantizing [M, row_len] whole. inside: whether the tile starts
-    before K (a program's last group of TILES may run past it); nothing is stored if not."""
+    scales s (MN-major [row_len / 128, M]) at `group`, one scale per row computed in every thread
+    holding it (store_rowwise_compact computes each once). _quant_tile's row-wise copy, and the
+    SwiGLU input's: the same operations, so the same bits as quantizing [M, row_len] whole.
+    inside: whether the tile starts before K (a program's last group of TILES may run past it);
+    nothing is stored if not."""
     amax = _amax(v, 1)
     sc = _scale(amax, amax - amax, POW2)
     tl.store(s_ptr + group * M + rm, sc, mask=(rm < M) & inside)
     tl.store(q_ptr + rm.to(tl.int64)[:, None] * row_len + col0 + rk[None, :],
-             _cast(v, sc[:, None], EXACT_CAST), mask=(rm[:, None] < M) & (rk[None, :] < K))
+             _cast(v, sc[:, None], EXACT_CAST), mask=(rm[:, None] < M) & (rk[None, :] < K),
+             eviction_policy=STORE_EVICT)
 
 
 @triton.jit
