@@ -79,19 +79,8 @@ struct alignas(128) Inputs {
   float su[TILE];
 };
 
-// One tile's FP8 outputs as global memory lays them out, 128-byte lines: the rows of q_dh's
-// dgate and dup halves, then the columns (rows of qt) of dgate, dup and a. Pass 3 writes them
-// here and `tile_flush` copies them out in whole lines (see the header). The 16-byte chunk c of
-// line l lies at c ^ staged_swizzle(l) (q: 2 (l / 4 % 4), qt: 2 (l / 8 % 4)), which makes pass
-// 3's writes free of bank conflicts.
-struct alignas(128) Staged {
-  uint8_t q[2][TILE * TILE];
-  uint8_t qt[3][TILE * TILE];
-};
-
 struct Smem {
   Inputs in[2];
-  Staged out;
   uint32_t row_amax[2][TILE];  // dgate, dup
   uint32_t col_amax[3][TILE];  // dgate, dup, a
   float inv_row[2][TILE];      // reciprocal scales
@@ -339,13 +328,9 @@ __device__ __forceinline__ void tile_scales(Smem& sm, const Thread& t, const Arg
   }
 }
 
-__device__ __forceinline__ int q_swizzle(int line) { return 2 * ((line >> 2) & 3); }
-__device__ __forceinline__ int qt_swizzle(int line) { return 2 * ((line >> 3) & 3); }
-
-// Pass 3: both copies of dgate and dup, the 128x1 copy of a, of this thread's block, into the
-// staging lines.
-__device__ __forceinline__ void tile_store(const Inputs& in, Smem& sm, const Thread& t,
-                                           const Args& a) {
+// Pass 3: both copies of dgate and dup, the 128x1 copy of a, of this thread's block.
+__device__ __forceinline__ void tile_store(const Inputs& in, const Smem& sm, const Thread& t,
+                                           const Args& a, int rb, int cb) {
   float inv_cols[3][COLS];
 #pragma unroll
   for (int w = 0; w < 3; ++w) {
@@ -353,8 +338,7 @@ __device__ __forceinline__ void tile_store(const Inputs& in, Smem& sm, const Thr
     for (int c = 0; c < COLS; ++c) inv_cols[w][c] = sm.inv_col[w][COLS * t.j + c];
   }
   uint32_t packed[3][COLS];  // byte r: row 4i + r of column 8j + c, for qt
-  // this thread's 8 bytes of a q line (rows 4i.. share the swizzle)
-  const int q_at = ((t.j >> 1) ^ q_swizzle(ROWS * t.i)) * 16 + (t.j & 1) * 8;
+  const int row0 = rb * TILE + ROWS * t.i, col0 = cb * TILE + COLS * t.j;
 #pragma unroll
   for (int r = 0; r < ROWS; r += 2) {
     Outputs o[2];
@@ -362,11 +346,12 @@ __device__ __forceinline__ void tile_store(const Inputs& in, Smem& sm, const Thr
     compute_row(in, t, r + 1, o[1]);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int line = ROWS * t.i + r + h;
-      *reinterpret_cast<uint2*>(sm.out.q[0] + line * TILE + q_at) =
-          e4m3x8(o[h].dgate, sm.inv_row[0][line]);
-      *reinterpret_cast<uint2*>(sm.out.q[1] + line * TILE + q_at) =
-          e4m3x8(o[h].dup, sm.inv_row[1][line]);
+      const int row = row0 + r + h;
+      if (row < a.M) {
+        uint8_t* q = a.q_dh + int64_t(row) * 2 * a.F + col0;
+        *reinterpret_cast<uint2*>(q) = e4m3x8(o[h].dgate, sm.inv_row[0][ROWS * t.i + r + h]);
+        *reinterpret_cast<uint2*>(q + a.F) = e4m3x8(o[h].dup, sm.inv_row[1][ROWS * t.i + r + h]);
+      }
     }
 #pragma unroll
     for (int c = 0; c < COLS; ++c) {
@@ -378,40 +363,12 @@ __device__ __forceinline__ void tile_store(const Inputs& in, Smem& sm, const Thr
       packed[2][c] = r ? packed[2][c] | (pa << 16) : pa;
     }
   }
-  // this thread's 4 bytes of a qt line (columns 8j.. share the swizzle)
-  const int qt_at = ((t.i >> 2) ^ qt_swizzle(COLS * t.j)) * 16 + (t.i & 3) * 4;
-#pragma unroll
+#pragma unroll  // qt holds Mp >= Mb * 128 rows: no bound check
   for (int c = 0; c < COLS; ++c) {
-    const int line = COLS * t.j + c;
-#pragma unroll
-    for (int w = 0; w < 3; ++w)
-      *reinterpret_cast<uint32_t*>(sm.out.qt[w] + line * TILE + qt_at) = packed[w][c];
-  }
-}
-
-// The staged tile out to global memory: 16 bytes a thread and step, a warp writing four whole
-// 128-byte lines. q_dh rows past M are not written; qt holds Mp >= Mb * 128 rows.
-__device__ __forceinline__ void tile_flush(const Smem& sm, const Thread& t, const Args& a, int rb,
-                                           int cb) {
-  constexpr int CHUNKS = 5 * TILE * TILE / 16, PER_LINE = TILE / 16;
-#pragma unroll 2
-  for (int k = t.tid; k < CHUNKS; k += THREADS) {
-    const int buffer = k / (TILE * PER_LINE), line = (k / PER_LINE) % TILE, c = k % PER_LINE;
-    if (buffer < 2) {
-      const uint4 v = *reinterpret_cast<const uint4*>(sm.out.q[buffer] + line * TILE +
-                                                      (c ^ q_swizzle(line)) * 16);
-      const int row = rb * TILE + line;
-      if (row < a.M)
-        *reinterpret_cast<uint4*>(a.q_dh + int64_t(row) * 2 * a.F + buffer * a.F + cb * TILE +
-                                  c * 16) = v;
-    } else {
-      const int w = buffer - 2;
-      const uint4 v = *reinterpret_cast<const uint4*>(sm.out.qt[w] + line * TILE +
-                                                      (c ^ qt_swizzle(line)) * 16);
-      const int64_t col = cb * TILE + line;
-      uint8_t* dst = w < 2 ? a.qt_dh + (col + w * a.F) * a.Mp : a.qt_a + col * a.Mp;
-      *reinterpret_cast<uint4*>(dst + rb * TILE + c * 16) = v;
-    }
+    const int64_t col = col0 + c;
+    *reinterpret_cast<uint32_t*>(a.qt_dh + col * a.Mp + row0) = packed[0][c];
+    *reinterpret_cast<uint32_t*>(a.qt_dh + (col + a.F) * a.Mp + row0) = packed[1][c];
+    *reinterpret_cast<uint32_t*>(a.qt_a + col * a.Mp + row0) = packed[2][c];
   }
 }
 
@@ -442,9 +399,8 @@ __global__ void __launch_bounds__(THREADS, 1) swiglu_backward_kernel(const Args 
     __syncthreads();
     tile_scales(sm, t, a, rb, cb);
     __syncthreads();
-    tile_store(in, sm, t, a);
+    tile_store(in, sm, t, a, rb, cb);
     __syncthreads();  // `in` is free for the load two tiles on, the reciprocals for the next tile
-    tile_flush(sm, t, a, rb, cb);  // the staging is next written after two more barriers
   }
   cp_async_wait<0>();
 }
