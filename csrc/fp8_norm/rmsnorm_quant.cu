@@ -58,6 +58,10 @@
 // model's FP8RMSNorm calls this kernel, but its norms are about 0.05% of a `small` training
 // step). Twice the warps giving 3% says the quantizing phase is not
 // mainly latency-bound either; its stores are the next suspect (unprofiled).
+// Cache hints on those stores (st.global.cs, L1::no_allocate, L2::evict_first) and evict_first on
+// the TMA loads: 0.95-1.00x this kernel at three shapes (twenty-fifth session, H100, bitwise the
+// same outputs); the same hints and whole-line staged stores did nothing for the SwiGLU backward
+// kernel either (csrc/fp8_swiglu/swiglu_backward.cu).
 #include <cuda.h>  // CUtensorMap and its enums only: the driver is reached through the runtime
 #include <cuda_runtime.h>
 

@@ -40,6 +40,19 @@
 // loaded ahead: +0.3%; three barriers a tile instead of four (the loads issued after the first):
 // within 1% either way. ncu's stall samples spread over the whole tile (no site above 6%), so
 // neither the instruction count nor the load depth is the limit on its own.
+// Twenty-fifth session (H100, each variant interleaved with a copy): the stores are what costs,
+// not their form. Built without the q / qt stores (pass 3's arithmetic then dead) the kernel
+// took 217 us at 32768 x 7168 against 440 us; without pass 1's arithmetic (the scales left
+// wrong) 445 us, without pass 3's (constants stored) 443 us: the arithmetic of either pass hides
+// under the memory traffic. Whole-line stores did not help: the outputs staged in shared memory
+// (80 KB, swizzled so that pass 3 writes without bank conflicts) and copied out as 128-byte
+// lines, 16 bytes a thread, bitwise the same, ran 0.84-1.00x this kernel at four shapes (32768 x
+// 7168: 84.3% of a copy against 85.0%; commit e7cf366 has the code), and cache hints on the
+// stores (st.global.cs, L1::no_allocate, L2::evict_first) 0.96-0.99x. Nor did moving the
+// stores in time: the staged tile copied out during the next tile's pass 1 (a quarter after each
+// of its rows, so that stores and arithmetic overlap) or at that tile's start ran 0.93-0.99x.
+// The form of the stores and their place among the phases are both ruled out; what holds the
+// kernel at ~84% of a copy is not known.
 //
 // Threads: 512 (16 warps); thread (i, j), i in 0..31, j in 0..15, owns rows 4i.., columns 8j.. of
 // the tile: warp w holds i = 8 (w % 4) + lane / 4, j = 4 (w / 4) + lane % 4. A warp's q_dh store
