@@ -183,6 +183,13 @@
 //     combination, the default at 0.94-0.98x, all within a round's noise of each other;
 //   - Wgrad pairs sharing the `b` tile instead of `a` (WGRAD_SHARE_B, sixteenth session): L2 reads
 //     as low as the loop's, 0.92-0.96x the time's worth (figures at the switch).
+//   - Fprop/Dgrad with Wgrad's overlapped epilogue (WGRAD_OVERLAP: a finished tile staged for the
+//     storers while the next tile's first MMA batch runs, then the accumulators zeroed; a
+//     consumer templated on it kept ptxas from spilling), twenty-fifth session, H100, 5
+//     interleaved rounds over the six bench cases: 0.87-0.97x the default (dsv3-up E8 x 4096
+//     Fprop 981 against 1067 TFLOPS, dsv3-down Dgrad 998 against 1095), outputs bitwise the same
+//     (the grouped GPU tests passed with it): here the staging beside a running MMA cost more
+//     than it hid.
 //
 // Both kernels are persistent: one CTA per SM walks the tiles, so the producer is already
 // loading the next tile while the consumers store the previous one. The router's counts stay
