@@ -70,11 +70,7 @@ def prepare_data(c: PretrainConfig, job: eng.Job) -> PreparedData:
 def build_training_model(c: PretrainConfig) -> torch.nn.Module:
     model = build_model(c.model)
     if c.fp8.enabled:
-        try:
-            from models.fp8 import convert
-        except ImportError as exc:
-            raise RuntimeError("fp8.recipe=blockwise needs models.fp8.convert, which this checkout does not "
-                               "have yet; run with fp8=off") from exc
+        from models.fp8 import convert
         model = convert(model, c.fp8)
     return model
 
