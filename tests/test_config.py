@@ -9,6 +9,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 
 from models.config import NAMED_SIZES, model_config
 from models.fp8.config import FP8Config
+from models.fp8.gemm import has_blockwise_kernels
 from trainer import launch
 from trainer.config import GROUP_SCHEMAS, register_configs, to_dataclasses
 from trainer.data import Corpus, DataConfig
@@ -67,6 +68,15 @@ def test_group_defaults_mirror_the_dataclass_defaults():
     assert c.logger == LoggerConfig()
     assert dataclasses.replace(c.data, vocab_size=DataConfig.vocab_size) == DataConfig()
     assert to_dataclasses(_compose("fp8=blockwise")).fp8 == FP8Config(recipe="blockwise")
+
+
+@pytest.mark.skipif(has_blockwise_kernels(), reason="this machine has the sm90 kernels")
+def test_fp8_blockwise_without_sm90_stops_the_trainer_naming_the_gpu():
+    """The trainer's model builder (what `python -m trainer.pretrain fp8=blockwise` runs) turns
+    the FP8 request on a machine without Hopper kernels into convert's error, which names sm90."""
+    from trainer.pretrain import build_training_model
+    with pytest.raises(RuntimeError, match="sm90"):
+        build_training_model(to_dataclasses(_compose("fp8=blockwise")))
 
 
 @pytest.mark.parametrize("group, schema", [("fp8", FP8Config), ("optim", OptimConfig), ("data", DataConfig),
