@@ -50,7 +50,9 @@
 // 7168: 84.3% of a copy against 85.0%; commit e7cf366 has the code), and cache hints on the
 // stores (st.global.cs, L1::no_allocate, L2::evict_first) 0.96-0.99x. Nor did moving the
 // stores in time: the staged tile copied out during the next tile's pass 1 (a quarter after each
-// of its rows, so that stores and arithmetic overlap) or at that tile's start ran 0.93-0.99x.
+// of its rows, so that stores and arithmetic overlap) or at that tile's start ran 0.93-0.99x,
+// and the next tile's loads issued after pass 1 or pass 2 (beside the stores) instead of at the
+// tile's start 0.90-0.99x.
 // The form of the stores and their place among the phases are both ruled out; what holds the
 // kernel at ~84% of a copy is not known.
 //
