@@ -104,6 +104,21 @@ def _report_gemm(case: str, flops: int, ms: dict) -> None:
     record(BENCH, f"gemm {case}", ours, "TFLOPS", "cuBLAS blockwise _scaled_mm", raw)
 
 
+def dual_bytes(M: int, K: int) -> int:
+    """Bytes a bf16 [M, K] -> both FP8 copies (1x128 and 128x1) must move: x read, the two copies
+    and their fp32 scales written (RMSNorm -> dual moves the same, its weight aside)."""
+    n = M * K
+    return 2 * n + 2 * n + 2 * (4 * n // 128)
+
+
+def swiglu_backward_bytes(M: int, K: int) -> int:
+    """Bytes SwiGLU's fused backward must move with h = [gate | up] of K = 2F columns: h's 1x128
+    FP8 copy and its scales and da [M, F] bf16 read; dh's two FP8 copies and a's 128x1 copy
+    written with their scales."""
+    n = M * K
+    return n + n + n + n + n // 2 + (4 * n // 128) * 7 // 2
+
+
 def bench_quant(M: int, K: int) -> None:
     from models.fp8 import quant
 
@@ -118,13 +133,13 @@ def bench_quant(M: int, K: int) -> None:
     triton_norm = dataclasses.replace(quant.DEFAULT_TILING["rmsnorm"], cuda=False)
     cases = [
         ("1x128", 2 * n + n + scales, lambda: quant.quantize_1x128(x, check_finite=False)),
-        ("dual 1x128+128x1", 2 * n + 2 * n + 2 * scales, lambda: quant.quantize_dual(x, check_finite=False)),
+        ("dual 1x128+128x1", dual_bytes(M, K), lambda: quant.quantize_dual(x, check_finite=False)),
         ("128x128 + transpose", 2 * n + 2 * n, lambda: quant.quantize_128x128(x, transpose=True, check_finite=False)),
         ("swiglu -> dual", 4 * n + 2 * n + 2 * scales, lambda: quant.swiglu_quantize(gate, up, check_finite=False)),
         ("swiglu -> 1x128", 4 * n + n + scales,
          lambda: quant.swiglu_quantize(gate, up, colwise=False, check_finite=False)),
-        ("rmsnorm -> dual", 2 * n + 2 * n + 2 * scales, lambda: quant.rmsnorm_quantize(x, w_norm, check_finite=False)),
-        ("rmsnorm -> dual Triton", 2 * n + 2 * n + 2 * scales,
+        ("rmsnorm -> dual", dual_bytes(M, K), lambda: quant.rmsnorm_quantize(x, w_norm, check_finite=False)),
+        ("rmsnorm -> dual Triton", dual_bytes(M, K),
          lambda: quant.rmsnorm_quantize(x, w_norm, check_finite=False, tiling=triton_norm)),
     ]
     # SwiGLU's backward (models/fp8/experts.py), x's 1x128 copy read as h = [gate | up] with
@@ -132,7 +147,7 @@ def bench_quant(M: int, K: int) -> None:
     from models.fp8.experts import swiglu_backward_quantize
     q_h, s_h = quant.quantize_1x128(x, check_finite=False)
     da = torch.randn(M, K // 2, device=DEVICE, dtype=torch.bfloat16)
-    swiglu_bytes = n + n + n + n + n // 2 + scales * 7 // 2
+    swiglu_bytes = swiglu_backward_bytes(M, K)
     cases.append(("swiglu backward", swiglu_bytes, lambda: swiglu_backward_quantize(q_h, s_h, da)))
     # the default runs the CUDA kernel on sm90 (csrc/fp8_swiglu); the Triton kernel beside it
     cases.append(("swiglu backward Triton", swiglu_bytes,

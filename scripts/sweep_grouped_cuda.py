@@ -45,12 +45,16 @@ def parse_variant(text: str) -> tuple[str, tuple[str, ...]]:
     return name, tuple(d for d in defines.split(",") if d)
 
 
-def build_variants(variants, folder: str) -> dict:
-    build = grouped_cuda.build_script()
+def build_variants(variants, folder: str, build=None, load=None) -> dict:
+    """{name: loaded library} of each (name, defines) variant, built into `folder` by `build` (a
+    csrc/<folder>/build.py module; default csrc/fp8_grouped's) and loaded by `load` (default
+    grouped_cuda.load_library). scripts/sweep_quant_cuda.py builds its kernels' variants here."""
+    build = build or grouped_cuda.build_script()
+    load = load or grouped_cuda.load_library
     libraries = {}
     for name, defines in variants:
         path, _ = build.build_library(os.path.join(folder, f"lib_{name}.so"), defines=defines)
-        libraries[name] = grouped_cuda.load_library(path)
+        libraries[name] = load(path)
         print(f"built {name}: {' '.join('-D' + d for d in defines) or '(defaults)'}")
     return libraries
 

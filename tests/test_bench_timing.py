@@ -187,3 +187,45 @@ def test_busy_us_counts_overlapping_gpu_work_once():
               {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 0, "dur": 600}]
     assert timing.busy_us(events) == 310.0
     assert timing.busy_us([]) == 0.0
+
+
+def test_sweep_quant_cuda_bookkeeping_and_checks():
+    """scripts/sweep_quant_cuda.py: the bytes each kernel must move, counted here by hand from its
+    inputs and outputs; its shape parsing; its bitwise comparison; its library switch."""
+    import functools
+
+    import sweep_quant_cuda as sweep
+    # SwiGLU backward, h [128, 256] (F = 128): q_h 32768 + s_h 1024 + da 32768 read; q_dh 32768 +
+    # s_dh 1024, qt_dh 256 x 128 + st_dh 1024, qt_a 128 x 128 + st_a 512 written
+    reads = 32768 + 1024 + 32768
+    writes = (32768 + 1024) + (32768 + 1024) + (16384 + 512)
+    assert sweep.bytes_moved("swiglu", 128, 256) == reads + writes
+    # RMSNorm -> dual, x [128, 256] bf16: 65536 read; q 32768 + s 1024 + qt 32768 + st 1024 written
+    assert sweep.bytes_moved("norm", 128, 256) == 65536 + 2 * (32768 + 1024)
+    assert sweep.parse_shapes("32768x7168,1x256") == [(32768, 7168), (1, 256)]
+    for bad in ("1000x200", "x256", "0x256"):
+        with pytest.raises(SystemExit, match="multiple of 256"):
+            sweep.parse_shapes(bad)
+    nan = torch.tensor([1.0, float("nan")])
+    e4m3 = torch.randn(4, 8).to(torch.float8_e4m3fn)
+    assert sweep.bitwise_equal((nan, (e4m3,)), (nan.clone(), (e4m3.clone(),)))
+    assert not sweep.bitwise_equal((torch.tensor([0.0]),), (torch.tensor([-0.0]),))
+    assert not sweep.bitwise_equal((e4m3,), (e4m3[:2],))
+    assert not sweep.bitwise_equal((nan,), (nan, nan))
+
+    class Module:  # the library-calling module's shape: _library and a cached max_tiles
+        calls = 0
+
+        @staticmethod
+        @functools.lru_cache(maxsize=None)
+        def max_tiles(index):
+            Module.calls += 1
+            return Module._library()
+
+    lib_a, lib_b = object(), object()
+    sweep.use_library(Module, lib_a)
+    assert Module.max_tiles(0) is lib_a
+    sweep.use_library(Module, lib_a)  # the same library again: the cache stays
+    assert Module.max_tiles(0) is lib_a and Module.calls == 1
+    sweep.use_library(Module, lib_b)
+    assert Module._library() is lib_b and Module.max_tiles(0) is lib_b and Module.calls == 2
