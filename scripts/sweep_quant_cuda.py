@@ -13,7 +13,9 @@ others, and the kernel's module is pointed at one library at a time.
 Every variant's outputs are first compared bitwise with the first variant's, on ragged shapes
 (a last row block of one row, a single row with power-of-two scales) and on every timed shape; a
 variant that differs is reported and not timed, unless --diagnostic asks for builds that leave out
-part of the work on purpose (to time that part). Then, per shape, a device-to-device copy of the
+part of the work on purpose (to time that part; also the way to time an RMSNorm variant that adds
+the squares in another order, whose rstd may then differ in a last bit: the GPU tests judge it
+against the reference). Then, per shape, a device-to-device copy of the
 input and every variant are timed in interleaved rounds (timing.interleaved_ms) and each figure is
 given as the share of the copy's bandwidth, counting the bytes the operation must move
 (scripts/bench_fp8.py's bookkeeping: dual_bytes, swiglu_backward_bytes). Not a bench_* script:
