@@ -93,8 +93,21 @@ def _raw(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.element_size() == 1 else t
 
 
+def flat_tensors(out) -> list[torch.Tensor]:
+    """Every tensor of a (nested) tuple of outputs, in order."""
+    if torch.is_tensor(out):
+        return [out]
+    return [t for part in out for t in flat_tensors(part)]
+
+
 def same(a, b) -> bool:
-    return all(x.shape == y.shape and torch.equal(_raw(x), _raw(y)) for x, y in zip(a, b))
+    """Whether two (nested) tuples of outputs hold the same bits, tensor by tensor (compared as
+    bytes: a NaN equals the same NaN, -0 differs from +0). scripts/sweep_quant_cuda.py uses it too."""
+    xs, ys = flat_tensors(a), flat_tensors(b)
+    return len(xs) == len(ys) and all(
+        x.shape == y.shape and x.dtype == y.dtype
+        and torch.equal(x.contiguous().view(torch.uint8), y.contiguous().view(torch.uint8))
+        for x, y in zip(xs, ys))
 
 
 def sample_blocks(M: int) -> torch.Tensor:

@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_fp8 import dual_bytes, swiglu_backward_bytes  # noqa: E402
 from sweep_grouped_cuda import build_variants, parse_variant  # noqa: E402
+from sweep_quant import same  # noqa: E402
 from timing import interleaved_ms  # noqa: E402
 
 KERNELS = {"swiglu": "fp8_swiglu", "norm": "fp8_norm"}
@@ -91,22 +92,6 @@ def make_call(kernel: str, M: int, K: int, pow2: bool = False):
     return (lambda: quant.rmsnorm_quantize(x, w, pow2_scales=pow2, check_finite=False)), x
 
 
-def flat_tensors(out) -> list[torch.Tensor]:
-    """Every tensor of a (nested) tuple of outputs, in order."""
-    if torch.is_tensor(out):
-        return [out]
-    return [t for part in out for t in flat_tensors(part)]
-
-
-def bitwise_equal(a, b) -> bool:
-    """Whether two outputs hold the same bits (FP8 compared as bytes: NaN == NaN, -0 != +0)."""
-    xs, ys = flat_tensors(a), flat_tensors(b)
-    return len(xs) == len(ys) and all(
-        x.shape == y.shape and x.dtype == y.dtype
-        and torch.equal(x.contiguous().view(torch.uint8), y.contiguous().view(torch.uint8))
-        for x, y in zip(xs, ys))
-
-
 def check_variants(kernel: str, libraries: dict, shapes, diagnostic: bool) -> dict:
     """{name: library} of the variants whose outputs equal the first's on every shape."""
     module, names = kernel_module(kernel), list(libraries)
@@ -117,7 +102,7 @@ def check_variants(kernel: str, libraries: dict, shapes, diagnostic: bool) -> di
         expected = call()
         for name in names[1:]:
             use_library(module, libraries[name])
-            if name in kept and not bitwise_equal(call(), expected):
+            if name in kept and not same(call(), expected):
                 print(f"  {name} differs from {names[0]} at {M}x{K}"
                       + (" (timed anyway: --diagnostic)" if diagnostic else ": not timed"))
                 if not diagnostic:

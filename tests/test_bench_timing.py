@@ -191,7 +191,8 @@ def test_busy_us_counts_overlapping_gpu_work_once():
 
 def test_sweep_quant_cuda_bookkeeping_and_checks():
     """scripts/sweep_quant_cuda.py: the bytes each kernel must move, counted here by hand from its
-    inputs and outputs; its shape parsing; its bitwise comparison; its library switch."""
+    inputs and outputs; its shape parsing; its bitwise comparison (sweep_quant.same); its library
+    switch."""
     import functools
 
     import sweep_quant_cuda as sweep
@@ -208,10 +209,10 @@ def test_sweep_quant_cuda_bookkeeping_and_checks():
             sweep.parse_shapes(bad)
     nan = torch.tensor([1.0, float("nan")])
     e4m3 = torch.randn(4, 8).to(torch.float8_e4m3fn)
-    assert sweep.bitwise_equal((nan, (e4m3,)), (nan.clone(), (e4m3.clone(),)))
-    assert not sweep.bitwise_equal((torch.tensor([0.0]),), (torch.tensor([-0.0]),))
-    assert not sweep.bitwise_equal((e4m3,), (e4m3[:2],))
-    assert not sweep.bitwise_equal((nan,), (nan, nan))
+    assert sweep.same((nan, (e4m3,)), (nan.clone(), (e4m3.clone(),)))
+    assert not sweep.same((torch.tensor([0.0]),), (torch.tensor([-0.0]),))
+    assert not sweep.same((e4m3,), (e4m3[:2],))
+    assert not sweep.same((nan,), (nan, nan))
 
     class Module:  # the library-calling module's shape: _library and a cached max_tiles
         calls = 0
