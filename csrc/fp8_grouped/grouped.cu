@@ -53,6 +53,10 @@
 // FP32 promotion work (14.7M FFMA and 14.7M FMUL per expert in both), but our tensor pipe busy in
 // 48.7% of active cycles against 56.5%, 13% more instructions in all, the ALU pipe 13% busy
 // against 5%. The idler SMs earn a higher clock, which does not make up the difference.
+// On an H200 (twenty-sixth session, the same 2.5 s, nvidia-smi every 20 ms, ~690 W) the two ran at
+// one clock: dsv3-down E8 x 4096 ours 801-802 TFLOPS and the loop 834-842, both at 1680 MHz (477
+// against 497-501 GFLOPS a MHz; 825-831 against 789-794 mJ a call); dsv3-up ours 803-811 at 1605
+// MHz, the loop 849 at 1635. There the gap is the kernel's work per cycle, not its clock.
 // Where a Wgrad K block's time goes (clock64 timestamps of one CTA's consumer warps, a patched
 // build, dsv3-down E8 x 4096; the instrumentation itself adds about a tenth): a K block takes
 // about 2500 cycles against 1024 of tensor work. The two warpgroups run in step, 50-250 cycles

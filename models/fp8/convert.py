@@ -36,6 +36,11 @@ Those are wall times of the layer alone, and there it is bound by its host: on t
 MLP is 1.25x bf16 already at 4096 tokens, and 4096 -> 1024 about 1.05x (twenty-third session,
 bench_fp8's "GPU busy" rows). The step keeps the verdict: `small` at 2 x 2048 tokens x 2 ran
 119.3 ms with skip_small and 126.8 ms without it (bf16 128.8), its GPU idle 9.7 against 39.4 ms.
+Larger calls do not reverse it (twenty-sixth session, H100, `bench_train.py --recipes off blockwise
+blockwise:skip_small=false`): at 4 x 4096 tokens x 4 (16384 a call, where MLA's narrow
+projections also run FP8 without skip_small: 64.5% of the FLOPs in FP8 against 55.8%) 802.3 ms
+a step without skip_small against 803.3 with it (bf16 912.8); at 4 x 2048 x 1, 112.7 against 109.4
+(bf16 119.6). What the narrow GEMMs gain, their inputs' and gradients' quantization costs back.
 So a Linear with min(in, out) <= SMALL_LINEAR_SIDE stays bf16, and an MLP with F < MIN_MLP_WIDTH
 runs FP8 only from NARROW_MLP_MIN_TOKENS tokens a call. In `small` that keeps the MLA down/up
 projections (wq_a, wq_b, wkv_a, wkv_b) in bf16 and the shared experts in bf16 for micro-batches

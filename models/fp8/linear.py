@@ -53,7 +53,7 @@ consumer's `_quantize_input` uses them instead of quantizing (the norm's copies 
 count, so the last consumer drops them).
 
 Host cost: a forward + backward issues two quantizer launches and three cuBLAS calls through
-Python and autograd, about 0.35-0.6 ms of host time on the project's H100 hosts against 0.1-0.25
+Python and autograd, about 0.35-0.65 ms of host time on the project's H100 hosts against 0.1-0.25
 ms for nn.Linear, so a call whose kernels take less than that is bound by the host: at 8192
 tokens, 4096 -> 1024, the FP8 layer keeps the GPU busy 274 us against bf16's 282 but its wall
 time was 0.40x-0.89x bf16's on H100 hosts running the same code (bench_fp8's "GPU busy" rows),
@@ -65,6 +65,14 @@ around the backward and the Function's apply about 35 around the forward. No one
 a much smaller figure needs fewer Python-level calls (a C++ autograd Function, a cuBLASLt binding
 with its algorithm cached), not trimming. Backward on autograd's worker thread added 80-250 us a
 layer more; the trainer runs it on its own thread (trainer.engine.ParallelConfig.threaded_backward).
+Hosts differ by more than that (twenty-sixth session, host time to issue a forward + backward,
+30 back-to-back calls): at 8192 tokens, 4096 -> 1024, 640 us on one H100 host against bf16's 155,
+390 us on an H200 host; the SwiGLU MLP at 4096 tokens, D 4096, F 1536, 800 us there against
+bf16's 550 (its GPU busy time 547 us). Under the torch profiler each of the MLP's six
+torch._scaled_mm took 62 us of CPU time, about 30% of it in the transposes torch makes inside it
+(~6.5 aten::t a call); this project's own GEMM kernel through ctypes takes 30 us a call against
+_scaled_mm's 40 (models/fp8/gemm.py). Even 30 us saved on each of the three GEMMs would leave
+that Linear's host time (390-640 us) above its GPU time (264 us).
 
 Inputs: x must be bfloat16 or float32 (the GEMM output dtype follows x). Dimensions: K and N
 multiples of 128 (`FP8Linear.supports(in, out)`); models/fp8/convert.py leaves other layers in
