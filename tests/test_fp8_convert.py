@@ -14,8 +14,8 @@ from torch import nn
 
 from models import build_model, model_config
 from models.fp8 import FP8Config, FP8Linear, convert
-from models.fp8.convert import (FP8_GEMM_SPEEDUP, NARROW_MLP_MIN_TOKENS, flop_shares,
-                                 run_outlook)
+from models.fp8.convert import (FP8_GEMM_SPEEDUP, LINEAR_MIN_TOKENS, NARROW_MLP_MIN_TOKENS,
+                                 flop_shares, run_outlook)
 from models.fp8.experts import FP8GroupedExperts
 from models.fp8.linear import FP8MLP
 from models.fp8.gemm import has_blockwise_kernels
@@ -96,7 +96,10 @@ def test_small_modules_stay_bf16_in_the_small_model(caplog):
         assert isinstance(mlp, FP8MLP) and mlp.min_tokens == NARROW_MLP_MIN_TOKENS, name
         assert sum(f"{name} runs in bf16 below" in r.getMessage() for r in caplog.records) == 1
     for name in ("layers.0.attn.wo", "mtp.0.eh_proj"):
-        assert isinstance(model.get_submodule(name), FP8Linear)
+        linear = model.get_submodule(name)
+        assert isinstance(linear, FP8Linear) and linear.min_tokens == LINEAR_MIN_TOKENS, name
+    assert sum(f"fewer than {LINEAR_MIN_TOKENS} tokens" in r.getMessage()
+               for r in caplog.records) == 1, "one line for every Linear's token threshold"
     dense = model.layers[0].ffn
     assert isinstance(dense, FP8MLP) and dense.w1.out_features == 10240 and dense.min_tokens == 0
     assert caplog.records[-1].getMessage() == ("fp8: converted 6 Linear, 5 SwiGLU MLP, "
@@ -106,29 +109,33 @@ def test_small_modules_stay_bf16_in_the_small_model(caplog):
     model = build_model(model_config("small"), device="meta")
     convert(model, FP8Config(recipe="blockwise", skip_small=False), emulate=True)
     assert isinstance(model.layers[1].attn.wq_b, FP8Linear)
+    assert model.layers[1].attn.wq_b.min_tokens == model.layers[0].attn.wo.min_tokens == 0
     shared = model.layers[1].ffn.shared
     assert isinstance(shared, FP8MLP) and shared.min_tokens == 0
 
 
 def test_flop_shares_of_the_small_model_by_hand():
     """flop_shares against the FLOPs counted from the config: wo (H x v_head -> D) in 4 layers +
-    the MTP block and eh_proj (2D -> D) in FP8, the dense MLP (3 D I), in 3 MoE layers + the MTP
-    block the 4 active of 16 routed experts (3 D F each) and, from NARROW_MLP_MIN_TOKENS tokens a
-    call, the shared expert (3 D F); the attention core as in Transformer.flops_per_token."""
+    the MTP block and eh_proj (2D -> D) in FP8 from LINEAR_MIN_TOKENS tokens a call, the dense MLP
+    (3 D I), in 3 MoE layers + the MTP block the 4 active of 16 routed experts (3 D F each) and,
+    from NARROW_MLP_MIN_TOKENS tokens a call, the shared expert (3 D F); the attention core as in
+    Transformer.flops_per_token."""
     cfg = model_config("small")
     model = build_model(cfg, device="meta")
     convert(model, FP8Config(recipe="blockwise"), emulate=True)
     D, F, seq = cfg.hidden_size, cfg.moe_intermediate_size, 4096
     moe_blocks = cfg.num_hidden_layers - cfg.first_k_dense + cfg.num_mtp_modules
-    always = ((cfg.num_hidden_layers + cfg.num_mtp_modules) * cfg.num_attention_heads
-              * cfg.v_head_dim * D + 2 * D * D + 3 * D * cfg.intermediate_size
-              + moe_blocks * cfg.num_experts_per_tok * 3 * D * F)
+    linears = ((cfg.num_hidden_layers + cfg.num_mtp_modules) * cfg.num_attention_heads
+               * cfg.v_head_dim * D + 2 * D * D)
+    always = 3 * D * cfg.intermediate_size + moe_blocks * cfg.num_experts_per_tok * 3 * D * F
     shared = moe_blocks * cfg.n_shared_experts * 3 * D * F
     total = model.flops_per_token(seq)
     attention = (3 * 2 * cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
                                                     + cfg.v_head_dim) * (seq + 1) / 2 * 5)
-    for tokens, weights in ((NARROW_MLP_MIN_TOKENS - 1, always),
-                            (NARROW_MLP_MIN_TOKENS, always + shared)):
+    for tokens, weights in ((LINEAR_MIN_TOKENS - 1, always),
+                            (LINEAR_MIN_TOKENS, always + linears),
+                            (NARROW_MLP_MIN_TOKENS - 1, always + linears),
+                            (NARROW_MLP_MIN_TOKENS, always + linears + shared)):
         shares = flop_shares(model, seq, tokens)
         assert shares.fp8 == pytest.approx(6 * weights / total, rel=1e-12), tokens
         assert shares.attention == pytest.approx(attention / total, rel=1e-12)

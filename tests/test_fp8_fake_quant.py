@@ -214,6 +214,26 @@ def test_fake_mlp_below_min_tokens_is_the_plain_mlp():
     assert ref.calc_diff(rounded_y, plain) < 1e-2
 
 
+def test_fake_linear_keeps_the_fp8_linears_token_threshold():
+    """Under skip_small a converted Linear runs F.linear below its min_tokens; its fake twin carries
+    the same threshold (and is the plain product there), so a fake run matches convert's."""
+    torch.manual_seed(5)
+    fp8_model, fake_model = (nn.Sequential(nn.Linear(2048, 2048, bias=False)) for _ in range(2))
+    skip_small = dataclasses.replace(EVERYTHING, skip_small=True)  # 2048 wide: converted
+    convert(fp8_model, skip_small, emulate=True)
+    fake_convert(fake_model, ALL, skip_small)
+    fp8_linear, fake_linear = fp8_model[0], fake_model[0]
+    assert isinstance(fp8_linear, FP8Linear) and isinstance(fake_linear, FakeFP8Linear)
+    assert fake_linear.min_tokens == fp8_linear.min_tokens > 64
+    x = torch.randn(2, 32, 2048)
+    plain = torch.nn.functional.linear(x, fake_linear.weight)
+    torch.testing.assert_close(fake_linear(x), plain, rtol=0, atol=0)
+    fake_linear.min_tokens = 64
+    rounded = fake_linear(x)
+    assert not torch.allclose(rounded, plain, rtol=1e-4, atol=1e-5)
+    assert ref.calc_diff(rounded, plain) < 1e-2
+
+
 def test_parse_parts_and_bad_specs():
     assert parse_parts("weights+grads") == frozenset({"weights", "grads"})
     assert parse_parts("all") == ALL and parse_parts("none") == frozenset()

@@ -237,6 +237,27 @@ def test_mlp_matches_swiglu_mlp_cpu():
     _compare_mlp((2, 33, 256), 256, torch.float32, torch.float32, pow2=True)
 
 
+def _check_min_tokens_switch(monkeypatch, fp8, ref, x) -> None:
+    """fp8 (min_tokens = x's tokens + 1) on x is ref's own computation, bit for bit in output and
+    gradients (x's and the shared parameters'), with no quantization and no FP8 weight copy; with
+    min_tokens lowered to x's tokens, the FP8 path (one dual quantization of x, the cache filled)."""
+    calls = []
+    real = quant.quantize_dual
+    monkeypatch.setattr(quant, "quantize_dual", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x.requires_grad_(True)
+    y = fp8(x)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, *ref.parameters()], dy)
+    y_ref = ref(x)
+    grads_ref = torch.autograd.grad(y_ref, [x, *ref.parameters()], dy)
+    assert torch.equal(y, y_ref) and all(map(torch.equal, grads, grads_ref))
+    assert calls == [] and fp8.cached_fp8_tensors() == ()
+    fp8.min_tokens -= 1
+    y8 = fp8(x)
+    assert calls == [1] and calc_diff(y8.float(), y_ref.float()) < 3e-3
+    assert len(fp8.cached_fp8_tensors()) == 4
+
+
 def test_mlp_below_min_tokens_is_the_high_precision_mlp(monkeypatch):
     """Fewer tokens than min_tokens: models.layers.MLP's own ops on the shared parameters, bit
     for bit in output and gradients, with no quantization and no FP8 weight copy; from
@@ -247,22 +268,25 @@ def test_mlp_below_min_tokens_is_the_high_precision_mlp(monkeypatch):
     ref = MLP(128, 256).to(DEVICE)
     fp8 = FP8MLP.from_mlp(ref, min_tokens=2 * 33 + 1)
     assert fp8.w1.weight is ref.w1.weight and "min_tokens=67" in repr(fp8)
-    calls = []
-    real = quant.quantize_dual
-    monkeypatch.setattr(quant, "quantize_dual", lambda *a, **k: calls.append(1) or real(*a, **k))
-    x = torch.randn(2, 33, 128, device=DEVICE, requires_grad=True)
-    y = fp8(x)
-    dy = torch.randn_like(y)
-    grads = torch.autograd.grad(y, [x, *ref.parameters()], dy)
-    y_ref = ref(x)
-    grads_ref = torch.autograd.grad(y_ref, [x, *ref.parameters()], dy)
-    assert torch.equal(y, y_ref) and all(map(torch.equal, grads, grads_ref))
-    assert calls == [] and fp8.cached_fp8_tensors() == () and fp8.w2.cached_fp8_tensors() == ()
-    fp8.min_tokens = 2 * 33
-    y8 = fp8(x)
-    assert calls == [1] and calc_diff(y8.float(), y_ref.float()) < 3e-3
+    _check_min_tokens_switch(monkeypatch, fp8, ref, torch.randn(2, 33, 128, device=DEVICE))
+    assert fp8.w2.cached_fp8_tensors() != ()
     with pytest.raises(ValueError, match="min_tokens"):
         FP8MLP.from_mlp(ref, min_tokens=-1)
+
+
+def test_linear_below_min_tokens_is_nn_linear(monkeypatch):
+    """Fewer tokens than min_tokens: nn.Linear's own F.linear on the shared weight, bit for bit in
+    output and gradients, with no quantization and no FP8 weight copy; from min_tokens on, the FP8
+    path."""
+    torch.manual_seed(12)
+    ref = nn.Linear(256, 128, bias=False, device=DEVICE)
+    fp8 = FP8Linear.from_linear(ref, min_tokens=3 * 21 + 1)
+    assert fp8.weight is ref.weight and "min_tokens=64" in repr(fp8)
+    _check_min_tokens_switch(monkeypatch, fp8, ref, torch.randn(3, 21, 256, device=DEVICE))
+    for bad in (lambda: FP8Linear.from_linear(ref, min_tokens=-1),
+                lambda: FP8Linear(256, 128, min_tokens=-2)):
+        with pytest.raises(ValueError, match="min_tokens"):
+            bad()
 
 
 def test_mlp_saves_only_fp8(monkeypatch):

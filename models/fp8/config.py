@@ -19,8 +19,9 @@ class FP8Config:
     """Round every scale up to a power of two (DeepSeek's UE8M0), exact under transposition."""
     skip_small: bool = True
     """Keep in bf16 what FP8 measurably slows down on the H100 (models/fp8/convert.py: a Linear
-    with a side of at most 1024; a SwiGLU MLP narrower than 2048 on calls of fewer than 8192
-    tokens); False converts everything the kernels can take, for every call."""
+    with a side of at most 1024, and any other Linear on calls of fewer than 4096 tokens; a
+    SwiGLU MLP narrower than 2048 on calls of fewer than 8192 tokens); False converts everything
+    the kernels can take, for every call."""
     fuse_norms: bool = True
     """A norm whose output goes into FP8 Linears or MLPs computes their FP8 input copies in its
     own kernel (models.fp8.linear.FP8RMSNorm: the output is not read back to be quantized);

@@ -42,9 +42,13 @@ projections also run FP8 without skip_small: 64.5% of the FLOPs in FP8 against 5
 a step without skip_small against 803.3 with it (bf16 912.8); at 4 x 2048 x 1, 112.7 against 109.4
 (bf16 119.6). What the narrow GEMMs gain, their inputs' and gradients' quantization costs back.
 So a Linear with min(in, out) <= SMALL_LINEAR_SIDE stays bf16, and an MLP with F < MIN_MLP_WIDTH
-runs FP8 only from NARROW_MLP_MIN_TOKENS tokens a call. In `small` that keeps the MLA down/up
-projections (wq_a, wq_b, wkv_a, wkv_b) in bf16 and the shared experts in bf16 for micro-batches
-under 8192 tokens; wo, the dense MLP, the routed experts and the MTP projection run in FP8.
+runs FP8 only from NARROW_MLP_MIN_TOKENS tokens a call. The other Linears run FP8 from
+LINEAR_MIN_TOKENS tokens a call (below it even a wide one is slower than bf16: a micro-batch of
+one 2048-token sequence, an evaluation or decoding batch), the MLPs of width >= MIN_MLP_WIDTH and
+the routed experts at every call (the `small` experts layer at 2048 tokens: FP8 1.97 ms against
+bf16's 2.29). In `small` that keeps the MLA down/up projections (wq_a, wq_b, wkv_a, wkv_b) in
+bf16 and the shared experts in bf16 for micro-batches under 8192 tokens; wo and the MTP
+projection run FP8 from 4096 tokens, the dense MLP and the routed experts always.
 
 How much a converted model can gain: `flop_shares(model, seq_len, tokens_per_call)` splits a
 training step's FLOPs (`Transformer.flops_per_token`) into the FP8 GEMMs, the GEMMs kept in high
@@ -85,6 +89,15 @@ NARROW_MLP_MIN_TOKENS = 8192
 """A narrow MLP's calls with fewer tokens than this run in bf16 under skip_small. At 8192 tokens
 the F=1536 MLP measured 0.97-1.13x bf16 in FP8 (parity, and FP8 keeps for backward about a
 third of the activation bytes bf16 keeps), at 4096 0.64-0.89x, at 16384 1.25-1.27x."""
+LINEAR_MIN_TOKENS = 4096
+"""A converted Linear's calls with fewer tokens than this run nn.Linear's F.linear under
+skip_small. On the H100 (bench_fp8 functions, forward + backward) FP8 Linears at 2048 tokens ran
+0.46x (4096 -> 4096), 0.53x (7168 -> 2048) and 1.00x (8192 -> 4096) bf16, at 4096 tokens 0.93x,
+0.67x and 1.20x, at 8192 1.06-1.25x: below 4096 the GEMMs are too short to repay the quantizers
+and the longer host path (models/fp8/linear.py's docstring). In `small`'s step at 1 x 2048 tokens
+(twenty-sixth session, H100, bench_train, 4 rounds of 20 steps each way) that took FP8 from 56.1
+ms a step (0.83x bf16's 46.5; GPU idle 14.1 ms) with every call of wo and eh_proj in FP8 to 48.4
+ms (0.96x bf16's 46.3; GPU idle 6.2 ms), the routed experts and the dense MLP still in FP8."""
 
 
 FP8_GEMM_SPEEDUP = 1.5
@@ -93,7 +106,8 @@ blockwise GEMMs' 1.46-1.50x over bf16 matmul on the H100 (scripts/bench_fp8.py).
 MIN_MICRO_BATCH_TOKENS = 4096
 """Below this many tokens a micro-batch FP8 measured slower than bf16 (`small` on the H100:
 1 x 2048 tokens 0.88-0.97x, with the same GPU time as bf16's, 42 ms a step, and more host
-time; 2 x 2048 1.08x, 4 x 2048 1.10x): `run_outlook` warns."""
+time; 2 x 2048 1.08x, 4 x 2048 1.10x; since the Linears run F.linear there, LINEAR_MIN_TOKENS,
+0.96x): `run_outlook` warns."""
 
 
 def convert(model: nn.Module, fp8_cfg: FP8Config, emulate: bool = False) -> nn.Module:
@@ -106,6 +120,9 @@ def convert(model: nn.Module, fp8_cfg: FP8Config, emulate: bool = False) -> nn.M
         raise RuntimeError(f"fp8.recipe={fp8_cfg.recipe} needs an sm90 (Hopper) GPU for its "
                            "block-scaled GEMMs and none is visible; use fp8=off on this machine")
     _convert_children(model, "", {id(m) for m in _high_precision(model)}, fp8_cfg)
+    if fp8_cfg.skip_small:
+        log.info("fp8: FP8 Linears run in bf16 on calls of fewer than %d tokens (skip_small)",
+                 LINEAR_MIN_TOKENS)
     if fp8_cfg.fuse_norms:
         _fuse_norms(model, fp8_cfg)
     log.info("fp8: converted %s", summary(model))
@@ -199,7 +216,8 @@ def _fp8_version(name: str, module: nn.Module, fp8_cfg: FP8Config) -> nn.Module 
             log.info("fp8: keeping %s in high precision: %d -> %d is not a multiple of 128",
                      name, module.in_features, module.out_features)
             return None
-        return FP8Linear.from_linear(module, pow2_scales)
+        return FP8Linear.from_linear(module, pow2_scales,
+                                     LINEAR_MIN_TOKENS if fp8_cfg.skip_small else 0)
     if type(module) is GroupedExperts:
         n_experts, inter_dim, dim = module.w1.shape
         if not FP8GroupedExperts.supports(dim, inter_dim):
@@ -229,7 +247,7 @@ class FlopShares:
 
 def flop_shares(model: nn.Module, seq_len: int, tokens_per_call: int) -> FlopShares:
     """Where a converted `model`'s training FLOPs go at `seq_len`-token sequences, with
-    `tokens_per_call` tokens a forward (a narrow FP8MLP runs bf16 below its min_tokens).
+    `tokens_per_call` tokens a forward (an FP8MLP or FP8Linear runs bf16 below its min_tokens).
 
     `model` is a models.transformer.Transformer after `convert` (on any device, meta included);
     routed experts count their activated share, num_experts_per_tok of n_routed_experts."""
@@ -241,7 +259,7 @@ def flop_shares(model: nn.Module, seq_len: int, tokens_per_call: int) -> FlopSha
     for m in model.modules():
         if isinstance(m, FP8MLP) and tokens_per_call >= m.min_tokens:
             fp8_weights += sum(w.weight.numel() for w in (m.w1, m.w3, m.w2))
-        elif type(m) is FP8Linear and id(m) not in inside_mlp:
+        elif type(m) is FP8Linear and id(m) not in inside_mlp and tokens_per_call >= m.min_tokens:
             fp8_weights += m.weight.numel()
         elif isinstance(m, FP8GroupedExperts):
             fp8_weights += active * sum(p.numel() for p in m.parameters())

@@ -18,8 +18,8 @@ dtype, as the fake does in a bf16 model); with none on, the layer's plain produc
 
 `fake_convert(model, parts)` puts such layers exactly where `models.fp8.convert` would put FP8
 ones (it runs convert's own decisions, then swaps each FP8 module for its fake twin sharing the
-same Parameters): FP8Linear -> FakeFP8Linear, FP8MLP -> FakeFP8MLP (same min_tokens: calls below
-it stay plain), FP8GroupedExperts -> FakeFP8GroupedExperts. The fused norms are not made (their
+same Parameters): FP8Linear -> FakeFP8Linear, FP8MLP -> FakeFP8MLP (both with the same min_tokens:
+calls below it stay plain), FP8GroupedExperts -> FakeFP8GroupedExperts. The fused norms are not made (their
 numerics are the plain norm's followed by the consumer's own input rounding, which is here).
 
 The SwiGLU between an MLP's (or the experts') GEMMs follows the FP8 path too: with `inputs`
@@ -183,14 +183,17 @@ def _rows(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 class FakeFP8Linear(nn.Module):
-    """A bias-free Linear on a shared `weight` whose three GEMMs round the operands in `parts`."""
+    """A bias-free Linear on a shared `weight` whose three GEMMs round the operands in `parts`;
+    calls of fewer than `min_tokens` tokens are the plain F.linear, as FP8Linear's are."""
 
-    def __init__(self, weight: nn.Parameter, parts: frozenset[str]) -> None:
+    def __init__(self, weight: nn.Parameter, parts: frozenset[str], min_tokens: int = 0) -> None:
         super().__init__()
-        self.weight, self.parts = weight, frozenset(parts)
+        self.weight, self.parts, self.min_tokens = weight, frozenset(parts), min_tokens
         self.out_features, self.in_features = weight.shape
 
     def forward(self, x: torch.Tensor, x_wgrad: torch.Tensor | None = None) -> torch.Tensor:
+        if x.numel() < self.min_tokens * x.shape[-1]:
+            return F.linear(x, self.weight)
         y = FakeFP8MatmulFunction.apply(_rows(x), self.weight, self.parts, _rows(x_wgrad))
         return y.view(*x.shape[:-1], self.out_features)
 
@@ -249,7 +252,7 @@ def fake_convert(model: nn.Module, parts: frozenset[str],
             return FakeFP8MLP(*(FakeFP8Linear(l.weight, parts)
                                 for l in (module.w1, module.w3, module.w2)), module.min_tokens)
         if isinstance(module, FP8Linear):
-            return FakeFP8Linear(module.weight, parts)
+            return FakeFP8Linear(module.weight, parts, module.min_tokens)
         if isinstance(module, FP8GroupedExperts):
             return FakeFP8GroupedExperts(module, parts)
         return None

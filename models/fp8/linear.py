@@ -42,7 +42,9 @@ gradient (`swiglu_backward_quantize`, shared with the FP8 experts), so neither t
 projection's input nor the SwiGLU gradients ever exist in high precision. Its `min_tokens`
 (0 unless convert.py sets it) sends calls with fewer tokens than that through the plain
 high-precision SwiGLU instead, the same ops as models.layers.MLP on the same parameters: a narrow
-MLP's FP8 GEMMs repay the quantization passes only from several thousand tokens a call.
+MLP's FP8 GEMMs repay the quantization passes only from several thousand tokens a call. An
+FP8Linear's `min_tokens` does the same with nn.Linear's F.linear: below ~4096 tokens a call even
+a wide Linear's FP8 GEMMs save less GPU time than its quantizers and host path cost.
 
 `FP8RMSNorm` replaces a models.layers.RMSNorm whose output goes straight into FP8 Linears or
 MLPs: one kernel (quant.rmsnorm_quantize) reads x once and writes y for the high-precision
@@ -96,6 +98,11 @@ from .gemm import OUT_DTYPES, gemm_1x128_128x128, gemm_1x128_1x128
 from .reference import BLOCK
 
 INPUT_DTYPES = (torch.bfloat16, torch.float32)
+
+
+def _check_min_tokens(min_tokens: int, owner: str) -> None:
+    if min_tokens < 0:
+        raise ValueError(f"{owner} min_tokens must be >= 0 (0: always FP8), got {min_tokens}")
 
 
 def _quantize_act(t2d: torch.Tensor, pow2_scales: bool, colwise: bool):
@@ -227,11 +234,16 @@ class FP8Linear(nn.Module):
 
     `weight` is the same [out, in] parameter as nn.Linear's, so state dicts and optimizers are
     unchanged; the FP8 copies of it are a cache, not state (see the module docstring).
+
+    A call with fewer than `min_tokens` tokens (the product of x's leading dimensions) is
+    nn.Linear's own F.linear on the same weight, with no FP8 copy made (FP8MLP's rule; convert.py
+    sets it); 0, the default, sends every call through FP8.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
-                 pow2_scales: bool = False, device=None, dtype=None) -> None:
+                 pow2_scales: bool = False, device=None, dtype=None, min_tokens: int = 0) -> None:
         super().__init__()
+        _check_min_tokens(min_tokens, "FP8Linear")
         if bias:
             raise ValueError("FP8Linear has no bias (the model's projections are bias-free); "
                              "keep a biased layer as nn.Linear")
@@ -241,6 +253,7 @@ class FP8Linear(nn.Module):
         self.in_features, self.out_features, self.pow2_scales = in_features, out_features, pow2_scales
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
         nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)
+        self.min_tokens = min_tokens
         self._w_fp8 = None
         self._w_key = None
 
@@ -249,10 +262,12 @@ class FP8Linear(nn.Module):
         return in_features % BLOCK == 0 and out_features % BLOCK == 0
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, pow2_scales: bool = False) -> "FP8Linear":
+    def from_linear(cls, linear: nn.Linear, pow2_scales: bool = False,
+                    min_tokens: int = 0) -> "FP8Linear":
         """An FP8Linear sharing `linear.weight` (the very Parameter object, not a copy)."""
         if linear.bias is not None:
             raise ValueError("cannot convert an nn.Linear with a bias to FP8Linear")
+        _check_min_tokens(min_tokens, "FP8Linear")
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.in_features, new.out_features, new.pow2_scales = (linear.in_features,
@@ -261,6 +276,7 @@ class FP8Linear(nn.Module):
             raise ValueError(f"FP8Linear needs in/out features divisible by 128, got "
                              f"{new.in_features} -> {new.out_features}")
         new.weight = linear.weight
+        new.min_tokens = min_tokens
         new._w_fp8, new._w_key = None, None
         return new
 
@@ -293,12 +309,15 @@ class FP8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
+        if x.numel() < self.min_tokens * x.shape[-1]:
+            return F.linear(x, self.weight)
         return FP8LinearFunction.apply(x, self.weight, self.fp8_weight(), self.pow2_scales,
                                        torch.is_grad_enabled())
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"pow2_scales={self.pow2_scales}")
+                f"pow2_scales={self.pow2_scales}"
+                + (f", min_tokens={self.min_tokens}" if self.min_tokens else ""))
 
 
 class FP8MLPFunction(torch.autograd.Function):
@@ -370,8 +389,7 @@ class FP8MLP(nn.Module):
 
     def __init__(self, w1: FP8Linear, w3: FP8Linear, w2: FP8Linear, min_tokens: int = 0) -> None:
         super().__init__()
-        if min_tokens < 0:
-            raise ValueError(f"FP8MLP min_tokens must be >= 0 (0: always FP8), got {min_tokens}")
+        _check_min_tokens(min_tokens, "FP8MLP")
         if w1.out_features != w3.out_features or w2.in_features != w1.out_features \
                 or w1.in_features != w3.in_features:
             raise ValueError(f"inconsistent SwiGLU shapes: w1 {w1.in_features}->{w1.out_features}, "
