@@ -120,7 +120,7 @@ def convert(model: nn.Module, fp8_cfg: FP8Config, emulate: bool = False) -> nn.M
         raise RuntimeError(f"fp8.recipe={fp8_cfg.recipe} needs an sm90 (Hopper) GPU for its "
                            "block-scaled GEMMs and none is visible; use fp8=off on this machine")
     _convert_children(model, "", {id(m) for m in _high_precision(model)}, fp8_cfg)
-    if fp8_cfg.skip_small:
+    if any(type(m) is FP8Linear and m.min_tokens for m in model.modules()):
         log.info("fp8: FP8 Linears run in bf16 on calls of fewer than %d tokens (skip_small)",
                  LINEAR_MIN_TOKENS)
     if fp8_cfg.fuse_norms:

@@ -18,9 +18,10 @@ dtype, as the fake does in a bf16 model); with none on, the layer's plain produc
 
 `fake_convert(model, parts)` puts such layers exactly where `models.fp8.convert` would put FP8
 ones (it runs convert's own decisions, then swaps each FP8 module for its fake twin sharing the
-same Parameters): FP8Linear -> FakeFP8Linear, FP8MLP -> FakeFP8MLP (both with the same min_tokens:
-calls below it stay plain), FP8GroupedExperts -> FakeFP8GroupedExperts. The fused norms are not made (their
-numerics are the plain norm's followed by the consumer's own input rounding, which is here).
+same Parameters): FP8Linear -> FakeFP8Linear, FP8MLP -> FakeFP8MLP (both with the same
+min_tokens: calls below it stay plain), FP8GroupedExperts -> FakeFP8GroupedExperts. The fused
+norms are not made (their numerics are the plain norm's followed by the consumer's own input
+rounding, which is here).
 
 The SwiGLU between an MLP's (or the experts') GEMMs follows the FP8 path too: with `inputs`
 on, its backward reads h = [gate | up] rounded in 1x128 tiles (the FP8 path saves only h's FP8
