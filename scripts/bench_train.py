@@ -70,16 +70,20 @@ H100_PEAK = PEAK_BF16_FLOPS["H100"]
 
 def fp8_config(recipe: str) -> FP8Config:
     """FP8Config of a --recipes entry: a recipe, optionally with settings after a colon,
-    e.g. "blockwise:fuse_norms=false,skip_small=false"."""
+    e.g. "blockwise:fuse_norms=false,skip_small=false" or "blockwise:linear_min_tokens=0"."""
     name, _, settings = recipe.partition(":")
-    switches = {f.name for f in dataclasses.fields(FP8Config)} - {"recipe"}
+    kinds = {f.name: f.type for f in dataclasses.fields(FP8Config) if f.name != "recipe"}
     kwargs = {}
     for item in filter(None, settings.split(",")):
         key, _, value = item.partition("=")
-        if key not in switches or value.lower() not in ("true", "false"):
+        if kinds.get(key) == "bool" and value.lower() in ("true", "false"):
+            kwargs[key] = value.lower() == "true"
+        elif kinds.get(key) == "int" and value.isdigit():
+            kwargs[key] = int(value)
+        else:
             raise SystemExit(f"--recipes {recipe}: {item!r} is not a setting; give "
-                             f"<field>=true|false with a field of {sorted(switches)}")
-        kwargs[key] = value.lower() == "true"
+                             f"<field>=true|false or <field>=<count> with a field of "
+                             f"{sorted(kinds)}")
     return FP8Config(recipe=name, **kwargs)
 
 

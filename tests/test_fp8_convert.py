@@ -114,6 +114,23 @@ def test_small_modules_stay_bf16_in_the_small_model(caplog):
     assert isinstance(shared, FP8MLP) and shared.min_tokens == 0
 
 
+def test_token_thresholds_are_settings():
+    """fp8.linear_min_tokens and fp8.narrow_mlp_min_tokens reach the converted modules (and the
+    fused norm in front of the shared expert); 0 sends every call through FP8; a negative count
+    is refused naming the setting."""
+    for linear, narrow in ((1024, 2048), (0, 0)):
+        model = build_model(model_config("small"), device="meta")
+        convert(model, FP8Config(recipe="blockwise", linear_min_tokens=linear,
+                                 narrow_mlp_min_tokens=narrow), emulate=True)
+        assert model.layers[0].attn.wo.min_tokens == model.mtp[0].eh_proj.min_tokens == linear
+        assert model.layers[1].ffn.shared.min_tokens == narrow
+        assert model.layers[1].ffn_norm.min_tokens == narrow
+        assert type(model.layers[1].attn.wq_a) is nn.Linear, "the side rule does not move"
+    for name in ("linear_min_tokens", "narrow_mlp_min_tokens"):
+        with pytest.raises(ValueError, match=f"fp8.{name}=-1 must be a token count"):
+            FP8Config(recipe="blockwise", **{name: -1})
+
+
 def test_flop_shares_of_the_small_model_by_hand():
     """flop_shares against the FLOPs counted from the config: wo (H x v_head -> D) in 4 layers +
     the MTP block and eh_proj (2D -> D) in FP8 from LINEAR_MIN_TOKENS tokens a call, the dense MLP

@@ -19,9 +19,16 @@ class FP8Config:
     """Round every scale up to a power of two (DeepSeek's UE8M0), exact under transposition."""
     skip_small: bool = True
     """Keep in bf16 what FP8 measurably slows down on the H100 (models/fp8/convert.py: a Linear
-    with a side of at most 1024, and any other Linear on calls of fewer than 4096 tokens; a
-    SwiGLU MLP narrower than 2048 on calls of fewer than 8192 tokens); False converts everything
-    the kernels can take, for every call."""
+    with a side of at most 1024, and any other Linear on calls of fewer than `linear_min_tokens`
+    tokens; a SwiGLU MLP narrower than 2048 on calls of fewer than `narrow_mlp_min_tokens`);
+    False converts everything the kernels can take, for every call."""
+    linear_min_tokens: int = 4096
+    """Under skip_small, a converted Linear runs F.linear in high precision on calls of fewer
+    tokens than this (0: every call in FP8). Where FP8 starts to pay depends on the host's speed
+    as much as on the GPU (convert.py's LINEAR_MIN_TOKENS has the H100 figures)."""
+    narrow_mlp_min_tokens: int = 8192
+    """Under skip_small, the same for a SwiGLU MLP narrower than 2048 (convert.py's
+    NARROW_MLP_MIN_TOKENS)."""
     fuse_norms: bool = True
     """A norm whose output goes into FP8 Linears or MLPs computes their FP8 input copies in its
     own kernel (models.fp8.linear.FP8RMSNorm: the output is not read back to be quantized);
@@ -30,6 +37,11 @@ class FP8Config:
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:
             raise ValueError(f"fp8.recipe={self.recipe!r} is not a recipe; use one of {RECIPES}")
+        for name in ("linear_min_tokens", "narrow_mlp_min_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"fp8.{name}={value!r} must be a token count >= 0 (0: every "
+                                 "call in FP8)")
 
     @property
     def enabled(self) -> bool:

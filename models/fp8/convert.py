@@ -48,7 +48,9 @@ one 2048-token sequence, an evaluation or decoding batch), the MLPs of width >= 
 the routed experts at every call (the `small` experts layer at 2048 tokens: FP8 1.97 ms against
 bf16's 2.29). In `small` that keeps the MLA down/up projections (wq_a, wq_b, wkv_a, wkv_b) in
 bf16 and the shared experts in bf16 for micro-batches under 8192 tokens; wo and the MTP
-projection run FP8 from 4096 tokens, the dense MLP and the routed experts always.
+projection run FP8 from 4096 tokens, the dense MLP and the routed experts always. The two token
+thresholds are host-dependent, so they are settings (`fp8.linear_min_tokens`,
+`fp8.narrow_mlp_min_tokens`; these constants are their defaults).
 
 How much a converted model can gain: `flop_shares(model, seq_len, tokens_per_call)` splits a
 training step's FLOPs (`Transformer.flops_per_token`) into the FP8 GEMMs, the GEMMs kept in high
@@ -85,19 +87,21 @@ SMALL_LINEAR_SIDE = 1024
 """A Linear with in_features or out_features <= this stays bf16 under skip_small."""
 MIN_MLP_WIDTH = 2048
 """A SwiGLU MLP whose width (w1's out_features) is below this is narrow under skip_small."""
-NARROW_MLP_MIN_TOKENS = 8192
-"""A narrow MLP's calls with fewer tokens than this run in bf16 under skip_small. At 8192 tokens
-the F=1536 MLP measured 0.97-1.13x bf16 in FP8 (parity, and FP8 keeps for backward about a
-third of the activation bytes bf16 keeps), at 4096 0.64-0.89x, at 16384 1.25-1.27x."""
-LINEAR_MIN_TOKENS = 4096
-"""A converted Linear's calls with fewer tokens than this run nn.Linear's F.linear under
-skip_small. On the H100 (bench_fp8 functions, forward + backward) FP8 Linears at 2048 tokens ran
-0.46x (4096 -> 4096), 0.53x (7168 -> 2048) and 1.00x (8192 -> 4096) bf16, at 4096 tokens 0.93x,
-0.67x and 1.20x, at 8192 1.06-1.25x: below 4096 the GEMMs are too short to repay the quantizers
-and the longer host path (models/fp8/linear.py's docstring). In `small`'s step at 1 x 2048 tokens
-(twenty-sixth session, H100, bench_train, 4 rounds of 20 steps each way) that took FP8 from 56.1
-ms a step (0.83x bf16's 46.5; GPU idle 14.1 ms) with every call of wo and eh_proj in FP8 to 48.4
-ms (0.96x bf16's 46.3; GPU idle 6.2 ms), the routed experts and the dense MLP still in FP8."""
+NARROW_MLP_MIN_TOKENS = FP8Config.narrow_mlp_min_tokens
+"""fp8.narrow_mlp_min_tokens's default: a narrow MLP's calls with fewer tokens than this run in
+bf16 under skip_small. At 8192 tokens the F=1536 MLP measured 0.97-1.13x bf16 in FP8 (parity,
+and FP8 keeps for backward about a third of the activation bytes bf16 keeps), at 4096
+0.64-0.89x, at 16384 1.25-1.27x."""
+LINEAR_MIN_TOKENS = FP8Config.linear_min_tokens
+"""fp8.linear_min_tokens's default: a converted Linear's calls with fewer tokens than this run
+nn.Linear's F.linear under skip_small. On the H100 (bench_fp8 functions, forward + backward) FP8
+Linears at 2048 tokens ran 0.46x (4096 -> 4096), 0.53x (7168 -> 2048) and 1.00x (8192 -> 4096)
+bf16, at 4096 tokens 0.93x, 0.67x and 1.20x, at 8192 1.06-1.25x: below 4096 the GEMMs are too
+short to repay the quantizers and the longer host path (models/fp8/linear.py's docstring). In
+`small`'s step at 1 x 2048 tokens (twenty-sixth session, H100, bench_train, 4 rounds of 20 steps
+each way) that took FP8 from 56.1 ms a step (0.83x bf16's 46.5; GPU idle 14.1 ms) with every call
+of wo and eh_proj in FP8 to 48.4 ms (0.96x bf16's 46.3; GPU idle 6.2 ms), the routed experts and
+the dense MLP still in FP8."""
 
 
 FP8_GEMM_SPEEDUP = 1.5
@@ -121,8 +125,8 @@ def convert(model: nn.Module, fp8_cfg: FP8Config, emulate: bool = False) -> nn.M
                            "block-scaled GEMMs and none is visible; use fp8=off on this machine")
     _convert_children(model, "", {id(m) for m in _high_precision(model)}, fp8_cfg)
     if any(type(m) is FP8Linear and m.min_tokens for m in model.modules()):
-        log.info("fp8: FP8 Linears run in bf16 on calls of fewer than %d tokens (skip_small)",
-                 LINEAR_MIN_TOKENS)
+        log.info("fp8: FP8 Linears run in bf16 on calls of fewer than %d tokens (skip_small; "
+                 "fp8.linear_min_tokens)", fp8_cfg.linear_min_tokens)
     if fp8_cfg.fuse_norms:
         _fuse_norms(model, fp8_cfg)
     log.info("fp8: converted %s", summary(model))
@@ -194,14 +198,14 @@ def _high_precision(model: nn.Module) -> list[nn.Module]:
 
 
 def _mlp_min_tokens(name: str, mlp: MLP, fp8_cfg: FP8Config) -> int:
-    """FP8MLP.min_tokens for `mlp`: NARROW_MLP_MIN_TOKENS (with a log line) for a narrow one
-    under skip_small, else 0 (every call in FP8)."""
-    width = mlp.w1.out_features
-    if not fp8_cfg.skip_small or width >= MIN_MLP_WIDTH:
+    """FP8MLP.min_tokens for `mlp`: fp8_cfg.narrow_mlp_min_tokens (with a log line) for a narrow
+    one under skip_small, else 0 (every call in FP8)."""
+    width, min_tokens = mlp.w1.out_features, fp8_cfg.narrow_mlp_min_tokens
+    if not fp8_cfg.skip_small or width >= MIN_MLP_WIDTH or not min_tokens:
         return 0
     log.info("fp8: %s runs in bf16 below %d tokens a call, FP8 from there: SwiGLU width %d < %d "
-             "is faster in bf16 on fewer tokens", name, NARROW_MLP_MIN_TOKENS, width, MIN_MLP_WIDTH)
-    return NARROW_MLP_MIN_TOKENS
+             "is faster in bf16 on fewer tokens", name, min_tokens, width, MIN_MLP_WIDTH)
+    return min_tokens
 
 
 def _fp8_version(name: str, module: nn.Module, fp8_cfg: FP8Config) -> nn.Module | None:
@@ -217,7 +221,7 @@ def _fp8_version(name: str, module: nn.Module, fp8_cfg: FP8Config) -> nn.Module 
                      name, module.in_features, module.out_features)
             return None
         return FP8Linear.from_linear(module, pow2_scales,
-                                     LINEAR_MIN_TOKENS if fp8_cfg.skip_small else 0)
+                                     fp8_cfg.linear_min_tokens if fp8_cfg.skip_small else 0)
     if type(module) is GroupedExperts:
         n_experts, inter_dim, dim = module.w1.shape
         if not FP8GroupedExperts.supports(dim, inter_dim):
