@@ -62,8 +62,9 @@ def test_fp8_blockwise_follows_bf16(tmp_path):
 @pytest.mark.parametrize("fp8", ["off", "blockwise"])
 def test_two_nccl_ranks_match_one_rank(tmp_path, fp8):
     """Two ranks of one micro-batch each against one rank accumulating two: the same losses and
-    gradient norms. With fp8=blockwise (every eligible layer, the debug model being all small)
-    each rank also re-makes its FP8 weight copies from the weights ZeRO-1 gathers after a step."""
+    gradient norms. With fp8=blockwise (every eligible layer, the debug model being all small;
+    test_fp8_blockwise_follows_bf16 checks that these overrides convert it) each rank also
+    re-makes its FP8 weight copies from the weights ZeRO-1 gathers after a step."""
     if fp8 != "off" and torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("fp8=blockwise needs an sm90 GPU")
     common = [*GPU_RUN, "train.steps=6", "train.eval_every=6", "checkpoint.every=0",
