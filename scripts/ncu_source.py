@@ -18,7 +18,7 @@ execution count of the most executed one, and an instruction belongs to the loop
 between 0.9 and 2.1 times that often (once or twice an iteration: a loop body with two inlined
 halves runs some of its bookkeeping twice). Counts are per warp, as ncu counts them. The same
 export of a cuBLAS kernel (its SASS is not readable any other way: cuobjdump finds no nvjet
-kernel in libcublasLt) gives the comparison grouped.cu's header quotes.
+kernel in libcublasLt) gives the comparison csrc/fp8_grouped/EXPERIMENTS.md quotes.
 """
 from __future__ import annotations
 

@@ -27,173 +27,14 @@
 //     accumulators + 64 scratch per thread, which setmaxnreg (232 for the consumers, 40 for the
 //     producer warpgroup) makes room for.
 //
-// Measured on an H100 while choosing this shape (DeepSeek-V3 expert GEMMs, TFLOPS): 128 x 128
-// tiles 930 (Fprop); the same with each warpgroup double-buffering its scratch so its own MMAs
-// overlap its promotion 820; 128 x 256 tiles 1010; the staged epilogue (three stages) against
-// direct 16-byte stores from registers (four stages) +4-12% on Fprop/Dgrad at K = 2048-7168,
-// -2% on `small`'s down projection; Wgrad into bf16 the same way (three stages) against stores
-// from registers (four) +1% to +9%. Skipping the promotion altogether gains 6-8%, operands that
-// always hit in L2 gain nothing: the kernel is not waiting on memory. The WGMMA descriptors built
-// in uniform registers (warp_uniform: the warpgroup index and the loop bounds broadcast from lane
-// 0) instead of per thread and moved over with R2UR, four per MMA: +9-13% on Fprop/Dgrad, +2-5%
-// on Wgrad (the K loop's non-FFMA instructions fell from about 150 to 75 per K block and warp).
-// Wgrad's promotion is two FP32 operations per element (a row scale times a column scale, then
-// the FFMA); an ncu profile (dsv3-up, 843 TFLOPS under the profiler) had the tensor pipe 46% busy
-// and a quarter of the promotion's stalls waiting for the column scales' shared-memory loads.
-// Reading 8 of a thread's 16 scale pairs per half while the half's MMAs run (WGRAD_PRELOAD; at
-// 128 x 256 ptxas still forms their products after the wait, short of registers): +3% to +8% on
-// five of the six bench cases, -1% at 64 experts x 512 tokens; 4, 12 and 16 pairs measured no
-// better (16 spills). (Since the eleventh session 5 pairs: see WGRAD_PRELOAD.)
-// Under sustained load every GEMM here runs at the H100's power cap (2.5 s back to back,
-// nvidia-smi every 50 ms: 650-680 W, power cap active in every sample), so the clock follows how
-// busy the SMs are. E8 x 4096, dsv3-down / dsv3-up: our Wgrad 754 / 739 TFLOPS at 1718 / 1525
-// MHz, the cuBLAS loop 842 / 878 at 1530 / 1497 MHz; Fprop ours 982 / 1054 at 1469 / 1413, the
-// loop 980 / 1111 at 1465 / 1326. ncu (dsv3-down, unlocked clocks) against cuBLAS's Wgrad kernel
-// (nvjet 128x128, cooperative, 1x2 clusters, 384 threads, 168 registers, 6 stages): the same
-// FP32 promotion work (14.7M FFMA and 14.7M FMUL per expert in both), but our tensor pipe busy in
-// 48.7% of active cycles against 56.5%, 13% more instructions in all, the ALU pipe 13% busy
-// against 5%. The idler SMs earn a higher clock, which does not make up the difference.
-// On an H200 (twenty-sixth session, the same 2.5 s, nvidia-smi every 20 ms, ~690 W) the two ran at
-// one clock: dsv3-down E8 x 4096 ours 801-802 TFLOPS and the loop 834-842, both at 1680 MHz (477
-// against 497-501 GFLOPS a MHz; 825-831 against 789-794 mJ a call); dsv3-up ours 803-811 at 1605
-// MHz, the loop 849 at 1635. There the gap is the kernel's work per cycle, not its clock.
-// Where a Wgrad K block's time goes (clock64 timestamps of one CTA's consumer warps, a patched
-// build, dsv3-down E8 x 4096; the instrumentation itself adds about a tenth): a K block takes
-// about 2500 cycles against 1024 of tensor work. The two warpgroups run in step, 50-250 cycles
-// apart: both issue their batch (the pair of batches then takes ~500 cycles), both promote at
-// once (~360 cycles each, sharing the issue slots) while the tensor cores idle, and the stretch
-// from the last promotion to the next K block's first MMA costs ~550 cycles (stage release, the
-// full-barrier wait of ~100, the scale loads, descriptors). Data is not what they wait for: the
-// producer issues a stage's loads ~5400 cycles before it is consumed, and a fourth stage
-// (WGRAD_STAGED=0, ~8200 cycles ahead) left the K block as long. Starting warpgroup 2 half a
-// period late (WGRAD_OFFSET, kept: +2%) does not last: within a few K blocks the two are in step
-// again. Promotion beside the other warpgroup's running MMAs also runs slower than alone (below).
-// Why no overlap pays (csrc/probes/wgmma_fp32_contention.cu, SM cycles): a 64 x 128 x 128 batch
-// takes 316-318 cycles alone, two warpgroups' batches issued together 512 each (the tensor cores
-// alternate, so both finish together: the lockstep), but 425-435 beside another warpgroup's
-// FMUL/FFMA stream, which itself runs 17-26% slower (IMAD beside the MMAs slows neither, nor do
-// TMA copies landing in shared memory at 33 bytes a cycle). Two batches with the promotions
-// overlapped cost ~860 cycles; in step, 512 plus the two promotions (~200).
-// Fprop/Dgrad consumers start loading the next tile's first weight scales (global memory)
-// before handing the finished tile to the storers rather than at the next tile's first K block
-// (FPROP_SCALE_PREFETCH). Two interleaved sweeps (5 and 9 rounds, six cases each): Dgrad faster
-// in all 12 case runs (+1% to +18%), Fprop in 7 of 12 (-4% to +6%).
-// The consumers' epilogue writing the staging tile with stmatrix (the accumulator fragment as it
-// lies in registers) instead of a 4 x 4 transpose through shuffles and 16-byte stores: Fprop
-// +7% (K = 7168) to +26% (K = 1536-2048), Dgrad +3% to +14%, Wgrad -5% to +10% (two runs, each
-// against the cuBLAS loop: about 5% noise); an ncu profile had that epilogue at a fifth of the
-// consumers' time at K = 2048.
-//
-// Measured and not kept (H100, against 128 x 256 in the same run; scripts/sweep_grouped_cuda.py
-// times such variants):
-//   - the two consumer warpgroups taking turns to issue their MMA batches through named
-//     barriers, so that one promotes while the other's batch runs: -3% to -14%, and again with
-//     the uniform descriptors and the stmatrix epilogue (above): -13% to +3%;
-//   - Fprop/Dgrad tiles of 128 x 192, one m64n192 batch per K block (half the waits, 17% less
-//     shared-memory reading per MMA): -2% to -6% (FPROP_BN=192 builds it); 128 x 128: -3% to -12%;
-//   - a nanosleep after every 16 or 32 promotion FFMAs: -25% to +1%;
-//   - two 96-column MMA batches per K block into two scratch buffers (128 x 192 tiles), each batch
-//     issued as soon as the previous one completed and before that one is promoted, so that a
-//     warpgroup's own MMAs run while it promotes: -7% to +4%. (Keeping two batches in flight
-//     makes ptxas serialize the MMAs, warning C7514.) An ncu profile of the 128 x 256 kernel had
-//     shown the tensor pipe 60% busy while the consumers waited for their MMAs a third of the
-//     time and almost never for data;
-//   - Wgrad tiles of 128 x 128 (WGRAD_BN=128, DeepGEMM's 1D1D shape): one m64n128 batch per K
-//     block, all 16 column-scale pairs read and their products formed while it runs
-//     (WGRAD_PRELOAD=16), the stage released before the promotion, five stages instead of three:
-//     -7% to +4% over six cases in two sweeps (-7% at 64 experts x 512 tokens); with three
-//     stages the same, stores from registers (six stages) -5% to -34%. An ncu profile of both
-//     (dsv3-up, about 850 TFLOPS under the profiler) had the tensor pipe 47% busy, the consumers'
-//     samples about half in the MMA phase (issue, scale products, wait) and half in the
-//     promotion and loop overhead, L2 throughput at 74-78% with a 70% (128 x 256) or 85%
-//     (128 x 128) hit rate: the two warpgroups' MMAs run back to back and then both promote;
-//   - the same 128 x 128 Wgrad with two scratch buffers, each warpgroup promoting group g - 1
-//     while its own MMAs of group g run (waited for before the loop's back edge: an MMA in flight
-//     across it makes ptxas serialize them, C7514): -4% to -9%. With the diagnostic builds
-//     (WGRAD_DIAG) at 1.15-1.70x, the promotion's FP32 work costs time even beside the MMAs;
-//   - Wgrad with the two consumer warpgroups issuing their MMA batches in strict turns (named
-//     barriers: warpgroup 1, 2, 1, 2, ...; commit 29ccfd8 has the code, WGRAD_ORDER=1), so that
-//     one promotes while the other's batch runs: 0.91-1.06x the default over the six bench
-//     cases (mean 1.00); at 128 x 128 tiles (64 x 128 a warpgroup) 0.77-0.91x;
-//   - Wgrad turns passed on completion (WGRAD_ORDER=2 in that experiment: a warpgroup hands the
-//     tensor cores to the other once its batch has completed, not once issued): warpgroup 2 ran
-//     ~220 cycles behind, but each promotion stretched to 540-570 cycles beside the other's
-//     MMAs; 0.99-1.06x the default over the six cases;
-//   - DeepGEMM edits the yield bits of its promotion FFMAs in the SASS so that the other
-//     warpgroup's MMAs can issue meanwhile. The SASS ptxas 13 emits here already alternates the
-//     yield bit along those runs (checked with cuobjdump): nothing left to edit;
-//   - a leaner Wgrad K loop. ncu's source view of the two Wgrad kernels (dsv3-down E8 x 4096)
-//     counts 443 instructions per consumer warp and K block here (128 promotion FFMAs, 128 FMULs,
-//     34 shared loads, then 32 R2UR, 32 IMAD and 13 VIADD of descriptor and address arithmetic,
-//     an S2R of the thread index rematerialized per K block) against 194 in cuBLAS's for half as
-//     many elements (64 FFMA, 64 FMUL, 19 loads, the descriptors advanced by uniform adds). Each
-//     stage's descriptors one uniform add from stage 0's, the scale addresses one add from two
-//     per-thread constants and the next stage's full-barrier wait moved under the last half's MMAs
-//     brought it to about 400, all uniform, but ran 0.96-0.98x the default on five of the six
-//     cases (1.05x at 64 experts x 512 tokens): the issued-instruction count is not the limit.
-//     (Reading the column scales through a shared-space address instead of a generic pointer
-//     alone took the default loop to 398 with no change in time. Profiled side by side, the
-//     leaner loop's warps spend what they saved waiting at the next stage's barrier check
-//     instead of at the MMA wait, a third of the loop's samples in either.)
-//     cuBLAS's kernel, as ncu shows it: per K block each warp reads its two row scales and 8
-//     column-scale pairs before waiting for its batch (issued at the end of the previous K
-//     block), promotes as FMUL scratch *= column scale in place then FFMA acc += scratch * row
-//     scale (loading the other 8 pairs in between), releases the stage mid-promotion, and issues
-//     the next batch between two 256-thread named-barrier syncs (warpgroup 0 issues before the
-//     sync, warpgroup 1 after it): the two warpgroups stay in step there too;
-//   - that promotion here (all 16 column-scale pairs of a half read while its MMAs run, two
-//     registers a pair against four for a formed product; then scratch *= column scale, acc +=
-//     scratch * row scale; the stage released before the last half's promotion): 0.98-1.00x the
-//     default over the six cases; the same at 128 x 128 tiles, cuBLAS's shape, 0.89-0.92x. So
-//     neither the loop's form nor its tile shape is what cuBLAS gains its ~10% from here;
-//   - the Wgrad K loop with its tile's first K block peeled off (a generic lambda for the K
-//     block, instantiated for the first and for the rest, so that the rest carry no checks for
-//     the warpgroup offset, the overlapped epilogue or a masked first group): 1.03-1.05x the SM
-//     cycles a K block (eleventh session), because ptxas then built the MMA descriptors per
-//     thread in the loop (32 R2UR a K block) instead of in uniform registers;
-//   - the two consumer warpgroups meeting at a 256-thread named barrier every 1 / 2 / 4 / 8 K
-//     blocks (besides WGRAD_OFFSET's at each tile start): 2092 / 2025 / 1981 / 1949 SM cycles a
-//     K block at dsv3-down E8 x 4096 against 1865 (each meeting costs ~220 cycles); warpgroup 2
-//     started late at the CTA's first tile only, not at every tile: 1955. The per-tile offset
-//     stays (WGRAD_OFFSET=0: 1893);
-//   - warpgroup 2 staging the previous tile before its late start (while it waits for warpgroup
-//     1's first batch) instead of under its own first batch: 1998 against 1864 SM cycles a K
-//     block at dsv3-down E8 x 4096, 2067 against 1933 at small-down, 0.94x the TFLOPS;
-//   - warpgroup 1 only arriving at the offset barrier (bar.arrive on one of nine barriers in
-//     turn, so that it never waits for warpgroup 2 to reach the tile): 1899 against 1864 SM
-//     cycles a K block at dsv3-down E8 x 4096, 0.96-1.00x the TFLOPS. Both waiting keeps the
-//     two warpgroups close, which is worth more than the wait.
-//   - the last partial wave's tiles split along K (twelfth session; commit 83fce72 has its last
-//     form and a GPU test): 3584 tiles on 132 CTAs leave 20 for a 28th round, 3% of the kernel's
-//     SM cycles (WGRAD_CYCLES's slowest CTA 1.673M against a mean of 1.617M at dsv3-down E8 x
-//     4096). Each left-over tile was cut into up to 6 pieces of >= 4 token groups, one per CTA;
-//     each piece's fp32 partial went to a workspace, and an atomic arrival counter picked the last
-//     piece's CTA to sum them in K order (the same bits every run; the GPU tests passed, bitwise
-//     repeatable). The tail shrank as meant, but every form of the summing code made ptxas
-//     schedule and allocate the unchanged K loop worse: +2% SM cycles a K block with the sum into
-//     the accumulators (their float4 loads and stores asked for aligned register quads), +17%
-//     with it inside the tile loop, +0.5-1% with the sum kept off the accumulators but then slow
-//     itself (its loads serialized: the slowest CTA +4%), +4% with it unrolled. Best slowest-CTA
-//     result -0.5% / -0.8% at dsv3-down E8 x 4096 / 8192, +2% at 64 x 512 where nothing is
-//     split. A separate fixup kernel would leave the K loop's code as it is. (The tail's
-//     idle SMs cost less wall time than cycles: at the power cap they lift the others' clock.
-//     BALANCED_GRID, below, runs such a walk on fewer CTAs instead.)
-//   - Wgrad with the operands swapped (dW^T = b^T a, the 256-column side on the other operand:
-//     at DeepSeek-V3's down projection the wider one, as at its up projection, where the kernel
-//     kept up with the loop in earlier sessions), and the TMA reads widened in L2 by 128 or 0
-//     bytes instead of 256 (TMA_L2_PROMOTION in common/host_tma.cuh; ncu had counted 22-33% more
-//     L2 traffic than the loop's). Sixteenth session, H100, 5 interleaved rounds against the
-//     loop: 0.92-0.98x at dsv3-down E8 x 4096 / 8192 and dsv3-up E8 x 4096 for every
-//     combination, the default at 0.94-0.98x, all within a round's noise of each other;
-//   - Wgrad pairs sharing the `b` tile instead of `a` (WGRAD_SHARE_B, sixteenth session): L2 reads
-//     as low as the loop's, 0.92-0.96x the time's worth (figures at the switch).
-//   - Fprop/Dgrad with Wgrad's overlapped epilogue (WGRAD_OVERLAP: a finished tile staged for the
-//     storers while the next tile's first MMA batch runs, then the accumulators zeroed; a
-//     consumer templated on it kept ptxas from spilling), twenty-fifth session, H100, 5
-//     interleaved rounds over the six bench cases: 0.87-0.97x the default (dsv3-up E8 x 4096
-//     Fprop 981 against 1067 TFLOPS, dsv3-down Dgrad 998 against 1095), outputs bitwise the same
-//     (the grouped GPU tests passed with it): here the staging beside a running MMA cost more
-//     than it hid.
+// Measured (csrc/fp8_grouped/EXPERIMENTS.md has the figures and how each was made): on an H100
+// the 128 x 256 tile, the staged epilogue, warp-uniform descriptors and stmatrix each paid; under
+// sustained load every GEMM here runs at the power cap, so the clock follows how busy the SMs
+// are; Wgrad's promotion (two FP32 operations per element) cannot overlap the other warpgroup's
+// MMAs without slowing them (csrc/probes/wgmma_fp32_contention.cu), and its K block takes ~1780
+// SM cycles against 1024 of tensor work. That file also lists every variant measured and not
+// kept (other tile shapes, warpgroups taking turns, split tails, clusters, leaner loops, ...):
+// read it before trying one.
 //
 // Both kernels are persistent: one CTA per SM walks the tiles, so the producer is already
 // loading the next tile while the consumers store the previous one. The router's counts stay
@@ -1109,7 +950,7 @@ __device__ void mask_other_experts(uint8_t* rows, int token0, int start, int end
 // At the start of each tile consumer warpgroup 2 issues its first MMA batch only once warpgroup
 // 1's first batch has completed (both meet at named barrier OFFSET_BAR, 1 after that batch, 2
 // before its own), so that the two start half a period apart, one promoting while the other's
-// batch runs (the header's timeline: they drift back into step within a few K blocks). Both wait
+// batch runs (EXPERIMENTS.md's timeline: they drift back into step within a few K blocks). Both wait
 // there: with 1 only arriving, it could arrive twice (two tiles of one 128-token group each)
 // before 2 got there, and the barrier's count would pair the wrong tiles and hang. Three
 // interleaved sweeps over the six bench cases (two of the one-sided version): 0.95-1.07x the

@@ -1,6 +1,6 @@
 // Does FP32 arithmetic slow down the tensor cores beside it, and how fast could the grouped Wgrad
 // kernel's K loop run without the rest of the kernel? Probes of the H100 behind that kernel's
-// design (csrc/fp8_grouped/grouped.cu's header quotes them).
+// design (csrc/fp8_grouped/EXPERIMENTS.md quotes them).
 //
 //   nvcc -gencode arch=compute_90a,code=sm_90a -O3 -std=c++17 -o /tmp/probe \
 //       csrc/probes/wgmma_fp32_contention.cu && /tmp/probe [--random] [--fed-only] ...
