@@ -19,6 +19,7 @@ from models.fp8.convert import (FP8_GEMM_SPEEDUP, LINEAR_MIN_TOKENS, NARROW_MLP_
 from models.fp8.experts import FP8GroupedExperts
 from models.fp8.linear import FP8MLP
 from models.fp8.gemm import has_blockwise_kernels
+from models.layers import RMSNorm
 from models.moe import GroupedExperts, Router
 
 BLOCKWISE = FP8Config(recipe="blockwise", skip_small=False)  # the debug model is all small
@@ -126,6 +127,14 @@ def test_token_thresholds_are_settings():
         assert model.layers[1].ffn.shared.min_tokens == narrow
         assert model.layers[1].ffn_norm.min_tokens == narrow
         assert type(model.layers[1].attn.wq_a) is nn.Linear, "the side rule does not move"
+    # DeepSeek-V3's wide MLA projections wq_a and wq_b are FP8; the norms in front of them quantize
+    # from the Linears' threshold, so below it no copy is made that no consumer reads
+    block = build_model(model_config("671b"), device="meta").layers[3]
+    convert(block, FP8Config(recipe="blockwise", linear_min_tokens=2048), emulate=True)
+    attn = block.attn
+    assert attn.wq_a.min_tokens == attn.wq_b.min_tokens == 2048
+    assert block.attn_norm.min_tokens == attn.q_norm.min_tokens == 2048
+    assert type(attn.kv_norm) is RMSNorm, "wkv_b (512 wide) stays bf16, so its norm stays plain"
     for name in ("linear_min_tokens", "narrow_mlp_min_tokens"):
         with pytest.raises(ValueError, match=f"fp8.{name}=-1 must be a token count"):
             FP8Config(recipe="blockwise", **{name: -1})
