@@ -47,7 +47,7 @@ from . import reference
 from .config import FP8Config
 from .convert import convert
 from .experts import FP8GroupedExperts
-from .linear import FP8Linear, FP8MLP, swiglu_mlp
+from .linear import FP8Linear, FP8MLP, fewer_tokens, swiglu_mlp
 
 PARTS = ("weights", "inputs", "grads")
 """The three roundings of the FP8 recipe that can be switched (module docstring)."""
@@ -193,7 +193,7 @@ class FakeFP8Linear(nn.Module):
         self.out_features, self.in_features = weight.shape
 
     def forward(self, x: torch.Tensor, x_wgrad: torch.Tensor | None = None) -> torch.Tensor:
-        if x.numel() < self.min_tokens * x.shape[-1]:
+        if fewer_tokens(x, self.min_tokens):
             return F.linear(x, self.weight)
         y = FakeFP8MatmulFunction.apply(_rows(x), self.weight, self.parts, _rows(x_wgrad))
         return y.view(*x.shape[:-1], self.out_features)
@@ -212,7 +212,7 @@ class FakeFP8MLP(nn.Module):
         self.w1, self.w3, self.w2, self.min_tokens = w1, w3, w2, min_tokens
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() < self.min_tokens * x.shape[-1]:
+        if fewer_tokens(x, self.min_tokens):
             return swiglu_mlp(x, self.w1.weight, self.w3.weight, self.w2.weight)
         return self.w2(*fake_swiglu(self.w1(x), self.w3(x), self.w1.parts))
 

@@ -100,6 +100,12 @@ from .reference import BLOCK
 INPUT_DTYPES = (torch.bfloat16, torch.float32)
 
 
+def fewer_tokens(x: torch.Tensor, min_tokens: int) -> bool:
+    """Whether x holds fewer than `min_tokens` tokens (the product of its leading dimensions):
+    the calls an FP8 module with that `min_tokens` runs in high precision."""
+    return x.numel() < min_tokens * x.shape[-1]
+
+
 def _check_min_tokens(min_tokens: int, owner: str) -> None:
     if min_tokens < 0:
         raise ValueError(f"{owner} min_tokens must be >= 0 (0: always FP8), got {min_tokens}")
@@ -309,7 +315,7 @@ class FP8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        if x.numel() < self.min_tokens * x.shape[-1]:
+        if fewer_tokens(x, self.min_tokens):
             return F.linear(x, self.weight)
         return FP8LinearFunction.apply(x, self.weight, self.fp8_weight(), self.pow2_scales,
                                        torch.is_grad_enabled())
@@ -430,7 +436,7 @@ class FP8MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.w1.check_input(x)
-        if x.numel() < self.min_tokens * x.shape[-1]:
+        if fewer_tokens(x, self.min_tokens):
             return self.high_precision_forward(x)
         return FP8MLPFunction.apply(x, self.w1.weight, self.w3.weight, self.w2.weight,
                                     self.w13_fp8(), self.w2.fp8_weight(), self.w1.pow2_scales,
@@ -503,7 +509,7 @@ class FP8RMSNorm(RMSNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.dtype not in INPUT_DTYPES or x.shape[-1] != self.weight.numel()
-                or x.numel() < max(self.min_tokens, 1) * x.shape[-1]):
+                or fewer_tokens(x, max(self.min_tokens, 1))):
             return super().forward(x)
         y, *copies = RMSNormQuantFunction.apply(_rows(x), self.weight, self.eps, self.pow2_scales,
                                                 torch.is_grad_enabled())
