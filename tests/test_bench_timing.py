@@ -233,3 +233,26 @@ def test_sweep_quant_cuda_bookkeeping_and_checks():
     assert Module.max_tiles(0) is lib_a and Module.calls == 1
     sweep.use_library(Module, lib_b)
     assert Module._library() is lib_b and Module.max_tiles(0) is lib_b and Module.calls == 2
+
+
+def test_bench_fp8_calls_crossover_and_module_shapes():
+    """bench_fp8_calls: 'FP8 from' is the smallest token count from which FP8 is never slower
+    (a dip above it, or a failed run, moves it up); the modules it measures are convert's FP8
+    modules of the model, one per distinct shape, narrow Linears marked as kept bf16."""
+    import bench_fp8_calls as calls
+
+    T = [512, 1024, 2048, 4096]
+    assert calls.fp8_from(T, [0.8, 1.1, 0.99, 1.2]) == 4096
+    assert calls.fp8_from(T, [1.0, 1.1, 1.2, 1.3]) == 512
+    assert calls.fp8_from(T, [1.2, 1.3, 1.1, float("nan")]) is None
+    assert calls.fp8_from(T, [0.5, 0.6, 0.7, 0.9]) is None
+    shapes = {s.label: s for s in calls.model_shapes("small")}
+    assert set(shapes) == {"Linear 4096->1024", "Linear 1024->8192", "Linear 4096->640",
+                           "Linear 512->8192", "Linear 4096->4096", "Linear 8192->4096",
+                           "SwiGLU MLP 4096, F=10240", "SwiGLU MLP 4096, F=1536",
+                           "experts E16 top-4 4096, F=1536"}
+    assert {label for label, s in shapes.items() if s.kept_bf16} == {
+        "Linear 4096->1024", "Linear 1024->8192", "Linear 4096->640", "Linear 512->8192"}
+    assert len(shapes["Linear 4096->4096"].names) == 5, "wo in 4 layers and the MTP block"
+    assert shapes["Linear 8192->4096"].names == ["mtp.0.eh_proj"]
+    assert len(shapes["experts E16 top-4 4096, F=1536"].names) == 4

@@ -14,7 +14,8 @@ from torch import nn
 
 from models import build_model, model_config
 from models.fp8 import FP8Config, FP8Linear, convert
-from models.fp8.convert import (FP8_GEMM_SPEEDUP, LINEAR_MIN_TOKENS, NARROW_MLP_MIN_TOKENS,
+from models.fp8.convert import (EXPERTS_MIN_TOKENS, FP8_GEMM_SPEEDUP, LINEAR_MIN_TOKENS,
+                                MLP_MIN_TOKENS, NARROW_MLP_MIN_TOKENS,
                                  flop_shares, run_outlook)
 from models.fp8.experts import FP8GroupedExperts
 from models.fp8.linear import FP8MLP
@@ -81,8 +82,8 @@ def test_all_eligible_model_converts_every_projection():
 
 def test_small_modules_stay_bf16_in_the_small_model(caplog):
     """skip_small (the default) keeps the narrow MLA projections in bf16 and gives the F=1536
-    shared experts a token threshold, one log line each, and converts the rest unconditionally;
-    skip_small=False converts them all for every call."""
+    shared experts a token threshold, one log line each, and the other FP8 modules their kind's
+    threshold, in one line; skip_small=False converts them all for every call."""
     model = build_model(model_config("small"), device="meta")  # shapes only
     with caplog.at_level(logging.INFO, logger="models.fp8.convert"):
         convert(model, FP8Config(recipe="blockwise"), emulate=True)
@@ -99,10 +100,17 @@ def test_small_modules_stay_bf16_in_the_small_model(caplog):
     for name in ("layers.0.attn.wo", "mtp.0.eh_proj"):
         linear = model.get_submodule(name)
         assert isinstance(linear, FP8Linear) and linear.min_tokens == LINEAR_MIN_TOKENS, name
-    assert sum(f"fewer than {LINEAR_MIN_TOKENS} tokens" in r.getMessage()
-               for r in caplog.records) == 1, "one line for every Linear's token threshold"
+    lines = [r.getMessage() for r in caplog.records if "(skip_small)" in r.getMessage()]
+    assert len(lines) == 1, "one line for the Linears', wide MLPs' and experts' thresholds"
+    for setting, count in (("linear_min_tokens", LINEAR_MIN_TOKENS),
+                           ("mlp_min_tokens", MLP_MIN_TOKENS),
+                           ("experts_min_tokens", EXPERTS_MIN_TOKENS)):
+        assert f"fewer than {count} tokens (fp8.{setting})" in lines[0], setting
     dense = model.layers[0].ffn
-    assert isinstance(dense, FP8MLP) and dense.w1.out_features == 10240 and dense.min_tokens == 0
+    assert isinstance(dense, FP8MLP) and dense.w1.out_features == 10240
+    assert dense.min_tokens == MLP_MIN_TOKENS
+    experts = [m for m in model.modules() if isinstance(m, FP8GroupedExperts)]
+    assert len(experts) == 4 and all(m.min_tokens == EXPERTS_MIN_TOKENS for m in experts)
     assert caplog.records[-1].getMessage() == ("fp8: converted 6 Linear, 5 SwiGLU MLP, "
                                                "4 routed-experts, 5 fused norm"), \
         "wo in 4 layers + MTP, eh_proj; the dense MLP and 4 shared experts; the FFN norms"
@@ -113,19 +121,24 @@ def test_small_modules_stay_bf16_in_the_small_model(caplog):
     assert model.layers[1].attn.wq_b.min_tokens == model.layers[0].attn.wo.min_tokens == 0
     shared = model.layers[1].ffn.shared
     assert isinstance(shared, FP8MLP) and shared.min_tokens == 0
+    assert model.layers[0].ffn.min_tokens == model.layers[1].ffn.experts.min_tokens == 0
 
 
 def test_token_thresholds_are_settings():
-    """fp8.linear_min_tokens and fp8.narrow_mlp_min_tokens reach the converted modules (and the
-    fused norm in front of the shared expert); 0 sends every call through FP8; a negative count
-    is refused naming the setting."""
-    for linear, narrow in ((1024, 2048), (0, 0)):
+    """fp8.linear_min_tokens, mlp_min_tokens, narrow_mlp_min_tokens and experts_min_tokens reach
+    the converted modules (and the fused norms in front of the MLPs); 0 sends every call through
+    FP8; a negative count is refused naming the setting."""
+    for linear, wide, narrow, experts in ((1024, 512, 2048, 256), (0, 0, 0, 0)):
         model = build_model(model_config("small"), device="meta")
-        convert(model, FP8Config(recipe="blockwise", linear_min_tokens=linear,
-                                 narrow_mlp_min_tokens=narrow), emulate=True)
+        convert(model, FP8Config(recipe="blockwise", linear_min_tokens=linear, mlp_min_tokens=wide,
+                                 narrow_mlp_min_tokens=narrow, experts_min_tokens=experts),
+                emulate=True)
         assert model.layers[0].attn.wo.min_tokens == model.mtp[0].eh_proj.min_tokens == linear
+        assert model.layers[0].ffn.min_tokens == model.layers[0].ffn_norm.min_tokens == wide
         assert model.layers[1].ffn.shared.min_tokens == narrow
-        assert model.layers[1].ffn_norm.min_tokens == narrow
+        assert model.layers[1].ffn.experts.min_tokens == model.mtp[0].block.ffn.experts.min_tokens \
+            == experts
+        assert model.layers[1].ffn_norm.min_tokens == narrow, "its one FP8 consumer: the shared MLP"
         assert type(model.layers[1].attn.wq_a) is nn.Linear, "the side rule does not move"
     # DeepSeek-V3's wide MLA projections wq_a and wq_b are FP8; the norms in front of them quantize
     # from the Linears' threshold, so below it no copy is made that no consumer reads
@@ -135,7 +148,8 @@ def test_token_thresholds_are_settings():
     assert attn.wq_a.min_tokens == attn.wq_b.min_tokens == 2048
     assert block.attn_norm.min_tokens == attn.q_norm.min_tokens == 2048
     assert type(attn.kv_norm) is RMSNorm, "wkv_b (512 wide) stays bf16, so its norm stays plain"
-    for name in ("linear_min_tokens", "narrow_mlp_min_tokens"):
+    for name in ("linear_min_tokens", "mlp_min_tokens", "narrow_mlp_min_tokens",
+                 "experts_min_tokens"):
         with pytest.raises(ValueError, match=f"fp8.{name}=-1 must be a token count"):
             FP8Config(recipe="blockwise", **{name: -1})
 
@@ -143,9 +157,9 @@ def test_token_thresholds_are_settings():
 def test_flop_shares_of_the_small_model_by_hand():
     """flop_shares against the FLOPs counted from the config: wo (H x v_head -> D) in 4 layers +
     the MTP block and eh_proj (2D -> D) in FP8 from LINEAR_MIN_TOKENS tokens a call, the dense MLP
-    (3 D I), in 3 MoE layers + the MTP block the 4 active of 16 routed experts (3 D F each) and,
-    from NARROW_MLP_MIN_TOKENS tokens a call, the shared expert (3 D F); the attention core as in
-    Transformer.flops_per_token."""
+    (3 D I) from MLP_MIN_TOKENS, in 3 MoE layers + the MTP block the 4 active of 16 routed
+    experts (3 D F each) from EXPERTS_MIN_TOKENS and, from NARROW_MLP_MIN_TOKENS tokens a call,
+    the shared expert (3 D F); the attention core as in Transformer.flops_per_token."""
     cfg = model_config("small")
     model = build_model(cfg, device="meta")
     convert(model, FP8Config(recipe="blockwise"), emulate=True)
@@ -153,12 +167,16 @@ def test_flop_shares_of_the_small_model_by_hand():
     moe_blocks = cfg.num_hidden_layers - cfg.first_k_dense + cfg.num_mtp_modules
     linears = ((cfg.num_hidden_layers + cfg.num_mtp_modules) * cfg.num_attention_heads
                * cfg.v_head_dim * D + 2 * D * D)
-    always = 3 * D * cfg.intermediate_size + moe_blocks * cfg.num_experts_per_tok * 3 * D * F
+    dense = 3 * D * cfg.intermediate_size
+    routed = moe_blocks * cfg.num_experts_per_tok * 3 * D * F
+    assert MLP_MIN_TOKENS == EXPERTS_MIN_TOKENS < LINEAR_MIN_TOKENS  # the order of the cases below
+    always = dense + routed
     shared = moe_blocks * cfg.n_shared_experts * 3 * D * F
     total = model.flops_per_token(seq)
     attention = (3 * 2 * cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
                                                     + cfg.v_head_dim) * (seq + 1) / 2 * 5)
-    for tokens, weights in ((LINEAR_MIN_TOKENS - 1, always),
+    for tokens, weights in ((MLP_MIN_TOKENS - 1, 0), (MLP_MIN_TOKENS, always),
+                            (LINEAR_MIN_TOKENS - 1, always),
                             (LINEAR_MIN_TOKENS, always + linears),
                             (NARROW_MLP_MIN_TOKENS - 1, always + linears),
                             (NARROW_MLP_MIN_TOKENS, always + linears + shared)):
@@ -204,7 +222,7 @@ def test_norms_feeding_fp8_consumers_are_fused():
     ffn_norms = {f"layers.{i}.ffn_norm" for i in range(4)} | {"mtp.0.block.ffn_norm"}
     assert fused == ffn_norms, "small's MLA projections stay bf16: only the FFN norms"
     dense, moe = model.layers[0].ffn_norm, model.layers[1].ffn_norm
-    assert (dense.consumers, dense.min_tokens) == (1, 0)
+    assert (dense.consumers, dense.min_tokens) == (1, MLP_MIN_TOKENS)
     assert (moe.consumers, moe.min_tokens) == (1, NARROW_MLP_MIN_TOKENS)
     model = build_model(model_config("debug", **ALL_ELIGIBLE))
     keys = list(model.state_dict())

@@ -12,7 +12,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from models.fp8 import swiglu_cuda  # noqa: E402
+from models.fp8 import quant, swiglu_cuda  # noqa: E402
 from models.fp8 import reference as ref  # noqa: E402
 from models.fp8.experts import FP8GroupedExperts, swiglu_backward_quantize  # noqa: E402
 from models.moe import GroupedExperts, sort_by_expert  # noqa: E402
@@ -194,6 +194,46 @@ def test_bad_input_is_a_clear_error():
         fp8(x[:, :64], counts)
     with pytest.raises(ValueError, match="sum to the 7 rows"):
         fp8(x, torch.tensor([3, 5], device=DEVICE))
+
+
+def test_below_min_tokens_is_the_bf16_experts(monkeypatch):
+    """Fewer rows than min_tokens (forward: the sorted rows; forward_tokens: the tokens before
+    top-k): GroupedExperts' own grouped GEMMs on the shared parameters, bit for bit in output and
+    gradients, with no quantization and no FP8 weight copy; from min_tokens on, the FP8 path."""
+    calls = []
+    real = quant.quantize_dual
+    monkeypatch.setattr(quant, "quantize_dual", lambda *a, **k: calls.append(1) or real(*a, **k))
+    plain = _experts(3, 128, 128, seed=21)
+    T, K = 40, 2
+    fp8 = FP8GroupedExperts.from_grouped(plain, min_tokens=T + 1)
+    assert fp8.w1 is plain.w1 and "min_tokens=41" in repr(fp8)
+    x, _ = _tokens([T], 128, torch.float32, seed=22)
+    slot_to_pick, pick_to_slot, counts_E = _dispatch(T, 3, K, seed=23)
+    dy = torch.randn(T * K, 128, generator=torch.Generator().manual_seed(24)).to(DEVICE)
+    routed = lambda m, x: m.forward_tokens(x, counts_E, slot_to_pick, pick_to_slot, K)  # noqa: E731
+    assert all(map(torch.equal, _grads(fp8, x, dy, routed), _grads(plain, x, dy, routed)))
+    rows, counts = _tokens([10, 12, 8], 128, torch.float32, seed=25)  # 30 sorted rows
+    on_rows = lambda m, x: m(x, counts)  # noqa: E731
+    assert all(map(torch.equal, _grads(fp8, rows, dy[:30], on_rows),
+                   _grads(plain, rows, dy[:30], on_rows)))
+    assert calls == [] and fp8.cached_fp8_tensors() == ()
+    fp8.min_tokens = T
+    y8 = routed(fp8, x)
+    assert calls == [1] and _cosine(y8, routed(plain, x)) > 0.99
+    assert fp8.cached_fp8_tensors() != ()
+    for bad in (lambda: FP8GroupedExperts.from_grouped(plain, min_tokens=-1),
+                lambda: FP8GroupedExperts(2, 128, 128, min_tokens=-1)):
+        with pytest.raises(ValueError, match="min_tokens"):
+            bad()
+
+
+def _grads(module, x, dy, run):
+    """run(module, x) and the gradients of x and of module's weights (cleared first)."""
+    module.zero_grad()
+    x = x.detach().clone().requires_grad_(True)
+    y = run(module, x)
+    y.backward(dy)
+    return y, x.grad, module.w1.grad, module.w3.grad, module.w2.grad
 
 
 def _dispatch(T, E, K, seed):

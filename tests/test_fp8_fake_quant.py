@@ -21,7 +21,7 @@ from models.fp8.fake_quant import (PARTS, FakeFP8GroupedExperts, FakeFP8GroupedM
                                    FakeFP8Linear, FakeFP8MLP, fake_convert, parse_parts)
 from models.fp8.linear import FP8Linear, FP8MLP
 from models.layers import MLP
-from models.moe import GroupedExperts
+from models.moe import GroupedExperts, sort_by_expert
 from test_fp8_convert import ALL_ELIGIBLE, BLOCKWISE
 
 ALL = frozenset(PARTS)
@@ -230,6 +230,34 @@ def test_fake_linear_keeps_the_fp8_linears_token_threshold():
     torch.testing.assert_close(fake_linear(x), plain, rtol=0, atol=0)
     fake_linear.min_tokens = 64
     rounded = fake_linear(x)
+    assert not torch.allclose(rounded, plain, rtol=1e-4, atol=1e-5)
+    assert ref.calc_diff(rounded, plain) < 1e-2
+
+
+def test_fake_experts_keep_the_fp8_experts_token_threshold():
+    """Under skip_small convert gives the routed experts a token threshold; the fake twin carries
+    it: below it (tokens before top-k) the plain grouped GEMMs exactly, from it the rounded ones."""
+    torch.manual_seed(6)
+    fp8_model, fake_model = (nn.Sequential(GroupedExperts(3, 128, 128)) for _ in range(2))
+    for model in (fp8_model, fake_model):
+        for w in model[0].parameters():
+            nn.init.normal_(w, std=0.05)
+    skip_small = dataclasses.replace(EVERYTHING, skip_small=True, experts_min_tokens=33)
+    original = fake_model[0]  # replaced by its twin, which shares its parameters
+    convert(fp8_model, skip_small, emulate=True)
+    fake_convert(fake_model, ALL, skip_small)
+    fake = fake_model[0]
+    assert isinstance(fake, FakeFP8GroupedExperts) and fake.w1 is original.w1
+    assert fake.min_tokens == fp8_model[0].min_tokens == 33
+    x = torch.randn(32, 128)  # 32 tokens, 2 experts each: 64 slots
+    expert_TK = torch.stack([torch.randperm(3)[:2] for _ in range(32)])
+    slot_to_pick, pick_to_slot = sort_by_expert(expert_TK)
+    counts_E = torch.bincount(expert_TK.flatten(), minlength=3)
+    routed = lambda: fake.forward_tokens(x, counts_E, slot_to_pick, pick_to_slot, 2)  # noqa: E731
+    plain = original.forward_tokens(x, counts_E, slot_to_pick, pick_to_slot, 2)
+    torch.testing.assert_close(routed(), plain, rtol=0, atol=0)
+    fake.min_tokens = 32
+    rounded = routed()
     assert not torch.allclose(rounded, plain, rtol=1e-4, atol=1e-5)
     assert ref.calc_diff(rounded, plain) < 1e-2
 

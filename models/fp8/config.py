@@ -20,15 +20,24 @@ class FP8Config:
     skip_small: bool = True
     """Keep in bf16 what FP8 measurably slows down on the H100 (models/fp8/convert.py: a Linear
     with a side of at most 1024, and any other Linear on calls of fewer than `linear_min_tokens`
-    tokens; a SwiGLU MLP narrower than 2048 on calls of fewer than `narrow_mlp_min_tokens`);
-    False converts everything the kernels can take, for every call."""
+    tokens; a SwiGLU MLP on calls of fewer than `mlp_min_tokens`, or `narrow_mlp_min_tokens`
+    when narrower than 2048; the routed experts on calls of fewer than `experts_min_tokens`);
+    False converts everything the kernels can take, for every call. scripts/bench_fp8_calls.py
+    measures where FP8 starts to pay for each of these on the machine at hand."""
     linear_min_tokens: int = 4096
     """Under skip_small, a converted Linear runs F.linear in high precision on calls of fewer
     tokens than this (0: every call in FP8). Where FP8 starts to pay depends on the host's speed
     as much as on the GPU (convert.py's LINEAR_MIN_TOKENS has the H100 figures)."""
+    mlp_min_tokens: int = 1024
+    """Under skip_small, the same for a SwiGLU MLP of width 2048 or more (convert.py's
+    MLP_MIN_TOKENS): below it, evaluation and decoding batches run the bf16 SwiGLU."""
     narrow_mlp_min_tokens: int = 8192
     """Under skip_small, the same for a SwiGLU MLP narrower than 2048 (convert.py's
     NARROW_MLP_MIN_TOKENS)."""
+    experts_min_tokens: int = 1024
+    """Under skip_small, the routed experts run their bf16 grouped GEMMs on calls of fewer tokens
+    than this (the tokens entering the MoE layer, before top-k; convert.py's
+    EXPERTS_MIN_TOKENS)."""
     fuse_norms: bool = True
     """A norm whose output goes into FP8 Linears or MLPs computes their FP8 input copies in its
     own kernel (models.fp8.linear.FP8RMSNorm: the output is not read back to be quantized);
@@ -37,7 +46,8 @@ class FP8Config:
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:
             raise ValueError(f"fp8.recipe={self.recipe!r} is not a recipe; use one of {RECIPES}")
-        for name in ("linear_min_tokens", "narrow_mlp_min_tokens"):
+        for name in ("linear_min_tokens", "mlp_min_tokens", "narrow_mlp_min_tokens",
+                     "experts_min_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"fp8.{name}={value!r} must be a token count >= 0 (0: every "
@@ -46,3 +56,15 @@ class FP8Config:
     @property
     def enabled(self) -> bool:
         return self.recipe != "off"
+
+
+def fewer_tokens(x, min_tokens: int) -> bool:
+    """Whether the tensor x holds fewer than `min_tokens` tokens (the product of its leading
+    dimensions): the calls an FP8 module with that `min_tokens` runs in high precision."""
+    return x.numel() < min_tokens * x.shape[-1]
+
+
+def check_min_tokens(min_tokens: int, owner: str) -> None:
+    """A module's `min_tokens` argument: a token count >= 0 (0: every call in FP8)."""
+    if min_tokens < 0:
+        raise ValueError(f"{owner} min_tokens must be >= 0 (0: always FP8), got {min_tokens}")

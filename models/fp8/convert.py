@@ -44,13 +44,15 @@ a step without skip_small against 803.3 with it (bf16 912.8); at 4 x 2048 x 1, 1
 So a Linear with min(in, out) <= SMALL_LINEAR_SIDE stays bf16, and an MLP with F < MIN_MLP_WIDTH
 runs FP8 only from NARROW_MLP_MIN_TOKENS tokens a call. The other Linears run FP8 from
 LINEAR_MIN_TOKENS tokens a call (below it even a wide one is slower than bf16: a micro-batch of
-one 2048-token sequence, an evaluation or decoding batch), the MLPs of width >= MIN_MLP_WIDTH and
-the routed experts at every call (the `small` experts layer at 2048 tokens: FP8 1.97 ms against
-bf16's 2.29). In `small` that keeps the MLA down/up projections (wq_a, wq_b, wkv_a, wkv_b) in
-bf16 and the shared experts in bf16 for micro-batches under 8192 tokens; wo and the MTP
-projection run FP8 from 4096 tokens, the dense MLP and the routed experts always. The two token
-thresholds are host-dependent, so they are settings (`fp8.linear_min_tokens`,
-`fp8.narrow_mlp_min_tokens`; these constants are their defaults).
+one 2048-token sequence, an evaluation or decoding batch), and the MLPs of width >= MIN_MLP_WIDTH
+and the routed experts from MLP_MIN_TOKENS and EXPERTS_MIN_TOKENS (1024: they pay from far fewer
+tokens, but not on the few of an evaluation or decoding batch). In `small` that keeps the MLA
+down/up projections (wq_a, wq_b, wkv_a, wkv_b) in bf16 and the shared experts in bf16 for
+micro-batches under 8192 tokens; wo and the MTP projection run FP8 from 4096 tokens, the dense
+MLP and the routed experts from 1024. The token thresholds are host-dependent, so they are
+settings (`fp8.linear_min_tokens`, `fp8.mlp_min_tokens`, `fp8.narrow_mlp_min_tokens`,
+`fp8.experts_min_tokens`; these constants are their defaults), and scripts/bench_fp8_calls.py
+measures each module kind's crossover on the machine at hand.
 
 How much a converted model can gain: `flop_shares(model, seq_len, tokens_per_call)` splits a
 training step's FLOPs (`Transformer.flops_per_token`) into the FP8 GEMMs, the GEMMs kept in high
@@ -103,6 +105,17 @@ each way) that took FP8 from 56.1 ms a step (0.83x bf16's 46.5; GPU idle 14.1 ms
 of wo and eh_proj in FP8 to 48.4 ms (0.96x bf16's 46.3; GPU idle 6.2 ms), the routed experts and
 the dense MLP still in FP8."""
 
+MLP_MIN_TOKENS = FP8Config.mlp_min_tokens
+"""fp8.mlp_min_tokens's default: a SwiGLU MLP of width >= MIN_MLP_WIDTH runs the bf16 SwiGLU on
+calls of fewer tokens under skip_small. `small`'s dense MLP (4096, F=10240) against bf16 on an
+H100 (twenty-seventh session, scripts/bench_fp8_calls.py): forward + backward 0.43x / 0.66x /
+1.10x / 1.30x at 256 / 512 / 1024 / 2048 tokens; forward alone 0.66x / 0.88x / 1.43x at 256 /
+512 / 1024."""
+EXPERTS_MIN_TOKENS = FP8Config.experts_min_tokens
+"""fp8.experts_min_tokens's default: the routed experts run their bf16 grouped GEMMs on calls of
+fewer tokens (entering the MoE layer) under skip_small. `small`'s experts (16 of width 1536,
+top-4) against bf16 on the same H100 run: forward + backward 0.89x / 1.14x / 1.14x / 1.15x at 256
+/ 512 / 1024 / 2048 tokens; forward alone 0.97x / 0.90x / 1.05x / 1.30x."""
 
 FP8_GEMM_SPEEDUP = 1.5
 """FP8 GEMMs against bf16 for the FLOP-share bound (`FlopShares.step_speedup_bound`): the dense
@@ -124,9 +137,7 @@ def convert(model: nn.Module, fp8_cfg: FP8Config, emulate: bool = False) -> nn.M
         raise RuntimeError(f"fp8.recipe={fp8_cfg.recipe} needs an sm90 (Hopper) GPU for its "
                            "block-scaled GEMMs and none is visible; use fp8=off on this machine")
     _convert_children(model, "", {id(m) for m in _high_precision(model)}, fp8_cfg)
-    if any(type(m) is FP8Linear and m.min_tokens for m in model.modules()):
-        log.info("fp8: FP8 Linears run in bf16 on calls of fewer than %d tokens (skip_small; "
-                 "fp8.linear_min_tokens)", fp8_cfg.linear_min_tokens)
+    _log_token_thresholds(model, fp8_cfg)
     if fp8_cfg.fuse_norms:
         _fuse_norms(model, fp8_cfg)
     log.info("fp8: converted %s", summary(model))
@@ -135,6 +146,22 @@ def convert(model: nn.Module, fp8_cfg: FP8Config, emulate: bool = False) -> nn.M
 
 _KINDS = {FP8Linear: "Linear", FP8MLP: "SwiGLU MLP", FP8GroupedExperts: "routed-experts",
           FP8RMSNorm: "fused norm"}
+
+
+def _log_token_thresholds(model: nn.Module, fp8_cfg: FP8Config) -> None:
+    """One line for the token thresholds the converted Linears, wide MLPs and routed experts
+    share (a narrow MLP's has a line of its own, from _mlp_min_tokens)."""
+    def wide_mlp(m: nn.Module) -> bool:
+        return isinstance(m, FP8MLP) and m.w1.out_features >= MIN_MLP_WIDTH
+
+    kinds = {"Linears": (lambda m: type(m) is FP8Linear, "linear_min_tokens"),
+             f"SwiGLU MLPs of width >= {MIN_MLP_WIDTH}": (wide_mlp, "mlp_min_tokens"),
+             "routed experts": (lambda m: isinstance(m, FP8GroupedExperts), "experts_min_tokens")}
+    parts = [f"{kind} on calls of fewer than {getattr(fp8_cfg, setting)} tokens "
+             f"(fp8.{setting})" for kind, (is_kind, setting) in kinds.items()
+             if any(is_kind(m) and m.min_tokens for m in model.modules())]
+    if parts:
+        log.info("fp8: bf16 for the FP8 %s (skip_small)", "; ".join(parts))
 
 
 def summary(model: nn.Module) -> str:
@@ -198,13 +225,18 @@ def _high_precision(model: nn.Module) -> list[nn.Module]:
 
 
 def _mlp_min_tokens(name: str, mlp: MLP, fp8_cfg: FP8Config) -> int:
-    """FP8MLP.min_tokens for `mlp`: fp8_cfg.narrow_mlp_min_tokens (with a log line) for a narrow
-    one under skip_small, else 0 (every call in FP8)."""
-    width, min_tokens = mlp.w1.out_features, fp8_cfg.narrow_mlp_min_tokens
-    if not fp8_cfg.skip_small or width >= MIN_MLP_WIDTH or not min_tokens:
+    """FP8MLP.min_tokens for `mlp` under skip_small: fp8_cfg.narrow_mlp_min_tokens (with a log
+    line) for a narrow one, fp8_cfg.mlp_min_tokens for the others; 0 (every call in FP8)
+    without skip_small."""
+    if not fp8_cfg.skip_small:
         return 0
-    log.info("fp8: %s runs in bf16 below %d tokens a call, FP8 from there: SwiGLU width %d < %d "
-             "is faster in bf16 on fewer tokens", name, min_tokens, width, MIN_MLP_WIDTH)
+    width = mlp.w1.out_features
+    if width >= MIN_MLP_WIDTH:
+        return fp8_cfg.mlp_min_tokens
+    min_tokens = fp8_cfg.narrow_mlp_min_tokens
+    if min_tokens:
+        log.info("fp8: %s runs in bf16 below %d tokens a call, FP8 from there: SwiGLU width %d "
+                 "< %d is faster in bf16 on fewer tokens", name, min_tokens, width, MIN_MLP_WIDTH)
     return min_tokens
 
 
@@ -228,7 +260,8 @@ def _fp8_version(name: str, module: nn.Module, fp8_cfg: FP8Config) -> nn.Module 
             log.info("fp8: keeping %s in high precision: dim %d / expert width %d is not a "
                      "multiple of 128", name, dim, inter_dim)
             return None
-        return FP8GroupedExperts.from_grouped(module, pow2_scales)
+        return FP8GroupedExperts.from_grouped(
+            module, pow2_scales, fp8_cfg.experts_min_tokens if fp8_cfg.skip_small else 0)
     return None
 
 
@@ -265,7 +298,7 @@ def flop_shares(model: nn.Module, seq_len: int, tokens_per_call: int) -> FlopSha
             fp8_weights += sum(w.weight.numel() for w in (m.w1, m.w3, m.w2))
         elif type(m) is FP8Linear and id(m) not in inside_mlp and tokens_per_call >= m.min_tokens:
             fp8_weights += m.weight.numel()
-        elif isinstance(m, FP8GroupedExperts):
+        elif isinstance(m, FP8GroupedExperts) and tokens_per_call >= m.min_tokens:
             fp8_weights += active * sum(p.numel() for p in m.parameters())
     fp8 = 6.0 * fp8_weights / total
     attention = model.attention_flops_per_token(seq_len) / total

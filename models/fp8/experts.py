@@ -48,9 +48,10 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from models.moe import GroupedExperts, undispatch
+from models.moe import DispatchTokens, GroupedExperts, undispatch
 
 from . import quant, swiglu_cuda
+from .config import check_min_tokens, fewer_tokens
 from .grouped import grouped_gemm, grouped_wgrad
 from .quant import _INTERPRET, store_colwise_compact, store_rowwise_compact  # quant.py's steps
 from .reference import BLOCK, E4M3, ceil_div
@@ -305,14 +306,20 @@ class FP8GroupedExperts(GroupedExperts):
 
     forward(x_TD, counts_E) -> y_TD on tokens sorted by expert. The FP8 weight copies are a
     cache, not state: state dicts and optimizers see exactly GroupedExperts' parameters.
+
+    A call of fewer than `min_tokens` tokens (x_TD's rows: the tokens entering the MoE layer in
+    forward_tokens, before top-k) runs GroupedExperts' own bf16 grouped GEMMs on the same
+    parameters, with no FP8 copy made; 0, the default, sends every call through FP8.
     """
 
-    def __init__(self, n_experts: int, dim: int, inter_dim: int, pow2_scales: bool = False):
+    def __init__(self, n_experts: int, dim: int, inter_dim: int, pow2_scales: bool = False,
+                 min_tokens: int = 0):
         if not self.supports(dim, inter_dim):
             raise ValueError(f"FP8GroupedExperts needs dim and inter_dim divisible by {BLOCK}, "
                              f"got {dim} and {inter_dim}; keep these experts as GroupedExperts")
+        check_min_tokens(min_tokens, "FP8GroupedExperts")
         super().__init__(n_experts, dim, inter_dim)
-        self.pow2_scales = pow2_scales
+        self.pow2_scales, self.min_tokens = pow2_scales, min_tokens
         self._fp8, self._fp8_key = None, None
 
     @staticmethod
@@ -320,16 +327,18 @@ class FP8GroupedExperts(GroupedExperts):
         return dim % BLOCK == 0 and inter_dim % BLOCK == 0
 
     @classmethod
-    def from_grouped(cls, experts: GroupedExperts, pow2_scales: bool = False) -> "FP8GroupedExperts":
+    def from_grouped(cls, experts: GroupedExperts, pow2_scales: bool = False,
+                     min_tokens: int = 0) -> "FP8GroupedExperts":
         """FP8 experts sharing `experts`' Parameter objects (no copy: optimizers keep working)."""
         n_experts, inter_dim, dim = experts.w1.shape
         if not cls.supports(dim, inter_dim):
             raise ValueError(f"FP8GroupedExperts needs dim and inter_dim divisible by {BLOCK}, "
                              f"got {dim} and {inter_dim}; keep these experts as GroupedExperts")
+        check_min_tokens(min_tokens, "FP8GroupedExperts")
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.w1, new.w3, new.w2 = experts.w1, experts.w3, experts.w2
-        new.pow2_scales = pow2_scales
+        new.pow2_scales, new.min_tokens = pow2_scales, min_tokens
         new._fp8, new._fp8_key = None, None
         return new
 
@@ -351,6 +360,8 @@ class FP8GroupedExperts(GroupedExperts):
         return self._fp8
 
     def forward(self, x_TD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        if fewer_tokens(x_TD, self.min_tokens):
+            return super().forward(x_TD, counts_E)
         return FP8ExpertsFunction.apply(self._checked(x_TD), counts_E, self.w1, self.w3, self.w2,
                                         self.fp8_weights(), self.pow2_scales,
                                         torch.is_grad_enabled())
@@ -361,6 +372,9 @@ class FP8GroupedExperts(GroupedExperts):
         """GroupedExperts.forward_tokens without the sorted bf16 copy of the tokens: the FP8
         copies are quantized from x_TD's rows through the dispatch index (bitwise the copies of
         the sorted tokens), and backward sums each token's slots as DispatchTokens does."""
+        if fewer_tokens(x_TD, self.min_tokens):  # GroupedExperts' path (self() would go by slots)
+            x_slots = DispatchTokens.apply(x_TD, slot_to_pick, pick_to_slot, top_k)
+            return GroupedExperts.forward(self, x_slots, counts_E)
         dispatch = Dispatch(slot_to_pick // top_k, pick_to_slot, top_k)
         return FP8ExpertsFunction.apply(self._checked(x_TD), counts_E, self.w1, self.w3, self.w2,
                                         self.fp8_weights(), self.pow2_scales,
@@ -377,4 +391,5 @@ class FP8GroupedExperts(GroupedExperts):
 
     def extra_repr(self) -> str:
         E, F_, D = self.w1.shape
-        return f"experts={E}, dim={D}, inter_dim={F_}, pow2_scales={self.pow2_scales}"
+        return (f"experts={E}, dim={D}, inter_dim={F_}, pow2_scales={self.pow2_scales}, "
+                f"min_tokens={self.min_tokens}")

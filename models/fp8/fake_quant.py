@@ -18,8 +18,8 @@ dtype, as the fake does in a bf16 model); with none on, the layer's plain produc
 
 `fake_convert(model, parts)` puts such layers exactly where `models.fp8.convert` would put FP8
 ones (it runs convert's own decisions, then swaps each FP8 module for its fake twin sharing the
-same Parameters): FP8Linear -> FakeFP8Linear, FP8MLP -> FakeFP8MLP (both with the same
-min_tokens: calls below it stay plain), FP8GroupedExperts -> FakeFP8GroupedExperts. The fused
+same Parameters): FP8Linear -> FakeFP8Linear, FP8MLP -> FakeFP8MLP, FP8GroupedExperts ->
+FakeFP8GroupedExperts, each with the same min_tokens (calls below it stay plain). The fused
 norms are not made (their numerics are the plain norm's followed by the consumer's own input
 rounding, which is here).
 
@@ -41,13 +41,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.layers import swiglu
-from models.moe import GroupedExperts
+from models.moe import DispatchTokens, GroupedExperts, grouped_mm
 
 from . import reference
-from .config import FP8Config
+from .config import FP8Config, fewer_tokens
 from .convert import convert
 from .experts import FP8GroupedExperts
-from .linear import FP8Linear, FP8MLP, fewer_tokens, swiglu_mlp
+from .linear import FP8Linear, FP8MLP, swiglu_mlp
 
 PARTS = ("weights", "inputs", "grads")
 """The three roundings of the FP8 recipe that can be switched (module docstring)."""
@@ -218,20 +218,36 @@ class FakeFP8MLP(nn.Module):
 
 
 class FakeFP8GroupedExperts(GroupedExperts):
-    """models.moe.GroupedExperts on shared w1, w3, w2 whose grouped GEMMs round `parts`."""
+    """models.moe.GroupedExperts on shared w1, w3, w2 whose grouped GEMMs round `parts`; calls of
+    fewer than `min_tokens` tokens run the plain grouped GEMMs, as FP8GroupedExperts' do."""
 
-    def __init__(self, experts: GroupedExperts, parts: frozenset[str]) -> None:
+    def __init__(self, experts: GroupedExperts, parts: frozenset[str], min_tokens: int = 0) -> None:
         nn.Module.__init__(self)
         self.w1, self.w3, self.w2 = experts.w1, experts.w3, experts.w2
-        self.parts = frozenset(parts)
+        self.parts, self.min_tokens = frozenset(parts), min_tokens
 
     def grouped_mm(self, x_TK, w_ENK, counts_E, x_wgrad=None):
         return FakeFP8GroupedMatmulFunction.apply(x_TK, w_ENK, counts_E, self.parts, x_wgrad)
 
     def forward(self, x_TD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        if fewer_tokens(x_TD, self.min_tokens):
+            return self._plain(x_TD, counts_E)
         a, a_wgrad = fake_swiglu(self.grouped_mm(x_TD, self.w1, counts_E),
                                  self.grouped_mm(x_TD, self.w3, counts_E), self.parts)
         return self.grouped_mm(a, self.w2, counts_E, a_wgrad)
+
+    def forward_tokens(self, x_TD: torch.Tensor, counts_E: torch.Tensor,
+                       slot_to_pick: torch.Tensor, pick_to_slot: torch.Tensor,
+                       top_k: int) -> torch.Tensor:
+        """As FP8GroupedExperts: the threshold counts the tokens before top-k."""
+        if fewer_tokens(x_TD, self.min_tokens):
+            x_slots = DispatchTokens.apply(x_TD, slot_to_pick, pick_to_slot, top_k)
+            return self._plain(x_slots, counts_E)
+        return super().forward_tokens(x_TD, counts_E, slot_to_pick, pick_to_slot, top_k)
+
+    def _plain(self, x_TD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        return grouped_mm(swiglu(grouped_mm(x_TD, self.w1, counts_E),
+                                 grouped_mm(x_TD, self.w3, counts_E)), self.w2, counts_E)
 
     def extra_repr(self) -> str:
         return f"parts={'+'.join(sorted(self.parts))}"
@@ -255,7 +271,7 @@ def fake_convert(model: nn.Module, parts: frozenset[str],
         if isinstance(module, FP8Linear):
             return FakeFP8Linear(module.weight, parts, module.min_tokens)
         if isinstance(module, FP8GroupedExperts):
-            return FakeFP8GroupedExperts(module, parts)
+            return FakeFP8GroupedExperts(module, parts, module.min_tokens)
         return None
 
     def swap(parent: nn.Module) -> None:

@@ -93,22 +93,12 @@ from models import kernels
 from models.layers import RMSNorm, swiglu
 
 from . import quant
+from .config import check_min_tokens, fewer_tokens
 from .experts import swiglu_backward_quantize
 from .gemm import OUT_DTYPES, gemm_1x128_128x128, gemm_1x128_1x128
 from .reference import BLOCK
 
 INPUT_DTYPES = (torch.bfloat16, torch.float32)
-
-
-def fewer_tokens(x: torch.Tensor, min_tokens: int) -> bool:
-    """Whether x holds fewer than `min_tokens` tokens (the product of its leading dimensions):
-    the calls an FP8 module with that `min_tokens` runs in high precision."""
-    return x.numel() < min_tokens * x.shape[-1]
-
-
-def _check_min_tokens(min_tokens: int, owner: str) -> None:
-    if min_tokens < 0:
-        raise ValueError(f"{owner} min_tokens must be >= 0 (0: always FP8), got {min_tokens}")
 
 
 def _quantize_act(t2d: torch.Tensor, pow2_scales: bool, colwise: bool):
@@ -249,7 +239,7 @@ class FP8Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  pow2_scales: bool = False, device=None, dtype=None, min_tokens: int = 0) -> None:
         super().__init__()
-        _check_min_tokens(min_tokens, "FP8Linear")
+        check_min_tokens(min_tokens, "FP8Linear")
         if bias:
             raise ValueError("FP8Linear has no bias (the model's projections are bias-free); "
                              "keep a biased layer as nn.Linear")
@@ -273,7 +263,7 @@ class FP8Linear(nn.Module):
         """An FP8Linear sharing `linear.weight` (the very Parameter object, not a copy)."""
         if linear.bias is not None:
             raise ValueError("cannot convert an nn.Linear with a bias to FP8Linear")
-        _check_min_tokens(min_tokens, "FP8Linear")
+        check_min_tokens(min_tokens, "FP8Linear")
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.in_features, new.out_features, new.pow2_scales = (linear.in_features,
@@ -395,7 +385,7 @@ class FP8MLP(nn.Module):
 
     def __init__(self, w1: FP8Linear, w3: FP8Linear, w2: FP8Linear, min_tokens: int = 0) -> None:
         super().__init__()
-        _check_min_tokens(min_tokens, "FP8MLP")
+        check_min_tokens(min_tokens, "FP8MLP")
         if w1.out_features != w3.out_features or w2.in_features != w1.out_features \
                 or w1.in_features != w3.in_features:
             raise ValueError(f"inconsistent SwiGLU shapes: w1 {w1.in_features}->{w1.out_features}, "
