@@ -6,8 +6,8 @@ in a model, at that model's shapes, against its bf16 original, over a range of t
 
 Why: FP8 pays a fixed cost per call (quantizing each activation and gradient, a longer host
 path) that only long enough GEMMs repay, so convert runs a module in bf16 below a token count
-(`fp8.linear_min_tokens`, `fp8.narrow_mlp_min_tokens`, `fp8.experts_min_tokens`, models/fp8/
-convert.py). Where that count lies depends on the GPU and on the host that launches the kernels:
+(`fp8.linear_min_tokens`, scaled by each Linear's size, `fp8.mlp_min_tokens`,
+`fp8.narrow_mlp_min_tokens`, `fp8.experts_min_tokens`; models/fp8/convert.py). Where that count lies depends on the GPU and on the host that launches the kernels:
 this measures it on the machine at hand and prints the settings it suggests.
 
 Modules: the model is built on the meta device and converted with every threshold off and
@@ -224,11 +224,11 @@ def report(shape: Shape, rows: dict) -> dict:
 def default_threshold(shape: Shape) -> int:
     """The token count from which convert's defaults (skip_small) run `shape` in FP8."""
     from models.fp8.config import FP8Config
-    from models.fp8.convert import MIN_MLP_WIDTH
+    from models.fp8.convert import MIN_MLP_WIDTH, linear_min_tokens
 
     cfg = FP8Config(recipe="blockwise")
     if shape.kind == "linear":
-        return cfg.linear_min_tokens
+        return linear_min_tokens(*shape.dims, cfg)
     if shape.kind == "mlp":
         return cfg.mlp_min_tokens if shape.dims[1] >= MIN_MLP_WIDTH else cfg.narrow_mlp_min_tokens
     return cfg.experts_min_tokens
@@ -236,8 +236,15 @@ def default_threshold(shape: Shape) -> int:
 
 def suggest(results: list[tuple[Shape, dict]]) -> None:
     """The fp8.* token thresholds the crossovers point to: per setting, the largest crossover of
-    its modules in each mode measured, and the larger of those (FP8 then pays in both)."""
-    from models.fp8.convert import MIN_MLP_WIDTH
+    its modules in each mode measured, and the larger of those (FP8 then pays in both). A
+    Linear's crossover is stated at 4096 x 4096, as fp8.linear_min_tokens is (scaled by
+    in x out / 4096^2: the same GEMM size a call)."""
+    from models.fp8.convert import LINEAR_REFERENCE_WEIGHTS, MIN_MLP_WIDTH
+
+    def at_reference(shape: Shape, start: int | None) -> int | None:
+        if shape.kind != "linear" or start is None:
+            return start
+        return -(-start * shape.dims[0] * shape.dims[1] // LINEAR_REFERENCE_WEIGHTS)
 
     settings = {
         "linear_min_tokens": lambda s: s.kind == "linear" and not s.kept_bf16,
@@ -249,7 +256,8 @@ def suggest(results: list[tuple[Shape, dict]]) -> None:
           " exposed; in a step whose GPU work hides the host, lower ones may pay: check with"
           " scripts/bench_train.py --recipes blockwise blockwise:<setting>=<count>):")
     for setting, of_kind in settings.items():
-        starts = [s for shape, s in results if of_kind(shape)]
+        starts = [{mode: at_reference(shape, v) for mode, v in s.items()}
+                  for shape, s in results if of_kind(shape)]
         if not starts:
             continue
         per_mode = {}

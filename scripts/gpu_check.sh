@@ -11,7 +11,8 @@
 #   TESTS="tests --ignore=tests/test_saver_gpu.py" bash scripts/gpu_check.sh   # a subset of the tests
 #
 # Time on one H100: the GPU tests about 9.5 minutes (169 tests, 574 s in the twenty-first
-# session), bench_fp8 ~30 s, bench_fp8_grouped ~40 s, bench_train ~200 s, bench_fp8_loss ~270 s.
+# session), bench_fp8 ~30 s, bench_fp8_calls ~40 s, bench_fp8_grouped ~55 s, bench_train ~200 s,
+# bench_fp8_loss ~270 s.
 # Under a 10-minute limit per command, run the benchmarks (SKIP_TESTS=1) apart from the tests
 # (SKIP_BENCHES=1), and the tests themselves in two calls when a slow host may push them past it:
 #   FP8_KERNELS="tests/test_fp8_quant.py tests/test_fp8_experts.py tests/test_fp8_linear.py"

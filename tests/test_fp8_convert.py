@@ -97,15 +97,17 @@ def test_small_modules_stay_bf16_in_the_small_model(caplog):
     for name, mlp in shared.items():
         assert isinstance(mlp, FP8MLP) and mlp.min_tokens == NARROW_MLP_MIN_TOKENS, name
         assert sum(f"{name} runs in bf16 below" in r.getMessage() for r in caplog.records) == 1
-    for name in ("layers.0.attn.wo", "mtp.0.eh_proj"):
+    for name, min_tokens in (("layers.0.attn.wo", LINEAR_MIN_TOKENS),  # 4096 x 4096
+                             ("mtp.0.eh_proj", LINEAR_MIN_TOKENS // 2)):  # 8192 -> 4096
         linear = model.get_submodule(name)
-        assert isinstance(linear, FP8Linear) and linear.min_tokens == LINEAR_MIN_TOKENS, name
+        assert isinstance(linear, FP8Linear) and linear.min_tokens == min_tokens, name
     lines = [r.getMessage() for r in caplog.records if "(skip_small)" in r.getMessage()]
     assert len(lines) == 1, "one line for the Linears', wide MLPs' and experts' thresholds"
-    for setting, count in (("linear_min_tokens", LINEAR_MIN_TOKENS),
-                           ("mlp_min_tokens", MLP_MIN_TOKENS),
-                           ("experts_min_tokens", EXPERTS_MIN_TOKENS)):
-        assert f"fewer than {count} tokens (fp8.{setting})" in lines[0], setting
+    for said in (f"fewer than {LINEAR_MIN_TOKENS} tokens at 4096 x 4096, scaled by 4096^2 / "
+                 "(in x out) (fp8.linear_min_tokens)",
+                 f"fewer than {MLP_MIN_TOKENS} tokens (fp8.mlp_min_tokens)",
+                 f"fewer than {EXPERTS_MIN_TOKENS} tokens (fp8.experts_min_tokens)"):
+        assert said in lines[0], said
     dense = model.layers[0].ffn
     assert isinstance(dense, FP8MLP) and dense.w1.out_features == 10240
     assert dense.min_tokens == MLP_MIN_TOKENS
@@ -133,20 +135,24 @@ def test_token_thresholds_are_settings():
         convert(model, FP8Config(recipe="blockwise", linear_min_tokens=linear, mlp_min_tokens=wide,
                                  narrow_mlp_min_tokens=narrow, experts_min_tokens=experts),
                 emulate=True)
-        assert model.layers[0].attn.wo.min_tokens == model.mtp[0].eh_proj.min_tokens == linear
+        assert model.layers[0].attn.wo.min_tokens == 2 * model.mtp[0].eh_proj.min_tokens == linear
         assert model.layers[0].ffn.min_tokens == model.layers[0].ffn_norm.min_tokens == wide
         assert model.layers[1].ffn.shared.min_tokens == narrow
         assert model.layers[1].ffn.experts.min_tokens == model.mtp[0].block.ffn.experts.min_tokens \
             == experts
         assert model.layers[1].ffn_norm.min_tokens == narrow, "its one FP8 consumer: the shared MLP"
         assert type(model.layers[1].attn.wq_a) is nn.Linear, "the side rule does not move"
-    # DeepSeek-V3's wide MLA projections wq_a and wq_b are FP8; the norms in front of them quantize
-    # from the Linears' threshold, so below it no copy is made that no consumer reads
+    # DeepSeek-V3's wide MLA projections wq_a and wq_b are FP8, from the same GEMM size a call
+    # as a 4096 x 4096 Linear at linear_min_tokens (rounded up); the norms in front of them
+    # quantize from their consumer's threshold, so below it no copy is made that no one reads
     block = build_model(model_config("671b"), device="meta").layers[3]
     convert(block, FP8Config(recipe="blockwise", linear_min_tokens=2048), emulate=True)
     attn = block.attn
-    assert attn.wq_a.min_tokens == attn.wq_b.min_tokens == 2048
-    assert block.attn_norm.min_tokens == attn.q_norm.min_tokens == 2048
+    assert (attn.wq_a.in_features, attn.wq_a.out_features) == (7168, 1536)
+    assert attn.wq_a.min_tokens == 3121  # 2048 * 4096^2 / (7168 * 1536) = 3120.8
+    assert (attn.wq_b.in_features, attn.wq_b.out_features) == (1536, 24576)
+    assert attn.wq_b.min_tokens == 911  # 2048 * 4096^2 / (1536 * 24576) = 910.2
+    assert block.attn_norm.min_tokens == 3121 and attn.q_norm.min_tokens == 911
     assert type(attn.kv_norm) is RMSNorm, "wkv_b (512 wide) stays bf16, so its norm stays plain"
     for name in ("linear_min_tokens", "mlp_min_tokens", "narrow_mlp_min_tokens",
                  "experts_min_tokens"):
@@ -155,8 +161,9 @@ def test_token_thresholds_are_settings():
 
 
 def test_flop_shares_of_the_small_model_by_hand():
-    """flop_shares against the FLOPs counted from the config: wo (H x v_head -> D) in 4 layers +
-    the MTP block and eh_proj (2D -> D) in FP8 from LINEAR_MIN_TOKENS tokens a call, the dense MLP
+    """flop_shares against the FLOPs counted from the config: wo (H x v_head -> D, 4096 x 4096)
+    in 4 layers + the MTP block in FP8 from LINEAR_MIN_TOKENS tokens a call and eh_proj (2D -> D)
+    from half as many (twice the weights), the dense MLP
     (3 D I) from MLP_MIN_TOKENS, in 3 MoE layers + the MTP block the 4 active of 16 routed
     experts (3 D F each) from EXPERTS_MIN_TOKENS and, from NARROW_MLP_MIN_TOKENS tokens a call,
     the shared expert (3 D F); the attention core as in Transformer.flops_per_token."""
@@ -165,21 +172,23 @@ def test_flop_shares_of_the_small_model_by_hand():
     convert(model, FP8Config(recipe="blockwise"), emulate=True)
     D, F, seq = cfg.hidden_size, cfg.moe_intermediate_size, 4096
     moe_blocks = cfg.num_hidden_layers - cfg.first_k_dense + cfg.num_mtp_modules
-    linears = ((cfg.num_hidden_layers + cfg.num_mtp_modules) * cfg.num_attention_heads
-               * cfg.v_head_dim * D + 2 * D * D)
+    wo = (cfg.num_hidden_layers + cfg.num_mtp_modules) * cfg.num_attention_heads * cfg.v_head_dim * D
+    eh_proj = 2 * D * D
     dense = 3 * D * cfg.intermediate_size
     routed = moe_blocks * cfg.num_experts_per_tok * 3 * D * F
-    assert MLP_MIN_TOKENS == EXPERTS_MIN_TOKENS < LINEAR_MIN_TOKENS  # the order of the cases below
+    # the order of the cases below
+    assert MLP_MIN_TOKENS == EXPERTS_MIN_TOKENS < LINEAR_MIN_TOKENS // 2
+    assert LINEAR_MIN_TOKENS == NARROW_MLP_MIN_TOKENS
     always = dense + routed
     shared = moe_blocks * cfg.n_shared_experts * 3 * D * F
     total = model.flops_per_token(seq)
     attention = (3 * 2 * cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
                                                     + cfg.v_head_dim) * (seq + 1) / 2 * 5)
     for tokens, weights in ((MLP_MIN_TOKENS - 1, 0), (MLP_MIN_TOKENS, always),
-                            (LINEAR_MIN_TOKENS - 1, always),
-                            (LINEAR_MIN_TOKENS, always + linears),
-                            (NARROW_MLP_MIN_TOKENS - 1, always + linears),
-                            (NARROW_MLP_MIN_TOKENS, always + linears + shared)):
+                            (LINEAR_MIN_TOKENS // 2 - 1, always),
+                            (LINEAR_MIN_TOKENS // 2, always + eh_proj),
+                            (LINEAR_MIN_TOKENS - 1, always + eh_proj),
+                            (LINEAR_MIN_TOKENS, always + eh_proj + wo + shared)):
         shares = flop_shares(model, seq, tokens)
         assert shares.fp8 == pytest.approx(6 * weights / total, rel=1e-12), tokens
         assert shares.attention == pytest.approx(attention / total, rel=1e-12)

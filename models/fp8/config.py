@@ -19,15 +19,17 @@ class FP8Config:
     """Round every scale up to a power of two (DeepSeek's UE8M0), exact under transposition."""
     skip_small: bool = True
     """Keep in bf16 what FP8 measurably slows down on the H100 (models/fp8/convert.py: a Linear
-    with a side of at most 1024, and any other Linear on calls of fewer than `linear_min_tokens`
-    tokens; a SwiGLU MLP on calls of fewer than `mlp_min_tokens`, or `narrow_mlp_min_tokens`
+    with a side of at most 1024, and any other Linear on calls smaller than `linear_min_tokens`
+    tokens of a 4096 x 4096 Linear; a SwiGLU MLP on calls of fewer than `mlp_min_tokens`, or `narrow_mlp_min_tokens`
     when narrower than 2048; the routed experts on calls of fewer than `experts_min_tokens`);
     False converts everything the kernels can take, for every call. scripts/bench_fp8_calls.py
     measures where FP8 starts to pay for each of these on the machine at hand."""
-    linear_min_tokens: int = 4096
-    """Under skip_small, a converted Linear runs F.linear in high precision on calls of fewer
-    tokens than this (0: every call in FP8). Where FP8 starts to pay depends on the host's speed
-    as much as on the GPU (convert.py's LINEAR_MIN_TOKENS has the H100 figures)."""
+    linear_min_tokens: int = 8192
+    """Under skip_small, a converted 4096 x 4096 Linear runs F.linear in high precision on calls
+    of fewer tokens than this, and a Linear of in x out weights on calls of fewer than this times
+    4096^2 / (in x out): the same GEMM size (0: every call in FP8). Where FP8 starts to pay
+    depends on the host's speed as much as on the GPU (convert.py's LINEAR_MIN_TOKENS has the
+    H100 figures)."""
     mlp_min_tokens: int = 1024
     """Under skip_small, the same for a SwiGLU MLP of width 2048 or more (convert.py's
     MLP_MIN_TOKENS): below it, evaluation and decoding batches run the bf16 SwiGLU."""

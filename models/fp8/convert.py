@@ -42,14 +42,16 @@ projections also run FP8 without skip_small: 64.5% of the FLOPs in FP8 against 5
 a step without skip_small against 803.3 with it (bf16 912.8); at 4 x 2048 x 1, 112.7 against 109.4
 (bf16 119.6). What the narrow GEMMs gain, their inputs' and gradients' quantization costs back.
 So a Linear with min(in, out) <= SMALL_LINEAR_SIDE stays bf16, and an MLP with F < MIN_MLP_WIDTH
-runs FP8 only from NARROW_MLP_MIN_TOKENS tokens a call. The other Linears run FP8 from
-LINEAR_MIN_TOKENS tokens a call (below it even a wide one is slower than bf16: a micro-batch of
-one 2048-token sequence, an evaluation or decoding batch), and the MLPs of width >= MIN_MLP_WIDTH
+runs FP8 only from NARROW_MLP_MIN_TOKENS tokens a call. The other Linears run FP8 from a GEMM
+size a call: a 4096 x 4096 Linear from LINEAR_MIN_TOKENS tokens, one of in x out weights from
+LINEAR_MIN_TOKENS x 4096^2 / (in x out) (`linear_min_tokens`; below it even a wide one is slower
+than bf16: a micro-batch of one 2048-token sequence, an evaluation or decoding batch, and a
+2048 x 2048 Linear until 32768 tokens), and the MLPs of width >= MIN_MLP_WIDTH
 and the routed experts from MLP_MIN_TOKENS and EXPERTS_MIN_TOKENS (1024: they pay from far fewer
 tokens, but not on the few of an evaluation or decoding batch). In `small` that keeps the MLA
 down/up projections (wq_a, wq_b, wkv_a, wkv_b) in bf16 and the shared experts in bf16 for
-micro-batches under 8192 tokens; wo and the MTP projection run FP8 from 4096 tokens, the dense
-MLP and the routed experts from 1024. The token thresholds are host-dependent, so they are
+micro-batches under 8192 tokens; wo runs FP8 from 8192 tokens and the MTP projection
+(8192 -> 4096) from 4096, the dense MLP and the routed experts from 1024. The token thresholds are host-dependent, so they are
 settings (`fp8.linear_min_tokens`, `fp8.mlp_min_tokens`, `fp8.narrow_mlp_min_tokens`,
 `fp8.experts_min_tokens`; these constants are their defaults), and scripts/bench_fp8_calls.py
 measures each module kind's crossover on the machine at hand.
@@ -95,15 +97,35 @@ bf16 under skip_small. At 8192 tokens the F=1536 MLP measured 0.97-1.13x bf16 in
 and FP8 keeps for backward about a third of the activation bytes bf16 keeps), at 4096
 0.64-0.89x, at 16384 1.25-1.27x."""
 LINEAR_MIN_TOKENS = FP8Config.linear_min_tokens
-"""fp8.linear_min_tokens's default: a converted Linear's calls with fewer tokens than this run
-nn.Linear's F.linear under skip_small. On the H100 (bench_fp8 functions, forward + backward) FP8
-Linears at 2048 tokens ran 0.46x (4096 -> 4096), 0.53x (7168 -> 2048) and 1.00x (8192 -> 4096)
-bf16, at 4096 tokens 0.93x, 0.67x and 1.20x, at 8192 1.06-1.25x: below 4096 the GEMMs are too
-short to repay the quantizers and the longer host path (models/fp8/linear.py's docstring). In
-`small`'s step at 1 x 2048 tokens (twenty-sixth session, H100, bench_train, 4 rounds of 20 steps
-each way) that took FP8 from 56.1 ms a step (0.83x bf16's 46.5; GPU idle 14.1 ms) with every call
-of wo and eh_proj in FP8 to 48.4 ms (0.96x bf16's 46.3; GPU idle 6.2 ms), the routed experts and
-the dense MLP still in FP8."""
+"""fp8.linear_min_tokens's default: under skip_small a converted 4096 x 4096 Linear runs
+nn.Linear's F.linear on calls of fewer tokens, and a Linear of in x out weights on calls of fewer
+than `linear_min_tokens(in, out, cfg)`: the same GEMM size a call, since what FP8 must repay is
+mostly fixed per call (the host path of its quantizers and GEMMs: ~0.65 ms for a forward +
+backward on the H100's host, whatever the size below ~8192 tokens). Each Linear alone against
+bf16 (twenty-seventh session, H100, scripts/bench_fp8_calls.py, forward + backward), the first
+count from which FP8 was never slower, and that count times in x out / 4096^2: 16b's 2048 x 2048
+not by 16384 (0.75x there; so > 4096), 2048 -> 3072 16384 (6144), DeepSeek-V3's 7168 -> 1536 16384
+(10752), `small`'s 4096 x 4096 8192 (0.68x at 4096; 8192), 8192 -> 4096 4096 (8192),
+DeepSeek-V3's 1536 -> 24576 4096 (9216), 16384 -> 7168 4096 (28672; 0.98x at 2048, 1.18x at
+1024), 14336 -> 7168 1024 (6272). A flat 4096 tokens (before this session) ran 16b's attention
+projections in FP8 at 0.28-0.56x of bf16's speed from 4096 tokens. In a step the GPU's other
+work can hide that host time: 16b with 4 layers at 2 x 4096 tokens (bench_train, same session)
+took 87.3 ms with them in bf16 against 87.2 ms in FP8 (an earlier call 85.5 against 88.8, one run
+at 92.2): no difference beyond the noise there. In `small`'s step at 1 x 2048 tokens
+(twenty-sixth session, H100, bench_train, 4 rounds of 20 steps each way) running wo and eh_proj
+in bf16 took FP8 from 56.1 ms a step (0.83x bf16's 46.5; GPU idle 14.1 ms) to 48.4 ms (0.96x
+bf16's 46.3; GPU idle 6.2 ms)."""
+LINEAR_REFERENCE_WEIGHTS = 4096 * 4096
+"""The Linear size (in x out) fp8.linear_min_tokens is stated for."""
+
+
+def linear_min_tokens(in_features: int, out_features: int, fp8_cfg: FP8Config) -> int:
+    """The FP8Linear.min_tokens convert gives an in -> out Linear: fp8_cfg.linear_min_tokens
+    scaled to the same GEMM size a call (rounded up), 0 without skip_small."""
+    if not fp8_cfg.skip_small:
+        return 0
+    return -(-fp8_cfg.linear_min_tokens * LINEAR_REFERENCE_WEIGHTS // (in_features * out_features))
+
 
 MLP_MIN_TOKENS = FP8Config.mlp_min_tokens
 """fp8.mlp_min_tokens's default: a SwiGLU MLP of width >= MIN_MLP_WIDTH runs the bf16 SwiGLU on
@@ -157,8 +179,10 @@ def _log_token_thresholds(model: nn.Module, fp8_cfg: FP8Config) -> None:
     kinds = {"Linears": (lambda m: type(m) is FP8Linear, "linear_min_tokens"),
              f"SwiGLU MLPs of width >= {MIN_MLP_WIDTH}": (wide_mlp, "mlp_min_tokens"),
              "routed experts": (lambda m: isinstance(m, FP8GroupedExperts), "experts_min_tokens")}
-    parts = [f"{kind} on calls of fewer than {getattr(fp8_cfg, setting)} tokens "
-             f"(fp8.{setting})" for kind, (is_kind, setting) in kinds.items()
+    scaled = {"linear_min_tokens": " at 4096 x 4096, scaled by 4096^2 / (in x out)"}
+    parts = [f"{kind} on calls of fewer than {getattr(fp8_cfg, setting)} tokens"
+             f"{scaled.get(setting, '')} (fp8.{setting})"
+             for kind, (is_kind, setting) in kinds.items()
              if any(is_kind(m) and m.min_tokens for m in model.modules())]
     if parts:
         log.info("fp8: bf16 for the FP8 %s (skip_small)", "; ".join(parts))
@@ -252,8 +276,8 @@ def _fp8_version(name: str, module: nn.Module, fp8_cfg: FP8Config) -> nn.Module 
             log.info("fp8: keeping %s in high precision: %d -> %d is not a multiple of 128",
                      name, module.in_features, module.out_features)
             return None
-        return FP8Linear.from_linear(module, pow2_scales,
-                                     fp8_cfg.linear_min_tokens if fp8_cfg.skip_small else 0)
+        return FP8Linear.from_linear(module, pow2_scales, linear_min_tokens(
+            module.in_features, module.out_features, fp8_cfg))
     if type(module) is GroupedExperts:
         n_experts, inter_dim, dim = module.w1.shape
         if not FP8GroupedExperts.supports(dim, inter_dim):
