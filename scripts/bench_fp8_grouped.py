@@ -16,8 +16,11 @@ Sections (every figure next to a baseline measured in this run, recorded via scr
           them all and prints which won most often, to set the defaults from); the table names
           it. Against
             - a per-expert loop of cuBLAS blockwise FP8 calls (models/fp8/gemm.py, torch._scaled_mm)
-              with its split sizes already on the host (in training they come from the router on
-              the GPU, so the loop would add a device-to-host sync per layer; not counted here), and
+              with its split sizes already on the host, and the same loop reading them from the
+              router's counts on the GPU first ("+sync": a device-to-host copy per call, as a
+              training step would pay it per layer; standalone, that costs only the GPU's idle
+              time while the host launches the first GEMM after the copy returns; in a step the
+              host also stops running ahead of the GPU, which this does not show), and
             - bf16 torch._grouped_mm on the same shapes.
           Every output is bf16, dW included (what FP8GroupedExperts asks grouped_wgrad for, and
           what _grouped_mm writes).
@@ -207,6 +210,17 @@ def _cublas_loop(one, E: int):
     return {op: (lambda f=f: [f(e) for e in range(E)]) for op, f in one.items()}
 
 
+def _cublas_loop_synced(loop, counts_E: torch.Tensor):
+    """The loop as training would run it: the split sizes read from the router's counts on the
+    GPU first (a device-to-host copy, which waits for all queued work), then the calls."""
+    def synced(f):
+        def call():
+            counts_E.tolist()
+            return f()
+        return call
+    return {op: synced(f) for op, f in loop.items()}
+
+
 def _bf16_grouped(ops):
     x, dy, w = ops["x"], ops["dy"], ops["w"]
     offs = ops["counts"].cumsum(0).to(torch.int32)
@@ -251,6 +265,7 @@ def bench_gemm(cases, full: bool, quick: bool = False, deadline: float = float("
         ops = _operands(case)
         one = _cublas_one(ops)
         ours, loop, bf16 = _ours(ops, T), _cublas_loop(one, case.experts), _bf16_grouped(ops)
+        synced = _cublas_loop_synced(loop, ops["counts"])
         for op in ("fwd", "dgrad", "wgrad"):
             # one config: nothing to pick (the timing below is its figure)
             cfg = sweep(op, ours[op], configs[op])[1] if len(configs[op]) > 1 else configs[op][0]
@@ -259,18 +274,21 @@ def bench_gemm(cases, full: bool, quick: bool = False, deadline: float = float("
                 continue
             diff = _check_against_loop(ours, one, op, cfg, case.experts, case.tokens)
             ms = interleaved_ms({"ours": lambda run=ours[op], cfg=cfg: run(cfg), "loop": loop[op],
-                                 "bf16": bf16[op]})
-            mine, base_loop, base_bf16 = (tflops(flops, ms[k]) for k in ("ours", "loop", "bf16"))
-            rows.append((case.label, op, mine, base_loop, base_bf16, cfg, diff))
+                                 "loop+sync": synced[op], "bf16": bf16[op]})
+            mine, base_loop, base_sync, base_bf16 = (tflops(flops, ms[k]) for k in
+                                                     ("ours", "loop", "loop+sync", "bf16"))
+            rows.append((case.label, op, mine, base_loop, base_sync, base_bf16, cfg, diff))
             record(BENCH, f"{op} {case.label}", mine, "TFLOPS", "cuBLAS blockwise loop", base_loop)
+            record(BENCH, f"{op} {case.label}", mine, "TFLOPS",
+                   "cuBLAS loop + split-size sync", base_sync)
             record(BENCH, f"{op} {case.label}", mine, "TFLOPS", "bf16 _grouped_mm", base_bf16)
         del ops, one, ours, loop, bf16
         torch.cuda.empty_cache()
-    print(f"\n{'case':<38}{'op':<7}{'ours':>7}{'loop':>7}{'bf16':>7}{'/loop':>7}{'/bf16':>7}"
-          f"  {'best config':<28}calc_diff vs loop")
-    for label, op, mine, lp, bf, cfg, diff in rows:
-        print(f"{label:<38}{op:<7}{mine:>7.0f}{lp:>7.0f}{bf:>7.0f}{mine / lp:>6.2f}x{mine / bf:>6.2f}x"
-              f"  {_short(cfg):<28}{diff:.1e}")
+    print(f"\n{'case':<38}{'op':<7}{'ours':>7}{'loop':>7}{'+sync':>7}{'bf16':>7}{'/loop':>7}"
+          f"{'/+sync':>7}{'/bf16':>7}  {'best config':<28}calc_diff vs loop")
+    for label, op, mine, lp, ls, bf, cfg, diff in rows:
+        print(f"{label:<38}{op:<7}{mine:>7.0f}{lp:>7.0f}{ls:>7.0f}{bf:>7.0f}{mine / lp:>6.2f}x"
+              f"{mine / ls:>6.2f}x{mine / bf:>6.2f}x  {_short(cfg):<28}{diff:.1e}")
     if full:
         _suggest_defaults(rows)
 
@@ -279,7 +297,7 @@ def _suggest_defaults(rows) -> None:
     """Per kernel, the config that won the most cases: the DEFAULT_*_CONFIG to set in grouped.py."""
     import collections
     wins = collections.Counter(("wgrad" if op == "wgrad" else "gemm", cfg)
-                               for _label, op, _m, _l, _b, cfg, _d in rows)
+                               for _label, op, _m, _l, _s, _b, cfg, _d in rows)
     for kernel in ("gemm", "wgrad"):
         counts = [(n, cfg) for (k, cfg), n in wins.items() if k == kernel]
         if counts:
