@@ -24,7 +24,7 @@ scripts/summary.py:
            from host to host, and its busy time says what the GPU spends;
   mlp      FP8MLP (SwiGLU fused with its quantization) forward + backward against the bf16 MLP at
            the `small` model's dense-MLP and shared-expert shapes (the latter at 4096, 8192 and
-           16384 tokens: convert.py's NARROW_MLP_MIN_TOKENS), with the GPU's busy time a call;
+           16384 tokens: convert.py's MLP_MIN_TOKENS puts it at 8192), with the GPU's busy time a call;
   dispatch the routed experts' input: quantize_dual reading the tokens through MoE's dispatch
            index against gathering the sorted bf16 copies, then quantizing (ms);
   norm     a norm feeding FP8 consumers: the fused kernel FP8RMSNorm runs (bf16 y and both FP8
@@ -415,7 +415,7 @@ def main() -> None:
     linear_shapes = [(8192, 7168, 2048), (8192, 2048, 7168), (16384, 4096, 4096), (8192, 4096, 1024),
                      (8192, 1024, 8192)]  # the last two: convert's skip_small evidence
     # `small`: dense MLP, shared expert; the shared expert's three token counts are the evidence
-    # for convert's NARROW_MLP_MIN_TOKENS (every row here runs FP8 whatever the count)
+    # for convert's MLP_MIN_TOKENS (every row here runs FP8 whatever the count)
     mlp_shapes = [(8192, 4096, 10240), (4096, 4096, 1536), (8192, 4096, 1536), (16384, 4096, 1536)]
     if args.quick:
         gemm_shapes, linear_shapes, mlp_shapes = gemm_shapes[:1], linear_shapes[:1], mlp_shapes[:1]

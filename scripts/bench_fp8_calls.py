@@ -6,9 +6,10 @@ in a model, at that model's shapes, against its bf16 original, over a range of t
 
 Why: FP8 pays a fixed cost per call (quantizing each activation and gradient, a longer host
 path) that only long enough GEMMs repay, so convert runs a module in bf16 below a token count
-(`fp8.linear_min_tokens`, scaled by each Linear's size, `fp8.mlp_min_tokens`,
-`fp8.narrow_mlp_min_tokens`, `fp8.experts_min_tokens`; models/fp8/convert.py). Where that count lies depends on the GPU and on the host that launches the kernels:
-this measures it on the machine at hand and prints the settings it suggests.
+(`fp8.linear_min_tokens` and `fp8.mlp_min_tokens`, each scaled to the module's size,
+`fp8.experts_min_tokens`; models/fp8/convert.py). Where that count lies depends on the GPU and
+on the host that launches the kernels: this measures it on the machine at hand and prints the
+settings it suggests.
 
 Modules: the model is built on the meta device and converted with every threshold off and
 skip_small off, so each module convert could make FP8 is listed once per distinct shape (a
@@ -27,7 +28,7 @@ smallest measured T from which FP8 is at least as fast at every larger T ("FP8 f
 fp8.* settings those crossovers suggest. The summary table (scripts/summary.py) gets, per module
 and mode, FP8's time against bf16's at the first measured T its default threshold sends through
 FP8 (does the default pay where it starts?). Timing as scripts/timing.py's interleaved_ms
-(rounds in alternating order, medians).
+(three rounds in alternating order, medians: a small call's time varies with its host).
 """
 from __future__ import annotations
 
@@ -83,7 +84,7 @@ def model_shapes(model_name: str) -> list[Shape]:
     cfg = model_config(model_name)
     model = build_model(cfg, device="meta")
     every_call = FP8Config(recipe="blockwise", skip_small=False, fuse_norms=False,
-                           linear_min_tokens=0, narrow_mlp_min_tokens=0, experts_min_tokens=0)
+                           linear_min_tokens=0, mlp_min_tokens=0, experts_min_tokens=0)
     convert(model, every_call, emulate=True)
     in_mlp = {id(l) for m in model.modules() if isinstance(m, FP8MLP) for l in (m.w1, m.w3, m.w2)}
     shapes: dict[tuple, Shape] = {}
@@ -186,7 +187,7 @@ def measure(shape: Shape, tokens: list[int], modes: list[str], max_experts: int,
         for mode in modes:
             steps = {name: _step(fn, x, dy if mode == "train" else None)
                      for name, fn in calls.items()}
-            ms = interleaved_ms(steps, rounds=2, reps=5, batches=3)
+            ms = interleaved_ms(steps, rounds=3, reps=5, batches=3)
             rows[mode].append((T, ms["fp8"], ms["bf16"]))
         del x, dy, calls
     del base, fp8
@@ -224,32 +225,31 @@ def report(shape: Shape, rows: dict) -> dict:
 def default_threshold(shape: Shape) -> int:
     """The token count from which convert's defaults (skip_small) run `shape` in FP8."""
     from models.fp8.config import FP8Config
-    from models.fp8.convert import MIN_MLP_WIDTH, linear_min_tokens
+    from models.fp8.convert import scaled_min_tokens
 
     cfg = FP8Config(recipe="blockwise")
     if shape.kind == "linear":
-        return linear_min_tokens(*shape.dims, cfg)
+        return scaled_min_tokens(cfg.linear_min_tokens, shape.dims[0] * shape.dims[1])
     if shape.kind == "mlp":
-        return cfg.mlp_min_tokens if shape.dims[1] >= MIN_MLP_WIDTH else cfg.narrow_mlp_min_tokens
+        return scaled_min_tokens(cfg.mlp_min_tokens, shape.dims[0] * shape.dims[1])
     return cfg.experts_min_tokens
 
 
 def suggest(results: list[tuple[Shape, dict]]) -> None:
     """The fp8.* token thresholds the crossovers point to: per setting, the largest crossover of
     its modules in each mode measured, and the larger of those (FP8 then pays in both). A
-    Linear's crossover is stated at 4096 x 4096, as fp8.linear_min_tokens is (scaled by
-    in x out / 4096^2: the same GEMM size a call)."""
-    from models.fp8.convert import LINEAR_REFERENCE_WEIGHTS, MIN_MLP_WIDTH
+    Linear's or MLP's crossover is stated at 4096 x 4096 weights, as fp8.linear_min_tokens and
+    fp8.mlp_min_tokens are (times in x out / 4096^2: the same GEMM size a call)."""
+    from models.fp8.convert import REFERENCE_WEIGHTS
 
     def at_reference(shape: Shape, start: int | None) -> int | None:
-        if shape.kind != "linear" or start is None:
+        if shape.kind == "experts" or start is None:
             return start
-        return -(-start * shape.dims[0] * shape.dims[1] // LINEAR_REFERENCE_WEIGHTS)
+        return -(-start * shape.dims[0] * shape.dims[1] // REFERENCE_WEIGHTS)
 
     settings = {
         "linear_min_tokens": lambda s: s.kind == "linear" and not s.kept_bf16,
-        "mlp_min_tokens": lambda s: s.kind == "mlp" and s.dims[1] >= MIN_MLP_WIDTH,
-        "narrow_mlp_min_tokens": lambda s: s.kind == "mlp" and s.dims[1] < MIN_MLP_WIDTH,
+        "mlp_min_tokens": lambda s: s.kind == "mlp",
         "experts_min_tokens": lambda s: s.kind == "experts",
     }
     print("\nSettings these crossovers suggest (each module timed alone, so its host time is"

@@ -128,8 +128,8 @@ def test_bench_train_recipe_settings():
     assert bench_train.fp8_config("blockwise") == FP8Config(recipe="blockwise")
     cfg = bench_train.fp8_config("blockwise:fuse_norms=false,skip_small=False")
     assert cfg == FP8Config(recipe="blockwise", fuse_norms=False, skip_small=False)
-    cfg = bench_train.fp8_config("blockwise:linear_min_tokens=0,narrow_mlp_min_tokens=16384")
-    assert cfg == FP8Config(recipe="blockwise", linear_min_tokens=0, narrow_mlp_min_tokens=16384)
+    cfg = bench_train.fp8_config("blockwise:linear_min_tokens=0,mlp_min_tokens=16384")
+    assert cfg == FP8Config(recipe="blockwise", linear_min_tokens=0, mlp_min_tokens=16384)
     for bad in ("blockwise:fuse_norm=false", "blockwise:fuse_norms=0", "blockwise:recipe=true",
                 "blockwise:linear_min_tokens=true", "blockwise:linear_min_tokens=-1"):
         with pytest.raises(SystemExit, match="fuse_norms"):

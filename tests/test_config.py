@@ -92,10 +92,10 @@ def test_group_files_list_every_field(group, schema):
 def test_overrides_reach_the_dataclasses():
     c = to_dataclasses(_compose("model=small", "model.num_hidden_layers=2", "optim.lr=1e-4",
                                 "optim=adamw_wsd", "parallel=zero2", "logger=off",
-                                "fp8.linear_min_tokens=8192", "fp8.experts_min_tokens=0"))
+                                "fp8.linear_min_tokens=16384", "fp8.experts_min_tokens=0"))
     assert c.model == model_config("small", num_hidden_layers=2)
-    assert c.fp8.linear_min_tokens == 8192 and c.fp8.narrow_mlp_min_tokens == 8192
-    assert c.fp8.experts_min_tokens == 0 and c.fp8.mlp_min_tokens == 1024
+    assert c.fp8.linear_min_tokens == 16384 and c.fp8.mlp_min_tokens == 3072
+    assert c.fp8.experts_min_tokens == 0
     assert c.optim.lr == 1e-4 and c.optim.schedule == "wsd"
     assert c.parallel.zero_stage == 2 and c.logger.mode == "disabled"
     assert c.data.vocab_size == 32768
@@ -107,6 +107,7 @@ def test_overrides_reach_the_dataclasses():
     ("optim.lr=fast", ConfigCompositionException, "optim.lr"),
     ("train.steps=1.5", ConfigCompositionException, "train.steps"),
     ("model=huge", MissingConfigException, "model/huge"),
+    ("fp8.narrow_mlp_min_tokens=8192", ConfigCompositionException, "narrow_mlp_min_tokens"),
 ])
 def test_bad_overrides_fail_at_composition_naming_the_key(override, error, words):
     with pytest.raises(error) as info:
@@ -118,7 +119,6 @@ def test_bad_overrides_fail_at_composition_naming_the_key(override, error, words
 @pytest.mark.parametrize("overrides, words", [
     (["fp8.recipe=fp4"], "fp8.recipe"),
     (["fp8=blockwise", "fp8.linear_min_tokens=-1"], "fp8.linear_min_tokens"),
-    (["fp8.narrow_mlp_min_tokens=-4096"], "fp8.narrow_mlp_min_tokens"),
     (["fp8=blockwise", "fp8.mlp_min_tokens=-1"], "fp8.mlp_min_tokens"),
     (["fp8=blockwise", "fp8.experts_min_tokens=-512"], "fp8.experts_min_tokens"),
     (["model.n_group=3"], "n_group"),

@@ -15,8 +15,7 @@ from torch import nn
 from models import build_model, model_config
 from models.fp8 import FP8Config, FP8Linear, convert
 from models.fp8.convert import (EXPERTS_MIN_TOKENS, FP8_GEMM_SPEEDUP, LINEAR_MIN_TOKENS,
-                                MLP_MIN_TOKENS, NARROW_MLP_MIN_TOKENS,
-                                 flop_shares, run_outlook)
+                                MLP_MIN_TOKENS, flop_shares, run_outlook, scaled_min_tokens)
 from models.fp8.experts import FP8GroupedExperts
 from models.fp8.linear import FP8MLP
 from models.fp8.gemm import has_blockwise_kernels
@@ -81,9 +80,9 @@ def test_all_eligible_model_converts_every_projection():
 
 
 def test_small_modules_stay_bf16_in_the_small_model(caplog):
-    """skip_small (the default) keeps the narrow MLA projections in bf16 and gives the F=1536
-    shared experts a token threshold, one log line each, and the other FP8 modules their kind's
-    threshold, in one line; skip_small=False converts them all for every call."""
+    """skip_small (the default) keeps the narrow MLA projections in bf16, one log line each, and
+    gives the other FP8 modules a token threshold (Linears and MLPs scaled by their size from
+    4096 x 4096), said in one line; skip_small=False converts them all for every call."""
     model = build_model(model_config("small"), device="meta")  # shapes only
     with caplog.at_level(logging.INFO, logger="models.fp8.convert"):
         convert(model, FP8Config(recipe="blockwise"), emulate=True)
@@ -94,23 +93,24 @@ def test_small_modules_stay_bf16_in_the_small_model(caplog):
         assert sum(f"{name} in bf16" in r.getMessage() for r in caplog.records) == 1, name
     shared = {n: m for n, m in model.named_modules() if n.endswith(".shared")}
     assert len(shared) == 3 + 1  # the 3 MoE layers and the MTP block
-    for name, mlp in shared.items():
-        assert isinstance(mlp, FP8MLP) and mlp.min_tokens == NARROW_MLP_MIN_TOKENS, name
-        assert sum(f"{name} runs in bf16 below" in r.getMessage() for r in caplog.records) == 1
+    for name, mlp in shared.items():  # 4096 x 1536: 3072 * 4096^2 / (4096 * 1536) = 8192
+        assert isinstance(mlp, FP8MLP) and mlp.min_tokens == MLP_MIN_TOKENS * 8 // 3 == 8192, name
     for name, min_tokens in (("layers.0.attn.wo", LINEAR_MIN_TOKENS),  # 4096 x 4096
                              ("mtp.0.eh_proj", LINEAR_MIN_TOKENS // 2)):  # 8192 -> 4096
         linear = model.get_submodule(name)
         assert isinstance(linear, FP8Linear) and linear.min_tokens == min_tokens, name
     lines = [r.getMessage() for r in caplog.records if "(skip_small)" in r.getMessage()]
-    assert len(lines) == 1, "one line for the Linears', wide MLPs' and experts' thresholds"
-    for said in (f"fewer than {LINEAR_MIN_TOKENS} tokens at 4096 x 4096, scaled by 4096^2 / "
-                 "(in x out) (fp8.linear_min_tokens)",
-                 f"fewer than {MLP_MIN_TOKENS} tokens (fp8.mlp_min_tokens)",
-                 f"fewer than {EXPERTS_MIN_TOKENS} tokens (fp8.experts_min_tokens)"):
+    assert len(lines) == 1, "one line for the Linears', MLPs' and experts' thresholds"
+    scaled = "tokens at 4096 x 4096 weights, scaled by 4096^2 over their size"
+    for said in (f"Linears on calls of fewer than {LINEAR_MIN_TOKENS} {scaled} "
+                 "(fp8.linear_min_tokens)",
+                 f"MLPs on calls of fewer than {MLP_MIN_TOKENS} {scaled} (fp8.mlp_min_tokens)",
+                 f"experts on calls of fewer than {EXPERTS_MIN_TOKENS} tokens "
+                 "(fp8.experts_min_tokens)"):
         assert said in lines[0], said
     dense = model.layers[0].ffn
     assert isinstance(dense, FP8MLP) and dense.w1.out_features == 10240
-    assert dense.min_tokens == MLP_MIN_TOKENS
+    assert dense.min_tokens == 1229  # 3072 * 4096^2 / (4096 * 10240) = 1228.8
     experts = [m for m in model.modules() if isinstance(m, FP8GroupedExperts)]
     assert len(experts) == 4 and all(m.min_tokens == EXPERTS_MIN_TOKENS for m in experts)
     assert caplog.records[-1].getMessage() == ("fp8: converted 6 Linear, 5 SwiGLU MLP, "
@@ -127,20 +127,21 @@ def test_small_modules_stay_bf16_in_the_small_model(caplog):
 
 
 def test_token_thresholds_are_settings():
-    """fp8.linear_min_tokens, mlp_min_tokens, narrow_mlp_min_tokens and experts_min_tokens reach
-    the converted modules (and the fused norms in front of the MLPs); 0 sends every call through
-    FP8; a negative count is refused naming the setting."""
-    for linear, wide, narrow, experts in ((1024, 512, 2048, 256), (0, 0, 0, 0)):
+    """fp8.linear_min_tokens, mlp_min_tokens and experts_min_tokens reach the converted modules
+    (Linears and MLPs scaled by their size; and the fused norms in front of the MLPs); 0 sends
+    every call through FP8; a negative count is refused naming the setting."""
+    for linear, mlp, experts in ((1024, 1536, 256), (0, 0, 0)):
         model = build_model(model_config("small"), device="meta")
-        convert(model, FP8Config(recipe="blockwise", linear_min_tokens=linear, mlp_min_tokens=wide,
-                                 narrow_mlp_min_tokens=narrow, experts_min_tokens=experts),
-                emulate=True)
+        convert(model, FP8Config(recipe="blockwise", linear_min_tokens=linear, mlp_min_tokens=mlp,
+                                 experts_min_tokens=experts), emulate=True)
         assert model.layers[0].attn.wo.min_tokens == 2 * model.mtp[0].eh_proj.min_tokens == linear
-        assert model.layers[0].ffn.min_tokens == model.layers[0].ffn_norm.min_tokens == wide
-        assert model.layers[1].ffn.shared.min_tokens == narrow
+        dense = -(-mlp * 4096 // 10240)  # 4096 x 10240: 2.5x the weights of 4096 x 4096
+        assert model.layers[0].ffn.min_tokens == model.layers[0].ffn_norm.min_tokens == dense
+        shared = mlp * 8 // 3  # 4096 x 1536: 3/8 of them
+        assert model.layers[1].ffn.shared.min_tokens == shared
         assert model.layers[1].ffn.experts.min_tokens == model.mtp[0].block.ffn.experts.min_tokens \
             == experts
-        assert model.layers[1].ffn_norm.min_tokens == narrow, "its one FP8 consumer: the shared MLP"
+        assert model.layers[1].ffn_norm.min_tokens == shared, "its one FP8 consumer: the shared MLP"
         assert type(model.layers[1].attn.wq_a) is nn.Linear, "the side rule does not move"
     # DeepSeek-V3's wide MLA projections wq_a and wq_b are FP8, from the same GEMM size a call
     # as a 4096 x 4096 Linear at linear_min_tokens (rounded up); the norms in front of them
@@ -154,41 +155,38 @@ def test_token_thresholds_are_settings():
     assert attn.wq_b.min_tokens == 911  # 2048 * 4096^2 / (1536 * 24576) = 910.2
     assert block.attn_norm.min_tokens == 3121 and attn.q_norm.min_tokens == 911
     assert type(attn.kv_norm) is RMSNorm, "wkv_b (512 wide) stays bf16, so its norm stays plain"
-    for name in ("linear_min_tokens", "mlp_min_tokens", "narrow_mlp_min_tokens",
-                 "experts_min_tokens"):
+    for name in ("linear_min_tokens", "mlp_min_tokens", "experts_min_tokens"):
         with pytest.raises(ValueError, match=f"fp8.{name}=-1 must be a token count"):
             FP8Config(recipe="blockwise", **{name: -1})
 
 
 def test_flop_shares_of_the_small_model_by_hand():
-    """flop_shares against the FLOPs counted from the config: wo (H x v_head -> D, 4096 x 4096)
-    in 4 layers + the MTP block in FP8 from LINEAR_MIN_TOKENS tokens a call and eh_proj (2D -> D)
-    from half as many (twice the weights), the dense MLP
-    (3 D I) from MLP_MIN_TOKENS, in 3 MoE layers + the MTP block the 4 active of 16 routed
-    experts (3 D F each) from EXPERTS_MIN_TOKENS and, from NARROW_MLP_MIN_TOKENS tokens a call,
-    the shared expert (3 D F); the attention core as in Transformer.flops_per_token."""
+    """flop_shares against the FLOPs counted from the config: in 3 MoE layers + the MTP block the
+    4 active of 16 routed experts (3 D F each) from EXPERTS_MIN_TOKENS tokens a call; the dense
+    MLP (3 D I, 4096 x 10240) from 1229 (MLP_MIN_TOKENS scaled by 4096^2 / (D I)); eh_proj
+    (2D -> D) from LINEAR_MIN_TOKENS / 2; wo (H x v_head -> D, 4096 x 4096) in 4 layers + the
+    MTP block from LINEAR_MIN_TOKENS and, from 8192, the shared expert (3 D F, 4096 x 1536); the
+    attention core as in Transformer.flops_per_token."""
     cfg = model_config("small")
     model = build_model(cfg, device="meta")
     convert(model, FP8Config(recipe="blockwise"), emulate=True)
     D, F, seq = cfg.hidden_size, cfg.moe_intermediate_size, 4096
     moe_blocks = cfg.num_hidden_layers - cfg.first_k_dense + cfg.num_mtp_modules
-    wo = (cfg.num_hidden_layers + cfg.num_mtp_modules) * cfg.num_attention_heads * cfg.v_head_dim * D
+    wo = ((cfg.num_hidden_layers + cfg.num_mtp_modules) * cfg.num_attention_heads
+          * cfg.v_head_dim * D)
     eh_proj = 2 * D * D
     dense = 3 * D * cfg.intermediate_size
     routed = moe_blocks * cfg.num_experts_per_tok * 3 * D * F
-    # the order of the cases below
-    assert MLP_MIN_TOKENS == EXPERTS_MIN_TOKENS < LINEAR_MIN_TOKENS // 2
-    assert LINEAR_MIN_TOKENS == NARROW_MLP_MIN_TOKENS
-    always = dense + routed
     shared = moe_blocks * cfg.n_shared_experts * 3 * D * F
+    assert (EXPERTS_MIN_TOKENS, MLP_MIN_TOKENS, LINEAR_MIN_TOKENS) == (1024, 3072, 8192), \
+        "the token counts below"
     total = model.flops_per_token(seq)
     attention = (3 * 2 * cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
                                                     + cfg.v_head_dim) * (seq + 1) / 2 * 5)
-    for tokens, weights in ((MLP_MIN_TOKENS - 1, 0), (MLP_MIN_TOKENS, always),
-                            (LINEAR_MIN_TOKENS // 2 - 1, always),
-                            (LINEAR_MIN_TOKENS // 2, always + eh_proj),
-                            (LINEAR_MIN_TOKENS - 1, always + eh_proj),
-                            (LINEAR_MIN_TOKENS, always + eh_proj + wo + shared)):
+    for tokens, weights in ((1023, 0), (1024, routed), (1228, routed), (1229, routed + dense),
+                            (4095, routed + dense), (4096, routed + dense + eh_proj),
+                            (8191, routed + dense + eh_proj),
+                            (8192, routed + dense + eh_proj + wo + shared)):
         shares = flop_shares(model, seq, tokens)
         assert shares.fp8 == pytest.approx(6 * weights / total, rel=1e-12), tokens
         assert shares.attention == pytest.approx(attention / total, rel=1e-12)
@@ -231,8 +229,8 @@ def test_norms_feeding_fp8_consumers_are_fused():
     ffn_norms = {f"layers.{i}.ffn_norm" for i in range(4)} | {"mtp.0.block.ffn_norm"}
     assert fused == ffn_norms, "small's MLA projections stay bf16: only the FFN norms"
     dense, moe = model.layers[0].ffn_norm, model.layers[1].ffn_norm
-    assert (dense.consumers, dense.min_tokens) == (1, MLP_MIN_TOKENS)
-    assert (moe.consumers, moe.min_tokens) == (1, NARROW_MLP_MIN_TOKENS)
+    assert (dense.consumers, dense.min_tokens) == (1, 1229), "the dense MLP's"
+    assert (moe.consumers, moe.min_tokens) == (1, 8192), "the shared expert's"
     model = build_model(model_config("debug", **ALL_ELIGIBLE))
     keys = list(model.state_dict())
     convert(model, BLOCKWISE, emulate=True)
@@ -356,10 +354,10 @@ def test_converted_model_gradients_close_gpu(pow2, monkeypatch):
 def test_small_model_gradients_close_gpu(monkeypatch):
     """The `small` model's own shapes (a dense block, a MoE block of 16 experts of width 1536, the
     MTP block; the default skip_small conversion, as bench_fp8_loss.py trains it) on the real
-    kernels, four 2048-token sequences (NARROW_MLP_MIN_TOKENS: the shared experts run FP8 too):
+    kernels, four 2048-token sequences (the shared experts run FP8 too, from 8192 tokens):
     loss and every parameter's gradient direction and norm against the same model in bf16. What
     the 500-step loss comparison runs, checked one step deep."""
-    assert 4 * 2048 >= NARROW_MLP_MIN_TOKENS
+    assert 4 * 2048 >= scaled_min_tokens(MLP_MIN_TOKENS, 4096 * 1536)
     results, fp8_modules = _loss_and_grads(model_config("small", num_hidden_layers=2),
                                            FP8Config(recipe="blockwise"), "cuda", torch.bfloat16,
                                            monkeypatch, shape=(4, 2049))

@@ -18,24 +18,22 @@ class FP8Config:
     pow2_scales: bool = False
     """Round every scale up to a power of two (DeepSeek's UE8M0), exact under transposition."""
     skip_small: bool = True
-    """Keep in bf16 what FP8 measurably slows down on the H100 (models/fp8/convert.py: a Linear
-    with a side of at most 1024, and any other Linear on calls smaller than `linear_min_tokens`
-    tokens of a 4096 x 4096 Linear; a SwiGLU MLP on calls of fewer than `mlp_min_tokens`, or `narrow_mlp_min_tokens`
-    when narrower than 2048; the routed experts on calls of fewer than `experts_min_tokens`);
-    False converts everything the kernels can take, for every call. scripts/bench_fp8_calls.py
-    measures where FP8 starts to pay for each of these on the machine at hand."""
+    """Keep in bf16 what FP8 measurably slows down on the H100 (models/fp8/convert.py): a Linear
+    with a side of at most 1024, and on calls of too few tokens the other Linears, the SwiGLU MLPs
+    (`linear_min_tokens`, `mlp_min_tokens`, scaled to each one's size) and the routed experts
+    (`experts_min_tokens`); False converts everything the kernels can take, for every call.
+    scripts/bench_fp8_calls.py measures where FP8 starts to pay for each module on the machine at
+    hand."""
     linear_min_tokens: int = 8192
     """Under skip_small, a converted 4096 x 4096 Linear runs F.linear in high precision on calls
     of fewer tokens than this, and a Linear of in x out weights on calls of fewer than this times
     4096^2 / (in x out): the same GEMM size (0: every call in FP8). Where FP8 starts to pay
     depends on the host's speed as much as on the GPU (convert.py's LINEAR_MIN_TOKENS has the
     H100 figures)."""
-    mlp_min_tokens: int = 1024
-    """Under skip_small, the same for a SwiGLU MLP of width 2048 or more (convert.py's
-    MLP_MIN_TOKENS): below it, evaluation and decoding batches run the bf16 SwiGLU."""
-    narrow_mlp_min_tokens: int = 8192
-    """Under skip_small, the same for a SwiGLU MLP narrower than 2048 (convert.py's
-    NARROW_MLP_MIN_TOKENS)."""
+    mlp_min_tokens: int = 3072
+    """Under skip_small, the same for a SwiGLU MLP of dim x width 4096 x 4096, scaled by 4096^2 /
+    (dim x width) for the others (convert.py's MLP_MIN_TOKENS): `small`'s dense MLP (4096 x
+    10240) runs FP8 from 1229 tokens a call, its shared experts (4096 x 1536) from 8192."""
     experts_min_tokens: int = 1024
     """Under skip_small, the routed experts run their bf16 grouped GEMMs on calls of fewer tokens
     than this (the tokens entering the MoE layer, before top-k; convert.py's
@@ -48,8 +46,7 @@ class FP8Config:
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:
             raise ValueError(f"fp8.recipe={self.recipe!r} is not a recipe; use one of {RECIPES}")
-        for name in ("linear_min_tokens", "mlp_min_tokens", "narrow_mlp_min_tokens",
-                     "experts_min_tokens"):
+        for name in ("linear_min_tokens", "mlp_min_tokens", "experts_min_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"fp8.{name}={value!r} must be a token count >= 0 (0: every "

@@ -28,10 +28,10 @@ all quantization, against bf16): a Linear 4096 -> 1024 ran at 0.75x (0.44x with 
 re-quantized), while 2048 <-> 7168 and 4096 -> 4096 ran at 1.12-1.46x. The SwiGLU MLP at
 D=4096 and width F=1536 (the `small` model's shared expert) depends on the tokens per call more
 than on its width (later H100 runs, interleaved rounds, four repeats): 0.64-0.89x bf16 at 4096
-tokens, 0.97-1.13x at 8192, 1.25-1.27x at 16384 (F=10240: 1.36-1.38x at 16384). A width threshold
-cannot see the token count, so the decision for such an MLP is made per call: it becomes an
-FP8MLP with `min_tokens = NARROW_MLP_MIN_TOKENS`, which runs calls with fewer tokens through the
-plain bf16 SwiGLU and the rest through FP8.
+tokens, 0.97-1.13x at 8192, 1.25-1.27x at 16384 (F=10240: 1.36-1.38x at 16384). A size rule
+cannot see the token count, so for the other modules the decision is made per call (each FP8
+module's `min_tokens`: a call with fewer tokens runs the module's own bf16 ops on the same
+parameters).
 Those are wall times of the layer alone, and there it is bound by its host: on the GPU the F=1536
 MLP is 1.25x bf16 already at 4096 tokens, and 4096 -> 1024 about 1.05x (twenty-third session,
 bench_fp8's "GPU busy" rows). The step keeps the verdict: `small` at 2 x 2048 tokens x 2 ran
@@ -41,20 +41,23 @@ blockwise:skip_small=false`): at 4 x 4096 tokens x 4 (16384 a call, where MLA's 
 projections also run FP8 without skip_small: 64.5% of the FLOPs in FP8 against 55.8%) 802.3 ms
 a step without skip_small against 803.3 with it (bf16 912.8); at 4 x 2048 x 1, 112.7 against 109.4
 (bf16 119.6). What the narrow GEMMs gain, their inputs' and gradients' quantization costs back.
-So a Linear with min(in, out) <= SMALL_LINEAR_SIDE stays bf16, and an MLP with F < MIN_MLP_WIDTH
-runs FP8 only from NARROW_MLP_MIN_TOKENS tokens a call. The other Linears run FP8 from a GEMM
-size a call: a 4096 x 4096 Linear from LINEAR_MIN_TOKENS tokens, one of in x out weights from
-LINEAR_MIN_TOKENS x 4096^2 / (in x out) (`linear_min_tokens`; below it even a wide one is slower
-than bf16: a micro-batch of one 2048-token sequence, an evaluation or decoding batch, and a
-2048 x 2048 Linear until 32768 tokens), and the MLPs of width >= MIN_MLP_WIDTH
-and the routed experts from MLP_MIN_TOKENS and EXPERTS_MIN_TOKENS (1024: they pay from far fewer
-tokens, but not on the few of an evaluation or decoding batch). In `small` that keeps the MLA
-down/up projections (wq_a, wq_b, wkv_a, wkv_b) in bf16 and the shared experts in bf16 for
-micro-batches under 8192 tokens; wo runs FP8 from 8192 tokens and the MTP projection
-(8192 -> 4096) from 4096, the dense MLP and the routed experts from 1024. The token thresholds are host-dependent, so they are
-settings (`fp8.linear_min_tokens`, `fp8.mlp_min_tokens`, `fp8.narrow_mlp_min_tokens`,
-`fp8.experts_min_tokens`; these constants are their defaults), and scripts/bench_fp8_calls.py
-measures each module kind's crossover on the machine at hand.
+
+So under skip_small:
+  - a Linear with min(in, out) <= SMALL_LINEAR_SIDE stays bf16;
+  - the other Linears and the SwiGLU MLPs run FP8 from a GEMM size a call: from
+    LINEAR_MIN_TOKENS (MLP_MIN_TOKENS) tokens at 4096 x 4096 weights, from that count times
+    4096^2 / (in x out) (MLP: / (dim x width)) at any other size (`scaled_min_tokens`), since
+    what FP8 must repay is mostly fixed per call: the host path of its quantizers and GEMMs,
+    about 0.65 ms for a Linear's forward + backward on the H100's host at any size below ~8192
+    tokens. Below it even a wide module is slower than bf16: a micro-batch of one 2048-token
+    sequence, an evaluation or decoding batch, 16b's 2048 x 2048 Linears until 32768 tokens;
+  - the routed experts run FP8 from EXPERTS_MIN_TOKENS tokens a call.
+In `small` that keeps the MLA down/up projections (wq_a, wq_b, wkv_a, wkv_b) in bf16; wo runs FP8
+from 8192 tokens a call and the MTP projection (8192 -> 4096) from 4096, the dense MLP (4096 x
+10240) from 1229, the shared experts (4096 x 1536) from 8192 and the routed experts from 1024.
+The counts are host-dependent, so they are settings (`fp8.linear_min_tokens`,
+`fp8.mlp_min_tokens`, `fp8.experts_min_tokens`; these constants are their defaults), and
+scripts/bench_fp8_calls.py measures each module's crossover on the machine at hand.
 
 How much a converted model can gain: `flop_shares(model, seq_len, tokens_per_call)` splits a
 training step's FLOPs (`Transformer.flops_per_token`) into the FP8 GEMMs, the GEMMs kept in high
@@ -89,50 +92,47 @@ log = logging.getLogger(__name__)
 
 SMALL_LINEAR_SIDE = 1024
 """A Linear with in_features or out_features <= this stays bf16 under skip_small."""
-MIN_MLP_WIDTH = 2048
-"""A SwiGLU MLP whose width (w1's out_features) is below this is narrow under skip_small."""
-NARROW_MLP_MIN_TOKENS = FP8Config.narrow_mlp_min_tokens
-"""fp8.narrow_mlp_min_tokens's default: a narrow MLP's calls with fewer tokens than this run in
-bf16 under skip_small. At 8192 tokens the F=1536 MLP measured 0.97-1.13x bf16 in FP8 (parity,
-and FP8 keeps for backward about a third of the activation bytes bf16 keeps), at 4096
-0.64-0.89x, at 16384 1.25-1.27x."""
 LINEAR_MIN_TOKENS = FP8Config.linear_min_tokens
-"""fp8.linear_min_tokens's default: under skip_small a converted 4096 x 4096 Linear runs
-nn.Linear's F.linear on calls of fewer tokens, and a Linear of in x out weights on calls of fewer
-than `linear_min_tokens(in, out, cfg)`: the same GEMM size a call, since what FP8 must repay is
-mostly fixed per call (the host path of its quantizers and GEMMs: ~0.65 ms for a forward +
-backward on the H100's host, whatever the size below ~8192 tokens). Each Linear alone against
-bf16 (twenty-seventh session, H100, scripts/bench_fp8_calls.py, forward + backward), the first
-count from which FP8 was never slower, and that count times in x out / 4096^2: 16b's 2048 x 2048
-not by 16384 (0.75x there; so > 4096), 2048 -> 3072 16384 (6144), DeepSeek-V3's 7168 -> 1536 16384
-(10752), `small`'s 4096 x 4096 8192 (0.68x at 4096; 8192), 8192 -> 4096 4096 (8192),
-DeepSeek-V3's 1536 -> 24576 4096 (9216), 16384 -> 7168 4096 (28672; 0.98x at 2048, 1.18x at
-1024), 14336 -> 7168 1024 (6272). A flat 4096 tokens (before this session) ran 16b's attention
-projections in FP8 at 0.28-0.56x of bf16's speed from 4096 tokens. In a step the GPU's other
-work can hide that host time: 16b with 4 layers at 2 x 4096 tokens (bench_train, same session)
-took 87.3 ms with them in bf16 against 87.2 ms in FP8 (an earlier call 85.5 against 88.8, one run
-at 92.2): no difference beyond the noise there. In `small`'s step at 1 x 2048 tokens
-(twenty-sixth session, H100, bench_train, 4 rounds of 20 steps each way) running wo and eh_proj
-in bf16 took FP8 from 56.1 ms a step (0.83x bf16's 46.5; GPU idle 14.1 ms) to 48.4 ms (0.96x
-bf16's 46.3; GPU idle 6.2 ms)."""
-LINEAR_REFERENCE_WEIGHTS = 4096 * 4096
-"""The Linear size (in x out) fp8.linear_min_tokens is stated for."""
-
-
-def linear_min_tokens(in_features: int, out_features: int, fp8_cfg: FP8Config) -> int:
-    """The FP8Linear.min_tokens convert gives an in -> out Linear: fp8_cfg.linear_min_tokens
-    scaled to the same GEMM size a call (rounded up), 0 without skip_small."""
-    if not fp8_cfg.skip_small:
-        return 0
-    return -(-fp8_cfg.linear_min_tokens * LINEAR_REFERENCE_WEIGHTS // (in_features * out_features))
-
-
+"""fp8.linear_min_tokens's default: under skip_small a 4096 x 4096 FP8 Linear runs nn.Linear's
+F.linear on calls of fewer tokens, an in -> out one below `scaled_min_tokens(this, in * out)`.
+Each Linear alone against bf16 (twenty-seventh session, H100, scripts/bench_fp8_calls.py, forward
++ backward), the first count from which FP8 was never slower, and that count times in x out /
+4096^2: 16b's 2048 x 2048 not by 16384 (0.75x there; so > 4096), 2048 -> 3072 16384 (6144),
+DeepSeek-V3's 7168 -> 1536 16384 (10752), `small`'s 4096 x 4096 8192 (0.41-0.68x at 4096; 8192),
+8192 -> 4096 4096 (8192), DeepSeek-V3's 1536 -> 24576 4096 (9216), 16384 -> 7168 4096 (28672;
+0.98x at 2048, 1.18x at 1024), 14336 -> 7168 1024 (6272). A flat 4096 tokens (before that
+session) ran 16b's attention projections in FP8 at 0.28-0.56x of bf16's speed from 4096 tokens.
+In a step the GPU's other work can hide that host time: 16b with 4 layers at 2 x 4096 tokens
+(bench_train, same session) took 87.3 ms with them in bf16 against 87.2 ms in FP8 (an earlier
+call 85.5 against 88.8, one run at 92.2): no difference beyond the noise there. In `small`'s step
+at 1 x 2048 tokens (twenty-sixth session, H100, bench_train, 4 rounds of 20 steps each way)
+running wo and eh_proj in bf16 took FP8 from 56.1 ms a step (0.83x bf16's 46.5; GPU idle 14.1 ms)
+to 48.4 ms (0.96x bf16's 46.3; GPU idle 6.2 ms)."""
 MLP_MIN_TOKENS = FP8Config.mlp_min_tokens
-"""fp8.mlp_min_tokens's default: a SwiGLU MLP of width >= MIN_MLP_WIDTH runs the bf16 SwiGLU on
-calls of fewer tokens under skip_small. `small`'s dense MLP (4096, F=10240) against bf16 on an
-H100 (twenty-seventh session, scripts/bench_fp8_calls.py): forward + backward 0.43x / 0.66x /
-1.10x / 1.30x at 256 / 512 / 1024 / 2048 tokens; forward alone 0.66x / 0.88x / 1.43x at 256 /
-512 / 1024."""
+"""fp8.mlp_min_tokens's default: under skip_small a SwiGLU MLP of dim x width 4096 x 4096 runs the
+bf16 SwiGLU on calls of fewer tokens, one of dim x width below `scaled_min_tokens(this, dim *
+width)`. The MLPs alone against bf16 (twenty-seventh session, H100, bench_fp8_calls, forward +
+backward), the first count from which FP8 was never slower, and that count times dim x width /
+4096^2: `small`'s dense 4096 x 10240 1024 (1.10-1.11x; 0.66-0.75x at 512; 2560), its shared expert
+4096 x 1536 8192-16384 (0.93x and 1.26x at 8192 in two runs; 3072-6144), 16b's dense 2048 x 11264
+2048 (1.05x; 2816) and shared 2048 x 2816 16384 (0.93x at 8192; 5632), DeepSeek-V3's dense 7168 x
+18432 1024 or fewer (1.32x at 1024; <= 8064) and shared 7168 x 2048 4096 (1.18x; 0.69x at 2048;
+3584). 3072 keeps `small`'s shared expert at the 8192 tokens that earlier step measurements chose
+(at 8192 the F=1536 MLP measured 0.97-1.13x bf16 in FP8, at 4096 0.64-0.89x, at 16384
+1.25-1.27x, and FP8 keeps for backward about a third of the activation bytes bf16 keeps). Before
+that session an MLP narrower than 2048 ran FP8 from 8192 tokens and any other at every call
+(later from 1024), which ran 16b's shared experts (2816 wide) and DeepSeek-V3's (2048) in FP8 at
+0.38-0.69x from 1024-2048 tokens."""
+REFERENCE_WEIGHTS = 4096 * 4096
+"""The weight-matrix size (in x out; an MLP's dim x width) the two counts above are stated for."""
+
+
+def scaled_min_tokens(reference_tokens: int, weights: int) -> int:
+    """The token count from which a GEMM over `weights` (in x out) makes as large a call as one
+    over a 4096 x 4096 weight at `reference_tokens` (rounded up)."""
+    return -(-reference_tokens * REFERENCE_WEIGHTS // weights)
+
+
 EXPERTS_MIN_TOKENS = FP8Config.experts_min_tokens
 """fp8.experts_min_tokens's default: the routed experts run their bf16 grouped GEMMs on calls of
 fewer tokens (entering the MoE layer) under skip_small. `small`'s experts (16 of width 1536,
@@ -171,18 +171,15 @@ _KINDS = {FP8Linear: "Linear", FP8MLP: "SwiGLU MLP", FP8GroupedExperts: "routed-
 
 
 def _log_token_thresholds(model: nn.Module, fp8_cfg: FP8Config) -> None:
-    """One line for the token thresholds the converted Linears, wide MLPs and routed experts
-    share (a narrow MLP's has a line of its own, from _mlp_min_tokens)."""
-    def wide_mlp(m: nn.Module) -> bool:
-        return isinstance(m, FP8MLP) and m.w1.out_features >= MIN_MLP_WIDTH
-
-    kinds = {"Linears": (lambda m: type(m) is FP8Linear, "linear_min_tokens"),
-             f"SwiGLU MLPs of width >= {MIN_MLP_WIDTH}": (wide_mlp, "mlp_min_tokens"),
-             "routed experts": (lambda m: isinstance(m, FP8GroupedExperts), "experts_min_tokens")}
-    scaled = {"linear_min_tokens": " at 4096 x 4096, scaled by 4096^2 / (in x out)"}
-    parts = [f"{kind} on calls of fewer than {getattr(fp8_cfg, setting)} tokens"
-             f"{scaled.get(setting, '')} (fp8.{setting})"
-             for kind, (is_kind, setting) in kinds.items()
+    """One line for the token thresholds of the converted Linears, MLPs and routed experts (each
+    module's own count is in its repr: min_tokens=...)."""
+    scaled = " at 4096 x 4096 weights, scaled by 4096^2 over their size"
+    kinds = {"Linears": (lambda m: type(m) is FP8Linear, "linear_min_tokens", scaled),
+             "SwiGLU MLPs": (lambda m: isinstance(m, FP8MLP), "mlp_min_tokens", scaled),
+             "routed experts": (lambda m: isinstance(m, FP8GroupedExperts), "experts_min_tokens",
+                                "")}
+    parts = [f"{kind} on calls of fewer than {getattr(fp8_cfg, setting)} tokens{how} "
+             f"(fp8.{setting})" for kind, (is_kind, setting, how) in kinds.items()
              if any(is_kind(m) and m.min_tokens for m in model.modules())]
     if parts:
         log.info("fp8: bf16 for the FP8 %s (skip_small)", "; ".join(parts))
@@ -248,26 +245,13 @@ def _high_precision(model: nn.Module) -> list[nn.Module]:
     return [head] if isinstance(head, nn.Module) else []
 
 
-def _mlp_min_tokens(name: str, mlp: MLP, fp8_cfg: FP8Config) -> int:
-    """FP8MLP.min_tokens for `mlp` under skip_small: fp8_cfg.narrow_mlp_min_tokens (with a log
-    line) for a narrow one, fp8_cfg.mlp_min_tokens for the others; 0 (every call in FP8)
-    without skip_small."""
-    if not fp8_cfg.skip_small:
-        return 0
-    width = mlp.w1.out_features
-    if width >= MIN_MLP_WIDTH:
-        return fp8_cfg.mlp_min_tokens
-    min_tokens = fp8_cfg.narrow_mlp_min_tokens
-    if min_tokens:
-        log.info("fp8: %s runs in bf16 below %d tokens a call, FP8 from there: SwiGLU width %d "
-                 "< %d is faster in bf16 on fewer tokens", name, min_tokens, width, MIN_MLP_WIDTH)
-    return min_tokens
-
-
 def _fp8_version(name: str, module: nn.Module, fp8_cfg: FP8Config) -> nn.Module | None:
     pow2_scales = fp8_cfg.pow2_scales
+    skip = fp8_cfg.skip_small
     if type(module) is MLP and FP8MLP.supports(module):
-        return FP8MLP.from_mlp(module, pow2_scales, _mlp_min_tokens(name, module, fp8_cfg))
+        dim, width = module.w1.in_features, module.w1.out_features
+        return FP8MLP.from_mlp(module, pow2_scales, scaled_min_tokens(fp8_cfg.mlp_min_tokens,
+                                                                      dim * width) if skip else 0)
     if type(module) is nn.Linear:
         if module.bias is not None:
             log.info("fp8: keeping %s in high precision: it has a bias", name)
@@ -276,16 +260,17 @@ def _fp8_version(name: str, module: nn.Module, fp8_cfg: FP8Config) -> nn.Module 
             log.info("fp8: keeping %s in high precision: %d -> %d is not a multiple of 128",
                      name, module.in_features, module.out_features)
             return None
-        return FP8Linear.from_linear(module, pow2_scales, linear_min_tokens(
-            module.in_features, module.out_features, fp8_cfg))
+        weights = module.in_features * module.out_features
+        return FP8Linear.from_linear(module, pow2_scales, scaled_min_tokens(
+            fp8_cfg.linear_min_tokens, weights) if skip else 0)
     if type(module) is GroupedExperts:
         n_experts, inter_dim, dim = module.w1.shape
         if not FP8GroupedExperts.supports(dim, inter_dim):
             log.info("fp8: keeping %s in high precision: dim %d / expert width %d is not a "
                      "multiple of 128", name, dim, inter_dim)
             return None
-        return FP8GroupedExperts.from_grouped(
-            module, pow2_scales, fp8_cfg.experts_min_tokens if fp8_cfg.skip_small else 0)
+        return FP8GroupedExperts.from_grouped(module, pow2_scales,
+                                              fp8_cfg.experts_min_tokens if skip else 0)
     return None
 
 
