@@ -256,3 +256,28 @@ def test_bench_fp8_calls_crossover_and_module_shapes():
     assert len(shapes["Linear 4096->4096"].names) == 5, "wo in 4 layers and the MTP block"
     assert shapes["Linear 8192->4096"].names == ["mtp.0.eh_proj"]
     assert len(shapes["experts E16 top-4 4096, F=1536"].names) == 4
+
+
+def test_bench_fp8_calls_measures_every_module_kind(monkeypatch):
+    """bench_fp8_calls.measure on CPU at tiny shapes (the timer replaced: each step run once,
+    then fixed figures): forward + backward and forward-only steps of a Linear, an MLP and routed
+    experts run through both the FP8 module and its bf16 twin; rows come back per mode and count."""
+    import bench_fp8_calls as calls
+
+    monkeypatch.setattr(calls, "DEVICE", "cpu")
+    ran = []
+
+    def one_call_each(steps, **_):
+        for name, step in steps.items():
+            step()
+            ran.append(name)
+        return {"fp8": 2.0, "bf16": 1.0}
+
+    monkeypatch.setattr(calls, "interleaved_ms", one_call_each)
+    for shape in (calls.Shape("linear", (128, 256)), calls.Shape("mlp", (128, 256)),
+                  calls.Shape("experts", (4, 128, 128, 2))):
+        ran.clear()
+        rows = calls.measure(shape, [8, 16], ["train", "infer"], max_experts=2,
+                             deadline=float("inf"))
+        assert rows == {m: [(8, 2.0, 1.0), (16, 2.0, 1.0)] for m in ("train", "infer")}, shape
+        assert ran == ["fp8", "bf16"] * 4, shape
