@@ -13,7 +13,8 @@ settings it suggests.
 
 Modules: the model is built on the meta device and converted with every threshold off and
 skip_small off, so each module convert could make FP8 is listed once per distinct shape (a
-Linear kept bf16 under skip_small for its narrow side is marked so: no token count changes that).
+Linear kept bf16 under skip_small for its narrow side is listed so and not measured: no token
+count changes that).
 Each is then built on the GPU twice, bf16 and FP8 sharing the same weights, and timed per call:
   train   forward + backward (dx and the weights' gradients), the input's FP8 copies dropped
           before each call (fresh activations), the FP8 weights quantized once and reused, as over

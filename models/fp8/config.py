@@ -3,6 +3,10 @@
 `recipe="off"` leaves the model in high precision; `recipe="blockwise"` is DeepSeek-V3's
 fine-grained scheme: activations and gradients in 1x128 tiles, weights in 128x128 blocks, E4M3,
 FP32 scales and FP32 accumulation. `models.fp8.convert(model, cfg)` consumes these.
+
+The *_min_tokens settings become each FP8 module's own `min_tokens`; `fewer_tokens(x, n)` is the
+one test every module applies to a call (below: the module's high-precision ops), kept here so
+that linear.py and experts.py (which linear.py imports) share it.
 """
 from __future__ import annotations
 

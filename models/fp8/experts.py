@@ -308,8 +308,8 @@ class FP8GroupedExperts(GroupedExperts):
     cache, not state: state dicts and optimizers see exactly GroupedExperts' parameters.
 
     A call of fewer than `min_tokens` tokens (x_TD's rows: the tokens entering the MoE layer in
-    forward_tokens, before top-k) runs GroupedExperts' own bf16 grouped GEMMs on the same
-    parameters, with no FP8 copy made; 0, the default, sends every call through FP8.
+    forward_tokens, before top-k) runs GroupedExperts' own high-precision grouped GEMMs on the
+    same parameters, with no FP8 copy made; 0, the default, sends every call through FP8.
     """
 
     def __init__(self, n_experts: int, dim: int, inter_dim: int, pow2_scales: bool = False,

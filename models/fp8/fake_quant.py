@@ -250,7 +250,7 @@ class FakeFP8GroupedExperts(GroupedExperts):
                                  grouped_mm(x_TD, self.w3, counts_E)), self.w2, counts_E)
 
     def extra_repr(self) -> str:
-        return f"parts={'+'.join(sorted(self.parts))}"
+        return f"parts={'+'.join(sorted(self.parts))}, min_tokens={self.min_tokens}"
 
 
 def fake_convert(model: nn.Module, parts: frozenset[str],

@@ -44,7 +44,7 @@ projection's input nor the SwiGLU gradients ever exist in high precision. Its `m
 high-precision SwiGLU instead, the same ops as models.layers.MLP on the same parameters: a narrow
 MLP's FP8 GEMMs repay the quantization passes only from several thousand tokens a call. An
 FP8Linear's `min_tokens` does the same with nn.Linear's F.linear: below several thousand tokens
-a call (fewer, the larger the Linear: convert.linear_min_tokens) even a wide Linear's FP8 GEMMs
+a call (fewer, the larger the Linear: convert.scaled_min_tokens) even a wide Linear's FP8 GEMMs
 save less GPU time than its quantizers and host path cost.
 
 `FP8RMSNorm` replaces a models.layers.RMSNorm whose output goes straight into FP8 Linears or
