@@ -239,11 +239,12 @@ def default_threshold(shape: Shape) -> int:
     return cfg.experts_min_tokens
 
 
-def suggest(results: list[tuple[Shape, dict]]) -> None:
-    """The fp8.* token thresholds the crossovers point to: per setting, the largest crossover of
-    its modules in each mode measured, and the larger of those (FP8 then pays in both). A
-    Linear's or MLP's crossover is stated at 4096 x 4096 weights, as fp8.linear_min_tokens and
-    fp8.mlp_min_tokens are (times in x out / 4096^2: the same GEMM size a call)."""
+def suggest(results: list[tuple[Shape, dict]]) -> dict:
+    """The fp8.* token thresholds the crossovers point to, printed and returned ({setting: count}
+    for those every module of the kind reached): per setting, the largest crossover of its modules
+    in each mode measured, and the larger of those (FP8 then pays in both). A Linear's or MLP's
+    crossover is stated at 4096 x 4096 weights, as fp8.linear_min_tokens and fp8.mlp_min_tokens
+    are (times in x out / 4096^2: the same GEMM size a call)."""
     from models.fp8.convert import REFERENCE_WEIGHTS
 
     def at_reference(shape: Shape, start: int | None) -> int | None:
@@ -259,6 +260,7 @@ def suggest(results: list[tuple[Shape, dict]]) -> None:
     print("\nSettings these crossovers suggest (each module timed alone, so its host time is"
           " exposed; in a step whose GPU work hides the host, lower ones may pay: check with"
           " scripts/bench_train.py --recipes blockwise blockwise:<setting>=<count>):")
+    chosen = {}
     for setting, of_kind in settings.items():
         starts = [{mode: at_reference(shape, v) for mode, v in s.items()}
                   for shape, s in results if of_kind(shape)]
@@ -269,9 +271,15 @@ def suggest(results: list[tuple[Shape, dict]]) -> None:
             found = [s[mode] for s in starts]
             per_mode[mode] = None if None in found else max(found)
         said = ", ".join(f"{m} {v if v is not None else 'never'}" for m, v in per_mode.items())
-        value = ("keep bf16 or measure larger counts" if None in per_mode.values()
-                 else str(max(per_mode.values())))
-        print(f"  fp8.{setting}={value}   ({said})")
+        if None in per_mode.values():
+            print(f"  fp8.{setting}: FP8 slower at the largest count for one of them: keep those "
+                  f"in bf16 (a larger count) or measure larger calls   ({said})")
+            continue
+        chosen[setting] = max(per_mode.values())
+        print(f"  fp8.{setting}={chosen[setting]}   ({said})")
+    if chosen:
+        print("As overrides: " + " ".join(f"fp8.{k}={v}" for k, v in chosen.items()))
+    return chosen
 
 
 def main() -> None:

@@ -256,6 +256,16 @@ def test_bench_fp8_calls_crossover_and_module_shapes():
     assert len(shapes["Linear 4096->4096"].names) == 5, "wo in 4 layers and the MTP block"
     assert shapes["Linear 8192->4096"].names == ["mtp.0.eh_proj"]
     assert len(shapes["experts E16 top-4 4096, F=1536"].names) == 4
+    # suggestions: Linears and MLPs stated at 4096 x 4096 (8192 -> 4096 at 4096 tokens is 8192
+    # there; the 4096 x 10240 MLP at 1024 is 2560), the larger of the two modes; a kind with a
+    # module FP8 never caught up with is left out
+    measured = [(shapes["Linear 4096->4096"], {"train": 8192, "infer": 4096}),
+                (shapes["Linear 8192->4096"], {"train": 4096, "infer": 2048}),
+                (shapes["SwiGLU MLP 4096, F=10240"], {"train": 1024, "infer": 512}),
+                (shapes["SwiGLU MLP 4096, F=1536"], {"train": None, "infer": 16384}),
+                (shapes["experts E16 top-4 4096, F=1536"], {"train": 512, "infer": 1024})]
+    assert calls.suggest(measured) == {"linear_min_tokens": 8192, "experts_min_tokens": 1024}
+    assert calls.suggest(measured[2:3]) == {"mlp_min_tokens": 2560}
 
 
 def test_bench_fp8_calls_measures_every_module_kind(monkeypatch):
