@@ -196,7 +196,7 @@ def test_bad_input_is_a_clear_error():
         fp8(x, torch.tensor([3, 5], device=DEVICE))
 
 
-def test_below_min_tokens_is_the_bf16_experts(monkeypatch):
+def test_below_min_tokens_is_the_plain_grouped_experts(monkeypatch):
     """Fewer rows than min_tokens (forward: the sorted rows; forward_tokens: the tokens before
     top-k): GroupedExperts' own grouped GEMMs on the shared parameters, bit for bit in output and
     gradients, with no quantization and no FP8 weight copy; from min_tokens on, the FP8 path."""
