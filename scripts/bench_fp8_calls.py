@@ -61,7 +61,13 @@ class Shape:
     kind: str
     dims: tuple
     names: list = field(default_factory=list)
-    kept_bf16: bool = False  # a Linear skip_small keeps bf16 whatever the token count
+    default_min_tokens: int | None = None  # convert's defaults; None: kept bf16 (a narrow Linear)
+
+    @property
+    def kept_bf16(self) -> bool:
+        """Whether convert's defaults keep it bf16 whatever the token count (skip_small's side
+        rule for Linears)."""
+        return self.default_min_tokens is None
 
     @property
     def label(self) -> str:
@@ -74,36 +80,47 @@ class Shape:
 
 
 def model_shapes(model_name: str) -> list[Shape]:
-    """The distinct shapes of the modules convert makes FP8 in `model_name` (built on meta)."""
+    """The distinct shapes of the modules convert makes FP8 in `model_name` (built on meta), each
+    with the min_tokens convert's defaults give it (read from a second, default conversion)."""
     from models.config import model_config
     from models.fp8.config import FP8Config
-    from models.fp8.convert import SMALL_LINEAR_SIDE, convert
-    from models.fp8.experts import FP8GroupedExperts
-    from models.fp8.linear import FP8Linear, FP8MLP
+    from models.fp8.convert import convert
     from models.transformer import build_model
 
     cfg = model_config(model_name)
-    model = build_model(cfg, device="meta")
     every_call = FP8Config(recipe="blockwise", skip_small=False, fuse_norms=False,
                            linear_min_tokens=0, mlp_min_tokens=0, experts_min_tokens=0)
-    convert(model, every_call, emulate=True)
-    in_mlp = {id(l) for m in model.modules() if isinstance(m, FP8MLP) for l in (m.w1, m.w3, m.w2)}
+    default_min_tokens = {name: min_tokens for name, _, _, min_tokens in _fp8_modules(
+        convert(build_model(cfg, device="meta"), FP8Config(recipe="blockwise"), emulate=True), cfg)}
     shapes: dict[tuple, Shape] = {}
+    for name, kind, dims, _ in _fp8_modules(
+            convert(build_model(cfg, device="meta"), every_call, emulate=True), cfg):
+        shape = shapes.setdefault((kind, dims), Shape(kind, dims))
+        shape.names.append(name)
+        shape.default_min_tokens = default_min_tokens.get(name)
+    return list(shapes.values())
+
+
+def _fp8_modules(model: nn.Module, cfg) -> list:
+    """(name, kind, dims, min_tokens) for each FP8 Linear (not an MLP's own), MLP and routed
+    experts module of a converted model."""
+    from models.fp8.experts import FP8GroupedExperts
+    from models.fp8.linear import FP8Linear, FP8MLP
+
+    in_mlp = {id(l) for m in model.modules() if isinstance(m, FP8MLP) for l in (m.w1, m.w3, m.w2)}
+    found = []
     for name, m in model.named_modules():
         if isinstance(m, FP8MLP):
-            key = ("mlp", (m.w1.in_features, m.w1.out_features))
+            kind, dims = "mlp", (m.w1.in_features, m.w1.out_features)
         elif type(m) is FP8Linear and id(m) not in in_mlp:
-            key = ("linear", (m.in_features, m.out_features))
+            kind, dims = "linear", (m.in_features, m.out_features)
         elif isinstance(m, FP8GroupedExperts):
             E, F, D = m.w1.shape
-            key = ("experts", (E, D, F, cfg.num_experts_per_tok))
+            kind, dims = "experts", (E, D, F, cfg.num_experts_per_tok)
         else:
             continue
-        shape = shapes.setdefault(key, Shape(*key))
-        shape.names.append(name)
-        if key[0] == "linear":
-            shape.kept_bf16 = min(key[1]) <= SMALL_LINEAR_SIDE
-    return list(shapes.values())
+        found.append((name, kind, dims, m.min_tokens))
+    return found
 
 
 def fp8_from(tokens: list[int], ratios: list[float]) -> int | None:
@@ -218,25 +235,12 @@ def report(shape: Shape, rows: dict) -> dict:
         said = (f"from {starts[mode]} tokens on" if starts[mode]
                 else "not at the largest count measured")
         print(f"  {mode}: FP8 as fast as bf16 or faster {said}")
-        at = [(T, f, b) for T, f, b in r if T >= default_threshold(shape)]
+        at = [(T, f, b) for T, f, b in r if T >= shape.default_min_tokens]
         if at:  # the first call FP8 takes by default: does the default pay there?
             T, f, b = at[0]
             record(BENCH, f"{mode} {shape.label} at {T} tokens (default from "
-                   f"{default_threshold(shape)})", f, "ms", "bf16", b, higher_is_better=False)
+                   f"{shape.default_min_tokens})", f, "ms", "bf16", b, higher_is_better=False)
     return starts
-
-
-def default_threshold(shape: Shape) -> int:
-    """The token count from which convert's defaults (skip_small) run `shape` in FP8."""
-    from models.fp8.config import FP8Config
-    from models.fp8.convert import scaled_min_tokens
-
-    cfg = FP8Config(recipe="blockwise")
-    if shape.kind == "linear":
-        return scaled_min_tokens(cfg.linear_min_tokens, shape.dims[0] * shape.dims[1])
-    if shape.kind == "mlp":
-        return scaled_min_tokens(cfg.mlp_min_tokens, shape.dims[0] * shape.dims[1])
-    return cfg.experts_min_tokens
 
 
 def suggest(results: list[tuple[Shape, dict]]) -> dict:

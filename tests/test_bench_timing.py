@@ -254,6 +254,10 @@ def test_bench_fp8_calls_crossover_and_module_shapes():
     assert {label for label, s in shapes.items() if s.kept_bf16} == {
         "Linear 4096->1024", "Linear 1024->8192", "Linear 4096->640", "Linear 512->8192"}
     assert len(shapes["Linear 4096->4096"].names) == 5, "wo in 4 layers and the MTP block"
+    assert {label: s.default_min_tokens for label, s in shapes.items() if not s.kept_bf16} == {
+        "Linear 4096->4096": 8192, "Linear 8192->4096": 4096, "SwiGLU MLP 4096, F=10240": 1229,
+        "SwiGLU MLP 4096, F=1536": 8192, "experts E16 top-4 4096, F=1536": 1024}, \
+        "the thresholds convert's defaults give them"
     assert shapes["Linear 8192->4096"].names == ["mtp.0.eh_proj"]
     assert len(shapes["experts E16 top-4 4096, F=1536"].names) == 4
     # suggestions: Linears and MLPs stated at 4096 x 4096 (8192 -> 4096 at 4096 tokens is 8192
