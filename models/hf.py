@@ -12,7 +12,19 @@ the rotary dims are laid out in interleaved pairs on both sides (`rope_interleav
 map one to one; routed experts are stacked [E, ...] here and split per expert there. Checkpoints
 stored in FP8 with 128x128 `weight_scale_inv` blocks (the official release) are dequantized on load.
 
+`export_hf(..., fp8=True)` writes that FP8 layout itself, as DeepSeek-V3's release stores it and
+vLLM / SGLang / transformers read it: the attention projections and every MLP and expert weight
+of the decoder layers (the main ones and the MTP layers' blocks) as `float8_e4m3fn` with one fp32
+`weight_scale_inv` per 128x128 block (a partial block scaled by the elements it has), and
+`quantization_config` in config.json. The router, norms, embedding, output heads and the MTP
+layers' `eh_proj` stay in `dtype`, as in the release. The blocks are models.fp8.reference's
+quantize_128x128 of each parameter, which is what FP8 training's forward multiplies with (with
+`pow2_scales`, as under `fp8.pow2_scales=true`: scales rounded up to powers of two, written as
+`"scale_fmt": "ue8m0"` like DeepSeek-V3.1's release). Half the bytes of a bf16 export for those
+weights; loading it back (here or in transformers) gives the dequantized weights.
+
     export_hf(model, "out/hf")                   # config.json + model*.safetensors
+    export_hf(model, "out/hf8", fp8=True)        # the same with FP8 weight blocks
     model = load_hf("out/hf")                    # a Transformer with those weights
     cfg = config_from_hf(json.load(open(...)))   # the ModelConfig a config.json describes
 """
@@ -28,6 +40,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from models.config import ModelConfig
+from models.fp8.reference import BLOCK, quantize_128x128
 from models.transformer import Transformer, build_model
 
 _BLOCK_RENAMES = [  # ours (inside a block) -> Hugging Face (inside model.layers.{i})
@@ -178,12 +191,16 @@ def _block_names(prefix: str, rest: str, tensor: torch.Tensor):
 # -- export --------------------------------------------------------------------------------------
 
 def export_hf(model: Transformer, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16,
-              max_shard_bytes: int = 4 << 30) -> Path:
-    """Write config.json and the weights (sharded with an index past max_shard_bytes)."""
+              max_shard_bytes: int = 4 << 30, fp8: bool = False,
+              pow2_scales: bool = False) -> Path:
+    """Write config.json and the weights (sharded with an index past max_shard_bytes); fp8: the
+    release's FP8 weight blocks for the weights `FP8_WEIGHTS` names (module docstring)."""
+    if pow2_scales and not fp8:
+        raise ValueError("pow2_scales applies to FP8 exports only; pass fp8=True with it")
+    state = dict(_exported({**to_hf_state(model), **_shared_copies(model)}, dtype, fp8,
+                           pow2_scales))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = {**to_hf_state(model), **_shared_copies(model)}
-    state = {k: _export_dtype(k, v, dtype).contiguous().cpu() for k, v in state.items()}
     shards = _shard(state, max_shard_bytes)
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
@@ -194,12 +211,46 @@ def export_hf(model: Transformer, out_dir: str | Path, dtype: torch.dtype = torc
                  "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
     hf_cfg = config_to_hf(model.cfg) | {"torch_dtype": str(dtype).removeprefix("torch.")}
+    if fp8:
+        hf_cfg["quantization_config"] = fp8_quantization_config(pow2_scales)
     (out_dir / "config.json").write_text(json.dumps(hf_cfg, indent=2))
     return out_dir
 
 
 def _export_dtype(key: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.float() if key.endswith("e_score_correction_bias") else t.to(dtype)
+
+
+FP8_WEIGHTS = re.compile(
+    r"model\.layers\.\d+\.(self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj"
+    r"|o_proj)|mlp\.(shared_experts\.|experts\.\d+\.)?(gate|up|down)_proj)\.weight")
+"""The weights DeepSeek-V3's release stores as FP8 128x128 blocks: the decoder layers' attention
+projections and MLP / shared / routed expert weights (not the router `mlp.gate`, the norms, the
+embedding and heads, nor the MTP layers' `eh_proj`)."""
+
+
+def fp8_quantization_config(pow2_scales: bool) -> dict:
+    """config.json's `quantization_config` of an FP8 export (the release's, DeepSeek-V3.1's
+    `scale_fmt` with power-of-two scales)."""
+    config = dict(activation_scheme="dynamic", fmt="e4m3", quant_method="fp8",
+                  weight_block_size=[BLOCK, BLOCK])
+    return config | {"scale_fmt": "ue8m0"} if pow2_scales else config
+
+
+def _exported(state: dict, dtype: torch.dtype, fp8: bool, pow2_scales: bool):
+    """(name, CPU tensor) pairs to write, one tensor converted at a time (no second copy of the
+    model on its device): each in `dtype`, or with fp8 each FP8_WEIGHTS tensor as e4m3 blocks
+    and its `weight_scale_inv`, quantized from the parameter itself (not from a `dtype` copy)."""
+    for k, t in state.items():
+        if not (fp8 and FP8_WEIGHTS.fullmatch(k)):
+            yield k, _export_dtype(k, t, dtype).contiguous().cpu()
+            continue
+        try:
+            q, s = quantize_128x128(t, pow2_scales)
+        except ValueError as e:
+            raise ValueError(f"cannot export {k} in FP8: {e}") from e
+        yield k, q.cpu()
+        yield k.removesuffix(".weight") + ".weight_scale_inv", s.cpu()
 
 
 def _shard(state: dict, max_bytes: int) -> list[dict]:

@@ -92,13 +92,15 @@ def test_group_files_list_every_field(group, schema):
 def test_overrides_reach_the_dataclasses():
     c = to_dataclasses(_compose("model=small", "model.num_hidden_layers=2", "optim.lr=1e-4",
                                 "optim=adamw_wsd", "parallel=zero2", "logger=off",
-                                "fp8.linear_min_tokens=16384", "fp8.experts_min_tokens=0"))
+                                "fp8.linear_min_tokens=16384", "fp8.experts_min_tokens=0",
+                                "checkpoint.export_fp8=true"))
     assert c.model == model_config("small", num_hidden_layers=2)
     assert c.fp8.linear_min_tokens == 16384 and c.fp8.mlp_min_tokens == 3072
     assert c.fp8.experts_min_tokens == 0
     assert c.optim.lr == 1e-4 and c.optim.schedule == "wsd"
     assert c.parallel.zero_stage == 2 and c.logger.mode == "disabled"
     assert c.data.vocab_size == 32768
+    assert c.checkpoint.export_fp8 and c.checkpoint.export_hf
 
 
 @pytest.mark.parametrize("override, error, words", [

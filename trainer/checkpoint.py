@@ -173,12 +173,14 @@ def check_compatible(path: Path, meta: dict, model: nn.Module, model_cfg, world_
                               f"{world_size}; resume with --nproc_per_node={meta['world_size']}")
 
 
-def export_hf(model: nn.Module, out_dir: Path) -> Path:
-    """Write the model in the Hugging Face DeepSeek-V3 layout (safetensors + config.json) via models/hf.py."""
+def export_hf(model: nn.Module, out_dir: Path, fp8: bool = False,
+              pow2_scales: bool = False) -> Path:
+    """Write the model in the Hugging Face DeepSeek-V3 layout (safetensors + config.json) via
+    models/hf.py; fp8: its FP8 weight blocks (models.hf.export_hf)."""
     try:
         from models.hf import export_hf as export
     except ImportError as exc:
         raise RuntimeError("models/hf.py (export_hf) is not available in this checkout; run with "
                            "checkpoint.export_hf=false") from exc
-    export(model, out_dir)
+    export(model, out_dir, fp8=fp8, pow2_scales=pow2_scales and fp8)
     return out_dir

@@ -55,6 +55,11 @@ class CheckpointConfig:
     """Start from the latest checkpoint of another checkpoint directory instead of `dir`."""
     export_hf: bool = True
     """Write a Hugging Face DeepSeek-V3-layout export to <run dir>/hf at the end."""
+    export_fp8: bool = False
+    """That export's attention, MLP and expert weights as DeepSeek-V3's release stores them:
+    e4m3 128x128 blocks with `weight_scale_inv` (power-of-two scales under fp8.pow2_scales), the
+    blocks FP8 training's forward multiplies with, ready for vLLM / SGLang's FP8 path; the rest in
+    bf16 (models/hf.py)."""
 
 
 @dataclass

@@ -183,8 +183,9 @@ def log_eval(model, val, job: eng.Job, tracker: NullTracker, step: int) -> float
 
 def finish(c: PretrainConfig, model, job: eng.Job, tracker: NullTracker, run_dir: Path) -> None:
     if c.checkpoint.export_hf and job.is_main:
-        out = export_hf(model, run_dir / "hf")
-        tracker.print(f"exported Hugging Face checkpoint to {out}")
+        fp8 = c.checkpoint.export_fp8
+        out = export_hf(model, run_dir / "hf", fp8=fp8, pow2_scales=c.fp8.pow2_scales)
+        tracker.print(f"exported Hugging Face checkpoint{' (FP8 weights)' if fp8 else ''} to {out}")
     tracker.finish()
     if job.world_size > 1:
         dist.barrier()
