@@ -363,3 +363,46 @@ def test_small_model_gradients_close_gpu(monkeypatch):
                                            monkeypatch, shape=(4, 2049))
     assert any(".experts" in n for n in fp8_modules) and "layers.0.ffn.w1" in fp8_modules
     _check_close(results, fp8_modules)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pow2", [False, True])
+def test_fp8_export_holds_the_blocks_fp8_training_multiplies_with(tmp_path, pow2):
+    """models.hf.export_hf(fp8=True) of a converted model on the GPU: every exported FP8 weight is
+    bitwise the copy the model's Triton quantizer makes for its forward (FP8Linear.fp8_weight,
+    FP8GroupedExperts.fp8_weights)."""
+    from safetensors import safe_open
+    from models.hf import _hf_names, export_hf
+    torch.manual_seed(5)
+    cfg = model_config("debug", vocab_size=512, num_hidden_layers=2, hidden_size=256,
+                       intermediate_size=512, moe_intermediate_size=128, q_lora_rank=128,
+                       kv_lora_rank=128, qk_rope_head_dim=64, qk_nope_head_dim=64, v_head_dim=64)
+    model = build_model(cfg, device="cuda")
+    convert(model, FP8Config(recipe="blockwise", pow2_scales=pow2, skip_small=False))
+    export_hf(model, tmp_path, fp8=True, pow2_scales=pow2)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt", device="cuda") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+
+    def assert_block(key, q, s):
+        assert torch.equal(state[key].view(torch.uint8), q.view(torch.uint8)), key
+        assert torch.equal(state[key.removesuffix(".weight") + ".weight_scale_inv"], s), key
+
+    linears = experts = 0
+    for name, module in model.named_modules():
+        if isinstance(module, FP8Linear):
+            [(key, _)] = _hf_names(f"{name}.weight", module.weight, len(model.layers))
+            if key.endswith("eh_proj.weight"):
+                continue  # FP8 in training, bf16 in the release's layout
+            q, s, *_ = module.fp8_weight()
+            assert_block(key, q, s)
+            linears += 1
+        elif isinstance(module, FP8GroupedExperts):
+            w, f = module.fp8_weights(), module.w1.shape[1] // 128
+            for e, ((gate, _), (up, _), (down, _)) in enumerate(zip(*(
+                    _hf_names(f"{name}.{p}", getattr(module, p), len(model.layers))
+                    for p in ("w1", "w3", "w2")))):
+                assert_block(gate, w.w13_q[e, :128 * f], w.w13_s[e, :f])
+                assert_block(up, w.w13_q[e, 128 * f:], w.w13_s[e, f:])
+                assert_block(down, w.w2_q[e], w.w2_s[e])
+                experts += 1
+    assert linears >= 10 and experts == 2 * cfg.n_routed_experts  # layer 1's and the MTP's
