@@ -2,8 +2,8 @@
 
 Subprocess runs of `python -m trainer.pretrain` on the debug model and the stdlib corpus:
 bf16 training lowers the validation loss and keeps the router biases FP32 in the checkpoint;
-fp8=blockwise follows the bf16 run's loss closely; two NCCL ranks match one rank with twice the
-accumulation (bf16 tolerance).
+fp8=blockwise follows the bf16 run's loss closely and can export its FP8 weight blocks; two NCCL
+ranks match one rank with twice the accumulation (bf16 tolerance).
 """
 import sys
 
@@ -79,3 +79,29 @@ def test_two_nccl_ranks_match_one_rank(tmp_path, fp8):
         # the gradient norm is summed over the two ranks' ZeRO-1 partitions (trainer/zero_clip.py)
         norm, one_rank_norm = two[step]["optim/grad_norm"], one[step]["optim/grad_norm"]
         assert norm == pytest.approx(one_rank_norm, rel=1e-2), step
+
+
+@pytest.mark.gpu
+def test_fp8_run_exports_its_fp8_blocks(tmp_path):
+    """checkpoint.export_fp8=true at the end of an fp8=blockwise run (power-of-two scales): the
+    release's FP8 layout, which loads back to the trained weights' dequantized blocks."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("fp8=blockwise needs an sm90 GPU")
+    import json
+    from safetensors import safe_open
+    from models.hf import load_hf
+    run_dir = tmp_path / "run"
+    overrides = [opt for opt in GPU_RUN if not opt.startswith("checkpoint.export_hf")]
+    proc = _ok(_pretrain([*overrides, "train.steps=4", "train.eval_every=4", "checkpoint.every=0",
+                          "fp8=blockwise", "fp8.skip_small=false", "fp8.pow2_scales=true",
+                          "checkpoint.export_fp8=true", f"hydra.run.dir={run_dir}"], cwd=ROOT))
+    assert "(FP8 weights)" in proc.stdout + proc.stderr
+    config = json.loads((run_dir / "hf" / "config.json").read_text())
+    assert config["quantization_config"]["scale_fmt"] == "ue8m0"
+    with safe_open(str(run_dir / "hf" / "model.safetensors"), "pt") as f:
+        q = f.get_tensor("model.layers.1.mlp.experts.0.down_proj.weight")
+        s = f.get_tensor("model.layers.1.mlp.experts.0.down_proj.weight_scale_inv")
+    assert q.dtype == torch.float8_e4m3fn and bool((torch.log2(s) == torch.log2(s).round()).all())
+    model = load_hf(run_dir / "hf")
+    full = s.repeat_interleave(128, 0).repeat_interleave(128, 1)[: q.shape[0], : q.shape[1]]
+    assert torch.equal(model.layers[1].ffn.experts.w2[0], q.float() * full)
