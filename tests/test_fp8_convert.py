@@ -365,6 +365,12 @@ def test_small_model_gradients_close_gpu(monkeypatch):
     _check_close(results, fp8_modules)
 
 
+def _export_cfg():
+    """The debug model widened so that the attention projections, MLPs and experts convert."""
+    return model_config("debug", vocab_size=512, num_hidden_layers=2, hidden_size=256,
+                        intermediate_size=512, moe_intermediate_size=128, q_lora_rank=128,
+                        kv_lora_rank=128, qk_rope_head_dim=64, qk_nope_head_dim=64, v_head_dim=64)
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("pow2", [False, True])
 def test_fp8_export_holds_the_blocks_fp8_training_multiplies_with(tmp_path, pow2):
@@ -374,9 +380,7 @@ def test_fp8_export_holds_the_blocks_fp8_training_multiplies_with(tmp_path, pow2
     from safetensors import safe_open
     from models.hf import _hf_names, export_hf
     torch.manual_seed(5)
-    cfg = model_config("debug", vocab_size=512, num_hidden_layers=2, hidden_size=256,
-                       intermediate_size=512, moe_intermediate_size=128, q_lora_rank=128,
-                       kv_lora_rank=128, qk_rope_head_dim=64, qk_nope_head_dim=64, v_head_dim=64)
+    cfg = _export_cfg()
     model = build_model(cfg, device="cuda")
     convert(model, FP8Config(recipe="blockwise", pow2_scales=pow2, skip_small=False))
     export_hf(model, tmp_path, fp8=True, pow2_scales=pow2)
@@ -406,3 +410,39 @@ def test_fp8_export_holds_the_blocks_fp8_training_multiplies_with(tmp_path, pow2
                 assert_block(down, w.w2_q[e], w.w2_s[e])
                 experts += 1
     assert linears >= 10 and experts == 2 * cfg.n_routed_experts  # layer 1's and the MTP's
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+def test_fp8_export_loads_back_into_the_same_fp8_weights(tmp_path, pow2):
+    """Fine-tuning from an FP8 export (DeepSeek's release follows the same rule, s = amax / 448):
+    after load_hf and convert, each converted Linear's own quantizer reproduces the exported
+    blocks' values exactly, and their bytes without power-of-two scales (with them, a block whose
+    largest element had rounded down to 224 comes back as twice the values at half the scale:
+    the same numbers)."""
+    from safetensors import safe_open
+    from models.fp8.reference import dequantize_128x128
+    from models.hf import _hf_names, export_hf, load_hf
+    torch.manual_seed(6)
+    cfg = _export_cfg()
+    model = build_model(cfg)
+    for p in model.parameters():
+        nn.init.normal_(p, std=0.05)
+    export_hf(model, tmp_path, fp8=True, pow2_scales=pow2)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    back = load_hf(tmp_path)
+    convert(back, FP8Config(recipe="blockwise", skip_small=False, pow2_scales=pow2), emulate=True)
+    checked = 0
+    for name, module in back.named_modules():
+        if not isinstance(module, FP8Linear):
+            continue
+        [(key, _)] = _hf_names(f"{name}.weight", module.weight, len(back.layers))
+        if key.endswith("eh_proj.weight"):
+            continue  # bf16 in the export
+        q, s, *_ = module.fp8_weight()
+        q0, s0 = state[key], state[key.removesuffix(".weight") + ".weight_scale_inv"]
+        assert torch.equal(dequantize_128x128(q, s), dequantize_128x128(q0, s0)), key
+        if not pow2:
+            assert torch.equal(q.view(torch.uint8), q0.view(torch.uint8)) and torch.equal(s, s0)
+        checked += 1
+    assert checked >= 10
