@@ -124,6 +124,7 @@ def test_bad_overrides_fail_at_composition_naming_the_key(override, error, words
     (["fp8=blockwise", "fp8.mlp_min_tokens=-1"], "fp8.mlp_min_tokens"),
     (["fp8=blockwise", "fp8.experts_min_tokens=-512"], "fp8.experts_min_tokens"),
     (["model.n_group=3"], "n_group"),
+    (["checkpoint.export_hf=false", "checkpoint.export_fp8=true"], "checkpoint.export_fp8"),
 ])
 def test_bad_values_fail_in_the_owning_dataclass(overrides, words):
     with pytest.raises(ValueError, match=words.replace(".", r"\.")):

@@ -61,6 +61,12 @@ class CheckpointConfig:
     blocks FP8 training's forward multiplies with, ready for vLLM / SGLang's FP8 path; the rest in
     bf16 (models/hf.py)."""
 
+    def __post_init__(self) -> None:
+        if self.export_fp8 and not self.export_hf:
+            raise ValueError("checkpoint.export_fp8=true sets how the Hugging Face export stores "
+                             "its weights, and checkpoint.export_hf=false turns that export off; "
+                             "drop one of the two")
+
 
 @dataclass
 class PretrainConfig:
