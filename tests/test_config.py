@@ -103,6 +103,14 @@ def test_overrides_reach_the_dataclasses():
     assert c.checkpoint.export_fp8 and c.checkpoint.export_hf
 
 
+@pytest.mark.parametrize("override, patterns", [
+    ("fp8.keep_bf16=[layers.0,mtp.*]", ["layers.0", "mtp.*"]),
+    ("fp8.keep_bf16=[*.attn.wo]", ["*.attn.wo"]),
+])
+def test_keep_bf16_patterns_reach_the_fp8_config(override, patterns):
+    assert to_dataclasses(_compose("fp8=blockwise", override)).fp8.keep_bf16 == patterns
+
+
 @pytest.mark.parametrize("override, error, words", [
     ("optim.lrr=1", ConfigCompositionException, "optim.lrr"),
     ("model.hiden_size=64", ConfigCompositionException, "model.hiden_size"),
@@ -110,6 +118,7 @@ def test_overrides_reach_the_dataclasses():
     ("train.steps=1.5", ConfigCompositionException, "train.steps"),
     ("model=huge", MissingConfigException, "model/huge"),
     ("fp8.narrow_mlp_min_tokens=8192", ConfigCompositionException, "narrow_mlp_min_tokens"),
+    ("fp8.keep_bf16=layers.0", ConfigCompositionException, "fp8.keep_bf16"),
 ])
 def test_bad_overrides_fail_at_composition_naming_the_key(override, error, words):
     with pytest.raises(error) as info:
@@ -125,6 +134,7 @@ def test_bad_overrides_fail_at_composition_naming_the_key(override, error, words
     (["fp8=blockwise", "fp8.experts_min_tokens=-512"], "fp8.experts_min_tokens"),
     (["model.n_group=3"], "n_group"),
     (["checkpoint.export_hf=false", "checkpoint.export_fp8=true"], "checkpoint.export_fp8"),
+    (["fp8=blockwise", "fp8.keep_bf16=[layers.0,'']"], "fp8.keep_bf16"),
 ])
 def test_bad_values_fail_in_the_owning_dataclass(overrides, words):
     with pytest.raises(ValueError, match=words.replace(".", r"\.")):

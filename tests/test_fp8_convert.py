@@ -17,7 +17,7 @@ from models.fp8 import FP8Config, FP8Linear, convert
 from models.fp8.convert import (EXPERTS_MIN_TOKENS, FP8_GEMM_SPEEDUP, LINEAR_MIN_TOKENS,
                                 MLP_MIN_TOKENS, flop_shares, run_outlook, scaled_min_tokens)
 from models.fp8.experts import FP8GroupedExperts
-from models.fp8.linear import FP8MLP
+from models.fp8.linear import FP8MLP, FP8RMSNorm
 from models.fp8.gemm import has_blockwise_kernels
 from models.layers import RMSNorm
 from models.moe import GroupedExperts, Router
@@ -242,6 +242,30 @@ def test_norms_feeding_fp8_consumers_are_fused():
     model = build_model(model_config("debug", **ALL_ELIGIBLE))
     convert(model, FP8Config(recipe="blockwise", skip_small=False, fuse_norms=False), emulate=True)
     assert set(_norm_types(model).values()) == {"RMSNorm"}
+
+
+def test_keep_bf16_names_modules_that_stay_high_precision(caplog):
+    """fp8.keep_bf16: every module a pattern names, and everything inside it, stays as it was
+    (norms with no FP8 consumer left stay plain); the rest converts as without it; a pattern that
+    names nothing is an error before anything is converted."""
+    model = build_model(model_config("debug", **ALL_ELIGIBLE))
+    everything = _expected_fp8(model)
+    with caplog.at_level(logging.INFO, logger="models.fp8.convert"):
+        convert(model, FP8Config(recipe="blockwise", skip_small=False,
+                                 keep_bf16=["layers.0", "mtp.*", "*.attn.wo"]), emulate=True)
+    kept = {n for n in everything if n.startswith(("layers.0.", "mtp.")) or n.endswith(".attn.wo")}
+    assert kept and _fp8_names(model) == everything - kept
+    assert all(type(m) in (nn.Linear, GroupedExperts) for n, m in model.named_modules()
+               if n in kept)
+    assert type(model.layers[0].attn_norm) is RMSNorm and type(model.layers[0].ffn) is not FP8MLP
+    assert isinstance(model.layers[1].attn_norm, FP8RMSNorm)
+    assert any("fp8.keep_bf16): layers.0, layers.1.attn.wo" in r.getMessage()
+               for r in caplog.records)
+    model = build_model(model_config("debug", **ALL_ELIGIBLE))
+    with pytest.raises(ValueError, match=r"'layer\.0' matches no module.*layers\.0\.attn\.wq_a"):
+        convert(model, FP8Config(recipe="blockwise", keep_bf16=["layers.1", "layer.0"]),
+                emulate=True)
+    assert not _fp8_names(model), "nothing converted"
 
 
 def test_off_leaves_the_model_alone():

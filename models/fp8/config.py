@@ -10,7 +10,7 @@ that linear.py and experts.py (which linear.py imports) share it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 RECIPES = ("off", "blockwise")
 
@@ -42,6 +42,13 @@ class FP8Config:
     """Under skip_small, the routed experts run their bf16 grouped GEMMs on calls of fewer tokens
     than this (the tokens entering the MoE layer, before top-k; convert.py's
     EXPERTS_MIN_TOKENS)."""
+    keep_bf16: list[str] = field(default_factory=list)
+    """Modules kept in high precision whatever else says, by name: glob patterns (fnmatch) over
+    the model's module names, e.g. ["layers.0", "mtp.*"] (a block and everything in it) or
+    ["*.attn.wo"]; a matched module's children stay too. How Megatron-Core's
+    first/last-layers-in-bf16 option and torchao's module filter are used: to find which layers
+    an FP8 loss gap comes from, or to keep the first and last blocks bf16. A pattern matching no
+    module is an error (a typo would otherwise change nothing)."""
     fuse_norms: bool = True
     """A norm whose output goes into FP8 Linears or MLPs computes their FP8 input copies in its
     own kernel (models.fp8.linear.FP8RMSNorm: the output is not read back to be quantized);
@@ -55,6 +62,11 @@ class FP8Config:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"fp8.{name}={value!r} must be a token count >= 0 (0: every "
                                  "call in FP8)")
+
+        if isinstance(self.keep_bf16, str) or not all(
+                isinstance(p, str) and p for p in self.keep_bf16):
+            raise ValueError(f"fp8.keep_bf16={self.keep_bf16!r} must be a list of module-name "
+                             "patterns, e.g. fp8.keep_bf16='[layers.0,mtp.*]'")
 
     @property
     def enabled(self) -> bool:

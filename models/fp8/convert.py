@@ -16,7 +16,8 @@ notice):
 and keeps in high precision what DeepSeek-V3 keeps there (section 3.3.1): the embedding, the
 output head, the router (a models.moe.Router, not an nn.Linear), the norms' arithmetic (an
 FP8RMSNorm computes in fp32 like the plain norm; it only also writes its FP8 consumers' copies)
-and the attention core (softmax(QK^T)V and the absorbed decode math). A module whose dimensions
+and the attention core (softmax(QK^T)V and the absorbed decode math), plus whatever
+`fp8_cfg.keep_bf16` names (module-name patterns, one log line). A module whose dimensions
 the FP8 kernels cannot take (a dimension not divisible by 128, a bias) stays as it is, with one
 log line saying why; an MLP with such a projection is converted Linear by Linear instead.
 
@@ -75,6 +76,7 @@ kernels under the interpreter and the fp32 reference GEMMs on CPU (slow, exact i
 """
 from __future__ import annotations
 
+import fnmatch
 import logging
 from dataclasses import dataclass
 
@@ -158,7 +160,8 @@ def convert(model: nn.Module, fp8_cfg: FP8Config, emulate: bool = False) -> nn.M
     if not emulate and not has_blockwise_kernels():
         raise RuntimeError(f"fp8.recipe={fp8_cfg.recipe} needs an sm90 (Hopper) GPU for its "
                            "block-scaled GEMMs and none is visible; use fp8=off on this machine")
-    _convert_children(model, "", {id(m) for m in _high_precision(model)}, fp8_cfg)
+    keep = _high_precision(model) + _kept_by_name(model, fp8_cfg.keep_bf16)
+    _convert_children(model, "", {id(m) for m in keep}, fp8_cfg)
     _log_token_thresholds(model, fp8_cfg)
     if fp8_cfg.fuse_norms:
         _fuse_norms(model, fp8_cfg)
@@ -243,6 +246,25 @@ def _high_precision(model: nn.Module) -> list[nn.Module]:
     """Modules that stay in high precision even where the kernels could take them."""
     head = getattr(model, "head", None)
     return [head] if isinstance(head, nn.Module) else []
+
+
+def _kept_by_name(model: nn.Module, patterns: list[str]) -> list[nn.Module]:
+    """The modules `fp8.keep_bf16`'s patterns name (one log line); a pattern that names none is
+    an error listing a few of the names there are."""
+    if not patterns:
+        return []
+    named = [(name, m) for name, m in model.named_modules() if name]
+    kept = [(name, m) for name, m in named if any(fnmatch.fnmatchcase(name, p) for p in patterns)]
+    for p in patterns:
+        if not any(fnmatch.fnmatchcase(name, p) for name, _ in kept):
+            examples = ", ".join(name for name, m in named if isinstance(m, nn.Linear))
+            raise ValueError(f"fp8.keep_bf16 pattern {p!r} matches no module of this model; "
+                             f"names look like {examples[:200]}... (glob patterns: 'layers.0', "
+                             "'mtp.*', '*.attn.wo')")
+    log.info("fp8: keeping in high precision (fp8.keep_bf16): %s",
+             ", ".join(name for name, _ in kept if not any(
+                 name.startswith(outer + ".") for outer, _ in kept)))
+    return [m for _, m in kept]
 
 
 def _fp8_version(name: str, module: nn.Module, fp8_cfg: FP8Config) -> nn.Module | None:
