@@ -70,7 +70,8 @@ H100_PEAK = PEAK_BF16_FLOPS["H100"]
 
 def fp8_config(recipe: str) -> FP8Config:
     """FP8Config of a --recipes entry: a recipe, optionally with settings after a colon,
-    e.g. "blockwise:fuse_norms=false,skip_small=false" or "blockwise:linear_min_tokens=0"."""
+    e.g. "blockwise:fuse_norms=false,skip_small=false", "blockwise:linear_min_tokens=0" or
+    "blockwise:keep_bf16=layers.0+mtp.*" (keep_bf16's patterns joined by +)."""
     name, _, settings = recipe.partition(":")
     kinds = {f.name: f.type for f in dataclasses.fields(FP8Config) if f.name != "recipe"}
     kwargs = {}
@@ -80,10 +81,12 @@ def fp8_config(recipe: str) -> FP8Config:
             kwargs[key] = value.lower() == "true"
         elif kinds.get(key) == "int" and value.isdigit():
             kwargs[key] = int(value)
+        elif kinds.get(key) == "list[str]" and value:
+            kwargs[key] = value.split("+")
         else:
             raise SystemExit(f"--recipes {recipe}: {item!r} is not a setting; give "
-                             f"<field>=true|false or <field>=<count> with a field of "
-                             f"{sorted(kinds)}")
+                             f"<field>=true|false, <field>=<count> or keep_bf16=<pattern>+... "
+                             f"with a field of {sorted(kinds)}")
     return FP8Config(recipe=name, **kwargs)
 
 

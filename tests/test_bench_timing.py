@@ -130,8 +130,11 @@ def test_bench_train_recipe_settings():
     assert cfg == FP8Config(recipe="blockwise", fuse_norms=False, skip_small=False)
     cfg = bench_train.fp8_config("blockwise:linear_min_tokens=0,mlp_min_tokens=16384")
     assert cfg == FP8Config(recipe="blockwise", linear_min_tokens=0, mlp_min_tokens=16384)
+    cfg = bench_train.fp8_config("blockwise:keep_bf16=layers.0+mtp.*,skip_small=false")
+    assert cfg == FP8Config(recipe="blockwise", keep_bf16=["layers.0", "mtp.*"], skip_small=False)
     for bad in ("blockwise:fuse_norm=false", "blockwise:fuse_norms=0", "blockwise:recipe=true",
-                "blockwise:linear_min_tokens=true", "blockwise:linear_min_tokens=-1"):
+                "blockwise:linear_min_tokens=true", "blockwise:linear_min_tokens=-1",
+                "blockwise:keep_bf16="):
         with pytest.raises(SystemExit, match="fuse_norms"):
             bench_train.fp8_config(bad)
 
