@@ -258,9 +258,10 @@ def _kept_by_name(model: nn.Module, patterns: list[str]) -> list[nn.Module]:
     for p in patterns:
         if not any(fnmatch.fnmatchcase(name, p) for name, _ in kept):
             examples = ", ".join(name for name, m in named if isinstance(m, nn.Linear))
+            examples = examples if len(examples) <= 200 else examples[:200] + "..."
             raise ValueError(f"fp8.keep_bf16 pattern {p!r} matches no module of this model; "
-                             f"names look like {examples[:200]}... (glob patterns: 'layers.0', "
-                             "'mtp.*', '*.attn.wo')")
+                             f"names look like {examples} (glob patterns: 'layers.0', 'mtp.*', "
+                             "'*.attn.wo')")
     log.info("fp8: keeping in high precision (fp8.keep_bf16): %s",
              ", ".join(name for name, _ in kept if not any(
                  name.startswith(outer + ".") for outer, _ in kept)))
