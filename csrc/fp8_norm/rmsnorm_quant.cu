@@ -32,7 +32,8 @@
 //
 // Measured on an H100 (models/fp8/quant.py's docstring has the figures and where the time goes):
 // 77% of a device-to-device copy's bandwidth at 32768 x 7168, 58% at 8192 x 4096 and 61-62% at
-// 16384 x 2048 (68%, 54% and 58% before the weights were loaded a tile ahead, load_weights()).
+// 16384 x 2048 (68%, 54% and 58% before the weights were loaded a tile ahead, load_weights());
+// 80-81% at 32768 x 7168 since a round's last tile is held in registers there (HOLD, below).
 // Per active SM that is 95% of the dual quantizer's DRAM rate, on the 120 of 132 SMs that hold a
 // cluster of 8; a launch over all 132 (groups exchanging through L2, commit 3f64301) was no
 // faster: each SM slowed as SMs were added (quant.py's docstring has the figures). Fetching the
@@ -106,11 +107,25 @@ struct Smem {
   uint64_t* bar_a;
   uint64_t* bar_b;
   uint64_t* full;   // [tiles]
+  int* held;        // HOLD: threads that have copied the held tile into registers
 };
-constexpr size_t SCRATCH_BYTES = (2 * TILE + 3 * TILE) * sizeof(float) + 2 * sizeof(uint64_t);
+constexpr size_t SCRATCH_BYTES =
+    (2 * TILE + 3 * TILE) * sizeof(float) + 2 * sizeof(uint64_t) + 2 * sizeof(int);
 __host__ __device__ constexpr size_t smem_bytes(int tiles) {
   return size_t(tiles) * TILE_BYTES + SCRATCH_BYTES + size_t(tiles) * sizeof(uint64_t);
 }
+
+// HOLD (the kernel's template argument): each round's last tile is copied into registers (32 a
+// thread) when its squares are added and its buffer refilled at once, so that the load the next
+// round's exchange waits for longest goes out a round early; the tile is then quantized from the
+// registers. The host holds when a CTA's tiles fill all its buffers (no buffer left to load the
+// next round into ahead: K = 7168, 3584, 1792), where it measured 76.4% -> 81.2% of a copy at
+// 32768 x 7168 and +1.7% at 16384 x 7168 (twenty-eighth session, H100, interleaved, bitwise the
+// same outputs); with buffers to spare (K = 4096, 2048) it ran 2-3% slower (248 registers a thread
+// against 214). NORM_HOLD=0 / 1 forces it off / on (measurement builds; -1: that rule).
+#ifndef NORM_HOLD
+#define NORM_HOLD -1
+#endif
 
 struct Args {
   const void* w;  // [K], bf16 (w_bf16) or fp32
@@ -235,6 +250,19 @@ __device__ __forceinline__ void add_squares(const uint8_t* tile, const Thread& t
   }
 }
 
+// add_squares, keeping this thread's 8 raw rows (8 bf16 each) of the tile in `raw`.
+__device__ __forceinline__ void add_squares_held(const uint8_t* tile, const Thread& t,
+                                                 float (&ss)[8], uint4 (&raw)[8]) {
+#pragma unroll
+  for (int r = 0; r < 8; ++r) {
+    raw[r] = *reinterpret_cast<const uint4*>(tile + (8 * t.i + r) * 256 + t.j * 16);
+    float x[8];
+    unpack8(raw[r], x);
+#pragma unroll
+    for (int c = 0; c < 8; ++c) ss[r] = fmaf(x[c], x[c], ss[r]);
+  }
+}
+
 // rstd of this thread's rows 8i .. 8i + 7 of row block rb from its partial sums of squares `ss`
 // (round `round` of the exchange). The 16 threads of a row add theirs: the 8 lanes of a warp by
 // a butterfly (every lane gets the same sum, since a + b == b + a), then the two warps of the
@@ -321,6 +349,18 @@ __device__ __forceinline__ void normalize(const uint8_t* tile, const Thread& t,
   for (int r = 0; r < 8; ++r) {
     float x[8];
     tile_row(tile, t, r, x);
+#pragma unroll
+    for (int c = 0; c < 8; ++c) y[r][c] = x[c] * rstd[r] * w[c];
+  }
+}
+
+// normalize() of the tile held in registers (add_squares_held's `raw`).
+__device__ __forceinline__ void normalize_held(const uint4 (&raw)[8], const float (&w)[8],
+                                               const float (&rstd)[8], float (&y)[8][8]) {
+#pragma unroll
+  for (int r = 0; r < 8; ++r) {
+    float x[8];
+    unpack8(raw[r], x);
 #pragma unroll
     for (int c = 0; c < 8; ++c) y[r][c] = x[c] * rstd[r] * w[c];
   }
@@ -471,6 +511,7 @@ struct Ring {
   }
 };
 
+template <bool HOLD>
 __global__ void __launch_bounds__(THREADS, 1)
 rmsnorm_quant_kernel(const __grid_constant__ CUtensorMap x_map, const Args a) {
   extern __shared__ __align__(1024) uint8_t smem[];
@@ -483,6 +524,7 @@ rmsnorm_quant_kernel(const __grid_constant__ CUtensorMap x_map, const Args a) {
   sm.bar_a = reinterpret_cast<uint64_t*>(sm.recv_b + TILE);
   sm.bar_b = sm.bar_a + 1;
   sm.full = sm.bar_a + 2;
+  sm.held = reinterpret_cast<int*>(sm.full + a.buffers);
 
   const Thread t;
   const uint32_t rank = special(0), csize = special(1);
@@ -507,43 +549,72 @@ rmsnorm_quant_kernel(const __grid_constant__ CUtensorMap x_map, const Args a) {
     for (int s = 0; s < a.buffers; ++s) ring.load(s, &x_map);
   }
   for (int u = t.tid; u < 2 * TILE; u += THREADS) sm.amax[u] = 0;
+  if (HOLD && t.tid == 0) *sm.held = 0;
   cluster_sync();  // every CTA's barriers exist before anyone sends to them
 
   float ss[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   RawWeights next_w = load_weights(a, ring.k_first * TILE + 8 * t.j);  // of the next tile
   int summed = 0;  // elements of the sequence whose squares this thread has added
+  const int last = ring.n_tiles - 1;  // a round's last tile: held in registers if HOLD
+  [[maybe_unused]] uint4 held[8];     // its raw rows
+  [[maybe_unused]] int refill = -1;   // thread 0: the element the held tile's buffer takes next
+  // Squares of element s; a round's last tile is copied into `held` and counted, and thread 0
+  // refills its buffer at the next barrier by which every thread has copied it (release_held).
+  auto add = [&](int s) {
+    if (HOLD && s % ring.n_tiles == last) {
+      add_squares_held(ring.tile(s), t, ss, held);
+      atomicAdd(sm.held, 1);
+      refill = s + a.buffers;
+    } else {
+      add_squares(ring.tile(s), t, ss);
+    }
+  };
+  auto release_held = [&]() {  // thread 0, right after a CTA barrier
+    if (HOLD && refill >= 0 && *reinterpret_cast<volatile int*>(sm.held) == THREADS) {
+      *sm.held = 0;
+      ring.load(refill, &x_map);
+      refill = -1;
+    }
+  };
   for (int round = 0; round < ring.rounds; ++round) {
     const int rb = cluster + round * clusters, end = (round + 1) * ring.n_tiles;
     mark(round, 0);
     for (; summed < end; ++summed) {
       mbar_wait(ring.bar(summed), ring.parity(summed));
-      add_squares(ring.tile(summed), t, ss);
+      add(summed);
     }
     mark(round, 1);
     float rstd[8];
-    row_rstd(ss, sm, t, a, rank, csize, rb, uint32_t(round), rstd);
+    row_rstd(ss, sm, t, a, rank, csize, rb, uint32_t(round), rstd);  // (barriers inside)
+    if (t.tid == 0) release_held();
 #pragma unroll
     for (int r = 0; r < 8; ++r) ss[r] = 0.0f;
     mark(round, 2);
     for (int k = 0; k < ring.n_tiles; ++k) {
       const int s = round * ring.n_tiles + k;
       const int kb = ring.k_first + k, col0 = kb * TILE + 8 * t.j;
+      const bool from_registers = HOLD && k == last;
       float w[8], y[8][8];
       weights(next_w, a.w_bf16, w);
       const int k_next = k + 1 < ring.n_tiles ? k + 1 : 0;  // the same columns every round
       next_w = load_weights(a, (ring.k_first + k_next) * TILE + 8 * t.j);
-      normalize(ring.tile(s), t, w, rstd, y);
+      if (from_registers) normalize_held(held, w, rstd, y);
+      else normalize(ring.tile(s), t, w, rstd, y);
       tile_amax(y, t, a.colwise != 0, sm.amax);
       __syncthreads();  // the tile is in registers: its buffer takes the element `buffers` on
-      if (t.tid == 0) ring.load(s + a.buffers, &x_map);
+      if (t.tid == 0) {
+        if (!from_registers) ring.load(s + a.buffers, &x_map);
+        release_held();
+      }
       tile_scales(sm, t, a, rb, kb);
       __syncthreads();
       tile_store(y, sm, t, a, rb, col0);
       // the next round's tiles that have landed: their squares now, off the exchange's path
-      // (each thread adds its tiles in sequence order whenever it gets to them)
+      // (each thread adds its tiles in sequence order whenever it gets to them; a round's last
+      // tile if HOLD only once this round's held one has been quantized)
       if (summed < min(end + ring.n_tiles, ring.rounds * ring.n_tiles) && summed <= s + a.buffers &&
-          ring.landed(summed)) {
-        add_squares(ring.tile(summed), t, ss);
+          (!HOLD || summed % ring.n_tiles != last || k == last) && ring.landed(summed)) {
+        add(summed);
         ++summed;
       }
     }
@@ -580,42 +651,55 @@ cudaLaunchConfig_t launch_config(int cluster, int buffers, int ctas, void* strea
   return config;
 }
 
+using Kernel = void (*)(CUtensorMap, Args);
+
+// The kernel instance for a launch whose CTAs hold up to `tiles` column tiles in `buffers`
+// buffers: HOLD when none is left over (see HOLD's comment), unless NORM_HOLD forces it.
+Kernel kernel_for(int tiles, int buffers) {
+  const bool hold = NORM_HOLD < 0 ? tiles == buffers : NORM_HOLD == 1;
+  return hold ? rmsnorm_quant_kernel<true> : rmsnorm_quant_kernel<false>;
+}
+
 // Clusters of `cluster` CTAs with `buffers` tile buffers each that can be resident at once; 0
-// with err set if none. Cached per device and shape: the attributes and the occupancy query cost
-// microseconds per launch, and a model launches a few shapes (one per norm width) many times.
-int resident_clusters(int cluster, int buffers, char* err, int err_len) {
+// with err set if none. Cached per device, kernel and shape: the attributes and the occupancy
+// query cost microseconds per launch, and a model launches a few shapes (one per norm width)
+// many times.
+int resident_clusters(Kernel kernel, int cluster, int buffers, char* err, int err_len) {
   struct Entry {
-    int device, cluster, buffers, clusters;
+    int device;
+    Kernel kernel;
+    int cluster, buffers, clusters;
   };
   static Entry cache[16];
   static int cached = 0;
-  static size_t allowed[64] = {};  // per device: the shared memory the kernel may use so far
+  static size_t allowed[2][64] = {};  // per instance and device: the shared memory it may use
   int device = 0;
   cudaGetDevice(&device);
   for (int n = 0; n < cached; ++n)
-    if (cache[n].device == device && cache[n].cluster == cluster && cache[n].buffers == buffers)
+    if (cache[n].device == device && cache[n].kernel == kernel && cache[n].cluster == cluster &&
+        cache[n].buffers == buffers)
       return cache[n].clusters;
   cudaError_t e = cudaSuccess;
-  if (smem_bytes(buffers) > allowed[device % 64]) {  // a maximum: never lowered for a later shape
-    e = cudaFuncSetAttribute(rmsnorm_quant_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  size_t& room = allowed[kernel == rmsnorm_quant_kernel<true>][device % 64];
+  if (smem_bytes(buffers) > room) {  // a maximum: never lowered for a later shape
+    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              int(smem_bytes(buffers)));
-    if (e == cudaSuccess) allowed[device % 64] = smem_bytes(buffers);
+    if (e == cudaSuccess) room = smem_bytes(buffers);
   }
   if (e == cudaSuccess && cluster > 8)
-    e = cudaFuncSetAttribute(rmsnorm_quant_kernel,
-                             cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
   int clusters = 0;
   cudaLaunchAttribute attr;
   const cudaLaunchConfig_t config = launch_config(cluster, buffers, cluster, nullptr, &attr);
   if (e == cudaSuccess)
-    e = cudaOccupancyMaxActiveClusters(&clusters, rmsnorm_quant_kernel, &config);
+    e = cudaOccupancyMaxActiveClusters(&clusters, kernel, &config);
   if (e != cudaSuccess) return fail(err, err_len, cudaGetErrorString(e)) - 1;
   if (clusters < 1) {
     snprintf(err, err_len, "no cluster of %d CTAs with %zu bytes of shared memory each fits "
              "this device", cluster, smem_bytes(buffers));
     return 0;
   }
-  if (cached < 16) cache[cached++] = Entry{device, cluster, buffers, clusters};
+  if (cached < 16) cache[cached++] = Entry{device, kernel, cluster, buffers, clusters};
   return clusters;
 }
 
@@ -628,7 +712,7 @@ size_t fp8moe_rmsnorm_smem_bytes(int buffers) { return smem_bytes(buffers); }
 
 // Clusters of this shape resident at once on the current device (0: none, err says why).
 int fp8moe_rmsnorm_resident_clusters(int cluster, int buffers, char* err, int err_len) {
-  return resident_clusters(cluster, buffers, err, err_len);
+  return resident_clusters(kernel_for(buffers, buffers), cluster, buffers, err, err_len);
 }
 
 #ifdef NORM_TIMELINE
@@ -656,14 +740,15 @@ int fp8moe_rmsnorm_quant(const void* x, int64_t ldx, const void* w, int w_bf16, 
   }
   CUtensorMap map;
   if (x_tile_map(&map, x, M, K, ldx, err, err_len)) return 1;
-  const int clusters = resident_clusters(cluster, buffers, err, err_len);
+  const Kernel kernel = kernel_for((Kb + cluster - 1) / cluster, buffers);
+  const int clusters = resident_clusters(kernel, cluster, buffers, err, err_len);
   if (clusters < 1) return 1;
   const Args args{w, w_bf16, static_cast<uint8_t*>(q), s, static_cast<uint8_t*>(qt), st, rstd, hp,
                   hp_bf16, M, K, Mp, Mb, Kb, buffers, eps, pow2, colwise};
   cudaLaunchAttribute attr;
   const cudaLaunchConfig_t config =
       launch_config(cluster, buffers, std::min(clusters, Mb) * cluster, stream, &attr);
-  const cudaError_t e = cudaLaunchKernelEx(&config, rmsnorm_quant_kernel, map, args);
+  const cudaError_t e = cudaLaunchKernelEx(&config, kernel, map, args);
   if (e != cudaSuccess) return fail(err, err_len, cudaGetErrorString(e));
   return 0;
 }

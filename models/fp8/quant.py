@@ -172,7 +172,12 @@ for the last tile's load and 7% in the exchange; only 120 of the 132 SMs run (15
 fit), and 256 row blocks over 15 clusters leave a 4% tail. The quantizing runs 8 warps per SM
 (210 registers a thread: each holds the 64 values of its 8 x 8 block); 16 warps of 32 values each
 were only 2.5-5% faster (the .cu's header), so that phase is not mainly latency-bound (its
-stores: above).
+stores: above). The wait for the last tile's load went (twenty-eighth session): where a CTA's
+tiles fill all its buffers (K = 7168, 3584, 1792) each round's last tile is now copied into
+registers as its squares are added and its buffer refilled at once, a round earlier than before;
+32768x7168 went from 76.4-76.7% to 79.9-81.2% of the copy, 32768x3584 from 74.8% to 76.6%,
+16384x7168 +1.6% (H100, two interleaved sweeps, bitwise the same outputs). Where buffers are to
+spare (K = 4096, 2048) it ran 2-3% slower, so the kernel holds only where none is (the .cu's HOLD).
 The model calls it through models.fp8.linear.FP8RMSNorm, for a norm whose output goes
 straight into FP8 Linears or MLPs, with a bf16 hp_out: a norm's output also feeds bf16 consumers
 (the router, MLA projections that convert.py keeps bf16, the routed experts' dispatch), which
