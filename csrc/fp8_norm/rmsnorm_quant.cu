@@ -122,7 +122,9 @@ __host__ __device__ constexpr size_t smem_bytes(int tiles) {
 // next round into ahead: K = 7168, 3584, 1792), where it measured 76.4% -> 81.2% of a copy at
 // 32768 x 7168 and +1.7% at 16384 x 7168 (twenty-eighth session, H100, interleaved, bitwise the
 // same outputs); with buffers to spare (K = 4096, 2048) it ran 2-3% slower (248 registers a thread
-// against 214). NORM_HOLD=0 / 1 forces it off / on (measurement builds; -1: that rule).
+// against 214). NORM_HOLD=0 / 1 forces it off / on (measurement builds; -1: that rule). Odd
+// clusters started 3 or 10 us late (__nanosleep, so that the clusters' phases stop coinciding)
+// ran 0.92-1.02x over three shapes in the same session: not kept.
 #ifndef NORM_HOLD
 #define NORM_HOLD -1
 #endif

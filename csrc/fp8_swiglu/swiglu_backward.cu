@@ -54,7 +54,10 @@
 // and the next tile's loads issued after pass 1 or pass 2 (beside the stores) instead of at the
 // tile's start 0.92-1.02x (0.92-0.93x at 32768 x 7168).
 // The form of the stores and their place among the phases are both ruled out; what holds the
-// kernel at ~84% of a copy is not known.
+// kernel at ~84% of a copy is not known. Nor is it the CTAs' phases coinciding across the GPU
+// (they start together and do the same work): odd CTAs started 2 or 4 us late (__nanosleep)
+// ran 0.985-1.001x at 32768 x 7168, 65536 x 3072 and 16384 x 4096 (twenty-eighth session, H100;
+// the default reached 85.6% / 84.6% / 80.2% of a copy in that sweep).
 //
 // Threads: 512 (16 warps); thread (i, j), i in 0..31, j in 0..15, owns rows 4i.., columns 8j.. of
 // the tile: warp w holds i = 8 (w % 4) + lane / 4, j = 4 (w / 4) + lane % 4. A warp's q_dh store
