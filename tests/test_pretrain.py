@@ -15,6 +15,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = ["model.vocab_size=512", "model.hidden_size=64", "model.num_hidden_layers=2",
@@ -177,3 +178,31 @@ def test_mistyped_override_names_the_key(tmp_path):
     proc = _pretrain(["optim.lrr=1e-3"], cwd=tmp_path)
     assert proc.returncode != 0 and "optim.lrr" in proc.stderr
     assert not (tmp_path / "outputs").exists()
+
+
+def test_any_saved_step_exports_like_the_end_of_the_run(tiny, tmp_path):
+    """`python -m trainer.checkpoint`: the latest step of a finished run exports bitwise what the
+    run itself exported at its end (here its FP8 blocks, with the run's power-of-two scales); an
+    earlier step exports too; a step that is not there is named with the ones that are."""
+    from safetensors.torch import load_file
+    from trainer.checkpoint import CheckpointError, main as export_checkpoint
+    run_dir = tmp_path / "run"
+    overrides = [o for o in tiny if not o.startswith("checkpoint.export_hf")]
+    _ok(_pretrain([*overrides, "train.steps=4", "train.eval_every=4", "checkpoint.every=2",
+                   "checkpoint.export_fp8=true", "fp8.pow2_scales=true",
+                   f"hydra.run.dir={run_dir}"], cwd=ROOT))
+    out = export_checkpoint([str(run_dir / "checkpoints"), str(tmp_path / "hf"), "--fp8"])
+    ours, theirs = load_file(str(out / "model.safetensors")), load_file(
+        str(run_dir / "hf" / "model.safetensors"))
+    assert ours.keys() == theirs.keys() and any(t.dtype == torch.float8_e4m3fn for t in ours.values())
+    assert all(torch.equal(ours[k].view(torch.uint8), theirs[k].view(torch.uint8))
+               if ours[k].dtype == torch.float8_e4m3fn else torch.equal(ours[k], theirs[k])
+               for k in ours)
+    assert (out / "config.json").read_text() == (run_dir / "hf" / "config.json").read_text()
+    early = export_checkpoint([str(run_dir / "checkpoints"), str(tmp_path / "hf2"), "--step", "2"])
+    assert not torch.equal(load_file(str(early / "model.safetensors"))["lm_head.weight"],
+                           theirs["lm_head.weight"].to(torch.bfloat16))
+    with pytest.raises(CheckpointError, match=r"no complete checkpoint of step 3.*\[2, 4\]"):
+        export_checkpoint([str(run_dir / "checkpoints"), str(tmp_path / "x"), "--step", "3"])
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        export_checkpoint([str(tmp_path), str(tmp_path / "y")])

@@ -19,6 +19,15 @@ next save. Only `keep` complete checkpoints are kept.
 Refusals, before anything is trained or written: a checkpoint whose shapes differ from the model
 being built (the message names the config fields that differ), one taken with another number of
 ranks, and one that cannot be read (named as corrupt, with what to do).
+
+Any saved step exports to the Hugging Face layout without a GPU or the run's config, as the end
+of a run does (`checkpoint.export_hf`), in bf16 or with FP8 weight blocks:
+
+    python -m trainer.checkpoint <run dir>/checkpoints out/hf [--fp8] [--step 500]
+
+It reads the module weights DeepSpeed saved and the routers' FP32 biases into the model
+meta.json describes (on the CPU) and calls models.hf.export_hf; `--fp8` quantizes with the run's
+own `fp8.pow2_scales` (config.yaml), so the blocks are the ones its FP8 forward used.
 """
 from __future__ import annotations
 
@@ -173,6 +182,43 @@ def check_compatible(path: Path, meta: dict, model: nn.Module, model_cfg, world_
                               f"{world_size}; resume with --nproc_per_node={meta['world_size']}")
 
 
+def model_from_checkpoint(path: Path) -> nn.Module:
+    """The model checkpoint `path` (a step directory) holds, on the CPU in fp32: the module
+    weights and buffers DeepSpeed saved, then the routers' FP32 correction biases."""
+    from models import ModelConfig, build_model
+    meta = _read_meta(path)
+    model = build_model(ModelConfig(**meta["model"]))
+    states = path / DS_TAG / "mp_rank_00_model_states.pt"
+    try:
+        module = torch.load(states, map_location="cpu", weights_only=False)["module"]
+        biases = torch.load(path / "trainer_state.pt", weights_only=True)["router_biases"]
+        model.load_state_dict(module)
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({type(exc).__name__}: "
+                              f"{exc}); export another step (--step) or the one before it") from exc
+    with torch.no_grad():
+        for router, bias in zip(model.routers(), biases):
+            router.expert_bias.copy_(bias)
+    return model
+
+
+def pick_step(directory: Path, step: Optional[int]) -> Path:
+    """A step directory itself, or the checkpoints directory's `step` (its latest complete one
+    when None); a clear error when there is none."""
+    if (directory / "meta.json").exists() and step is None:
+        return directory
+    found = {int(STEP_DIR.match(p.name)[1]): p for p in complete_checkpoints(directory)}
+    if not found:
+        raise CheckpointError(f"{directory} holds no complete checkpoint (a step_XXXXXXXX directory "
+                              "with a meta.json); point at <run dir>/checkpoints or one step in it")
+    if step is None:
+        return found[max(found)]
+    if step not in found:
+        raise CheckpointError(f"{directory} has no complete checkpoint of step {step}; it has "
+                              f"steps {sorted(found)}")
+    return found[step]
+
+
 def export_hf(model: nn.Module, out_dir: Path, fp8: bool = False,
               pow2_scales: bool = False) -> Path:
     """Write the model in the Hugging Face DeepSeek-V3 layout (safetensors + config.json) via
@@ -184,3 +230,35 @@ def export_hf(model: nn.Module, out_dir: Path, fp8: bool = False,
                            "checkpoint.export_hf=false") from exc
     export(model, out_dir, fp8=fp8, pow2_scales=pow2_scales and fp8)
     return out_dir
+
+
+def _run_pow2_scales(path: Path) -> bool:
+    """The run's fp8.pow2_scales, from the checkpoint's config.yaml (False if it has none)."""
+    from omegaconf import OmegaConf
+    config = OmegaConf.load(path / "config.yaml") if (path / "config.yaml").exists() else {}
+    return bool(OmegaConf.select(OmegaConf.create(config), "fp8.pow2_scales", default=False))
+
+
+def main(argv: Optional[list[str]] = None) -> Path:
+    """`python -m trainer.checkpoint CHECKPOINT OUT [--fp8] [--step N]`: see the module doc."""
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m trainer.checkpoint",
+                                description="Export a saved step in the Hugging Face layout.")
+    p.add_argument("checkpoint", type=Path, help="<run dir>/checkpoints, or one step_XXXXXXXX in it")
+    p.add_argument("out", type=Path, help="the export's directory (config.json + safetensors)")
+    p.add_argument("--step", type=int, default=None, help="which step (default: the latest)")
+    p.add_argument("--fp8", action="store_true",
+                   help="FP8 weight blocks as DeepSeek-V3's release stores them (the run's scales)")
+    args = p.parse_args(argv)
+    path = pick_step(args.checkpoint, args.step)
+    model = model_from_checkpoint(path)
+    out = export_hf(model, args.out, fp8=args.fp8, pow2_scales=_run_pow2_scales(path))
+    print(f"exported {path} to {out}{' (FP8 weights)' if args.fp8 else ''}")
+    return out
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except CheckpointError as err:
+        raise SystemExit(f"error: {err}") from None
