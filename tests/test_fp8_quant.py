@@ -449,6 +449,7 @@ def test_cuda_rmsnorm_compiles_for_sm90a(built_csrc):
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape,tiling", [
     ((4097, 7168), quant.Tiling(cuda=True)),                # ragged M, 8 CTAs x 7 tiles
+    ((17000, 4096), quant.Tiling(cuda=True)),               # 8 x 4, 9 rounds, ragged
     ((20000, 3584), quant.Tiling(cuda=True)),               # 4 x 7, a tile held over ~6 rounds
     ((3000, 1792), quant.Tiling(cuda=True)),                # 2 x 7, held too
     ((300, 520), quant.Tiling(cuda=True)),                  # ragged K: a last tile of 8 columns
