@@ -107,12 +107,10 @@ struct Smem {
   uint64_t* bar_a;
   uint64_t* bar_b;
   uint64_t* full;   // [tiles]
-  uint64_t* tail_full;  // the tail's tile loads (see tail())
-  int* held;        // [0] HOLD: threads that have copied the held tile into registers;
-                    // [1] the tail's claimed work item, broadcast
+  int* held;        // HOLD: threads that have copied the held tile into registers
 };
 constexpr size_t SCRATCH_BYTES =
-    (2 * TILE + 3 * TILE) * sizeof(float) + 3 * sizeof(uint64_t) + 2 * sizeof(int);
+    (2 * TILE + 3 * TILE) * sizeof(float) + 2 * sizeof(uint64_t) + 2 * sizeof(int);
 __host__ __device__ constexpr size_t smem_bytes(int tiles) {
   return size_t(tiles) * TILE_BYTES + SCRATCH_BYTES + size_t(tiles) * sizeof(uint64_t);
 }
@@ -126,7 +124,11 @@ __host__ __device__ constexpr size_t smem_bytes(int tiles) {
 // same outputs); with buffers to spare (K = 4096, 2048) it ran 2-3% slower (248 registers a thread
 // against 214). NORM_HOLD=0 / 1 forces it off / on (measurement builds; -1: that rule). Odd
 // clusters started 3 or 10 us late (__nanosleep, so that the clusters' phases stop coinciding)
-// ran 0.92-1.02x over three shapes in the same session: not kept.
+// ran 0.92-1.02x over three shapes in the same session: not kept. Nor the tail split (commit
+// d1b88aa has the code): the last Mb % clusters row blocks, which leave the other clusters idle
+// for a round, shared tile by tile by all CTAs (per-tile row sums through a global buffer, work
+// claimed from atomic counters, so no CTA waits on one that has not started): 0.96-1.00x at five
+// shapes (32768 x 7168 80.8% against 80.6%), the GPU tests passing with it.
 #ifndef NORM_HOLD
 #define NORM_HOLD -1
 #endif
@@ -144,10 +146,6 @@ struct Args {
   int M, K, Mp, Mb, Kb, buffers;  // buffers: tile buffers per CTA
   float eps;
   int pow2, colwise;
-  int full_rounds;  // with a tail: the row blocks each cluster owns (else -1: all of them)
-  int tail_blocks;  // the last row blocks, shared by all CTAs (tail())
-  int* tail_counters;    // [2 + tail_blocks], zero at launch: sum and quant claims, tiles summed
-  float* tail_partials;  // [tail_blocks * Kb][128]: each tail tile's rows' sums of squares
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -271,10 +269,17 @@ __device__ __forceinline__ void add_squares_held(const uint8_t* tile, const Thre
   }
 }
 
-// The CTA's sum of `ss` over its columns for row 8i + (lane % 8), valid in warps 0-3 (one thread a
-// row): the 8 lanes of a row by a butterfly (every lane gets the same sum, since a + b == b + a),
-// then the row's two warps through recv_b (barriers inside).
-__device__ __forceinline__ float cta_row_sum(float (&ss)[8], const Smem& sm, const Thread& t) {
+// rstd of this thread's rows 8i .. 8i + 7 of row block rb from its partial sums of squares `ss`
+// (round `round` of the exchange). The 16 threads of a row add theirs: the 8 lanes of a warp by
+// a butterfly (every lane gets the same sum, since a + b == b + a), then the two warps of the
+// row through recv_b. Row r's CTA partial goes to its owner, CTA r / (128 / cluster), by st.async
+// into its recv_a; each owner adds the cluster's partials of its rows in rank order, forms rstd
+// and sends it to every CTA's recv_b. Each rstd is computed once, so every CTA uses the same one.
+// Neither buffer needs a second copy: a CTA sends round n + 1's data only after it received
+// round n's rstd from every CTA, which each sends only after reading what it received in round n.
+__device__ __forceinline__ void row_rstd(float (&ss)[8], const Smem& sm, const Thread& t,
+                                         const Args& a, uint32_t rank, uint32_t csize, int rb,
+                                         uint32_t round, float (&rstd)[8]) {
 #pragma unroll
   for (int r = 0; r < 8; ++r) {
 #pragma unroll
@@ -282,30 +287,12 @@ __device__ __forceinline__ float cta_row_sum(float (&ss)[8], const Smem& sm, con
   }
   const float mine = pick(ss, t.lane & 7);
   const int row = 8 * t.i + (t.lane & 7);
+  const int slice = TILE / int(csize);  // rows per owner
   __syncthreads();  // the last tile's reciprocal row scales in recv_b have been read
   if (t.warp >= 4) sm.recv_b[row] = mine;  // columns 64..127 of each tile
   __syncthreads();
-  return t.warp < 4 ? mine + sm.recv_b[row] : 0.0f;
-}
-
-__device__ __forceinline__ float rstd_of(float sum_of_squares, const Args& a) {
-  return __fdiv_rn(1.0f, __fsqrt_rn(__fdiv_rn(sum_of_squares, float(a.K)) + a.eps));
-}
-
-// rstd of this thread's rows 8i .. 8i + 7 of row block rb from its partial sums of squares `ss`
-// (round `round` of the exchange). The CTA's partial of each row (cta_row_sum) goes to the row's
-// owner, CTA r / (128 / cluster), by st.async into its recv_a; each owner adds the cluster's
-// partials of its rows in rank order, forms rstd and sends it to every CTA's recv_b. Each rstd is
-// computed once, so every CTA uses the same one. Neither buffer needs a second copy: a CTA sends
-// round n + 1's data only after it received round n's rstd from every CTA, which each sends only
-// after reading what it received in round n.
-__device__ __forceinline__ void row_rstd(float (&ss)[8], const Smem& sm, const Thread& t,
-                                         const Args& a, uint32_t rank, uint32_t csize, int rb,
-                                         uint32_t round, float (&rstd)[8]) {
-  const float partial = cta_row_sum(ss, sm, t);
-  const int row = 8 * t.i + (t.lane & 7);
-  const int slice = TILE / int(csize);  // rows per owner
   if (t.warp < 4) {
+    const float partial = mine + sm.recv_b[row];
     const uint32_t owner = uint32_t(row / slice);
     st_async(sm.recv_a + rank * slice + row % slice, partial, sm.bar_a, owner);
   }
@@ -313,7 +300,7 @@ __device__ __forceinline__ void row_rstd(float (&ss)[8], const Smem& sm, const T
     mbar_wait_cluster(sm.bar_a, round & 1);
     float total = sm.recv_a[t.tid];
     for (int sender = 1; sender < int(csize); ++sender) total += sm.recv_a[sender * slice + t.tid];
-    const float r = rstd_of(total, a);
+    const float r = __fdiv_rn(1.0f, __fsqrt_rn(__fdiv_rn(total, float(a.K)) + a.eps));
     const int own_row = int(rank) * slice + t.tid;
     for (uint32_t dest = 0; dest < csize; ++dest) st_async(sm.recv_b + own_row, r, sm.bar_b, dest);
     if (rb * TILE + own_row < a.M) a.rstd[rb * TILE + own_row] = r;
@@ -530,71 +517,6 @@ struct Ring {
   }
 };
 
-// The tail: the last `tail_blocks` row blocks (fewer than the clusters) would leave all but that
-// many clusters idle for a whole round, so every CTA shares their tiles instead, one tile a work
-// item, after its own full rounds. "Sum" items, claimed in order from tail_counters[0], load a
-// tile into buffer 0, write the sums of squares of its 128 rows (cta_row_sum) to tail_partials
-// and count the tile for its row block (tail_counters[2 + b]); once they are all claimed, "quant"
-// items, claimed from tail_counters[1], wait for their row block's Kb tiles to be counted, add the
-// Kb partials of each row in tile order (the same order in every CTA: one rstd a row), reload
-// their tile (from L2, mostly) and quantize it like any other. A tile holds whole 1x128 and 128x1
-// groups, so it needs nothing else. A quant item waits only on sum items that running CTAs have
-// already claimed, and a sum item waits on nothing: no deadlock whatever runs when.
-__device__ int claim(const Smem& sm, const Thread& t, int* counter) {
-  __syncthreads();  // the previous item is done with buffer 0, recv_b and held[1]
-  if (t.tid == 0) sm.held[1] = atomicAdd(counter, 1);
-  __syncthreads();
-  return sm.held[1];
-}
-
-__device__ void tail(const CUtensorMap* map, const Args& a, const Smem& sm, const Thread& t) {
-  const int items = a.tail_blocks * a.Kb, first_rb = a.Mb - a.tail_blocks;
-  uint32_t phase = 0;
-  for (int u; (u = claim(sm, t, a.tail_counters)) < items; phase ^= 1) {
-    const int b = u / a.Kb, kb = u % a.Kb;
-    if (t.tid == 0) load_tile(sm.tiles, map, sm.tail_full, kb * TILE, (first_rb + b) * TILE);
-    mbar_wait(sm.tail_full, phase);
-    float ss[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    add_squares(sm.tiles, t, ss);
-    const float partial = cta_row_sum(ss, sm, t);
-    if (t.warp < 4) a.tail_partials[int64_t(u) * TILE + 8 * t.i + (t.lane & 7)] = partial;
-    __syncthreads();
-    if (t.tid == 0) {
-      __threadfence();  // the partials are visible to every CTA before the count is
-      atomicAdd(a.tail_counters + 2 + b, 1);
-    }
-  }
-  for (int u; (u = claim(sm, t, a.tail_counters + 1)) < items; phase ^= 1) {
-    const int b = u / a.Kb, kb = u % a.Kb, rb = first_rb + b;
-    if (t.tid == 0) {
-      load_tile(sm.tiles, map, sm.tail_full, kb * TILE, rb * TILE);
-      while (*reinterpret_cast<volatile int*>(a.tail_counters + 2 + b) < a.Kb) {
-      }
-      __threadfence();
-    }
-    __syncthreads();
-    if (t.tid < TILE) {  // row tid's rstd from its Kb partials, in tile order
-      const float* p = a.tail_partials + int64_t(b) * a.Kb * TILE + t.tid;
-      float total = __ldcg(p);
-      for (int k = 1; k < a.Kb; ++k) total += __ldcg(p + k * TILE);
-      const float r = rstd_of(total, a);
-      sm.recv_b[t.tid] = r;
-      if (kb == 0 && rb * TILE + t.tid < a.M) a.rstd[rb * TILE + t.tid] = r;
-    }
-    __syncthreads();
-    float rstd[8], w[8], y[8][8];
-    load8(sm.recv_b + 8 * t.i, rstd);
-    weights(load_weights(a, kb * TILE + 8 * t.j), a.w_bf16, w);
-    mbar_wait(sm.tail_full, phase);
-    normalize(sm.tiles, t, w, rstd, y);
-    tile_amax(y, t, a.colwise != 0, sm.amax);
-    __syncthreads();
-    tile_scales(sm, t, a, rb, kb);
-    __syncthreads();
-    tile_store(y, sm, t, a, rb, kb * TILE + 8 * t.j);
-  }
-}
-
 template <bool HOLD>
 __global__ void __launch_bounds__(THREADS, 1)
 rmsnorm_quant_kernel(const __grid_constant__ CUtensorMap x_map, const Args a) {
@@ -608,8 +530,7 @@ rmsnorm_quant_kernel(const __grid_constant__ CUtensorMap x_map, const Args a) {
   sm.bar_a = reinterpret_cast<uint64_t*>(sm.recv_b + TILE);
   sm.bar_b = sm.bar_a + 1;
   sm.full = sm.bar_a + 2;
-  sm.tail_full = sm.full + a.buffers;
-  sm.held = reinterpret_cast<int*>(sm.tail_full + 1);
+  sm.held = reinterpret_cast<int*>(sm.full + a.buffers);
 
   const Thread t;
   const uint32_t rank = special(0), csize = special(1);
@@ -622,14 +543,12 @@ rmsnorm_quant_kernel(const __grid_constant__ CUtensorMap x_map, const Args a) {
   ring.n_tiles = (int(rank) + 1) * a.Kb / int(csize) - ring.k_first;
   ring.cluster = cluster;
   ring.clusters = clusters;
-  ring.rounds = a.full_rounds >= 0              ? a.full_rounds
-                : cluster < a.Mb ? (a.Mb - 1 - cluster) / clusters + 1 : 0;
+  ring.rounds = cluster < a.Mb ? (a.Mb - 1 - cluster) / clusters + 1 : 0;
 
   if (t.tid == 0) {
     for (int b = 0; b < a.buffers; ++b) mbar_init(sm.full + b, 1);
     mbar_init(sm.bar_a, 1);
     mbar_init(sm.bar_b, 1);
-    mbar_init(sm.tail_full, 1);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     mbar_arrive_expect_tx(sm.bar_a, TILE * sizeof(float));  // round 0
     mbar_arrive_expect_tx(sm.bar_b, TILE * sizeof(float));
@@ -707,7 +626,6 @@ rmsnorm_quant_kernel(const __grid_constant__ CUtensorMap x_map, const Args a) {
     }
     mark(round, 3);
   }
-  if (a.tail_blocks) tail(&x_map, a, sm, t);
   cluster_sync();  // no CTA leaves while a st.async to or from it may be in flight
 }
 
@@ -791,35 +709,6 @@ int resident_clusters(Kernel kernel, int cluster, int buffers, char* err, int er
   return clusters;
 }
 
-// NORM_TAIL=1 (a measurement build, off by default): the tail() split. Twenty-eighth session,
-// H100, against the clusters' own last round: 0.96-1.00x at five shapes (32768 x 7168 80.8%
-// against 80.6%, 16384 x 4096 66.1% against 69.0%); the GPU tests passed with it.
-#ifndef NORM_TAIL
-#define NORM_TAIL 0
-#endif
-
-// How a launch splits the row blocks: `full_rounds` each per cluster and the last `tail_blocks`
-// shared by all CTAs (tail()), when the clusters do not divide them and each owns at least one;
-// else every cluster walks its own (full_rounds -1, no tail).
-struct Split {
-  int full_rounds, tail_blocks;
-  size_t counter_bytes, workspace_bytes;  // the tail's counters, then its partials (16-aligned)
-};
-
-Split split_rows(int Mb, int Kb, int clusters) {
-  const int rounds = Mb / clusters, rest = Mb % clusters;
-  if (!NORM_TAIL || rounds < 1 || rest == 0) return Split{-1, 0, 0, 0};
-  const size_t counters = (size_t(2 + rest) * sizeof(int) + 15) / 16 * 16;
-  return Split{rounds, rest, counters, counters + size_t(rest) * Kb * TILE * sizeof(float)};
-}
-
-// The kernel instance and resident clusters of a launch (0 with err set if none fits).
-int plan(int K, int cluster, int buffers, Kernel* kernel, char* err, int err_len) {
-  const int Kb = (K + TILE - 1) / TILE;
-  *kernel = kernel_for((Kb + cluster - 1) / cluster, buffers);
-  return resident_clusters(*kernel, cluster, buffers, err, err_len);
-}
-
 }  // namespace
 
 extern "C" {
@@ -838,27 +727,14 @@ int fp8moe_rmsnorm_timeline(unsigned long long* out) {  // [1024][4 * 64] into h
 }
 #endif
 
-// Bytes of device memory a launch of this shape needs as `workspace` (0: none), or -1 with err
-// set if no cluster of this shape fits the device.
-int64_t fp8moe_rmsnorm_workspace_bytes(int M, int K, int cluster, int buffers, char* err,
-                                       int err_len) {
-  Kernel kernel;
-  const int clusters = plan(K, cluster, buffers, &kernel, err, err_len);
-  if (clusters < 1) return -1;
-  return int64_t(split_rows((M + TILE - 1) / TILE, (K + TILE - 1) / TILE, clusters)
-                     .workspace_bytes);
-}
-
 // The whole operation, launched on `stream`: see the header and models/fp8/norm_cuda.py. cluster
 // divides 128 (at most 16) and its CTAs split the ceil(K / 128) column tiles evenly, at most
 // `buffers` each (CTAs without a tile only take part in the exchange); x bf16 with a 16-byte
-// aligned base and row stride; K % 8 == 0; workspace: fp8moe_rmsnorm_workspace_bytes of device
-// memory, 16-byte aligned (its counters are zeroed here, on `stream`).
+// aligned base and row stride; K % 8 == 0.
 int fp8moe_rmsnorm_quant(const void* x, int64_t ldx, const void* w, int w_bf16, float eps, int M,
                          int K, int pow2, int colwise, void* q, float* s, void* qt, float* st,
                          float* rstd, void* hp, int hp_bf16, int Mp, int cluster, int buffers,
-                         void* workspace, int64_t workspace_bytes, void* stream, char* err,
-                         int err_len) {
+                         void* stream, char* err, int err_len) {
   const int Kb = (K + TILE - 1) / TILE, Mb = (M + TILE - 1) / TILE;
   if (M < 1 || K < 1 || K % 8)
     return fail(err, err_len, "need M >= 1 and K a positive multiple of 8");
@@ -870,30 +746,14 @@ int fp8moe_rmsnorm_quant(const void* x, int64_t ldx, const void* w, int w_bf16, 
   }
   CUtensorMap map;
   if (x_tile_map(&map, x, M, K, ldx, err, err_len)) return 1;
-  Kernel kernel;
-  const int clusters = plan(K, cluster, buffers, &kernel, err, err_len);
+  const Kernel kernel = kernel_for((Kb + cluster - 1) / cluster, buffers);
+  const int clusters = resident_clusters(kernel, cluster, buffers, err, err_len);
   if (clusters < 1) return 1;
-  const Split split = split_rows(Mb, Kb, clusters);
-  if (int64_t(split.workspace_bytes) > workspace_bytes ||
-      (split.tail_blocks && reinterpret_cast<uintptr_t>(workspace) % 16)) {
-    snprintf(err, err_len, "the workspace holds %lld bytes at %p; this launch needs %zu, 16-byte "
-             "aligned (fp8moe_rmsnorm_workspace_bytes)", static_cast<long long>(workspace_bytes),
-             workspace, split.workspace_bytes);
-    return 1;
-  }
-  auto* bytes = static_cast<uint8_t*>(workspace);
   const Args args{w, w_bf16, static_cast<uint8_t*>(q), s, static_cast<uint8_t*>(qt), st, rstd, hp,
-                  hp_bf16, M, K, Mp, Mb, Kb, buffers, eps, pow2, colwise, split.full_rounds,
-                  split.tail_blocks, reinterpret_cast<int*>(bytes),
-                  reinterpret_cast<float*>(bytes + split.counter_bytes)};
-  cudaStream_t cuda_stream = static_cast<cudaStream_t>(stream);
-  if (split.tail_blocks) {
-    const cudaError_t e = cudaMemsetAsync(workspace, 0, split.counter_bytes, cuda_stream);
-    if (e != cudaSuccess) return fail(err, err_len, cudaGetErrorString(e));
-  }
+                  hp_bf16, M, K, Mp, Mb, Kb, buffers, eps, pow2, colwise};
   cudaLaunchAttribute attr;
-  const int ctas = (split.tail_blocks ? clusters : std::min(clusters, Mb)) * cluster;
-  const cudaLaunchConfig_t config = launch_config(cluster, buffers, ctas, stream, &attr);
+  const cudaLaunchConfig_t config =
+      launch_config(cluster, buffers, std::min(clusters, Mb) * cluster, stream, &attr);
   const cudaError_t e = cudaLaunchKernelEx(&config, kernel, map, args);
   if (e != cudaSuccess) return fail(err, err_len, cudaGetErrorString(e));
   return 0;

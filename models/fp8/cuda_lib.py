@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 _ROOT = Path(__file__).resolve().parents[2]
-ERR_LEN = 512
+_ERR_LEN = 512
 
 
 @functools.lru_cache(maxsize=None)
@@ -43,8 +43,8 @@ def unavailable_reason(index: int, folder: str, library, smem_bytes=None) -> str
 
 def call(fn, *args) -> None:
     """fn(*args, err, err_len); raises RuntimeError with the library's message if it fails."""
-    err = ctypes.create_string_buffer(ERR_LEN)
-    if fn(*args, err, ERR_LEN) != 0:
+    err = ctypes.create_string_buffer(_ERR_LEN)
+    if fn(*args, err, _ERR_LEN) != 0:
         raise RuntimeError(f"{fn.__name__}: {err.value.decode()}")
 
 

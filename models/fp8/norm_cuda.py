@@ -34,9 +34,7 @@ def load_library(path) -> ctypes.CDLL:
     i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
     lib.fp8moe_rmsnorm_quant.argtypes = [ptr, i64, ptr, i32, ctypes.c_float, i32, i32, i32, i32,
                                          ptr, ptr, ptr, ptr, ptr, ptr, i32, i32, i32, i32,
-                                         ptr, i64, ptr, ctypes.c_char_p, i32]
-    lib.fp8moe_rmsnorm_workspace_bytes.argtypes = [i32, i32, i32, i32, ctypes.c_char_p, i32]
-    lib.fp8moe_rmsnorm_workspace_bytes.restype = i64
+                                         ptr, ctypes.c_char_p, i32]
     lib.fp8moe_rmsnorm_smem_bytes.argtypes = [i32]
     lib.fp8moe_rmsnorm_smem_bytes.restype = ctypes.c_size_t
     lib.fp8moe_rmsnorm_resident_clusters.argtypes = [i32, i32, ctypes.c_char_p, i32]
@@ -116,24 +114,10 @@ def rmsnorm_quantize(x, weight, eps: float, pow2_scales: bool, colwise: bool, hp
     buffers = max_tiles(x.device.index or 0)  # beyond the CTA's tiles: the next block's, early
     cluster = plan(-(-K // TILE), buffers, cluster)[0]
     stream = cuda_lib.current_stream(x.device)
-    workspace = _workspace(M, K, cluster, buffers, x.device)
     cuda_lib.call(_library().fp8moe_rmsnorm_quant,
                   x.data_ptr(), x.stride(0), weight.data_ptr(), int(weight.dtype == torch.bfloat16),
                   eps, M, K, int(pow2_scales), int(colwise), q.data_ptr(), s.data_ptr(),
                   qt.data_ptr(), st.data_ptr(), rstd.data_ptr(),
                   None if hp_out is None else hp_out.data_ptr(),
                   int(hp_out is not None and hp_out.dtype == torch.bfloat16),
-                  qt.shape[1] if colwise else 0, cluster, buffers,
-                  None if workspace is None else workspace.data_ptr(),
-                  0 if workspace is None else workspace.numel(), stream)
-
-
-def _workspace(M: int, K: int, cluster: int, buffers: int, device) -> torch.Tensor | None:
-    """The device memory a launch needs for its tail (the last row blocks, shared by all CTAs:
-    their rows' partial sums and the work counters; the .cu's tail()), or None."""
-    err = ctypes.create_string_buffer(cuda_lib.ERR_LEN)
-    nbytes = _library().fp8moe_rmsnorm_workspace_bytes(M, K, cluster, buffers, err,
-                                                       cuda_lib.ERR_LEN)
-    if nbytes < 0:
-        raise RuntimeError(f"fp8moe_rmsnorm_workspace_bytes: {err.value.decode()}")
-    return torch.empty(nbytes, dtype=torch.uint8, device=device) if nbytes else None
+                  qt.shape[1] if colwise else 0, cluster, buffers, stream)
