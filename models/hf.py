@@ -40,7 +40,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from models.config import ModelConfig
-from models.fp8.reference import BLOCK, quantize_128x128
+from models.fp8.reference import BLOCK, dequantize_128x128, quantize_128x128
 from models.transformer import Transformer, build_model
 
 _BLOCK_RENAMES = [  # ours (inside a block) -> Hugging Face (inside model.layers.{i})
@@ -344,7 +344,9 @@ def _dequantize_fp8(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
             continue
         scale = tensors.get(k.removesuffix(".weight") + ".weight_scale_inv")
         if scale is not None and t.dtype == torch.float8_e4m3fn:
-            blocks = scale.float().repeat_interleave(128, 0).repeat_interleave(128, 1)
-            t = t.float() * blocks[:t.shape[0], :t.shape[1]]
+            try:
+                t = dequantize_128x128(t, scale.float())
+            except ValueError as e:
+                raise ValueError(f"{k}: {e}; the checkpoint's scales do not fit its weight") from e
         out[k] = t
     return out

@@ -395,6 +395,17 @@ def _export_cfg():
                         intermediate_size=512, moe_intermediate_size=128, q_lora_rank=128,
                         kv_lora_rank=128, qk_rope_head_dim=64, qk_nope_head_dim=64, v_head_dim=64)
 
+
+def _exported_linears(model):
+    """(Hugging Face key, FP8Linear) of each converted Linear the FP8 export writes as FP8 blocks
+    (the MTP's eh_proj is FP8 in training, bf16 in the release's layout)."""
+    from models.hf import _hf_names
+    for name, module in model.named_modules():
+        if isinstance(module, FP8Linear):
+            [(key, _)] = _hf_names(f"{name}.weight", module.weight, len(model.layers))
+            if not key.endswith("eh_proj.weight"):
+                yield key, module
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("pow2", [False, True])
 def test_fp8_export_holds_the_blocks_fp8_training_multiplies_with(tmp_path, pow2):
@@ -416,15 +427,12 @@ def test_fp8_export_holds_the_blocks_fp8_training_multiplies_with(tmp_path, pow2
         assert torch.equal(state[key.removesuffix(".weight") + ".weight_scale_inv"], s), key
 
     linears = experts = 0
+    for key, module in _exported_linears(model):
+        q, s, *_ = module.fp8_weight()
+        assert_block(key, q, s)
+        linears += 1
     for name, module in model.named_modules():
-        if isinstance(module, FP8Linear):
-            [(key, _)] = _hf_names(f"{name}.weight", module.weight, len(model.layers))
-            if key.endswith("eh_proj.weight"):
-                continue  # FP8 in training, bf16 in the release's layout
-            q, s, *_ = module.fp8_weight()
-            assert_block(key, q, s)
-            linears += 1
-        elif isinstance(module, FP8GroupedExperts):
+        if isinstance(module, FP8GroupedExperts):
             w, f = module.fp8_weights(), module.w1.shape[1] // 128
             for e, ((gate, _), (up, _), (down, _)) in enumerate(zip(*(
                     _hf_names(f"{name}.{p}", getattr(module, p), len(model.layers))
@@ -445,7 +453,7 @@ def test_fp8_export_loads_back_into_the_same_fp8_weights(tmp_path, pow2):
     the same numbers)."""
     from safetensors import safe_open
     from models.fp8.reference import dequantize_128x128
-    from models.hf import _hf_names, export_hf, load_hf
+    from models.hf import export_hf, load_hf
     torch.manual_seed(6)
     cfg = _export_cfg()
     model = build_model(cfg)
@@ -457,12 +465,7 @@ def test_fp8_export_loads_back_into_the_same_fp8_weights(tmp_path, pow2):
     back = load_hf(tmp_path)
     convert(back, FP8Config(recipe="blockwise", skip_small=False, pow2_scales=pow2), emulate=True)
     checked = 0
-    for name, module in back.named_modules():
-        if not isinstance(module, FP8Linear):
-            continue
-        [(key, _)] = _hf_names(f"{name}.weight", module.weight, len(back.layers))
-        if key.endswith("eh_proj.weight"):
-            continue  # bf16 in the export
+    for key, module in _exported_linears(back):
         q, s, *_ = module.fp8_weight()
         q0, s0 = state[key], state[key.removesuffix(".weight") + ".weight_scale_inv"]
         assert torch.equal(dequantize_128x128(q, s), dequantize_128x128(q0, s0)), key

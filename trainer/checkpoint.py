@@ -150,9 +150,7 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({type(exc).__name__}: {exc}); "
                                   "delete that directory to resume from the one before it, or start a new run "
                                   "(a new hydra.run.dir, or checkpoint.resume=false in an empty directory)") from exc
-        with torch.no_grad():
-            for router, bias in zip(model.routers(), state["router_biases"]):
-                router.expert_bias.copy_(bias.to(router.expert_bias.device))
+        set_router_biases(model, state["router_biases"])
         loader.load_state_dict(state["loader"])
         set_rng_state(rng)
         return state["step"]
@@ -182,6 +180,13 @@ def check_compatible(path: Path, meta: dict, model: nn.Module, model_cfg, world_
                               f"{world_size}; resume with --nproc_per_node={meta['world_size']}")
 
 
+def set_router_biases(model: nn.Module, biases: list[torch.Tensor]) -> None:
+    """The routers' FP32 correction biases as trainer_state.pt holds them, onto the model."""
+    with torch.no_grad():
+        for router, bias in zip(model.routers(), biases):
+            router.expert_bias.copy_(bias.to(router.expert_bias.device))
+
+
 def model_from_checkpoint(path: Path) -> nn.Module:
     """The model checkpoint `path` (a step directory) holds, on the CPU in fp32: the module
     weights and buffers DeepSpeed saved, then the routers' FP32 correction biases."""
@@ -196,9 +201,7 @@ def model_from_checkpoint(path: Path) -> nn.Module:
     except Exception as exc:
         raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({type(exc).__name__}: "
                               f"{exc}); export another step (--step) or the one before it") from exc
-    with torch.no_grad():
-        for router, bias in zip(model.routers(), biases):
-            router.expert_bias.copy_(bias)
+    set_router_biases(model, biases)
     return model
 
 
