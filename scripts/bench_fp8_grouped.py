@@ -3,6 +3,8 @@
     python scripts/bench_fp8_grouped.py            # default run, about a minute on an H100
     python scripts/bench_fp8_grouped.py --quick    # one case per section, first configs only
     python scripts/bench_fp8_grouped.py --full     # more cases and the whole tile-config sweep
+    python scripts/bench_fp8_grouped.py --extra    # the default run plus the more cases, default
+                                                   # kernels only (the rest of the E x m grid)
 
 The default run stops starting new cases once its time budget (--budget seconds, default 90) is
 spent, and says which it skipped, so scripts/gpu_check.sh can give it a fixed slot.
@@ -78,10 +80,15 @@ GEMM_CASES = [  # DeepSeek-V3 experts: hidden 7168, width 2048; `small`: hidden 
     Case("small-down", 16, 2048, 4096, 1536),
     Case("dsv3-down", 8, 8192, 7168, 2048),
 ]
-EXTRA_GEMM_CASES = [
+EXTRA_GEMM_CASES = [  # the rest of the grid: 8-64 experts, 512-8192 tokens an expert
     Case("dsv3-down", 64, 512, 7168, 2048),
     Case("dsv3-up", 32, 1024, 4096, 7168),
+    Case("dsv3-down", 32, 1024, 7168, 2048),
+    Case("dsv3-up", 8, 8192, 4096, 7168),
     Case("small-up", 16, 512, 3072, 4096),
+    Case("small-down", 16, 512, 4096, 1536),
+    Case("small-up", 64, 512, 3072, 4096),
+    Case("small-down", 8, 8192, 4096, 1536),
     Case("16b-up", 64, 1024, 2816, 2048),
 ]
 LAYER_CASES = [  # (name, experts, tokens per expert, hidden D, width F)
@@ -398,17 +405,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one case per section, at most two configs")
     parser.add_argument("--full", action="store_true", help="more cases and tile configs")
+    parser.add_argument("--extra", action="store_true",
+                        help="more cases with the default kernels (no tile-config sweep)")
     parser.add_argument("--budget", type=float, default=90.0,
-                        help="seconds after which no new case starts (default 90; inf with --full)")
+                        help="seconds after which no new case starts (default 90; inf with --full or --extra)")
     args = parser.parse_args()
     start = time.monotonic()
-    budget = float("inf") if args.full else args.budget
+    budget = float("inf") if args.full or args.extra else args.budget
     if not torch.cuda.is_available():
         print("bench_fp8_grouped: no CUDA device; nothing to measure")
         return
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
     gemm_cases, layer_cases = GEMM_CASES, LAYER_CASES
-    if args.full:
+    if args.full or args.extra:
         gemm_cases, layer_cases = gemm_cases + EXTRA_GEMM_CASES, layer_cases + EXTRA_LAYER_CASES
     if args.quick:
         gemm_cases, layer_cases = gemm_cases[:1], layer_cases[:1]
