@@ -66,7 +66,7 @@ class RouterLogits(torch.autograd.Function):
     casts), so the results are bitwise the same; the cost is one more cast of x, in the backward.
     (A bf16 GEMM with an fp32 result, torch.mm's out_dtype, would save the forward's cast too but
     changes the sums' order and leaves the reduction to cuBLAS's choice: a 500-step run with it
-    ended 0.78% from bf16 against 0.12-0.23% in five runs before, README.)"""
+    ended 0.78% from bf16 against 0.12-0.23% in five runs before, scripts/MEASURED.md.)"""
 
     @staticmethod
     def forward(ctx, x_TD: torch.Tensor, weight_ED: torch.Tensor) -> torch.Tensor:

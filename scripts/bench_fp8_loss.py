@@ -27,8 +27,8 @@ in its own precision, on the same EVAL_ROWS rows of the corpus's validation spli
 trained on. A training step's loss is that of its one batch, so an EMA over ~10 steps still
 carries batch-to-batch noise; the held-out mean over ~130k tokens leaves only what the trained
 weights differ by, which is the comparison the 0.25% aim is about. On the H100 (twelfth session,
-README) the held-out gaps came out as far apart as the training ones, bf16 reruns of one seed
-included: at this length what separates two runs is their trajectories, not batch noise.
+scripts/MEASURED.md) the held-out gaps came out as far apart as the training ones, bf16 reruns of
+one seed included: at this length what separates two runs is their trajectories, not batch noise.
 
 Why lr 1e-4 (the default since the thirteenth session; 3e-4 before). With one 2048-token
 sequence a step the gradient is noisy (its norm sits at 5-15 all run, clipped to 1.0 every
@@ -41,7 +41,7 @@ the run. Runs of either precision are not bitwise repeatable (they part from ste
 runs of one seed ended 2.4% apart, so one run pair cannot resolve the 0.25% aim. The gradients
 are not the cause: against an fp32 reference on the same weights and batch, every bf16 GPU path
 (torch._grouped_mm, the Triton kernels) is 2-4x closer than FP8 is, in every parameter family
-(scripts/grad_fidelity.py, README).
+(scripts/grad_fidelity.py, scripts/MEASURED.md).
 
 Ablations: a run named `fake:PARTS` is the bf16 model with FP8's roundings emulated in fp32
 (models/fp8/fake_quant.py) for PARTS only, `weights`, `inputs`, `grads` joined by '+' (or `all`),
