@@ -30,13 +30,13 @@
 // the next block's loads overlap this block's arithmetic and stores; the squares of next-block
 // tiles that have landed are added between this block's tiles.
 //
-// Measured on an H100 (models/fp8/quant.py's docstring has the figures and where the time goes):
+// Measured on an H100 (EXPERIMENTS.md beside this file has the figures and where the time goes):
 // 77% of a device-to-device copy's bandwidth at 32768 x 7168, 58% at 8192 x 4096 and 61-62% at
 // 16384 x 2048 (68%, 54% and 58% before the weights were loaded a tile ahead, load_weights());
 // 80-81% at 32768 x 7168 since a round's last tile is held in registers there (HOLD, below).
 // Per active SM that is 95% of the dual quantizer's DRAM rate, on the 120 of 132 SMs that hold a
 // cluster of 8; a launch over all 132 (groups exchanging through L2, commit 3f64301) was no
-// faster: each SM slowed as SMs were added (quant.py's docstring has the figures). Fetching the
+// faster: each SM slowed as SMs were added (EXPERIMENTS.md has the figures). Fetching the
 // next round's tiles into L2 during each exchange (cp.async.bulk.prefetch.tensor) ran slower too:
 // 68% against 74% of a copy at 32768 x 7168.
 //

@@ -106,78 +106,20 @@ normalized value this kernel computed (hp_out). `Tiling(fused=False)` keeps the 
 tile before it waits for the flag (x is ready from the start), and with `l2_hints` the sum items
 read with evict_last, the quant items with evict_first and store their copies evict_first.
 Measured on the H100 (sweep_quant.py, 32768x7168 / 8192x4096): 63% / 56% of the copy, against
-53-56% / 49-53% for the two-pass form; short of the dual kernel's 92% (an ncu profile had a
-third of the re-reads missing L2 before the eviction hints, which with the early load gained
-0-7%; where the rest goes is below). One cause found and removed: the 128x1 copy is stored
-transposed, so some value of the tile must change layout, and Triton 3.6 picks which. With the
-weight read as a 128-vector broadcast over rows it converted the bf16 input and computed
-x * rstd * w and both amaxes' inputs once per layout (179-199 registers at 8 warps, spills at
-4, compact scales at 42-46%); read as a whole tile (`_quant_tile`), two tile loads feed the
-prologue, and Triton converts the FP8 copy instead, as for SwiGLU (128 registers at 8 warps,
-190 at 4).
-Where the rest goes: the two-pass form at 63% is what an rms pass at full read bandwidth plus
-the tile kernel at the dual kernel's speed add up to, and every fused form measured lands within
-a few points of it. Tried on the H100 and not kept: items that each sum one tile and quantize the
-same column of an earlier row block (HBM and L2 traffic spread evenly over items, like the dual
-kernel's): 59-62% / 45-53%; items that hold their tile until their own row block's rstd is out
-(x read once, no lag): 20-46% / 23-47%, the waiting programs holding the SM slots (251 registers
-at 4 warps, one program per SM). Reading x once needs the row block's partial sums exchanged
-between SMs while the tiles stay on chip, which Triton cannot express.
+53-56% / 49-53% for the two-pass form; every fused Triton form tried lands within a few points of
+an rms pass at full read bandwidth plus the dual kernel. Reading x once needs the row block's
+partial sums exchanged between SMs while the tiles stay on chip, which Triton cannot express
+(csrc/fp8_norm/EXPERIMENTS.md has the forms tried and their figures).
 The CUDA kernel (csrc/fp8_norm/rmsnorm_quant.cu through models/fp8/norm_cuda.py; the default on
 an sm90 GPU for bf16 x, `Tiling.cuda`) does that: a thread-block cluster owns a 128-row block
 (at K = 7168, 8 CTAs of 7 tiles, 32 KB of shared memory each), loads it once by TMA, sends each
 row's per-CTA sums of squares to the CTA owning the row with st.async, gets its rstd back the
 same way, and quantizes the tiles from shared memory while the next row block's tiles load.
-Measured on the H100 (bench_fp8, 32768x7168 / 8192x4096): 69% / 60% of the copy, against this
-Triton kernel's 64% / 44% in the same run (a focused timing with 16384x2048: 59-61% against
-35-50%). Since then an ncu profile found every warp waiting for the norm weights' L2 round trip
-at the same point of every tile (the load's result was converted to fp32 right after it was
-issued: a fifth of the stall samples); loaded a tile ahead as raw bits and converted at use, the
-kernel went from 68% to 77% of the copy at 32768x7168, 54% to 58% at 8192x4096 and 58% to 61% at
-16384x2048 (same run, outputs bitwise the same). Still short of the dual kernel's 92%. What the
-profile shows after that fix: the stall samples spread over the tile's phases, the largest
-single site (a tenth) warps waiting for their own global stores to drain before they can reuse
-the registers, then the round boundary (the last tile's load, the exchange: another eighth);
-16-CTA clusters ran 74% against 77%. Per SM it is now near the dual kernel: ncu counted 2.44
-TB/s from DRAM with the SMs active 90% of the elapsed cycles (120 of 132 SMs hold a cluster of
-8, plus the tail), 20.4 GB/s per active SM against the dual kernel's 21.5 (2.80 TB/s, 132 SMs):
-95%. That suggested the 12 SMs no cluster of 8 fits on as what is left; measured, it is not. Tried
-in the twenty-third session and not kept (commit 3f64301 has the code): a spread launch, one
-cooperative grid of all 132 CTAs in groups of 8 (or any size up to 16) that exchange the sums
-through L2 as tagged 64-bit words, bitwise the cluster kernel's outputs, which cuts 32768x7168 from
-18 rounds to 16. In one interleaved run on the H100 it reached 75.5% of the copy against the
-clusters' 76.9% (groups of 10: 75.3%, 12: 72.7%), and 50-52% / 49-51% / 46-47% against 58% / 59% /
-52% at 8192x4096 / 16384x2048 / 4096x7168. Its per-CTA timeline says why: with 128 SMs instead of
-120 a round's quantizing took 19.0 us instead of 18.0 and the wait for its tiles 2.6 instead of
-1.8, so the rate of the whole GPU did not rise with the SMs: what holds the kernel near 77% is
-shared by all SMs (the memory system under this kernel's access pattern), not the idle ones. The
-exchange itself cost 2.2 us a round through L2 (2.9 with a release fence and a flag, which waits
-for the CTA's output stores in flight) against st.async's 1.9. Two more probes then, same H100:
-without the 128x1 copy the kernel reached 73.5% of the copy's rate on its bytes (against 75-77%
-with it), so the 128x1 copy's 32-byte stores are not the bound; and a cluster's CTAs taking
-interleaved column tiles (CTA r: r, r + 8, ..., so that the cluster's loads in flight are adjacent
-along each row) instead of 7 consecutive ones gained 0.5-1.5 points at five shapes, within the
-run's noise: not kept. Twenty-fourth session, same H100 kind, not kept either: the coming
-round's tiles fetched into L2 (cp.async.bulk.prefetch.tensor) at the start of each exchange, so
-that DRAM works through it: 68.2% of the copy against 74.2% at 32768x7168 (two rounds ahead
-60.8%), no better at four smaller shapes, outputs bitwise the same; the extra reads crowd the
-quantizing phase's. And the smaller shapes' figures are partly the host's: timed as the GPU's busy
-time a call (bench timing.gpu_busy_ms) the kernel reached 66% of a copy at 8192x4096 and
-16384x2048 (52% / 59% in wall time of back-to-back calls, whose Python path took 63-71 us of host
-time a call against the kernel's 71 us), 77% at 16384x4096, 79% at 32768x7168. The figures below
-predate the weights fix.
-A per-CTA timeline at 32768x7168 (the .cu's NORM_TIMELINE switch) had each row block take 25 us:
-88% of it quantizing 7 tiles, while the GPU moved 2.4 TB/s (81% of the copy's 3.0), 5% waiting
-for the last tile's load and 7% in the exchange; only 120 of the 132 SMs run (15 clusters of 8
-fit), and 256 row blocks over 15 clusters leave a 4% tail. The quantizing runs 8 warps per SM
-(210 registers a thread: each holds the 64 values of its 8 x 8 block); 16 warps of 32 values each
-were only 2.5-5% faster (the .cu's header), so that phase is not mainly latency-bound (its
-stores: above). The wait for the last tile's load went (twenty-eighth session): where a CTA's
-tiles fill all its buffers (K = 7168, 3584, 1792) each round's last tile is now copied into
-registers as its squares are added and its buffer refilled at once, a round earlier than before;
-32768x7168 went from 76.4-76.7% to 79.9-81.2% of the copy, 32768x3584 from 74.8% to 76.6%,
-16384x7168 +1.6% (H100, two interleaved sweeps, bitwise the same outputs). Where buffers are to
-spare (K = 4096, 2048) it ran 2-3% slower, so the kernel holds only where none is (the .cu's HOLD).
+On the H100 it reaches 79-81% of a copy's bandwidth at 32768x7168 (bench_fp8, twenty-eighth and
+twenty-ninth sessions), against 60-62% for the Triton kernel in the same runs: per active SM about
+the dual kernel's DRAM rate, on the 120 of 132 SMs that hold a cluster of 8, with each round's
+exchange (~8% of it) and the launch's first loads and last stores left. csrc/fp8_norm/EXPERIMENTS.md
+has how it got there and every variant measured and not kept.
 The model calls it through models.fp8.linear.FP8RMSNorm, for a norm whose output goes
 straight into FP8 Linears or MLPs, with a bf16 hp_out: a norm's output also feeds bf16 consumers
 (the router, MLA projections that convert.py keeps bf16, the routed experts' dispatch), which
