@@ -136,6 +136,17 @@ __host__ __device__ constexpr size_t smem_bytes(int tiles) {
 #ifndef NORM_HOLD
 #define NORM_HOLD -1
 #endif
+// NORM_LOAD_AFTER_SYNC=1: the first round's tile loads are issued after the kernel's one cluster
+// barrier (which only orders the mbarriers' initialization before remote arrivals) instead of
+// before it. Issued before it, the barrier was passed only 14.25 us after the CTA started at
+// 32768 x 7168 (the loads were issued by 2.25 us; NORM_TIMELINE's entry marks), so round 0's
+// sums started after all its tiles had landed; now it is passed at 1.75 us and the sums follow
+// the tiles as they land. Twenty-ninth session, H100, sweep_quant_cuda (outputs bitwise the
+// same): 81.7% -> 81.9% of a copy at 32768 x 7168, 80.7 -> 82.5% at 32768 x 4096, 76.8 -> 77.3%
+// at 16384 x 7168, 73.7 -> 76.0% at 16384 x 4096, 66.3 -> 68.4% at 8192 x 7168.
+#ifndef NORM_LOAD_AFTER_SYNC
+#define NORM_LOAD_AFTER_SYNC 1
+#endif
 
 struct Args {
   const void* w;  // [K], bf16 (w_bf16) or fp32
@@ -482,15 +493,23 @@ __device__ __forceinline__ void tile_store(const float (&y)[8][8], const Smem& s
 // ---------------------------------------------------------------------------------------------
 // The kernel
 
-#ifdef NORM_TIMELINE  // per CTA and round: %globaltimer at its start, sums, exchange, end
-__device__ unsigned long long g_timeline[1024][4 * 64];
+#ifdef NORM_TIMELINE  // per CTA and round: %globaltimer at its start, sums, exchange, end;
+                      // then (slots 256..259) the CTA's entry, exit, set-up issued by thread 0,
+                      // first cluster barrier passed
+__device__ unsigned long long g_timeline[1024][4 * 64 + 4];
 __device__ __forceinline__ void mark(int round, int phase) {
   unsigned long long now;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
   if (threadIdx.x == 0 && round < 64) g_timeline[blockIdx.x][4 * round + phase] = now;
 }
+__device__ __forceinline__ void mark_edge(int which) {
+  unsigned long long now;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+  if (threadIdx.x == 0) g_timeline[blockIdx.x][4 * 64 + which] = now;
+}
 #else
 __device__ __forceinline__ void mark(int, int) {}
+__device__ __forceinline__ void mark_edge(int) {}
 #endif
 
 // The tiles this CTA loads form one sequence over its rounds: tile k of round n is element
@@ -524,6 +543,7 @@ struct Ring {
 template <bool HOLD>
 __global__ void __launch_bounds__(THREADS, 1)
 rmsnorm_quant_kernel(const __grid_constant__ CUtensorMap x_map, const Args a) {
+  mark_edge(0);
   extern __shared__ __align__(1024) uint8_t smem[];
   Smem sm;
   sm.tiles = smem;
@@ -556,11 +576,16 @@ rmsnorm_quant_kernel(const __grid_constant__ CUtensorMap x_map, const Args a) {
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     mbar_arrive_expect_tx(sm.bar_a, TILE * sizeof(float));  // round 0
     mbar_arrive_expect_tx(sm.bar_b, TILE * sizeof(float));
-    for (int s = 0; s < a.buffers; ++s) ring.load(s, &x_map);
+    if (!NORM_LOAD_AFTER_SYNC)
+      for (int s = 0; s < a.buffers; ++s) ring.load(s, &x_map);
   }
+  mark_edge(2);
   for (int u = t.tid; u < 2 * TILE; u += THREADS) sm.amax[u] = 0;
   if (HOLD && t.tid == 0) *sm.held = 0;
   cluster_sync();  // every CTA's barriers exist before anyone sends to them
+  mark_edge(3);
+  if (NORM_LOAD_AFTER_SYNC && t.tid == 0)
+    for (int s = 0; s < a.buffers; ++s) ring.load(s, &x_map);
 
   float ss[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   RawWeights next_w = load_weights(a, ring.k_first * TILE + 8 * t.j);  // of the next tile
@@ -631,6 +656,7 @@ rmsnorm_quant_kernel(const __grid_constant__ CUtensorMap x_map, const Args a) {
     mark(round, 3);
   }
   cluster_sync();  // no CTA leaves while a st.async to or from it may be in flight
+  mark_edge(1);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -726,7 +752,7 @@ int fp8moe_rmsnorm_resident_clusters(int cluster, int buffers, char* err, int er
 }
 
 #ifdef NORM_TIMELINE
-int fp8moe_rmsnorm_timeline(unsigned long long* out) {  // [1024][4 * 64] into host memory
+int fp8moe_rmsnorm_timeline(unsigned long long* out) {  // [1024][4 * 64 + 4] to the host
   return int(cudaMemcpyFromSymbol(out, g_timeline, sizeof(g_timeline)));
 }
 #endif
