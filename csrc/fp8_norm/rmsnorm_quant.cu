@@ -67,10 +67,8 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <climits>
 #include <cstdint>
 #include <cstdio>
-#include <mutex>
 
 #include "../common/device_ptx.cuh"  // smem_addr, mbar_init, mbar_arrive_expect_tx, ...
 #include "../common/fp8_cast.cuh"    // e4m3x8, scale_of, bf16x2, unpack8
@@ -110,7 +108,6 @@ struct Smem {
   uint64_t* bar_b;
   uint64_t* full;   // [tiles]
   int* held;        // HOLD: threads that have copied the held tile into registers
-  int* claim;       // RowBlocks: the row block claimed for two rounds on, from CTA 0
 };
 constexpr size_t SCRATCH_BYTES =
     (2 * TILE + 3 * TILE) * sizeof(float) + 2 * sizeof(uint64_t) + 2 * sizeof(int);
@@ -164,7 +161,6 @@ struct Args {
   int M, K, Mp, Mb, Kb, buffers;  // buffers: tile buffers per CTA
   float eps;
   int pow2, colwise;
-  int* claims;    // [2] zeros, or null: row blocks dealt round-robin (see RowBlocks)
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -288,11 +284,6 @@ __device__ __forceinline__ void add_squares_held(const uint8_t* tile, const Thre
   }
 }
 
-// Bytes a round's rstd messages bring each CTA: 128 rstd, and CTA 0's claim (RowBlocks).
-__device__ __forceinline__ uint32_t rstd_message_bytes(bool claiming) {
-  return TILE * sizeof(float) + (claiming ? sizeof(int) : 0);
-}
-
 // rstd of this thread's rows 8i .. 8i + 7 of row block rb from its partial sums of squares `ss`
 // (round `round` of the exchange). The 16 threads of a row add theirs: the 8 lanes of a warp by
 // a butterfly (every lane gets the same sum, since a + b == b + a), then the two warps of the
@@ -301,12 +292,9 @@ __device__ __forceinline__ uint32_t rstd_message_bytes(bool claiming) {
 // and sends it to every CTA's recv_b. Each rstd is computed once, so every CTA uses the same one.
 // Neither buffer needs a second copy: a CTA sends round n + 1's data only after it received
 // round n's rstd from every CTA, which each sends only after reading what it received in round n.
-// With `claiming` (RowBlocks), CTA 0 also sends every CTA the row block it claimed (`claim`),
-// which arrives with the rstd under the same mbarrier; every CTA returns it in `claimed`.
 __device__ __forceinline__ void row_rstd(float (&ss)[8], const Smem& sm, const Thread& t,
                                          const Args& a, uint32_t rank, uint32_t csize, int rb,
-                                         uint32_t round, bool claiming, int claim, int& claimed,
-                                         float (&rstd)[8]) {
+                                         uint32_t round, float (&rstd)[8]) {
 #pragma unroll
   for (int r = 0; r < 8; ++r) {
 #pragma unroll
@@ -330,17 +318,13 @@ __device__ __forceinline__ void row_rstd(float (&ss)[8], const Smem& sm, const T
     const float r = __fdiv_rn(1.0f, __fsqrt_rn(__fdiv_rn(total, float(a.K)) + a.eps));
     const int own_row = int(rank) * slice + t.tid;
     for (uint32_t dest = 0; dest < csize; ++dest) st_async(sm.recv_b + own_row, r, sm.bar_b, dest);
-    if (claiming && rank == 0 && t.tid == 0)
-      for (uint32_t dest = 0; dest < csize; ++dest)
-        st_async(reinterpret_cast<float*>(sm.claim), __int_as_float(claim), sm.bar_b, dest);
     if (rb * TILE + own_row < a.M) a.rstd[rb * TILE + own_row] = r;
   }
   mbar_wait_cluster(sm.bar_b, round & 1);
   load8(sm.recv_b + 8 * t.i, rstd);
-  if (claiming) claimed = *reinterpret_cast<volatile int*>(sm.claim);
   if (t.tid == 0) {  // this round is over in this CTA: arm both barriers for the next one
     mbar_arrive_expect_tx(sm.bar_a, TILE * sizeof(float));
-    mbar_arrive_expect_tx(sm.bar_b, rstd_message_bytes(claiming));
+    mbar_arrive_expect_tx(sm.bar_b, TILE * sizeof(float));
   }
 }
 
@@ -536,11 +520,13 @@ __device__ __forceinline__ void mark_edge(int) {}
 struct Ring {
   uint8_t* tiles;
   uint64_t* full;
-  int buffers, n_tiles, k_first;
+  int buffers, n_tiles, k_first, cluster, clusters, rounds;
   __device__ uint8_t* tile(int s) const { return tiles + size_t(s % buffers) * TILE_BYTES; }
   __device__ uint64_t* bar(int s) const { return full + s % buffers; }
   __device__ uint32_t parity(int s) const { return uint32_t(s / buffers) & 1; }
-  __device__ void load(int s, const CUtensorMap* map, int rb) const {  // one thread
+  __device__ void load(int s, const CUtensorMap* map) const {  // one thread
+    if (s >= rounds * n_tiles) return;
+    const int rb = cluster + (s / n_tiles) * clusters;
     load_tile(tile(s), map, bar(s), (k_first + s % n_tiles) * TILE, rb * TILE);
   }
   __device__ bool landed(int s) const {  // without waiting
@@ -553,36 +539,6 @@ struct Ring {
     return done != 0;
   }
 };
-
-// Which 128-row block a cluster quantizes in each round. Dealt round-robin (cluster c takes blocks
-// c, c + clusters, ...) the blocks leave the clusters as far apart at the end as they drifted
-// (about 1 us a round at 32768 x 7168) plus, when clusters do not divide Mb, a last round for
-// some: there the cluster that had the 256th block was also the slowest and ended 35 us after
-// the first (NORM_TIMELINE, twenty-ninth session). Claimed (`claims`, NORM_CLAIM), rounds 0 and
-// 1 are still dealt that way and every later block goes to whichever cluster asks first: CTA 0
-// takes the next block from a global counter at the start of each round, for two rounds on (the
-// tiles of the next two rounds are loaded while this one is quantized, so by then the block must
-// be known), and sends it to its cluster's CTAs with its rstd messages. The last cluster to finish
-// zeroes the counters for the next launch (the host gives each stream its own pair). Claiming
-// needs every load of a round to fall at most two rounds on: buffers <= 2 x tiles a CTA.
-struct RowBlocks {
-  int cur, next, next2;  // this round's block and the next two's (>= Mb: no such round)
-  int clusters;
-  bool claiming;
-  __device__ int of(int rounds_on) const {  // dealt: any number of rounds on; claimed: <= 2
-    if (!claiming) return cur + rounds_on * clusters;
-    return rounds_on == 0 ? cur : rounds_on == 1 ? next : next2;
-  }
-  __device__ void advance() {  // at a round's end (claiming: next2 arrives in the exchange)
-    cur = next;
-    next = next2;
-    next2 = claiming ? INT_MAX : next + clusters;
-  }
-};
-
-#ifndef NORM_CLAIM
-#define NORM_CLAIM 1
-#endif
 
 template <bool HOLD>
 __global__ void __launch_bounds__(THREADS, 1)
@@ -599,7 +555,6 @@ rmsnorm_quant_kernel(const __grid_constant__ CUtensorMap x_map, const Args a) {
   sm.bar_b = sm.bar_a + 1;
   sm.full = sm.bar_a + 2;
   sm.held = reinterpret_cast<int*>(sm.full + a.buffers);
-  sm.claim = sm.held + 1;
 
   const Thread t;
   const uint32_t rank = special(0), csize = special(1);
@@ -610,17 +565,9 @@ rmsnorm_quant_kernel(const __grid_constant__ CUtensorMap x_map, const Args a) {
   ring.buffers = a.buffers;
   ring.k_first = int(rank) * a.Kb / int(csize);  // this CTA's column tiles: an even share
   ring.n_tiles = (int(rank) + 1) * a.Kb / int(csize) - ring.k_first;
-  // the same in every CTA of the cluster (its smallest share of tiles decides)
-  const bool claiming = NORM_CLAIM && a.claims != nullptr && a.Kb / int(csize) >= 1 &&
-                        a.buffers <= 2 * (a.Kb / int(csize));
-  RowBlocks rows{cluster, cluster + clusters, claiming ? INT_MAX : cluster + 2 * clusters,
-                 clusters, claiming};
-  // thread 0: element s of the tile sequence into its buffer, if its round has a row block
-  const auto load = [&](int s, int round) {
-    if (ring.n_tiles == 0) return;  // a CTA without column tiles only takes part in the exchange
-    const int rb = rows.of(s / ring.n_tiles - round);
-    if (rb < a.Mb) ring.load(s, &x_map, rb);
-  };
+  ring.cluster = cluster;
+  ring.clusters = clusters;
+  ring.rounds = cluster < a.Mb ? (a.Mb - 1 - cluster) / clusters + 1 : 0;
 
   if (t.tid == 0) {
     for (int b = 0; b < a.buffers; ++b) mbar_init(sm.full + b, 1);
@@ -628,9 +575,9 @@ rmsnorm_quant_kernel(const __grid_constant__ CUtensorMap x_map, const Args a) {
     mbar_init(sm.bar_b, 1);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     mbar_arrive_expect_tx(sm.bar_a, TILE * sizeof(float));  // round 0
-    mbar_arrive_expect_tx(sm.bar_b, rstd_message_bytes(claiming));
+    mbar_arrive_expect_tx(sm.bar_b, TILE * sizeof(float));
     if (!NORM_LOAD_AFTER_SYNC)
-      for (int s = 0; s < a.buffers; ++s) load(s, 0);
+      for (int s = 0; s < a.buffers; ++s) ring.load(s, &x_map);
   }
   mark_edge(2);
   for (int u = t.tid; u < 2 * TILE; u += THREADS) sm.amax[u] = 0;
@@ -638,7 +585,7 @@ rmsnorm_quant_kernel(const __grid_constant__ CUtensorMap x_map, const Args a) {
   cluster_sync();  // every CTA's barriers exist before anyone sends to them
   mark_edge(3);
   if (NORM_LOAD_AFTER_SYNC && t.tid == 0)
-    for (int s = 0; s < a.buffers; ++s) load(s, 0);
+    for (int s = 0; s < a.buffers; ++s) ring.load(s, &x_map);
 
   float ss[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   RawWeights next_w = load_weights(a, ring.k_first * TILE + 8 * t.j);  // of the next tile
@@ -657,18 +604,15 @@ rmsnorm_quant_kernel(const __grid_constant__ CUtensorMap x_map, const Args a) {
       add_squares(ring.tile(s), t, ss);
     }
   };
-  auto release_held = [&](int round) {  // thread 0, right after a CTA barrier
+  auto release_held = [&]() {  // thread 0, right after a CTA barrier
     if (HOLD && refill >= 0 && *reinterpret_cast<volatile int*>(sm.held) == THREADS) {
       *sm.held = 0;
-      load(refill, round);
+      ring.load(refill, &x_map);
       refill = -1;
     }
   };
-  for (int round = 0; rows.cur < a.Mb; ++round) {
-    const int rb = rows.cur, end = (round + 1) * ring.n_tiles;
-    int claim = a.Mb;  // CTA 0: the block for two rounds on, if this cluster runs the next one
-    if (claiming && rank == 0 && t.tid == 0 && rows.next < a.Mb)
-      claim = 2 * clusters + atomicAdd(a.claims, 1);
+  for (int round = 0; round < ring.rounds; ++round) {
+    const int rb = cluster + round * clusters, end = (round + 1) * ring.n_tiles;
     mark(round, 0);
     for (; summed < end; ++summed) {
       mbar_wait(ring.bar(summed), ring.parity(summed));
@@ -676,9 +620,8 @@ rmsnorm_quant_kernel(const __grid_constant__ CUtensorMap x_map, const Args a) {
     }
     mark(round, 1);
     float rstd[8];
-    row_rstd(ss, sm, t, a, rank, csize, rb, uint32_t(round), claiming, claim, rows.next2,
-             rstd);  // (barriers inside)
-    if (t.tid == 0) release_held(round);
+    row_rstd(ss, sm, t, a, rank, csize, rb, uint32_t(round), rstd);  // (barriers inside)
+    if (t.tid == 0) release_held();
 #pragma unroll
     for (int r = 0; r < 8; ++r) ss[r] = 0.0f;
     mark(round, 2);
@@ -695,8 +638,8 @@ rmsnorm_quant_kernel(const __grid_constant__ CUtensorMap x_map, const Args a) {
       tile_amax(y, t, a.colwise != 0, sm.amax);
       __syncthreads();  // the tile is in registers: its buffer takes the element `buffers` on
       if (t.tid == 0) {
-        if (!from_registers) load(s + a.buffers, round);
-        release_held(round);
+        if (!from_registers) ring.load(s + a.buffers, &x_map);
+        release_held();
       }
       tile_scales(sm, t, a, rb, kb);
       __syncthreads();
@@ -704,21 +647,13 @@ rmsnorm_quant_kernel(const __grid_constant__ CUtensorMap x_map, const Args a) {
       // the next round's tiles that have landed: their squares now, off the exchange's path
       // (each thread adds its tiles in sequence order whenever it gets to them; a round's last
       // tile if HOLD only once this round's held one has been quantized)
-      if (rows.next < a.Mb && summed < end + ring.n_tiles && summed <= s + a.buffers &&
+      if (summed < min(end + ring.n_tiles, ring.rounds * ring.n_tiles) && summed <= s + a.buffers &&
           (!HOLD || summed % ring.n_tiles != last || k == last) && ring.landed(summed)) {
         add(summed);
         ++summed;
       }
     }
     mark(round, 3);
-    rows.advance();
-  }
-  if (claiming && rank == 0 && t.tid == 0) {  // the last cluster out zeroes the counters
-    __threadfence();
-    if (atomicAdd(a.claims + 1, 1) == clusters - 1) {
-      atomicExch(a.claims, 0);
-      atomicExch(a.claims + 1, 0);
-    }
   }
   cluster_sync();  // no CTA leaves while a st.async to or from it may be in flight
   mark_edge(1);
@@ -822,37 +757,6 @@ int fp8moe_rmsnorm_timeline(unsigned long long* out) {  // [1024][4 * 64 + 4] to
 }
 #endif
 
-// RowBlocks' counters: a zeroed pair per (device, stream), so that launches on different streams
-// never share one (launches on one stream run one after another, and each leaves its pair zeroed).
-// Null when all pairs are taken: the row blocks are then dealt round-robin.
-__device__ int g_claims[64][2];
-
-int* stream_claims(void* stream) {
-  struct Entry {
-    int device;
-    void* stream;
-  };
-  static Entry taken[64];
-  static int used = 0;
-  static std::mutex guard;  // launches may come from more than one host thread
-  const std::lock_guard<std::mutex> lock(guard);
-  int device = 0;
-  cudaGetDevice(&device);
-  int slot = 0;
-  while (slot < used && !(taken[slot].device == device && taken[slot].stream == stream)) ++slot;
-  if (slot == used) {
-    if (used == 64) return nullptr;
-    taken[used++] = Entry{device, stream};
-  }
-  static void* base[64];  // g_claims on each device
-  if (device >= 64) return nullptr;
-  if (!base[device] && cudaGetSymbolAddress(&base[device], g_claims) != cudaSuccess) {
-    base[device] = nullptr;
-    return nullptr;
-  }
-  return static_cast<int*>(base[device]) + 2 * slot;
-}
-
 // The whole operation, launched on `stream`: see the header and models/fp8/norm_cuda.py. cluster
 // divides 128 (at most 16) and its CTAs split the ceil(K / 128) column tiles evenly, at most
 // `buffers` each (CTAs without a tile only take part in the exchange); x bf16 with a 16-byte
@@ -876,8 +780,7 @@ int fp8moe_rmsnorm_quant(const void* x, int64_t ldx, const void* w, int w_bf16, 
   const int clusters = resident_clusters(kernel, cluster, buffers, err, err_len);
   if (clusters < 1) return 1;
   const Args args{w, w_bf16, static_cast<uint8_t*>(q), s, static_cast<uint8_t*>(qt), st, rstd, hp,
-                  hp_bf16, M, K, Mp, Mb, Kb, buffers, eps, pow2, colwise,
-                  stream_claims(stream)};
+                  hp_bf16, M, K, Mp, Mb, Kb, buffers, eps, pow2, colwise};
   cudaLaunchAttribute attr;
   const cudaLaunchConfig_t config =
       launch_config(cluster, buffers, std::min(clusters, Mb) * cluster, stream, &attr);
