@@ -467,6 +467,27 @@ def test_gpu_rmsnorm_cuda(shape, tiling):
 
 
 @pytest.mark.gpu
+def test_gpu_rmsnorm_cuda_streams():
+    """Launches of the CUDA kernel back to back and on two streams at once write the same bits
+    as the first launch of each input (the kernel keeps no state between launches; a variant that
+    claimed row blocks from global counters, commit 6205087, needed one pair per stream)."""
+    xs = [_rand((9000, 7168), 50 + n) for n in range(2)]  # 71 row blocks, 5 rounds
+    w = (1 + 0.1 * torch.randn(7168)).to(torch.bfloat16).to(DEVICE)
+    want = [quant.rmsnorm_quantize(x, w, check_finite=False) for x in xs]
+    streams = [torch.cuda.Stream() for _ in xs]
+    got = []
+    for _ in range(8):
+        for n, (x, stream) in enumerate(zip(xs, streams)):
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                got.append((n, quant.rmsnorm_quantize(x, w, check_finite=False)))
+    torch.cuda.synchronize()
+    bits = lambda t: t.view(torch.uint8) if t.dtype == R.E4M3 else t
+    for n, out in got:
+        assert all(_same(bits(a), bits(b)) for a, b in zip(out, want[n]))
+
+
+@pytest.mark.gpu
 def test_gpu_rmsnorm_takes_the_cuda_path(monkeypatch):
     """On an sm90 GPU the default launch runs the CUDA kernel; fp32 weights too (read as they
     are). Input it does not take (fp32 x; K not a multiple of 8) and cuda=False run Triton."""
