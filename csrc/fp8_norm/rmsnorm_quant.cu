@@ -131,8 +131,11 @@ __host__ __device__ constexpr size_t smem_bytes(int tiles) {
 // shapes (32768 x 7168 80.8% against 80.6%), the GPU tests passing with it. Where a round goes
 // with HOLD (NORM_TIMELINE, same session): at 32768 x 7168 20.7 us, of which 0.45 us waiting for
 // and summing the next tiles (2.5 us in round 0), 1.63 us in the exchange and 17.9 us quantizing,
-// the lone last round ending 3.7 us after the others' (which is why the tail split could not
-// pay); at 32768 x 4096 11.4 us with a 1.22 us exchange.
+// the lone last round ending 3.7 us after the others'; at 32768 x 4096 11.4 us with a 1.22 us
+// exchange. (Read again in the twenty-ninth session with entry and exit marks: the first cluster
+// left at 354 us, the median one ended its 17th row block at 366.5 us and cluster 0 its 18th at
+// 388.5 us; claiming row blocks so that a cluster that got ahead takes the 18th did not pay:
+// EXPERIMENTS.md.)
 #ifndef NORM_HOLD
 #define NORM_HOLD -1
 #endif
