@@ -3,8 +3,8 @@
     python scripts/bench_fp8_grouped.py            # default run, about a minute on an H100
     python scripts/bench_fp8_grouped.py --quick    # one case per section, first configs only
     python scripts/bench_fp8_grouped.py --full     # more cases and the whole tile-config sweep
-    python scripts/bench_fp8_grouped.py --extra    # the default run plus the more cases, default
-                                                   # kernels only (the rest of the E x m grid)
+    python scripts/bench_fp8_grouped.py --extra    # the default run plus the extra cases (the
+                                                   # rest of the E x m grid), default kernels only
 
 The default run stops starting new cases once its time budget (--budget seconds, default 90) is
 spent, and says which it skipped, so scripts/gpu_check.sh can give it a fixed slot.
@@ -408,7 +408,8 @@ def main() -> None:
     parser.add_argument("--extra", action="store_true",
                         help="more cases with the default kernels (no tile-config sweep)")
     parser.add_argument("--budget", type=float, default=90.0,
-                        help="seconds after which no new case starts (default 90; inf with --full or --extra)")
+                        help="seconds after which no new case starts "
+                             "(default 90; inf with --full or --extra)")
     args = parser.parse_args()
     start = time.monotonic()
     budget = float("inf") if args.full or args.extra else args.budget
