@@ -469,8 +469,8 @@ def test_gpu_rmsnorm_cuda(shape, tiling):
 @pytest.mark.gpu
 def test_gpu_rmsnorm_cuda_streams():
     """Launches of the CUDA kernel back to back and on two streams at once write the same bits
-    as the first launch of each input (the kernel keeps no state between launches; a variant that
-    claimed row blocks from global counters, commit 6205087, needed one pair per stream)."""
+    as the first launch of each input: the ticket counter its clusters take the leftover row
+    blocks from (9000 rows: 71 blocks on 15 clusters, 11 left over) is each launch's own."""
     xs = [_rand((9000, 7168), 50 + n) for n in range(2)]  # 71 row blocks, 5 rounds
     w = (1 + 0.1 * torch.randn(7168)).to(torch.bfloat16).to(DEVICE)
     want = [quant.rmsnorm_quantize(x, w, check_finite=False) for x in xs]

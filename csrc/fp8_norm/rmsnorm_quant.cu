@@ -67,6 +67,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <climits>
 #include <cstdint>
 #include <cstdio>
 
@@ -108,6 +109,7 @@ struct Smem {
   uint64_t* bar_b;
   uint64_t* full;   // [tiles]
   int* held;        // HOLD: threads that have copied the held tile into registers
+  int* claim;       // RowBlocks: the leftover row block CTA 0 claimed for its cluster, if any
 };
 constexpr size_t SCRATCH_BYTES =
     (2 * TILE + 3 * TILE) * sizeof(float) + 2 * sizeof(uint64_t) + 2 * sizeof(int);
@@ -164,6 +166,7 @@ struct Args {
   int M, K, Mp, Mb, Kb, buffers;  // buffers: tile buffers per CTA
   float eps;
   int pow2, colwise;
+  int* claims;    // a zeroed int for this launch, or null: leftover row blocks dealt (RowBlocks)
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -287,6 +290,11 @@ __device__ __forceinline__ void add_squares_held(const uint8_t* tile, const Thre
   }
 }
 
+// Bytes a round's rstd messages bring each CTA: 128 rstd, and in one round CTA 0's claim.
+__device__ __forceinline__ uint32_t rstd_message_bytes(bool with_claim) {
+  return TILE * sizeof(float) + (with_claim ? sizeof(int) : 0);
+}
+
 // rstd of this thread's rows 8i .. 8i + 7 of row block rb from its partial sums of squares `ss`
 // (round `round` of the exchange). The 16 threads of a row add theirs: the 8 lanes of a warp by
 // a butterfly (every lane gets the same sum, since a + b == b + a), then the two warps of the
@@ -295,9 +303,13 @@ __device__ __forceinline__ void add_squares_held(const uint8_t* tile, const Thre
 // and sends it to every CTA's recv_b. Each rstd is computed once, so every CTA uses the same one.
 // Neither buffer needs a second copy: a CTA sends round n + 1's data only after it received
 // round n's rstd from every CTA, which each sends only after reading what it received in round n.
+// In the round RowBlocks names (`with_claim`), CTA 0 also sends every CTA the leftover row block
+// it claimed (`claim`), under the same mbarrier; every CTA returns it in `claimed`. `next_bytes`:
+// what the next round's messages will bring.
 __device__ __forceinline__ void row_rstd(float (&ss)[8], const Smem& sm, const Thread& t,
                                          const Args& a, uint32_t rank, uint32_t csize, int rb,
-                                         uint32_t round, float (&rstd)[8]) {
+                                         uint32_t round, bool with_claim, int claim, int& claimed,
+                                         uint32_t next_bytes, float (&rstd)[8]) {
 #pragma unroll
   for (int r = 0; r < 8; ++r) {
 #pragma unroll
@@ -321,13 +333,17 @@ __device__ __forceinline__ void row_rstd(float (&ss)[8], const Smem& sm, const T
     const float r = __fdiv_rn(1.0f, __fsqrt_rn(__fdiv_rn(total, float(a.K)) + a.eps));
     const int own_row = int(rank) * slice + t.tid;
     for (uint32_t dest = 0; dest < csize; ++dest) st_async(sm.recv_b + own_row, r, sm.bar_b, dest);
+    if (with_claim && rank == 0 && t.tid == 0)
+      for (uint32_t dest = 0; dest < csize; ++dest)
+        st_async(reinterpret_cast<float*>(sm.claim), __int_as_float(claim), sm.bar_b, dest);
     if (rb * TILE + own_row < a.M) a.rstd[rb * TILE + own_row] = r;
   }
   mbar_wait_cluster(sm.bar_b, round & 1);
   load8(sm.recv_b + 8 * t.i, rstd);
+  if (with_claim) claimed = *reinterpret_cast<volatile int*>(sm.claim);
   if (t.tid == 0) {  // this round is over in this CTA: arm both barriers for the next one
     mbar_arrive_expect_tx(sm.bar_a, TILE * sizeof(float));
-    mbar_arrive_expect_tx(sm.bar_b, TILE * sizeof(float));
+    mbar_arrive_expect_tx(sm.bar_b, next_bytes);
   }
 }
 
@@ -497,9 +513,9 @@ __device__ __forceinline__ void tile_store(const float (&y)[8][8], const Smem& s
 // The kernel
 
 #ifdef NORM_TIMELINE  // per CTA and round: %globaltimer at its start, sums, exchange, end;
-                      // then (slots 256..259) the CTA's entry, exit, set-up issued by thread 0,
-                      // first cluster barrier passed
-__device__ unsigned long long g_timeline[1024][4 * 64 + 4];
+                      // then (slots 256..260) the CTA's entry, exit, set-up issued by thread 0,
+                      // first cluster barrier passed, and the SM it ran on (%smid)
+__device__ unsigned long long g_timeline[1024][4 * 64 + 5];
 __device__ __forceinline__ void mark(int round, int phase) {
   unsigned long long now;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
@@ -507,8 +523,11 @@ __device__ __forceinline__ void mark(int round, int phase) {
 }
 __device__ __forceinline__ void mark_edge(int which) {
   unsigned long long now;
+  uint32_t sm;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
   if (threadIdx.x == 0) g_timeline[blockIdx.x][4 * 64 + which] = now;
+  if (threadIdx.x == 0 && which == 0) g_timeline[blockIdx.x][4 * 64 + 4] = sm;
 }
 #else
 __device__ __forceinline__ void mark(int, int) {}
@@ -523,13 +542,11 @@ __device__ __forceinline__ void mark_edge(int) {}
 struct Ring {
   uint8_t* tiles;
   uint64_t* full;
-  int buffers, n_tiles, k_first, cluster, clusters, rounds;
+  int buffers, n_tiles, k_first;
   __device__ uint8_t* tile(int s) const { return tiles + size_t(s % buffers) * TILE_BYTES; }
   __device__ uint64_t* bar(int s) const { return full + s % buffers; }
   __device__ uint32_t parity(int s) const { return uint32_t(s / buffers) & 1; }
-  __device__ void load(int s, const CUtensorMap* map) const {  // one thread
-    if (s >= rounds * n_tiles) return;
-    const int rb = cluster + (s / n_tiles) * clusters;
+  __device__ void load(int s, const CUtensorMap* map, int rb) const {  // one thread
     load_tile(tile(s), map, bar(s), (k_first + s % n_tiles) * TILE, rb * TILE);
   }
   __device__ bool landed(int s) const {  // without waiting
@@ -542,6 +559,43 @@ struct Ring {
     return done != 0;
   }
 };
+
+// Which 128-row block a cluster quantizes in each round. The Mb / clusters full rounds are dealt
+// round-robin (round n: block c + n * clusters for cluster c). The Mb % clusters leftover blocks,
+// dealt the same way, would go to clusters 0, 1, ... whatever their speed, and the clusters do
+// not run equally fast: at 32768 x 7168 (256 blocks, 15 clusters) the same cluster id ended its
+// 17 blocks 348-351 us in, the others 353-373 us, over six calls, and cluster 0, which took the
+// 256th, was among the slowest (NORM_TIMELINE with %smid, twenty-ninth session). With `claims`
+// (NORM_LEFTOVER) the leftover blocks go to the clusters that get there first. A round's tiles
+// load one round ahead where a CTA's tiles fill its buffers, two where buffers are to spare, so
+// round R's block (R the full rounds) must be known after the exchange of round R - 1 or R - 2:
+// CTA 0 of each cluster takes a ticket from a global counter right after the exchange before
+// that one (off the exchange's path), the first Mb % clusters tickets are the leftover blocks,
+// and CTA 0 sends its cluster's CTAs the result with the claim round's rstd messages. The counter
+// is zeroed memory of this launch's own (models/fp8/norm_cuda.py allocates it in stream order), so
+// launches on other streams or replayed from a CUDA graph never share one. Needs R >= the rounds
+// ahead and buffers <= 2 x tiles a CTA; otherwise the leftovers are dealt too.
+struct RowBlocks {
+  int cluster, clusters, full_rounds;
+  int claim_round;  // the round whose exchange brings the claimed block; -1: dealt
+  int extra;        // the leftover block this cluster quantizes last (>= Mb: none)
+  __device__ int of(int round) const {
+    if (round < full_rounds) return cluster + round * clusters;
+    return round == full_rounds ? extra : INT_MAX;
+  }
+};
+
+// NORM_LEFTOVER=1 (kept): measured in two interleaved sweeps on the H100 against dealing the
+// leftovers (outputs bitwise the same; twenty-ninth session): +0.2% / +2.6% at 32768 x 7168,
+// +4.7 / +2.1 at 32768 x 4096, +0.8 / +0.5 at 16384 x 7168, +0.8 / +1.2 at 16384 x 4096, +3.6 /
+// +8.2 at 20000 x 3584, +2.4 / -3.7 at 8192 x 7168. What it gains depends on which cluster the
+// hardware makes fastest: in one process the cluster that round-robin gives the 256th block was
+// already the first to finish its 17 (then nothing to gain), in another it was among the last.
+// Claiming every block past round 1 (each cluster asking for its next one) ran 1.6-3.5% slower
+// than dealing in order at most shapes (EXPERIMENTS.md).
+#ifndef NORM_LEFTOVER
+#define NORM_LEFTOVER 1
+#endif
 
 template <bool HOLD>
 __global__ void __launch_bounds__(THREADS, 1)
@@ -558,6 +612,7 @@ rmsnorm_quant_kernel(const __grid_constant__ CUtensorMap x_map, const Args a) {
   sm.bar_b = sm.bar_a + 1;
   sm.full = sm.bar_a + 2;
   sm.held = reinterpret_cast<int*>(sm.full + a.buffers);
+  sm.claim = sm.held + 1;
 
   const Thread t;
   const uint32_t rank = special(0), csize = special(1);
@@ -568,9 +623,31 @@ rmsnorm_quant_kernel(const __grid_constant__ CUtensorMap x_map, const Args a) {
   ring.buffers = a.buffers;
   ring.k_first = int(rank) * a.Kb / int(csize);  // this CTA's column tiles: an even share
   ring.n_tiles = (int(rank) + 1) * a.Kb / int(csize) - ring.k_first;
-  ring.cluster = cluster;
-  ring.clusters = clusters;
-  ring.rounds = cluster < a.Mb ? (a.Mb - 1 - cluster) / clusters + 1 : 0;
+  RowBlocks rows{cluster, clusters, a.Mb / clusters, -1, a.Mb};
+  const int leftover = a.Mb % clusters, fewest_tiles = a.Kb / int(csize);  // same in every CTA
+  // rounds ahead a round's tiles are loaded: one when every CTA's tiles fill its buffers
+  const int ahead = a.buffers == fewest_tiles ? 1 : 2;
+  if (NORM_LEFTOVER && a.claims != nullptr && leftover > 0 && rows.full_rounds >= ahead &&
+      fewest_tiles >= 1 && a.buffers <= 2 * fewest_tiles)
+    rows.claim_round = rows.full_rounds - ahead;
+  else if (cluster < leftover)
+    rows.extra = rows.full_rounds * clusters + cluster;
+  // CTA 0, thread 0: its cluster's ticket, taken a round before the claim round's exchange so
+  // that the atomic's round trip is off the exchange's path; the leftover block it gives, if any
+  int claim = a.Mb;
+  const auto take_ticket = [&]() {
+    if (rank == 0 && t.tid == 0) {
+      const int ticket = atomicAdd(a.claims, 1);
+      if (ticket < leftover) claim = rows.full_rounds * clusters + ticket;
+    }
+  };
+  if (rows.claim_round == 0) take_ticket();
+  // thread 0: element s of the tile sequence into its buffer, if its round has a row block
+  const auto load = [&](int s) {
+    if (ring.n_tiles == 0) return;  // a CTA without column tiles only takes part in the exchange
+    const int rb = rows.of(s / ring.n_tiles);
+    if (rb < a.Mb) ring.load(s, &x_map, rb);
+  };
 
   if (t.tid == 0) {
     for (int b = 0; b < a.buffers; ++b) mbar_init(sm.full + b, 1);
@@ -578,9 +655,9 @@ rmsnorm_quant_kernel(const __grid_constant__ CUtensorMap x_map, const Args a) {
     mbar_init(sm.bar_b, 1);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     mbar_arrive_expect_tx(sm.bar_a, TILE * sizeof(float));  // round 0
-    mbar_arrive_expect_tx(sm.bar_b, TILE * sizeof(float));
+    mbar_arrive_expect_tx(sm.bar_b, rstd_message_bytes(rows.claim_round == 0));
     if (!NORM_LOAD_AFTER_SYNC)
-      for (int s = 0; s < a.buffers; ++s) ring.load(s, &x_map);
+      for (int s = 0; s < a.buffers; ++s) load(s);
   }
   mark_edge(2);
   for (int u = t.tid; u < 2 * TILE; u += THREADS) sm.amax[u] = 0;
@@ -588,7 +665,7 @@ rmsnorm_quant_kernel(const __grid_constant__ CUtensorMap x_map, const Args a) {
   cluster_sync();  // every CTA's barriers exist before anyone sends to them
   mark_edge(3);
   if (NORM_LOAD_AFTER_SYNC && t.tid == 0)
-    for (int s = 0; s < a.buffers; ++s) ring.load(s, &x_map);
+    for (int s = 0; s < a.buffers; ++s) load(s);
 
   float ss[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   RawWeights next_w = load_weights(a, ring.k_first * TILE + 8 * t.j);  // of the next tile
@@ -610,12 +687,13 @@ rmsnorm_quant_kernel(const __grid_constant__ CUtensorMap x_map, const Args a) {
   auto release_held = [&]() {  // thread 0, right after a CTA barrier
     if (HOLD && refill >= 0 && *reinterpret_cast<volatile int*>(sm.held) == THREADS) {
       *sm.held = 0;
-      ring.load(refill, &x_map);
+      load(refill);
       refill = -1;
     }
   };
-  for (int round = 0; round < ring.rounds; ++round) {
-    const int rb = cluster + round * clusters, end = (round + 1) * ring.n_tiles;
+  for (int round = 0; rows.of(round) < a.Mb; ++round) {
+    const int rb = rows.of(round), end = (round + 1) * ring.n_tiles;
+    const bool with_claim = round == rows.claim_round;
     mark(round, 0);
     for (; summed < end; ++summed) {
       mbar_wait(ring.bar(summed), ring.parity(summed));
@@ -623,7 +701,9 @@ rmsnorm_quant_kernel(const __grid_constant__ CUtensorMap x_map, const Args a) {
     }
     mark(round, 1);
     float rstd[8];
-    row_rstd(ss, sm, t, a, rank, csize, rb, uint32_t(round), rstd);  // (barriers inside)
+    row_rstd(ss, sm, t, a, rank, csize, rb, uint32_t(round), with_claim, claim, rows.extra,
+             rstd_message_bytes(round + 1 == rows.claim_round), rstd);  // (barriers inside)
+    if (round + 1 == rows.claim_round) take_ticket();
     if (t.tid == 0) release_held();
 #pragma unroll
     for (int r = 0; r < 8; ++r) ss[r] = 0.0f;
@@ -641,7 +721,7 @@ rmsnorm_quant_kernel(const __grid_constant__ CUtensorMap x_map, const Args a) {
       tile_amax(y, t, a.colwise != 0, sm.amax);
       __syncthreads();  // the tile is in registers: its buffer takes the element `buffers` on
       if (t.tid == 0) {
-        if (!from_registers) ring.load(s + a.buffers, &x_map);
+        if (!from_registers) load(s + a.buffers);
         release_held();
       }
       tile_scales(sm, t, a, rb, kb);
@@ -650,7 +730,7 @@ rmsnorm_quant_kernel(const __grid_constant__ CUtensorMap x_map, const Args a) {
       // the next round's tiles that have landed: their squares now, off the exchange's path
       // (each thread adds its tiles in sequence order whenever it gets to them; a round's last
       // tile if HOLD only once this round's held one has been quantized)
-      if (summed < min(end + ring.n_tiles, ring.rounds * ring.n_tiles) && summed <= s + a.buffers &&
+      if (rows.of(round + 1) < a.Mb && summed < end + ring.n_tiles && summed <= s + a.buffers &&
           (!HOLD || summed % ring.n_tiles != last || k == last) && ring.landed(summed)) {
         add(summed);
         ++summed;
@@ -755,7 +835,7 @@ int fp8moe_rmsnorm_resident_clusters(int cluster, int buffers, char* err, int er
 }
 
 #ifdef NORM_TIMELINE
-int fp8moe_rmsnorm_timeline(unsigned long long* out) {  // [1024][4 * 64 + 4] to the host
+int fp8moe_rmsnorm_timeline(unsigned long long* out) {  // [1024][4 * 64 + 5] to the host
   return int(cudaMemcpyFromSymbol(out, g_timeline, sizeof(g_timeline)));
 }
 #endif
@@ -763,11 +843,12 @@ int fp8moe_rmsnorm_timeline(unsigned long long* out) {  // [1024][4 * 64 + 4] to
 // The whole operation, launched on `stream`: see the header and models/fp8/norm_cuda.py. cluster
 // divides 128 (at most 16) and its CTAs split the ceil(K / 128) column tiles evenly, at most
 // `buffers` each (CTAs without a tile only take part in the exchange); x bf16 with a 16-byte
-// aligned base and row stride; K % 8 == 0.
+// aligned base and row stride; K % 8 == 0. claims: one zeroed int the launch may use to hand out
+// the leftover row blocks (RowBlocks), or null.
 int fp8moe_rmsnorm_quant(const void* x, int64_t ldx, const void* w, int w_bf16, float eps, int M,
                          int K, int pow2, int colwise, void* q, float* s, void* qt, float* st,
                          float* rstd, void* hp, int hp_bf16, int Mp, int cluster, int buffers,
-                         void* stream, char* err, int err_len) {
+                         int* claims, void* stream, char* err, int err_len) {
   const int Kb = (K + TILE - 1) / TILE, Mb = (M + TILE - 1) / TILE;
   if (M < 1 || K < 1 || K % 8)
     return fail(err, err_len, "need M >= 1 and K a positive multiple of 8");
@@ -783,7 +864,7 @@ int fp8moe_rmsnorm_quant(const void* x, int64_t ldx, const void* w, int w_bf16, 
   const int clusters = resident_clusters(kernel, cluster, buffers, err, err_len);
   if (clusters < 1) return 1;
   const Args args{w, w_bf16, static_cast<uint8_t*>(q), s, static_cast<uint8_t*>(qt), st, rstd, hp,
-                  hp_bf16, M, K, Mp, Mb, Kb, buffers, eps, pow2, colwise};
+                  hp_bf16, M, K, Mp, Mb, Kb, buffers, eps, pow2, colwise, claims};
   cudaLaunchAttribute attr;
   const cudaLaunchConfig_t config =
       launch_config(cluster, buffers, std::min(clusters, Mb) * cluster, stream, &attr);

@@ -33,7 +33,7 @@ def load_library(path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
     lib.fp8moe_rmsnorm_quant.argtypes = [ptr, i64, ptr, i32, ctypes.c_float, i32, i32, i32, i32,
-                                         ptr, ptr, ptr, ptr, ptr, ptr, i32, i32, i32, i32,
+                                         ptr, ptr, ptr, ptr, ptr, ptr, i32, i32, i32, i32, ptr,
                                          ptr, ctypes.c_char_p, i32]
     lib.fp8moe_rmsnorm_smem_bytes.argtypes = [i32]
     lib.fp8moe_rmsnorm_smem_bytes.restype = ctypes.c_size_t
@@ -113,6 +113,9 @@ def rmsnorm_quantize(x, weight, eps: float, pow2_scales: bool, colwise: bool, hp
         weight = weight.clone()
     buffers = max_tiles(x.device.index or 0)  # beyond the CTA's tiles: the next block's, early
     cluster = plan(-(-K // TILE), buffers, cluster)[0]
+    # the ticket counter the clusters take the leftover row blocks from (the .cu's RowBlocks): this
+    # launch's own, zeroed in stream order, so no other launch or graph replay shares it
+    claims = torch.zeros(1, dtype=torch.int32, device=x.device)
     stream = cuda_lib.current_stream(x.device)
     cuda_lib.call(_library().fp8moe_rmsnorm_quant,
                   x.data_ptr(), x.stride(0), weight.data_ptr(), int(weight.dtype == torch.bfloat16),
@@ -120,4 +123,4 @@ def rmsnorm_quantize(x, weight, eps: float, pow2_scales: bool, colwise: bool, hp
                   qt.data_ptr(), st.data_ptr(), rstd.data_ptr(),
                   None if hp_out is None else hp_out.data_ptr(),
                   int(hp_out is not None and hp_out.dtype == torch.bfloat16),
-                  qt.shape[1] if colwise else 0, cluster, buffers, stream)
+                  qt.shape[1] if colwise else 0, cluster, buffers, claims.data_ptr(), stream)

@@ -118,7 +118,8 @@ same way, and quantizes the tiles from shared memory while the next row block's 
 On the H100 it reaches 82% of a copy's bandwidth at 32768x7168 (bench_fp8, twenty-ninth session),
 against 59-62% for the Triton kernel: a steady round runs at about 91% of a copy's rate on the 120
 of 132 SMs that hold a cluster of 8, and the call loses the rest to the first round's loads, the
-clusters' drift with the one 18th round of 256 row blocks on 15 clusters, and the launch.
+clusters' drift with the one 18th round of 256 row blocks on 15 clusters (which the cluster that
+finishes its 17 first now takes), and the launch.
 csrc/fp8_norm/EXPERIMENTS.md has how it got there and every variant measured and not kept.
 The model calls it through models.fp8.linear.FP8RMSNorm, for a norm whose output goes
 straight into FP8 Linears or MLPs, with a bf16 hp_out: a norm's output also feeds bf16 consumers
