@@ -136,8 +136,8 @@ __host__ __device__ constexpr size_t smem_bytes(int tiles) {
 // the lone last round ending 3.7 us after the others'; at 32768 x 4096 11.4 us with a 1.22 us
 // exchange. (Read again in the twenty-ninth session with entry and exit marks: the first cluster
 // left at 354 us, the median one ended its 17th row block at 366.5 us and cluster 0 its 18th at
-// 388.5 us; claiming row blocks so that a cluster that got ahead takes the 18th did not pay:
-// EXPERIMENTS.md.)
+// 388.5 us. Claiming every row block past round 1 did not pay; claiming only the leftover ones,
+// so that the cluster that finishes first takes the 18th, did: RowBlocks, EXPERIMENTS.md.)
 #ifndef NORM_HOLD
 #define NORM_HOLD -1
 #endif
