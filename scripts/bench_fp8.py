@@ -24,7 +24,8 @@ scripts/summary.py:
            from host to host, and its busy time says what the GPU spends;
   mlp      FP8MLP (SwiGLU fused with its quantization) forward + backward against the bf16 MLP at
            the `small` model's dense-MLP and shared-expert shapes (the latter at 4096, 8192 and
-           16384 tokens: convert.py's MLP_MIN_TOKENS puts it at 8192), with the GPU's busy time a call;
+           16384 tokens: convert.py's MLP_MIN_TOKENS puts it at 8192), with the GPU's busy time a
+           call;
   dispatch the routed experts' input: quantize_dual reading the tokens through MoE's dispatch
            index against gathering the sorted bf16 copies, then quantizing (ms);
   norm     a norm feeding FP8 consumers: the fused kernel FP8RMSNorm runs (bf16 y and both FP8

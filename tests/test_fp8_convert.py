@@ -406,6 +406,7 @@ def _exported_linears(model):
             if not key.endswith("eh_proj.weight"):
                 yield key, module
 
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("pow2", [False, True])
 def test_fp8_export_holds_the_blocks_fp8_training_multiplies_with(tmp_path, pow2):

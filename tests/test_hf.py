@@ -242,4 +242,3 @@ def test_trainer_export_takes_pow2_scales_only_with_fp8(tmp_path):
     assert config["quantization_config"]["scale_fmt"] == "ue8m0"
     trainer_export(_tiny(), tmp_path / "bf16", pow2_scales=True)  # fp8.pow2_scales, bf16 export
     assert "quantization_config" not in json.loads((tmp_path / "bf16" / "config.json").read_text())
-

@@ -194,7 +194,8 @@ def test_any_saved_step_exports_like_the_end_of_the_run(tiny, tmp_path):
     out = export_checkpoint([str(run_dir / "checkpoints"), str(tmp_path / "hf"), "--fp8"])
     ours, theirs = load_file(str(out / "model.safetensors")), load_file(
         str(run_dir / "hf" / "model.safetensors"))
-    assert ours.keys() == theirs.keys() and any(t.dtype == torch.float8_e4m3fn for t in ours.values())
+    assert ours.keys() == theirs.keys()
+    assert any(t.dtype == torch.float8_e4m3fn for t in ours.values())
     assert all(torch.equal(ours[k].view(torch.uint8), theirs[k].view(torch.uint8))
                if ours[k].dtype == torch.float8_e4m3fn else torch.equal(ours[k], theirs[k])
                for k in ours)

@@ -212,8 +212,9 @@ def pick_step(directory: Path, step: Optional[int]) -> Path:
         return directory
     found = {int(STEP_DIR.match(p.name)[1]): p for p in complete_checkpoints(directory)}
     if not found:
-        raise CheckpointError(f"{directory} holds no complete checkpoint (a step_XXXXXXXX directory "
-                              "with a meta.json); point at <run dir>/checkpoints or one step in it")
+        raise CheckpointError(f"{directory} holds no complete checkpoint (a step_XXXXXXXX "
+                              "directory with a meta.json); point at <run dir>/checkpoints or one "
+                              "step in it")
     if step is None:
         return found[max(found)]
     if step not in found:
@@ -247,7 +248,8 @@ def main(argv: Optional[list[str]] = None) -> Path:
     import argparse
     p = argparse.ArgumentParser(prog="python -m trainer.checkpoint",
                                 description="Export a saved step in the Hugging Face layout.")
-    p.add_argument("checkpoint", type=Path, help="<run dir>/checkpoints, or one step_XXXXXXXX in it")
+    p.add_argument("checkpoint", type=Path,
+                   help="<run dir>/checkpoints, or one step_XXXXXXXX in it")
     p.add_argument("out", type=Path, help="the export's directory (config.json + safetensors)")
     p.add_argument("--step", type=int, default=None, help="which step (default: the latest)")
     p.add_argument("--fp8", action="store_true",
