@@ -470,7 +470,8 @@ def test_gpu_rmsnorm_cuda(shape, tiling):
 def test_gpu_rmsnorm_cuda_streams():
     """Launches of the CUDA kernel back to back and on two streams at once write the same bits
     as the first launch of each input: the ticket counter its clusters take the leftover row
-    blocks from (9000 rows: 71 blocks on 15 clusters, 11 left over) is each launch's own."""
+    blocks from (9000 rows: 71 blocks on 15 clusters, 11 left over) is each stream's own, and
+    every launch leaves it zeroed for the next."""
     xs = [_rand((9000, 7168), 50 + n) for n in range(2)]  # 71 row blocks, 5 rounds
     w = (1 + 0.1 * torch.randn(7168)).to(torch.bfloat16).to(DEVICE)
     want = [quant.rmsnorm_quantize(x, w, check_finite=False) for x in xs]
@@ -485,6 +486,37 @@ def test_gpu_rmsnorm_cuda_streams():
     bits = lambda t: t.view(torch.uint8) if t.dtype == R.E4M3 else t
     for n, out in got:
         assert all(_same(bits(a), bits(b)) for a, b in zip(out, want[n]))
+    if norm_cuda._library().resets_claims:
+        counters = [norm_cuda.claims_counter(DEVICE, s.cuda_stream) for s in streams]
+        assert [int(c) for c in counters] == [0, 0]
+
+
+@pytest.mark.gpu
+def test_gpu_rmsnorm_cuda_graph():
+    """Launches captured in a CUDA graph (each with its own ticket counter, zeroed by a node of
+    the graph) and replayed, between eager launches on the capture stream, write the eager
+    launches' bits."""
+    xs = [_rand((9000, 7168), 60 + n) for n in range(2)]
+    w = (1 + 0.1 * torch.randn(7168)).to(torch.bfloat16).to(DEVICE)
+    want = [quant.rmsnorm_quantize(x, w, check_finite=False) for x in xs]
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        quant.rmsnorm_quantize(xs[0], w, check_finite=False)  # warm-up on the capture stream
+        with torch.cuda.graph(graph, stream=stream):
+            outs = [quant.rmsnorm_quantize(x, w, check_finite=False) for x in xs]
+    bits = lambda t: t.view(torch.uint8) if t.dtype == R.E4M3 else t
+    for _ in range(3):
+        with torch.cuda.stream(stream):
+            for out in outs:
+                for t in out:
+                    bits(t).zero_()
+            graph.replay()
+            eager = quant.rmsnorm_quantize(xs[1], w, check_finite=False)
+        torch.cuda.synchronize()
+        for n, out in enumerate(outs):
+            assert all(_same(bits(a), bits(b)) for a, b in zip(out, want[n]))
+        assert all(_same(bits(a), bits(b)) for a, b in zip(eager, want[1]))
 
 
 @pytest.mark.gpu

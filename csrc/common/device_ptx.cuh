@@ -1,7 +1,8 @@
 // Device-side PTX wrappers the nvcc-built kernel libraries of csrc/ share (included by
 // fp8_grouped/grouped.cu and fp8_norm/rmsnorm_quant.cu, digested with each library's sources
-// like host_tma.cuh): shared-memory addresses, mbarriers, the cluster barrier and the TMA tile
-// load. Each kernel keeps the wrappers only it uses (WGMMA, st.async, its own wait loops).
+// like host_tma.cuh): shared-memory addresses, mbarriers, the cluster barrier, the TMA tile
+// load and programmatic dependent launch. Each kernel keeps the wrappers only it uses (WGMMA,
+// st.async, its own wait loops).
 #pragma once
 
 #include <cuda.h>  // CUtensorMap
@@ -38,6 +39,20 @@ __device__ __forceinline__ void tma_load_tile(void* dst, const CUtensorMap* map,
       " [%0], [%1, {%3, %4}], [%2];"
       ::"r"(smem_addr(dst)), "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(bar)),
       "r"(inner), "r"(outer) : "memory");
+}
+
+// Programmatic dependent launch (a launch with cudaLaunchAttributeProgrammaticStreamSerialization
+// may start while the kernel before it in the stream still runs). Wait: returns once every grid
+// this one depends on has completed and its memory operations are visible; before it a kernel
+// must not touch global memory another kernel may write or read. Without the attribute, a no-op.
+__device__ __forceinline__ void wait_for_prior_grids() {
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+}
+
+// Lets the next kernel in the stream, if launched with the attribute, be scheduled on the SMs
+// this grid leaves free (it still waits for this grid's completion in wait_for_prior_grids).
+__device__ __forceinline__ void allow_dependent_grids() {
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 }
 
 }  // namespace csrc_common

@@ -78,6 +78,7 @@
 namespace {
 
 using csrc_common::ABS_MASK;
+using csrc_common::allow_dependent_grids;
 using csrc_common::bf16x2;
 using csrc_common::cluster_sync;
 using csrc_common::e4m3x8;
@@ -87,6 +88,7 @@ using csrc_common::scale_of;
 using csrc_common::smem_addr;
 using csrc_common::tma_load_tile;
 using csrc_common::unpack8;
+using csrc_common::wait_for_prior_grids;
 
 constexpr int TILE = 128;
 constexpr int THREADS = 256;
@@ -166,7 +168,7 @@ struct Args {
   int M, K, Mp, Mb, Kb, buffers;  // buffers: tile buffers per CTA
   float eps;
   int pow2, colwise;
-  int* claims;    // a zeroed int for this launch, or null: leftover row blocks dealt (RowBlocks)
+  int* claims;    // a zeroed int no launch uses meanwhile, or null: leftovers dealt (RowBlocks)
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -572,8 +574,9 @@ struct Ring {
 // CTA 0 of each cluster takes a ticket from a global counter right after the exchange before
 // that one (off the exchange's path), the first Mb % clusters tickets are the leftover blocks,
 // and CTA 0 sends its cluster's CTAs the result with the claim round's rstd messages. The counter
-// is zeroed memory of this launch's own (models/fp8/norm_cuda.py allocates it in stream order), so
-// launches on other streams or replayed from a CUDA graph never share one. Needs R >= the rounds
+// is zeroed when the launch starts and again when it ends (NORM_RESET_CLAIMS); models/fp8/
+// norm_cuda.py keeps one per stream, and gives a launch captured into a CUDA graph its own, so
+// launches on other streams or replayed from a graph never share one. Needs R >= the rounds
 // ahead and buffers <= 2 x tiles a CTA; otherwise the leftovers are dealt too.
 struct RowBlocks {
   int cluster, clusters, full_rounds;
@@ -595,6 +598,29 @@ struct RowBlocks {
 // than dealing in order at most shapes (EXPERIMENTS.md).
 #ifndef NORM_LEFTOVER
 #define NORM_LEFTOVER 1
+#endif
+
+// NORM_RESET_CLAIMS=1: the cluster that takes the launch's last ticket zeroes the counter again,
+// so that a launch finds it zeroed by the one before it in the stream and the wrapper can keep
+// one counter per stream (models/fp8/norm_cuda.py asks fp8moe_rmsnorm_resets_claims) instead of
+// allocating and zeroing one every call (a fill kernel and ~5 us of host time a call). Every
+// cluster takes exactly one ticket where the leftovers are claimed, none where they are dealt.
+// Measured with NORM_PDL (below), thirtieth session, H100, two interleaved sweeps, outputs bitwise
+// the same, both switches on against both off: 83.1 / 82.6% of a copy against 81.4 / 82.0% at
+// 32768 x 7168, 81.4 / 82.6 against 80.3 / 80.8 at 32768 x 4096, 74.9 / 78.1 against 74.6 / 75.4
+// at 16384 x 7168, 76.1 / 75.1 against 72.5 / 73.2 at 16384 x 4096, 68.6 / 69.4 against 64.5 /
+// 65.1 at 8192 x 7168. In the first sweep the reset alone gave 83.0%, 81.3%, 76.1%, 74.8%, 66.5%
+// and PDL alone 81.7%, 80.5%, 74.3%, 72.9%, 65.5%: the fill kernel was most of what they gained.
+#ifndef NORM_RESET_CLAIMS
+#define NORM_RESET_CLAIMS 1
+#endif
+
+// NORM_PDL=1: launched with programmatic stream serialization, so that the kernel's set-up
+// (mbarriers, the cluster barrier) runs while the kernel before it in the stream finishes; every
+// global access waits for that kernel (wait_for_prior_grids), and each CTA at once allows the
+// next kernel to be scheduled on the SMs it leaves (the clusters end up to ~20 us apart).
+#ifndef NORM_PDL
+#define NORM_PDL 1
 #endif
 
 template <bool HOLD>
@@ -639,9 +665,9 @@ rmsnorm_quant_kernel(const __grid_constant__ CUtensorMap x_map, const Args a) {
     if (rank == 0 && t.tid == 0) {
       const int ticket = atomicAdd(a.claims, 1);
       if (ticket < leftover) claim = rows.full_rounds * clusters + ticket;
+      if (NORM_RESET_CLAIMS && ticket == clusters - 1) atomicExch(a.claims, 0);  // the last one
     }
   };
-  if (rows.claim_round == 0) take_ticket();
   // thread 0: element s of the tile sequence into its buffer, if its round has a row block
   const auto load = [&](int s) {
     if (ring.n_tiles == 0) return;  // a CTA without column tiles only takes part in the exchange
@@ -649,6 +675,7 @@ rmsnorm_quant_kernel(const __grid_constant__ CUtensorMap x_map, const Args a) {
     if (rb < a.Mb) ring.load(s, &x_map, rb);
   };
 
+  if (!NORM_LOAD_AFTER_SYNC) wait_for_prior_grids();
   if (t.tid == 0) {
     for (int b = 0; b < a.buffers; ++b) mbar_init(sm.full + b, 1);
     mbar_init(sm.bar_a, 1);
@@ -664,6 +691,9 @@ rmsnorm_quant_kernel(const __grid_constant__ CUtensorMap x_map, const Args a) {
   if (HOLD && t.tid == 0) *sm.held = 0;
   cluster_sync();  // every CTA's barriers exist before anyone sends to them
   mark_edge(3);
+  if (NORM_LOAD_AFTER_SYNC) wait_for_prior_grids();  // x, w, the outputs and claims: from here on
+  allow_dependent_grids();
+  if (rows.claim_round == 0) take_ticket();
   if (NORM_LOAD_AFTER_SYNC && t.tid == 0)
     for (int s = 0; s < a.buffers; ++s) load(s);
 
@@ -754,19 +784,23 @@ int x_tile_map(CUtensorMap* map, const void* x, int M, int K, int64_t ld, char* 
                   ld * 2, TILE, TILE, err, err_len);
 }
 
+// The launch's configuration; `attrs` (two) holds its attributes: the cluster shape and, with
+// NORM_PDL, programmatic stream serialization.
 cudaLaunchConfig_t launch_config(int cluster, int buffers, int ctas, void* stream,
-                                 cudaLaunchAttribute* attr) {
-  attr->id = cudaLaunchAttributeClusterDimension;
-  attr->val.clusterDim.x = cluster;
-  attr->val.clusterDim.y = 1;
-  attr->val.clusterDim.z = 1;
+                                 cudaLaunchAttribute* attrs) {
+  attrs[0].id = cudaLaunchAttributeClusterDimension;
+  attrs[0].val.clusterDim.x = cluster;
+  attrs[0].val.clusterDim.y = 1;
+  attrs[0].val.clusterDim.z = 1;
+  attrs[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attrs[1].val.programmaticStreamSerializationAllowed = 1;
   cudaLaunchConfig_t config = {};
   config.blockDim = dim3(THREADS);
   config.gridDim = dim3(ctas);
   config.dynamicSmemBytes = smem_bytes(buffers);
   config.stream = static_cast<cudaStream_t>(stream);
-  config.attrs = attr;
-  config.numAttrs = 1;
+  config.attrs = attrs;
+  config.numAttrs = NORM_PDL ? 2 : 1;
   return config;
 }
 
@@ -808,8 +842,8 @@ int resident_clusters(Kernel kernel, int cluster, int buffers, char* err, int er
   if (e == cudaSuccess && cluster > 8)
     e = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
   int clusters = 0;
-  cudaLaunchAttribute attr;
-  const cudaLaunchConfig_t config = launch_config(cluster, buffers, cluster, nullptr, &attr);
+  cudaLaunchAttribute attrs[2];
+  const cudaLaunchConfig_t config = launch_config(cluster, buffers, cluster, nullptr, attrs);
   if (e == cudaSuccess)
     e = cudaOccupancyMaxActiveClusters(&clusters, kernel, &config);
   if (e != cudaSuccess) return fail(err, err_len, cudaGetErrorString(e)) - 1;
@@ -834,6 +868,10 @@ int fp8moe_rmsnorm_resident_clusters(int cluster, int buffers, char* err, int er
   return resident_clusters(kernel_for(buffers, buffers), cluster, buffers, err, err_len);
 }
 
+// 1 when a launch leaves its `claims` counter zeroed (NORM_RESET_CLAIMS), so that one counter can
+// serve every launch of a stream; 0 when each launch needs a freshly zeroed one.
+int fp8moe_rmsnorm_resets_claims() { return NORM_RESET_CLAIMS; }
+
 #ifdef NORM_TIMELINE
 int fp8moe_rmsnorm_timeline(unsigned long long* out) {  // [1024][4 * 64 + 5] to the host
   return int(cudaMemcpyFromSymbol(out, g_timeline, sizeof(g_timeline)));
@@ -844,7 +882,8 @@ int fp8moe_rmsnorm_timeline(unsigned long long* out) {  // [1024][4 * 64 + 5] to
 // divides 128 (at most 16) and its CTAs split the ceil(K / 128) column tiles evenly, at most
 // `buffers` each (CTAs without a tile only take part in the exchange); x bf16 with a 16-byte
 // aligned base and row stride; K % 8 == 0. claims: one zeroed int the launch may use to hand out
-// the leftover row blocks (RowBlocks), or null.
+// the leftover row blocks (RowBlocks), which no other launch uses meanwhile, or null. The launch
+// is programmatic (NORM_PDL): it may start before the stream's previous kernel has finished.
 int fp8moe_rmsnorm_quant(const void* x, int64_t ldx, const void* w, int w_bf16, float eps, int M,
                          int K, int pow2, int colwise, void* q, float* s, void* qt, float* st,
                          float* rstd, void* hp, int hp_bf16, int Mp, int cluster, int buffers,
@@ -865,9 +904,9 @@ int fp8moe_rmsnorm_quant(const void* x, int64_t ldx, const void* w, int w_bf16, 
   if (clusters < 1) return 1;
   const Args args{w, w_bf16, static_cast<uint8_t*>(q), s, static_cast<uint8_t*>(qt), st, rstd, hp,
                   hp_bf16, M, K, Mp, Mb, Kb, buffers, eps, pow2, colwise, claims};
-  cudaLaunchAttribute attr;
+  cudaLaunchAttribute attrs[2];
   const cudaLaunchConfig_t config =
-      launch_config(cluster, buffers, std::min(clusters, Mb) * cluster, stream, &attr);
+      launch_config(cluster, buffers, std::min(clusters, Mb) * cluster, stream, attrs);
   const cudaError_t e = cudaLaunchKernelEx(&config, kernel, map, args);
   if (e != cudaSuccess) return fail(err, err_len, cudaGetErrorString(e));
   return 0;

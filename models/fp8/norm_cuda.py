@@ -38,6 +38,7 @@ def load_library(path) -> ctypes.CDLL:
     lib.fp8moe_rmsnorm_smem_bytes.argtypes = [i32]
     lib.fp8moe_rmsnorm_smem_bytes.restype = ctypes.c_size_t
     lib.fp8moe_rmsnorm_resident_clusters.argtypes = [i32, i32, ctypes.c_char_p, i32]
+    lib.resets_claims = bool(lib.fp8moe_rmsnorm_resets_claims())
     return lib
 
 
@@ -113,10 +114,8 @@ def rmsnorm_quantize(x, weight, eps: float, pow2_scales: bool, colwise: bool, hp
         weight = weight.clone()
     buffers = max_tiles(x.device.index or 0)  # beyond the CTA's tiles: the next block's, early
     cluster = plan(-(-K // TILE), buffers, cluster)[0]
-    # the ticket counter the clusters take the leftover row blocks from (the .cu's RowBlocks): this
-    # launch's own, zeroed in stream order, so no other launch or graph replay shares it
-    claims = torch.zeros(1, dtype=torch.int32, device=x.device)
     stream = cuda_lib.current_stream(x.device)
+    claims = claims_counter(x.device, stream)
     cuda_lib.call(_library().fp8moe_rmsnorm_quant,
                   x.data_ptr(), x.stride(0), weight.data_ptr(), int(weight.dtype == torch.bfloat16),
                   eps, M, K, int(pow2_scales), int(colwise), q.data_ptr(), s.data_ptr(),
@@ -124,3 +123,24 @@ def rmsnorm_quantize(x, weight, eps: float, pow2_scales: bool, colwise: bool, hp
                   None if hp_out is None else hp_out.data_ptr(),
                   int(hp_out is not None and hp_out.dtype == torch.bfloat16),
                   qt.shape[1] if colwise else 0, cluster, buffers, claims.data_ptr(), stream)
+
+
+_STREAM_CLAIMS: dict[tuple[int, int], torch.Tensor] = {}
+"""(device index, raw stream) -> the ticket counter the launches on that stream share."""
+
+
+def claims_counter(device: torch.device, stream: int) -> torch.Tensor:
+    """The zeroed int a launch hands its leftover row blocks out from (the .cu's RowBlocks).
+
+    A library whose launches leave it zeroed again (NORM_RESET_CLAIMS) shares one per stream:
+    launches on one stream run one after another (the next one's first access to it waits for
+    the previous one's end), so no two use it at once. During CUDA graph capture, or with a
+    library that does not reset it, each launch gets its own, zeroed in stream order (a fill
+    node in a graph), so that no launch on another stream or replay of a graph shares it."""
+    if _library().resets_claims and not torch.cuda.is_current_stream_capturing():
+        key = (device.index, stream)
+        counter = _STREAM_CLAIMS.get(key)
+        if counter is None:
+            counter = _STREAM_CLAIMS[key] = torch.zeros(1, dtype=torch.int32, device=device)
+        return counter
+    return torch.zeros(1, dtype=torch.int32, device=device)
