@@ -471,7 +471,8 @@ def test_gpu_rmsnorm_cuda_streams():
     """Launches of the CUDA kernel back to back and on two streams at once write the same bits
     as the first launch of each input: the ticket counter its clusters take the leftover row
     blocks from (9000 rows: 71 blocks on 15 clusters, 11 left over) is each stream's own, and
-    every launch leaves it zeroed for the next."""
+    every launch leaves it zeroed for the next (one that did not would leave the next launch's
+    leftover blocks unwritten)."""
     xs = [_rand((9000, 7168), 50 + n) for n in range(2)]  # 71 row blocks, 5 rounds
     w = (1 + 0.1 * torch.randn(7168)).to(torch.bfloat16).to(DEVICE)
     want = [quant.rmsnorm_quantize(x, w, check_finite=False) for x in xs]
@@ -487,8 +488,31 @@ def test_gpu_rmsnorm_cuda_streams():
     for n, out in got:
         assert all(_same(bits(a), bits(b)) for a, b in zip(out, want[n]))
     if norm_cuda._library().resets_claims:
-        counters = [norm_cuda.claims_counter(DEVICE, s.cuda_stream) for s in streams]
-        assert [int(c) for c in counters] == [0, 0]
+        slots = {norm_cuda.claims_counter(xs[0].device, s.cuda_stream) for s in streams}
+        assert len(slots) == 2 and all(tensor is None for _, tensor in slots)
+
+
+def test_rmsnorm_claim_slots(monkeypatch):
+    """The CUDA norm's ticket counters: each (device, stream) keeps one slot of the library's,
+    the same on every call; past the library's slots, during graph capture, or with a library
+    whose launches do not zero it again, every launch gets a freshly zeroed counter."""
+    class Library:
+        resets_claims, claim_slots = True, 2
+    lib = Library()
+    monkeypatch.setattr(norm_cuda, "_library", lambda: lib)
+    monkeypatch.setattr(norm_cuda, "_slot_address", lambda _, index, slot: 1000 * index + slot)
+    monkeypatch.setattr(norm_cuda, "_STREAM_CLAIMS", {})
+    capturing = [False]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    cpu = torch.device("cpu", 3)
+    got = [norm_cuda.claims_counter(cpu, stream) for stream in (11, 12, 11, 12)]
+    assert got == [(3000, None), (3001, None), (3000, None), (3001, None)]
+    address, fresh = norm_cuda.claims_counter(cpu, 13)  # past the two slots
+    assert fresh is not None and fresh.tolist() == [0] and address == fresh.data_ptr()
+    capturing[0] = True
+    assert norm_cuda.claims_counter(cpu, 11)[1] is not None
+    capturing[0], lib.resets_claims = False, False
+    assert norm_cuda.claims_counter(cpu, 11)[1] is not None
 
 
 @pytest.mark.gpu

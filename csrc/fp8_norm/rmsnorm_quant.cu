@@ -601,19 +601,25 @@ struct RowBlocks {
 #endif
 
 // NORM_RESET_CLAIMS=1: the cluster that takes the launch's last ticket zeroes the counter again,
-// so that a launch finds it zeroed by the one before it in the stream and the wrapper can keep
-// one counter per stream (models/fp8/norm_cuda.py asks fp8moe_rmsnorm_resets_claims) instead of
-// allocating and zeroing one every call (a fill kernel and ~5 us of host time a call). Every
-// cluster takes exactly one ticket where the leftovers are claimed, none where they are dealt.
+// so that a launch finds it zeroed by the one before it in the stream and the wrapper can give
+// every launch of a stream the same counter, one of g_claims' slots (models/fp8/norm_cuda.py asks
+// fp8moe_rmsnorm_resets_claims), instead of allocating and zeroing one every call (a fill kernel
+// and ~5 us of host time a call). Every cluster takes exactly one ticket where the leftovers are
+// claimed, none where they are dealt. The slots live in this library's own device memory, loaded
+// zeroed with it: no allocator hands them out, so no memory saver region can release them.
 // Measured with NORM_PDL (below), thirtieth session, H100, two interleaved sweeps, outputs bitwise
 // the same, both switches on against both off: 83.1 / 82.6% of a copy against 81.4 / 82.0% at
 // 32768 x 7168, 81.4 / 82.6 against 80.3 / 80.8 at 32768 x 4096, 74.9 / 78.1 against 74.6 / 75.4
 // at 16384 x 7168, 76.1 / 75.1 against 72.5 / 73.2 at 16384 x 4096, 68.6 / 69.4 against 64.5 /
 // 65.1 at 8192 x 7168. In the first sweep the reset alone gave 83.0%, 81.3%, 76.1%, 74.8%, 66.5%
 // and PDL alone 81.7%, 80.5%, 74.3%, 72.9%, 65.5%: the fill kernel was most of what they gained.
+// A third sweep, with the counters in g_claims: 81.8 / 81.8 / 75.8 / 68.2% against 82.4 / 79.9 /
+// 73.0 / 63.1% at 32768 x 7168 / 32768 x 4096 / 16384 x 4096 / 8192 x 7168.
 #ifndef NORM_RESET_CLAIMS
 #define NORM_RESET_CLAIMS 1
 #endif
+constexpr int CLAIM_SLOTS = 64;  // streams per device that get a counter of their own
+__device__ int g_claims[CLAIM_SLOTS] = {};
 
 // NORM_PDL=1: launched with programmatic stream serialization, so that the kernel's set-up
 // (mbarriers, the cluster barrier) runs while the kernel before it in the stream finishes; every
@@ -871,6 +877,23 @@ int fp8moe_rmsnorm_resident_clusters(int cluster, int buffers, char* err, int er
 // 1 when a launch leaves its `claims` counter zeroed (NORM_RESET_CLAIMS), so that one counter can
 // serve every launch of a stream; 0 when each launch needs a freshly zeroed one.
 int fp8moe_rmsnorm_resets_claims() { return NORM_RESET_CLAIMS; }
+
+// The current device's address of counter `slot` of g_claims (zeroed when the library loads, and
+// by every launch that uses it, NORM_RESET_CLAIMS) into *out.
+int fp8moe_rmsnorm_claims_slot(int slot, int** out, char* err, int err_len) {
+  if (slot < 0 || slot >= CLAIM_SLOTS) {
+    snprintf(err, err_len, "claim slot %d: there are %d", slot, CLAIM_SLOTS);
+    return 1;
+  }
+  void* base = nullptr;
+  const cudaError_t e = cudaGetSymbolAddress(&base, g_claims);
+  if (e != cudaSuccess) return fail(err, err_len, cudaGetErrorString(e));
+  *out = static_cast<int*>(base) + slot;
+  return 0;
+}
+
+// How many streams per device can have a claim slot.
+int fp8moe_rmsnorm_claim_slots() { return CLAIM_SLOTS; }
 
 #ifdef NORM_TIMELINE
 int fp8moe_rmsnorm_timeline(unsigned long long* out) {  // [1024][4 * 64 + 5] to the host

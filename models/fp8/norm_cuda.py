@@ -38,7 +38,9 @@ def load_library(path) -> ctypes.CDLL:
     lib.fp8moe_rmsnorm_smem_bytes.argtypes = [i32]
     lib.fp8moe_rmsnorm_smem_bytes.restype = ctypes.c_size_t
     lib.fp8moe_rmsnorm_resident_clusters.argtypes = [i32, i32, ctypes.c_char_p, i32]
+    lib.fp8moe_rmsnorm_claims_slot.argtypes = [i32, ctypes.POINTER(ptr), ctypes.c_char_p, i32]
     lib.resets_claims = bool(lib.fp8moe_rmsnorm_resets_claims())
+    lib.claim_slots = lib.fp8moe_rmsnorm_claim_slots()
     return lib
 
 
@@ -115,32 +117,49 @@ def rmsnorm_quantize(x, weight, eps: float, pow2_scales: bool, colwise: bool, hp
     buffers = max_tiles(x.device.index or 0)  # beyond the CTA's tiles: the next block's, early
     cluster = plan(-(-K // TILE), buffers, cluster)[0]
     stream = cuda_lib.current_stream(x.device)
-    claims = claims_counter(x.device, stream)
+    claims, claims_tensor = claims_counter(x.device, stream)  # the tensor lives past the launch
     cuda_lib.call(_library().fp8moe_rmsnorm_quant,
                   x.data_ptr(), x.stride(0), weight.data_ptr(), int(weight.dtype == torch.bfloat16),
                   eps, M, K, int(pow2_scales), int(colwise), q.data_ptr(), s.data_ptr(),
                   qt.data_ptr(), st.data_ptr(), rstd.data_ptr(),
                   None if hp_out is None else hp_out.data_ptr(),
                   int(hp_out is not None and hp_out.dtype == torch.bfloat16),
-                  qt.shape[1] if colwise else 0, cluster, buffers, claims.data_ptr(), stream)
+                  qt.shape[1] if colwise else 0, cluster, buffers, claims, stream)
+    del claims_tensor
 
 
-_STREAM_CLAIMS: dict[tuple[int, int], torch.Tensor] = {}
-"""(device index, raw stream) -> the ticket counter the launches on that stream share."""
+_STREAM_CLAIMS: dict[tuple[int, int], int] = {}
+"""(device index, raw stream) -> the device address of that stream's ticket counter."""
 
 
-def claims_counter(device: torch.device, stream: int) -> torch.Tensor:
-    """The zeroed int a launch hands its leftover row blocks out from (the .cu's RowBlocks).
+def claims_counter(device: torch.device, stream: int) -> tuple[int, torch.Tensor | None]:
+    """(device address, the tensor holding it if any) of the zeroed int a launch on `stream`
+    hands its leftover row blocks out from (the .cu's RowBlocks).
 
-    A library whose launches leave it zeroed again (NORM_RESET_CLAIMS) shares one per stream:
-    launches on one stream run one after another (the next one's first access to it waits for
-    the previous one's end), so no two use it at once. During CUDA graph capture, or with a
-    library that does not reset it, each launch gets its own, zeroed in stream order (a fill
-    node in a graph), so that no launch on another stream or replay of a graph shares it."""
-    if _library().resets_claims and not torch.cuda.is_current_stream_capturing():
-        key = (device.index, stream)
-        counter = _STREAM_CLAIMS.get(key)
-        if counter is None:
-            counter = _STREAM_CLAIMS[key] = torch.zeros(1, dtype=torch.int32, device=device)
-        return counter
-    return torch.zeros(1, dtype=torch.int32, device=device)
+    Where the library's launches leave it zeroed again (NORM_RESET_CLAIMS), every launch of a
+    stream takes the same one, a slot of the library's own device memory: launches on one stream
+    run one after another (each one's first access to it waits for the previous one's end), so
+    no two use it at once, and no allocator (nor a memory-saver region, trainer/saver.py) hands
+    it out. During CUDA graph capture, with a library that does not reset it, or past the
+    library's slots (64 streams a device), each launch gets its own, zeroed in stream order (a
+    fill node in a graph), so that no launch on another stream or replay of a graph shares it."""
+    lib = _library()
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (index, stream)
+    if lib.resets_claims and not torch.cuda.is_current_stream_capturing():
+        if key in _STREAM_CLAIMS:
+            return _STREAM_CLAIMS[key], None
+        slots_taken = sum(1 for d, _ in _STREAM_CLAIMS if d == index)
+        if slots_taken < lib.claim_slots:
+            _STREAM_CLAIMS[key] = _slot_address(lib, index, slots_taken)
+            return _STREAM_CLAIMS[key], None
+    counter = torch.zeros(1, dtype=torch.int32, device=device)
+    return counter.data_ptr(), counter
+
+
+def _slot_address(lib, index: int, slot: int) -> int:
+    """Device `index`'s address of the library's ticket counter `slot`."""
+    address = ctypes.c_void_p()
+    with torch.cuda.device(index):
+        cuda_lib.call(lib.fp8moe_rmsnorm_claims_slot, slot, ctypes.byref(address))
+    return address.value
