@@ -697,15 +697,26 @@ __device__ __forceinline__ void write_staged_tile(SharedStorage& s, const __nv_b
 
 // The K block's MMA batches (one per FPART columns of the tile), each promoted as it completes;
 // the stage is released once the last batch has read it.
+// FPROP_DIAG=3 (a diagnostic build, for timing only: its output is wrong): the consumers wait for
+// a stage's data after its MMAs, just before releasing it, instead of before them, so that the
+// time they spend waiting for data drops out (as WGRAD_DIAG=3 does for Wgrad).
+#ifndef FPROP_DIAG
+#define FPROP_DIAG 0
+#endif
+
 template <int P = 0>
 __device__ __forceinline__ void fprop_k_block(SharedStorage& s, const Stage& st, int stage,
-                                              int wg_row0, const BlockScales& f,
+                                              uint32_t phase, int wg_row0, const BlockScales& f,
                                               float (&acc)[FPARTS][FREGS], float (&scratch)[FREGS],
                                               const Cluster& c) {
   mma_k_block(scratch, st.a + wg_row0 * BK, st.b + P * FPART * BK);
-  if (P == FPARTS - 1) release_stage(s, stage, c);
+  if (P == FPARTS - 1) {
+    if (FPROP_DIAG == 3) mbar_wait(&s.full[stage], phase);
+    release_stage(s, stage, c);
+  }
   promote<FREGS, P * FPART>(acc[P], scratch, f);
-  if constexpr (P + 1 < FPARTS) fprop_k_block<P + 1>(s, st, stage, wg_row0, f, acc, scratch, c);
+  if constexpr (P + 1 < FPARTS)
+    fprop_k_block<P + 1>(s, st, stage, phase, wg_row0, f, acc, scratch, c);
 }
 
 // The scales of `b` a tile's K blocks need, read one K block ahead so that the load's latency
@@ -768,10 +779,10 @@ __device__ void fprop_consumer(SharedStorage& s, const FpropArgs& p, int m_tiles
       for (int i = 0; i < FREGS; ++i) acc[h][i] = 0.f;
     const int k_blocks = p.K / BK;
     for (int kb = 0; kb < k_blocks; ++kb, ring.advance()) {
-      mbar_wait(&s.full[ring.stage], ring.phase);
+      if (FPROP_DIAG != 3) mbar_wait(&s.full[ring.stage], ring.phase);
       const Stage& st = s.stage(ring.stage);
       const BlockScales f = w.take(kb, k_blocks, st.sa + (tile.row0 & 3) + row_in_tile);
-      fprop_k_block(s, st, ring.stage, wg_row0, f, acc, scratch, c);
+      fprop_k_block(s, st, ring.stage, ring.phase, wg_row0, f, acc, scratch, c);
     }
     const MTile done = tile;
     if (FPROP_SCALE_PREFETCH && t + c.count < walk) {
