@@ -115,11 +115,12 @@ an sm90 GPU for bf16 x, `Tiling.cuda`) does that: a thread-block cluster owns a 
 (at K = 7168, 8 CTAs of 7 tiles, 32 KB of shared memory each), loads it once by TMA, sends each
 row's per-CTA sums of squares to the CTA owning the row with st.async, gets its rstd back the
 same way, and quantizes the tiles from shared memory while the next row block's tiles load.
-On the H100 it reaches 82% of a copy's bandwidth at 32768x7168 (bench_fp8, twenty-ninth session),
-against 59-62% for the Triton kernel: a steady round runs at about 91% of a copy's rate on the 120
-of 132 SMs that hold a cluster of 8, and the call loses the rest to the first round's loads, the
-clusters' drift with the one 18th round of 256 row blocks on 15 clusters (which the cluster that
-finishes its 17 first now takes), and the launch.
+On the H100 it reaches 81-83% of a copy's bandwidth at 32768x7168 (bench_fp8, twenty-ninth and
+thirtieth sessions), against 59-62% for the Triton kernel: a steady round runs at about 91% of a
+copy's rate on the 120 of 132 SMs that hold a cluster of 8, and the call loses the rest to the
+first round's loads, the clusters' drift with the one 18th round of 256 row blocks on 15 clusters
+(which the cluster that finishes its 17 first now takes), and the launch (programmatic, so that
+its set-up runs under the previous kernel's end).
 csrc/fp8_norm/EXPERIMENTS.md has how it got there and every variant measured and not kept.
 The model calls it through models.fp8.linear.FP8RMSNorm, for a norm whose output goes
 straight into FP8 Linears or MLPs, with a bf16 hp_out: a norm's output also feeds bf16 consumers
