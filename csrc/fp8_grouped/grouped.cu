@@ -695,15 +695,16 @@ __device__ __forceinline__ void write_staged_tile(SharedStorage& s, const __nv_b
   if (threadIdx.x % 32 == 0) mbar_arrive(&s.out_empty);
 }
 
-// The K block's MMA batches (one per FPART columns of the tile), each promoted as it completes;
-// the stage is released once the last batch has read it.
 // FPROP_DIAG=3 (a diagnostic build, for timing only: its output is wrong): the consumers wait for
 // a stage's data after its MMAs, just before releasing it, instead of before them, so that the
-// time they spend waiting for data drops out (as WGRAD_DIAG=3 does for Wgrad).
+// time they spend waiting for data drops out (as WGRAD_DIAG=3 does for Wgrad). On the H100
+// (thirtieth session) 0.93-1.00x the default: EXPERIMENTS.md.
 #ifndef FPROP_DIAG
 #define FPROP_DIAG 0
 #endif
 
+// The K block's MMA batches (one per FPART columns of the tile), each promoted as it completes;
+// the stage is released once the last batch has read it.
 template <int P = 0>
 __device__ __forceinline__ void fprop_k_block(SharedStorage& s, const Stage& st, int stage,
                                               uint32_t phase, int wg_row0, const BlockScales& f,

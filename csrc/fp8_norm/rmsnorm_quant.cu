@@ -574,7 +574,7 @@ struct Ring {
 // CTA 0 of each cluster takes a ticket from a global counter right after the exchange before
 // that one (off the exchange's path), the first Mb % clusters tickets are the leftover blocks,
 // and CTA 0 sends its cluster's CTAs the result with the claim round's rstd messages. The counter
-// is zeroed when the launch starts and again when it ends (NORM_RESET_CLAIMS); models/fp8/
+// is zero when a launch starts, and the launch leaves it zero (NORM_RESET_CLAIMS); models/fp8/
 // norm_cuda.py keeps one per stream, and gives a launch captured into a CUDA graph its own, so
 // launches on other streams or replayed from a graph never share one. Needs R >= the rounds
 // ahead and buffers <= 2 x tiles a CTA; otherwise the leftovers are dealt too.
