@@ -78,7 +78,9 @@ CLUSTER = 1
 """CTAs per cluster. 2 pairs CTAs that share the `a` tile through TMA multicast (grouped.cu): it
 is correct (the GPU tests pass with it) but measured 5-10% slower on an H100, so it is off. Wgrad
 alone, measured again (tenth session, six bench cases, interleaved): 0.91-1.00x the kernel
-without it, 0.90-0.96x with 128-wide tiles, although cuBLAS's Wgrad kernel runs in pairs."""
+without it, 0.90-0.96x with 128-wide tiles, although cuBLAS's Wgrad kernel runs in pairs. Fprop /
+Dgrad at the power cap (thirtieth session, 2.5 s of back-to-back calls each): 0.88-0.95x on the
+8-expert DeepSeek-V3 cells, fewer FLOPs a cycle at a higher clock (csrc/fp8_grouped/EXPERIMENTS.md)."""
 
 
 def _mn_major(a_s: torch.Tensor) -> torch.Tensor:
