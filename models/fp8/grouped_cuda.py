@@ -80,7 +80,8 @@ is correct (the GPU tests pass with it) but measured 5-10% slower on an H100, so
 alone, measured again (tenth session, six bench cases, interleaved): 0.91-1.00x the kernel
 without it, 0.90-0.96x with 128-wide tiles, although cuBLAS's Wgrad kernel runs in pairs. Fprop /
 Dgrad at the power cap (thirtieth session, 2.5 s of back-to-back calls each): 0.88-0.95x on the
-8-expert DeepSeek-V3 cells, fewer FLOPs a cycle at a higher clock (csrc/fp8_grouped/EXPERIMENTS.md)."""
+8-expert DeepSeek-V3 cells, fewer FLOPs a cycle at a higher clock (see
+csrc/fp8_grouped/EXPERIMENTS.md)."""
 
 
 def _mn_major(a_s: torch.Tensor) -> torch.Tensor:
