@@ -3,6 +3,8 @@ identical input. CPU runs the kernels under TRITON_INTERPRET=1 on small shapes; 
 the compiled kernels at real shapes."""
 import math
 import os
+import threading
+import time
 
 if not __import__("torch").cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel is defined
@@ -513,6 +515,26 @@ def test_rmsnorm_claim_slots(monkeypatch):
     assert norm_cuda.claims_counter(cpu, 11)[1] is not None
     capturing[0], lib.resets_claims = False, False
     assert norm_cuda.claims_counter(cpu, 11)[1] is not None
+
+
+def test_rmsnorm_claim_slots_threads(monkeypatch):
+    """Streams first seen by several threads at once still get one slot each (the slot lookup
+    releases the GIL, as its ctypes call does)."""
+    class Library:
+        resets_claims, claim_slots = True, 64
+    monkeypatch.setattr(norm_cuda, "_library", lambda: Library())
+    monkeypatch.setattr(norm_cuda, "_slot_address",
+                        lambda _, index, slot: time.sleep(0.01) or 1000 * index + slot)
+    monkeypatch.setattr(norm_cuda, "_STREAM_CLAIMS", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    cpu, got = torch.device("cpu", 0), {}
+    threads = [threading.Thread(target=lambda s=s: got.update({s: norm_cuda.claims_counter(cpu, s)}))
+               for s in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(address for address, _ in got.values()) == list(range(8))
 
 
 @pytest.mark.gpu

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import threading
 
 import torch
 
@@ -130,6 +131,8 @@ def rmsnorm_quantize(x, weight, eps: float, pow2_scales: bool, colwise: bool, hp
 
 _STREAM_CLAIMS: dict[tuple[int, int], int] = {}
 """(device index, raw stream) -> the device address of that stream's ticket counter."""
+_SLOT_LOCK = threading.Lock()
+"""Held while a stream is given a slot, so that two threads never give two streams one slot."""
 
 
 def claims_counter(device: torch.device, stream: int) -> tuple[int, torch.Tensor | None]:
@@ -147,12 +150,17 @@ def claims_counter(device: torch.device, stream: int) -> tuple[int, torch.Tensor
     index = device.index if device.index is not None else torch.cuda.current_device()
     key = (index, stream)
     if lib.resets_claims and not torch.cuda.is_current_stream_capturing():
-        if key in _STREAM_CLAIMS:
-            return _STREAM_CLAIMS[key], None
-        slots_taken = sum(1 for d, _ in _STREAM_CLAIMS if d == index)
-        if slots_taken < lib.claim_slots:
-            _STREAM_CLAIMS[key] = _slot_address(lib, index, slots_taken)
-            return _STREAM_CLAIMS[key], None
+        address = _STREAM_CLAIMS.get(key)
+        if address is not None:
+            return address, None
+        with _SLOT_LOCK:
+            if key not in _STREAM_CLAIMS:
+                slots_taken = sum(1 for d, _ in _STREAM_CLAIMS if d == index)
+                if slots_taken < lib.claim_slots:
+                    _STREAM_CLAIMS[key] = _slot_address(lib, index, slots_taken)
+            address = _STREAM_CLAIMS.get(key)
+        if address is not None:
+            return address, None
     counter = torch.zeros(1, dtype=torch.int32, device=device)
     return counter.data_ptr(), counter
 
