@@ -528,8 +528,9 @@ def test_rmsnorm_claim_slots_threads(monkeypatch):
     monkeypatch.setattr(norm_cuda, "_STREAM_CLAIMS", {})
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     cpu, got = torch.device("cpu", 0), {}
-    threads = [threading.Thread(target=lambda s=s: got.update({s: norm_cuda.claims_counter(cpu, s)}))
-               for s in range(8)]
+    def first_call(stream):
+        got[stream] = norm_cuda.claims_counter(cpu, stream)
+    threads = [threading.Thread(target=first_call, args=(stream,)) for stream in range(8)]
     for t in threads:
         t.start()
     for t in threads:
