@@ -1,11 +1,12 @@
 // Device-side PTX wrappers the nvcc-built kernel libraries of csrc/ share (included by
 // fp8_grouped/grouped.cu and fp8_norm/rmsnorm_quant.cu, digested with each library's sources
 // like host_tma.cuh): shared-memory addresses, mbarriers, the cluster barrier, the TMA tile
-// load and programmatic dependent launch. Each kernel keeps the wrappers only it uses (WGMMA,
-// st.async, its own wait loops).
+// load and programmatic dependent launch (with the launch attribute that turns it on). Each
+// kernel keeps the wrappers only it uses (WGMMA, st.async, its own wait loops).
 #pragma once
 
 #include <cuda.h>  // CUtensorMap
+#include <cuda_runtime.h>  // cudaLaunchAttribute
 
 #include <cstdint>
 
@@ -53,6 +54,16 @@ __device__ __forceinline__ void wait_for_prior_grids() {
 // this grid leaves free (it still waits for this grid's completion in wait_for_prior_grids).
 __device__ __forceinline__ void allow_dependent_grids() {
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
+
+// The launch attribute that lets a kernel start before the one ahead of it in the stream has
+// finished (cudaLaunchKernelEx); the kernel must then call wait_for_prior_grids before it touches
+// global memory.
+inline cudaLaunchAttribute programmatic_serialization() {
+  cudaLaunchAttribute attr = {};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  return attr;
 }
 
 }  // namespace csrc_common

@@ -798,8 +798,7 @@ cudaLaunchConfig_t launch_config(int cluster, int buffers, int ctas, void* strea
   attrs[0].val.clusterDim.x = cluster;
   attrs[0].val.clusterDim.y = 1;
   attrs[0].val.clusterDim.z = 1;
-  attrs[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attrs[1].val.programmaticStreamSerializationAllowed = 1;
+  attrs[1] = csrc_common::programmatic_serialization();
   cudaLaunchConfig_t config = {};
   config.blockDim = dim3(THREADS);
   config.gridDim = dim3(ctas);

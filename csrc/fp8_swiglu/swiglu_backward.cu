@@ -70,7 +70,7 @@
 
 #include <cstdint>
 
-#include "../common/device_ptx.cuh"  // smem_addr, wait_for_prior_grids, allow_dependent_grids
+#include "../common/device_ptx.cuh"  // smem_addr, programmatic dependent launch
 #include "../common/fp8_cast.cuh"    // e4m3x2, e4m3x8, scale_of, unpack8
 #include "../common/host_tma.cuh"    // fail (the C ABI's error message)
 
@@ -465,9 +465,7 @@ int fp8moe_swiglu_backward(const void* qh, const float* sh, int64_t sh_m, int64_
                   static_cast<const uint16_t*>(da), ld_da, static_cast<uint8_t*>(q_dh), s_dh,
                   static_cast<uint8_t*>(qt_dh), st_dh, static_cast<uint8_t*>(qt_a), st_a,
                   M, F, Mp, Fb, int(tiles), pow2};
-  cudaLaunchAttribute pdl;
-  pdl.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  pdl.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchAttribute pdl = csrc_common::programmatic_serialization();
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(unsigned(tiles < ctas ? tiles : ctas));
   config.blockDim = dim3(THREADS);
