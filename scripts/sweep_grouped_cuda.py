@@ -3,6 +3,8 @@
     python scripts/sweep_grouped_cuda.py                   # Fprop/Dgrad tile width 256 vs 192
     python scripts/sweep_grouped_cuda.py --variant base= --variant n128=FPROP_BN=128
     python scripts/sweep_grouped_cuda.py --cases 2 --ops fwd,wgrad
+    python scripts/sweep_grouped_cuda.py --extra --ops fwd    # and the rest of the grid
+    python scripts/sweep_grouped_cuda.py --match 'E8x' --steady 2.5   # at the power cap
     python scripts/sweep_grouped_cuda.py --diagnostic --variant a= --variant d=WGRAD_DIAG=1
 
 grouped.cu keeps its design choices behind `#ifndef NAME` switches so that a choice is measured,
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import tempfile
 
@@ -64,7 +67,8 @@ def use_library(lib) -> None:
     grouped_cuda._library = lambda: lib
 
 
-def sweep_case(case, ops, libraries, rounds: int = 3, diagnostic: bool = False) -> list[tuple]:
+def sweep_case(case, ops, libraries, rounds: int = 3, diagnostic: bool = False,
+               steady_s: float | None = None) -> list[tuple]:
     T = case.experts * case.tokens
     flops = 2 * T * case.N * case.K
     operands = bench._operands(case)
@@ -83,7 +87,7 @@ def sweep_case(case, ops, libraries, rounds: int = 3, diagnostic: bool = False) 
         fns = {name: (lambda lib=libraries[name], run=ours[op]: (use_library(lib), run(bench.CUDA)))
                for name, ok in correct.items() if ok}
         fns[LOOP] = loop[op]
-        times = interleaved_ms(fns, rounds)
+        times = interleaved_ms(fns, rounds, steady_s=steady_s)
         loop_tf = tflops(flops, times.pop(LOOP))
         figures = {name: tflops(flops, times[name]) if name in times else float("nan")
                    for name in libraries}
@@ -113,8 +117,16 @@ def main() -> None:
                              + " ".join(DEFAULT_VARIANTS) + ")")
     parser.add_argument("--cases", type=int, default=len(bench.GEMM_CASES),
                         help="the first N of bench_fp8_grouped.GEMM_CASES")
+    parser.add_argument("--extra", action="store_true",
+                        help="also bench_fp8_grouped.EXTRA_GEMM_CASES (the rest of the issue's grid)")
     parser.add_argument("--ops", default="fwd,dgrad,wgrad")
     parser.add_argument("--rounds", type=int, default=ROUNDS)
+    parser.add_argument("--match", default="",
+                        help="only the cases whose label ('dsv3-up E8x4096 4096x7168') this "
+                             "regular expression matches")
+    parser.add_argument("--steady", type=float, default=None, metavar="SECONDS",
+                        help="time each variant at steady state: back to back for SECONDS, the "
+                             "last 60%% timed (timing.steady_ms), instead of short batches")
     parser.add_argument("--diagnostic", action="store_true",
                         help="time variants whose output is wrong too (builds that leave out part "
                              "of the work, to see what that part costs)")
@@ -128,8 +140,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         libraries = build_variants(variants, folder)
         rows = []
-        for case in bench.GEMM_CASES[:args.cases]:
-            rows += sweep_case(case, ops, libraries, args.rounds, args.diagnostic)
+        cases = bench.GEMM_CASES[:args.cases] + (bench.EXTRA_GEMM_CASES if args.extra else [])
+        for case in cases:
+            if re.search(args.match, case.label):
+                rows += sweep_case(case, ops, libraries, args.rounds, args.diagnostic,
+                                   args.steady)
     print_table(rows, list(libraries))
 
 

@@ -2,6 +2,8 @@
 
     ms = time_ms(fn)              # median ms per call; reps calls per timed batch, after a warm-up
     interleaved_ms({"a": f, "b": g})  # the same for several, timed in alternating rounds
+    steady_ms(fn, seconds)        # ms per call once the GPU has run fn back to back a while
+    interleaved_ms(fns, steady_s=2.5) # steady_ms in alternating rounds
     alternating_rounds(names, rounds) # those rounds' orders (bench_train runs its recipes so)
     tflops(flops, ms)             # FLOPs over milliseconds, in TFLOP/s
     train_backward(y, dy)         # y.backward(dy) on this thread, as the trainer runs it
@@ -18,6 +20,7 @@ import json
 import os
 import statistics
 import tempfile
+import time
 import warnings
 
 import torch
@@ -41,6 +44,30 @@ def time_ms(fn, reps: int = 10, batches: int = 5) -> float:
     return statistics.median(per_call)
 
 
+def steady_ms(fn, seconds: float) -> float:
+    """Milliseconds per call of fn at steady state: called back to back for `seconds`, the last
+    60% timed. A GEMM at full rate brings an H100 to its power cap within a fraction of a second
+    and the clock follows how busy the SMs are, so two kernels differing by a percent or two are
+    compared here, where a training step runs them, rather than by time_ms's short batches (whose
+    figures moved by 5-8% between rounds in csrc/fp8_grouped's sweeps)."""
+    torch.cuda.synchronize()
+    start, calls = time.perf_counter(), 0
+    while time.perf_counter() - start < 0.4 * seconds:
+        fn()
+        calls += 1
+        if calls % 8 == 0:  # the host waits now and then, so that the wall clock tracks the GPU
+            torch.cuda.synchronize()
+    torch.cuda.synchronize()
+    timed = max(1, round(0.6 * seconds * calls / (time.perf_counter() - start)))
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(timed):
+        fn()
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end) / timed
+
+
 def alternating_rounds(names: list, rounds: int):
     """Each round's order: `names`, then reversed, and so on (A B C, C B A, A B C), so that over
     an even number of rounds every name has the same average position."""
@@ -48,19 +75,22 @@ def alternating_rounds(names: list, rounds: int):
         yield list(names) if r % 2 == 0 else list(names)[::-1]
 
 
-def interleaved_ms(fns: dict, rounds: int = 3, reps: int = 5, batches: int = 3) -> dict:
+def interleaved_ms(fns: dict, rounds: int = 3, reps: int = 5, batches: int = 3,
+                   steady_s: float | None = None) -> dict:
     """{name: median ms per call} of each fn, timed once per round over `rounds` rounds, every
     other round in reverse order. Timed one after another, whatever runs first meets a cooler GPU:
     an FP8 GEMM at full rate draws enough power to lower the clocks, and on an H100 that moved a
-    kernel's figure by up to 15% against the one timed next. A fn that raises is reported, then
-    left out, its figure nan."""
+    kernel's figure by up to 15% against the one timed next. With `steady_s`, each timing is
+    steady_ms(fn, steady_s) instead of time_ms's batches. A fn that raises is reported, then left
+    out, its figure nan."""
     times = {name: [] for name in fns}
     for order in alternating_rounds(list(fns), rounds):
         for name in order:
             if times[name] is None:
                 continue
             try:
-                times[name].append(time_ms(fns[name], reps, batches))
+                times[name].append(time_ms(fns[name], reps, batches) if steady_s is None
+                                   else steady_ms(fns[name], steady_s))
             except Exception as e:  # a baseline a library rejects is absent, not fatal
                 print(f"    {name} failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
                 times[name] = None
