@@ -253,67 +253,6 @@ def test_cuda_grouped_gemm_matches_reference(counts, N, K):
                                    atol=2e-2 * expect.abs().max().item())
 
 
-def _counts_of_tiles(tiles: int, empty: int = 0) -> list[int]:
-    """Ragged counts that make `tiles` 128-row tiles in all: an empty expert, one ending 7 rows
-    into a tile, then `empty` more empty experts."""
-    a = b = tiles // 3
-    c = tiles - (a + 1) - b
-    return [128 * a + 1, 0, 128 * b, 128 * c - 7] + [0] * empty
-
-
-def _split_tail_counts(N: int, K: int, whole_rounds: bool) -> tuple[list[int], int]:
-    """The smallest counts (ragged, with empty experts) whose walk of 128 x 256 tiles leaves a
-    tail the kernel splits (grouped.cu, TailPlan), and the tail's tiles. The main launch's grid
-    is what the host gives a walk of the tile bound (BALANCED_GRID); its tail is what is left
-    after the last whole round (`whole_rounds`), or the whole walk where that is shorter than
-    one round."""
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    grid_of = grouped_cuda._library().fp8moe_grouped_persistent_clusters
-    n_tiles, k_blocks = -(-N // 256), K // 128
-    for m in range(2, 4 * sms):
-        for empty in range(2 * sms):
-            counts = _counts_of_tiles(m, empty)
-            grid = grid_of(m_tiles_bound(sum(counts), len(counts), 128) * n_tiles, sms)
-            tail = m * n_tiles % grid
-            splits = tail and min(grid // tail, k_blocks // 4) >= 2
-            if splits and (m * n_tiles > grid) == whole_rounds:
-                return counts, tail
-    raise AssertionError(f"no split tail for N={N}, K={K}")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("N,K,whole_rounds", [(256, 2048, True), (384, 2048, True),
-                                              (2048, 7168, True), (256, 7168, False)])
-def test_cuda_split_tail_matches_one_launch(monkeypatch, N, K, whole_rounds):
-    """The split tail (grouped.cu, FPROP_SPLIT_TAIL): the tiles past the main launch's last whole
-    round of CTAs cut along K, their pieces run by a second launch and added by a third. Walks
-    of more than a round (one ending in a half-width column of tiles) and one shorter than a
-    round, all of it tail: against the reference, and against one launch without the split
-    (grouped_cuda.SPLIT_TAIL off): with one column of tiles every row outside the tail bitwise
-    the same and the tail's fp32 sums in another order; a second call gives the same bits."""
-    counts, tail = _split_tail_counts(N, K, whole_rounds)
-    a_q, a_s, b_q, b_s, counts_E = _operands(counts, N, K, seed=N + K)
-    expect = ref.grouped_gemm_1x128_128x128(a_q, a_s, b_q, b_s, counts_E)
-    outs = {}
-    for split in (True, False):
-        monkeypatch.setattr(grouped_cuda, "SPLIT_TAIL", split)
-        for dtype in (torch.float32, torch.bfloat16):
-            outs[split, dtype] = grouped_gemm(a_q, a_s, b_q, b_s, counts_E, out_dtype=dtype,
-                                              backend="cuda")
-            assert ref.calc_diff(outs[split, dtype].float(), expect) < 1e-3
-    split, one = outs[True, torch.float32], outs[False, torch.float32]
-    torch.testing.assert_close(split, one, rtol=1e-5, atol=1e-5 * one.abs().max().item())
-    if not whole_rounds:  # every tile is tail
-        assert not torch.equal(split, one)
-    elif N == 256:  # one column of tiles: the tail is the last `tail` row tiles (the last 7 short)
-        tail_rows = 128 * tail - 7
-        assert torch.equal(split[:-tail_rows], one[:-tail_rows])
-        assert not torch.equal(split[-tail_rows:], one[-tail_rows:])
-    monkeypatch.setattr(grouped_cuda, "SPLIT_TAIL", True)
-    again = grouped_gemm(a_q, a_s, b_q, b_s, counts_E, out_dtype=torch.float32, backend="cuda")
-    assert torch.equal(again, split)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("counts", CUDA_COUNTS)
 @pytest.mark.parametrize("N,K", [(384, 512), (2048, 7168)])
@@ -426,10 +365,11 @@ def _check_balanced_grid(clusters_for):
     """The persistent grid (grouped.cu, BALANCED_GRID) runs a walk in as few rounds as the room
     allows, on the fewest clusters that keep that many rounds, so that no cluster idles through
     the last one: hand-computed cases (3584 Wgrad tiles of DeepSeek-V3's down projection at 8
-    experts on 132 SMs: 128 CTAs of 28; an empty walk gets one), then the two properties on random
-    walks."""
+    experts on 132 SMs: 128 CTAs of 28; the 4096 Fprop tiles of its up projection, which the
+    Fprop kernel deals itself with the same function, FPROP_BALANCE: 128 of 32; an empty walk gets
+    one), then the two properties on random walks."""
     cases = {(3584, 132): 128, (7168, 132): 131, (57344, 132): 132, (5, 132): 5, (133, 132): 67,
-             (1, 1): 1, (264, 132): 132, (0, 132): 1}
+             (1, 1): 1, (264, 132): 132, (0, 132): 1, (4096, 132): 128}
     assert {key: clusters_for(*key) for key in cases} == cases
     gen = torch.Generator().manual_seed(7)
     for walks, room in torch.randint(1, 5000, (200, 2), generator=gen).tolist():

@@ -71,13 +71,11 @@
 
 namespace {
 
-using csrc_common::allow_dependent_grids;
 using csrc_common::cluster_sync;
 using csrc_common::mbar_arrive_expect_tx;
 using csrc_common::mbar_init;
 using csrc_common::smem_addr;
 using csrc_common::tma_load_tile;
-using csrc_common::wait_for_prior_grids;
 
 constexpr int BM = 128;             // output rows per tile (two consumer warpgroups x 64)
 // Wgrad output columns per tile: 256, two 128-column halves (one MMA batch and promotion each per
@@ -339,9 +337,7 @@ struct Counts {
 // Warp 0 turns the router's counts into per-expert offsets: row_start (exclusive scan of the
 // counts) and tile_start (exclusive scan of ceil(count / BM)); entry E holds the totals. Each
 // lane scans a contiguous slice of experts, then the lanes' totals are scanned with shuffles.
-// `s`: the kernel's SharedStorage, or Offsets (the tail sum's).
-template <typename Storage>
-__device__ void scan_counts(Storage& s, Counts counts, int E) {
+__device__ void scan_counts(SharedStorage& s, Counts counts, int E) {
   const int lane = threadIdx.x % 32;
   const int per_lane = (E + 31) / 32;
   const int lo = min(lane * per_lane, E), hi = min(lo + per_lane, E);
@@ -528,69 +524,14 @@ struct FpropArgs {  // a and its scales come through TMA maps
   int out_fp32;
   Counts counts;
   int T, N, K, E;
-  float* partials;  // split tail (TailPlan): [main_ctas][BM][FBN] fp32 pieces; null: no split
-  int main_ctas;    // CTAs of the main launch
 };
 
 struct MTile {
   int expert, row0, row_end, col0;
 };
 
-// FPROP_SPLIT_TAIL=1: the tiles left over after the main launch's last whole round of CTAs (its
-// tail: at DeepSeek-V3's up projection with 8 experts x 4096 tokens, 4096 tiles on 132 CTAs leave
-// 4 for a 32nd round, run by 4 SMs while 128 idle) are cut along K into pieces and run by a
-// second launch of the same kernel (TAIL = true), started as the main launch's CTAs leave their
-// SMs (programmatic dependent launch); each piece writes its fp32 partial tile to `partials`, and
-// a third launch (grouped_fprop_tail_sum) adds a tile's pieces in order and writes the output.
-// The main launch's K loop is the same code either way. 0: one launch runs every tile;
-// 2 (a diagnostic build, for timing only: its output misses the tail tiles): the main launch
-// alone, without the tail. FPROP_TAIL_MIN_KB: the fewest K blocks in a piece.
-#ifndef FPROP_SPLIT_TAIL
-#define FPROP_SPLIT_TAIL 1
-#endif
-#ifndef FPROP_TAIL_MIN_KB
-#define FPROP_TAIL_MIN_KB 4
-#endif
-#ifndef FPROP_TAIL_MIN_PIECES
-#define FPROP_TAIL_MIN_PIECES 2
-#endif
-
-// How a walk of `walk` tiles is split between the main launch of `ctas` CTAs and the tail: the
-// main launch runs walk indices below `full` (whole rounds), the tail launch the `tiles` after
-// them in `pieces` pieces each (at most `ctas` pieces in all). No split (tiles 0) when the tail
-// would not be cut in two, or without a workspace for the pieces (`split` false).
-struct TailPlan {
-  int full, tiles, pieces;
-};
-
-__device__ __forceinline__ TailPlan tail_plan(int walk, int ctas, int k_blocks, bool split) {
-  if (!split || !FPROP_SPLIT_TAIL || ctas < 1) return TailPlan{walk, 0, 1};
-  const int tiles = walk % ctas;
-  const int pieces = tiles > 0 ? min(ctas / tiles, k_blocks / FPROP_TAIL_MIN_KB) : 0;
-  if (pieces < max(2, FPROP_TAIL_MIN_PIECES)) return TailPlan{walk, 0, 1};
-  return TailPlan{walk - tiles, tiles, pieces};
-}
-
-// The tiles one CTA takes: walk indices first, first + step, ... below end, each over K blocks
-// k_begin .. k_end - 1 (all of K, but for a split tail's pieces).
-struct Walk {
-  int first, end, step, k_begin, k_end;
-};
-
-// This CTA's walk: in the main launch (TAIL false) every c.count-th tile of the first plan.full;
-// in the tail launch, piece blockIdx.x % pieces of tail tile blockIdx.x / pieces (nothing past
-// the last piece).
-template <bool TAIL>
-__device__ __forceinline__ Walk fprop_walk(const TailPlan& plan, int k_blocks, const Cluster& c) {
-  if (!TAIL) return Walk{c.index, plan.full, c.count, 0, k_blocks};
-  const int tile = int(blockIdx.x) / plan.pieces, piece = int(blockIdx.x) % plan.pieces;
-  const int first = plan.full + tile, end = tile < plan.tiles ? first + 1 : first;
-  return Walk{first, end, 1, piece * k_blocks / plan.pieces, (piece + 1) * k_blocks / plan.pieces};
-}
-
 // Tile t of the cluster's walk (its share of the pairs of side-by-side tiles).
-template <typename Storage>
-__device__ __forceinline__ MTile fprop_tile(const Storage& s, const FpropArgs& p, int t,
+__device__ __forceinline__ MTile fprop_tile(const SharedStorage& s, const FpropArgs& p, int t,
                                             int m_tiles, int n_tiles, const Cluster& c) {
   int m, n;
   band_order(t, m_tiles, n_tiles / c.size, m, n);
@@ -610,11 +551,11 @@ __device__ __forceinline__ MTile fprop_tile(const Storage& s, const FpropArgs& p
 
 __device__ void fprop_producer(SharedStorage& s, const CUtensorMap* map_a, const CUtensorMap* map_b,
                                const CUtensorMap* map_sa, const FpropArgs& p, int m_tiles,
-                               int n_tiles, const Walk& w, const Cluster& c) {
+                               int n_tiles, const Cluster& c) {
   Ring ring(FPROP_STAGES);
-  for (int t = w.first; t < w.end; t += w.step) {
+  for (int t = c.index; t < m_tiles * (n_tiles / c.size); t += c.count) {
     const MTile tile = fprop_tile(s, p, t, m_tiles, n_tiles, c);
-    for (int kb = w.k_begin; kb < w.k_end; ++kb, ring.advance()) {
+    for (int kb = 0; kb < p.K / BK; ++kb, ring.advance()) {
       mbar_wait(&s.empty[ring.stage], ring.phase ^ 1);
       Stage& st = s.stage(ring.stage);
       mbar_arrive_expect_tx(&s.full[ring.stage], (BM + FBN) * BK + SCALE_BOX * sizeof(float));
@@ -788,22 +729,21 @@ struct WeightScales {
   float next0, next1;
   bool starts_mid_block;
 
-  // From K block k_begin on.
-  __device__ __forceinline__ WeightScales(const FpropArgs& p, const MTile& tile, int k_begin) {
+  __device__ __forceinline__ WeightScales(const FpropArgs& p, const MTile& tile) {
     const int block0 = tile.col0 / 128, block1 = min(block0 + 1, p.N / 128 - 1);
     starts_mid_block = tile.col0 % 128 != 0;
     sb0 = p.sb + int64_t(tile.expert) * p.sb_e + int64_t(block0) * p.sb_n;
     sb1 = sb0 + int64_t(block1 - block0) * p.sb_n;
     step = p.sb_kb;
-    next0 = __ldg(sb0 + k_begin * step);
-    next1 = __ldg(sb1 + k_begin * step);
+    next0 = __ldg(sb0);
+    next1 = __ldg(sb1);
   }
 
   // K block kb's scale products for this thread's rows (sa: its first row's scale in the stage),
-  // and the load of block kb + 1's weight scales (if below k_end).
-  __device__ __forceinline__ BlockScales take(int kb, int k_end, const float* sa) {
+  // and the load of block kb + 1's weight scales.
+  __device__ __forceinline__ BlockScales take(int kb, int k_blocks, const float* sa) {
     const float b0 = next0, b1 = next1;
-    if (kb + 1 < k_end) {
+    if (kb + 1 < k_blocks) {
       next0 = __ldg(sb0 + (kb + 1) * step);
       next1 = __ldg(sb1 + (kb + 1) * step);
     }
@@ -818,59 +758,39 @@ struct WeightScales {
 #define FPROP_SCALE_PREFETCH 1
 #endif
 
-// A tail piece's fp32 partial of its tile (TAIL): all BM x FBN values, row-major, at `part`; this
-// thread's rows `row` and row + 8 of one part's columns from part_col0 on.
-template <int R>
-__device__ __forceinline__ void store_partial(float* part, const float (&acc)[R], int row,
-                                              int part_col0) {
-  const int q = threadIdx.x % 4;
-#pragma unroll
-  for (int j = 0; j < R / 4; ++j) {
-    float* at = part + row * FBN + part_col0 + 8 * j + 2 * q;
-    *reinterpret_cast<float2*>(at) = make_float2(acc[4 * j + 0], acc[4 * j + 1]);
-    *reinterpret_cast<float2*>(at + 8 * FBN) = make_float2(acc[4 * j + 2], acc[4 * j + 3]);
-  }
-}
-
-template <bool TAIL>
 __device__ void fprop_consumer(SharedStorage& s, const FpropArgs& p, int m_tiles, int n_tiles,
-                               const Walk& wk, int wg_row0, const Cluster& c) {
+                               int wg_row0, const Cluster& c) {
   const int warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
   const int row_in_tile = wg_row0 + warp * 16 + lane / 4;
   float acc[FPARTS][FREGS], scratch[FREGS];
   Ring ring(FPROP_STAGES);
   uint32_t out_phase = 0;
-  if (wk.first >= wk.end) return;  // no tile for this CTA (nothing else to do: see the kernel)
-  MTile tile = fprop_tile(s, p, wk.first, m_tiles, n_tiles, c);
-  WeightScales w(p, tile, TAIL ? wk.k_begin : 0);
-  // (a tail piece is one tile: said so, its loop keeps no bound live, which ptxas would spill)
-  for (int t = wk.first; TAIL ? t == wk.first : t < wk.end; t += wk.step) {
+  const int walk = m_tiles * (n_tiles / c.size);
+  if (c.index >= walk) return;  // no tile for this CTA (nothing else to do: see the kernel)
+  MTile tile = fprop_tile(s, p, c.index, m_tiles, n_tiles, c);
+  WeightScales w(p, tile);
+  for (int t = c.index; t < walk; t += c.count) {
     if (!FPROP_SCALE_PREFETCH) {
       tile = fprop_tile(s, p, t, m_tiles, n_tiles, c);
-      w = WeightScales(p, tile, TAIL ? wk.k_begin : 0);
+      w = WeightScales(p, tile);
     }
 #pragma unroll
     for (int h = 0; h < FPARTS; ++h)
 #pragma unroll
       for (int i = 0; i < FREGS; ++i) acc[h][i] = 0.f;
-    // (the main launch's bounds from the arguments, here: ptxas then keeps the K loop uniform)
-    const int k_begin = TAIL ? wk.k_begin : 0, k_end = TAIL ? wk.k_end : p.K / BK;
-    for (int kb = k_begin; kb < k_end; ++kb, ring.advance()) {
+    const int k_blocks = p.K / BK;
+    for (int kb = 0; kb < k_blocks; ++kb, ring.advance()) {
       if (FPROP_DIAG != 3) mbar_wait(&s.full[ring.stage], ring.phase);
       const Stage& st = s.stage(ring.stage);
-      const BlockScales f = w.take(kb, k_end, st.sa + (tile.row0 & 3) + row_in_tile);
+      const BlockScales f = w.take(kb, k_blocks, st.sa + (tile.row0 & 3) + row_in_tile);
       fprop_k_block(s, st, ring.stage, ring.phase, wg_row0, f, acc, scratch, c);
     }
     const MTile done = tile;
-    if (FPROP_SCALE_PREFETCH && !TAIL && t + wk.step < wk.end) {
-      tile = fprop_tile(s, p, t + wk.step, m_tiles, n_tiles, c);
-      w = WeightScales(p, tile, 0);
+    if (FPROP_SCALE_PREFETCH && t + c.count < walk) {
+      tile = fprop_tile(s, p, t + c.count, m_tiles, n_tiles, c);
+      w = WeightScales(p, tile);
     }
-    if constexpr (TAIL) {
-      float* part = p.partials + size_t(blockIdx.x) * BM * FBN;
-#pragma unroll
-      for (int h = 0; h < FPARTS; ++h) store_partial(part, acc[h], row_in_tile, h * FPART);
-    } else if (!p.out_fp32) {
+    if (!p.out_fp32) {
       hand_to_storers(s, s.fprop_out_tile(), acc, row_in_tile, out_phase);
     } else {
 #pragma unroll
@@ -881,13 +801,12 @@ __device__ void fprop_consumer(SharedStorage& s, const FpropArgs& p, int m_tiles
 }
 
 // The storer warps' walk (bf16 output): each staged tile's real rows and columns, while the
-// consumers already multiply the next tile. (A tail piece's partial goes out from registers.)
-template <bool TAIL>
+// consumers already multiply the next tile.
 __device__ void fprop_storer(SharedStorage& s, const FpropArgs& p, int m_tiles, int n_tiles,
-                             const Walk& wk, const Cluster& c) {
-  if (TAIL || p.out_fp32) return;
+                             const Cluster& c) {
+  if (p.out_fp32) return;
   uint32_t phase = 0;
-  for (int t = wk.first; t < wk.end; t += wk.step, phase ^= 1) {
+  for (int t = c.index; t < m_tiles * (n_tiles / c.size); t += c.count, phase ^= 1) {
     const MTile tile = fprop_tile(s, p, t, m_tiles, n_tiles, c);
     __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out) + int64_t(tile.row0) * p.ld_out +
                          tile.col0;
@@ -896,87 +815,62 @@ __device__ void fprop_storer(SharedStorage& s, const FpropArgs& p, int m_tiles, 
   }
 }
 
-template <bool TAIL>
+// FPROP_BALANCE=1: the walk's tiles go to only as many clusters as its rounds need, as the host
+// sizes a grid whose walk it knows (BALANCED_GRID). Fprop/Dgrad's walk depends on the router's
+// counts, which the host does not see, so the host launches for the bound on the M tiles and the
+// kernel deals the real walk here: DeepSeek-V3's up projection at 8 experts x 4096 tokens is 4096
+// tiles, on 132 CTAs 31 rounds and a 32nd of 4 tiles, on 128 CTAs 32 whole rounds. That is the
+// same number of rounds, but the other 128 SMs idle through the 32nd round of every call, and at
+// the power cap such a dip costs more than its length: the DVFS then runs the rest of the call at
+// a higher clock and a worse energy per FLOP (csrc/fp8_grouped/EXPERIMENTS.md: 1434 against 1370
+// MHz, 1257 against 1230 mJ a call). Clusters past the ones a walk needs leave at once. Measured
+// at steady state on the H100 (thirty-first session, against FPROP_BALANCE=0, outputs checked):
+// Fprop +1.4% to +3.5% and Dgrad -1.0% to +3.6% where it changes the grid (dsv3-up E8 x 4096,
+// dsv3-down E8 x 4096, dsv3-up E64 x 512, small-up and small-down E16 x 2048), within 0.7% at the
+// E8 x 8192 cases, where it hardly does.
+#ifndef FPROP_BALANCE
+#define FPROP_BALANCE 1
+#endif
+
+// The fewest clusters that run a walk of `walks` tiles in as few rounds as `room` clusters do
+// (one for an empty walk): ceil(walks / rounds), so that every cluster takes the same number of
+// tiles to within one. (The host's grid, persistent_clusters, and the kernel's, balanced.)
+__host__ __device__ __forceinline__ int balanced_clusters(int walks, int room) {
+  const int clusters = walks < 1 ? 1 : room < walks ? room : walks;
+  const int rounds = (walks + clusters - 1) / clusters;
+  return rounds > 0 ? (walks + rounds - 1) / rounds : clusters;
+}
+
+// `c` with the walk of `walk` tiles dealt to balanced_clusters(walk, c.count) clusters: c.count
+// becomes that number, and a cluster past it gets index `walk` (no tile).
+__device__ __forceinline__ Cluster balanced(Cluster c, int walk) {
+  if (!FPROP_BALANCE) return c;
+  const int active = warp_uniform(balanced_clusters(walk, c.count));
+  return Cluster{c.size, c.rank, warp_uniform(c.index < active ? c.index : walk), active};
+}
+
 __global__ void __launch_bounds__(THREADS, 1)
 grouped_fprop_kernel(const __grid_constant__ CUtensorMap map_a,
                      const __grid_constant__ CUtensorMap map_b,
                      const __grid_constant__ CUtensorMap map_sa, const FpropArgs p) {
   SharedStorage& s = shared_storage();
-  const Cluster c = cluster_position(p.cluster_size);
+  const Cluster launched = cluster_position(p.cluster_size);
   if (threadIdx.x < 32) scan_counts(s, p.counts, p.E);
-  if (threadIdx.x == 32) init_barriers(s, c.size);
+  if (threadIdx.x == 32) init_barriers(s, launched.size);
   __syncthreads();
-  if (c.size > 1) cluster_sync();  // the other CTA's barriers exist before anything reaches them
-  // The tail launch reads what this one reads (written before it started) and writes elsewhere,
-  // so it may be scheduled at once, onto the SMs this launch's CTAs leave. (Here rather than at
-  // the kernel's first line, where it kept ptxas from seeing the K loop's values as uniform.)
-  if (!TAIL) allow_dependent_grids();
+  if (launched.size > 1) cluster_sync();  // the other CTA's barriers exist before any reach them
   const int m_tiles = warp_uniform(s.tile_start[p.E]), n_tiles = (p.N + FBN - 1) / FBN;
-  const int k_blocks = p.K / BK;
-  TailPlan plan =
-      tail_plan(m_tiles * (n_tiles / c.size), p.main_ctas, k_blocks, p.partials != nullptr);
-  plan = TailPlan{warp_uniform(plan.full), warp_uniform(plan.tiles), warp_uniform(plan.pieces)};
-  const Walk wk = fprop_walk<TAIL>(plan, k_blocks, c);
+  const Cluster c = balanced(launched, m_tiles * (n_tiles / launched.size));
   const int wg = warp_uniform(threadIdx.x / 128);
   if (wg == 0) {
     producer_registers();
-    if (threadIdx.x == 0) fprop_producer(s, &map_a, &map_b, &map_sa, p, m_tiles, n_tiles, wk, c);
-    if (threadIdx.x >= 32) fprop_storer<TAIL>(s, p, m_tiles, n_tiles, wk, c);
+    if (threadIdx.x == 0) fprop_producer(s, &map_a, &map_b, &map_sa, p, m_tiles, n_tiles, c);
+    if (threadIdx.x >= 32) fprop_storer(s, p, m_tiles, n_tiles, c);
   } else {
     consumer_registers();
-    fprop_consumer<TAIL>(s, p, m_tiles, n_tiles, wk, (wg - 1) * 64, c);
+    fprop_consumer(s, p, m_tiles, n_tiles, (wg - 1) * 64, c);
   }
   if (c.size > 1) cluster_sync();  // nobody exits while the other CTA may still signal it
-  // The tail launch ends after the main one, so that what follows it in the stream, which waits
-  // for the tail launch alone, finds every tile written.
-  if (TAIL && blockIdx.x == 0) wait_for_prior_grids();
-}
-
-// The tail sum's copy of the per-expert offsets (scan_counts, fprop_tile).
-struct Offsets {
-  int tile_start[MAX_EXPERTS + 1];
-  int row_start[MAX_EXPERTS + 1];
-};
-constexpr int SUM_THREADS = 256;
-
-// The split tail's output (FPROP_SPLIT_TAIL): each tail tile's pieces added in piece order (the
-// same sum every run) and its rows and columns inside the output written in the output's dtype.
-// Launched after the tail launch, for whose end (and so the main launch's) it waits.
-__global__ void __launch_bounds__(SUM_THREADS)
-grouped_fprop_tail_sum(const FpropArgs p) {
-  __shared__ Offsets s;
-  wait_for_prior_grids();
-  if (threadIdx.x < 32) scan_counts(s, p.counts, p.E);
-  __syncthreads();
-  const int m_tiles = s.tile_start[p.E], n_tiles = (p.N + FBN - 1) / FBN;
-  const TailPlan plan = tail_plan(m_tiles * n_tiles, p.main_ctas, p.K / BK, true);
-  constexpr int CHUNKS = BM * FBN / 4;  // float4s a tile
-  const Cluster alone{1, 0, 0, 1};
-  for (int i = blockIdx.x * SUM_THREADS + threadIdx.x; i < plan.tiles * CHUNKS;
-       i += gridDim.x * SUM_THREADS) {
-    const int tail_tile = i / CHUNKS, chunk = i % CHUNKS;
-    const int row = chunk / (FBN / 4), col = 4 * (chunk % (FBN / 4));
-    const MTile tile = fprop_tile(s, p, plan.full + tail_tile, m_tiles, n_tiles, alone);
-    if (tile.row0 + row >= tile.row_end || tile.col0 + col >= p.N) continue;
-    const float4* piece = reinterpret_cast<const float4*>(p.partials) +
-                          size_t(tail_tile) * plan.pieces * CHUNKS + chunk;
-    float4 sum = piece[0];
-    for (int k = 1; k < plan.pieces; ++k) {
-      const float4 v = piece[size_t(k) * CHUNKS];
-      sum.x += v.x;
-      sum.y += v.y;
-      sum.z += v.z;
-      sum.w += v.w;
-    }
-    if (p.out_fp32) {
-      store_pair(p, tile.row0 + row, tile.col0 + col, sum.x, sum.y);
-      store_pair(p, tile.row0 + row, tile.col0 + col + 2, sum.z, sum.w);
-    } else {
-      const int64_t at = int64_t(tile.row0 + row) * p.ld_out + tile.col0 + col;
-      *reinterpret_cast<uint2*>(static_cast<__nv_bfloat16*>(p.out) + at) =
-          make_uint2(pack_bf16(sum.x, sum.y), pack_bf16(sum.z, sum.w));
-    }
-  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1608,7 +1502,8 @@ constexpr size_t SMEM_BYTES = sizeof(SharedStorage) + 1024;  // + alignment slac
 // back), the same energy a call (814-818 mJ against 819-820); in a sweep of the six cases, Wgrad
 // +1.0% / +0.6% at dsv3-down E8 x 4096 / 8192 (the cases whose grid changes), inside the sweep's
 // +-3% noise (cases whose grid does not change moved -3% to +3%). BALANCED_GRID=0 fills every
-// SM. (Fprop/Dgrad balance on the bound of their M tiles, so their grid rarely changes.)
+// SM. (Fprop/Dgrad: the host balances on the bound of their M tiles, so their grid rarely
+// changes; the kernel then balances the real walk, FPROP_BALANCE.)
 #ifndef BALANCED_GRID
 #define BALANCED_GRID 1
 #endif
@@ -1616,108 +1511,41 @@ constexpr size_t SMEM_BYTES = sizeof(SharedStorage) + 1024;  // + alignment slac
 // The clusters a persistent walk of `walks` tiles runs on, with room for `room` at once (one
 // for an empty walk).
 int persistent_clusters(int walks, int room) {
-  const int clusters = std::max(1, std::min(room, walks));
-  const int rounds = (walks + clusters - 1) / clusters;
-  return BALANCED_GRID && rounds > 0 ? (walks + rounds - 1) / rounds : clusters;
+  return BALANCED_GRID ? balanced_clusters(walks, room) : std::max(1, std::min(room, walks));
 }
 
-// The CTAs a persistent launch of `kernel` over `work` tiles runs on: as many as can be resident
-// at once (one per SM; in whole clusters), no more than its rounds need (BALANCED_GRID); 0 with
-// err set on failure.
-template <typename Kernel>
-int persistent_grid(Kernel kernel, int cluster_size, int work, char* err, int err_len) {
+// Launch `kernel` persistently over `work` tiles: as many CTAs as can be resident at once (one
+// per SM; in whole clusters), each cluster walking its share of the tiles.
+template <typename Args>
+int launch(void (*kernel)(CUtensorMap, CUtensorMap, CUtensorMap, Args), const CUtensorMap& map_a,
+           const CUtensorMap& map_b, const CUtensorMap& map_sa, const Args& args, int work,
+           void* stream, char* err, int err_len) {
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        int(SMEM_BYTES));
-  if (e == cudaSuccess && cluster_size > 1)
+  if (e == cudaSuccess && args.cluster_size > 1)
     e = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
-  if (e != cudaSuccess) return fail(err, err_len, cudaGetErrorString(e)) - 1;
+  if (e != cudaSuccess) return fail(err, err_len, cudaGetErrorString(e));
   cudaLaunchAttribute cluster_dim;
   cluster_dim.id = cudaLaunchAttributeClusterDimension;
-  cluster_dim.val.clusterDim.x = cluster_size;
+  cluster_dim.val.clusterDim.x = args.cluster_size;
   cluster_dim.val.clusterDim.y = 1;
   cluster_dim.val.clusterDim.z = 1;
   cudaLaunchConfig_t config = {};
   config.blockDim = dim3(THREADS);
   config.dynamicSmemBytes = SMEM_BYTES;
+  config.stream = static_cast<cudaStream_t>(stream);
   config.attrs = &cluster_dim;
   config.numAttrs = 1;
   int device = 0, sms = 0, clusters = 0;
   cudaGetDevice(&device);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  config.gridDim = dim3(sms / cluster_size * cluster_size);
+  config.gridDim = dim3(sms / args.cluster_size * args.cluster_size);
   e = cudaOccupancyMaxActiveClusters(&clusters, kernel, &config);
-  if (e != cudaSuccess || clusters < 1) clusters = sms / cluster_size;
-  const int walks = (work + cluster_size - 1) / cluster_size;
-  if (GRID_LIMIT > 0) clusters = std::min(clusters, std::max(1, GRID_LIMIT / cluster_size));
-  return persistent_clusters(walks, clusters) * cluster_size;
-}
-
-// `kernel` on `grid` CTAs of THREADS in clusters of `cluster_size`; `after_previous`: launched
-// with programmatic stream serialization (it may start before the previous kernel has ended).
-template <typename Args>
-int launch_grid(void (*kernel)(CUtensorMap, CUtensorMap, CUtensorMap, Args),
-                const CUtensorMap& map_a, const CUtensorMap& map_b, const CUtensorMap& map_sa,
-                const Args& args, int grid, bool after_previous, void* stream, char* err,
-                int err_len) {
-  cudaLaunchAttribute attrs[2];
-  attrs[0].id = cudaLaunchAttributeClusterDimension;
-  attrs[0].val.clusterDim.x = args.cluster_size;
-  attrs[0].val.clusterDim.y = 1;
-  attrs[0].val.clusterDim.z = 1;
-  attrs[1] = csrc_common::programmatic_serialization();
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(grid);
-  config.blockDim = dim3(THREADS);
-  config.dynamicSmemBytes = SMEM_BYTES;
-  config.stream = static_cast<cudaStream_t>(stream);
-  config.attrs = attrs;
-  config.numAttrs = after_previous ? 2 : 1;
-  const cudaError_t e = cudaLaunchKernelEx(&config, kernel, map_a, map_b, map_sa, args);
-  if (e != cudaSuccess) return fail(err, err_len, cudaGetErrorString(e));
-  return 0;
-}
-
-// Launch `kernel` persistently over `work` tiles (persistent_grid).
-template <typename Args>
-int launch(void (*kernel)(CUtensorMap, CUtensorMap, CUtensorMap, Args), const CUtensorMap& map_a,
-           const CUtensorMap& map_b, const CUtensorMap& map_sa, const Args& args, int work,
-           void* stream, char* err, int err_len) {
-  const int grid = persistent_grid(kernel, args.cluster_size, work, err, err_len);
-  if (grid < 1) return 1;
-  return launch_grid(kernel, map_a, map_b, map_sa, args, grid, false, stream, err, err_len);
-}
-
-// Grouped Fprop/Dgrad: the main launch and, where the workspace allows (TailPlan), the split
-// tail's two launches after it. Each of those may find no tail to run (the tile count is known
-// only on the GPU) and then ends at once.
-int launch_fprop(const CUtensorMap& map_a, const CUtensorMap& map_b, const CUtensorMap& map_sa,
-                 FpropArgs args, int work, size_t workspace_bytes, void* stream, char* err,
-                 int err_len) {
-  const int grid = persistent_grid(grouped_fprop_kernel<false>, args.cluster_size, work, err,
-                                   err_len);
-  if (grid < 1) return 1;
-  if (args.cluster_size > 1 || workspace_bytes < size_t(grid) * BM * FBN * sizeof(float))
-    args.partials = nullptr;
-  args.main_ctas = grid;
-  if (launch_grid(grouped_fprop_kernel<false>, map_a, map_b, map_sa, args, grid, false, stream,
-                  err, err_len))
-    return 1;
-  if (args.partials == nullptr || FPROP_SPLIT_TAIL != 1) return 0;
-  cudaError_t e = cudaFuncSetAttribute(grouped_fprop_kernel<true>,
-                                       cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       int(SMEM_BYTES));
-  if (e != cudaSuccess) return fail(err, err_len, cudaGetErrorString(e));
-  if (launch_grid(grouped_fprop_kernel<true>, map_a, map_b, map_sa, args, grid, true, stream, err,
-                  err_len))
-    return 1;
-  cudaLaunchAttribute after_previous = csrc_common::programmatic_serialization();
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(grid);
-  config.blockDim = dim3(SUM_THREADS);
-  config.stream = static_cast<cudaStream_t>(stream);
-  config.attrs = &after_previous;
-  config.numAttrs = 1;
-  e = cudaLaunchKernelEx(&config, grouped_fprop_tail_sum, args);
+  if (e != cudaSuccess || clusters < 1) clusters = sms / args.cluster_size;
+  const int walks = (work + args.cluster_size - 1) / args.cluster_size;
+  if (GRID_LIMIT > 0) clusters = std::min(clusters, std::max(1, GRID_LIMIT / args.cluster_size));
+  config.gridDim = dim3(persistent_clusters(walks, clusters) * args.cluster_size);
+  e = cudaLaunchKernelEx(&config, kernel, map_a, map_b, map_sa, args);
   if (e != cudaSuccess) return fail(err, err_len, cudaGetErrorString(e));
   return 0;
 }
@@ -1735,23 +1563,13 @@ int fp8moe_grouped_persistent_clusters(int walks, int room) {
   return persistent_clusters(walks, room);
 }
 
-// Bytes of fp8moe_grouped_fprop's workspace per SM of the device: one fp32 tile, the partial
-// of a split tail's piece (0 where FPROP_SPLIT_TAIL is off).
-size_t fp8moe_grouped_fprop_tail_tile_bytes() {
-  return FPROP_SPLIT_TAIL != 0 ? size_t(BM) * FBN * sizeof(float) : 0;
-}
-
 // cluster: 2 pairs CTAs on side-by-side tiles sharing the `a` tile (multicast); 1 does not.
 // Pairs need an even number of 128-column tiles; otherwise the kernel runs unpaired.
-// workspace: device memory no other launch uses meanwhile, for the split tail's pieces
-// (FPROP_SPLIT_TAIL; unpaired CTAs only): fp8moe_grouped_fprop_tail_tile_bytes() per SM, or
-// null (no split).
 int fp8moe_grouped_fprop(const void* a, int64_t lda, const float* sa, int64_t sa_kb,
                          const void* b, int64_t ldb, const float* sb, int64_t sb_e,
                          int64_t sb_n, int64_t sb_kb, void* out, int64_t ld_out, int out_fp32,
                          const void* counts, int counts_int64, int T, int N, int K, int E,
-                         int m_tiles_bound, int cluster, void* workspace, size_t workspace_bytes,
-                         void* stream, char* err, int err_len) {
+                         int m_tiles_bound, int cluster, void* stream, char* err, int err_len) {
   if (E < 1 || E > MAX_EXPERTS) return fail(err, err_len, "expert count out of range (1..1024)");
   if (N % 128 || K % BK) return fail(err, err_len, "N and K must be multiples of 128");
   const int n_tiles = (N + FBN - 1) / FBN;
@@ -1764,10 +1582,9 @@ int fp8moe_grouped_fprop(const void* a, int64_t lda, const float* sa, int64_t sa
                sa_kb * int64_t(sizeof(float)), SCALE_BOX, 1, err, err_len))
     return 1;
   const FpropArgs args{cluster, sb, sb_e, sb_n, sb_kb, out, ld_out, out_fp32,
-                       Counts{counts, counts_int64}, T, N, K, E,
-                       static_cast<float*>(workspace), 0};
-  return launch_fprop(map_a, map_b, map_sa, args, m_tiles_bound * n_tiles, workspace_bytes,
-                      stream, err, err_len);
+                       Counts{counts, counts_int64}, T, N, K, E};
+  return launch(grouped_fprop_kernel, map_a, map_b, map_sa, args, m_tiles_bound * n_tiles,
+                stream, err, err_len);
 }
 
 int fp8moe_grouped_wgrad(const void* a, int64_t lda, const float* sa, int64_t sa_g, const void* b,

@@ -34,9 +34,7 @@ def load_library(path) -> ctypes.CDLL:
     i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
     lib.fp8moe_grouped_fprop.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, i64, i64, i64,
                                          ptr, i64, i32, ptr, i32, i32, i32, i32, i32, i32, i32,
-                                         ptr, ctypes.c_size_t, ptr, ctypes.c_char_p, i32]
-    lib.fp8moe_grouped_fprop_tail_tile_bytes.restype = ctypes.c_size_t
-    lib.tail_tile_bytes = lib.fp8moe_grouped_fprop_tail_tile_bytes()
+                                         ptr, ctypes.c_char_p, i32]
     lib.fp8moe_grouped_wgrad.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, i64, ptr, i64, i64,
                                          i32, i32, ptr, i32, i32, i32, i32, i32, i32, i32, ptr,
                                          ctypes.c_char_p, i32]
@@ -86,28 +84,6 @@ Dgrad at the power cap (thirtieth session, 2.5 s of back-to-back calls each): 0.
 csrc/fp8_grouped/EXPERIMENTS.md)."""
 
 
-SPLIT_TAIL = True
-"""Whether Fprop/Dgrad cut the tiles of their last, partial round along K and run the pieces on
-the SMs the other tiles leave (grouped.cu, FPROP_SPLIT_TAIL). A call then takes a workspace of one
-fp32 tile per SM (16.5 MB on an H100) from torch's allocator. False: one launch runs every tile
-(the GPU tests run both)."""
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _tail_workspace(device: torch.device) -> torch.Tensor | None:
-    """The split tail's workspace for one call: a 128 x 256 fp32 tile per SM (None without the
-    split, or where the library was built without it)."""
-    if not SPLIT_TAIL or not _library().tail_tile_bytes:
-        return None
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return torch.empty(_library().tail_tile_bytes * _sm_count(index), dtype=torch.uint8,
-                       device=device)
-
-
 def _mn_major(a_s: torch.Tensor) -> torch.Tensor:
     """The [T, K/128] scales as the kernel's TMA reads them: unit stride along T and a 16-byte
     aligned stride between K blocks (what the quantizers write; anything else is copied)."""
@@ -125,15 +101,12 @@ def gemm(a_q, a_s, b_q, b_s, counts_E, out, m_tiles_bound: int) -> torch.Tensor:
     (T, K), (E, N, _) = a_q.shape, b_q.shape
     a_s = _mn_major(a_s)
     stream = cuda_lib.current_stream(a_q.device)
-    workspace = _tail_workspace(a_q.device)
     cuda_lib.call(_library().fp8moe_grouped_fprop,
                   a_q.data_ptr(), a_q.stride(0), a_s.data_ptr(), a_s.stride(1),
                   b_q.data_ptr(), b_q.stride(1), b_s.data_ptr(), b_s.stride(0), b_s.stride(1),
                   b_s.stride(2), out.data_ptr(), out.stride(0),
                   int(out.dtype == torch.float32), counts_E.data_ptr(),
-                  int(counts_E.dtype == torch.int64), T, N, K, E, m_tiles_bound, CLUSTER,
-                  None if workspace is None else workspace.data_ptr(),
-                  0 if workspace is None else workspace.numel(), stream)
+                  int(counts_E.dtype == torch.int64), T, N, K, E, m_tiles_bound, CLUSTER, stream)
     return out
 
 
