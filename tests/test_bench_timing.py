@@ -62,6 +62,43 @@ def test_interleaved_drops_a_failing_fn_after_its_first_failure(scripted_timer, 
     assert "bad failed: RuntimeError: bad rejected" in capsys.readouterr().out
 
 
+def test_steady_ms_times_the_last_part_of_a_back_to_back_run(monkeypatch):
+    """steady_ms on a fake clock (a call takes 2 ms of it, the CUDA events and synchronize read and
+    do nothing to it): 0.4 s of calls to reach steady state (200), then as many more as fill the
+    remaining 0.6 s (300), timed as one stretch; interleaved_ms(steady_s=...) times with it."""
+    clock = [0.0]
+    calls = []
+
+    class FakeEvent:
+        def __init__(self, enable_timing=False):
+            self.at = None
+
+        def record(self):
+            self.at = clock[0]
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return 1000.0 * (end.at - self.at)
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+
+    def call():
+        calls.append(clock[0])
+        clock[0] += 0.002
+
+    assert timing.steady_ms(call, 1.0) == pytest.approx(2.0)
+    assert len(calls) == 500
+    steady = {"a": [], "b": []}
+    monkeypatch.setattr(timing, "steady_ms",
+                        lambda fn, seconds: steady[fn()].append(seconds) or 1.0)
+    ms = timing.interleaved_ms({"a": lambda: "a", "b": lambda: "b"}, rounds=2, steady_s=2.5)
+    assert steady == {"a": [2.5, 2.5], "b": [2.5, 2.5]} and ms == {"a": 1.0, "b": 1.0}
+
+
 def test_grouped_bench_picks_the_lowest_median_not_the_first_timing(scripted_timer):
     """The case behind the interleaved pick: the CUDA kernel's first timing is slow (as on the
     H100, 1.60 ms against 0.905 ms in the run before) and the Triton config's is faster, but
