@@ -118,7 +118,8 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=len(bench.GEMM_CASES),
                         help="the first N of bench_fp8_grouped.GEMM_CASES")
     parser.add_argument("--extra", action="store_true",
-                        help="also bench_fp8_grouped.EXTRA_GEMM_CASES (the rest of the issue's grid)")
+                        help="also bench_fp8_grouped.EXTRA_GEMM_CASES (the rest of the issue's "
+                             "grid)")
     parser.add_argument("--ops", default="fwd,dgrad,wgrad")
     parser.add_argument("--rounds", type=int, default=ROUNDS)
     parser.add_argument("--match", default="",
