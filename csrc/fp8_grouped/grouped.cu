@@ -39,7 +39,10 @@
 // Both kernels are persistent: one CTA per SM walks the tiles, so the producer is already
 // loading the next tile while the consumers store the previous one. The router's counts stay
 // on the GPU: every CTA turns counts_E into per-expert tile and row offsets in shared memory
-// (a scan over E values), so there is no host-side tile table and no device-to-host sync.
+// (a scan over E values), so there is no host-side tile table and no device-to-host sync. Each
+// walk goes to only as many CTAs as its rounds need (BALANCED_GRID on the host, FPROP_BALANCE
+// on the GPU for the walk that depends on the counts): at the power cap, SMs idling through a
+// last round cost the whole call a worse energy per FLOP.
 //
 // The contiguous layout is padded in tile space, not in memory (as in grouped.py): an expert's
 // rows start a fresh 128-row tile; the last tile of an expert reads past its end (the next
