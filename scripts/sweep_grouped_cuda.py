@@ -5,6 +5,7 @@
     python scripts/sweep_grouped_cuda.py --cases 2 --ops fwd,wgrad
     python scripts/sweep_grouped_cuda.py --extra --ops fwd    # and the rest of the issue's grid
     python scripts/sweep_grouped_cuda.py --match 'E8x' --steady 2.5   # at the power cap
+    python scripts/sweep_grouped_cuda.py --match 'E8x' --steady 3 --power   # and energy a call
     python scripts/sweep_grouped_cuda.py --diagnostic --variant a= --variant d=WGRAD_DIAG=1
 
 grouped.cu keeps its design choices behind `#ifndef NAME` switches so that a choice is measured,
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import statistics
 import sys
 import tempfile
 
@@ -68,7 +70,9 @@ def use_library(lib) -> None:
 
 
 def sweep_case(case, ops, libraries, rounds: int = 3, diagnostic: bool = False,
-               steady_s: float | None = None) -> list[tuple]:
+               steady_s: float | None = None, power: bool = False) -> list[tuple]:
+    """One case's rows (label, op, {variant: TFLOPS}, loop TFLOPS, {name: (W, MHz, TFLOP/kJ)}),
+    the last empty unless `power` (steady timing only)."""
     T = case.experts * case.tokens
     flops = 2 * T * case.N * case.K
     operands = bench._operands(case)
@@ -87,16 +91,29 @@ def sweep_case(case, ops, libraries, rounds: int = 3, diagnostic: bool = False,
         fns = {name: (lambda lib=libraries[name], run=ours[op]: (use_library(lib), run(bench.CUDA)))
                for name, ok in correct.items() if ok}
         fns[LOOP] = loop[op]
-        times = interleaved_ms(fns, rounds, steady_s=steady_s)
+        samples = {} if power else None
+        times = interleaved_ms(fns, rounds, steady_s=steady_s, power=samples)
+        energy = {name: energy_figures(flops, times[name], samples[name])
+                  for name in samples} if power else {}
         loop_tf = tflops(flops, times.pop(LOOP))
         figures = {name: tflops(flops, times[name]) if name in times else float("nan")
                    for name in libraries}
-        rows.append((case.label, op, figures, loop_tf))
+        rows.append((case.label, op, figures, loop_tf, energy))
         print(f"  {case.label} {op}: " + "  ".join(f"{n} {v:.0f}" for n, v in figures.items())
-              + f"  | loop {loop_tf:.0f} TFLOPS", flush=True)
+              + f"  | loop {loop_tf:.0f} TFLOPS" + "".join(
+                  f"; {n} {w:.0f} W {mhz:.0f} MHz {eff:.3f} TFLOP/J"
+                  for n, (w, mhz, eff) in energy.items()), flush=True)
     del operands, one, ours, loop
     torch.cuda.empty_cache()
     return rows
+
+
+def energy_figures(flops: float, ms: float, samples: list) -> tuple[float, float, float]:
+    """(W, MHz, TFLOP per joule) of one fn over its rounds: the median round's power and clock,
+    and the work per joule at that power and the median time."""
+    watts = statistics.median(w for w, _ in samples)
+    mhz = statistics.median(m for _, m in samples)
+    return watts, mhz, flops / 1e12 / (watts * ms / 1e3)
 
 
 def print_table(rows, names) -> None:
@@ -104,10 +121,18 @@ def print_table(rows, names) -> None:
     print(f"\n{'case':<38}{'op':<7}" + "".join(f"{n:>12}" for n in names) + f"{'loop':>8}"
           + "".join(f"{n + '/loop':>14}" for n in names) + f"  (TFLOPS; ratios of {first}: "
           + ", ".join(f"{n}/{first}" for n in names[1:]) + ")")
-    for label, op, figures, loop_tf in rows:
+    for label, op, figures, loop_tf, _ in rows:
         print(f"{label:<38}{op:<7}" + "".join(f"{figures[n]:>12.0f}" for n in names)
               + f"{loop_tf:>8.0f}" + "".join(f"{figures[n] / loop_tf:>13.2f}x" for n in names)
               + "  " + " ".join(f"{figures[n] / figures[first]:.3f}" for n in names[1:]))
+    if not any(energy for *_, energy in rows):
+        return
+    print(f"\n{'case':<38}{'op':<7}" + "".join(f"{n:>16}" for n in [*names, LOOP])
+          + "  (TFLOP per joule at the W / MHz measured; at the power cap time follows energy)")
+    for label, op, _, _, energy in rows:
+        print(f"{label:<38}{op:<7}" + "".join(
+            f"{energy[n][2]:>7.3f} {energy[n][0]:>3.0f}/{energy[n][1]:<4.0f}"
+            if n in energy else f"{'-':>16}" for n in [*names, LOOP]))
 
 
 def main() -> None:
@@ -128,6 +153,9 @@ def main() -> None:
     parser.add_argument("--steady", type=float, default=None, metavar="SECONDS",
                         help="time each variant at steady state: back to back for SECONDS, the "
                              "last 60%% timed (timing.steady_ms), instead of short batches")
+    parser.add_argument("--power", action="store_true",
+                        help="with --steady: also the GPU's power and SM clock while each timing "
+                             "runs (timing.PowerSampler, nvidia-smi) and the work per joule")
     parser.add_argument("--diagnostic", action="store_true",
                         help="time variants whose output is wrong too (builds that leave out part "
                              "of the work, to see what that part costs)")
@@ -135,6 +163,8 @@ def main() -> None:
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         raise SystemExit("sweep_grouped_cuda.py needs an sm90 (Hopper) GPU: the kernels use "
                          "WGMMA and TMA")
+    if args.power and args.steady is None:
+        raise SystemExit("--power needs --steady SECONDS: power is sampled at steady state")
     variants = [parse_variant(v) for v in (args.variant or DEFAULT_VARIANTS)]
     ops = [op for op in args.ops.split(",") if op]
     print(f"== CUDA grouped kernel variants on {torch.cuda.get_device_name()}")
@@ -145,7 +175,7 @@ def main() -> None:
         for case in cases:
             if re.search(args.match, case.label):
                 rows += sweep_case(case, ops, libraries, args.rounds, args.diagnostic,
-                                   args.steady)
+                                   args.steady, args.power)
     print_table(rows, list(libraries))
 
 

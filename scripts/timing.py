@@ -4,6 +4,7 @@
     interleaved_ms({"a": f, "b": g})  # the same for several, timed in alternating rounds
     steady_ms(fn, seconds)        # ms per call once the GPU has run fn back to back a while
     interleaved_ms(fns, steady_s=2.5) # steady_ms in alternating rounds
+    with PowerSampler() as p: ...     # the GPU's mean power and SM clock meanwhile (nvidia-smi)
     alternating_rounds(names, rounds) # those rounds' orders (bench_train runs its recipes so)
     tflops(flops, ms)             # FLOPs over milliseconds, in TFLOP/s
     train_backward(y, dy)         # y.backward(dy) on this thread, as the trainer runs it
@@ -16,9 +17,11 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
+import subprocess
 import tempfile
 import time
 import warnings
@@ -44,12 +47,66 @@ def time_ms(fn, reps: int = 10, batches: int = 5) -> float:
     return statistics.median(per_call)
 
 
-def steady_ms(fn, seconds: float) -> float:
+class PowerSampler:
+    """`with PowerSampler(): ...`: nvidia-smi samples the GPU's power draw and SM clock every
+    `period_ms` while the block runs; afterwards .watts and .mhz are their means (the first two
+    samples and the last left out: they may straddle the block's edges), nan without samples. At
+    the power cap the time a kernel takes is its energy over the cap, so the energy of a call
+    (watts x ms) is what two kernels are compared by there (csrc/fp8_grouped/EXPERIMENTS.md).
+    `index` is nvidia-smi's numbering of the GPUs (which CUDA_VISIBLE_DEVICES does not remap)."""
+
+    FIELDS = ("power.draw.instant", "power.draw")  # the first where the driver has it
+
+    def __init__(self, index: int = 0, period_ms: int = 20):
+        self.index, self.period_ms = index, period_ms
+        self.watts = self.mhz = float("nan")
+
+    @classmethod
+    def _field(cls) -> str:
+        if not hasattr(cls, "_chosen"):
+            probe = subprocess.run(["nvidia-smi", f"--query-gpu={cls.FIELDS[0]}",
+                                    "--format=csv,noheader,nounits"],
+                                   capture_output=True, text=True)
+            ok = probe.returncode == 0 and "Field" not in probe.stdout
+            cls._chosen = cls.FIELDS[0] if ok else cls.FIELDS[1]
+        return cls._chosen
+
+    def __enter__(self):
+        self._log = tempfile.NamedTemporaryFile(suffix=".csv", delete=False).name
+        self._smi = subprocess.Popen(
+            ["nvidia-smi", "-i", str(self.index), f"--query-gpu={self._field()},clocks.sm",
+             "--format=csv,noheader,nounits", "-lms", str(self.period_ms), "-f", self._log])
+        return self
+
+    def __exit__(self, *exc):
+        self._smi.terminate()
+        self._smi.wait()
+        with open(self._log) as f:
+            rows = [line.split(",") for line in f.read().split("\n") if line.strip()][2:-1]
+        os.unlink(self._log)
+        samples = [(float(r[0]), float(r[1])) for r in rows
+                   if len(r) == 2 and _is_number(r[0]) and _is_number(r[1])]
+        if samples:
+            self.watts = statistics.fmean(w for w, _ in samples)
+            self.mhz = statistics.fmean(m for _, m in samples)
+        return False
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def steady_ms(fn, seconds: float, power: list | None = None) -> float:
     """Milliseconds per call of fn at steady state: called back to back for `seconds`, the last
     60% timed. A GEMM at full rate brings an H100 to its power cap within a fraction of a second
     and the clock follows how busy the SMs are, so two kernels differing by a percent or two are
     compared here, where a training step runs them, rather than by time_ms's short batches (whose
-    figures moved by 5-8% between rounds in csrc/fp8_grouped's sweeps)."""
+    figures moved by 5-8% between rounds in csrc/fp8_grouped's sweeps). `power`: a list that gets
+    the timed stretch's (watts, MHz) appended (PowerSampler)."""
     torch.cuda.synchronize()
     start, calls = time.perf_counter(), 0
     while time.perf_counter() - start < 0.4 * seconds:
@@ -60,11 +117,14 @@ def steady_ms(fn, seconds: float) -> float:
     torch.cuda.synchronize()
     timed = max(1, round(0.6 * seconds * calls / (time.perf_counter() - start)))
     begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    begin.record()
-    for _ in range(timed):
-        fn()
-    end.record()
-    end.synchronize()
+    with contextlib.nullcontext() if power is None else PowerSampler() as sampler:
+        begin.record()
+        for _ in range(timed):
+            fn()
+        end.record()
+        end.synchronize()
+    if power is not None:
+        power.append((sampler.watts, sampler.mhz))
     return begin.elapsed_time(end) / timed
 
 
@@ -76,21 +136,24 @@ def alternating_rounds(names: list, rounds: int):
 
 
 def interleaved_ms(fns: dict, rounds: int = 3, reps: int = 5, batches: int = 3,
-                   steady_s: float | None = None) -> dict:
+                   steady_s: float | None = None, power: dict | None = None) -> dict:
     """{name: median ms per call} of each fn, timed once per round over `rounds` rounds, every
     other round in reverse order. Timed one after another, whatever runs first meets a cooler GPU:
     an FP8 GEMM at full rate draws enough power to lower the clocks, and on an H100 that moved a
     kernel's figure by up to 15% against the one timed next. With `steady_s`, each timing is
-    steady_ms(fn, steady_s) instead of time_ms's batches. A fn that raises is reported, then left
-    out, its figure nan."""
+    steady_ms(fn, steady_s) instead of time_ms's batches, and `power` (a dict) gets each name's
+    (watts, MHz) per round. A fn that raises is reported, then left out, its figure nan."""
     times = {name: [] for name in fns}
     for order in alternating_rounds(list(fns), rounds):
         for name in order:
             if times[name] is None:
                 continue
             try:
-                times[name].append(time_ms(fns[name], reps, batches) if steady_s is None
-                                   else steady_ms(fns[name], steady_s))
+                if steady_s is None:
+                    times[name].append(time_ms(fns[name], reps, batches))
+                else:
+                    watts = None if power is None else power.setdefault(name, [])
+                    times[name].append(steady_ms(fns[name], steady_s, watts))
             except Exception as e:  # a baseline a library rejects is absent, not fatal
                 print(f"    {name} failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
                 times[name] = None

@@ -92,11 +92,45 @@ def test_steady_ms_times_the_last_part_of_a_back_to_back_run(monkeypatch):
 
     assert timing.steady_ms(call, 1.0) == pytest.approx(2.0)
     assert len(calls) == 500
-    steady = {"a": [], "b": []}
+    steady, power = {"a": [], "b": []}, {}
     monkeypatch.setattr(timing, "steady_ms",
-                        lambda fn, seconds: steady[fn()].append(seconds) or 1.0)
+                        lambda fn, seconds, watts: steady[fn()].append((seconds, watts)) or 1.0)
     ms = timing.interleaved_ms({"a": lambda: "a", "b": lambda: "b"}, rounds=2, steady_s=2.5)
-    assert steady == {"a": [2.5, 2.5], "b": [2.5, 2.5]} and ms == {"a": 1.0, "b": 1.0}
+    assert steady == {n: [(2.5, None)] * 2 for n in "ab"} and ms == {"a": 1.0, "b": 1.0}
+    steady = {"a": [], "b": []}
+    timing.interleaved_ms({"a": lambda: "a", "b": lambda: "b"}, rounds=2, steady_s=2.5,
+                          power=power)
+    assert steady == {n: [(2.5, power[n])] * 2 for n in "ab"} and set(power) == {"a", "b"}
+
+
+def test_power_sampler_averages_nvidia_smi_samples_inside_the_block(monkeypatch):
+    """PowerSampler with nvidia-smi replaced: a driver without power.draw.instant gets power.draw;
+    the samples' means leave out the first two and the last (they may straddle the block)."""
+    started = []
+
+    class FakeSmi:
+        def __init__(self, cmd):
+            started.append(cmd)
+            with open(cmd[cmd.index("-f") + 1], "w") as f:
+                f.write("100.0, 1980\n300.0, 1500\n690.5, 1400\n[N/A], 1400\n"
+                        "699.5, 1300\n50.0, 1980\n")
+
+        def terminate(self):
+            pass
+
+        def wait(self):
+            pass
+
+    class Probe:
+        returncode, stdout = 0, "Field \"power.draw.instant\" is not a valid field to query."
+
+    monkeypatch.delattr(timing.PowerSampler, "_chosen", raising=False)
+    monkeypatch.setattr(timing.subprocess, "run", lambda *a, **k: Probe)
+    monkeypatch.setattr(timing.subprocess, "Popen", FakeSmi)
+    with timing.PowerSampler(index=1, period_ms=20) as sampler:
+        assert math.isnan(sampler.watts)
+    assert sampler.watts == pytest.approx(695.0) and sampler.mhz == pytest.approx(1350.0)
+    assert "--query-gpu=power.draw,clocks.sm" in started[0] and started[0][1:3] == ["-i", "1"]
 
 
 def test_grouped_bench_picks_the_lowest_median_not_the_first_timing(scripted_timer):
@@ -230,6 +264,25 @@ def test_busy_us_counts_overlapping_gpu_work_once():
               {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 0, "dur": 600}]
     assert timing.busy_us(events) == 310.0
     assert timing.busy_us([]) == 0.0
+
+
+def test_sweep_grouped_cuda_energy_figures_and_table(capsys):
+    """scripts/sweep_grouped_cuda.py --power: the median round's watts and clock, the work per
+    joule from them and the median time (hand-computed: 1.92 TFLOP in 1.8 ms at 700 W is 1.26 J,
+    1.524 TFLOP/J), and the table's second part only when a row has energy figures."""
+    import sweep_grouped_cuda as sweep
+    watts, mhz, per_joule = sweep.energy_figures(1.92e12, 1.8, [(690, 1300), (700, 1400),
+                                                                (710, 1500)])
+    assert (watts, mhz) == (700, 1400) and per_joule == pytest.approx(1.92 / 1.26)
+    rows = [("dsv3-up E8x4096 4096x7168", "fwd", {"a": 1050.0, "b": 1080.0}, 1100.0, {})]
+    sweep.print_table(rows, ["a", "b"])
+    out = capsys.readouterr().out
+    assert "0.95x" in out and "1.029" in out and "per joule" not in out
+    rows[0][4].update(a=(700.0, 1400.0, 1.524), b=(695.0, 1330.0, 1.6), **{sweep.LOOP: (
+        698.0, 1380.0, 1.55)})
+    sweep.print_table(rows, ["a", "b"])
+    out = capsys.readouterr().out
+    assert "per joule" in out and "  1.524 700/1400" in out and "  1.550 698/1380" in out
 
 
 def test_sweep_quant_cuda_bookkeeping_and_checks():
