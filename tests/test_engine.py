@@ -8,6 +8,7 @@ copies folded into AdamW, give DeepSpeed's own step bit for bit, skip a step wit
 as it does, and leave what they do not cover (ZeRO stage 0; FP32 weights) to DeepSpeed, saying so.
 """
 import copy
+import gc
 import logging
 import os
 
@@ -188,10 +189,14 @@ def test_train_steps_never_ask_the_accelerator_to_synchronize(job, monkeypatch):
     """DeepSpeed's throughput timer synchronized the device at every forward and every
     engine.step() from the third step on, so the host never ran ahead of the GPU there
     (eng.deepspeed_config turns the timer off). Counted through the accelerator object DeepSpeed
-    calls, over steps past the timer's start, with and without accumulation: no call."""
+    calls, over steps past the timer's start, with and without accumulation: no call. Engines
+    left unreachable (the loop's previous one, earlier tests') are collected before counting:
+    a DeepSpeed engine's __del__ destroys its ZeRO optimizer, which synchronizes, and the garbage
+    collector may otherwise run it inside the counted steps (it did, once in a CI run)."""
     from deepspeed.accelerator import get_accelerator
     for grad_accum in (1, 2):
         engine, balancer = _engine(grad_accum=grad_accum)
+        gc.collect()
         calls = []
         monkeypatch.setattr(get_accelerator(), "synchronize", lambda *a, **k: calls.append(a))
         for step in range(4):
