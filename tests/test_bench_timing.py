@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import time
 
 import pytest
 import torch
@@ -264,6 +265,27 @@ def test_busy_us_counts_overlapping_gpu_work_once():
               {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 0, "dur": 600}]
     assert timing.busy_us(events) == 310.0
     assert timing.busy_us([]) == 0.0
+
+
+def test_power_sampler_runs_a_sampling_process_and_stops_it(tmp_path, monkeypatch):
+    """PowerSampler end to end with a stand-in `nvidia-smi` on PATH (a script that answers the
+    field probe and, like the real one with -lms and -f, appends a sample to the file every 10 ms
+    until it is terminated): the process starts, is stopped at the block's end, and its samples
+    are averaged."""
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text(
+        "#!/bin/bash\n"
+        'for a in "$@"; do [ "$prev" = "-f" ] && out=$a; prev=$a; done\n'
+        '[ -z "$out" ] && { echo 700.0; exit 0; }\n'
+        'while true; do echo "700.0, 1400" >> "$out"; sleep 0.01; done\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delattr(timing.PowerSampler, "_chosen", raising=False)
+    with timing.PowerSampler(period_ms=10) as sampler:
+        time.sleep(0.3)
+    assert sampler._smi.poll() is not None
+    assert sampler.watts == pytest.approx(700.0) and sampler.mhz == pytest.approx(1400.0)
+    assert timing.PowerSampler._chosen == "power.draw.instant"
 
 
 def test_sweep_grouped_cuda_energy_figures_and_table(capsys):
