@@ -1517,12 +1517,25 @@ int persistent_clusters(int walks, int room) {
   return BALANCED_GRID ? balanced_clusters(walks, room) : std::max(1, std::min(room, walks));
 }
 
+// FPROP_FULL_GRID=1 (not measured yet, so off): Fprop/Dgrad launched on every SM their tile
+// bound can use instead of the bound's balanced grid, leaving the balancing to the kernel, which
+// sees the real walk (FPROP_BALANCE). The bound's grid can cost the kernel a round: `small`'s down
+// projection Dgrad at 16 x 2048 tokens is 1536 tiles, which 128 CTAs run in 12 rounds, but its
+// bound (1626) gets 126 CTAs, on which the kernel balances to 119 CTAs and 13 rounds; DeepSeek-V3's
+// 14336-tile cases (Fprop of the down projection, Dgrad of the up one, 8 x 8192) get 131 CTAs and
+// 110 rounds where 132 would run 109. Other bench cases keep their rounds. To measure:
+// scripts/sweep_grouped_cuda.py --steady 2 --power --variant def= --variant full=FPROP_FULL_GRID=1.
+#ifndef FPROP_FULL_GRID
+#define FPROP_FULL_GRID 0
+#endif
+
 // Launch `kernel` persistently over `work` tiles: as many CTAs as can be resident at once (one
-// per SM; in whole clusters), each cluster walking its share of the tiles.
+// per SM; in whole clusters), each cluster walking its share of the tiles; `balance`: only as
+// many as the walk's rounds need (BALANCED_GRID).
 template <typename Args>
 int launch(void (*kernel)(CUtensorMap, CUtensorMap, CUtensorMap, Args), const CUtensorMap& map_a,
            const CUtensorMap& map_b, const CUtensorMap& map_sa, const Args& args, int work,
-           void* stream, char* err, int err_len) {
+           bool balance, void* stream, char* err, int err_len) {
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                        int(SMEM_BYTES));
   if (e == cudaSuccess && args.cluster_size > 1)
@@ -1547,7 +1560,9 @@ int launch(void (*kernel)(CUtensorMap, CUtensorMap, CUtensorMap, Args), const CU
   if (e != cudaSuccess || clusters < 1) clusters = sms / args.cluster_size;
   const int walks = (work + args.cluster_size - 1) / args.cluster_size;
   if (GRID_LIMIT > 0) clusters = std::min(clusters, std::max(1, GRID_LIMIT / args.cluster_size));
-  config.gridDim = dim3(persistent_clusters(walks, clusters) * args.cluster_size);
+  const int grid = balance ? persistent_clusters(walks, clusters)
+                           : std::max(1, std::min(clusters, walks));
+  config.gridDim = dim3(grid * args.cluster_size);
   e = cudaLaunchKernelEx(&config, kernel, map_a, map_b, map_sa, args);
   if (e != cudaSuccess) return fail(err, err_len, cudaGetErrorString(e));
   return 0;
@@ -1587,7 +1602,7 @@ int fp8moe_grouped_fprop(const void* a, int64_t lda, const float* sa, int64_t sa
   const FpropArgs args{cluster, sb, sb_e, sb_n, sb_kb, out, ld_out, out_fp32,
                        Counts{counts, counts_int64}, T, N, K, E};
   return launch(grouped_fprop_kernel, map_a, map_b, map_sa, args, m_tiles_bound * n_tiles,
-                stream, err, err_len);
+                !(FPROP_FULL_GRID && FPROP_BALANCE), stream, err, err_len);
 }
 
 int fp8moe_grouped_wgrad(const void* a, int64_t lda, const float* sa, int64_t sa_g, const void* b,
@@ -1609,8 +1624,8 @@ int fp8moe_grouped_wgrad(const void* a, int64_t lda, const float* sa, int64_t sa
   if (fp8_tile_map(&map_b, b, K, padded_T, ldb, b_rows, err, err_len)) return 1;
   const WgradArgs args{cluster, sa, sa_g, sb, sb_g, out, out_e, out_n, out_bf16, accumulate,
                        Counts{counts, counts_int64}, T, N, K, E};
-  if (launch(grouped_wgrad_kernel, map_a, map_b, map_b, args, E * (N / BM) * (K / BN), stream,
-             err, err_len))
+  if (launch(grouped_wgrad_kernel, map_a, map_b, map_b, args, E * (N / BM) * (K / BN), true,
+             stream, err, err_len))
     return 1;
 #if WGRAD_CYCLES
   report_wgrad_cycles<<<1, 1, 0, static_cast<cudaStream_t>(stream)>>>();
