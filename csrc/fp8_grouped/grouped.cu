@@ -838,8 +838,13 @@ __device__ void fprop_storer(SharedStorage& s, const FpropArgs& p, int m_tiles, 
 // The fewest clusters that run a walk of `walks` tiles in as few rounds as `room` clusters do
 // (one for an empty walk): ceil(walks / rounds), so that every cluster takes the same number of
 // tiles to within one. (The host's grid, persistent_clusters, and the kernel's, balanced.)
+// Clusters a walk of `walks` tiles can keep busy with room for `room`: one for an empty walk.
+__host__ __device__ __forceinline__ int usable_clusters(int walks, int room) {
+  return walks < 1 ? 1 : room < walks ? room : walks;
+}
+
 __host__ __device__ __forceinline__ int balanced_clusters(int walks, int room) {
-  const int clusters = walks < 1 ? 1 : room < walks ? room : walks;
+  const int clusters = usable_clusters(walks, room);
   const int rounds = (walks + clusters - 1) / clusters;
   return rounds > 0 ? (walks + rounds - 1) / rounds : clusters;
 }
@@ -1512,9 +1517,9 @@ constexpr size_t SMEM_BYTES = sizeof(SharedStorage) + 1024;  // + alignment slac
 #endif
 
 // The clusters a persistent walk of `walks` tiles runs on, with room for `room` at once (one
-// for an empty walk).
-int persistent_clusters(int walks, int room) {
-  return BALANCED_GRID ? balanced_clusters(walks, room) : std::max(1, std::min(room, walks));
+// for an empty walk); `balance`: no more than its rounds need (BALANCED_GRID).
+int persistent_clusters(int walks, int room, bool balance = true) {
+  return balance && BALANCED_GRID ? balanced_clusters(walks, room) : usable_clusters(walks, room);
 }
 
 // FPROP_FULL_GRID=1 (not measured yet, so off): Fprop/Dgrad launched on every SM their tile
@@ -1560,9 +1565,7 @@ int launch(void (*kernel)(CUtensorMap, CUtensorMap, CUtensorMap, Args), const CU
   if (e != cudaSuccess || clusters < 1) clusters = sms / args.cluster_size;
   const int walks = (work + args.cluster_size - 1) / args.cluster_size;
   if (GRID_LIMIT > 0) clusters = std::min(clusters, std::max(1, GRID_LIMIT / args.cluster_size));
-  const int grid = balance ? persistent_clusters(walks, clusters)
-                           : std::max(1, std::min(clusters, walks));
-  config.gridDim = dim3(grid * args.cluster_size);
+  config.gridDim = dim3(persistent_clusters(walks, clusters, balance) * args.cluster_size);
   e = cudaLaunchKernelEx(&config, kernel, map_a, map_b, map_sa, args);
   if (e != cudaSuccess) return fail(err, err_len, cudaGetErrorString(e));
   return 0;
