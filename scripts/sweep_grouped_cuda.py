@@ -20,6 +20,7 @@ bench_* script: scripts/gpu_check.sh does not run it (bench_fp8_grouped.py repor
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import statistics
@@ -93,8 +94,7 @@ def sweep_case(case, ops, libraries, rounds: int = 3, diagnostic: bool = False,
         fns[LOOP] = loop[op]
         samples = {} if power else None
         times = interleaved_ms(fns, rounds, steady_s=steady_s, power=samples)
-        energy = {name: energy_figures(flops, times[name], samples[name])
-                  for name in samples} if power else {}
+        energy = energy_table(flops, times, samples) if power else {}
         loop_tf = tflops(flops, times.pop(LOOP))
         figures = {name: tflops(flops, times[name]) if name in times else float("nan")
                    for name in libraries}
@@ -106,6 +106,13 @@ def sweep_case(case, ops, libraries, rounds: int = 3, diagnostic: bool = False,
     del operands, one, ours, loop
     torch.cuda.empty_cache()
     return rows
+
+
+def energy_table(flops: float, times: dict, samples: dict) -> dict:
+    """{name: energy_figures} of each fn timed with power samples; a fn that failed
+    (interleaved_ms: time nan, perhaps no samples) is left out, as its TFLOPS are nan."""
+    return {name: energy_figures(flops, times[name], got) for name, got in samples.items()
+            if got and not math.isnan(times[name])}
 
 
 def energy_figures(flops: float, ms: float, samples: list) -> tuple[float, float, float]:

@@ -291,11 +291,15 @@ def test_power_sampler_runs_a_sampling_process_and_stops_it(tmp_path, monkeypatc
 def test_sweep_grouped_cuda_energy_figures_and_table(capsys):
     """scripts/sweep_grouped_cuda.py --power: the median round's watts and clock, the work per
     joule from them and the median time (hand-computed: 1.92 TFLOP in 1.8 ms at 700 W is 1.26 J,
-    1.524 TFLOP/J), and the table's second part only when a row has energy figures."""
+    1.524 TFLOP/J), none for a variant that failed (nan time, maybe no samples), and the table's
+    second part only when a row has energy figures."""
     import sweep_grouped_cuda as sweep
     watts, mhz, per_joule = sweep.energy_figures(1.92e12, 1.8, [(690, 1300), (700, 1400),
                                                                 (710, 1500)])
     assert (watts, mhz) == (700, 1400) and per_joule == pytest.approx(1.92 / 1.26)
+    samples = {"ok": [(700, 1400)], "failed first": [], "failed later": [(690, 1300)]}
+    times = {"ok": 1.8, "failed first": math.nan, "failed later": math.nan}
+    assert list(sweep.energy_table(1.92e12, times, samples)) == ["ok"]
     rows = [("dsv3-up E8x4096 4096x7168", "fwd", {"a": 1050.0, "b": 1080.0}, 1100.0, {})]
     sweep.print_table(rows, ["a", "b"])
     out = capsys.readouterr().out
