@@ -1510,8 +1510,9 @@ constexpr size_t SMEM_BYTES = sizeof(SharedStorage) + 1024;  // + alignment slac
 // back), the same energy a call (814-818 mJ against 819-820); in a sweep of the six cases, Wgrad
 // +1.0% / +0.6% at dsv3-down E8 x 4096 / 8192 (the cases whose grid changes), inside the sweep's
 // +-3% noise (cases whose grid does not change moved -3% to +3%). BALANCED_GRID=0 fills every
-// SM. (Fprop/Dgrad: the host balances on the bound of their M tiles, so their grid rarely
-// changes; the kernel then balances the real walk, FPROP_BALANCE.)
+// SM. (Fprop/Dgrad: their walk depends on the router's counts, so the host launches every SM
+// their tile bound can use and the kernel balances the real walk: FPROP_FULL_GRID,
+// FPROP_BALANCE.)
 #ifndef BALANCED_GRID
 #define BALANCED_GRID 1
 #endif
@@ -1522,16 +1523,18 @@ int persistent_clusters(int walks, int room, bool balance = true) {
   return balance && BALANCED_GRID ? balanced_clusters(walks, room) : usable_clusters(walks, room);
 }
 
-// FPROP_FULL_GRID=1 (not measured yet, so off): Fprop/Dgrad launched on every SM their tile
-// bound can use instead of the bound's balanced grid, leaving the balancing to the kernel, which
-// sees the real walk (FPROP_BALANCE). The bound's grid can cost the kernel a round: `small`'s down
-// projection Dgrad at 16 x 2048 tokens is 1536 tiles, which 128 CTAs run in 12 rounds, but its
-// bound (1626) gets 126 CTAs, on which the kernel balances to 119 CTAs and 13 rounds; DeepSeek-V3's
-// 14336-tile cases (Fprop of the down projection, Dgrad of the up one, 8 x 8192) get 131 CTAs and
-// 110 rounds where 132 would run 109. Other bench cases keep their rounds. To measure:
-// scripts/sweep_grouped_cuda.py --steady 2 --power --variant def= --variant full=FPROP_FULL_GRID=1.
+// FPROP_FULL_GRID=1: Fprop/Dgrad launched on every SM their tile bound can use instead of the
+// bound's balanced grid, leaving the balancing to the kernel, which sees the real walk
+// (FPROP_BALANCE). The bound's grid can cost the kernel a round: `small`'s down projection Dgrad at
+// 16 x 2048 tokens is 1536 tiles, which 128 CTAs run in 12 rounds, but its bound (1626) gets 126
+// CTAs, on which the kernel balances to 119 CTAs and 13 rounds; DeepSeek-V3's 14336-tile cases
+// (Fprop of the down projection, Dgrad of the up one, 8 x 8192) get 131 CTAs and 110 rounds where
+// 132 run 109. Other bench cases keep their rounds. Measured (thirty-second session, H100,
+// sweep_grouped_cuda.py --steady 2 --rounds 2 --power, every case whose grid it changes, Fprop
+// and Dgrad): small-down E16 x 2048 Dgrad +5.6% (1.50 against 1.42 TFLOP per joule at ~693 W),
+// the other seven cells -0.1% to +0.3%. FPROP_FULL_GRID=0 sizes the grid for the bound.
 #ifndef FPROP_FULL_GRID
-#define FPROP_FULL_GRID 0
+#define FPROP_FULL_GRID 1
 #endif
 
 // Launch `kernel` persistently over `work` tiles: as many CTAs as can be resident at once (one
