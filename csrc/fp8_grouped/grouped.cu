@@ -419,9 +419,36 @@ struct Ring {
   }
 };
 
-// Tile t of a band-major walk over m_tiles x n_tiles: bands of GROUP_M tile rows, column by
+// Tile t of a band-major walk over m_tiles x n_tiles: bands of `band` tile rows, column by
 // column inside a band, so the CTAs running at one time share operand tiles in L2.
-constexpr int GROUP_M = 8;  // 4, 16 and 32 measured no better on an H100
+__device__ __forceinline__ void band_order(int t, int m_tiles, int n_tiles, int band, int& m,
+                                           int& n) {
+  const int per_band = band * n_tiles;
+  const int first_m = (t / per_band) * band;
+  const int band_rows = min(m_tiles - first_m, band);
+  m = first_m + (t % per_band) % band_rows;
+  n = (t % per_band) / band_rows;
+}
+
+// Fprop/Dgrad's bands: FPROP_TALL_BAND tile rows where the experts average at least that many
+// (2048 tokens an expert at 16), else FPROP_BAND. Measured at steady state (thirty-second session,
+// H100, sweep_grouped_cuda.py --steady --power, 19 Fprop/Dgrad cells, 16 against 8 everywhere):
+// +0.0% to +3.1% where experts hold 2048 tokens or more (dsv3-up E8 x 4096 Fprop 1078 -> 1103
+// TFLOPS, past the cuBLAS loop's 1101; Dgrad 1063 -> 1093; dsv3-down E8 x 4096 Fprop +3.1%;
+// dsv3-up E8 x 8192 +1.7% / +3.0%; small E16 x 2048 +0.4% to +2.0%), -0.5% to -2.1% where they
+// hold 512 or 1024 (E64 x 512, E32 x 1024, E16 x 512, E64 x 1024), whose bands of 16 rows span
+// several experts. Under short batches (earlier sessions) 4, 16 and 32 measured no better than 8:
+// that method's noise was larger than these differences.
+#ifndef FPROP_BAND
+#define FPROP_BAND 8
+#endif
+#ifndef FPROP_TALL_BAND
+#define FPROP_TALL_BAND 16
+#endif
+__device__ __forceinline__ int fprop_band(int m_tiles, int experts) {
+  return m_tiles >= FPROP_TALL_BAND * experts ? FPROP_TALL_BAND : FPROP_BAND;
+}
+
 // Wgrad's bands (twelfth session): with 8 rows, ncu counted 1.26 GB of DRAM reads for one Wgrad
 // at dsv3-up E8 x 4096 (3.4x the operands; each 256-column `b` stripe is read again for every
 // band), against 0.79 GB for the cuBLAS loop's 8 kernels, and 6.6 / 14.2 GB of L2 traffic at
@@ -429,16 +456,8 @@ constexpr int GROUP_M = 8;  // 4, 16 and 32 measured no better on an H100
 // expert) ran 0.96-1.03x the TFLOPS of 8 over the six bench cases (5 interleaved rounds): DRAM
 // traffic is not what the Wgrad gap to the loop is made of.
 #ifndef WGRAD_GROUP_M
-#define WGRAD_GROUP_M GROUP_M
+#define WGRAD_GROUP_M 8
 #endif
-template <int GM = GROUP_M>
-__device__ __forceinline__ void band_order(int t, int m_tiles, int n_tiles, int& m, int& n) {
-  const int per_band = GM * n_tiles;
-  const int first_m = (t / per_band) * GM;
-  const int band_rows = min(m_tiles - first_m, GM);
-  m = first_m + (t % per_band) % band_rows;
-  n = (t % per_band) / band_rows;
-}
 
 // One 128-wide K block of this warpgroup's 64 rows times 2 R rows of `b` (128 or 192): four MMAs
 // into `scratch` (overwritten, or added to with add_to), issued (mma_wait waits). The
@@ -490,6 +509,33 @@ __device__ __forceinline__ void load_a_tile(uint8_t* dst, const CUtensorMap* map
   }
 }
 
+// FPROP_L2_HINT (measurement builds): L2 eviction priorities on Fprop/Dgrad's operand loads, so
+// that each expert's `b`, read again by every band of tile rows, stays in L2 while the `a` rows
+// stream through. 0: none (the default); 1: `b` evict_last, `a` evict_first; 2: `b` evict_last.
+#ifndef FPROP_L2_HINT
+#define FPROP_L2_HINT 0
+#endif
+__device__ __forceinline__ uint64_t l2_evict_last_policy() {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(policy));
+  return policy;
+}
+__device__ __forceinline__ uint64_t l2_evict_first_policy() {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+  return policy;
+}
+// tma_load_tile with an L2 eviction policy from createpolicy.
+__device__ __forceinline__ void tma_load_tile_hinted(void* dst, const CUtensorMap* map,
+                                                     uint64_t* bar, int inner, int outer,
+                                                     uint64_t policy) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      ".L2::cache_hint [%0], [%1, {%3, %4}], [%2], %5;"
+      ::"r"(smem_addr(dst)), "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(bar)),
+      "r"(inner), "r"(outer), "l"(policy) : "memory");
+}
+
 // Register budget: the producer warpgroup needs few, the consumers hold 2 x 64 accumulators.
 __device__ __forceinline__ void producer_registers() {
   asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
@@ -537,7 +583,7 @@ struct MTile {
 __device__ __forceinline__ MTile fprop_tile(const SharedStorage& s, const FpropArgs& p, int t,
                                             int m_tiles, int n_tiles, const Cluster& c) {
   int m, n;
-  band_order(t, m_tiles, n_tiles / c.size, m, n);
+  band_order(t, m_tiles, n_tiles / c.size, fprop_band(m_tiles, p.E), m, n);
   n = n * c.size + c.rank;
   int lo = 0, hi = p.E - 1;  // the last expert whose first tile is <= m
   while (lo < hi) {
@@ -556,14 +602,23 @@ __device__ void fprop_producer(SharedStorage& s, const CUtensorMap* map_a, const
                                const CUtensorMap* map_sa, const FpropArgs& p, int m_tiles,
                                int n_tiles, const Cluster& c) {
   Ring ring(FPROP_STAGES);
+  const uint64_t evict_last = FPROP_L2_HINT ? l2_evict_last_policy() : 0;
+  const uint64_t evict_first = FPROP_L2_HINT == 1 ? l2_evict_first_policy() : 0;
   for (int t = c.index; t < m_tiles * (n_tiles / c.size); t += c.count) {
     const MTile tile = fprop_tile(s, p, t, m_tiles, n_tiles, c);
     for (int kb = 0; kb < p.K / BK; ++kb, ring.advance()) {
       mbar_wait(&s.empty[ring.stage], ring.phase ^ 1);
       Stage& st = s.stage(ring.stage);
       mbar_arrive_expect_tx(&s.full[ring.stage], (BM + FBN) * BK + SCALE_BOX * sizeof(float));
-      load_a_tile(st.a, map_a, &s.full[ring.stage], kb * BK, tile.row0, c);
-      tma_load_tile(st.b, map_b, &s.full[ring.stage], kb * BK, tile.expert * p.N + tile.col0);
+      if (FPROP_L2_HINT == 1 && c.size == 1)
+        tma_load_tile_hinted(st.a, map_a, &s.full[ring.stage], kb * BK, tile.row0, evict_first);
+      else
+        load_a_tile(st.a, map_a, &s.full[ring.stage], kb * BK, tile.row0, c);
+      if (FPROP_L2_HINT)
+        tma_load_tile_hinted(st.b, map_b, &s.full[ring.stage], kb * BK,
+                             tile.expert * p.N + tile.col0, evict_last);
+      else
+        tma_load_tile(st.b, map_b, &s.full[ring.stage], kb * BK, tile.expert * p.N + tile.col0);
       tma_load_tile(st.sa, map_sa, &s.full[ring.stage], tile.row0 & ~3, kb);
     }
   }
@@ -941,7 +996,7 @@ __device__ __forceinline__ KTile wgrad_tile(const SharedStorage& s, const WgradA
   KTile tile;
   tile.expert = t / per_expert;
   int m, n;
-  band_order<WGRAD_GROUP_M>(t % per_expert, m_tiles, n_tiles, m, n);
+  band_order(t % per_expert, m_tiles, n_tiles, WGRAD_GROUP_M, m, n);
   if (SHARE_B) m = m * c.size + c.rank;
   else n = n * c.size + c.rank;
   tile.row0 = m * BM;
