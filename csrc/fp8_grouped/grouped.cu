@@ -433,9 +433,9 @@ __device__ __forceinline__ void band_order(int t, int m_tiles, int n_tiles, int 
 // Fprop/Dgrad's bands: FPROP_TALL_BAND tile rows where the experts average at least that many
 // (2048 tokens an expert at 16), else FPROP_BAND. Measured at steady state (thirty-second session,
 // H100, sweep_grouped_cuda.py --steady --power, 19 Fprop/Dgrad cells, 16 against 8 everywhere):
-// +0.0% to +3.1% where experts hold 2048 tokens or more (dsv3-up E8 x 4096 Fprop 1078 -> 1103
+// -0.8% to +3.1% where experts hold 2048 tokens or more (dsv3-up E8 x 4096 Fprop 1078 -> 1103
 // TFLOPS, past the cuBLAS loop's 1101; Dgrad 1063 -> 1093; dsv3-down E8 x 4096 Fprop +3.1%;
-// dsv3-up E8 x 8192 +1.7% / +3.0%; small E16 x 2048 +0.4% to +2.0%), -0.5% to -2.1% where they
+// dsv3-up E8 x 8192 +1.7% / +3.0%; small E16 x 2048 +0.4% to +2.0%), 0.0% to -2.1% where they
 // hold 512 or 1024 (E64 x 512, E32 x 1024, E16 x 512, E64 x 1024), whose bands of 16 rows span
 // several experts. Under short batches (earlier sessions) 4, 16 and 32 measured no better than 8:
 // that method's noise was larger than these differences.
@@ -509,33 +509,6 @@ __device__ __forceinline__ void load_a_tile(uint8_t* dst, const CUtensorMap* map
   }
 }
 
-// FPROP_L2_HINT (measurement builds): L2 eviction priorities on Fprop/Dgrad's operand loads, so
-// that each expert's `b`, read again by every band of tile rows, stays in L2 while the `a` rows
-// stream through. 0: none (the default); 1: `b` evict_last, `a` evict_first; 2: `b` evict_last.
-#ifndef FPROP_L2_HINT
-#define FPROP_L2_HINT 0
-#endif
-__device__ __forceinline__ uint64_t l2_evict_last_policy() {
-  uint64_t policy;
-  asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(policy));
-  return policy;
-}
-__device__ __forceinline__ uint64_t l2_evict_first_policy() {
-  uint64_t policy;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
-  return policy;
-}
-// tma_load_tile with an L2 eviction policy from createpolicy.
-__device__ __forceinline__ void tma_load_tile_hinted(void* dst, const CUtensorMap* map,
-                                                     uint64_t* bar, int inner, int outer,
-                                                     uint64_t policy) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
-      ".L2::cache_hint [%0], [%1, {%3, %4}], [%2], %5;"
-      ::"r"(smem_addr(dst)), "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(bar)),
-      "r"(inner), "r"(outer), "l"(policy) : "memory");
-}
-
 // Register budget: the producer warpgroup needs few, the consumers hold 2 x 64 accumulators.
 __device__ __forceinline__ void producer_registers() {
   asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
@@ -602,23 +575,14 @@ __device__ void fprop_producer(SharedStorage& s, const CUtensorMap* map_a, const
                                const CUtensorMap* map_sa, const FpropArgs& p, int m_tiles,
                                int n_tiles, const Cluster& c) {
   Ring ring(FPROP_STAGES);
-  const uint64_t evict_last = FPROP_L2_HINT ? l2_evict_last_policy() : 0;
-  const uint64_t evict_first = FPROP_L2_HINT == 1 ? l2_evict_first_policy() : 0;
   for (int t = c.index; t < m_tiles * (n_tiles / c.size); t += c.count) {
     const MTile tile = fprop_tile(s, p, t, m_tiles, n_tiles, c);
     for (int kb = 0; kb < p.K / BK; ++kb, ring.advance()) {
       mbar_wait(&s.empty[ring.stage], ring.phase ^ 1);
       Stage& st = s.stage(ring.stage);
       mbar_arrive_expect_tx(&s.full[ring.stage], (BM + FBN) * BK + SCALE_BOX * sizeof(float));
-      if (FPROP_L2_HINT == 1 && c.size == 1)
-        tma_load_tile_hinted(st.a, map_a, &s.full[ring.stage], kb * BK, tile.row0, evict_first);
-      else
-        load_a_tile(st.a, map_a, &s.full[ring.stage], kb * BK, tile.row0, c);
-      if (FPROP_L2_HINT)
-        tma_load_tile_hinted(st.b, map_b, &s.full[ring.stage], kb * BK,
-                             tile.expert * p.N + tile.col0, evict_last);
-      else
-        tma_load_tile(st.b, map_b, &s.full[ring.stage], kb * BK, tile.expert * p.N + tile.col0);
+      load_a_tile(st.a, map_a, &s.full[ring.stage], kb * BK, tile.row0, c);
+      tma_load_tile(st.b, map_b, &s.full[ring.stage], kb * BK, tile.expert * p.N + tile.col0);
       tma_load_tile(st.sa, map_sa, &s.full[ring.stage], tile.row0 & ~3, kb);
     }
   }
