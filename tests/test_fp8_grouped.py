@@ -4,6 +4,7 @@ operands: ragged and empty experts, several tile configs, Wgrad accumulation, ba
 On CPU the Triton kernels run under TRITON_INTERPRET=1 on tiny shapes; the `gpu` tests repeat the
 checks at DeepSeek-V3 / `small` expert shapes.
 """
+import ctypes
 import os
 
 import pytest
@@ -359,7 +360,9 @@ def test_cuda_kernels_compile_for_sm90a(built_csrc):
     lib, fprop = built_csrc("fp8_grouped", "grouped_fprop_kernel")
     assert lib.exists() and lib.stat().st_size > 0
     assert "0 bytes spill stores" in fprop.splitlines()[2], fprop[:400]
-    _check_balanced_grid(grouped_cuda.load_library(lib).fp8moe_grouped_persistent_clusters)
+    library = grouped_cuda.load_library(lib)
+    _check_balanced_grid(library.fp8moe_grouped_persistent_clusters)
+    _check_fprop_walk(library.fp8moe_grouped_fprop_tile)
 
 
 def _check_balanced_grid(clusters_for):
@@ -378,6 +381,31 @@ def _check_balanced_grid(clusters_for):
         rounds = -(-walks // min(room, walks))
         assert 1 <= n <= room and -(-walks // n) == rounds, (walks, room, n)
         assert n == 1 or -(-walks // (n - 1)) > rounds, (walks, room, n)
+
+
+def _check_fprop_walk(tile_of):
+    """Fprop/Dgrad's walk (grouped.cu, band_order and fprop_band) visits every tile once, column
+    by column through bands of 16 tile rows where the experts average 16 rows or more and of 8
+    otherwise, the last band holding what is left."""
+    def walk(m_tiles, n_tiles, experts):
+        m, n = ctypes.c_int(), ctypes.c_int()
+        order = []
+        for t in range(m_tiles * n_tiles):
+            tile_of(t, m_tiles, n_tiles, experts, ctypes.byref(m), ctypes.byref(n))
+            order.append((m.value, n.value))
+        return order
+
+    # DeepSeek-V3's up projection at 2 experts x 2048 tokens: 32 tile rows, 16 columns of 256
+    tall = walk(32, 16, 2)
+    assert tall[:17] == [(m, 0) for m in range(16)] + [(0, 1)] and tall[256] == (16, 0)
+    short = walk(32, 16, 3)  # 32 rows over 3 experts: under 16 an expert, bands of 8
+    assert short[:9] == [(m, 0) for m in range(8)] + [(0, 1)] and short[128] == (8, 0)
+    ragged = walk(37, 5, 2)  # a last band of 5 rows
+    assert ragged[160:166] == [(32, 0), (33, 0), (34, 0), (35, 0), (36, 0), (32, 1)]
+    gen = torch.Generator().manual_seed(11)
+    for m_tiles, n_tiles, experts in torch.randint(1, 60, (40, 3), generator=gen).tolist():
+        order = walk(m_tiles, n_tiles, experts)
+        assert sorted(order) == [(m, n) for m in range(m_tiles) for n in range(n_tiles)]
 
 
 @pytest.mark.parametrize("defines", [(), ("WGRAD_CYCLES=1",), ("WGRAD_CYCLES=3",)])

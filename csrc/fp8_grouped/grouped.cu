@@ -421,11 +421,11 @@ struct Ring {
 
 // Tile t of a band-major walk over m_tiles x n_tiles: bands of `band` tile rows, column by
 // column inside a band, so the CTAs running at one time share operand tiles in L2.
-__device__ __forceinline__ void band_order(int t, int m_tiles, int n_tiles, int band, int& m,
-                                           int& n) {
+__host__ __device__ __forceinline__ void band_order(int t, int m_tiles, int n_tiles, int band,
+                                                    int& m, int& n) {
   const int per_band = band * n_tiles;
   const int first_m = (t / per_band) * band;
-  const int band_rows = min(m_tiles - first_m, band);
+  const int band_rows = m_tiles - first_m < band ? m_tiles - first_m : band;
   m = first_m + (t % per_band) % band_rows;
   n = (t % per_band) / band_rows;
 }
@@ -445,7 +445,7 @@ __device__ __forceinline__ void band_order(int t, int m_tiles, int n_tiles, int 
 #ifndef FPROP_TALL_BAND
 #define FPROP_TALL_BAND 16
 #endif
-__device__ __forceinline__ int fprop_band(int m_tiles, int experts) {
+__host__ __device__ __forceinline__ int fprop_band(int m_tiles, int experts) {
   return m_tiles >= FPROP_TALL_BAND * experts ? FPROP_TALL_BAND : FPROP_BAND;
 }
 
@@ -1604,6 +1604,12 @@ size_t fp8moe_grouped_smem_bytes() { return SMEM_BYTES; }
 // tests: it needs no GPU.
 int fp8moe_grouped_persistent_clusters(int walks, int room) {
   return persistent_clusters(walks, room);
+}
+
+// Tile t of an unpaired Fprop/Dgrad walk over m_tiles x n_tiles tiles of `experts` experts: its
+// tile row *m and column *n (fprop_tile's order, without the expert lookup), for tests.
+void fp8moe_grouped_fprop_tile(int t, int m_tiles, int n_tiles, int experts, int* m, int* n) {
+  band_order(t, m_tiles, n_tiles, fprop_band(m_tiles, experts), *m, *n);
 }
 
 // cluster: 2 pairs CTAs on side-by-side tiles sharing the `a` tile (multicast); 1 does not.

@@ -40,6 +40,9 @@ def load_library(path) -> ctypes.CDLL:
                                          ctypes.c_char_p, i32]
     lib.fp8moe_grouped_smem_bytes.restype = ctypes.c_size_t
     lib.fp8moe_grouped_persistent_clusters.argtypes = [i32, i32]
+    lib.fp8moe_grouped_fprop_tile.argtypes = [i32, i32, i32, i32, ctypes.POINTER(i32),
+                                              ctypes.POINTER(i32)]
+    lib.fp8moe_grouped_fprop_tile.restype = None
     return lib
 
 
