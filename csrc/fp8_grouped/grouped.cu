@@ -28,9 +28,10 @@
 //     producer warpgroup) makes room for.
 //
 // Measured (csrc/fp8_grouped/EXPERIMENTS.md has the figures and how each was made): on an H100
-// the 128 x 256 tile, the staged epilogue, warp-uniform descriptors and stmatrix each paid; under
-// sustained load every GEMM here runs at the power cap, so the clock follows how busy the SMs
-// are; Wgrad's promotion (two FP32 operations per element) cannot overlap the other warpgroup's
+// the 128 x 256 tile, the staged epilogue, warp-uniform descriptors and stmatrix each paid, and
+// Fprop/Dgrad's bands of 16 tile rows where experts are large (fprop_band); under sustained load
+// every GEMM here runs at the power cap, so the clock follows how busy the SMs are and time
+// follows energy per FLOP; Wgrad's promotion (two FP32 operations per element) cannot overlap the other warpgroup's
 // MMAs without slowing them (csrc/probes/wgmma_fp32_contention.cu), and its K block takes ~1780
 // SM cycles against 1024 of tensor work. That file also lists every variant measured and not
 // kept (other tile shapes, warpgroups taking turns, split tails, clusters, leaner loops, ...):
