@@ -31,11 +31,11 @@
 // the 128 x 256 tile, the staged epilogue, warp-uniform descriptors and stmatrix each paid, and
 // Fprop/Dgrad's bands of 16 tile rows where experts are large (fprop_band); under sustained load
 // every GEMM here runs at the power cap, so the clock follows how busy the SMs are and time
-// follows energy per FLOP; Wgrad's promotion (two FP32 operations per element) cannot overlap the other warpgroup's
-// MMAs without slowing them (csrc/probes/wgmma_fp32_contention.cu), and its K block takes ~1780
-// SM cycles against 1024 of tensor work. That file also lists every variant measured and not
-// kept (other tile shapes, warpgroups taking turns, split tails, clusters, leaner loops, ...):
-// read it before trying one.
+// follows energy per FLOP; Wgrad's promotion (two FP32 operations per element) cannot overlap the
+// other warpgroup's MMAs without slowing them (csrc/probes/wgmma_fp32_contention.cu), and its K
+// block takes ~1780 SM cycles against 1024 of tensor work. That file also lists every variant
+// measured and not kept (other tile shapes, warpgroups taking turns, split tails, clusters, leaner
+// loops, ...): read it before trying one.
 //
 // Both kernels are persistent: one CTA per SM walks the tiles, so the producer is already
 // loading the next tile while the consumers store the previous one. The router's counts stay
@@ -433,7 +433,7 @@ __host__ __device__ __forceinline__ void band_order(int t, int m_tiles, int n_ti
 
 // Fprop/Dgrad's bands: FPROP_TALL_BAND tile rows where the experts average at least that many
 // (2048 tokens an expert at 16), else FPROP_BAND. Measured at steady state (thirty-second session,
-// H100, sweep_grouped_cuda.py --steady --power, 19 Fprop/Dgrad cells, 16 against 8 everywhere):
+// H100, sweep_grouped_cuda.py --steady --power, 30 Fprop/Dgrad cells, 16 against 8 everywhere):
 // -0.8% to +3.1% where experts hold 2048 tokens or more (dsv3-up E8 x 4096 Fprop 1078 -> 1103
 // TFLOPS, past the cuBLAS loop's 1101; Dgrad 1063 -> 1093; dsv3-down E8 x 4096 Fprop +3.1%;
 // dsv3-up E8 x 8192 +1.7% / +3.0%; small E16 x 2048 +0.4% to +2.0%), 0.0% to -2.1% where they
