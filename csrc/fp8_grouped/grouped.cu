@@ -855,14 +855,14 @@ __device__ void fprop_storer(SharedStorage& s, const FpropArgs& p, int m_tiles, 
 #define FPROP_BALANCE 1
 #endif
 
-// The fewest clusters that run a walk of `walks` tiles in as few rounds as `room` clusters do
-// (one for an empty walk): ceil(walks / rounds), so that every cluster takes the same number of
-// tiles to within one. (The host's grid, persistent_clusters, and the kernel's, balanced.)
 // Clusters a walk of `walks` tiles can keep busy with room for `room`: one for an empty walk.
 __host__ __device__ __forceinline__ int usable_clusters(int walks, int room) {
   return walks < 1 ? 1 : room < walks ? room : walks;
 }
 
+// The fewest clusters that run a walk of `walks` tiles in as few rounds as `room` clusters do
+// (one for an empty walk): ceil(walks / rounds), so that every cluster takes the same number of
+// tiles to within one. (The host's grid, persistent_clusters, and the kernel's, balanced.)
 __host__ __device__ __forceinline__ int balanced_clusters(int walks, int room) {
   const int clusters = usable_clusters(walks, room);
   const int rounds = (walks + clusters - 1) / clusters;
