@@ -1,7 +1,7 @@
 // Device-side PTX wrappers the nvcc-built kernel libraries of csrc/ share (included by
 // fp8_grouped/grouped.cu and fp8_norm/rmsnorm_quant.cu, digested with each library's sources
 // like host_tma.cuh): shared-memory addresses, mbarriers, the cluster barrier, the TMA tile
-// load and programmatic dependent launch (with the launch attribute that turns it on). Each
+// load, programmatic dependent launch and the launch attributes that turn it and clusters on. Each
 // kernel keeps the wrappers only it uses (WGMMA, st.async, its own wait loops).
 #pragma once
 
@@ -63,6 +63,18 @@ inline cudaLaunchAttribute programmatic_serialization() {
   cudaLaunchAttribute attr = {};
   attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr.val.programmaticStreamSerializationAllowed = 1;
+  return attr;
+}
+
+// The launch attribute that groups a launch's CTAs into clusters of `size` along x
+// (cudaLaunchKernelEx); a kernel launched with it may use the cluster's distributed shared memory
+// and barriers.
+inline cudaLaunchAttribute cluster_dimension(int size) {
+  cudaLaunchAttribute attr = {};
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = size;
+  attr.val.clusterDim.y = 1;
+  attr.val.clusterDim.z = 1;
   return attr;
 }
 

@@ -1569,11 +1569,7 @@ int launch(void (*kernel)(CUtensorMap, CUtensorMap, CUtensorMap, Args), const CU
   if (e == cudaSuccess && args.cluster_size > 1)
     e = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
   if (e != cudaSuccess) return fail(err, err_len, cudaGetErrorString(e));
-  cudaLaunchAttribute cluster_dim;
-  cluster_dim.id = cudaLaunchAttributeClusterDimension;
-  cluster_dim.val.clusterDim.x = args.cluster_size;
-  cluster_dim.val.clusterDim.y = 1;
-  cluster_dim.val.clusterDim.z = 1;
+  cudaLaunchAttribute cluster_dim = csrc_common::cluster_dimension(args.cluster_size);
   cudaLaunchConfig_t config = {};
   config.blockDim = dim3(THREADS);
   config.dynamicSmemBytes = SMEM_BYTES;

@@ -794,10 +794,7 @@ int x_tile_map(CUtensorMap* map, const void* x, int M, int K, int64_t ld, char* 
 // NORM_PDL, programmatic stream serialization.
 cudaLaunchConfig_t launch_config(int cluster, int buffers, int ctas, void* stream,
                                  cudaLaunchAttribute* attrs) {
-  attrs[0].id = cudaLaunchAttributeClusterDimension;
-  attrs[0].val.clusterDim.x = cluster;
-  attrs[0].val.clusterDim.y = 1;
-  attrs[0].val.clusterDim.z = 1;
+  attrs[0] = csrc_common::cluster_dimension(cluster);
   attrs[1] = csrc_common::programmatic_serialization();
   cudaLaunchConfig_t config = {};
   config.blockDim = dim3(THREADS);
